@@ -1,0 +1,128 @@
+"""Assign stage: which instances get stylized, and with which style.
+
+Policies: `by_class` (a class → style map, other classes take `default_style`) and `per_instance` (each new
+track takes the next palette style, round robin, and keeps it for its whole life, short misses included).
+Instances of `exclude_classes`, below `min_score`, or with fewer than `min_area` mask pixels stay original.
+Every style spec and class name is checked against the bank and the model when the assigner is built, so a
+typo fails before the first frame is decoded.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import PipelineConfigError
+from pipeline.record import FrameRecord
+from pipeline.stage_timing import timed
+
+POLICIES = ("by_class", "per_instance")
+ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
+BACKGROUND_CLASS = "__background__"
+# conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, precision).
+STYLE_KEYS = ("assign", "palette", "class_styles", "default_style", "background", "exclude_classes", "min_score",
+              "min_area", "margin", "bank", "precision")
+
+
+def is_original(spec) -> bool:
+    return spec is None or str(spec).strip().lower() == ORIGINAL
+
+
+class StyleAssigner:
+    """Sets `record.keep` ((N,) bool) and `record.styles` (per instance: style spec, or None = original)."""
+
+    name = "assign"
+
+    def __init__(self, bank, class_names: list[str], policy: str = "per_instance", palette: list | None = None,
+                 class_styles: dict | None = None, default_style=None, background=ORIGINAL,
+                 exclude_classes: list[str] | None = None, min_score: float = 0.5, min_area: int = 64):
+        if policy not in POLICIES:
+            raise PipelineConfigError(f"style.assign must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.class_names = list(class_names)
+        self.policy = policy
+        self.palette = [self._style(s, "style.palette") for s in (palette or [])]
+        if policy == "per_instance" and not any(s is not None for s in self.palette):
+            raise PipelineConfigError("style.assign=per_instance needs a style.palette with at least one style")
+        # The class map is checked against the model only where it is used, so the default config (written for
+        # the demo segmenter's classes) still runs per_instance with a COCO model.
+        check = self._class if policy == "by_class" else (lambda name, key: str(name))
+        self.class_styles = {check(c, "style.class_styles"): self._style(s, f"style.class_styles.{c}")
+                             for c, s in (class_styles or {}).items()}
+        self.default_style = self._style(default_style, "style.default_style")
+        self.background = self._style(background, "style.background")
+        self.excluded = {self._class(c, "style.exclude_classes") for c in (exclude_classes or [])}
+        self.min_score, self.min_area = float(min_score), int(min_area)
+        self._validate_specs(bank)
+        self._track_styles: dict[int, str | None] = {}
+        self._next_palette = 0
+        self.styles_used: set[str] = set()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, bank, class_names: list[str]) -> StyleAssigner:
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        unknown = sorted(set(cfg) - set(STYLE_KEYS))
+        if unknown:
+            raise PipelineConfigError(f"unknown style setting(s) {', '.join(unknown)}; known: {', '.join(STYLE_KEYS)}")
+        return cls(bank, class_names, policy=cfg.get("assign", "per_instance"), palette=cfg.get("palette"),
+                   class_styles=cfg.get("class_styles"), default_style=cfg.get("default_style"),
+                   background=cfg.get("background", ORIGINAL), exclude_classes=cfg.get("exclude_classes"),
+                   min_score=cfg.get("min_score", 0.5), min_area=cfg.get("min_area", 64))
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _style(self, spec, key: str) -> str | None:
+        if isinstance(spec, (list, dict)):
+            raise PipelineConfigError(f"{key} must be a style name, index or blend, got {spec!r}")
+        return None if is_original(spec) else str(spec).strip()
+
+    def _class(self, name, key: str) -> str:
+        known = [c for c in self.class_names if c != BACKGROUND_CLASS]
+        if name not in known:
+            raise PipelineConfigError(f"unknown class {name!r} in {key}; the model's classes: {', '.join(known)}")
+        return name
+
+    def _validate_specs(self, bank) -> None:
+        specs = {*self.palette, *self.class_styles.values(), self.default_style, self.background} - {None}
+        for spec in sorted(specs):
+            bank.weights_for(spec)  # raises StyleError naming the bad style and the available ones
+
+    # -- stage -------------------------------------------------------------------------------------
+
+    def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
+        if not batch:
+            return batch
+        with timed(batch, self.name):
+            for record in batch:
+                self.assign(record)
+            if self.background is not None:
+                self.styles_used.add(self.background)
+        return batch
+
+    def assign(self, record: FrameRecord) -> None:
+        instances = record.instances
+        n = 0 if instances is None else len(instances)
+        if n == 0:
+            record.keep = torch.zeros((0,), dtype=torch.bool, device=record.image.device)
+            record.styles = []
+            return
+        passes = instances.scores >= self.min_score
+        if instances.masks is not None:
+            passes &= instances.binarize().masks.flatten(1).sum(1) >= self.min_area
+        labels = instances.labels.tolist()
+        styles = self._styles(labels, record)
+        keep = passes.tolist()  # read on the host: the style list is Python-side anyway
+        record.styles = [s if k and s is not None and self.class_names[lab] not in self.excluded else None
+                         for s, k, lab in zip(styles, keep, labels)]
+        record.keep = torch.tensor([s is not None for s in record.styles], device=instances.device)
+        self.styles_used.update(s for s in record.styles if s is not None)
+
+    def _styles(self, labels: list[int], record: FrameRecord) -> list[str | None]:
+        if self.policy == "by_class":
+            return [self.class_styles.get(self.class_names[lab], self.default_style) for lab in labels]
+        if record.track_ids is None:
+            raise ValueError("style.assign=per_instance needs track ids: run the tracker before the assigner")
+        ids = record.track_ids.tolist()
+        for track_id in sorted(set(ids) - {-1} - set(self._track_styles)):  # new tracks, in birth order
+            self._track_styles[track_id] = self.palette[self._next_palette % len(self.palette)]
+            self._next_palette += 1
+        # Untracked instances (too weak to start a track) have no stable identity, so no stable style.
+        return [self._track_styles.get(track_id) for track_id in ids]

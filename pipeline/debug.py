@@ -1,0 +1,365 @@
+"""Per-frame debug dump: what every stage decided for every frame, in a folder the viewer can open.
+
+Layout of a dump folder (`python -m pipeline.viewer DIR` shows it):
+
+    DIR/manifest.json   format, video info, class names, layers, palette, frame count, `complete`
+    DIR/frames.jsonl    one JSON object per frame, appended as frames arrive (memory stays flat)
+    DIR/images/{index:06d}_{layer}.{jpg|png}   every `every`-th frame only
+
+One frame record (every frame, whatever `every` is):
+    index, pts, time (seconds), size [H, W] of the decoded frame,
+    dump_size [h, w] of the dumped images and masks, scale = h / H (images and masks are downscaled
+    so the longer side is <= max_side; boxes stay in original pixels: to draw one, multiply x by
+    w / W and y by h / H, which equal `scale` up to the rounding of dump_size),
+    instances: [{track_id (-1 untracked), label, class, score, box xyxy (original px), area (mask
+    pixels at original size), style (null = left original), keep, mask}], where mask is COCO RLE
+    ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at 0.5 and
+    downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
+    regions: [{instance, style, box}] the stylized crops, background: whether a background style ran,
+    timings: {stage: seconds} as the stages recorded them (stages up to composite),
+    images: {layer: path relative to DIR} for frames with images, else {}.
+
+Layers: `original`; `masks` (masks coloured by track, with "#id class" labels on their boxes);
+`stylized` (the stylized-only layer: the background style's frame if one ran, black otherwise, with
+every stylized crop pasted whole over its box, so margins the compositor feathers away stay visible);
+`composite` (the frame the encoder gets).
+
+Safety: images are written to a temp file and renamed; manifest.json says complete=false until
+`close()` rewrites it with complete=true, so an interrupted dump is detectable.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, is_dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, MASK_THRESHOLD, PALETTE,
+                                   UNTRACKED, DebugDumpError, track_color)
+from pipeline.record import FrameRecord
+
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+LABEL_FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
+               "/Library/Fonts/Arial Bold.ttf", "C:/Windows/Fonts/arialbd.ttf")
+
+
+def dump_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(h, w) with the longer side <= max_side, aspect kept, never upscaled."""
+    h, w = size
+    scale = min(1.0, max_side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def downscale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) probabilities or bool → (N, h, w) bool: binarize at 0.5, then majority vote per output pixel."""
+    binary = masks >= MASK_THRESHOLD if masks.dtype != torch.bool else masks
+    if binary.shape[0] == 0:
+        return torch.zeros((0, *size), dtype=torch.bool, device=binary.device)
+    if tuple(binary.shape[-2:]) == tuple(size):
+        return binary
+    return F.interpolate(binary[:, None].float(), size=size, mode="area")[:, 0] >= 0.5
+
+
+def encode_rle(masks: np.ndarray) -> list[dict]:
+    """(N, h, w) bool → COCO RLEs with str counts (what pycocotools.mask.decode takes back)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return out.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _axis_scales(size: tuple[int, int], small: tuple[int, int]) -> tuple[float, float]:
+    """(sx, sy): dump pixels per original pixel along x and y (equal up to rounding of the dump size)."""
+    return small[1] / size[1], small[0] / size[0]
+
+
+def _stylized_layer(record: FrameRecord, size: tuple[int, int]) -> torch.Tensor:
+    """Background style (or black) with every stylized crop pasted whole over its box, at dump size."""
+    h, w = size
+    sx, sy = _axis_scales(record.size, size)
+    if record.background is not None:
+        canvas = _resize_image(record.background.float(), size).clamp(0, 1)
+    else:
+        canvas = torch.zeros((3, h, w), dtype=torch.float32, device=record.image.device)
+    for region in record.stylized:
+        x1, y1, x2, y2 = region.box
+        bx1, by1 = max(0, round(x1 * sx)), max(0, round(y1 * sy))
+        bx2, by2 = min(w, max(bx1 + 1, round(x2 * sx))), min(h, max(by1 + 1, round(y2 * sy)))
+        if bx2 <= bx1 or by2 <= by1:
+            continue
+        crop = F.interpolate(region.pixels[None].float().to(canvas.device), size=(by2 - by1, bx2 - bx1),
+                             mode="bilinear", antialias=True, align_corners=False)[0]
+        canvas[:, by1:by2, bx1:bx2] = crop.clamp(0, 1)
+    return _to_uint8(canvas)
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Fraction):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return repr(value)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DebugDumper:
+    """Writes the dump for a stream of frame batches; `write` after composite, `close` at the end."""
+
+    def __init__(self, directory: str | Path, class_names: list[str], every: int = 1, max_side: int = 640,
+                 image_format: str = "jpg", jpeg_quality: int = 90, workers: int = 2, video_info: Any = None):
+        if every < 1:
+            raise DebugDumpError(f"debug.every must be >= 1, got {every}")
+        if max_side < 16:
+            raise DebugDumpError(f"debug.max_side must be >= 16, got {max_side}")
+        if image_format not in ("jpg", "png"):
+            raise DebugDumpError(f"debug.image_format must be jpg or png, got {image_format!r}")
+        if not 1 <= jpeg_quality <= 100:
+            raise DebugDumpError(f"debug.jpeg_quality must be in 1..100, got {jpeg_quality}")
+        self.dir = Path(directory)
+        self.class_names = list(class_names)
+        self.every, self.max_side = int(every), int(max_side)
+        self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
+        self.video_info = _jsonable(video_info) if video_info is not None else None
+        self.frame_count = 0
+        self.image_frames = 0
+        self._first: dict[str, Any] | None = None
+        self._prepare_dir()
+        self._frames = open(self.dir / FRAMES, "w", encoding="utf-8")
+        # A few encoder threads overlap PNG/JPEG encoding with the render; the bound keeps memory flat.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="debug-dump")
+        self._pending: deque[Future] = deque()
+        self._max_pending = 4 * max(1, int(workers))
+        self._closed = False
+        self._write_manifest(complete=False)
+
+    @classmethod
+    def from_config(cls, cfg: Any, class_names: list[str], output_path: str | Path | None = None,
+                    video_info: Any = None) -> DebugDumper:
+        """`cfg` is the `debug` config group; the folder is `cfg.dir`, else `<output stem>_debug/` beside the output."""
+        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+        directory = get("dir", None)
+        if directory is None:
+            if output_path is None:
+                raise DebugDumpError("debug.dump=true needs debug.dir=PATH or an output path to put <stem>_debug/ beside")
+            out = Path(output_path)
+            directory = out.with_name(f"{out.stem}_debug")
+        return cls(directory, class_names, every=int(get("every", 1)), max_side=int(get("max_side", 640)),
+                   image_format=str(get("image_format", "jpg")), jpeg_quality=int(get("jpeg_quality", 90)),
+                   workers=int(get("workers", 2)), video_info=video_info)
+
+    def _prepare_dir(self) -> None:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise DebugDumpError(f"debug dir {self.dir} exists and is not a folder")
+        try:
+            (self.dir / IMAGES).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DebugDumpError(f"cannot create debug dir {self.dir}: {e.strerror}") from None
+        # A re-run replaces an earlier dump in place: drop only files this module wrote.
+        (self.dir / MANIFEST).unlink(missing_ok=True)
+        for old in (self.dir / IMAGES).iterdir():
+            if IMAGE_NAME.match(old.name) or old.name.endswith(".tmp"):
+                old.unlink()
+
+    def write(self, batch: list[FrameRecord]) -> None:
+        if self._closed:
+            raise RuntimeError("DebugDumper.write after close")
+        start = time.perf_counter()
+        for record in batch:
+            self._write_record(record)
+        self._frames.flush()
+        spent = (time.perf_counter() - start) / max(1, len(batch))
+        for record in batch:
+            record.timings["debug"] = record.timings.get("debug", 0.0) + spent
+
+    def _write_record(self, record: FrameRecord) -> None:
+        size = record.size
+        small = dump_size(size, self.max_side)
+        scale = small[0] / size[0]
+        instances, masks_small = self._instances_json(record, small)
+        images = {}
+        if record.index % self.every == 0:
+            images = self._queue_images(record, small, instances, masks_small)
+        line = {
+            "index": record.index, "pts": record.pts, "time": record.time,
+            "size": list(size), "dump_size": list(small), "scale": scale,
+            "instances": instances,
+            "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box)} for r in record.stylized],
+            "background": record.background is not None,
+            "timings": {k: round(float(v), 6) for k, v in record.timings.items()},
+            "images": images,
+        }
+        if self._first is None:
+            self._first = {"size": list(size), "dump_size": list(small), "scale": scale,
+                           "time_base": str(record.time_base)}
+        self._frames.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.frame_count += 1
+
+    def _instances_json(self, record: FrameRecord, small: tuple[int, int]) -> tuple[list[dict], np.ndarray | None]:
+        """One dict per instance, and the dump-size bool masks (None without a mask branch) for the overlay."""
+        inst = record.instances
+        if inst is None:
+            return [], None
+        n = len(inst)
+        # Device work (threshold, downscale) happens here; only small CPU arrays reach the threads.
+        masks_small, areas, rles = None, [None] * n, [None] * n
+        if inst.masks is not None:
+            binary = inst.masks >= MASK_THRESHOLD if inst.masks.dtype != torch.bool else inst.masks
+            areas = binary.flatten(1).sum(1).tolist()
+            masks_small = downscale_masks(binary, small).cpu().numpy()
+            rles = encode_rle(masks_small)
+        track_ids = [-1] * n if record.track_ids is None else [int(t) for t in record.track_ids.tolist()]
+        styles = list(record.styles) if len(record.styles) == n else [None] * n
+        keep = [None] * n if record.keep is None else [bool(k) for k in record.keep.tolist()]
+        rows = zip(inst.boxes.tolist(), inst.scores.tolist(), inst.labels.tolist())
+        return [{
+            "track_id": track_ids[i], "label": int(label), "class": self._class_name(int(label)),
+            "score": round(float(score), 4), "box": [round(float(v), 2) for v in box],
+            "area": None if areas[i] is None else int(areas[i]), "style": styles[i], "keep": keep[i], "mask": rles[i],
+        } for i, (box, score, label) in enumerate(rows)], masks_small
+
+    def _class_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def _queue_images(self, record: FrameRecord, small: tuple[int, int], instances: list[dict],
+                      masks_small: np.ndarray | None) -> dict[str, str]:
+        track_ids = [d["track_id"] for d in instances]
+        original = _resize_image(record.image, small).cpu()
+        composite = _resize_image(_to_uint8(record.output), small).cpu() if record.output is not None else None
+        stylized = _stylized_layer(record, small).cpu()
+        sx, sy = _axis_scales(record.size, small)
+        boxes = torch.tensor([d["box"] for d in instances], dtype=torch.float32).reshape(-1, 4)
+        boxes = boxes * torch.tensor([sx, sy, sx, sy])
+        labels = [f"#{t} {d['class']}" if t >= 0 else d["class"] for t, d in zip(track_ids, instances)]
+        colors = [track_color(t) for t in track_ids]
+        layers = {"original": original, "masks": None, "stylized": stylized}   # masks drawn on a thread
+        if composite is not None:
+            layers["composite"] = composite
+        paths = {name: f"{IMAGES}/{record.index:06d}_{name}.{self.image_format}" for name in layers}
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._encode_all, layers, paths, masks_small, boxes, labels, colors))
+        self.image_frames += 1
+        return paths
+
+    def _encode_all(self, layers: dict, paths: dict, masks_small, boxes, labels, colors) -> None:
+        layers["masks"] = _overlay(layers["original"], masks_small, boxes, labels, colors)
+        for name, image in layers.items():
+            buffer = io.BytesIO()
+            options = {"quality": self.jpeg_quality} if self.image_format == "jpg" else {"compress_level": 3}
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format=PIL_FORMATS[self.image_format], **options)
+            atomic_write_bytes(self.dir / paths[name], buffer.getvalue())
+
+    def _write_manifest(self, complete: bool) -> None:
+        manifest = {
+            "format": FORMAT, "version": 1, "complete": complete,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "video": {**(self._first or {}), **({"info": self.video_info} if self.video_info else {})},
+            "class_names": self.class_names,
+            "frame_count": self.frame_count, "image_frames": self.image_frames,
+            "every": self.every, "max_side": self.max_side, "image_format": self.image_format,
+            "layers": list(LAYERS), "palette": [list(c) for c in PALETTE], "untracked_color": list(UNTRACKED),
+            "mask_threshold": MASK_THRESHOLD,
+        }
+        atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+
+    def close(self) -> None:
+        """Waits for the image threads, then marks the dump complete. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._frames.close()
+        self._write_manifest(complete=True)
+
+    def __enter__(self) -> DebugDumper:
+        return self
+
+    def abort(self) -> None:
+        """For a failed render: stop the threads and close the file, leaving complete=false for the viewer to flag."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._frames.close()
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+def _label_style(colors: list[tuple[int, int, int]], image_width: int) -> dict:
+    """Readable labels: white text on the track colour, in a real font sized to the image when one is installed
+    (older torchvision lacks the label-background options; it then gets plain labels)."""
+    params = inspect.signature(draw_bounding_boxes).parameters
+    style: dict[str, Any] = {}
+    if "fill_labels" in params:
+        style.update(fill_labels=True, label_colors="white", label_background_colors=colors)
+    font = next((f for f in LABEL_FONTS if Path(f).is_file()), None)
+    if font is not None:
+        style.update(font=font, font_size=max(10, image_width // 45))
+    return style
+
+
+def _overlay(image: torch.Tensor, masks: np.ndarray | None, boxes: torch.Tensor, labels: list[str],
+             colors: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Masks coloured by track over the original, with '#id class' on each box."""
+    out = image
+    if masks is not None and len(masks):
+        out = draw_segmentation_masks(out, torch.from_numpy(masks), alpha=0.55, colors=colors)
+    if len(boxes):
+        width = max(1, image.shape[-1] // 320)
+        out = draw_bounding_boxes(out, boxes, labels=labels, colors=colors, width=width,
+                                  **_label_style(colors, image.shape[-1]))
+    return out
+
+
+__all__ = ["DebugDumper", "DebugDumpError", "dump_size", "downscale_masks", "encode_rle", "track_color"]

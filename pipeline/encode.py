@@ -1,0 +1,215 @@
+"""Streaming video encode with PyAV: input timestamps kept frame by frame, audio carried over, odd sizes handled.
+
+Default is libx264 CRF 18 yuv420p (conf/encode/x264.yaml); h264_nvenc (conf/encode/nvenc.yaml) when the machine
+has it. 4:2:0 / 4:2:2 encoders need even sizes, so odd frames are padded by one edge-replicated pixel (with a
+note); 4:4:4 and RGB formats keep the exact size. Output is BT.709, tagged, so players show the right colours.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from pipeline.decode import VideoInfo
+from pipeline.errors import EncoderError, ffmpeg_reason
+from pipeline.record import FrameRecord
+
+# Encoder settings passed through as codec options when the config sets them.
+_CODEC_OPTIONS = ("crf", "cq", "qp", "preset", "tune", "rc", "profile")
+_AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
+
+
+class VideoWriter:
+    """`VideoWriter(path, info, cfg)`, `.write(batch)` per batch of records, `.close()` once at the end.
+
+    Writes `record.output` (or `record.image` when a frame was never composited) at the record's own pts.
+    `cfg` keys: codec, pix_fmt, crf / cq / qp, preset, tune, rc, profile, options (dict), audio ("copy" / "none").
+    """
+
+    def __init__(self, path: str | Path, info: VideoInfo, cfg: Mapping):
+        self.path = Path(path)
+        self.info = info
+        self.codec = str(cfg.get("codec", "libx264"))
+        self.pix_fmt = str(cfg.get("pix_fmt", "yuv420p"))
+        self.width, self.height = _encodable_size(info.width, info.height, self.pix_fmt)
+        self.frames_written = 0
+        self._last_pts: int | None = None
+        self._audio: _AudioCarrier | None = None
+        _check_codec(self.codec)
+        if (self.width, self.height) != (info.width, info.height):
+            print(f"note: {self.codec} with {self.pix_fmt} needs even sizes: padding {info.width}x{info.height} "
+                  f"to {self.width}x{self.height} by repeating the edge pixels", file=sys.stderr)
+        self.container = av.open(str(self.path), mode="w")
+        try:
+            self.stream = self._add_video_stream(cfg)
+            if info.has_audio and str(cfg.get("audio", "copy")) == "copy":
+                self._audio = _AudioCarrier(info.path, self.container)
+            self.container.start_encoding()  # opens the encoder now, so a bad codec fails before any work
+        except av.FFmpegError as e:
+            self._abort()
+            needs = " - it needs an NVIDIA GPU and driver" if "nvenc" in self.codec else ""
+            raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){needs}: try encode=x264") from e
+        except BaseException:
+            self._abort()
+            raise
+
+    def _add_video_stream(self, cfg: Mapping) -> av.video.stream.VideoStream:
+        rate = self.info.average_rate or 25
+        stream = self.container.add_stream(self.codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.pix_fmt
+        stream.time_base = self.info.time_base
+        stream.codec_context.time_base = self.info.time_base  # frames keep the input's own pts
+        stream.thread_type = "AUTO"
+        options = {key: str(cfg[key]) for key in _CODEC_OPTIONS if cfg.get(key) is not None}
+        options.update({str(k): str(v) for k, v in (cfg.get("options") or {}).items()})
+        stream.codec_context.options = options
+        if not av.VideoFormat(self.pix_fmt).is_rgb:
+            ctx = stream.codec_context
+            ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # BT.709
+            ctx.color_range = 1                                       # limited ("tv") range
+        return stream
+
+    def write(self, batch: list[FrameRecord]) -> None:
+        for record in batch:
+            started = time.perf_counter()
+            frame = self._to_frame(record)
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+            if self._audio is not None and frame.time is not None:
+                self._audio.copy_until(frame.time + _AUDIO_LEAD_S)
+            self.frames_written += 1
+            record.timings["encode"] = record.timings.get("encode", 0.0) + time.perf_counter() - started
+
+    def _to_frame(self, record: FrameRecord) -> av.VideoFrame:
+        image = record.output if record.output is not None else record.image
+        pixels = to_numpy_hwc(image)
+        h, w = pixels.shape[:2]
+        if (h, w) != (self.info.height, self.info.width):
+            raise EncoderError(f"frame {record.index} is {w}x{h}, the video is {self.info.width}x{self.info.height}")
+        if (h, w) != (self.height, self.width):
+            pixels = np.pad(pixels, ((0, self.height - h), (0, self.width - w), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        if frame.format.name != self.pix_fmt:
+            if av.VideoFormat(self.pix_fmt).is_rgb:
+                frame = frame.reformat(format=self.pix_fmt)
+            else:
+                frame = frame.reformat(format=self.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
+        frame.pts = self._monotonic(record.pts)
+        frame.time_base = self.info.time_base
+        return frame
+
+    def _monotonic(self, pts: int | None) -> int:
+        """Encoders need strictly increasing pts; damaged inputs sometimes repeat one, so nudge it by a tick."""
+        if pts is None:
+            pts = 0 if self._last_pts is None else self._last_pts + 1
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1
+        self._last_pts = pts
+        return pts
+
+    def close(self) -> None:
+        """Flushes the encoder and the remaining audio, then finishes the file."""
+        try:
+            for packet in self.stream.encode(None):
+                self.container.mux(packet)
+            if self._audio is not None:
+                self._audio.copy_until(float("inf"))
+        finally:
+            self._abort()
+
+    def _abort(self) -> None:
+        """Closes everything without flushing (the temp file is deleted by the caller)."""
+        if self._audio is not None:
+            self._audio.close()
+            self._audio = None
+        if self.container is not None:
+            try:
+                self.container.close()
+            finally:
+                self.container = None
+
+    def abort(self) -> None:
+        try:
+            self._abort()
+        except av.FFmpegError:
+            pass  # the half-written file is discarded anyway
+
+
+class _AudioCarrier:
+    """Copies the input's first audio stream into the output packet by packet (no re-encode), reading the input
+    on its own demuxer so the decode thread never has to hand audio over. Codecs the output container cannot
+    hold are re-encoded to AAC."""
+
+    def __init__(self, source: Path, output: av.container.OutputContainer):
+        self.input = av.open(str(source), mode="r")
+        source_stream = self.input.streams.audio[0]
+        self.copy = source_stream.codec_context.name in output.supported_codecs
+        if self.copy:
+            self.stream = output.add_stream_from_template(source_stream)
+        else:
+            print(f"note: {source_stream.codec_context.name} audio cannot go into {output.format.name}: "
+                  f"re-encoding it as AAC", file=sys.stderr)
+            self.stream = output.add_stream("aac", rate=source_stream.codec_context.sample_rate)
+            self.stream.layout = source_stream.codec_context.layout
+        self.output = output
+        self._packets: Iterator[av.Packet] = self.input.demux(source_stream)
+        self._pending: av.Packet | None = None
+
+    def copy_until(self, seconds: float) -> None:
+        while True:
+            packet = self._pending or next(self._packets, None)
+            self._pending = None
+            if packet is None:
+                if not self.copy:
+                    self._mux_all(self.stream.encode(None))
+                return
+            if packet.dts is None or packet.size == 0:
+                continue
+            if packet.pts is not None and float(packet.pts * packet.time_base) > seconds:
+                self._pending = packet
+                return
+            if self.copy:
+                packet.stream = self.stream
+                self.output.mux(packet)
+            else:
+                for frame in packet.decode():
+                    frame.pts = None  # let the AAC encoder count samples itself
+                    self._mux_all(self.stream.encode(frame))
+
+    def _mux_all(self, packets) -> None:
+        for packet in packets:
+            self.output.mux(packet)
+
+    def close(self) -> None:
+        self.input.close()
+
+
+def _encodable_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:
+    """The smallest size >= (width, height) that `pix_fmt`'s chroma subsampling allows."""
+    try:
+        fmt = av.VideoFormat(pix_fmt)
+    except (ValueError, av.FFmpegError) as e:
+        raise EncoderError(f"unknown pixel format {pix_fmt!r} in the encode settings") from e
+    even_w = fmt.chroma_width(2) < 2
+    even_h = fmt.chroma_height(2) < 2
+    return width + (width % 2 if even_w else 0), height + (height % 2 if even_h else 0)
+
+
+def _check_codec(name: str) -> None:
+    try:
+        codec = av.codec.Codec(name, "w")
+    except (ValueError, av.FFmpegError) as e:
+        raise EncoderError(f"encoder {name!r} is not available in this FFmpeg build: try encode=x264") from e
+    if codec.type != "video":
+        raise EncoderError(f"{name!r} is a {codec.type} encoder, not a video encoder")
+
+
+def to_numpy_hwc(image: torch.Tensor) -> np.ndarray:
+    """uint8 (3, H, W) tensor on any device → contiguous (H, W, 3) numpy array."""
+    return np.ascontiguousarray(image.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
+

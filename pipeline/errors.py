@@ -1,0 +1,47 @@
+"""Errors a user can cause and fix: each carries a one-line message naming the file or value at fault.
+
+The render CLI prints these as `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class RenderError(Exception):
+    """Base class for every expected, user-fixable render failure."""
+
+
+class InputError(RenderError):
+    """The input path is missing or unreadable."""
+
+
+class NotAVideoError(InputError):
+    """The input opens as no container, or holds no video stream."""
+
+
+class AudioOnlyError(NotAVideoError):
+    """The input holds audio but no video stream."""
+
+
+class EmptyVideoError(InputError):
+    """The video stream decodes to zero frames."""
+
+
+class TruncatedVideoError(InputError):
+    """The video stream breaks off: a decoder error mid-stream, or far fewer frames than the container declares."""
+
+
+class OutputError(RenderError):
+    """The output path cannot be written safely (exists, equals the input, folder missing or read-only)."""
+
+
+class EncoderError(RenderError):
+    """The chosen encoder is missing, cannot open on this machine, or rejects its settings."""
+
+
+class PipelineConfigError(RenderError):
+    """A pipeline setting names something that does not exist (an unknown class, policy or option)."""
+
+
+def ffmpeg_reason(error: BaseException) -> str:
+    """A library error's message on one line, without the errno noise PyAV adds."""
+    text = getattr(error, "strerror", None) or str(error)
+    return " ".join(str(text).split()) or type(error).__name__

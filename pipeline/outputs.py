@@ -1,0 +1,99 @@
+"""Safe output files: refuse dangerous targets up front, write to a temp file beside the target, rename on success.
+
+A failed or interrupted render leaves neither a partial output nor a stray temp file, and never touches the input.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import OutputError
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
+
+
+def check_output(output: str | Path, input: str | Path | None = None, overwrite: bool = False,
+                 suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Path:
+    """The absolute target path, after refusing: the input itself, an existing file without `overwrite`,
+    a folder, an unknown container suffix, and a parent folder that cannot be created."""
+    target = Path(output).expanduser().absolute()
+    if input is not None and _same_file(Path(input).expanduser().absolute(), target):
+        raise OutputError(f"output {target} is the input file: choose another output path")
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder: give a file name such as {target / 'out.mp4'}")
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise OutputError(f"output {target.name}: unknown video container '{target.suffix}', use one of {', '.join(suffixes)}")
+    if target.exists() and not overwrite:
+        raise OutputError(f"output {target} already exists: pass overwrite=true to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder {target.parent} ({e.strerror or e})") from e
+    return target
+
+
+class AtomicOutput:
+    """`with AtomicOutput(target) as tmp:` write to `tmp`; on a clean exit it is renamed to `target`,
+    on any exception (Ctrl-C included) it is deleted."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False):
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        self.temp: Path | None = None
+
+    def __enter__(self) -> Path:
+        # Same folder as the target so the final rename is atomic; same suffix so muxers recognise the format.
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.target.stem}.", suffix=f".partial{self.target.suffix}",
+                                        dir=self.target.parent)
+        except OSError as e:
+            raise OutputError(f"cannot write to output folder {self.target.parent} ({e.strerror or e})") from e
+        os.close(fd)
+        self.temp = Path(name)
+        os.chmod(self.temp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any new file
+        return self.temp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._commit()
+                return
+            except BaseException:
+                self._discard()
+                raise
+        self._discard()
+
+    def _commit(self) -> None:
+        if self.overwrite:
+            os.replace(self.temp, self.target)
+            return
+        try:  # link-then-unlink refuses, atomically, a target that appeared while we were rendering
+            os.link(self.temp, self.target)
+        except FileExistsError as e:
+            raise OutputError(f"output {self.target} appeared during the render: pass overwrite=true to replace it") from e
+        except OSError:  # file systems without hard links
+            if self.target.exists():
+                raise OutputError(f"output {self.target} appeared during the render: pass overwrite=true to replace it")
+            os.replace(self.temp, self.target)
+            return
+        self.temp.unlink()
+
+    def _discard(self) -> None:
+        if self.temp is not None:
+            self.temp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False

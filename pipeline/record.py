@@ -1,0 +1,50 @@
+"""The one typed record that flows through every pipeline stage, one per video frame."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from torch import Tensor
+
+from segment.structures import Instances
+
+
+@dataclass
+class FrameRecord:
+    """A frame and everything the stages learned about it.
+
+    Filled in stage order: decode sets index/pts/time_base/image; segment sets instances;
+    track sets track_ids; assign sets styles and keep; stylize sets stylized (one entry per kept
+    instance) and background; composite sets output; every stage adds its seconds to timings.
+    """
+
+    index: int                      # 0-based position in the decoded stream
+    pts: int | None                 # presentation timestamp in time_base units (kept for the encoder)
+    time_base: Fraction
+    image: Tensor                   # uint8 (3, H, W) RGB, on the working device
+    instances: Instances | None = None
+    track_ids: Tensor | None = None          # (N,) int64, aligned with instances; -1 = not tracked
+    styles: list[str | None] = field(default_factory=list)  # per instance; None = left original
+    keep: Tensor | None = None               # (N,) bool: instances that pass assign's filters
+    stylized: list["StylizedRegion"] = field(default_factory=list)
+    background: Tensor | None = None         # float (3, H, W) in [0, 1]: background style, None = original
+    output: Tensor | None = None             # uint8 (3, H, W) RGB composite
+    timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds spent on this frame
+
+    @property
+    def time(self) -> float | None:
+        return None if self.pts is None else float(self.pts * self.time_base)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+@dataclass
+class StylizedRegion:
+    """One instance's stylized crop: `pixels` covers `box` (int xyxy, exclusive x2/y2) of the frame."""
+
+    instance: int                   # index into the frame's instances
+    style: str
+    box: tuple[int, int, int, int]
+    pixels: Tensor                  # float (3, y2-y1, x2-x1) in [0, 1]

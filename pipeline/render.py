@@ -1,0 +1,239 @@
+"""`python -m pipeline.render input=IN.mp4 output=OUT.mp4 [overrides]`: stylize every object of a video.
+
+decode (thread) → segment → track → assign → stylize → composite (this thread, on the device) → encode (thread),
+with bounded queues between the threads. The output is written to a temp file beside the target and renamed
+only when every frame is encoded; errors and Ctrl-C leave nothing behind and never touch the input.
+In multirun mode (`-m`) each run writes its output into its own sweep folder.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pipeline.decode import VideoReader
+from pipeline.encode import VideoWriter
+from pipeline.errors import RenderError
+from pipeline.outputs import AtomicOutput, check_output
+from pipeline.record import FrameRecord
+from pipeline.streaming import run_streaming
+from segment.errors import SegmentError
+from stylize.errors import StyleError
+
+Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
+USER_ERRORS = (RenderError, SegmentError, StyleError)  # expected, user-fixable: one line, exit 2, no traceback
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class RenderSummary:
+    output: Path
+    frames: int = 0
+    seconds: float = 0.0
+    instances: int = 0
+    tracks: object = None
+    styles_used: list[str] = field(default_factory=list)
+    stability: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> total seconds over all frames
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        stability = "n/a" if self.stability is None else f"{self.stability:.3f}"
+        styles = ", ".join(self.styles_used) or "none"
+        return (f"rendered {self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps): "
+                f"{self.instances} instances; {_tracks(self.tracks)}; styles used: {styles}; "
+                f"temporal stability {stability} -> {self.output}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RenderError(f"device={name} asked for, but CUDA is not available here: use device=auto or device=cpu")
+    return device
+
+
+def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], None] | None = None,
+           build: Callable[..., ModelStages] | None = None) -> RenderSummary:
+    """Renders cfg.input into `output` (already resolved); returns the summary. Raises the project's errors.
+
+    `on_batch(summary)` runs on the encode thread after each written batch (benchmarks sample memory there);
+    `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone.
+    """
+    target = check_output(output, input=cfg.input, overwrite=bool(cfg.overwrite))
+    device = resolve_device(str(cfg.device))
+    reader = VideoReader(Path(cfg.input).absolute(), batch_size=int(cfg.batch_size), device=device)
+    print(f"input: {reader.info.path} ({reader.info.describe()})", file=sys.stderr)
+    summary = RenderSummary(output=target)
+    with AtomicOutput(target, overwrite=bool(cfg.overwrite)) as temp:
+        writer = VideoWriter(temp, reader.info, cfg.encode)  # opens the encoder first: a bad codec fails fast
+        stages = None
+        try:
+            stages = (build or build_stages)(cfg, device, reader, target)
+            _stream(reader, stages.run, writer, summary, int(cfg.queue_size), on_batch)
+            writer.close()
+            stages.finish(summary)
+        except BaseException:
+            writer.abort()
+            if stages is not None:
+                stages.abort()
+            raise
+    return summary
+
+
+@dataclass
+class ModelStages:
+    """The stages between decode and encode, in order, plus what to do once the stream ends."""
+
+    run: list[tuple[str, Stage]]
+    finish: Callable[[RenderSummary], None] = lambda summary: None   # fills the summary, closes side outputs
+    abort: Callable[[], None] = lambda: None                          # releases side outputs after an error
+
+
+def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, target: Path) -> ModelStages:
+    """segment → track → assign → stylize → composite (→ debug dump) from the config."""
+    # Imported here so the I/O errors (missing input, bad output) answer before any model code loads.
+    from pipeline.assign import StyleAssigner
+    from pipeline.composite import Compositor
+    from pipeline.segment_stage import SegmentStage
+    from pipeline.stylize_stage import StylizeStage
+    from pipeline.track import Tracker
+    from segment.checkpoint import load_segmenter
+    from stylize.bank import StyleBank
+
+    # The render's device wins over the segment group's own `device` setting.
+    model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
+    class_names = list(model.config.class_names)
+    bank = StyleBank.load(cfg.style.get("bank"))
+    bank.network.to(device)
+    tracker = Tracker.from_config(cfg.track)
+    assigner = StyleAssigner.from_config(cfg.style, bank, class_names)
+    compositor = Compositor.from_config(cfg.composite)
+    run: list[tuple[str, Stage]] = [
+        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)))),
+        ("track", tracker),
+        ("assign", assigner),
+        ("stylize", StylizeStage.from_config(cfg.style, bank)),
+        ("composite", compositor),
+    ]
+    dumper = None
+    if cfg.get("debug") is not None and cfg.debug.get("dump", False):
+        from pipeline.debug import DebugDumper
+
+        dumper = DebugDumper.from_config(cfg.debug, class_names, output_path=target, video_info=reader.info)
+        run.append(("debug", _writes(dumper)))
+
+    def finish(summary: RenderSummary) -> None:
+        if dumper is not None:
+            dumper.close()
+            print(f"debug dump: {dumper.dir}", file=sys.stderr)
+        summary.tracks = tracker.summary()
+        summary.styles_used = sorted(str(s) for s in assigner.styles_used)
+        summary.stability = compositor.stability()
+
+    def abort() -> None:
+        if dumper is not None:  # marks the dump incomplete and stops its writer threads
+            dumper.__exit__(RuntimeError, None, None)
+
+    return ModelStages(run, finish, abort)
+
+
+def _writes(dumper) -> Stage:
+    def stage(batch: list[FrameRecord]) -> list[FrameRecord]:
+        dumper.write(batch)
+        return batch
+    return stage
+
+
+def _stream(reader: VideoReader, stages: list[tuple[str, Stage]], writer: VideoWriter, summary: RenderSummary,
+            queue_size: int, on_batch: Callable[[RenderSummary], None] | None = None) -> None:
+    progress = tqdm(total=reader.info.frame_count or None, unit="frame", desc="render", dynamic_ncols=True,
+                    file=sys.stderr, mininterval=0.5)
+
+    def process(batch: list[FrameRecord]) -> list[FrameRecord]:
+        for _, stage in stages:
+            batch = stage(batch)
+        return batch
+
+    def sink(batch: list[FrameRecord]) -> None:
+        writer.write(batch)
+        for record in batch:
+            summary.instances += 0 if record.instances is None else len(record.instances)
+            for stage, seconds in record.timings.items():
+                summary.timings[stage] = summary.timings.get(stage, 0.0) + seconds
+        summary.frames += len(batch)
+        progress.update(len(batch))
+        if on_batch is not None:
+            on_batch(summary)
+
+    started = time.perf_counter()
+    try:
+        run_streaming(reader, process, sink, queue_size=queue_size)
+    finally:
+        summary.seconds = time.perf_counter() - started
+        progress.close()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/render.yaml with command-line style overrides, for scripts that call `render` in-process."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="render", overrides=list(overrides))
+
+
+def output_path(cfg: DictConfig) -> Path:
+    """cfg.output against the user's cwd; in multirun mode, the same file name inside this run's sweep folder."""
+    output = Path(str(cfg.output)).expanduser()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir) / output.name
+    return output.absolute()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp file removed, threads stopped
+
+
+def _tracks(value: object) -> str:
+    """Tracker.summary() (a dict of figures) as `tracks=12, active=3, ...`."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "tracks: none"
+    return f"tracks: {'n/a' if value is None else value}"
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="render", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    for key in ("input", "output"):
+        if OmegaConf.is_missing(cfg, key):
+            print(f"error: no {key} given: pass {key}=PATH (e.g. input=clip.mp4 output=out.mp4)", file=sys.stderr)
+            sys.exit(2)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = render(cfg, output_path(cfg))
+    except USER_ERRORS as error:
+        print(f"error: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}",
+              file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted: no output written", file=sys.stderr)
+        sys.exit(130)
+    print(summary.line())
+    print(f"output: {summary.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Segment stage: one batched `model.predict` per batch of frames, low-score detections dropped."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.record import FrameRecord
+from pipeline.stage_timing import timed
+
+
+class SegmentStage:
+    """Fills `record.instances` (on the model's device) with the detections scoring >= `score_threshold`."""
+
+    name = "segment"
+
+    def __init__(self, model, score_threshold: float = 0.5):
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        self.model = model
+        self.score_threshold = float(score_threshold)
+
+    def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
+        if not batch:
+            return batch
+        with timed(batch, self.name):
+            images = [record.image for record in batch]
+            same_size = len({tuple(image.shape) for image in images}) == 1
+            results = self.model.predict(torch.stack(images) if same_size else images)
+            for record, instances in zip(batch, results):
+                record.instances = instances[instances.scores >= self.score_threshold]
+        return batch

@@ -1,0 +1,30 @@
+"""Per-frame stage timings: one context manager shared by the model stages."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from pipeline.record import FrameRecord
+
+
+@contextmanager
+def timed(batch: list[FrameRecord], stage: str) -> Iterator[None]:
+    """Adds the block's seconds, split evenly over the batch, to each record's `timings[stage]`.
+
+    On CUDA the block ends with a device synchronize, so GPU work is charged to the stage that queued it.
+    That costs the pipeline little: every stage already waits on the GPU for a host-side decision
+    (detections kept, Hungarian matching, crop boxes), and the encoder copies the composite to the host.
+    """
+    device = batch[0].image.device if batch else torch.device("cpu")
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        share = (time.perf_counter() - start) / max(1, len(batch))
+        for record in batch:
+            record.timings[stage] = record.timings.get(stage, 0.0) + share

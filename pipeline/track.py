@@ -1,0 +1,260 @@
+"""Track stage: stable integer ids for the instances of consecutive frames.
+
+Each frame's detections are matched to the live tracks by Hungarian assignment (scipy) on mask IoU
+(masks shrunk to `mask_size` for speed) or box IoU, optionally only within one class. A track's last box
+(and mask) is moved forward by its constant-velocity estimate before matching, so fast objects still
+overlap their track. A track that finds no detection keeps its last box and mask for up to `max_misses`
+frames, so a short occlusion or a missed detection does not change the object's id (or its style).
+The geometry stays on the masks' device; only the small IoU matrix goes to the CPU for the assignment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import kornia.geometry.transform as KT
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from pipeline.errors import PipelineConfigError
+from pipeline.record import FrameRecord
+from pipeline.stage_timing import timed
+from segment.structures import Instances
+
+MATCH_ON = ("mask", "box")
+
+
+def match(iou: Tensor, min_iou: float) -> list[tuple[int, int]]:
+    """(detection, track) pairs maximising the summed IoU over pairs with IoU >= min_iou (Hungarian)."""
+    if iou.numel() == 0:
+        return []
+    values = iou.double().cpu().numpy()
+    weights = values * (values >= min_iou)
+    rows, cols = linear_sum_assignment(weights, maximize=True)
+    # Pairs below min_iou weigh 0: matching them is the same as leaving both unmatched, so drop them.
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if weights[r, c] > 0]
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every bool mask in a (D, h, w) with every one in b (T, h, w) → (D, T)."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
+def shrink_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -> Tensor:
+    """(N, H, W) probabilities or bools → (N, h, w) bool by area averaging (a pixel is in if most of it is)."""
+    if masks.shape[-2:] == size:
+        return masks >= threshold if masks.dtype != torch.bool else masks
+    return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] >= threshold
+
+
+@dataclass
+class _Tracks:
+    """Live tracks, aligned along dim 0: geometry on the device, bookkeeping in Python lists."""
+
+    boxes: Tensor                      # (T, 4) last matched box
+    velocity: Tensor                   # (T, 4) px per frame
+    labels: Tensor                     # (T,)
+    masks: Tensor | None               # (T, h, w) bool, last matched mask (shrunk)
+    ids: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)   # frames since last matched
+    hits: list[int] = field(default_factory=list)     # frames matched so far
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extended(self, other: _Tracks) -> _Tracks:
+        return _Tracks(boxes=torch.cat([self.boxes, other.boxes]), velocity=torch.cat([self.velocity, other.velocity]),
+                       labels=torch.cat([self.labels, other.labels]),
+                       masks=None if self.masks is None else torch.cat([self.masks, other.masks]),
+                       ids=self.ids + other.ids, misses=self.misses + other.misses, hits=self.hits + other.hits)
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.boxes.device)
+        self.boxes, self.velocity, self.labels = self.boxes[index], self.velocity[index], self.labels[index]
+        self.masks = None if self.masks is None else self.masks[index]
+        self.ids = [self.ids[r] for r in rows]
+        self.misses = [self.misses[r] for r in rows]
+        self.hits = [self.hits[r] for r in rows]
+
+
+class Tracker:
+    """Sets `record.track_ids` ((N,) int64, -1 = untracked); `summary()` describes the tracks so far."""
+
+    name = "track"
+
+    def __init__(self, match_on: str = "mask", min_iou: float = 0.3, same_class: bool = True,
+                 birth_score: float = 0.5, max_misses: int = 5, motion: bool = True,
+                 velocity_momentum: float = 0.5, mask_size: int = 64):
+        if match_on not in MATCH_ON:
+            raise PipelineConfigError(f"track.match_on must be one of {', '.join(MATCH_ON)}, got {match_on!r}")
+        for key, value, low, high in (("min_iou", min_iou, 0.0, 1.0), ("birth_score", birth_score, 0.0, 1.0),
+                                      ("velocity_momentum", velocity_momentum, 0.0, 1.0)):
+            if not low <= value <= high:
+                raise PipelineConfigError(f"track.{key} must be in [{low}, {high}], got {value}")
+        if max_misses < 0 or mask_size < 4:
+            raise PipelineConfigError(f"track.max_misses must be >= 0 and track.mask_size >= 4, "
+                                      f"got {max_misses} and {mask_size}")
+        self.match_on, self.min_iou, self.same_class = match_on, float(min_iou), bool(same_class)
+        self.birth_score, self.max_misses = float(birth_score), int(max_misses)
+        self.motion, self.momentum, self.mask_size = bool(motion), float(velocity_momentum), int(mask_size)
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> Tracker:
+        keys = ("match_on", "min_iou", "same_class", "birth_score", "max_misses", "motion", "velocity_momentum",
+                "mask_size")
+        unknown = sorted(set(cfg) - set(keys))
+        if unknown:
+            raise PipelineConfigError(f"unknown track setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+        return cls(**{key: cfg[key] for key in keys if key in cfg})
+
+    def reset(self) -> None:
+        self._tracks: _Tracks | None = None
+        self._image_size: tuple[int, int] | None = None
+        self._next_id = 1
+        self._finished, self._finished_hits, self._longest = 0, 0, 0
+
+    # -- stage -------------------------------------------------------------------------------------
+
+    def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
+        if batch:
+            with timed(batch, self.name):
+                for record in batch:  # frames depend on each other: strictly in order
+                    record.track_ids = self.update(record.instances, record.size)
+        return batch
+
+    def update(self, instances: Instances | None, image_size: tuple[int, int]) -> Tensor:
+        """Matches one frame's detections to the tracks; returns their track ids ((N,) int64, -1 = untracked)."""
+        if instances is None:
+            instances = Instances.empty(image_size, device=self._tracks.boxes.device if self._tracks else "cpu")
+        if self._image_size != tuple(image_size):
+            self._end_all()
+            self._image_size = tuple(image_size)
+        device = instances.device
+        use_masks = self.match_on == "mask" and instances.masks is not None
+        small = shrink_masks(instances.masks, self._small_size()) if use_masks else None
+        tracks = self._tracks
+        if len(instances) and tracks is not None and (tracks.boxes.device != device
+                                                      or (tracks.masks is None) == use_masks):
+            self._end_all()  # the model changed device or lost its mask branch: start over
+            tracks = None
+        pairs = match(self._iou(instances, small), self.min_iou) if tracks and len(instances) else []
+
+        ids = torch.full((len(instances),), -1, dtype=torch.long)
+        if tracks is not None:
+            self._update_matched(tracks, instances, small, pairs)
+            for d, t in pairs:
+                ids[d] = tracks.ids[t]
+            self._age_unmatched(tracks, {t for _, t in pairs})
+        self._start_tracks(instances, small, ids, {d for d, _ in pairs})
+        return ids.to(device)
+
+    # -- matching ----------------------------------------------------------------------------------
+
+    def _small_size(self) -> tuple[int, int]:
+        h, w = self._image_size
+        scale = min(1.0, self.mask_size / max(h, w))
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def _iou(self, instances: Instances, small: Tensor | None) -> Tensor:
+        tracks = self._tracks
+        steps = torch.tensor(tracks.misses, dtype=torch.float32, device=tracks.boxes.device)[:, None] + 1
+        shift = tracks.velocity * steps if self.motion else torch.zeros_like(tracks.velocity)
+        if small is None:
+            iou = box_iou(instances.boxes.float(), tracks.boxes + shift)
+        else:
+            iou = mask_iou(small, self._moved_masks(tracks.masks, shift))
+        if self.same_class:
+            iou = iou * (instances.labels[:, None] == tracks.labels[None, :])
+        return iou
+
+    def _moved_masks(self, masks: Tensor, shift: Tensor) -> Tensor:
+        """Track masks translated by their predicted box motion (centre shift, in shrunk-mask pixels)."""
+        if not self.motion or not bool(shift.abs().max() >= 0.5 * self._image_size[0] / masks.shape[-2]):
+            return masks
+        scale = torch.tensor([masks.shape[-1] / self._image_size[1], masks.shape[-2] / self._image_size[0]],
+                             device=shift.device)
+        centre_shift = (shift[:, :2] + shift[:, 2:]) / 2 * scale
+        return KT.translate(masks[:, None].float(), centre_shift, align_corners=False)[:, 0] >= 0.5
+
+    # -- track bookkeeping -------------------------------------------------------------------------
+
+    def _update_matched(self, tracks: _Tracks, instances: Instances, small: Tensor | None,
+                        pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        device = tracks.boxes.device
+        d = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
+        t = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
+        gap = torch.tensor([tracks.misses[p[1]] + 1 for p in pairs], dtype=torch.float32, device=device)[:, None]
+        observed = (instances.boxes[d].float() - tracks.boxes[t]) / gap
+        # A track's first motion estimate is the observed step; later ones are smoothed against box jitter.
+        momentum = torch.tensor([self.momentum if tracks.hits[row] > 1 else 0.0 for _, row in pairs], device=device)
+        momentum = momentum[:, None]
+        tracks.velocity[t] = momentum * tracks.velocity[t] + (1 - momentum) * observed
+        tracks.boxes[t] = instances.boxes[d].float()
+        tracks.labels[t] = instances.labels[d]
+        if small is not None:
+            tracks.masks[t] = small[d]
+        for _, row in pairs:
+            tracks.misses[row] = 0
+            tracks.hits[row] += 1
+
+    def _age_unmatched(self, tracks: _Tracks, matched: set[int]) -> None:
+        alive = []
+        for row in range(len(tracks)):
+            if row not in matched:
+                tracks.misses[row] += 1
+            if tracks.misses[row] <= self.max_misses:
+                alive.append(row)
+            else:
+                self._finish(tracks.hits[row])
+        if len(alive) < len(tracks):
+            tracks.keep(alive)
+
+    def _start_tracks(self, instances: Instances, small: Tensor | None, ids: Tensor, matched: set[int]) -> None:
+        scores = instances.scores.tolist()
+        born = [d for d in range(len(instances)) if d not in matched and scores[d] >= self.birth_score]
+        if not born:
+            return
+        device = instances.device
+        index = torch.tensor(born, dtype=torch.long, device=device)
+        new = _Tracks(boxes=instances.boxes[index].float(), velocity=torch.zeros((len(born), 4), device=device),
+                      labels=instances.labels[index], masks=None if small is None else small[index],
+                      ids=list(range(self._next_id, self._next_id + len(born))),
+                      misses=[0] * len(born), hits=[1] * len(born))
+        self._next_id += len(born)
+        for d, track_id in zip(born, new.ids):
+            ids[d] = track_id
+        self._tracks = new if not self._tracks else self._tracks.extended(new)
+
+    def _finish(self, hits: int) -> None:
+        self._finished += 1
+        self._finished_hits += hits
+        self._longest = max(self._longest, hits)
+
+    def _end_all(self) -> None:
+        if self._tracks is not None:
+            for hits in self._tracks.hits:
+                self._finish(hits)
+        self._tracks = None
+
+    # -- report ------------------------------------------------------------------------------------
+
+    @property
+    def active_ids(self) -> list[int]:
+        return [] if self._tracks is None else list(self._tracks.ids)
+
+    def summary(self) -> dict[str, float | int]:
+        """tracks started, tracks still alive, mean and longest track length in matched frames."""
+        live = [] if self._tracks is None else self._tracks.hits
+        count = self._finished + len(live)
+        total = self._finished_hits + sum(live)
+        return {"tracks": count, "active": len(live), "mean_length": round(total / count, 1) if count else 0.0,
+                "longest": max([self._longest, *live])}

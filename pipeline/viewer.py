@@ -1,0 +1,166 @@
+"""Offline browser viewer for a debug dump: `python -m pipeline.viewer DIR [--port P] [--no-browser]`.
+
+Serves, on 127.0.0.1 only, the page in pipeline/viewer_static/ and the dump behind a small JSON API:
+    GET /                   the page            GET /static/<file>   its JS/CSS
+    GET /api/manifest       manifest + warnings GET /api/frames?offset=&limit=   frame records, paged
+    GET /images/<file>      dumped images (plain names inside DIR/images only; no path traversal)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import webbrowser
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from pipeline.debug_format import IMAGE_NAME, IMAGES, DebugDumpError
+from pipeline.debug_reader import Dump, load_dump
+
+STATIC = Path(__file__).with_name("viewer_static")
+STATIC_FILES = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
+IMAGE_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}
+MAX_PAGE = 2000
+
+
+class ViewerHandler(BaseHTTPRequestHandler):
+    server: "ViewerServer"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        url = urlparse(self.path)
+        path = url.path
+        if path in ("/", "/index.html"):
+            self._send_file(STATIC / "index.html", "text/html")
+        elif path.startswith("/static/") and path[len("/static/"):] in STATIC_FILES:
+            name = path[len("/static/"):]
+            self._send_file(STATIC / name, STATIC_FILES[name])
+        elif path == "/api/manifest":
+            dump = self.server.dump
+            self._send_json({**dump.manifest, "warnings": dump.warnings, "dir": str(dump.dir)})
+        elif path == "/api/frames":
+            self._send_frames(parse_qs(url.query))
+        elif path.startswith(f"/{IMAGES}/"):
+            self._send_image(path[len(f"/{IMAGES}/"):])
+        elif path == "/favicon.ico":
+            self._send(b"", "image/x-icon")
+        else:
+            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+
+    def _send_frames(self, query: dict) -> None:
+        frames = self.server.dump.frames
+        try:
+            offset = max(0, int(query.get("offset", ["0"])[0]))
+            limit = min(MAX_PAGE, max(1, int(query.get("limit", [str(MAX_PAGE)])[0])))
+        except ValueError:
+            self.send_error(HTTPStatus.BAD_REQUEST, "offset and limit must be integers")
+            return
+        page = frames[offset:offset + limit]
+        body = (f'{{"total":{len(frames)},"offset":{offset},"frames":[' + ",".join(page) + "]}").encode("utf-8")
+        self._send(body, "application/json")
+
+    def _send_image(self, name: str) -> None:
+        # Only names the dumper writes; anything with a slash, '..' or an odd name never touches the disk.
+        if not IMAGE_NAME.match(name):
+            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+            return
+        path = self.server.dump.dir / IMAGES / name
+        if not path.is_file():
+            self.send_error(HTTPStatus.NOT_FOUND, "image missing")
+            return
+        self._send_file(path, IMAGE_TYPES[path.suffix], cache=True)
+
+    def _send_json(self, value: object) -> None:
+        self._send(json.dumps(value).encode("utf-8"), "application/json")
+
+    def _send_file(self, path: Path, content_type: str, cache: bool = False) -> None:
+        try:
+            body = path.read_bytes()
+        except OSError:
+            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+            return
+        self._send(body, content_type, cache)
+
+    def _send(self, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type + ("; charset=utf-8" if not content_type.startswith("image") else ""))
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class ViewerServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, dump: Dump, port: int = 0, verbose: bool = False):
+        self.dump = dump
+        self.verbose = verbose
+        super().__init__(("127.0.0.1", port), ViewerHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def start_in_thread(self) -> threading.Thread:
+        """For tests and embedding: serve until `shutdown()`."""
+        thread = threading.Thread(target=self.serve_forever, name="debug-viewer", daemon=True)
+        thread.start()
+        return thread
+
+
+def _has_browser() -> bool:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        webbrowser.get()
+    except webbrowser.Error:
+        return False
+    return True
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.viewer", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="debug dump folder (written by pipeline.render debug.dump=true)")
+    parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--no-browser", action="store_true", help="only print the URL")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    try:
+        dump = load_dump(args.dir)
+        server = ViewerServer(dump, args.port, args.verbose)
+    except DebugDumpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot listen on 127.0.0.1:{args.port}: {e.strerror} (try --port 0)", file=sys.stderr)
+        return 2
+    for warning in dump.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"debug viewer for {dump.dir} ({len(dump.frames)} frames) at {server.url}  (Ctrl-C stops)", flush=True)
+    if not args.no_browser and _has_browser():
+        webbrowser.open(server.url)
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops as cleanly as Ctrl-C
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""End-to-end render speed: generated clips at 480p / 720p / 1080p through the full pipeline.
+
+    python scripts/bench_render.py --sizes 480p 720p --frames 48 [--device auto] [-- extra Hydra overrides]
+
+Prints fps, seconds per frame for every stage (from record.timings; decode and encode run on their own threads,
+so stage times overlap and add up to more than the wall time), peak RSS and, on CUDA, peak allocated memory.
+Appends the table with device, versions and date to docs/benchmarks.md (append only).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.render import compose_config, render  # noqa: E402
+from scripts.make_demo_clip import make_clip  # noqa: E402
+
+SIZES = {"240p": (426, 240), "360p": (640, 360), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
+STAGES = ("decode", "segment", "track", "assign", "stylize", "composite", "encode")
+
+
+def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path) -> dict:
+    width, height = SIZES[size]
+    clip = make_clip(workdir / f"bench_{size}.mp4", frames=frames, size=(width, height), fps=24, seed=0)
+    cfg = compose_config([f"input={clip}", f"output={workdir / f'out_{size}.mp4'}", "overwrite=true",
+                          f"device={device}", *overrides])
+    process = psutil.Process()
+    peak_rss = process.memory_info().rss
+
+    def sample(_summary) -> None:
+        nonlocal peak_rss
+        peak_rss = max(peak_rss, process.memory_info().rss)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    summary = render(cfg, Path(cfg.output), on_batch=sample)
+    row = {"size": f"{size} ({width}x{height})", "frames": summary.frames, "fps": summary.fps,
+           "peak_rss_mb": peak_rss / 2**20,
+           "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+    for stage in STAGES:
+        row[stage] = 1000 * summary.timings.get(stage, 0.0) / max(1, summary.frames)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ["size", "frames", "fps", *(f"{s} ms/f" for s in STAGES), "peak RSS MB", "CUDA peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cuda = "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"
+        cells = [r["size"], str(r["frames"]), f"{r['fps']:.2f}", *(f"{r[s]:.1f}" for s in STAGES),
+                 f"{r['peak_rss_mb']:.0f}", cuda]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores"
+
+
+def append_results(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:  # append only: other scripts add their own sections
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["480p"], choices=sorted(SIZES))
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment.checkpoint=...")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_render_") as tmp:
+        rows = []
+        for size in args.sizes:
+            rows.append(bench_one(size, args.frames, args.device, args.overrides, Path(tmp)))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    import av
+    text = (f"\n## Render benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_render.py)\n\n"
+            f"Device: {device_name(args.device)}; torch {torch.__version__}, PyAV {av.__version__}, "
+            f"Python {platform.python_version()}; "
+            f"overrides: {' '.join(args.overrides) or 'none'}\n\n{table(rows)}\n")
+    print(text)
+    if not args.no_append:
+        append_results(args.results, text)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

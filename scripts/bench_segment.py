@@ -1,0 +1,159 @@
+"""Benchmark our Mask R-CNN against torchvision's on the same weights and frames, in one run.
+
+    python scripts/bench_segment.py --min-size 320 --image-size 240 320 --iterations 3
+
+Prints images/s of both models for every device x batch size x precision, their ratio and the largest
+box / score difference on the first frame, and appends the table to docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
+from segment.tv_reference import torchvision_reference  # noqa: E402
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="input frame size")
+    p.add_argument("--min-size", type=int, default=800, help="model resize: shorter side (torchvision default 800)")
+    p.add_argument("--max-size", type=int, default=1333, help="model resize: longer side cap")
+    p.add_argument("--detections", type=int, default=100, help="detections per image (the mask head runs on each)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    p.add_argument("--iterations", type=int, default=5, help="timed batches per setting")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per setting")
+    p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="markdown file the table is appended to")
+    p.add_argument("--no-append", action="store_true", help="only print the table")
+    return p.parse_args()
+
+
+def photo_frames(count: int, size: tuple[int, int]) -> torch.Tensor:
+    """(count, 3, H, W) uint8 frames cycled from skimage's real photos, resized to `size`."""
+    from skimage import data
+
+    photos = [torch.from_numpy(getattr(data, n)()).permute(2, 0, 1).float() for n in ("astronaut", "coffee", "chelsea")]
+    resized = [F.interpolate(p[None], size=size, mode="bilinear", antialias=True)[0] for p in photos]
+    return torch.stack([resized[i % len(resized)] for i in range(count)]).round().clamp(0, 255).to(torch.uint8)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(run, device: torch.device, iterations: int, warmup: int):
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        out = run()
+    synchronize(device)
+    return (time.perf_counter() - start) / iterations, out
+
+
+def difference(ours, theirs) -> tuple[str, str]:
+    o, t = ours[0], theirs[0]
+    if len(o) != len(t["labels"]) or not torch.equal(o.labels.cpu(), t["labels"].cpu()):
+        # expected under bf16/fp16: torchvision decodes boxes in the autocast dtype, we decode in fp32
+        return f"detections differ ({len(o)} vs {len(t['labels'])})", "-"
+    if len(o) == 0:
+        return "0", "0"
+    box = (o.boxes.float().cpu() - t["boxes"].float().cpu()).abs().max().item()
+    score = (o.scores.float().cpu() - t["scores"].float().cpu()).abs().max().item()
+    return f"{box:.2e}", f"{score:.2e}"
+
+
+def load_average() -> str:
+    try:
+        import os
+
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    args = parse_args()
+    load_before = load_average()
+    devices = [torch.device(d) for d in (args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))]
+    settings = dict(min_size=args.min_size, max_size=args.max_size)
+    frames_all = photo_frames(max(args.batch_sizes), tuple(args.image_size))
+    theirs = torchvision_reference([f.float() / 255 for f in frames_all[:3]], box_detections_per_img=args.detections, **settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "maskrcnn_resnet50_fpn.pth"
+        torch.save(theirs.state_dict(), path)
+        ours = load_torchvision_checkpoint(path, detections_per_img=args.detections, **settings)
+
+    rows = []
+    for device in devices:
+        theirs.to(device)
+        ours.to(device)
+        for precision in args.precisions:
+            ours.set_inference_options(precision=precision)
+            dtype = AUTOCAST.get(precision)
+            for batch_size in args.batch_sizes:
+                frames = frames_all[:batch_size].to(device)
+
+                def run_theirs():
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                        return theirs([f.float() / 255 for f in frames])
+
+                def run_ours():
+                    return ours.predict(frames)
+
+                try:
+                    t_theirs, out_theirs = time_it(run_theirs, device, args.iterations, args.warmup)
+                    t_ours, out_ours = time_it(run_ours, device, args.iterations, args.warmup)
+                except RuntimeError as e:  # e.g. a precision the device does not support
+                    print(f"skipped {device} {precision} batch {batch_size}: {str(e).splitlines()[0]}")
+                    continue
+                box_diff, score_diff = difference(out_ours, out_theirs)
+                rows.append([
+                    device_name(device), str(batch_size), precision, f"{batch_size / t_theirs:.2f}",
+                    f"{batch_size / t_ours:.2f}", f"{t_theirs / t_ours:.2f}x", box_diff, score_diff,
+                ])
+                print(" | ".join(rows[-1]), flush=True)
+
+    header = ["device", "batch", "precision", "torchvision img/s", "ours img/s", "ours / torchvision", "max Δbox px", "max Δscore"]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    title = (
+        f"## Segmenter: ours vs torchvision Mask R-CNN R50-FPN — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+        f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; frames {args.image_size[0]}x{args.image_size[1]}, "
+        f"min/max size {args.min_size}/{args.max_size}, {args.detections} detections/image, {args.iterations} timed iterations after {args.warmup} warm-up; "
+        "seeded reference weights (calibrated frozen BN); differences on the first frame; "
+        f"1/5/15-min load average before: {load_before}.\n"
+    )
+    text = title + "\n" + "\n".join(table) + "\n"
+    print("\n" + text)
+    if not args.no_append:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        new = not args.output.exists()
+        with args.output.open("a") as f:
+            f.write(("# Benchmarks\n\n" if new else "\n") + text)
+        print(f"appended to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s.
+
+    python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append]
+
+Prints a table and appends it (device, versions, date) to docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
+from stylize.bank import StyleBank  # noqa: E402
+
+CROP_SIZES = (64, 128, 256)
+CROPS = 8
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds per call after a warm-up (the median shrugs off other processes' bursts)."""
+    fn()  # warm-up (cuDNN autotune, allocator)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str, str, float]]:
+    network = bank.network.to(device)
+    styles = torch.eye(len(bank))[torch.arange(CROPS) % len(bank)]
+    frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
+    rows = []
+    for size in CROP_SIZES:
+        boxes = torch.tensor([[8.0 * i, 8.0 * i, 8.0 * i + size - 1, 8.0 * i + size - 1] for i in range(CROPS)])
+        index = torch.zeros(CROPS, dtype=torch.long)
+        run = lambda batch: stylize_regions(network, frame, index, boxes, styles, margin=0, max_batch=batch)  # noqa: E731
+        rows.append((f"crop {size}x{size} ({CROPS} styles)", "batched", CROPS / timed(lambda: run(CROPS), device, repeats)))
+        rows.append((f"crop {size}x{size} ({CROPS} styles)", "one by one", CROPS / timed(lambda: run(1), device, repeats)))
+    frames = frame.expand(2, -1, -1, -1).contiguous()
+    rows.append(("frame 854x480", "batch of 2", 2 / timed(lambda: stylize_frames(network, frames, styles[:2], max_batch=2),
+                                                          device, repeats)))
+    rows.append(("frame 854x480", "one by one", 1 / timed(lambda: stylize_frames(network, frame, styles[0]), device, repeats)))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank", type=Path, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-append", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    precision = "bf16 + channels_last" if device.type == "cuda" else "fp32"
+    rows = bench(StyleBank.load(args.bank), device, args.repeats)
+    lines = [f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})", "",
+             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after a warm-up, "
+             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); "
+             f"`python scripts/bench_stylize.py`", "",
+             "| input | mode | images/s |", "|---|---|---|"]
+    lines += [f"| {what} | {mode} | {rate:.2f} |" for what, mode, rate in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_append:
+        path = ROOT / "docs" / "benchmarks.md"
+        header = "\n" if path.exists() and path.stat().st_size else "# Benchmarks\n\n"
+        with path.open("a") as f:  # append-only: other benchmarks share the file
+            f.write(header + text)
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Training throughput: our engine's step (segment.engine.Trainer.train_step on our MaskRCNN) against a plain
+training loop around torchvision's MaskRCNN of the same architecture and the same starting weights.
+
+    python scripts/bench_train.py --size 128 --batch 2 --iterations 6
+    python scripts/bench_train.py --device cuda --size 512 --batch 8 --amp bf16 --iterations 30
+
+Both see the same synthetic batches (segment.data.synthetic scenes); the timed steps alternate between the two
+models so machine load hits both alike. Prints a table with the ratio and appends it to docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import BatchSampler
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from segment.backbone import _ARCHS, norm_layer  # noqa: E402
+from segment.config import SegmenterConfig  # noqa: E402
+from segment.data.coco import CocoDetection  # noqa: E402
+from segment.data.sampler import collate  # noqa: E402
+from segment.data.synthetic import CLASS_NAMES, write_coco_split  # noqa: E402
+from segment.distributed import DistInfo, pick_device  # noqa: E402
+from segment.engine import AMP_DTYPES, TARGET_KEYS, Trainer, TrainSettings  # noqa: E402
+from segment.loader import BatchStream  # noqa: E402
+from segment.model import build_model  # noqa: E402
+from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--size", type=int, default=128, help="square synthetic images; also the model's min/max size")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--amp", default="none", choices=["none", *AMP_DTYPES])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--norm", default="gn", choices=["gn", "bn", "frozen_bn"])
+    p.add_argument("--fpn-channels", type=int, default=128)
+    p.add_argument("--representation-size", type=int, default=512)
+    p.add_argument("--mask-head-channels", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=6, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--no-append", action="store_true")
+    return p.parse_args()
+
+
+def torchvision_twin(config: SegmenterConfig) -> TorchvisionMaskRCNN:
+    """torchvision's MaskRCNN built from its own parts with our config's architecture (same parameter names)."""
+    block, layers, groups, width = _ARCHS[config.backbone]
+    body = resnet.ResNet(block, layers, groups=groups, width_per_group=width,
+                         norm_layer=norm_layer(config.norm, config.bn_eps))
+    stage_channels = [64 * block.expansion * 2**i for i in range(4)]
+    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, stage_channels,
+                               config.fpn_channels, extra_blocks=LastLevelMaxPool())
+    c = config
+    return TorchvisionMaskRCNN(
+        backbone, num_classes=None, min_size=c.min_size, max_size=c.max_size, image_mean=c.image_mean,
+        image_std=c.image_std,
+        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in c.anchor_sizes), (tuple(c.anchor_ratios),) * 5),
+        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+        rpn_batch_size_per_image=c.rpn_batch_size_per_image, box_batch_size_per_image=c.box_batch_size_per_image,
+        box_head=TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size),
+        box_predictor=FastRCNNPredictor(c.representation_size, c.num_classes),
+        mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, c.num_classes),
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    names = ["__background__", *CLASS_NAMES]
+    config = SegmenterConfig(
+        backbone=args.backbone, norm=args.norm, trainable_layers=5, num_classes=len(names), class_names=names,
+        min_size=args.size, max_size=args.size, fpn_channels=args.fpn_channels,
+        representation_size=args.representation_size, mask_head_channels=args.mask_head_channels,
+    )
+    torch.manual_seed(0)
+    ours = build_model(config).to(device)
+    theirs = torchvision_twin(config).to(device)
+    theirs.load_state_dict(ours.state_dict())  # same starting point: both see the same losses and gradients
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_coco_split(tmp, "train", max(4, 2 * args.batch), size=args.size, progress=False)
+        dataset = CocoDetection(Path(tmp) / "train", Path(tmp) / "annotations" / "instances_train.json")
+        batches = [collate([dataset[i] for i in range(b * args.batch, (b + 1) * args.batch)]) for b in range(2)]
+
+    lr = 0.02 * args.batch / 16
+    optimizer = build_optimizer(ours, lr)
+    stream = BatchStream(dataset, partial(BatchSampler, batch_size=args.batch, drop_last=True), collate)
+    trainer = Trainer(ours, optimizer, WarmupMultiStepLR(optimizer, []), stream,
+                      TrainSettings(Path(tempfile.gettempdir()), 1, amp=args.amp), DistInfo(device=device))
+    their_optimizer = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                      weight_decay=1e-4)
+    dtype = AMP_DTYPES.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    def on_device(batch):
+        images, targets = batch
+        return [i.to(device) for i in images], [{k: t[k].to(device) for k in TARGET_KEYS} for t in targets]
+
+    def our_step(batch):
+        trainer.train_step(*on_device(batch))
+
+    def their_step(batch):  # the loop torchvision's detection reference trains with
+        images, targets = on_device(batch)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = sum(theirs(images, targets).values())
+        their_optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(their_optimizer)
+        scaler.update()
+
+    ours.train()
+    theirs.train()
+    seconds = {"ours": 0.0, "torchvision": 0.0}
+    for step in range(args.warmup + args.iterations):
+        for name, run in (("torchvision", their_step), ("ours", our_step)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run(batches[step % 2])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                seconds[name] += time.perf_counter() - start
+    rate = {k: args.iterations * args.batch / v for k, v in seconds.items()}
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
+    header = ["device", "batch", "images", "amp", "torchvision img/s", "ours img/s", "ours / torchvision"]
+    row = [where, str(args.batch), f"{args.size}x{args.size}", args.amp, f"{rate['torchvision']:.2f}",
+           f"{rate['ours']:.2f}", f"{rate['ours'] / rate['torchvision']:.2f}x"]
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"])
+    text = (
+        f"## Training step: ours vs torchvision Mask R-CNN loop — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+        f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; {args.backbone}/{args.norm} "
+        f"FPN {args.fpn_channels}, box head {args.representation_size}, mask head {args.mask_head_channels}; "
+        f"same starting weights and synthetic batches; {args.iterations} timed steps each after {args.warmup} "
+        f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"
+    )
+    print("\n" + text)
+    if not args.no_append:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        new = not args.output.exists()
+        with args.output.open("a") as f:
+            f.write(("# Benchmarks\n\n" if new else "\n") + text)
+        print(f"appended to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

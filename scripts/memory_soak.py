@@ -1,0 +1,107 @@
+"""Memory-flatness soak: render thousands of small frames and watch the process RSS.
+
+    python scripts/memory_soak.py --frames 3000 --size 64 [--stages full|io] [--checkpoint SEG.pt --bank BANK.pt]
+
+`--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run through
+conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled every `--every` frames; prints the first and last RSS, the least-squares slope and the
+growth from the first to the last quarter, and exits 1 when that growth exceeds `--max-growth-mb`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.render import ModelStages, compose_config, render  # noqa: E402
+from tests.helpers_video import pattern_frames, write_clip  # noqa: E402
+from tests.render_cli import tiny_model_overrides  # noqa: E402
+
+
+@dataclass
+class SoakResult:
+    frames: np.ndarray     # frame counts at the samples
+    rss_mb: np.ndarray     # RSS in MiB at the samples
+
+    @property
+    def slope_mb_per_1000(self) -> float:
+        return float(np.polyfit(self.frames, self.rss_mb, 1)[0] * 1000) if len(self.frames) > 1 else 0.0
+
+    @property
+    def quarter_growth_mb(self) -> float:
+        """Mean RSS of the last quarter of samples minus that of the first quarter (after warm-up)."""
+        q = max(1, len(self.rss_mb) // 4)
+        return float(self.rss_mb[-q:].mean() - self.rss_mb[:q].mean())
+
+    def line(self) -> str:
+        return (f"{int(self.frames[-1])} frames: RSS first {self.rss_mb[0]:.1f} MiB, last {self.rss_mb[-1]:.1f} MiB, "
+                f"slope {self.slope_mb_per_1000:+.2f} MiB/1000 frames, "
+                f"first→last quarter {self.quarter_growth_mb:+.2f} MiB")
+
+
+def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 50, workdir: Path | None = None,
+         checkpoint: Path | None = None, bank: Path | None = None, batch_size: int = 8) -> SoakResult:
+    with tempfile.TemporaryDirectory(prefix="memory_soak_", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        clip = _looping_clip(tmp / "soak.mp4", frames, size)
+        overrides = [f"input={clip}", f"output={tmp / 'out.mp4'}", f"batch_size={batch_size}",
+                     *tiny_model_overrides(tmp / "models")]
+        if checkpoint is not None:
+            overrides.append(f"segment.checkpoint={checkpoint}")
+        if bank is not None:
+            overrides.append(f"style.bank={bank}")
+        cfg = compose_config(overrides)
+        samples: list[tuple[int, float]] = []
+        process = psutil.Process()
+
+        def sample(summary) -> None:
+            if not samples or summary.frames - samples[-1][0] >= every:
+                samples.append((summary.frames, process.memory_info().rss / 2**20))
+
+        gc.collect()
+        render(cfg, Path(cfg.output), on_batch=sample, build=None if stages == "full" else _no_model_stages)
+    warm = samples[len(samples) // 10:] or samples  # allocator and codec buffers settle in the first frames
+    return SoakResult(np.array([f for f, _ in warm], float), np.array([r for _, r in warm], float))
+
+
+def _no_model_stages(cfg, device, reader, target) -> ModelStages:
+    return ModelStages(run=[])
+
+
+def _looping_clip(path: Path, frames: int, size: int) -> Path:
+    """A long clip built from a short loop of distinct frames (cheap to generate, still real decode work)."""
+    loop = pattern_frames(24, size, size)
+    return write_clip(path, [loop[i % len(loop)] for i in range(frames)],
+                      options={"preset": "ultrafast", "crf": 23})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=64, help="square frame side in pixels")
+    parser.add_argument("--stages", choices=("full", "io"), default="full")
+    parser.add_argument("--every", type=int, default=50, help="sample RSS every N frames")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint", type=Path, help="segmenter checkpoint (default: a tiny random one)")
+    parser.add_argument("--bank", type=Path, help="style bank (default: a tiny random one)")
+    parser.add_argument("--max-growth-mb", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    result = soak(args.frames, args.size, args.stages, args.every, checkpoint=args.checkpoint, bank=args.bank,
+                  batch_size=args.batch_size)
+    print(result.line())
+    if result.quarter_growth_mb > args.max_growth_mb:
+        print(f"error: RSS grew {result.quarter_growth_mb:.1f} MiB (> {args.max_growth_mb} MiB)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

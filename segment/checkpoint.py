@@ -1,0 +1,140 @@
+"""Loading and saving segmenter weights: our own checkpoint format and torchvision's maskrcnn_resnet50_fpn files.
+
+Nothing is downloaded: every loader takes a local path and says which file to pass when it is missing.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segment.config import SegmenterConfig
+from segment.errors import CheckpointError
+from segment.model import MaskRCNN, build_model
+
+FORMAT = "instyle-segment-v1"
+TORCHVISION_HINT = "segment.checkpoint=/path/to/maskrcnn_resnet50_fpn_coco.pth"
+# torchvision's inference defaults for its COCO v1 weights (which it runs with FrozenBatchNorm eps 0)
+TORCHVISION_DEFAULTS: dict[str, Any] = {
+    "backbone": "resnet50", "norm": "frozen_bn", "bn_eps": 0.0, "num_classes": 91, "min_size": 800, "max_size": 1333,
+    "score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_img": 100,
+}
+
+
+def _read(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason[:120]})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike) -> MaskRCNN:
+    own = model.state_dict()
+    # BatchNorm bookkeeping that FrozenBatchNorm has no use for is tolerated (FrozenBatchNorm drops it itself)
+    ignorable = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not ignorable(k)]
+    unexpected = [k for k in state_dict if k not in own and not ignorable(k)]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items() if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
+        ]
+        raise CheckpointError(f"{path} does not fit the {model.config.backbone} model: {'; '.join(parts)}")
+    model.load_state_dict(state_dict, strict=False)
+    return model.eval()
+
+
+def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> MaskRCNN:
+    """A torchvision maskrcnn_resnet50_fpn (v1) state_dict file -> our model in eval mode, with torchvision's
+    inference settings (800/1333, score 0.05, NMS 0.5, 100 detections, 91 COCO classes) unless overridden."""
+    state = _read(path)
+    if not _is_state_dict(state):
+        raise CheckpointError(f"{path} is not a torchvision Mask R-CNN state_dict (expected a dict of tensors)")
+    return _load_weights(build_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides})), state, path)
+
+
+def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Writes {"format", "config", "class_names", "model", **extra} atomically (temp file beside it + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **(extra or {}),
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "class_names": list(model.config.class_names),
+        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCNN:
+    """Our checkpoint (config stored inside) or a raw torchvision state_dict -> model in eval mode on the CPU.
+
+    Overrides change settings that do not alter the weights' shapes (thresholds, sizes, precision...).
+    """
+    state = _read(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        if not isinstance(state.get("config"), dict) or not _is_state_dict(state.get("model")):
+            raise CheckpointError(f"{path} is an {FORMAT} file without a valid config / model entry")
+        config = SegmenterConfig.from_dict({**state["config"], **config_overrides})
+        return _load_weights(build_model(config), state["model"], path)
+    if _is_state_dict(state):
+        return load_torchvision_checkpoint(path, **config_overrides)
+    raise CheckpointError(f"{path} is neither an {FORMAT} checkpoint nor a Mask R-CNN state_dict")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} requested but CUDA is not available (use segment.device=auto or cpu)")
+    return device
+
+
+def load_segmenter(cfg: Any) -> MaskRCNN:
+    """Hydra `segment` group (config fields + `checkpoint` path + `device`: auto | cpu | cuda) -> ready model.
+
+    Config fields in the group override what a checkpoint stores only where they are set to non-null values.
+    """
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    cfg = dict(cfg)
+    path = cfg.pop("checkpoint", None)
+    device = resolve_device(cfg.pop("device", "auto"))
+    if not path:
+        hint = TORCHVISION_HINT if cfg.get("backbone", "resnet50") == "resnet50" else "segment.checkpoint=/path/to/segmenter.pt"
+        raise CheckpointError(f"no segmenter checkpoint given: pass {hint}")
+    overrides = {k: v for k, v in cfg.items() if v is not None}
+    model = load_checkpoint(path, **overrides).to(device)
+    if model.config.channels_last:
+        model.set_inference_options(channels_last=True)
+    return model.eval()

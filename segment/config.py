@@ -1,0 +1,132 @@
+"""Every architectural and inference setting of the Mask R-CNN, in one typed place.
+
+Defaults are torchvision's `maskrcnn_resnet50_fpn` (v1) values, so a default config plus a torchvision
+state_dict reproduces torchvision's model. Hydra's `segment` group is turned into this with `from_dict`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from segment.errors import ConfigError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
+NORMS = ("frozen_bn", "bn", "gn")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def coco_class_names() -> list[str]:
+    """The 91 COCO category names torchvision's detection weights use (index 0 is background, 'N/A' are gaps)."""
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    return list(_COCO_CATEGORIES)
+
+
+@dataclass
+class SegmenterConfig:
+    # backbone
+    backbone: str = "resnet50"
+    norm: str = "frozen_bn"
+    bn_eps: float = 1e-5  # torchvision's COCO v1 weights run with FrozenBatchNorm eps 0.0 (see checkpoint.py)
+    trainable_layers: int = 3  # 0..5 stages trainable counted from layer4; 3 keeps stem + layer1 frozen
+    # classes (num_classes includes background at index 0)
+    num_classes: int = 91
+    class_names: list[str] = field(default_factory=list)
+    # input transform
+    min_size: int | list[int] = 800  # a list means a random choice per image in training (last one at test)
+    max_size: int = 1333
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    size_divisible: int = 32
+    # widths
+    fpn_channels: int = 256
+    representation_size: int = 1024
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+    # anchors: one size per FPN level (P2..P6), the same ratios (h/w) on every level
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # RPN
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_score_thresh: float = 0.0
+    rpn_min_size: float = 1e-3
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    # RoI heads
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    # inference
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_img: int = 100
+    box_min_size: float = 1e-2
+    paste_chunk_size: int = 16  # instances pasted per batched matmul; bounds temporaries, not the output
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_choice("backbone", BACKBONES)
+        self._check_choice("norm", NORMS)
+        self._check_choice("precision", PRECISIONS)
+        if not 0 <= self.trainable_layers <= 5:
+            raise ConfigError(f"segment.trainable_layers must be in 0..5, got {self.trainable_layers}")
+        if self.num_classes < 2:
+            raise ConfigError(f"segment.num_classes counts background too and must be >= 2, got {self.num_classes}")
+        if not self.class_names:
+            self.class_names = (
+                coco_class_names() if self.num_classes == 91 else
+                ["__background__"] + [f"class_{i}" for i in range(1, self.num_classes)]
+            )
+        self.class_names = list(self.class_names)
+        if len(self.class_names) != self.num_classes:
+            raise ConfigError(
+                f"segment.class_names has {len(self.class_names)} names but num_classes is {self.num_classes}"
+            )
+        if len(self.anchor_sizes) != 5:
+            raise ConfigError(f"segment.anchor_sizes needs one size per FPN level P2..P6 (5), got {self.anchor_sizes}")
+        if len(self.bbox_reg_weights) != 4:
+            raise ConfigError(f"segment.bbox_reg_weights needs 4 values, got {self.bbox_reg_weights}")
+        if self.norm == "gn" and (self.fpn_channels % 32 or self.mask_head_channels % 32):
+            raise ConfigError("segment.norm=gn needs fpn_channels and mask_head_channels divisible by 32")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(f"segment.{name}={value!r} is not one of {', '.join(choices)}")
+
+    @property
+    def min_sizes(self) -> tuple[int, ...]:
+        return tuple(self.min_size) if isinstance(self.min_size, (list, tuple)) else (int(self.min_size),)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SegmenterConfig:
+        """From a plain dict or an OmegaConf DictConfig; keys that are not config fields are an error."""
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(data, DictConfig):
+                data = OmegaConf.to_container(data, resolve=True)
+        except ImportError:  # omegaconf is a dependency, but plain dicts need nothing from it
+            pass
+        data = dict(data or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown segment config keys: {', '.join(unknown)}")
+        data = {k: v for k, v in data.items() if not (k == "class_names" and v is None)}
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **overrides: Any) -> SegmenterConfig:
+        return SegmenterConfig.from_dict({**self.to_dict(), **overrides})

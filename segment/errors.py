@@ -1,0 +1,13 @@
+"""Errors users can cause (bad files, bad settings); each carries a one-line message naming the culprit."""
+
+
+class SegmentError(Exception):
+    """Base of the segment package's user-facing errors."""
+
+
+class CheckpointError(SegmentError):
+    """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+class ConfigError(SegmentError, ValueError):
+    """A segment setting has an invalid value."""

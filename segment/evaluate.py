@@ -1,0 +1,189 @@
+"""COCO evaluation (pycocotools COCOeval, bbox + segm) of a segmenter on a COCO-format dataset.
+
+    python -m segment.evaluate --checkpoint models/demo_segmenter.pt \
+        --images data/synthetic/val --annotations data/synthetic/annotations/instances_val.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from segment.data.coco import CocoDetection
+from segment.data.errors import DatasetError
+from segment.structures import Instances
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+
+
+def to_coco_results(
+    instances_list: Sequence[Instances],
+    image_ids: Sequence[int],
+    label_to_category_id: dict[int, int],
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """Detections -> COCO result dicts {image_id, category_id, score, bbox (xywh), segmentation (compressed RLE,
+    counts as str) when masks are present}. Labels missing from the mapping (classes the dataset does not
+    have) are left out."""
+    if len(instances_list) != len(image_ids):
+        raise ValueError(f"{len(instances_list)} results for {len(image_ids)} image ids")
+    results = []
+    for instances, image_id in zip(instances_list, image_ids):
+        instances = instances.cpu()
+        boxes = instances.boxes.float().clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        rles = None
+        if instances.masks is not None and len(instances):
+            binary = (instances.masks >= mask_threshold) if instances.masks.is_floating_point() else instances.masks
+            rles = mask_utils.encode(np.asfortranarray(binary.to(torch.uint8).permute(1, 2, 0).numpy()))
+        rows = zip(boxes.tolist(), instances.scores.tolist(), instances.labels.tolist())
+        for i, (box, score, label) in enumerate(rows):
+            if label not in label_to_category_id:
+                continue
+            result = {"image_id": int(image_id), "category_id": int(label_to_category_id[label]),
+                      "bbox": [round(v, 3) for v in box], "score": float(score)}
+            if rles is not None:
+                result["segmentation"] = {"size": list(rles[i]["size"]), "counts": rles[i]["counts"].decode("ascii")}
+            results.append(result)
+    return results
+
+
+def coco_eval(
+    coco_gt: COCO, results: list[dict], image_ids: Sequence[int], category_ids: Sequence[int] | None = None,
+    iou_types: Sequence[str] = IOU_TYPES,
+) -> dict[str, float]:
+    """COCOeval over `image_ids` -> {"bbox_AP": ..., ..., "segm_ARl": ...} (the 12 summary stats per type).
+    No detections at all scores 0 everywhere."""
+    stats: dict[str, float] = {}
+    for iou_type in iou_types:
+        typed = [r for r in results if iou_type != "segm" or "segmentation" in r]
+        if iou_type == "segm":
+            # without the box, loadRes takes each detection's area from its mask, as COCO's segm protocol does
+            typed = [{k: v for k, v in r.items() if k != "bbox"} for r in typed]
+        if not typed:
+            values = [0.0] * len(STAT_NAMES)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco_dt = coco_gt.loadRes(copy.deepcopy(typed))
+                evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+                evaluator.params.imgIds = list(image_ids)
+                if category_ids is not None:
+                    evaluator.params.catIds = list(category_ids)
+                evaluator.evaluate()
+                evaluator.accumulate()
+                evaluator.summarize()
+            values = [float(v) for v in evaluator.stats]
+        stats.update({f"{iou_type}_{name}": value for name, value in zip(STAT_NAMES, values)})
+    return stats
+
+
+def category_map(class_names: Sequence[str], dataset: CocoDetection) -> dict[int, int]:
+    """Model label -> dataset category id, matched by class name (model class_names[0] is background); a model
+    with generic names but as many classes as the dataset maps by position."""
+    by_name = dict(zip(dataset.class_names, dataset.category_ids))
+    mapping = {label: by_name[name] for label, name in enumerate(class_names) if label > 0 and name in by_name}
+    if mapping:
+        return mapping
+    if len(class_names) - 1 == len(dataset.category_ids):
+        return dict(dataset.label_to_category_id)
+    raise DatasetError(f"the model's classes {list(class_names[1:6])}... share no names with the dataset's "
+                       f"categories {dataset.class_names[:5]}... and their counts differ")
+
+
+@torch.inference_mode()
+def evaluate(
+    model,
+    dataset: CocoDetection,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    max_images: int | None = None,
+    label_to_category_id: dict[int, int] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Runs `model.predict` on the dataset's images at their file resolution (the dataset's own transforms are
+    not used) and scores them with COCOeval. Labels map to category ids by `label_to_category_id`, else by
+    `category_map(model.class_names, dataset)`. Returns {"bbox_AP", "bbox_AP50", ..., "segm_AP", ...}."""
+    if device is not None:
+        model = model.to(device)
+    if label_to_category_id is None:
+        label_to_category_id = category_map(model.class_names, dataset)
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    loader = torch.utils.data.DataLoader(
+        _Images(dataset), batch_size=batch_size, sampler=range(count), num_workers=num_workers,
+        collate_fn=_unzip,
+    )
+    results, image_ids = [], []
+    for images, ids in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        instances = model.predict(list(images))
+        results += to_coco_results(instances, ids, label_to_category_id)
+        image_ids += ids
+    return coco_eval(dataset.coco, results, image_ids, dataset.category_ids)
+
+
+def _unzip(batch: list[tuple]) -> tuple:
+    return tuple(zip(*batch))
+
+
+class _Images(torch.utils.data.Dataset):
+    """(uint8 image, image id) pairs of a CocoDetection: no targets are built, no transforms run."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset.load_image(index), self.dataset.image_ids[index]
+
+
+def format_table(stats: dict[str, float]) -> str:
+    types = sorted({k.split("_", 1)[0] for k in stats}, key=lambda t: IOU_TYPES.index(t) if t in IOU_TYPES else 9)
+    lines = [f"{'':6}" + "".join(f"{name:>7}" for name in STAT_NAMES)]
+    for iou_type in types:
+        lines.append(f"{iou_type:6}" + "".join(f"{stats[f'{iou_type}_{name}']:7.3f}" for name in STAT_NAMES))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segment.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="our segmenter checkpoint or a torchvision state_dict")
+    parser.add_argument("--images", required=True, help="folder of the dataset's images")
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON file")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--score-threshold", type=float, default=None, help="override the checkpoint's threshold")
+    args = parser.parse_args(argv)
+
+    from segment.checkpoint import load_checkpoint, resolve_device
+    from segment.errors import SegmentError
+
+    try:
+        overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+        model = load_checkpoint(args.checkpoint, **overrides)
+        dataset = CocoDetection(args.images, args.annotations)
+        stats = evaluate(model, dataset, batch_size=args.batch_size, device=resolve_device(args.device),
+                         max_images=args.max_images, num_workers=args.num_workers)
+    except SegmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

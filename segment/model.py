@@ -1,0 +1,146 @@
+"""Mask R-CNN (He et al. 2017): ResNet-FPN backbone, RPN, box and mask heads; training losses and inference."""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from segment.backbone import BackboneWithFPN
+from segment.config import SegmenterConfig
+from segment.postprocess import paste_masks
+from segment.roi_heads import RoIHeads
+from segment.rpn import RegionProposalNetwork
+from segment.structures import Instances
+from segment.transform import ImageBatch, ImageTransform, rescale_boxes
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MaskRCNN(nn.Module):
+    """Parameter names equal torchvision's maskrcnn_resnet50_fpn, so its state_dicts load strictly.
+
+    - train mode: `model(images, targets)` -> {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
+      loss_mask}; images: list of float (3, H, W) in [0, 1]; targets: dicts of boxes (G, 4) xyxy float,
+      labels (G,) int64, masks (G, H, W) uint8.
+    - inference: `model.predict(frames)` (uint8) or `model(images)` in eval mode (float [0, 1]) -> list[Instances].
+    """
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transform = ImageTransform(config)
+        self.backbone = BackboneWithFPN(config)
+        self.rpn = RegionProposalNetwork(config)
+        self.roi_heads = RoIHeads(config)
+        self.precision = config.precision
+        self.channels_last = config.channels_last
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names
+
+    def set_inference_options(self, precision: str | None = None, channels_last: bool | None = None) -> MaskRCNN:
+        """Autocast precision (fp32 | bf16 | fp16) and memory layout used by predict / eval forward."""
+        if precision is not None:
+            if precision not in ("fp32", *_AUTOCAST_DTYPES):
+                raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+            self.precision = precision
+        if channels_last is not None:
+            self.channels_last = channels_last
+            self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if not self.training:
+            batch, _ = self.transform.float_batch(list(images))
+            return self._detect(batch)
+        _check_targets(targets, len(images))
+        batch, targets = self.transform.float_batch(list(images), targets, training=True)
+        features = self.backbone(self._layout(batch.tensors))
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
+
+    @torch.inference_mode()
+    def predict(self, frames: Tensor | list[Tensor]) -> list[Instances]:
+        """uint8 (B, 3, H, W) or list of uint8 (3, H, W) of any sizes, on any device -> Instances on the model's device.
+
+        Images of the same size run as one batch; different sizes run as separate batches so an image's result
+        never depends on what it was batched with.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            results: list[Instances | None] = [None] * len(frames)
+            for indices, stack in _group_by_size(frames):
+                if stack.dtype != torch.uint8:
+                    raise TypeError(f"predict expects uint8 frames, got {stack.dtype}")
+                batch = self.transform.uint8_batch(stack.to(self.device, non_blocking=True))
+                for index, instances in zip(indices, self._detect(batch)):
+                    results[index] = instances
+            return results
+        finally:
+            self.train(was_training)
+
+    def _layout(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _detect(self, batch: ImageBatch) -> list[Instances]:
+        with self._autocast():
+            features = self.backbone(self._layout(batch.tensors))
+            proposals, _ = self.rpn(batch, features)
+            detections = self.roi_heads(features, proposals, batch.image_sizes)
+        results = []
+        for (boxes, scores, labels, probs), resized, original in zip(detections, batch.image_sizes, batch.original_sizes):
+            boxes = rescale_boxes(boxes, resized, original)
+            masks = paste_masks(probs, boxes, original, chunk_size=self.config.paste_chunk_size)
+            results.append(Instances(image_size=tuple(original), boxes=boxes, scores=scores, labels=labels, masks=masks))
+        return results
+
+
+def _group_by_size(frames: Tensor | list[Tensor]) -> list[tuple[list[int], Tensor]]:
+    if isinstance(frames, Tensor):
+        if frames.dim() == 3:
+            frames = frames[None]
+        if frames.dim() != 4 or frames.shape[1] != 3:
+            raise ValueError(f"predict expects (B, 3, H, W) frames, got shape {tuple(frames.shape)}")
+        return [(list(range(frames.shape[0])), frames)]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, frame in enumerate(frames):
+        if frame.dim() != 3 or frame.shape[0] != 3:
+            raise ValueError(f"predict: frame {index} must be (3, H, W), got shape {tuple(frame.shape)}")
+        groups[tuple(frame.shape)].append(index)
+    return [(indices, torch.stack([frames[i] for i in indices])) for indices in groups.values()]
+
+
+def _check_targets(targets: list[dict[str, Tensor]] | None, num_images: int) -> None:
+    if targets is None or len(targets) != num_images:
+        raise ValueError("training forward needs one target dict per image")
+    for i, t in enumerate(targets):
+        missing = {"boxes", "labels", "masks"} - set(t)
+        if missing:
+            raise ValueError(f"target {i} lacks {sorted(missing)}")
+        if not t["boxes"].is_floating_point():
+            raise TypeError(f"target {i}: boxes must be float, got {t['boxes'].dtype}")
+        if t["labels"].dtype != torch.int64:
+            raise TypeError(f"target {i}: labels must be int64, got {t['labels'].dtype}")
+
+
+def build_model(config: SegmenterConfig | dict) -> MaskRCNN:
+    if not isinstance(config, SegmenterConfig):
+        config = SegmenterConfig.from_dict(config)
+    model = MaskRCNN(config)
+    if config.channels_last:
+        model.set_inference_options(channels_last=True)
+    return model

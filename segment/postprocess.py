@@ -1,0 +1,99 @@
+"""Inference post-processing: per-class boxes -> final detections, and 28x28 mask probabilities -> full-image masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+
+from segment.box_coder import BoxCoder
+
+
+def select_detections(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    proposals: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    min_size: float = 1e-2,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Every (RoI, foreground class) pair is a candidate: score > threshold, non-empty, per-class NMS, top-k.
+
+    Returns per image (boxes (K, 4), scores (K,), labels (K,)) sorted by score, in resized-image pixels.
+    """
+    num_classes = class_logits.shape[-1]
+    per_image = [p.shape[0] for p in proposals]
+    boxes_all = box_coder.decode(box_regression.float(), torch.cat(proposals)).split(per_image)
+    scores_all = F.softmax(class_logits.float(), -1).split(per_image)
+    class_ids = torch.arange(num_classes, device=class_logits.device)
+
+    results = []
+    for boxes, scores, size in zip(boxes_all, scores_all, image_sizes):
+        boxes = clip_boxes_to_image(boxes, size)[:, 1:].reshape(-1, 4)
+        labels = class_ids.view(1, -1).expand_as(scores)[:, 1:].reshape(-1)
+        scores = scores[:, 1:].reshape(-1)
+        keep = torch.where(scores > score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = remove_small_boxes(boxes, min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        results.append((boxes[keep], scores[keep], labels[keep]))
+    return results
+
+
+def _expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """Grow boxes about their centre by `scale` and truncate to whole pixels (torchvision's expand_boxes + int64)."""
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), dim=1).to(torch.int64)
+
+
+def _resample_weights(start: Tensor, end: Tensor, length: int, source: int) -> Tensor:
+    """(N, length, source) bilinear weights placing a `source`-long signal on pixels start..end (inclusive).
+
+    Same sampling as F.interpolate(bilinear, align_corners=False) to end - start + 1 pixels; zero elsewhere.
+    """
+    size = (end - start + 1).clamp(min=1)
+    pixel = torch.arange(length, device=start.device)
+    offset = pixel[None, :] - start[:, None]  # (N, length) position inside the pasted box
+    inside = (offset >= 0) & (pixel[None, :] <= end[:, None])
+    ratio = (torch.full_like(size, source, dtype=torch.float32) / size.to(torch.float32))[:, None]
+    src = (ratio * (offset.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
+    low = src.floor().clamp(max=source - 1)
+    frac = (src - low).clamp(0, 1) * inside
+    low = low.to(torch.int64)
+    high = (low + 1).clamp(max=source - 1)
+    weights = torch.zeros((*offset.shape, source), dtype=torch.float32, device=start.device)
+    weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
+    weights.scatter_add_(2, high[..., None], frac[..., None])
+    return weights
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1, chunk_size: int = 16) -> Tensor:
+    """(N, M, M) mask probabilities in (N, 4) image-pixel boxes -> (N, H, W) float32 full-image masks.
+
+    Matches torchvision's paste_masks_in_image (1 px zero border, box grown to match, bilinear resize, paste)
+    without its per-instance loop: each instance is a separable resample, weights_y @ mask @ weights_x^T,
+    done as batched matmuls on the masks' device. Work is chunked over instances so temporaries stay small;
+    the only large tensor is the (N, H, W) result itself.
+    """
+    height, width = image_size
+    out = torch.zeros((masks.shape[0], height, width), dtype=torch.float32, device=masks.device)
+    if masks.shape[0] == 0:
+        return out
+    size = masks.shape[-1]
+    padded = F.pad(masks.float(), (padding,) * 4)
+    int_boxes = _expanded_int_boxes(boxes.float(), float(size + 2 * padding) / size)
+    source = size + 2 * padding
+    for start in range(0, masks.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        b = int_boxes[chunk]
+        wy = _resample_weights(b[:, 1], b[:, 3], height, source)
+        wx = _resample_weights(b[:, 0], b[:, 2], width, source)
+        torch.bmm(torch.bmm(wy, padded[chunk]), wx.transpose(1, 2), out=out[chunk])
+    return out

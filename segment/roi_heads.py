@@ -1,0 +1,131 @@
+"""Second stage: pooled RoI features -> class scores + per-class boxes, and masks for the kept boxes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from segment.box_coder import BoxCoder
+from segment.config import SegmenterConfig
+from segment.losses import fastrcnn_loss, maskrcnn_loss
+from segment.mask_head import MaskHead, MaskPredictor, class_mask_probs
+from segment.postprocess import select_detections
+from segment.roi_pool import MultiLevelRoIAlign
+from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
+
+BOX_POOL_SIZE = 7
+MASK_POOL_SIZE = 14
+
+
+class TwoMLPHead(nn.Module):
+    def __init__(self, in_features: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+
+
+class BoxPredictor(nn.Module):
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes)
+        self.bbox_pred = nn.Linear(in_features, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        channels = config.fpn_channels
+        self.box_roi_pool = MultiLevelRoIAlign(BOX_POOL_SIZE, sampling_ratio=2)
+        self.box_head = TwoMLPHead(channels * BOX_POOL_SIZE**2, config.representation_size)
+        self.box_predictor = BoxPredictor(config.representation_size, config.num_classes)
+        self.mask_roi_pool = MultiLevelRoIAlign(MASK_POOL_SIZE, sampling_ratio=2)
+        self.mask_head = MaskHead(channels, config.mask_head_channels, config.mask_head_layers)
+        self.mask_predictor = MaskPredictor(config.mask_head_channels, config.mask_head_channels, config.num_classes)
+        self.box_coder = BoxCoder(tuple(config.bbox_reg_weights))
+        self.matcher = Matcher(config.box_fg_iou_thresh, config.box_bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedSampler(config.box_batch_size_per_image, config.box_positive_fraction)
+        self.score_thresh = config.score_threshold
+        self.nms_thresh = config.nms_threshold
+        self.detections_per_img = config.detections_per_img
+        self.box_min_size = config.box_min_size
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ):
+        """Inference -> per image (boxes, scores, labels, mask_probs (K, 28, 28)); training -> loss dict."""
+        maps = [features[str(i)] for i in range(len(self.box_roi_pool.scales))]
+        if self.training:
+            if targets is None:
+                raise ValueError("RoIHeads needs targets in training mode")
+            return self._losses(maps, proposals, targets)
+
+        class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(maps, proposals)))
+        detections = select_detections(
+            class_logits, box_regression, proposals, image_sizes, self.box_coder,
+            self.score_thresh, self.nms_thresh, self.detections_per_img, self.box_min_size,
+        )
+        boxes = [d[0] for d in detections]
+        labels = torch.cat([d[2] for d in detections])
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(maps, boxes)))
+        probs = class_mask_probs(mask_logits, labels).split([len(b) for b in boxes])
+        return [(b, s, l, p) for (b, s, l), p in zip(detections, probs)]
+
+    def _losses(self, maps: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(maps, proposals)))
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits.float(), box_regression.float(), labels, regression_targets)
+
+        # the mask branch learns from positive RoIs only
+        positives = [torch.where(l > 0)[0] for l in labels]
+        mask_proposals = [p[i] for p, i in zip(proposals, positives)]
+        mask_matched = [m[i] for m, i in zip(matched_idxs, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(maps, mask_proposals)))
+        loss_mask = maskrcnn_loss(
+            mask_logits.float(), mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets], mask_matched
+        )
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Add GT boxes to the proposals, match them to GT, sample positives/negatives, encode box targets."""
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
+        matched_idxs, labels = self.assign_targets(proposals, gt_boxes, gt_labels)
+        pos_masks, neg_masks = self.sampler(labels)
+        matched_boxes = []
+        for i, (pos, neg) in enumerate(zip(pos_masks, neg_masks)):
+            keep = torch.where(pos | neg)[0]
+            proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            gt = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=proposals[i].device)
+            matched_boxes.append(gt[matched_idxs[i]])
+        regression_targets = [self.box_coder.encode(m, p) for m, p in zip(matched_boxes, proposals)]
+        return proposals, matched_idxs, labels, regression_targets
+
+    def assign_targets(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]):
+        matched_idxs, labels = [], []
+        for props, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:  # image without objects: every proposal is background
+                zeros = torch.zeros((props.shape[0],), dtype=torch.int64, device=props.device)
+                matched_idxs.append(zeros)
+                labels.append(zeros.clone())
+                continue
+            matches = self.matcher(box_iou(boxes, props))
+            clamped = matches.clamp(min=0)
+            image_labels = classes[clamped].to(torch.int64)
+            image_labels[matches == BELOW_LOW_THRESHOLD] = 0
+            image_labels[matches == BETWEEN_THRESHOLDS] = -1
+            matched_idxs.append(clamped)
+            labels.append(image_labels)
+        return matched_idxs, labels

@@ -1,0 +1,139 @@
+"""Region proposal network: objectness + box deltas per anchor -> top proposals per image; training losses."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+
+from segment.anchors import AnchorGenerator
+from segment.box_coder import BoxCoder
+from segment.config import SegmenterConfig
+from segment.losses import rpn_loss
+from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
+from segment.transform import ImageBatch
+
+
+class RPNHead(nn.Module):
+    """Shared 3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A deltas per location."""
+
+    def __init__(self, channels: int, num_anchors: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)))
+        self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for feature in features:
+            t = self.conv(feature)
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+def _flatten(per_level: list[Tensor], channels: int) -> Tensor:
+    """[(N, A*C, H, W)] -> (N, sum(H*W*A), C), ordered level, y, x, anchor like the anchors."""
+    out = []
+    for t in per_level:
+        n, _, h, w = t.shape
+        out.append(t.view(n, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, channels))
+    return torch.cat(out, dim=1)
+
+
+class RegionProposalNetwork(nn.Module):
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.anchor_generator = AnchorGenerator(config.anchor_sizes, config.anchor_ratios)
+        self.head = RPNHead(config.fpn_channels, self.anchor_generator.num_anchors_per_location)
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(config.rpn_fg_iou_thresh, config.rpn_bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(config.rpn_batch_size_per_image, config.rpn_positive_fraction)
+        self.pre_nms_top_n = {True: config.rpn_pre_nms_top_n_train, False: config.rpn_pre_nms_top_n_test}
+        self.post_nms_top_n = {True: config.rpn_post_nms_top_n_train, False: config.rpn_post_nms_top_n_test}
+        self.nms_thresh = config.rpn_nms_thresh
+        self.score_thresh = config.rpn_score_thresh
+        self.min_size = config.rpn_min_size
+
+    def forward(
+        self, images: ImageBatch, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        maps = list(features.values())
+        logits, deltas = self.head(maps)
+        anchors, per_level = self.anchor_generator(
+            tuple(images.tensors.shape[-2:]), [tuple(m.shape[-2:]) for m in maps], torch.float32, maps[0].device
+        )
+        num_images = images.tensors.shape[0]
+        objectness = _flatten(logits, 1).flatten(0, -2).float()
+        pred_deltas = _flatten(deltas, 4).reshape(-1, 4).float()
+        # proposals are not differentiated through (Faster R-CNN's approximate joint training)
+        proposals = self.box_coder.decode(pred_deltas.detach(), anchors.repeat(num_images, 1)).view(num_images, -1, 4)
+        boxes = self.select_proposals(proposals, objectness.detach().view(num_images, -1), images.image_sizes, per_level)
+        if not self.training:
+            return boxes, {}
+        if targets is None:
+            raise ValueError("RegionProposalNetwork needs targets in training mode")
+        labels, matched_boxes = self.assign_targets(anchors, targets)
+        regression_targets = [self.box_coder.encode(m, anchors) for m in matched_boxes]
+        loss_objectness, loss_box = self.compute_loss(objectness, pred_deltas, labels, regression_targets)
+        return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+
+    def select_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
+    ) -> list[Tensor]:
+        """Top-k per level, clip, drop tiny / low-score boxes, NMS per level, keep the post-NMS top-k."""
+        device = proposals.device
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(per_level)])
+        top_idx, offset = [], 0
+        for scores in objectness.split(per_level, dim=1):
+            k = min(self.pre_nms_top_n[self.training], scores.shape[1])
+            top_idx.append(scores.topk(k, dim=1)[1] + offset)
+            offset += scores.shape[1]
+        top_idx = torch.cat(top_idx, dim=1)
+        batch_idx = torch.arange(proposals.shape[0], device=device)[:, None]
+        scores_all = torch.sigmoid(objectness[batch_idx, top_idx])
+        levels_all = levels[top_idx]
+        boxes_all = proposals[batch_idx, top_idx]
+
+        results = []
+        for boxes, scores, lvl, size in zip(boxes_all, scores_all, levels_all, image_sizes):
+            boxes = clip_boxes_to_image(boxes, size)
+            keep = remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            if self.score_thresh > 0:
+                keep = torch.where(scores >= self.score_thresh)[0]
+                boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n[self.training]]
+            results.append(boxes[keep])
+        return results
+
+    def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: anchor labels (1 object, 0 background, -1 ignored) and the matched GT box of each anchor."""
+        labels, matched_boxes = [], []
+        for target in targets:
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:
+                labels.append(torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device))
+                matched_boxes.append(torch.zeros_like(anchors, dtype=torch.float32))
+                continue
+            matches = self.matcher(box_iou(gt_boxes, anchors))
+            matched_boxes.append(gt_boxes[matches.clamp(min=0)])
+            image_labels = (matches >= 0).to(torch.float32)
+            image_labels[matches == BELOW_LOW_THRESHOLD] = 0.0
+            image_labels[matches == BETWEEN_THRESHOLDS] = -1.0
+            labels.append(image_labels)
+        return labels, matched_boxes
+
+    def compute_loss(
+        self, objectness: Tensor, pred_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Same signature and sampling as torchvision's RegionProposalNetwork.compute_loss."""
+        pos_masks, neg_masks = self.sampler(labels)
+        sampled_pos = torch.where(torch.cat(pos_masks))[0]
+        sampled_neg = torch.where(torch.cat(neg_masks))[0]
+        return rpn_loss(
+            objectness.flatten(), pred_deltas, torch.cat(labels), torch.cat(regression_targets), sampled_pos, sampled_neg
+        )

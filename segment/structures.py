@@ -1,0 +1,102 @@
+"""Typed detection results: one `Instances` per image instead of loose dicts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Instances:
+    """Detections of one image, all tensors on one device and aligned along dim 0.
+
+    boxes:  (N, 4) float32, xyxy in original-image pixels
+    scores: (N,) float32
+    labels: (N,) int64, 1..num_classes-1 (0 is background and never appears)
+    masks:  (N, H, W) float32 per-pixel probabilities in [0, 1] pasted into the full image,
+            or bool after `binarize`; None when the model has no mask branch output
+    image_size: (H, W) of the original image
+    """
+
+    image_size: tuple[int, int]
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    masks: Tensor | None = None
+
+    _aligned = ("boxes", "scores", "labels", "masks")
+
+    def __post_init__(self) -> None:
+        n = self.boxes.shape[0]
+        for name in self._aligned:
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"Instances.{name} has {value.shape[0]} rows, boxes has {n}")
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int], device: torch.device | str = "cpu", with_masks: bool = True) -> Instances:
+        h, w = image_size
+        return cls(
+            image_size=(int(h), int(w)),
+            boxes=torch.zeros((0, 4), dtype=torch.float32, device=device),
+            scores=torch.zeros((0,), dtype=torch.float32, device=device),
+            labels=torch.zeros((0,), dtype=torch.int64, device=device),
+            masks=torch.zeros((0, h, w), dtype=torch.float32, device=device) if with_masks else None,
+        )
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __getitem__(self, index: int | slice | Tensor) -> Instances:
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        return replace(self, **{name: _take(getattr(self, name), index) for name in self._aligned})
+
+    @property
+    def device(self) -> torch.device:
+        return self.boxes.device
+
+    def to(self, *args, **kwargs) -> Instances:
+        """Moves every tensor (like Tensor.to); dtype casts apply only to floating tensors."""
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            return t.to(device) if device is not None else t
+        return replace(self, **{name: move(getattr(self, name)) for name in self._aligned})
+
+    def cpu(self) -> Instances:
+        return self.to("cpu")
+
+    def binarize(self, threshold: float = 0.5) -> Instances:
+        """Masks as bool (probability >= threshold)."""
+        if self.masks is None or self.masks.dtype == torch.bool:
+            return self
+        return replace(self, masks=self.masks >= threshold)
+
+    @staticmethod
+    def cat(items: list[Instances]) -> Instances:
+        if not items:
+            raise ValueError("Instances.cat needs at least one item")
+        sizes = {i.image_size for i in items}
+        if len(sizes) != 1:
+            raise ValueError(f"Instances.cat: different image sizes {sorted(sizes)}")
+        merged = {}
+        for name in Instances._aligned:
+            values = [getattr(i, name) for i in items]
+            merged[name] = None if any(v is None for v in values) else torch.cat(values)
+        return Instances(image_size=items[0].image_size, **merged)
+
+    def __repr__(self) -> str:
+        mask = "none" if self.masks is None else f"{tuple(self.masks.shape)} {self.masks.dtype}"
+        return f"Instances(n={len(self)}, image_size={self.image_size}, masks={mask}, device={self.device})"
+
+
+def _take(value: Tensor | None, index) -> Tensor | None:
+    return None if value is None else value[index]
+
+
+assert {f.name for f in fields(Instances)} >= set(Instances._aligned)

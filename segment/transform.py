@@ -1,0 +1,109 @@
+"""Model input preparation: [0,1] or uint8 images -> normalised, resized, zero-padded batch; boxes back again.
+
+Resizing follows torchvision's GeneralizedRCNNTransform exactly (shorter side to min_size unless the longer
+side would exceed max_size; bilinear, align_corners=False, recomputed scale) so the two models see the same
+pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segment.config import SegmenterConfig
+
+
+@dataclass
+class ImageBatch:
+    tensors: Tensor  # (B, 3, Hpad, Wpad) normalised, zero-padded to a multiple of size_divisible
+    image_sizes: list[tuple[int, int]]  # resized (unpadded) size of each image
+    original_sizes: list[tuple[int, int]]  # size of each image as given
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
+    """xyxy boxes measured on an image of `from_size` (H, W) -> the same boxes on `to_size`."""
+    ratio_h, ratio_w = (
+        torch.tensor(t, dtype=torch.float32, device=boxes.device) / torch.tensor(f, dtype=torch.float32, device=boxes.device)
+        for t, f in zip(to_size, from_size)
+    )
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+class ImageTransform:
+    def __init__(self, config: SegmenterConfig) -> None:
+        self.min_sizes = config.min_sizes
+        self.max_size = config.max_size
+        self.mean = list(config.image_mean)
+        self.std = list(config.image_std)
+        self.size_divisible = config.size_divisible
+
+    def normalize(self, images: Tensor) -> Tensor:
+        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device)
+        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device)
+        return (images - mean[:, None, None]) / std[:, None, None]
+
+    def _min_size(self, training: bool) -> int:
+        if not training:
+            return self.min_sizes[-1]
+        # drawn from torch's RNG even for a single size, like torchvision, so seeded runs consume the same numbers
+        return self.min_sizes[int(torch.empty(1).uniform_(0.0, float(len(self.min_sizes))).item())]
+
+    def _resize(self, images: Tensor, min_size: int) -> Tensor:
+        """(B, 3, H, W) float -> resized (B, 3, h, w)."""
+        scale = resize_scale(images.shape[-2], images.shape[-1], min_size, self.max_size)
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False)
+
+    def _pad(self, images: list[Tensor]) -> Tensor:
+        stride = self.size_divisible
+        height = int(math.ceil(max(i.shape[-2] for i in images) / stride) * stride)
+        width = int(math.ceil(max(i.shape[-1] for i in images) / stride) * stride)
+        if len(images) == 1 or all(i.shape == images[0].shape for i in images):
+            stacked = torch.stack(images) if images[0].dim() == 3 else torch.cat(images)
+            return F.pad(stacked, (0, width - stacked.shape[-1], 0, height - stacked.shape[-2]))
+        batch = images[0].new_zeros((len(images), images[0].shape[-3], height, width))
+        for slot, image in zip(batch, images):
+            slot[:, : image.shape[-2], : image.shape[-1]].copy_(image.squeeze(0))
+        return batch
+
+    def uint8_batch(self, frames: Tensor) -> ImageBatch:
+        """(B, 3, H, W) uint8 frames of one size, already on the model's device -> ImageBatch (inference)."""
+        original = (frames.shape[-2], frames.shape[-1])
+        images = self._resize(self.normalize(frames.float() / 255), self._min_size(False))
+        size = (images.shape[-2], images.shape[-1])
+        return ImageBatch(self._pad([images]), [size] * frames.shape[0], [original] * frames.shape[0])
+
+    def float_batch(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, training: bool = False
+    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None]:
+        """List of float (3, H, W) images in [0, 1] (any sizes) and optional targets -> ImageBatch, resized targets."""
+        resized, sizes, originals, new_targets = [], [], [], []
+        for index, image in enumerate(images):
+            if image.dim() != 3 or not image.is_floating_point():
+                raise TypeError(f"image {index}: expected a float (3, H, W) tensor in [0, 1], got {image.dtype} {tuple(image.shape)}")
+            original = (image.shape[-2], image.shape[-1])
+            out = self._resize(self.normalize(image)[None], self._min_size(training))
+            size = (out.shape[-2], out.shape[-1])
+            resized.append(out)
+            sizes.append(size)
+            originals.append(original)
+            if targets is not None:
+                new_targets.append(self._resize_target(targets[index], original, size))
+        batch = ImageBatch(self._pad(resized), sizes, originals)
+        return batch, (new_targets if targets is not None else None)
+
+    @staticmethod
+    def _resize_target(target: dict[str, Tensor], original: tuple[int, int], size: tuple[int, int]) -> dict[str, Tensor]:
+        target = dict(target)
+        target["boxes"] = rescale_boxes(target["boxes"], original, size)
+        if "masks" in target:
+            masks = target["masks"]
+            target["masks"] = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].byte()
+        return target

@@ -1,0 +1,118 @@
+"""Fast inference: stylize only the regions that need it, many crops and styles per batch.
+
+Crops (box + margin, clipped to the frame) of similar size share a batch: each is reflect-padded on the
+bottom/right to its size bucket (a multiple of `bucket` ≥ 4, which the two stride-2 convs need), every
+crop carries its own style weights, and the padded outputs are cut back to the crop. The margin keeps the
+network's border artefacts (reflect padding, instance-norm statistics) away from the instance's mask edge.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stylize.network import MultiStyleNet
+
+MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side needs ≥ 8 px; 16 leaves room
+
+
+def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    cuda = device.type == "cuda"
+    bf16 = precision == "bf16" or (precision == "auto" and cuda)
+    channels_last = cuda if channels_last in (None, "auto") else bool(channels_last)
+    return bf16, channels_last
+
+
+def run_network(network: MultiStyleNet, x: Tensor, style_weights: Tensor, precision: str = "auto",
+                channels_last="auto") -> Tensor:
+    """Network on a ready batch (float B×3×H×W in [0,1], H, W multiples of 4) → float32 output."""
+    bf16, channels_last = _settings(x.device, precision, channels_last)
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return network(x, style_weights.to(x.device, torch.float32)).float()
+
+
+def pad_bottom_right(x: Tensor, height: int, width: int) -> Tensor:
+    """Pad B×C×h×w up to height×width; reflect where the image is big enough, else replicate."""
+    ph, pw = height - x.shape[-2], width - x.shape[-1]
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(MIN_SIDE, math.ceil(n / step) * step)
+
+
+def crop_boxes(boxes: Tensor, height: int, width: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """Float xyxy boxes → integer (x1, y1, x2, y2): `margin` px around, snapped outwards to the frame's
+    4-px grid, clipped to the frame; x2/y2 exclusive, ≥ 1 px.
+
+    The snap keeps each crop in the same phase as the net's two stride-2 convs wherever the box moves,
+    so a still object gets the same texture from frame to frame.
+    """
+    b = boxes.detach().float().cpu().reshape(-1, 4)
+    x1 = (torch.div(b[:, 0].floor() - margin, 4, rounding_mode="floor") * 4).clamp(0, width - 1)
+    y1 = (torch.div(b[:, 1].floor() - margin, 4, rounding_mode="floor") * 4).clamp(0, height - 1)
+    x2 = torch.maximum((torch.ceil((b[:, 2].ceil() + margin) / 4) * 4).clamp(max=width), x1 + 1)
+    y2 = torch.maximum((torch.ceil((b[:, 3].ceil() + margin) / 4) * 4).clamp(max=height), y1 + 1)
+    return [tuple(int(v) for v in row) for row in torch.stack([x1, y1, x2, y2], 1).tolist()]
+
+
+def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor, boxes: Tensor,
+                    style_weights: Tensor, margin: int = 16, max_batch: int = 16, precision: str = "auto",
+                    channels_last="auto", bucket: int = 16) -> list[tuple[tuple[int, int, int, int], Tensor]]:
+    """Stylize K boxes of a batch of frames.
+
+    frames: uint8 B×3×H×W; frame_index: (K,) long into frames; boxes: (K, 4) float xyxy pixels;
+    style_weights: (K, S). Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive,
+    float 3×h×w stylized crop in [0, 1] on the frames' device). Crops whose sizes round up to the same
+    multiple of `bucket` run together, up to `max_batch` at a time.
+
+    This net's texture reacts to everything within ~60 px, borders included, so padding a crop changes
+    its stylization (mean |Δ| ≈ 0.03–0.1 for 4–32 px of padding): a larger `bucket` batches more crops
+    together; `bucket=4` pads only to what the net needs and equals stylizing each crop alone.
+    """
+    if bucket % 4:
+        raise ValueError(f"bucket must be a multiple of 4, got {bucket}")
+    height, width = frames.shape[-2:]
+    crops = crop_boxes(boxes, height, width, margin)
+    index = frame_index.tolist()
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, (x1, y1, x2, y2) in enumerate(crops):
+        groups[(_round_up(y2 - y1, bucket), _round_up(x2 - x1, bucket))].append(k)
+
+    results: list[Tensor | None] = [None] * len(crops)
+    for (h_pad, w_pad), members in groups.items():
+        for start in range(0, len(members), max_batch):
+            chunk = members[start:start + max_batch]
+            batch = torch.cat([
+                pad_bottom_right(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, h_pad, w_pad)
+                for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
+            out = run_network(network, batch, style_weights[chunk], precision, channels_last)
+            for row, k in zip(out, chunk):
+                x1, y1, x2, y2 = crops[k]
+                results[k] = row[:, : y2 - y1, : x2 - x1]
+    return list(zip(crops, results))
+
+
+def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor, max_batch: int = 4,
+                   precision: str = "auto", channels_last="auto") -> Tensor:
+    """Whole frames (uint8 B×3×H×W) in one style each ((B, S) or one (S,) for all) → float B×3×H×W in [0,1]."""
+    height, width = frames.shape[-2:]
+    weights = style_weights.expand(frames.shape[0], -1) if style_weights.dim() == 1 else style_weights
+    outputs = []
+    for start in range(0, frames.shape[0], max_batch):
+        x = frames[start:start + max_batch].float() / 255
+        x = pad_bottom_right(x, _round_up(height, 4), _round_up(width, 4))
+        out = run_network(network, x, weights[start:start + max_batch], precision, channels_last)
+        outputs.append(out[:, :, :height, :width])
+    return torch.cat(outputs)

@@ -1,0 +1,85 @@
+"""`python -m stylize.list [--bank PATH] [--sheet OUT.png] [--photo NAME]`: the bank's styles, and a contact sheet."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from stylize.apply import stylize_frames
+from stylize.bank import StyleBank, sample_photo
+from stylize.errors import StyleError
+
+LABEL_HEIGHT = 14
+
+
+def contact_sheet(bank: StyleBank, photo: torch.Tensor, tile: int = 128, columns: int = 7) -> Image.Image:
+    """The photo and every style applied to it (at 2× tile size, shrunk), labelled, on a white grid."""
+    h, w = photo.shape[-2:]
+    scale = 2 * tile / max(h, w)
+    size = (max(16, round(h * scale)), max(16, round(w * scale)))
+    work = F.interpolate(photo[None].float(), size=size, mode="bilinear", antialias=True).round().to(torch.uint8)
+    tiles = [("original", work[0].float() / 255)]
+    for i in tqdm(range(len(bank)), desc="contact sheet", unit="style"):
+        out = stylize_frames(bank.network, work, F.one_hot(torch.tensor([i]), len(bank)).float(), precision="fp32")
+        tiles.append((f"{i} {bank.names[i]}", out[0].cpu()))
+    th, tw = round(size[0] / 2), round(size[1] / 2)
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (tw + 4) + 4, rows * (th + LABEL_HEIGHT + 4) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (label, image) in enumerate(tiles):
+        small = F.interpolate(image[None], size=(th, tw), mode="bilinear", antialias=True)[0]
+        pixels = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        r, c = divmod(n, columns)
+        x, y = 4 + c * (tw + 4), 4 + r * (th + LABEL_HEIGHT + 4)
+        draw.text((x + 1, y + 1), label, fill="black")
+        sheet.paste(Image.fromarray(pixels), (x, y + LABEL_HEIGHT))
+    return sheet
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, optimize=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank", type=Path, default=None, help="style bank file (default .cache/styles/multistyle26.pt)")
+    parser.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of every style to this PNG")
+    parser.add_argument("--photo", default="astronaut", help="skimage.data photo for the sheet (astronaut, chelsea, ...)")
+    parser.add_argument("--tile", type=int, default=128, help="tile size in the sheet, px")
+    parser.add_argument("--colors", type=int, default=256,
+                        help="palette size (keeps the PNG small for docs; 0 = full colour)")
+    args = parser.parse_args(argv)
+    try:
+        bank = StyleBank.load(args.bank)
+        for i, style in enumerate(bank.styles):
+            print(f"{i:3d}  {style.name:24s}  {style.source}")
+        if args.sheet is not None:
+            sheet = contact_sheet(bank, sample_photo(args.photo), args.tile)
+            if args.colors:
+                sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            save_image_atomic(sheet, args.sheet)
+            print(f"wrote {args.sheet}")
+    except StyleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

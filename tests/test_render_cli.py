@@ -1,0 +1,100 @@
+"""The render CLI end to end (subprocess, tiny random models, tiny clips): frames, timestamps, size and audio
+survive; untouched pixels stay the input's; sweeps write one output per run in their own folders."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from tests.helpers_video import audio_summary, pattern_frames, psnr, read_frames, write_clip
+from tests.render_cli import run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
+
+PTS_MS = [0, 40, 90, 100, 180, 260, 270, 400]  # variable frame rate
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[str]:
+    return tiny_model_overrides(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def vfr_clip(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    return write_clip(folder / "in.mp4", pattern_frames(len(PTS_MS), 64, 48), pts=PTS_MS,
+                      time_base=Fraction(1, 1000), audio=True)
+
+
+def test_render_keeps_frames_timestamps_size_and_audio(tmp_path, models, vfr_clip):
+    source = tmp_path / "in.mp4"
+    source.write_bytes(vfr_clip.read_bytes())
+    digest = sha256(source)
+    # relative paths: resolved against the directory the command runs in (Hydra must not chdir)
+    result = run_render(["input=in.mp4", "output=renders/out.mp4", *models], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "renders" / "out.mp4"
+    assert f"-> {output}" in result.stdout and f"output: {output}" in result.stdout
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("rendered"))
+    assert f"rendered {len(PTS_MS)} frames" in summary and "fps" in summary and "instances" in summary
+    assert "temporal stability" in summary and "styles used" in summary
+    in_frames, in_times = read_frames(source)
+    out_frames, out_times = read_frames(output)
+    assert len(out_frames) == len(in_frames) == len(PTS_MS)
+    assert out_times == in_times == [Fraction(p, 1000) for p in PTS_MS]
+    assert out_frames[0].shape == in_frames[0].shape
+    assert audio_summary(output) == pytest.approx(audio_summary(source))
+    assert sha256(source) == digest and not temp_leftovers(output.parent)
+    assert list((tmp_path / "outputs").glob("*/*/.hydra")), "Hydra's run folder belongs under ./outputs"
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools vs numpy 2
+def test_original_background_keeps_pixels_outside_instances(tmp_path, models, vfr_clip):
+    output = tmp_path / "out.mp4"
+    dump = tmp_path / "dump"
+    result = run_in_process([f"input={vfr_clip}", f"output={output}", *models, "style.background=original",
+                         "debug.dump=true", f"debug.dir={dump}", "debug.image_format=png"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    in_frames, _ = read_frames(vfr_clip)
+    out_frames, _ = read_frames(output)
+    records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
+    assert len(records) == len(in_frames)
+    inside_diffs, outside_checked = [], 0
+    for record, before, after in zip(records, in_frames, out_frames):
+        # Soft masks are zero outside their box, so a styled instance can only change pixels in its box
+        # (plus the feather radius); its binarised mask is where the style must visibly show.
+        boxed = np.zeros(before.shape[:2], bool)
+        covered = np.zeros(before.shape[:2], bool)
+        for inst in record["instances"]:
+            if inst["style"] is None:
+                continue
+            x1, y1, x2, y2 = inst["box"]
+            boxed[int(y1):int(np.ceil(y2)) + 1, int(x1):int(np.ceil(x2)) + 1] = True
+            if inst["mask"] is not None:
+                covered |= mask_utils.decode(inst["mask"]).astype(bool)
+        touched = ndimage.binary_dilation(boxed, iterations=4)  # feathered edges
+        if (~touched).sum() > 50:
+            assert psnr(after[~touched], before[~touched]) > 33, record["index"]
+            outside_checked += 1
+        if covered.sum() > 50:
+            inside_diffs.append(np.abs(after[covered].astype(int) - before[covered].astype(int)).mean())
+    assert outside_checked >= 2, "instances covered (nearly) every frame: nothing was left to compare"
+    assert inside_diffs and max(inside_diffs) > 8, "no instance was stylized: the check above proves nothing"
+
+
+def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
+    result = run_render(["-m", "style.assign=by_class,per_instance", f"input={vfr_clip}", "output=out.mp4",
+                         *models], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    outputs = sorted((tmp_path / "multirun").glob("*/*/*/out.mp4"))
+    assert [p.parent.name for p in outputs] == ["0", "1"]
+    for output in outputs:
+        frames, times = read_frames(output)
+        assert len(frames) == len(PTS_MS) and times[-1] == Fraction(PTS_MS[-1], 1000)
+        assert (output.parent / ".hydra" / "overrides.yaml").is_file()
+    assert not (tmp_path / "out.mp4").exists()
+    overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in outputs]
+    assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]

@@ -1,0 +1,113 @@
+"""Checkpoint files: clear one-line errors for bad files, exact round trips, Hydra-group loading."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from segment.checkpoint import load_checkpoint, load_segmenter, load_torchvision_checkpoint, save_checkpoint
+from segment.config import SegmenterConfig
+from segment.errors import CheckpointError, ConfigError
+from segment.model import build_model
+
+SMALL = dict(
+    backbone="resnet18", norm="gn", fpn_channels=64, representation_size=128, mask_head_channels=64, num_classes=3,
+    class_names=["__background__", "cat", "cup"], min_size=96, max_size=128, score_threshold=0.0, detections_per_img=10,
+)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return build_model(SegmenterConfig(**SMALL)).eval()
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(path) in one_line(error) and "not found" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [os.urandom(4096), b"just some notes\nnot weights\n"], ids=["random-bytes", "text"])
+def test_not_a_checkpoint_is_named(tmp_path, content):
+    path = tmp_path / "bogus.pt"
+    path.write_bytes(content)
+    for loader in (load_checkpoint, load_torchvision_checkpoint):
+        with pytest.raises(CheckpointError) as error:
+            loader(path)
+        assert str(path) in one_line(error) and "not a readable PyTorch checkpoint" in str(error.value)
+
+
+def test_torch_file_of_the_wrong_kind(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="neither"):
+        load_checkpoint(path)
+    torch.save({"format": "instyle-segment-v1", "config": "oops"}, path)
+    with pytest.raises(CheckpointError, match="without a valid config"):
+        load_checkpoint(path)
+
+
+def test_mismatched_keys_and_shapes_are_listed(tmp_path, small_model):
+    state = dict(small_model.state_dict())
+    del state["roi_heads.mask_head.0.0.weight"]
+    state["rpn.head.extra.weight"] = torch.zeros(1)
+    state["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(7)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path, **SMALL)
+    message = one_line(error)
+    assert str(path) in message
+    assert "missing roi_heads.mask_head.0.0.weight" in message
+    assert "unexpected rpn.head.extra.weight" in message
+    assert "roi_heads.box_predictor.cls_score.bias (7,) vs model (3,)" in message
+
+
+def test_torchvision_file_for_a_different_class_count(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    path = tmp_path / "tv_3_classes.pth"
+    torch.save(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError, match="shape mismatch roi_heads.box_predictor.cls_score.weight"):
+        load_torchvision_checkpoint(path)
+    model = load_torchvision_checkpoint(path, num_classes=3, min_size=320)
+    assert not model.training and model.config.num_classes == 3 and model.config.min_size == 320
+    assert model.config.bn_eps == 0.0 and model.config.score_threshold == 0.05 and model.config.max_size == 1333
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, small_model, real_photos):
+    path = tmp_path / "deep" / "segmenter.pt"
+    save_checkpoint(small_model, path, extra={"epoch": 3})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["segmenter.pt"]  # no temp file left behind
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["format"] == "instyle-segment-v1" and raw["epoch"] == 3 and raw["class_names"] == SMALL["class_names"]
+    loaded = load_checkpoint(path)
+    assert loaded.config == small_model.config and not loaded.training
+    frame = real_photos["chelsea"]
+    want, got = small_model.predict(frame)[0], loaded.predict(frame)[0]
+    assert len(want) == 10
+    for a, b in zip((got.boxes, got.scores, got.labels, got.masks), (want.boxes, want.scores, want.labels, want.masks)):
+        assert torch.equal(a, b)
+    assert load_checkpoint(path, score_threshold=0.5).config.score_threshold == 0.5
+
+
+def test_load_segmenter_from_hydra_group(tmp_path, small_model):
+    with pytest.raises(CheckpointError, match="segment.checkpoint=/path/to/maskrcnn_resnet50_fpn_coco.pth"):
+        load_segmenter(OmegaConf.load("conf/segment/r50_fpn.yaml"))
+    path = save_checkpoint(small_model, tmp_path / "small.pt")
+    group = OmegaConf.create({"checkpoint": str(path), "device": "cpu", "score_threshold": 0.3, "class_names": None})
+    model = load_segmenter(group)
+    assert model.device.type == "cpu" and model.config.score_threshold == 0.3
+    assert model.class_names == SMALL["class_names"]
+    with pytest.raises(ConfigError, match="unknown segment config keys: colour"):
+        load_segmenter({"checkpoint": str(path), "device": "cpu", "colour": "red"})

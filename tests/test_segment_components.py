@@ -1,0 +1,145 @@
+"""Each stage of our Mask R-CNN against torchvision's equivalent on identical inputs."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder as TvBoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads as TvRoIHeads
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
+
+from segment.anchors import AnchorGenerator
+from segment.box_coder import BoxCoder
+from segment.config import SegmenterConfig
+from segment.fpn import FeaturePyramid
+from segment.postprocess import paste_masks, select_detections
+from segment.roi_pool import MultiLevelRoIAlign, map_levels
+from segment.transform import ImageTransform
+
+SIZES, RATIOS = [32, 64, 128, 256, 512], [0.5, 1.0, 2.0]
+
+
+def boxes_in(n: int, width: float, height: float, g: torch.Generator, min_side: float = 2.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) / 2 + min_side
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_anchors_equal_torchvision():
+    padded = torch.zeros(2, 3, 224, 320)
+    grids = [(56, 80), (28, 40), (14, 20), (7, 10), (4, 5)]
+    features = [torch.zeros(2, 8, h, w) for h, w in grids]
+    want = TvAnchorGenerator(tuple((s,) for s in SIZES), (tuple(RATIOS),) * 5)(ImageList(padded, [(224, 300), (200, 320)]), features)
+    got, per_level = AnchorGenerator(SIZES, RATIOS)((224, 320), grids, torch.float32, "cpu")
+    assert per_level == [h * w * 3 for h, w in grids]
+    for image_anchors in want:
+        assert torch.equal(got, image_anchors)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_equals_torchvision(weights):
+    g = torch.Generator().manual_seed(0)
+    references, targets = boxes_in(50, 300, 200, g), boxes_in(50, 300, 200, g)
+    ours, theirs = BoxCoder(weights), TvBoxCoder(weights)
+    deltas = ours.encode(targets, references)
+    assert torch.equal(deltas, theirs.encode_single(targets, references))
+    codes = torch.randn(50, 12, generator=g)
+    codes[0, 2] = 50.0  # clamped before exp
+    decoded = ours.decode(codes, references)
+    assert torch.equal(decoded, theirs.decode(codes, [references]))
+    assert torch.isfinite(decoded).all()
+    torch.testing.assert_close(ours.decode(deltas, references)[:, 0], targets, rtol=0, atol=1e-3)
+
+
+def test_level_mapping_and_multilevel_roi_align_equal_torchvision():
+    g = torch.Generator().manual_seed(1)
+    boxes = [boxes_in(40, 400, 300, g, min_side=1.0), boxes_in(25, 400, 300, g, min_side=100.0)]
+    boxes[1][:3] = torch.tensor([[0.0, 0.0, 400.0, 300.0], [0.0, 0.0, 520.0, 460.0], [0.0, 0.0, 3.0, 2.0]])
+    want_levels = initLevelMapper(2, 5)(boxes)
+    got_levels = map_levels(torch.cat(boxes))
+    assert torch.equal(got_levels, want_levels) and len(got_levels.unique()) == 4
+    names = ["0", "1", "2", "3"]
+    features = {n: torch.randn(2, 4, 304 // 2**i // 4, 416 // 2**i // 4, generator=g) for i, n in enumerate(names)}
+    want = MultiScaleRoIAlign(names, 7, 2)(features, boxes, [(300, 400), (290, 410)])
+    got = MultiLevelRoIAlign(7, 2)(list(features.values()), boxes)
+    assert torch.equal(got, want)
+
+
+def test_fpn_equals_torchvision():
+    g = torch.Generator().manual_seed(2)
+    channels = [64, 128, 256, 512]
+    theirs = FeaturePyramidNetwork(channels, 96, extra_blocks=LastLevelMaxPool())
+    ours = FeaturePyramid(channels, 96)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    stages = [torch.randn(1, c, 64 // 2**i, 96 // 2**i, generator=g) for i, c in enumerate(channels)]
+    want = theirs(OrderedDict((str(i), s) for i, s in enumerate(stages)))
+    got = ours(stages)
+    assert list(got) == list(want) == ["0", "1", "2", "3", "pool"]
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_transform_equals_torchvision():
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 171, 256, generator=g), torch.rand(3, 300, 200, generator=g)]
+    targets = [
+        {"boxes": boxes_in(3, 200, 150, g), "labels": torch.tensor([1, 2, 3]), "masks": (torch.rand(3, 171, 256, generator=g) > 0.5).byte()},
+        {"boxes": boxes_in(2, 180, 280, g), "labels": torch.tensor([1, 1]), "masks": (torch.rand(2, 300, 200, generator=g) > 0.5).byte()},
+    ]
+    config = SegmenterConfig(min_size=224, max_size=320)
+    theirs = GeneralizedRCNNTransform(224, 320, config.image_mean, config.image_std).eval()
+    ours = ImageTransform(config)
+    want, _ = theirs(images)
+    got, _ = ours.float_batch(images)
+    assert torch.equal(got.tensors, want.tensors) and got.image_sizes == want.image_sizes
+    assert got.original_sizes == [(171, 256), (300, 200)]
+    uint8 = (images[0] * 255).round().byte()
+    want_u8, _ = theirs([uint8.float() / 255])
+    got_u8 = ours.uint8_batch(torch.stack([uint8, uint8]))
+    assert torch.equal(got_u8.tensors[0], want_u8.tensors[0]) and torch.equal(got_u8.tensors[1], want_u8.tensors[0])
+    theirs.train()
+    torch.manual_seed(0)
+    want, want_targets = theirs(images, targets)
+    torch.manual_seed(0)
+    got, got_targets = ours.float_batch(images, targets, training=True)
+    assert torch.equal(got.tensors, want.tensors)
+    for a, b in zip(got_targets, want_targets):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_detection_selection_equals_torchvision():
+    g = torch.Generator().manual_seed(4)
+    proposals = [boxes_in(300, 320, 240, g), boxes_in(200, 320, 240, g)]
+    logits = torch.randn(500, 6, generator=g) * 3
+    regression = torch.randn(500, 24, generator=g)
+    sizes = [(240, 320), (230, 300)]
+    theirs = TvRoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
+    want = theirs.postprocess_detections(logits, regression, proposals, sizes)
+    got = select_detections(logits, regression, proposals, sizes, BoxCoder((10.0, 10.0, 5.0, 5.0)), 0.05, 0.5, 100)
+    for i, (boxes, scores, labels) in enumerate(got):
+        assert len(boxes) == 100
+        assert torch.equal(boxes, want[0][i]) and torch.equal(scores, want[1][i]) and torch.equal(labels, want[2][i])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_mask_paste_equals_torchvision(chunk_size):
+    g = torch.Generator().manual_seed(5)
+    height, width = 150, 210
+    boxes = boxes_in(30, width, height, g, min_side=0.3)
+    boxes[0] = torch.tensor([-20.0, -10.0, 60.5, 40.2])  # sticks out top-left
+    boxes[1] = torch.tensor([180.0, 120.0, 260.0, 190.0])  # sticks out bottom-right
+    boxes[2] = torch.tensor([5.2, 6.7, 5.4, 6.9])  # sub-pixel
+    boxes[3] = torch.tensor([0.0, 0.0, 210.0, 150.0])  # whole image
+    masks = torch.rand(30, 28, 28, generator=g)
+    want = paste_masks_in_image(masks[:, None], boxes, (height, width))[:, 0]
+    got = paste_masks(masks, boxes, (height, width), chunk_size=chunk_size)
+    assert got.shape == want.shape == (30, height, width)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert paste_masks(masks[:0], boxes[:0], (height, width)).shape == (0, height, width)

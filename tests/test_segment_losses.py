@@ -1,0 +1,170 @@
+"""Training-mode pieces against torchvision's own functions on identical inputs (and identical RNG draws)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import _utils as tv_utils
+from torchvision.models.detection import roi_heads as tv_roi_heads
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.mask_rcnn import MaskRCNN as TvMaskRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork as TvRPN
+from torchvision.models.detection.rpn import RPNHead as TvRPNHead
+from torchvision.ops import FrozenBatchNorm2d
+
+from segment.config import SegmenterConfig
+from segment.losses import fastrcnn_loss, maskrcnn_loss
+from segment.model import build_model
+from segment.rpn import RegionProposalNetwork
+from segment.sampling import BalancedSampler, Matcher
+
+LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+
+
+def random_boxes(n: int, size: float = 200.0, generator=None) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * size / 2 + 4
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("allow_low_quality", [False, True])
+def test_matcher_equals_torchvision(allow_low_quality):
+    g = torch.Generator().manual_seed(1)
+    iou = torch.rand(7, 500, generator=g) ** 3
+    iou[2, 17] = iou[2].max()  # a tie on a GT's best match
+    ours = Matcher(0.7, 0.3, allow_low_quality)(iou.clone())
+    theirs = tv_utils.Matcher(0.7, 0.3, allow_low_quality)(iou.clone())
+    assert torch.equal(ours, theirs)
+    assert (ours == -2).any() and (ours == -1).any() and (ours >= 0).any()
+
+
+def test_sampler_equals_torchvision():
+    g = torch.Generator().manual_seed(2)
+    labels = [torch.randint(-1, 4, (1000,), generator=g), torch.randint(-1, 2, (300,), generator=g)]
+    torch.manual_seed(5)
+    ours = BalancedSampler(256, 0.25)(labels)
+    torch.manual_seed(5)
+    theirs = tv_utils.BalancedPositiveNegativeSampler(256, 0.25)(labels)
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+        assert torch.equal(a, b)
+    assert int(ours[0][0].sum()) == 64 and int(ours[1][0].sum()) == 192
+
+
+def test_rpn_loss_equals_torchvision():
+    config = SegmenterConfig()
+    ours = RegionProposalNetwork(config).train()
+    theirs = TvRPN(
+        TvAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5), TvRPNHead(256, 3),
+        0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000), dict(training=2000, testing=1000), 0.7,
+    ).train()
+    g = torch.Generator().manual_seed(3)
+    anchors = random_boxes(2000, 300, g)
+    targets = [{"boxes": random_boxes(5, 300, g)}, {"boxes": random_boxes(3, 300, g)}]
+    labels, matched = ours.assign_targets(anchors, targets)
+    tv_labels, tv_matched = theirs.assign_targets_to_anchors([anchors, anchors], targets)
+    for a, b in zip(labels + matched, tv_labels + tv_matched):
+        assert torch.equal(a, b)
+    assert all((l == 1).any() and (l == 0).any() and (l == -1).any() for l in labels)
+    regression = [ours.box_coder.encode(m, anchors) for m in matched]
+    tv_regression = theirs.box_coder.encode(tv_matched, [anchors, anchors])
+    for a, b in zip(regression, tv_regression):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    objectness = torch.randn(4000, 1, generator=g)
+    deltas = torch.randn(4000, 4, generator=g) * 0.1
+    torch.manual_seed(11)
+    got = ours.compute_loss(objectness, deltas, labels, regression)
+    torch.manual_seed(11)
+    want = theirs.compute_loss(objectness, deltas, tv_labels, list(tv_regression))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert a > 0
+
+
+def test_fastrcnn_loss_equals_torchvision():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, 6, generator=g)
+    regression = torch.randn(300, 24, generator=g)
+    labels = [torch.randint(0, 6, (200,), generator=g), torch.randint(0, 6, (100,), generator=g)]
+    targets = [torch.randn(200, 4, generator=g), torch.randn(100, 4, generator=g)]
+    got = fastrcnn_loss(logits, regression, labels, targets)
+    want = tv_roi_heads.fastrcnn_loss(logits, regression, labels, targets)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_maskrcnn_loss_equals_torchvision():
+    g = torch.Generator().manual_seed(5)
+    gt_masks = [(torch.rand(3, 120, 160, generator=g) > 0.6).to(torch.uint8), (torch.rand(2, 90, 100, generator=g) > 0.4).to(torch.uint8)]
+    gt_labels = [torch.tensor([1, 4, 2]), torch.tensor([3, 3])]
+    proposals = [random_boxes(9, 80, g), random_boxes(4, 60, g)]
+    matched = [torch.randint(0, 3, (9,), generator=g), torch.randint(0, 2, (4,), generator=g)]
+    logits = torch.randn(13, 5, 28, 28, generator=g)
+    got = maskrcnn_loss(logits, proposals, gt_masks, gt_labels, matched)
+    want = tv_roi_heads.maskrcnn_loss(logits, proposals, gt_masks, gt_labels, matched)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    empty = maskrcnn_loss(logits[:0], [p[:0] for p in proposals], gt_masks, gt_labels, [m[:0] for m in matched])
+    assert empty.item() == 0.0
+
+
+def _toy_targets(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    targets = []
+    for index, image in enumerate(images):
+        _, h, w = image.shape
+        boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.5 * w, 0.8 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.7 * h]]).floor()
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            m[y1:y2, x1:x2] = 1
+            m[y1 : (y1 + y2) // 2, x1 : (x1 + x2) // 2] = 0  # an L shape: the mask is not just the box
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2 + index]), "masks": masks})
+    return targets
+
+
+def test_full_training_losses_equal_torchvision_resnet18_fpn():
+    """Same weights, same images, same RNG: every loss of the whole model equals torchvision's."""
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    theirs = TvMaskRCNN(backbone, num_classes=4, min_size=160, max_size=224).train()
+    config = SegmenterConfig(backbone="resnet18", num_classes=4, min_size=160, max_size=224)
+    ours = build_model(config).train()
+    ours.load_state_dict(theirs.state_dict())
+    images = [torch.rand(3, 120, 160), torch.rand(3, 140, 110)]
+    targets = _toy_targets(images)
+    torch.manual_seed(42)
+    want = theirs(images, targets)
+    torch.manual_seed(42)
+    got = ours(images, targets)
+    assert set(got) == LOSS_NAMES
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tiny_model_trains_every_part():
+    torch.manual_seed(0)
+    config = SegmenterConfig(
+        backbone="resnet18", norm="gn", trainable_layers=5, num_classes=4, fpn_channels=64, representation_size=128,
+        mask_head_channels=64, min_size=128, max_size=192, rpn_post_nms_top_n_train=300, box_batch_size_per_image=64,
+    )
+    model = build_model(config).train()
+    images = [torch.rand(3, 120, 160), torch.rand(3, 100, 140)]
+    losses = model(images, _toy_targets(images))
+    assert set(losses) == LOSS_NAMES
+    assert all(math.isfinite(v.item()) and v.item() > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    parts = {
+        "backbone.body": model.backbone.body, "backbone.fpn": model.backbone.fpn, "rpn": model.rpn,
+        "box_head": model.roi_heads.box_head, "box_predictor": model.roi_heads.box_predictor,
+        "mask_head": model.roi_heads.mask_head, "mask_predictor": model.roi_heads.mask_predictor,
+    }
+    for name, part in parts.items():
+        params = [p for p in part.parameters() if p.requires_grad]
+        assert params, name
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), f"{name} got no gradient"
+
+
+def test_frozen_stages_follow_trainable_layers():
+    model = build_model(SegmenterConfig(backbone="resnet18", norm="bn", trainable_layers=3)).train()
+    frozen = {n for n, p in model.backbone.body.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("conv1", "bn1", "layer1")) for n in frozen)
+    assert not model.backbone.body.layer1[0].bn1.training and model.backbone.body.layer2[0].bn1.training

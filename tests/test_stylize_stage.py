@@ -1,0 +1,122 @@
+"""StylizeStage: exactly the kept instances get stylized, each with its assigned style (checked against
+stylize_regions called on that box alone); a background style fills everything outside the objects."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.assign import StyleAssigner
+from pipeline.composite import Compositor
+from pipeline.record import FrameRecord
+from pipeline.stylize_stage import StylizeStage
+from segment.structures import Instances
+from stylize.apply import stylize_frames, stylize_regions
+from stylize.bank import StyleBank
+from stylize.errors import StyleError
+from tests.tiny_models import tiny_bank
+
+H, W = 56, 72
+CLASSES = ["__background__", "person", "dog"]
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    bank = StyleBank.load(tiny_bank(tmp_path_factory.mktemp("bank") / "tiny.pt", names=("candy", "mosaic", "udnie")))
+    # A fresh network's styles are all the identity norm; give each its own scales and shifts.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in bank.network.named_parameters():
+            if ".norm." in name:
+                param.copy_(param + 0.5 * torch.randn(param.shape, generator=g))
+    return bank
+
+
+def frame(index: int, squares: list[tuple[int, int, int, int, float]]) -> FrameRecord:
+    """A textured frame with square instances (x, y, side, label, score)."""
+    g = torch.Generator().manual_seed(index)
+    image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(len(squares), H, W)
+    for k, (x, y, s, _, _) in enumerate(squares):
+        masks[k, y:y + s, x:x + s] = 1.0
+    instances = Instances(image_size=(H, W),
+                          boxes=torch.tensor([[x, y, x + s, y + s] for x, y, s, _, _ in squares], dtype=torch.float32),
+                          scores=torch.tensor([q[4] for q in squares]), labels=torch.tensor([q[3] for q in squares]),
+                          masks=masks)
+    return FrameRecord(index=index, pts=index, time_base=Fraction(1, 24), image=image, instances=instances,
+                       track_ids=torch.arange(len(squares)) + 1)
+
+
+def style_cfg(**overrides):
+    return OmegaConf.create({"assign": "by_class", "palette": ["candy"], "class_styles": {"person": "candy",
+                             "dog": "0.5*mosaic+0.5*udnie"}, "default_style": "original", "background": "original",
+                             "exclude_classes": [], "min_score": 0.5, "min_area": 64, "margin": 8, "bank": None,
+                             "precision": "fp32", **overrides})
+
+
+def test_stylizes_exactly_the_kept_instances_with_their_styles(bank):
+    cfg = style_cfg()
+    batch = [frame(0, [(4, 4, 20, 1, 0.9), (30, 10, 16, 2, 0.3), (40, 30, 20, 2, 0.8)]),
+             frame(1, [(10, 20, 24, 2, 0.95), (44, 6, 6, 1, 0.9)])]   # 36 px < min_area
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    stage = StylizeStage.from_config(cfg, bank)
+    stage(batch)
+    assert [[(r.instance, r.style) for r in rec.stylized] for rec in batch] == [
+        [(0, "candy"), (2, "0.5*mosaic+0.5*udnie")], [(0, "0.5*mosaic+0.5*udnie")]]
+    assert all(rec.background is None and rec.timings["stylize"] >= 0 for rec in batch)
+    frames = torch.stack([rec.image for rec in batch])
+    for b, rec in enumerate(batch):
+        for region in rec.stylized:
+            alone = stylize_regions(bank.network, frames, torch.tensor([b]), rec.instances.boxes[region.instance][None],
+                                    bank.weights_for(region.style)[None], margin=8, precision="fp32")
+            (box, pixels), = alone
+            assert region.box == box
+            assert region.pixels.shape == (3, box[3] - box[1], box[2] - box[0])
+            torch.testing.assert_close(region.pixels, pixels, atol=1e-5, rtol=1e-5)
+    # The blend really is a different style from either of its parts.
+    region = batch[1].stylized[0]
+    alone = stylize_regions(bank.network, frames, torch.tensor([1]), batch[1].instances.boxes[:1],
+                            bank.weights_for("mosaic")[None], margin=8, precision="fp32")[0][1]
+    assert (alone - region.pixels).abs().max() > 1e-3
+
+
+def test_background_style_fills_the_rest(bank):
+    cfg = style_cfg(background="udnie")
+    batch = [frame(0, [(10, 10, 20, 1, 0.9)]), frame(1, [])]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    StylizeStage.from_config(cfg, bank)(batch)
+    Compositor(feather_px=0)(batch)
+    frames = torch.stack([rec.image for rec in batch])
+    expected = stylize_frames(bank.network, frames, bank.weights_for("udnie"), precision="fp32")
+    for rec, styled in zip(batch, expected):
+        torch.testing.assert_close(rec.background, styled, atol=1e-5, rtol=1e-5)
+        outside = torch.ones(H, W, dtype=torch.bool)
+        outside[10:30, 10:30] = rec.index != 0
+        target = (styled * 255).round().clamp(0, 255).to(torch.uint8)
+        assert (rec.output[:, outside].int() - target[:, outside].int()).abs().max() <= 1
+    inside = batch[0].output[:, 10:30, 10:30]
+    crop = batch[0].stylized[0]
+    x1, y1 = crop.box[:2]
+    assert torch.equal(inside, (crop.pixels[:, 10 - y1:30 - y1, 10 - x1:30 - x1] * 255).round().to(torch.uint8))
+
+
+def test_nothing_kept_and_original_background_costs_no_network(bank):
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError("the network must not run")
+
+    class NoNetworkBank:
+        network = Untouchable()
+        weights_for = bank.weights_for
+
+    batch = [frame(0, [(4, 4, 20, 1, 0.2)])]
+    StyleAssigner.from_config(style_cfg(), bank, CLASSES)(batch)
+    StylizeStage.from_config(style_cfg(), NoNetworkBank())(batch)
+    assert batch[0].stylized == [] and batch[0].background is None
+
+
+def test_bad_background_fails_at_construction(bank):
+    with pytest.raises(StyleError, match="unknown style 'starry'"):
+        StylizeStage.from_config(style_cfg(background="starry"), bank)

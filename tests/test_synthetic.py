@@ -1,0 +1,142 @@
+"""Synthetic shapes: deterministic, exact visible-part masks, valid COCO files, and the Hydra data config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from segment.data import CocoDetection, DatasetError, build_dataloader, build_dataset
+from segment.data import synthetic as syn
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return syn.load_textures(0), syn.load_backgrounds()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory, assets):
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, syn.write_coco_split(out, "train", 12, size=96, seed=3, progress=False)
+
+
+def test_generation_is_deterministic(split, tmp_path):
+    out, ann_file = split
+    again = syn.write_coco_split(tmp_path / "again", "train", 12, size=96, seed=3, progress=False)
+    assert again.read_bytes() == ann_file.read_bytes()
+    for image in sorted((out / "train").iterdir()):
+        assert (tmp_path / "again" / "train" / image.name).read_bytes() == image.read_bytes()
+    other = syn.write_coco_split(tmp_path / "other", "train", 12, size=96, seed=4, progress=False)
+    assert other.read_bytes() != ann_file.read_bytes()
+    # regenerating a split replaces it and leaves no temp folders behind
+    syn.write_coco_split(tmp_path / "again", "train", 5, size=96, seed=3, progress=False)
+    assert len(list((tmp_path / "again" / "train").iterdir())) == 5
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["annotations", "train"]
+
+
+def test_coco_file_is_consistent(split):
+    out, ann_file = split
+    coco = COCO(str(ann_file))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == syn.CLASS_NAMES
+    assert len(coco.imgs) == 12 and len(coco.anns) >= 12
+    for image_id in coco.imgs:
+        anns = coco.imgToAnns[image_id]
+        assert anns, "every scene has at least one object"
+        masks = np.stack([coco.annToMask(a) for a in anns]).astype(bool)
+        assert masks.sum(axis=0).max() == 1, "visible parts never overlap"
+        for ann, mask in zip(anns, masks):
+            ys, xs = np.nonzero(mask)
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == mask.sum() >= 64 and ann["iscrowd"] == 0
+    dataset = CocoDetection(out / "train", ann_file)
+    image, target = dataset[0]
+    assert image.shape == (3, 96, 96) and dataset.class_names == syn.CLASS_NAMES
+    assert target["labels"].min() >= 1 and target["labels"].max() <= len(syn.CLASS_NAMES)
+
+
+def _disk(cx, cy, r, h, w):
+    yy, xx = np.mgrid[:h, :w]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def test_masks_are_exact_visible_parts(assets):
+    textures, _ = assets
+    h, w = 60, 80
+    background = np.full((h, w, 3), 128, np.uint8)
+    circle = syn.SceneObject(label=1, center=(30.3, 28.6), size=30.0, angle=17.0, texture=0)
+    # angle 0 puts the square's corners at 45 degrees: an axis-aligned square of half-side r / sqrt(2)
+    square = syn.SceneObject(label=2, center=(45.2, 35.4), size=24.0 * np.sqrt(2), angle=0.0, texture=5)
+    ring = syn.SceneObject(label=5, center=(65.0, 15.0), size=20.0, angle=0.0, texture=9)
+    image, masks = syn.render_scene(background, [circle, square, ring], textures)
+    yy, xx = np.mgrid[:h, :w]
+    square_full = (np.abs(xx - 45.2) <= 12) & (np.abs(yy - 35.4) <= 12)
+    ring_full = _disk(65.0, 15.0, 10, h, w) & ~_disk(65.0, 15.0, 10 * syn.RING_INNER, h, w)
+    circle_full = _disk(30.3, 28.6, 15, h, w)
+    np.testing.assert_array_equal(masks[2], ring_full)
+    np.testing.assert_array_equal(masks[1], square_full & ~ring_full)
+    np.testing.assert_array_equal(masks[0], circle_full & ~square_full & ~ring_full)
+    assert masks[0].sum() < circle_full.sum()  # really occluded
+    untouched = ~(circle_full | square_full | ring_full)
+    assert (image[untouched] == 128).all() and (image[~untouched] != 128).any(axis=-1).mean() > 0.9
+
+
+def test_random_scenes_keep_only_visible_enough_objects(assets):
+    textures, backgrounds = assets
+    for seed in range(15):
+        rng = np.random.default_rng(seed)
+        image, objects, masks = syn.random_scene(rng, 128, 128, textures, backgrounds, max_objects=8)
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        assert len(objects) == len(masks) >= 1
+        full = np.stack([syn.shape_mask(o, 128, 128) for o in objects])
+        for i in range(len(objects)):
+            above = full[i + 1:].any(axis=0)
+            np.testing.assert_array_equal(masks[i], full[i] & ~above)
+            assert masks[i].sum() >= 0.5 * full[i].sum() and masks[i].sum() >= 64
+        sizes = [o.size / 128 for o in objects]
+        assert all(0.12 <= s <= 0.45 for s in sizes)
+    # the same rng state gives the same scene
+    a = syn.random_scene(np.random.default_rng(7), 64, 64, textures, backgrounds)
+    b = syn.random_scene(np.random.default_rng(7), 64, 64, textures, backgrounds)
+    assert a[1] == b[1] and np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
+
+
+def test_bad_settings_fail_clearly(tmp_path):
+    with pytest.raises(DatasetError, match="unknown synthetic classes \\['blob'\\]"):
+        syn.write_coco_split(tmp_path, "train", 2, classes=["blob"])
+    with pytest.raises(DatasetError, match="size >= 32"):
+        syn.write_coco_split(tmp_path, "train", 2, size=8)
+
+
+def test_data_config_generates_on_first_use_and_loads(tmp_path):
+    cfg = OmegaConf.load(CONF)
+    cfg.root = str(tmp_path / "synthetic")
+    cfg.generate_if_missing.update(n_train=6, n_val=3, size=64)
+    cfg.num_workers = 0
+    train = build_dataset(cfg, "train")
+    assert len(train) == 6 and (tmp_path / "synthetic" / "annotations" / "instances_train.json").is_file()
+    val = build_dataset(cfg, "val")
+    assert len(val) == 3 and val.transforms is None
+    coco = json.loads(Path(cfg.val.annotations).read_text())
+    assert coco["info"]["split"] == "val" and coco["info"]["size"] == 64
+
+    cfg.resize.min_size = [32, 48]
+    loader = build_dataloader(cfg, "train", batch_size=2)
+    batches = list(loader)
+    assert len(batches) == 3
+    for images, targets in batches:
+        assert len(images) == len(targets) == 2
+        for image, target in zip(images, targets):
+            assert min(image.shape[1:]) in (32, 48) and target["masks"].shape[1:] == image.shape[1:]
+            assert target["labels"].dtype == torch.int64
+    val_loader = build_dataloader(cfg, "val", batch_size=2)
+    assert [len(images) for images, _ in val_loader] == [2, 1]
+    with pytest.raises(DatasetError, match="unknown data split 'test'"):
+        build_dataset(cfg, "test")

@@ -1,0 +1,154 @@
+"""Tracker: ids stay with moving objects (crossings, short misses), end after long misses, respect classes;
+the Hungarian matching equals brute force; mask IoU equals pycocotools'."""
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.errors import PipelineConfigError
+from pipeline.record import FrameRecord
+from pipeline.track import Tracker, mask_iou, match
+from segment.structures import Instances
+
+SIZE = (64, 96)
+
+
+def disc_instances(objects: list[tuple[float, float, float, int, float]], size=SIZE) -> Instances:
+    """objects: (cx, cy, radius, label, score) → Instances with disc masks and their tight boxes."""
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
+                            indexing="ij")
+    if not objects:
+        return Instances.empty(size)
+    masks = torch.stack([((xs - cx) ** 2 + (ys - cy) ** 2 <= r * r).float() for cx, cy, r, _, _ in objects])
+    boxes = torch.tensor([[cx - r, cy - r, cx + r, cy + r] for cx, cy, r, _, _ in objects])
+    return Instances(image_size=size, boxes=boxes, scores=torch.tensor([o[4] for o in objects]),
+                     labels=torch.tensor([o[3] for o in objects]), masks=masks)
+
+
+def run(tracker: Tracker, frames: list[list[tuple]]) -> list[list[int]]:
+    return [tracker.update(disc_instances(objects), SIZE).tolist() for objects in frames]
+
+
+def brute_force_best(weights: np.ndarray) -> float:
+    """Largest summed weight of any partial one-to-one matching (pairs of weight 0 are as good as none)."""
+    d, t = weights.shape
+    best = 0.0
+    for k in range(min(d, t) + 1):
+        for rows in itertools.combinations(range(d), k):
+            for cols in itertools.permutations(range(t), k):
+                best = max(best, float(sum(weights[r, c] for r, c in zip(rows, cols))))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_match_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    d, t = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    iou = torch.tensor(rng.random((d, t)) * (rng.random((d, t)) < 0.7))
+    min_iou = float(rng.choice([0.0, 0.3, 0.5]))
+    pairs = match(iou, min_iou)
+    assert len({r for r, _ in pairs}) == len(pairs) == len({c for _, c in pairs})
+    assert all(iou[r, c] >= min_iou and iou[r, c] > 0 for r, c in pairs)
+    valid = iou.numpy() * (iou.numpy() >= min_iou)
+    assert sum(float(iou[r, c]) for r, c in pairs) == pytest.approx(brute_force_best(valid))
+
+
+def test_mask_iou_equals_pycocotools():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 20, 30)) < 0.4
+    b = rng.random((4, 20, 30)) < 0.6
+    b[0] = a[1]
+    b[3] = False  # an empty mask: IoU 0, not NaN
+    encode = lambda m: mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))  # noqa: E731
+    expected = mask_utils.iou(encode(a), encode(b), [0] * len(b))
+    got = mask_iou(torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+    assert got[1, 0] == 1.0
+
+
+@pytest.mark.parametrize("match_on", ["mask", "box"])
+def test_crossing_objects_keep_their_ids(match_on):
+    # Two same-class discs cross each other (partly overlapping at the crossing) in opposite directions.
+    tracker = Tracker(match_on=match_on, min_iou=0.2, motion=True)
+    frames = [[(10 + 5 * i, 30, 8, 1, 0.9), (86 - 5 * i, 36, 8, 1, 0.9)] for i in range(16)]
+    ids = run(tracker, frames)
+    assert ids[0] == [1, 2]
+    assert all(frame == [1, 2] for frame in ids), ids
+    assert tracker.summary() == {"tracks": 2, "active": 2, "mean_length": 16.0, "longest": 16}
+
+
+def test_motion_term_follows_fast_objects():
+    # After a slow first step (4 px) the object speeds up to 7 px per frame with a 5 px radius:
+    # consecutive discs barely overlap (IoU 0.1), the predicted ones do.
+    xs = [8, 12] + [12 + 7 * i for i in range(1, 10)]
+    frames = [[(x, 32, 5, 1, 0.9)] for x in xs]
+    assert run(Tracker(min_iou=0.3, motion=True), frames) == [[1]] * len(xs)
+    without = run(Tracker(min_iou=0.3, motion=False), frames)
+    assert len({i for frame in without for i in frame}) > 5
+
+
+def test_one_frame_miss_is_bridged_and_long_miss_ends_the_track():
+    present = [(30, 30, 10, 2, 0.9)]
+    frames = [present] * 4 + [[]] + [present] * 3
+    ids = run(Tracker(max_misses=1), frames)
+    assert [frame for frame in ids if frame] == [[1]] * 7
+
+    frames = [present] * 4 + [[]] * 3 + [present] * 3
+    tracker = Tracker(max_misses=2)
+    ids = run(tracker, frames)
+    assert ids[:4] == [[1]] * 4 and ids[7:] == [[2]] * 3
+    assert tracker.summary() == {"tracks": 2, "active": 1, "mean_length": 3.5, "longest": 4}
+
+
+def test_missed_track_is_rematched_at_its_predicted_place():
+    # The object moves on while undetected for two frames; it comes back where its velocity says.
+    seen = [[(10 + 4 * i, 30, 6, 1, 0.9)] for i in range(9)]
+    frames = seen[:4] + [[], []] + seen[6:]
+    ids = run(Tracker(max_misses=2, min_iou=0.3), frames)
+    assert [frame for frame in ids if frame] == [[1]] * 7
+    # Without the motion term the old box no longer overlaps the object 3 frames on (12 px away).
+    assert run(Tracker(max_misses=2, min_iou=0.3, motion=False), frames)[6] == [2]
+
+
+@pytest.mark.parametrize("same_class, expected", [(True, [[1]] * 3 + [[2]] * 3), (False, [[1]] * 6)])
+def test_class_change(same_class, expected):
+    frames = [[(40, 30, 10, 1, 0.9)]] * 3 + [[(40, 30, 10, 3, 0.9)]] * 3
+    assert run(Tracker(same_class=same_class), frames) == expected
+
+
+def test_birth_threshold():
+    frames = [[(20, 20, 8, 1, 0.3)], [(20, 20, 8, 1, 0.9)], [(20, 20, 8, 1, 0.3)]]
+    # A weak detection starts no track, but continues one that a confident detection started.
+    assert run(Tracker(birth_score=0.5), frames) == [[-1], [1], [1]]
+
+
+def test_stage_fills_records_and_timings():
+    tracker = Tracker.from_config(OmegaConf.create({"match_on": "box", "max_misses": 3}))
+    batch = []
+    for i in range(3):
+        instances = disc_instances([(20 + 2 * i, 30, 8, 1, 0.9), (70, 30, 8, 2, 0.8)])
+        image = torch.zeros(3, *SIZE, dtype=torch.uint8)
+        batch.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image, instances=instances))
+    out = tracker(batch)
+    assert [r.track_ids.tolist() for r in out] == [[1, 2]] * 3
+    assert all(r.track_ids.dtype == torch.int64 and r.timings["track"] >= 0 for r in out)
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(PipelineConfigError, match="match_on"):
+        Tracker.from_config({"match_on": "pixels"})
+    with pytest.raises(PipelineConfigError, match="unknown track setting"):
+        Tracker.from_config({"min_iuo": 0.3})
+
+
+def test_default_config_loads():
+    cfg = OmegaConf.load("conf/track/default.yaml")
+    tracker = Tracker.from_config(cfg)
+    assert tracker.match_on in ("mask", "box")

@@ -1,0 +1,265 @@
+"""The debug viewer in a real headless browser (Debian chromium driven by Playwright; no browser download):
+slider, layer toggles, instance highlight, timeline, timing chart, the JS RLE decoder against pycocotools,
+and the warning banner / explanation for partly written or empty dumps."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.debug_reader import load_dump
+from pipeline.viewer import ViewerServer
+from tests.debug_fixture import write_dump
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# INSTYLE_UPDATE_SCREENSHOT=1 refreshes the README's picture of the viewer.
+DOCS_SCREENSHOT = ROOT / "docs" / "img" / "viewer.png"
+
+
+def ensure_chromium() -> None:
+    if not CHROMIUM.exists():
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "install_browser.sh")], capture_output=True, text=True)
+        print(result.stdout, result.stderr)
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing and scripts/install_browser.sh could not install it (needs root and apt-get)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ensure_chromium()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("viewer") / "clip_debug"
+    write_dump(directory, n=12, every=2, max_side=480, size=(270, 480))
+    return directory
+
+
+def serve(directory: Path) -> ViewerServer:
+    server = ViewerServer(load_dump(directory), port=0)
+    server.start_in_thread()
+    return server
+
+
+@pytest.fixture
+def open_page(browser):
+    servers, pages = [], []
+
+    def open_(directory: Path):
+        server = serve(directory)
+        servers.append(server)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        pages.append((page, errors))
+        return page, errors
+
+    yield open_
+    for page, errors in pages:
+        page.close()
+        assert errors == [], f"JavaScript errors: {errors}"
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def frames_of(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "frames.jsonl").read_text().splitlines()]
+
+
+def seek(page, pos: int) -> None:
+    page.locator("#slider").fill(str(pos))
+
+
+def table_rows(page) -> list[list[str]]:
+    return page.locator("#instances tbody tr").evaluate_all(
+        "rows => rows.map(r => [...r.cells].map(c => c.textContent.trim()))")
+
+
+def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir, tmp_path):
+    frames = frames_of(dump_dir)
+    page, _ = open_page(dump_dir)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    assert page.locator("#banner").is_hidden()
+
+    # Slider → frame index and instance table agree with frames.jsonl.
+    for pos in (4, 7, 0):
+        seek(page, pos)
+        frame = frames[pos]
+        assert page.locator("#frame-index").text_content() == str(frame["index"])
+        rows = table_rows(page)
+        assert len(rows) == len(frame["instances"])
+        for row, inst in zip(rows, frame["instances"]):
+            assert row[0] == (f"#{inst['track_id']}" if inst["track_id"] >= 0 else "–")
+            assert row[1] == inst["class"] and row[2] == f"{inst['score']:.3f}"
+            assert row[3] == (inst["style"] or "(original)") and row[5] == str(inst["area"])
+    seek(page, 4)
+    original = page.locator('.panel[data-layer="original"] img')
+    page.wait_for_function("() => document.querySelector('.panel[data-layer=original] img').naturalWidth > 0")
+    assert original.evaluate("img => img.naturalWidth") == frames[4]["dump_size"][1]
+
+    # Layer toggle hides and shows its panel.
+    stylized = page.locator('.panel[data-layer="stylized"]')
+    assert stylized.is_visible()
+    page.locator("#toggle-stylized").click()
+    assert stylized.is_hidden() and page.locator('.panel[data-layer="original"]').is_visible()
+    page.locator("#toggle-stylized").click()
+    assert stylized.is_visible()
+
+    # Click the dog's row: it is highlighted, and every panel outlines track 1.
+    row = page.locator('#instances tbody tr[data-track="1"]')
+    row.click()
+    assert "selected" in row.get_attribute("class")
+    assert page.locator("#instances tbody tr.selected").count() == 1
+    assert page.locator("#selection").get_attribute("data-track") == "1"
+    tracks_drawn = page.locator("canvas.highlight").evaluate_all("cs => cs.map(c => c.dataset.track)")
+    assert tracks_drawn == ["1"] * 4
+    lit = page.locator('.panel[data-layer="original"] canvas').evaluate(
+        "c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] === 255) n++; return n; }")
+    assert lit > 0
+    # The selection follows the track to another frame where it exists.
+    seek(page, 3)
+    assert page.locator("#instances tbody tr.selected").get_attribute("data-track") == "1"
+    seek(page, 4)
+
+    # Timeline: one row per track, frames axis covers the dump; timing chart: one area per stage.
+    tracks = {i["track_id"] for f in frames for i in f["instances"] if i["track_id"] >= 0}
+    timeline = page.locator("#timeline")
+    assert timeline.get_attribute("data-tracks") == str(len(tracks))
+    assert timeline.locator("g.track").count() == len(tracks)
+    assert sorted(int(t) for t in timeline.locator("g.track").evaluate_all("gs => gs.map(g => g.dataset.track)")) \
+        == sorted(tracks)
+    assert timeline.get_attribute("data-frames") == str(len(frames))
+    stages = {s for f in frames for s in f["timings"]}
+    timing = page.locator("#timing")
+    assert timing.get_attribute("data-frames") == str(len(frames))
+    assert timing.locator("path.stage").count() == len(stages)
+    assert set(timing.locator("path.stage").evaluate_all("ps => ps.map(p => p.dataset.stage)")) == stages
+    assert page.locator("#timing-current tbody tr").count() == len(stages) + 1   # + total
+
+    # A frame without images says so instead of showing a stale picture.
+    seek(page, 5)
+    assert page.locator('.panel[data-layer="original"] .noimage').is_visible()
+    assert "no images for frame 5" in page.locator('.panel[data-layer="original"] .noimage').text_content()
+    seek(page, 4)
+
+    page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+    if os.environ.get("INSTYLE_UPDATE_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOCS_SCREENSHOT), full_page=True)
+    assert (tmp_path / "viewer.png").stat().st_size > 10_000
+
+
+def test_play_advances_and_timeline_click_seeks(open_page, dump_dir):
+    page, _ = open_page(dump_dir)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    page.locator("#play").click()
+    page.wait_for_function("() => document.body.dataset.frame !== '0'", timeout=5000)
+    page.locator("#play").click()
+    box = page.locator("#timeline").bounding_box()
+    page.mouse.click(box["x"] + box["width"] - 12, box["y"] + 8)     # near the right end: the last frame
+    assert page.locator("#frame-index").text_content() == "11"
+
+
+def test_js_rle_decoder_matches_pycocotools(open_page, dump_dir):
+    page, _ = open_page(dump_dir)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    rles = [i["mask"] for f in frames_of(dump_dir) for i in f["instances"]]
+    # Also a large, irregular mask: long runs and negative deltas exercise every branch of the string format.
+    rng = np.random.default_rng(0)
+    blob = np.zeros((300, 500), np.uint8)
+    blob[20:280, 30:470] = 1
+    blob[rng.random(blob.shape) < 0.05] ^= 1
+    encoded = mask_utils.encode(np.asfortranarray(blob))
+    rles.append({"size": encoded["size"], "counts": encoded["counts"].decode()})
+    decoded = page.evaluate("rles => rles.map(r => window.viewer.decodeRle(r).join(''))", rles)
+    for rle, flat in zip(rles, decoded):
+        h, w = rle["size"]
+        expected = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        np.testing.assert_array_equal((np.frombuffer(flat.encode(), np.uint8) - ord("0")).reshape(h, w), expected)
+
+
+def test_partly_written_dump_shows_a_banner_and_what_is_intact(open_page, dump_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(dump_dir, partial)
+    text = (partial / "frames.jsonl").read_text()
+    (partial / "frames.jsonl").write_text(text[: len(text) - 30])
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (partial / "images" / "000002_masks.jpg").unlink()
+    page, _ = open_page(partial)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    banner = page.locator("#banner")
+    assert banner.is_visible()
+    assert "incomplete" in banner.text_content() and "truncated" in banner.text_content()
+    assert "image files" in banner.text_content()
+    assert page.locator("#slider").get_attribute("max") == str(len(text.splitlines()) - 2)
+    seek(page, 2)
+    assert page.locator('.panel[data-layer="masks"] .noimage').is_visible()
+    assert page.locator('.panel[data-layer="original"] .noimage').is_hidden()
+
+
+def test_dump_without_frames_says_why(open_page, tmp_path):
+    empty = tmp_path / "empty_debug"
+    write_dump(empty, n=0)
+    page, _ = open_page(empty)
+    page.wait_for_function("() => document.querySelector('#message').textContent.includes('no frames')",
+                           timeout=15000)
+    assert page.locator("#message").is_visible() and page.locator("#main").is_hidden()
+
+
+RENDER_STAGES = ("pipeline.segment_stage", "pipeline.track", "pipeline.assign", "pipeline.stylize_stage",
+                 "pipeline.composite", "segment.checkpoint", "stylize.bank")
+
+
+def test_a_real_tiny_render_dump_opens_in_the_viewer(open_page, tmp_path):
+    """End to end: `python -m pipeline.render ... debug.dump=true` on a tiny clip with tiny random models."""
+    import importlib.util
+
+    missing = [m for m in RENDER_STAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"pipeline.render's stage modules are not in this tree yet: {', '.join(missing)}")
+    from tests.helpers_video import pattern_frames, write_clip
+    from tests.render_cli import run_render, tiny_model_overrides
+
+    clip = write_clip(tmp_path / "clip.mp4", pattern_frames(6, 96, 64))
+    result = run_render([f"input={clip}", f"output={tmp_path / 'out.mp4'}", *tiny_model_overrides(tmp_path / "models"),
+                         "debug.dump=true", "debug.every=2", "debug.max_side=64"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dump = tmp_path / "out_debug"                       # default: <output stem>_debug beside the output
+    manifest = json.loads((dump / "manifest.json").read_text())
+    frames = frames_of(dump)
+    assert manifest["complete"] is True and manifest["frame_count"] == len(frames) == 6
+    assert [f["index"] for f in frames] == list(range(6))
+    assert [bool(f["images"]) for f in frames] == [True, False] * 3
+    assert all(f["dump_size"] == [43, 64] for f in frames)
+    stages = {s for f in frames for s in f["timings"]}
+    assert {"segment", "track", "assign", "stylize", "composite"} <= stages
+
+    page, _ = open_page(dump)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    assert page.locator("#banner").is_hidden()
+    assert page.locator("#slider").get_attribute("max") == "5"
+    seek(page, 2)
+    assert page.locator("#frame-index").text_content() == "2"
+    assert len(table_rows(page)) == len(frames[2]["instances"])
+    assert page.locator("#timing path.stage").count() == len(stages)
+    page.wait_for_function("() => document.querySelector('.panel[data-layer=composite] img').naturalWidth === 64")
+    page.screenshot(path=str(tmp_path / "viewer_real_render.png"), full_page=True)
