@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 STYLES := .cache/styles/multistyle26.pt
 DEMO_CLIP := .cache/demo/demo_clip.mp4
 DEMO_OUT := outputs/demo_stylized.mp4
+DEMO_MODEL := models/demo_segmenter.pt
 
 .PHONY: demo test install styles browser
 
@@ -26,7 +27,11 @@ styles: $(STYLES)
 $(DEMO_CLIP): $(STAMP) scripts/make_demo_clip.py
 	$(PY) scripts/make_demo_clip.py --out $@
 
-demo: $(STYLES) $(DEMO_CLIP)
+# The embedded default segmenter is committed; docs/demo_model.md has the command that trains it again.
+$(DEMO_MODEL):
+	@echo "error: $@ is missing (it ships with the repository; docs/demo_model.md says how to train it)"; exit 2
+
+demo: $(STYLES) $(DEMO_CLIP) $(DEMO_MODEL)
 	$(PY) -m pipeline.render input=$(DEMO_CLIP) output=$(DEMO_OUT) overwrite=true
 
 # Debian's chromium for the viewer's real-browser test (Playwright drives it; no browser download).

@@ -16,7 +16,7 @@ import av
 import torch
 
 from pipeline.errors import (
-    AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, TruncatedVideoError,
+    AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
     ffmpeg_reason,
 )
 from pipeline.record import FrameRecord
@@ -99,7 +99,7 @@ class VideoReader:
 
     def __init__(self, path: str | Path, batch_size: int = 4, device: torch.device | str = "cpu"):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise PipelineConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.info = probe(path)
         self.batch_size = batch_size
         self.device = torch.device(device)

@@ -37,8 +37,8 @@ class EncoderError(RenderError):
     """The chosen encoder is missing, cannot open on this machine, or rejects its settings."""
 
 
-class PipelineConfigError(RenderError):
-    """A pipeline setting names something that does not exist (an unknown class, policy or option)."""
+class PipelineConfigError(RenderError, ValueError):
+    """A pipeline setting is out of range or names something that does not exist (an unknown class, policy...)."""
 
 
 def ffmpeg_reason(error: BaseException) -> str:

@@ -7,6 +7,7 @@ In multirun mode (`-m`) each run writes its output into its own sweep folder.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -230,7 +231,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted: no output written", file=sys.stderr)
-        sys.exit(130)
+        sys.stderr.flush()
+        # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes
+        # ended as "killed by SIGINT" (-2): CPython re-raises SIGINT at exit when it counts the interrupt as
+        # unhandled. Leave with the status we mean.
+        os._exit(130)
     print(summary.line())
     print(f"output: {summary.output}")
 

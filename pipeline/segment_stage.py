@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
@@ -14,7 +15,7 @@ class SegmentStage:
 
     def __init__(self, model, score_threshold: float = 0.5):
         if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+            raise PipelineConfigError(f"score_threshold must be in [0, 1], got {score_threshold}")
         self.model = model
         self.score_threshold = float(score_threshold)
 

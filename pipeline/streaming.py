@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from pipeline.errors import PipelineConfigError
+
 T = TypeVar("T")
 _DONE = object()
 _POLL_S = 0.1
@@ -23,7 +25,7 @@ def run_streaming(source: Iterable[T], process: Callable[[T], T], sink: Callable
     `source` is iterated on its own thread. Returns the number of items sunk.
     """
     if queue_size < 1:
-        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        raise PipelineConfigError(f"queue_size must be >= 1, got {queue_size}")
     stop = threading.Event()
     errors: list[BaseException] = []
     inbox: queue.Queue = queue.Queue(maxsize=queue_size)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.assign import is_original
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from stylize.apply import stylize_frames, stylize_regions
@@ -22,7 +23,7 @@ class StylizeStage:
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto"):
         if margin < 0:
-            raise ValueError(f"style.margin must be >= 0, got {margin}")
+            raise PipelineConfigError(f"style.margin must be >= 0, got {margin}")
         self.bank = bank
         self.margin = int(margin)
         self.background = None if is_original(background) else str(background).strip()

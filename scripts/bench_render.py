@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_report import publish  # noqa: E402
 from pipeline.render import compose_config, render  # noqa: E402
 from scripts.make_demo_clip import make_clip  # noqa: E402
 
@@ -68,12 +69,6 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores"
 
 
-def append_results(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:  # append only: other scripts add their own sections
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["480p"], choices=sorted(SIZES))
@@ -93,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Device: {device_name(args.device)}; torch {torch.__version__}, PyAV {av.__version__}, "
             f"Python {platform.python_version()}; "
             f"overrides: {' '.join(args.overrides) or 'none'}\n\n{table(rows)}\n")
-    print(text)
-    if not args.no_append:
-        append_results(args.results, text)
-        print(f"appended to {args.results}")
+    publish(text, args.results, append=not args.no_append)
     return 0
 
 

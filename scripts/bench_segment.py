@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 from segment.tv_reference import torchvision_reference  # noqa: E402
+from scripts.bench_report import markdown_table, publish  # noqa: E402
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,7 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "maskrcnn_resnet50_fpn.pth"
         torch.save(theirs.state_dict(), path)
-        ours = load_torchvision_checkpoint(path, detections_per_img=args.detections, **settings)
+        # what the render runs: loaded, then FrozenBatchNorm folded into the convs (segment/fold.py)
+        ours = load_torchvision_checkpoint(path, detections_per_img=args.detections, **settings).fold_frozen_norms()
 
     rows = []
     for device in devices:
@@ -137,22 +139,14 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
 
     header = ["device", "batch", "precision", "torchvision img/s", "ours img/s", "ours / torchvision", "max Δbox px", "max Δscore"]
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     title = (
         f"## Segmenter: ours vs torchvision Mask R-CNN R50-FPN — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; frames {args.image_size[0]}x{args.image_size[1]}, "
         f"min/max size {args.min_size}/{args.max_size}, {args.detections} detections/image, {args.iterations} timed iterations after {args.warmup} warm-up; "
-        "seeded reference weights (calibrated frozen BN); differences on the first frame; "
+        "seeded reference weights (calibrated frozen BN), ours with BN folded into the convs; differences on the first frame; "
         f"1/5/15-min load average before: {load_before}.\n"
     )
-    text = title + "\n" + "\n".join(table) + "\n"
-    print("\n" + text)
-    if not args.no_append:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.output.exists()
-        with args.output.open("a") as f:
-            f.write(("# Benchmarks\n\n" if new else "\n") + text)
-        print(f"appended to {args.output}")
+    publish(title + "\n" + markdown_table(header, rows) + "\n", args.output, append=not args.no_append)
 
 
 if __name__ == "__main__":

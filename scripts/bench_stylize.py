@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
+from scripts.bench_report import publish  # noqa: E402
 
 CROP_SIZES = (64, 128, 256)
 CROPS = 8
@@ -78,13 +79,7 @@ def main() -> int:
              "| input | mode | images/s |", "|---|---|---|"]
     lines += [f"| {what} | {mode} | {rate:.2f} |" for what, mode, rate in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_append:
-        path = ROOT / "docs" / "benchmarks.md"
-        header = "\n" if path.exists() and path.stat().st_size else "# Benchmarks\n\n"
-        with path.open("a") as f:  # append-only: other benchmarks share the file
-            f.write(header + text)
-        print(f"appended to {path}")
+    publish(text, append=not args.no_append)
     return 0
 
 

@@ -30,7 +30,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segment.backbone import _ARCHS, norm_layer  # noqa: E402
+from segment.backbone import ARCHS, norm_layer  # noqa: E402
 from segment.config import SegmenterConfig  # noqa: E402
 from segment.data.coco import CocoDetection  # noqa: E402
 from segment.data.sampler import collate  # noqa: E402
@@ -40,6 +40,7 @@ from segment.engine import AMP_DTYPES, TARGET_KEYS, Trainer, TrainSettings  # no
 from segment.loader import BatchStream  # noqa: E402
 from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
+from scripts.bench_report import markdown_table, publish  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 def torchvision_twin(config: SegmenterConfig) -> TorchvisionMaskRCNN:
     """torchvision's MaskRCNN built from its own parts with our config's architecture (same parameter names)."""
-    block, layers, groups, width = _ARCHS[config.backbone]
+    block, layers, groups, width = ARCHS[config.backbone]
     body = resnet.ResNet(block, layers, groups=groups, width_per_group=width,
                          norm_layer=norm_layer(config.norm, config.bn_eps))
     stage_channels = [64 * block.expansion * 2**i for i in range(4)]
@@ -151,7 +152,7 @@ def main() -> None:
     header = ["device", "batch", "images", "amp", "torchvision img/s", "ours img/s", "ours / torchvision"]
     row = [where, str(args.batch), f"{args.size}x{args.size}", args.amp, f"{rate['torchvision']:.2f}",
            f"{rate['ours']:.2f}", f"{rate['ours'] / rate['torchvision']:.2f}x"]
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"])
+    table = markdown_table(header, [row])
     text = (
         f"## Training step: ours vs torchvision Mask R-CNN loop — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; {args.backbone}/{args.norm} "
@@ -159,13 +160,7 @@ def main() -> None:
         f"same starting weights and synthetic batches; {args.iterations} timed steps each after {args.warmup} "
         f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"
     )
-    print("\n" + text)
-    if not args.no_append:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.output.exists()
-        with args.output.open("a") as f:
-            f.write(("# Benchmarks\n\n" if new else "\n") + text)
-        print(f"appended to {args.output}")
+    publish(text, args.output, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 
 # name -> (block, blocks per stage, groups, width per group)
-_ARCHS = {
+ARCHS = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2], 1, 64),
     "resnet34": (resnet.BasicBlock, [3, 4, 6, 3], 1, 64),
     "resnet50": (resnet.Bottleneck, [3, 4, 6, 3], 1, 64),
@@ -39,7 +39,7 @@ class ResNetBody(resnet.ResNet):
     """ResNet without avgpool/fc; returns the four stage outputs (strides 4, 8, 16, 32)."""
 
     def __init__(self, arch: str, norm: str, bn_eps: float = 1e-5) -> None:
-        block, layers, groups, width = _ARCHS[arch]
+        block, layers, groups, width = ARCHS[arch]
         super().__init__(block, layers, groups=groups, width_per_group=width, norm_layer=norm_layer(norm, bn_eps))
         del self.avgpool, self.fc
         self.stage_channels = [64 * block.expansion * 2**i for i in range(4)]

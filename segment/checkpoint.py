@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from segment.config import SegmenterConfig
+from segment.config import ARCHITECTURE_KEYS, SegmenterConfig
 from segment.errors import CheckpointError
 from segment.model import MaskRCNN, build_model
 
@@ -68,8 +68,15 @@ def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> Ma
     return _load_weights(build_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides})), state, path)
 
 
-def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Writes {"format", "config", "class_names", "model", **extra} atomically (temp file beside it + rename)."""
+def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    weights_dtype: torch.dtype | None = None) -> Path:
+    """Writes {"format", "config", "class_names", "model", **extra} atomically (temp file beside it + rename).
+
+    `weights_dtype=torch.float16` halves the file (floating-point tensors only); loading casts back to fp32.
+    """
+    if model.folded:
+        raise CheckpointError("cannot save a model whose frozen BatchNorm is folded into its convs: save the "
+                              "model as loaded, before fold_frozen_norms()")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -77,7 +84,7 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
         "format": FORMAT,
         "config": model.config.to_dict(),
         "class_names": list(model.config.class_names),
-        "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "model": {k: _stored(v, weights_dtype) for k, v in model.state_dict().items()},
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -90,16 +97,23 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
     return path
 
 
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCNN:
     """Our checkpoint (config stored inside) or a raw torchvision state_dict -> model in eval mode on the CPU.
 
-    Overrides change settings that do not alter the weights' shapes (thresholds, sizes, precision...).
+    Overrides change inference settings (thresholds, sizes, precision...). Our checkpoints carry the
+    architecture they were trained with, so overrides of ARCHITECTURE_KEYS apply only to raw torchvision files.
     """
     state = _read(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if not isinstance(state.get("config"), dict) or not _is_state_dict(state.get("model")):
             raise CheckpointError(f"{path} is an {FORMAT} file without a valid config / model entry")
-        config = SegmenterConfig.from_dict({**state["config"], **config_overrides})
+        settings = {k: v for k, v in config_overrides.items() if k not in ARCHITECTURE_KEYS}
+        config = SegmenterConfig.from_dict({**state["config"], **settings})
         return _load_weights(build_model(config), state["model"], path)
     if _is_state_dict(state):
         return load_torchvision_checkpoint(path, **config_overrides)
@@ -137,4 +151,4 @@ def load_segmenter(cfg: Any) -> MaskRCNN:
     model = load_checkpoint(path, **overrides).to(device)
     if model.config.channels_last:
         model.set_inference_options(channels_last=True)
-    return model.eval()
+    return model.fold_frozen_norms()  # the render only infers

@@ -13,6 +13,12 @@ from segment.errors import ConfigError
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 NORMS = ("frozen_bn", "bn", "gn")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# settings the weights were trained with: a checkpoint of ours carries them and they are not overridden at load
+ARCHITECTURE_KEYS = (
+    "backbone", "norm", "bn_eps", "num_classes", "class_names", "image_mean", "image_std", "fpn_channels",
+    "representation_size", "mask_head_channels", "mask_head_layers", "anchor_sizes", "anchor_ratios",
+    "bbox_reg_weights",
+)
 
 
 def coco_class_names() -> list[str]:

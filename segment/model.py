@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from segment.backbone import BackboneWithFPN
 from segment.config import SegmenterConfig
+from segment.fold import fold_frozen_batchnorm
 from segment.postprocess import paste_masks
 from segment.roi_heads import RoIHeads
 from segment.rpn import RegionProposalNetwork
@@ -36,6 +37,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = RoIHeads(config)
         self.precision = config.precision
         self.channels_last = config.channels_last
+        self.folded = False  # FrozenBatchNorm folded into the convs: inference only (see fold_frozen_norms)
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +57,20 @@ class MaskRCNN(nn.Module):
             self.channels_last = channels_last
             self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
+
+    def fold_frozen_norms(self) -> MaskRCNN:
+        """Folds the backbone's FrozenBatchNorm layers into their convs (segment/fold.py): same outputs up to float
+        rounding, one activation pass less per layer. The model is then for inference only (no train, no save)."""
+        if fold_frozen_batchnorm(self.backbone) and self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.folded = True
+        return self.eval()
+
+    def train(self, mode: bool = True) -> MaskRCNN:
+        if mode and self.folded:
+            raise RuntimeError("this model's frozen BatchNorm is folded into its convs (inference only): "
+                               "load the checkpoint again to train it")
+        return super().train(mode)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if not self.training:

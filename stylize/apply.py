@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
 
 MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side needs ≥ 8 px; 16 leaves room
@@ -21,7 +22,7 @@ MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side n
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        raise StyleError(f"style.precision must be auto, fp32 or bf16, got {precision!r}")
     cuda = device.type == "cuda"
     bf16 = precision == "bf16" or (precision == "auto" and cuda)
     channels_last = cuda if channels_last in (None, "auto") else bool(channels_last)

@@ -111,3 +111,26 @@ def test_load_segmenter_from_hydra_group(tmp_path, small_model):
     assert model.class_names == SMALL["class_names"]
     with pytest.raises(ConfigError, match="unknown segment config keys: colour"):
         load_segmenter({"checkpoint": str(path), "device": "cpu", "colour": "red"})
+
+
+def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path, small_model):
+    """segment=r18_fpn says num_classes 91 and other widths; our checkpoint knows what it was trained as."""
+    path = save_checkpoint(small_model, tmp_path / "small.pt")
+    group = OmegaConf.load("conf/segment/r18_fpn.yaml")
+    group.checkpoint, group.device, group.score_threshold = str(path), "cpu", 0.25
+    model = load_segmenter(group)
+    assert model.class_names == small_model.class_names and model.config.num_classes == small_model.config.num_classes
+    assert model.config.fpn_channels == small_model.config.fpn_channels
+    assert model.config.score_threshold == 0.25 and model.config.min_size == group.min_size
+
+
+def test_fp16_file_is_half_the_size_and_loads_as_fp32(tmp_path, small_model):
+    full = save_checkpoint(small_model, tmp_path / "full.pt")
+    half = save_checkpoint(small_model, tmp_path / "half.pt", weights_dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    stored = torch.load(half, weights_only=True)["model"]
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    loaded = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for name, value in small_model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.half().float(), rtol=0, atol=0)

@@ -143,3 +143,33 @@ def test_mask_paste_equals_torchvision(chunk_size):
     assert got.shape == want.shape == (30, height, width)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert paste_masks(masks[:0], boxes[:0], (height, width)).shape == (0, height, width)
+
+
+def test_fold_frozen_batchnorm_equals_conv_then_bn():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from segment.fold import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), FrozenBatchNorm2d(8), torch.nn.ReLU())
+    bn = block[1]
+    bn.weight.uniform_(0.5, 2), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.1, 3)
+    x = torch.randn(2, 3, 16, 16)
+    want = block(x)
+    assert fold_frozen_batchnorm(block) == 1
+    assert isinstance(block[1], torch.nn.Identity) and block[0].bias is not None
+    torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_model_refuses_training_and_saving(tmp_path):
+    from segment.checkpoint import save_checkpoint
+    from segment.errors import CheckpointError
+    from segment.model import build_model
+
+    model = build_model(dict(backbone="resnet18", norm="frozen_bn", fpn_channels=32, representation_size=32,
+                             mask_head_channels=32, num_classes=2)).fold_frozen_norms()
+    with pytest.raises(RuntimeError, match="folded"):
+        model.train()
+    with pytest.raises(CheckpointError, match="folded"):
+        save_checkpoint(model, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()

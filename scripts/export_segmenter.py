@@ -1,0 +1,43 @@
+"""Write a trained segmenter checkpoint as a compact inference file (fp16 weights, no optimizer state).
+
+    python scripts/export_segmenter.py runs/demo_segmenter/model_final.pt models/demo_segmenter.pt [--note "..."]
+
+The file loads like any checkpoint of ours (weights come back as fp32); `--note` is stored under "provenance".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from segment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from segment.errors import SegmentError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="checkpoint written by segment.train (last.pt / model_final.pt)")
+    parser.add_argument("out", type=Path, help="inference file to write")
+    parser.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
+    parser.add_argument("--note", default="", help="provenance text stored in the file")
+    args = parser.parse_args(argv)
+    if args.out.resolve() == args.source.resolve():
+        print("error: the output would overwrite the source checkpoint", file=sys.stderr)
+        return 2
+    try:
+        model = load_checkpoint(args.source)
+        save_checkpoint(model, args.out, extra={"provenance": args.note or f"exported from {args.source}"},
+                        weights_dtype=None if args.fp32 else torch.float16)
+    except SegmentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size_mb = args.out.stat().st_size / 2**20
+    print(f"{args.out}: {size_mb:.1f} MB, {len(model.class_names) - 1} classes ({', '.join(model.class_names[1:])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
