@@ -72,7 +72,7 @@ class Compositor:
     def reset(self) -> None:
         # track -> (smoothed mask over its crop, the crop's top-left corner, the box centre)
         self._smoothed: dict[int, tuple[Tensor, tuple[int, int], tuple[float, float]]] = {}
-        self._previous: tuple[Tensor, dict[int, Tensor]] | None = None        # last output, its track masks
+        self._previous: tuple[Tensor, Tensor, dict[int, Tensor]] | None = None  # last input, output, track masks
         self._change_sum: Tensor | None = None
         self._change_count: Tensor | None = None
 
@@ -108,7 +108,7 @@ class Compositor:
         self._smoothed = smoothed  # tracks absent this frame start afresh when they return
         untouched = not record.stylized and record.background is None
         output = image if untouched else canvas.round_().clamp_(0, 255).to(torch.uint8)
-        self._measure(output, hard_masks)
+        self._measure(image, output, hard_masks)
         record.output = output
         return output
 
@@ -134,25 +134,34 @@ class Compositor:
 
     # -- temporal stability ------------------------------------------------------------------------
 
-    def _measure(self, output: Tensor, masks: dict[int, Tensor]) -> None:
-        """Adds |Δ output| over the pixels inside the same track's mask in this frame and the last one."""
+    def _measure(self, image: Tensor, output: Tensor, masks: dict[int, Tensor]) -> None:
+        """Adds |Δ output| and |Δ input| over the pixels inside the same track's mask in this frame and the last
+        one: the input's change is what the objects' own motion explains, the rest is flicker we added."""
         previous = self._previous
-        self._previous = (output, masks)
-        if previous is None or previous[0].shape != output.shape:
+        self._previous = (image, output, masks)
+        if previous is None or previous[1].shape != output.shape:
             return
-        both = [masks[t] & previous[1][t] for t in masks.keys() & previous[1].keys()]
+        both = [masks[t] & previous[2][t] for t in masks.keys() & previous[2].keys()]
         if not both:
             return
         inside = torch.stack(both).any(0)
-        change = (output.float() - previous[0].float()).abs().mean(0)
-        total, count = change[inside].sum(), inside.sum()
+        changes = torch.stack([(now.float() - before.float()).abs().mean(0)[inside].sum()
+                               for now, before in ((output, previous[1]), (image, previous[0]))])
+        count = inside.sum()
         # Kept on the device: reading them back every frame would stall the pipeline.
-        self._change_sum = total if self._change_sum is None else self._change_sum + total
+        self._change_sum = changes if self._change_sum is None else self._change_sum + changes
         self._change_count = count if self._change_count is None else self._change_count + count
 
     def stability(self) -> float | None:
         """Mean absolute change (0–255) between consecutive outputs inside tracked stylized objects; lower is
         steadier. None when no tracked object was stylized in two consecutive frames."""
+        return self._mean_change(0)
+
+    def input_change(self) -> float | None:
+        """The same figure on the input frames over the same pixels: the floor that motion alone explains."""
+        return self._mean_change(1)
+
+    def _mean_change(self, which: int) -> float | None:
         if self._change_count is None or int(self._change_count) == 0:
             return None
-        return float(self._change_sum) / int(self._change_count)
+        return float(self._change_sum[which]) / int(self._change_count)

@@ -45,6 +45,7 @@ class RenderSummary:
     tracks: object = None
     styles_used: list[str] = field(default_factory=list)
     stability: float | None = None
+    input_change: float | None = None  # the stability figure on the input: what motion alone explains
     timings: dict[str, float] = field(default_factory=dict)  # stage -> total seconds over all frames
 
     @property
@@ -52,7 +53,7 @@ class RenderSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        stability = "n/a" if self.stability is None else f"{self.stability:.3f}"
+        stability = "n/a" if self.stability is None else f"{self.stability:.3f} (input {self.input_change:.3f})"
         styles = ", ".join(self.styles_used) or "none"
         return (f"rendered {self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps): "
                 f"{self.instances} instances; {_tracks(self.tracks)}; styles used: {styles}; "
@@ -144,7 +145,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
             print(f"debug dump: {dumper.dir}", file=sys.stderr)
         summary.tracks = tracker.summary()
         summary.styles_used = sorted(str(s) for s in assigner.styles_used)
-        summary.stability = compositor.stability()
+        summary.stability, summary.input_change = compositor.stability(), compositor.input_change()
 
     def abort() -> None:
         if dumper is not None:  # marks the dump incomplete and stops its writer threads

@@ -137,12 +137,12 @@ def train(cfg: DictConfig) -> Path:
             OmegaConf.save(cfg, out / "config.yaml", resolve=True)
             print(f"training {trainer.model.config.backbone}/{trainer.model.config.norm} on {info.device} "
                   f"x{info.world_size}: {trainer.images_per_iteration} images/iter, "
-                  f"lr {trainer.optimizer.param_groups[0]['lr']:.4g} (after warm-up "
-                  f"{trainer.scheduler.base_lrs[0]:.4g}), {trainer.settings.max_iters} iterations -> {out}")
+                  f"base lr {trainer.scheduler.base_lrs[0]:.4g}, {trainer.settings.max_iters} iterations -> {out}")
         if resume_from is not None:
             trainer.resume(resume_from)
             if info.is_main:
-                print(f"resumed from {resume_from} at iteration {trainer.iteration}")
+                print(f"resumed from {resume_from} at iteration {trainer.iteration}, "
+                      f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
         elif cfg.resume and info.is_main:
             print(f"resume=true but no {LAST} in {cfg.output_dir} yet: starting from scratch")
         trainer.fit()

@@ -145,14 +145,23 @@ def test_bad_settings(bank):
         StyleAssigner.from_config(config(min_scor=0.3), bank, CLASSES)
 
 
-def test_default_config_with_the_real_bank_names(bank):
-    """conf/style/default.yaml names styles of the 26-style bank and the demo segmenter's classes."""
+@pytest.mark.parametrize("class_map", ["shapes", "coco"])
+def test_default_config_with_the_real_bank_names(class_map):
+    """The composed render config's style group names styles of the 26-style bank, and each class map names classes
+    of the segmenter it is meant for (shapes: the demo model, coco: torchvision's 91 COCO categories)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from segment.config import coco_class_names
     from segment.data.synthetic import CLASS_NAMES
 
-    cfg = OmegaConf.load("conf/style/default.yaml")
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name="render", overrides=[f"style/class_styles={class_map}"]).style
     names = [f"style_{i:02d}" for i in range(26)]
     specs = [*cfg.palette, *cfg.class_styles.values(), cfg.default_style]
     assert all(s in names for s in specs)
-    assert set(cfg.class_styles) <= set(CLASS_NAMES)
+    assert set(cfg.class_styles) <= set(CLASS_NAMES if class_map == "shapes" else coco_class_names())
     assert set(cfg) == {"assign", "palette", "class_styles", "default_style", "background", "exclude_classes",
                         "min_score", "min_area", "margin", "bank", "precision"}

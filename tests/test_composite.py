@@ -120,12 +120,13 @@ def jitter_sequence(frames: int = 16) -> list[FrameRecord]:
     return records
 
 
-def measured_flicker(records: list[FrameRecord]) -> float:
-    """The stability figure computed from all outputs at once (the oracle for the incremental one)."""
+def measured_flicker(records: list[FrameRecord], frames: str = "output") -> float:
+    """The stability figure computed from all outputs (or inputs: frames="image") at once: the oracle for the
+    incremental one."""
     total, count = 0.0, 0
     for prev, cur in zip(records, records[1:]):
         inside = (prev.instances.masks[0] >= 0.5) & (cur.instances.masks[0] >= 0.5)
-        change = (cur.output.float() - prev.output.float()).abs().mean(0)
+        change = (getattr(cur, frames).float() - getattr(prev, frames).float()).abs().mean(0)
         total += float(change[inside].sum())
         count += int(inside.sum())
     return total / count
@@ -150,6 +151,16 @@ def test_smoothing_follows_a_moving_object():
     plain = [r.output.clone() for r in Compositor(feather_px=2)(records)]
     smoothed = [r.output for r in Compositor(feather_px=2, smooth_masks=0.6)(records)]
     assert all(torch.equal(p, s) for p, s in zip(plain, smoothed))
+
+
+def test_input_change_is_the_same_figure_on_the_input_frames():
+    frames = [random_image(seed) for seed in range(5)]
+    records = [make_record(image, [disc(30, 24, 10)], [0.9], track_ids=[2], index=i) for i, image in enumerate(frames)]
+    compositor = Compositor(feather_px=2)
+    compositor(records)
+    assert compositor.input_change() == pytest.approx(measured_flicker(records, "image"), rel=1e-5)
+    assert compositor.stability() == pytest.approx(measured_flicker(records), rel=1e-5)
+    assert compositor.input_change() > 10  # independent random frames differ a lot
 
 
 def test_stability_is_none_without_tracked_objects_and_zero_for_a_still_one():
