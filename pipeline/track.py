@@ -1,7 +1,10 @@
 """Track stage: stable integer ids for the instances of consecutive frames.
 
 Each frame's detections are matched to the live tracks by Hungarian assignment (scipy) on mask IoU
-(masks shrunk to `mask_size` for speed) or box IoU, optionally only within one class. A track's last box
+(masks shrunk to `mask_size` for speed) or box IoU, optionally only within one class. Matching runs in two
+rounds, as in ByteTrack: confident detections (score >= `birth_score`) first, then the weak ones against the
+tracks still unmatched, so a weak duplicate or fragment can never take a track from the confident detection
+of the same object, yet a briefly weak detection still continues its track. A track's last box
 (and mask) is moved forward by its constant-velocity estimate before matching, so fast objects still
 overlap their track. A track that finds no detection keeps its last box and mask for up to `max_misses`
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
@@ -36,6 +39,17 @@ def match(iou: Tensor, min_iou: float) -> list[tuple[int, int]]:
     rows, cols = linear_sum_assignment(weights, maximize=True)
     # Pairs below min_iou weigh 0: matching them is the same as leaving both unmatched, so drop them.
     return [(int(r), int(c)) for r, c in zip(rows, cols) if weights[r, c] > 0]
+
+
+def match_confident_first(iou: Tensor, confident: list[bool], min_iou: float) -> list[tuple[int, int]]:
+    """match() over the confident detections, then over the others and the tracks left unmatched."""
+    strong = [d for d, c in enumerate(confident) if c]
+    weak = [d for d, c in enumerate(confident) if not c]
+    pairs = [(strong[r], t) for r, t in match(iou[strong], min_iou)]
+    free = sorted(set(range(iou.shape[1])) - {t for _, t in pairs})
+    if weak and free:
+        pairs += [(weak[r], free[c]) for r, c in match(iou[weak][:, free], min_iou)]
+    return pairs
 
 
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -144,7 +158,10 @@ class Tracker:
                                                       or (tracks.masks is None) == use_masks):
             self._end_all()  # the model changed device or lost its mask branch: start over
             tracks = None
-        pairs = match(self._iou(instances, small), self.min_iou) if tracks and len(instances) else []
+        pairs = []
+        if tracks and len(instances):
+            confident = (instances.scores >= self.birth_score).tolist()
+            pairs = match_confident_first(self._iou(instances, small), confident, self.min_iou)
 
         ids = torch.full((len(instances),), -1, dtype=torch.long)
         if tracks is not None:

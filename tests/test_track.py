@@ -129,6 +129,18 @@ def test_birth_threshold():
     assert run(Tracker(birth_score=0.5), frames) == [[-1], [1], [1]]
 
 
+def test_confident_detection_keeps_its_track_over_a_weak_fragment_that_overlaps_more():
+    # Frame 2: the object moved (IoU with its track ~0.5) and a weak fragment sits where it was (IoU 0.81).
+    # One Hungarian round over both would hand the track to the fragment and start a new id for the object.
+    frames = [[(40, 30, 10, 1, 0.95)], [(46, 30, 10, 1, 0.95), (40, 30, 9, 1, 0.2)], [(50, 30, 10, 1, 0.95)]]
+    assert run(Tracker(min_iou=0.3), frames) == [[1], [1, -1], [1]]
+
+
+def test_weak_detection_continues_a_track_the_confident_ones_left_free():
+    frames = [[(20, 30, 8, 1, 0.9), (70, 30, 8, 1, 0.9)], [(21, 30, 8, 1, 0.9), (70, 31, 8, 1, 0.2)]]
+    assert run(Tracker(), frames) == [[1, 2], [1, 2]]
+
+
 def test_stage_fills_records_and_timings():
     tracker = Tracker.from_config(OmegaConf.create({"match_on": "box", "max_misses": 3}))
     batch = []
