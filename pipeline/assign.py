@@ -1,7 +1,9 @@
 """Assign stage: which instances get stylized, and with which style.
 
 Policies: `by_class` (a class → style map, other classes take `default_style`) and `per_instance` (each new
-track takes the next palette style, round robin, and keeps it for its whole life, short misses included).
+track takes the next palette style, round robin, and keeps it for its whole life, short misses included). A new
+track skips styles held by tracks seen in the last `palette_memory` frames, so an object that reappears from
+behind another (and so gets a new track) does not come back in the style of the object still on screen.
 Instances of `exclude_classes`, below `min_score`, or with fewer than `min_area` mask pixels stay original.
 Every style spec and class name is checked against the bank and the model when the assigner is built, so a
 typo fails before the first frame is decoded.
@@ -19,8 +21,8 @@ POLICIES = ("by_class", "per_instance")
 ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
 BACKGROUND_CLASS = "__background__"
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, precision).
-STYLE_KEYS = ("assign", "palette", "class_styles", "default_style", "background", "exclude_classes", "min_score",
-              "min_area", "margin", "bank", "precision")
+STYLE_KEYS = ("assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
+              "min_score", "min_area", "margin", "bank", "precision")
 
 
 def is_original(spec) -> bool:
@@ -33,7 +35,7 @@ class StyleAssigner:
     name = "assign"
 
     def __init__(self, bank, class_names: list[str], policy: str = "per_instance", palette: list | None = None,
-                 class_styles: dict | None = None, default_style=None, background=ORIGINAL,
+                 palette_memory: int = 48, class_styles: dict | None = None, default_style=None, background=ORIGINAL,
                  exclude_classes: list[str] | None = None, min_score: float = 0.5, min_area: int = 64):
         if policy not in POLICIES:
             raise PipelineConfigError(f"style.assign must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -42,6 +44,10 @@ class StyleAssigner:
         self.palette = [self._style(s, "style.palette") for s in (palette or [])]
         if policy == "per_instance" and not any(s is not None for s in self.palette):
             raise PipelineConfigError("style.assign=per_instance needs a style.palette with at least one style")
+        if isinstance(palette_memory, bool) or not isinstance(palette_memory, int) or palette_memory < 0:
+            raise PipelineConfigError(f"style.palette_memory must be a whole number of frames >= 0, "
+                                      f"got {palette_memory!r}")
+        self.palette_memory = palette_memory
         # The class map is checked against the model only where it is used, so the default config (written for
         # the demo segmenter's classes) still runs per_instance with a COCO model.
         check = self._class if policy == "by_class" else (lambda name, key: str(name))
@@ -53,6 +59,7 @@ class StyleAssigner:
         self.min_score, self.min_area = float(min_score), int(min_area)
         self._validate_specs(bank)
         self._track_styles: dict[int, str | None] = {}
+        self._last_seen: dict[int, int] = {}   # track id -> index of the last frame it was in
         self._next_palette = 0
         self.styles_used: set[str] = set()
 
@@ -63,6 +70,7 @@ class StyleAssigner:
         if unknown:
             raise PipelineConfigError(f"unknown style setting(s) {', '.join(unknown)}; known: {', '.join(STYLE_KEYS)}")
         return cls(bank, class_names, policy=cfg.get("assign", "per_instance"), palette=cfg.get("palette"),
+                   palette_memory=cfg.get("palette_memory", 48),
                    class_styles=cfg.get("class_styles"), default_style=cfg.get("default_style"),
                    background=cfg.get("background", ORIGINAL), exclude_classes=cfg.get("exclude_classes"),
                    min_score=cfg.get("min_score", 0.5), min_area=cfg.get("min_area", 64))
@@ -121,8 +129,23 @@ class StyleAssigner:
         if record.track_ids is None:
             raise ValueError("style.assign=per_instance needs track ids: run the tracker before the assigner")
         ids = record.track_ids.tolist()
-        for track_id in sorted(set(ids) - {-1} - set(self._track_styles)):  # new tracks, in birth order
-            self._track_styles[track_id] = self.palette[self._next_palette % len(self.palette)]
-            self._next_palette += 1
+        tracked = set(ids) - {-1}
+        self._last_seen.update((track_id, record.index) for track_id in tracked & set(self._track_styles))
+        for track_id in sorted(tracked - set(self._track_styles)):  # new tracks, in birth order
+            self._track_styles[track_id] = self._palette_style_for_new_track(record.index)
+            self._last_seen[track_id] = record.index
         # Untracked instances (too weak to start a track) have no stable identity, so no stable style.
         return [self._track_styles.get(track_id) for track_id in ids]
+
+    def _palette_style_for_new_track(self, now: int) -> str | None:
+        """The next palette style (round robin) not held by a recently seen track; when every style is held,
+        the one whose holders were seen longest ago."""
+        last_held: dict[str | None, int] = {}
+        for track_id, seen in self._last_seen.items():
+            if now - seen <= self.palette_memory:
+                style = self._track_styles[track_id]
+                last_held[style] = max(last_held.get(style, seen), seen)
+        order = [(self._next_palette + k) % len(self.palette) for k in range(len(self.palette))]
+        pick = min(order, key=lambda i: last_held.get(self.palette[i], -1))  # ties keep round-robin order
+        self._next_palette = pick + 1
+        return self.palette[pick]

@@ -57,15 +57,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(run, device: torch.device, iterations: int, warmup: int):
-    for _ in range(warmup):
-        run()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        out = run()
-    synchronize(device)
-    return (time.perf_counter() - start) / iterations, out
+def time_pair(runs: dict, device: torch.device, iterations: int, warmup: int):
+    """Seconds per batch and last output of each run, timed in alternation so load drift hits both alike."""
+    seconds, outputs = dict.fromkeys(runs, 0.0), {}
+    for step in range(warmup + iterations):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            outputs[name] = run()
+            synchronize(device)
+            if step >= warmup:
+                seconds[name] += time.perf_counter() - start
+    return {name: total / iterations for name, total in seconds.items()}, outputs
 
 
 def difference(ours, theirs) -> tuple[str, str]:
@@ -126,12 +129,13 @@ def main() -> None:
                     return ours.predict(frames)
 
                 try:
-                    t_theirs, out_theirs = time_it(run_theirs, device, args.iterations, args.warmup)
-                    t_ours, out_ours = time_it(run_ours, device, args.iterations, args.warmup)
+                    times, outputs = time_pair({"theirs": run_theirs, "ours": run_ours}, device, args.iterations,
+                                               args.warmup)
                 except RuntimeError as e:  # e.g. a precision the device does not support
                     print(f"skipped {device} {precision} batch {batch_size}: {str(e).splitlines()[0]}")
                     continue
-                box_diff, score_diff = difference(out_ours, out_theirs)
+                t_theirs, t_ours = times["theirs"], times["ours"]
+                box_diff, score_diff = difference(outputs["ours"], outputs["theirs"])
                 rows.append([
                     device_name(device), str(batch_size), precision, f"{batch_size / t_theirs:.2f}",
                     f"{batch_size / t_ours:.2f}", f"{t_theirs / t_ours:.2f}x", box_diff, score_diff,
@@ -142,8 +146,9 @@ def main() -> None:
     title = (
         f"## Segmenter: ours vs torchvision Mask R-CNN R50-FPN — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; frames {args.image_size[0]}x{args.image_size[1]}, "
-        f"min/max size {args.min_size}/{args.max_size}, {args.detections} detections/image, {args.iterations} timed iterations after {args.warmup} warm-up; "
-        "seeded reference weights (calibrated frozen BN), ours with BN folded into the convs; differences on the first frame; "
+        f"min/max size {args.min_size}/{args.max_size}, {args.detections} detections/image, {args.iterations} timed iterations after {args.warmup} warm-up, the two models alternating; "
+        "seeded reference weights (calibrated frozen BN), ours as the render runs it (BN folded into the convs, "
+        "channels_last); differences on the first frame; "
         f"1/5/15-min load average before: {load_before}.\n"
     )
     publish(title + "\n" + markdown_table(header, rows) + "\n", args.output, append=not args.no_append)

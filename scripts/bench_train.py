@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mask-head-channels", type=int, default=128)
     p.add_argument("--iterations", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels-last", action="store_true", help="our model in channels_last memory layout")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--no-append", action="store_true")
@@ -95,6 +96,7 @@ def main() -> None:
         backbone=args.backbone, norm=args.norm, trainable_layers=5, num_classes=len(names), class_names=names,
         min_size=args.size, max_size=args.size, fpn_channels=args.fpn_channels,
         representation_size=args.representation_size, mask_head_channels=args.mask_head_channels,
+        channels_last=args.channels_last,
     )
     torch.manual_seed(0)
     ours = build_model(config).to(device)
@@ -156,7 +158,8 @@ def main() -> None:
     text = (
         f"## Training step: ours vs torchvision Mask R-CNN loop — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; {args.backbone}/{args.norm} "
-        f"FPN {args.fpn_channels}, box head {args.representation_size}, mask head {args.mask_head_channels}; "
+        f"FPN {args.fpn_channels}, box head {args.representation_size}, mask head {args.mask_head_channels}, "
+        f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout; "
         f"same starting weights and synthetic batches; {args.iterations} timed steps each after {args.warmup} "
         f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"
     )

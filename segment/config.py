@@ -77,7 +77,7 @@ class SegmenterConfig:
     box_min_size: float = 1e-2
     paste_chunk_size: int = 16  # instances pasted per batched matmul; bounds temporaries, not the output
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convs: measured faster for inference on CPU (R50 and R18-GN), no slower in training
 
     def __post_init__(self) -> None:
         self._check_choice("backbone", BACKBONES)

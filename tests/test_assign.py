@@ -40,7 +40,7 @@ def record(objects: list[tuple], track_ids: list[int] | None = None, index: int 
 
 
 def config(**overrides):
-    base = {"assign": "by_class", "palette": ["candy", "mosaic"], "class_styles": {"person": "candy", "dog": "udnie"},
+    base = {"assign": "by_class", "palette": ["candy", "mosaic"], "palette_memory": 48, "class_styles": {"person": "candy", "dog": "udnie"},
             "default_style": "mosaic", "background": "original", "exclude_classes": [], "min_score": 0.5,
             "min_area": 64, "margin": 16, "bank": None, "precision": "auto"}
     return OmegaConf.create({**base, **overrides})
@@ -89,6 +89,37 @@ def test_per_instance_round_robin_and_persistence(bank):
                                           ["udnie", "candy", None]]  # track 4 wraps round; untracked stays
     with pytest.raises(ValueError, match="track ids"):
         assigner([record([(0, 0, 10, 1, 0.9)])])
+
+
+def test_new_track_skips_the_style_of_a_live_track(bank):
+    # Tracks 2 and 3 leave; track 1 (candy) stays. Round robin alone would give new track 4 candy again, and the
+    # two objects on screen would look alike.
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=["candy", "mosaic", "udnie"]),
+                                         bank, CLASSES)
+    a, b, c, d = (0, 0, 10, 1, 0.9), (20, 0, 10, 1, 0.9), (40, 0, 10, 1, 0.9), (0, 20, 10, 1, 0.9)
+    frames = [record([a, b, c], [1, 2, 3], index=0), record([a], [1], index=30), record([a, d], [1, 4], index=31)]
+    assigner(frames)
+    assert frames[-1].styles == ["candy", "mosaic"]
+
+
+@pytest.mark.parametrize("memory, expected", [
+    (3, "mosaic"),    # tracks 2 (mosaic, seen at 1) and 3 (udnie, seen at 0) both expired: round robin order
+    (10, "udnie"),    # every style held: the one whose holder was seen longest ago
+])
+def test_palette_memory_expiry_and_least_recent_fallback(bank, memory, expected):
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=["candy", "mosaic", "udnie"],
+                                                palette_memory=memory), bank, CLASSES)
+    a, b, c, d = (0, 0, 10, 1, 0.9), (20, 0, 10, 1, 0.9), (40, 0, 10, 1, 0.9), (0, 20, 10, 1, 0.9)
+    frames = [record([a, b, c], [1, 2, 3], index=0), record([a, b], [1, 2], index=1), record([a], [1], index=2),
+              record([a, d], [1, 4], index=5)]
+    assigner(frames)
+    assert frames[-1].styles == ["candy", expected]
+
+
+@pytest.mark.parametrize("memory", [-1, 2.5, "long", True])
+def test_bad_palette_memory_is_rejected(bank, memory):
+    with pytest.raises(PipelineConfigError, match="palette_memory"):
+        StyleAssigner.from_config(config(assign="per_instance", palette_memory=memory), bank, CLASSES)
 
 
 def test_tracked_object_keeps_its_style_through_a_miss(bank):
@@ -163,5 +194,5 @@ def test_default_config_with_the_real_bank_names(class_map):
     specs = [*cfg.palette, *cfg.class_styles.values(), cfg.default_style]
     assert all(s in names for s in specs)
     assert set(cfg.class_styles) <= set(CLASS_NAMES if class_map == "shapes" else coco_class_names())
-    assert set(cfg) == {"assign", "palette", "class_styles", "default_style", "background", "exclude_classes",
+    assert set(cfg) == {"assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
                         "min_score", "min_area", "margin", "bank", "precision"}

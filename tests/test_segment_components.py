@@ -173,3 +173,25 @@ def test_folded_model_refuses_training_and_saving(tmp_path):
     with pytest.raises(CheckpointError, match="folded"):
         save_checkpoint(model, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_multilevel_roi_align_in_threads_equals_torchvision(autocast):
+    # CPU inference splits each level's RoIs over a thread pool; the thread-local inference and autocast modes
+    # must reach the workers, and the pooled values must be exactly torchvision's.
+    g = torch.Generator().manual_seed(3)
+    boxes = [boxes_in(300, 400, 300, g, min_side=1.0), boxes_in(200, 400, 300, g, min_side=40.0)]
+    names = ["0", "1", "2", "3"]
+    dtype = torch.bfloat16 if autocast else torch.float32  # what the FPN hands over under bf16 autocast
+    features = {n: torch.randn(2, 8, 304 // 2**i // 4, 416 // 2**i // 4, generator=g).to(dtype)
+                for i, n in enumerate(names)}
+    sizes = [(300, 400), (290, 410)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want = MultiScaleRoIAlign(names, 7, 2)(features, boxes, sizes)
+            got = MultiLevelRoIAlign(7, 2)(list(features.values()), boxes)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == want.dtype and torch.equal(got, want)
