@@ -18,6 +18,9 @@ from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
 
 MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side needs ≥ 8 px; 16 leaves room
+# On CPU, larger batches run slower per crop (measured on 2 cores: 256² crops 22-25/s one or two at a time,
+# 14/s eight at a time; 128² crops 95/s four at a time, 58-82/s eight), so CPU batches stop at this many pixels.
+CPU_BATCH_PIXELS = 4 * 128 * 128
 
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
@@ -76,7 +79,7 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     frames: uint8 B×3×H×W; frame_index: (K,) long into frames; boxes: (K, 4) float xyxy pixels;
     style_weights: (K, S). Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive,
     float 3×h×w stylized crop in [0, 1] on the frames' device). Crops whose sizes round up to the same
-    multiple of `bucket` run together, up to `max_batch` at a time.
+    multiple of `bucket` run together, up to `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS).
 
     This net's texture reacts to everything within ~60 px, borders included, so padding a crop changes
     its stylization (mean |Δ| ≈ 0.03–0.1 for 4–32 px of padding): a larger `bucket` batches more crops
@@ -93,8 +96,9 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
 
     results: list[Tensor | None] = [None] * len(crops)
     for (h_pad, w_pad), members in groups.items():
-        for start in range(0, len(members), max_batch):
-            chunk = members[start:start + max_batch]
+        step = max_batch if frames.device.type != "cpu" else max(1, min(max_batch, CPU_BATCH_PIXELS // (h_pad * w_pad)))
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
             batch = torch.cat([
                 pad_bottom_right(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, h_pad, w_pad)
                 for k in chunk for (x1, y1, x2, y2) in [crops[k]]])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import stylize.apply
 from stylize.apply import crop_boxes, pad_bottom_right, run_network, stylize_frames, stylize_regions
 from stylize.bank import sample_photo
 from tests.stylize_fixtures import bank, bank_path  # noqa: F401
@@ -86,3 +87,18 @@ def test_odd_frame_size_and_bf16(bank, frames):
     bf16 = stylize_frames(bank.network, odd, torch.eye(26)[[4, 9]], precision="bf16")
     assert fp32.shape == bf16.shape == (2, 3, 117, 175) and bf16.dtype == torch.float32
     assert (fp32 - bf16).abs().mean() < 0.05
+
+
+def test_cpu_batches_stop_at_the_pixel_cap(bank, monkeypatch):
+    # four 64x64 crops (one bucket) under a cap of two crops' pixels: two batches of two, same results
+    frames = torch.randint(0, 256, (1, 3, 96, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[72.0 * k, 0, 72.0 * k + 63, 63] for k in range(4)])
+    weights = torch.eye(26)[[1, 5, 9, 13]]
+    uncapped = stylize_regions(bank.network, frames, torch.zeros(4, dtype=torch.long), boxes, weights, margin=0)
+    sizes = []
+    monkeypatch.setattr(stylize.apply, "CPU_BATCH_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(stylize.apply, "run_network", lambda net, x, *a: sizes.append(len(x)) or run_network(net, x, *a))
+    capped = stylize_regions(bank.network, frames, torch.zeros(4, dtype=torch.long), boxes, weights, margin=0)
+    assert sizes == [2, 2]
+    for (box_a, a), (box_b, b) in zip(uncapped, capped):
+        assert box_a == box_b and torch.allclose(a, b, atol=1e-5)
