@@ -145,7 +145,8 @@ class Compositor:
         if not both:
             return
         inside = torch.stack(both).any(0)
-        changes = torch.stack([(now.float() - before.float()).abs().mean(0)[inside].sum()
+        # a product, not inside-indexing: boolean indexing would wait for the GPU to count the pixels
+        changes = torch.stack([((now.float() - before.float()).abs().mean(0) * inside).sum()
                                for now, before in ((output, previous[1]), (image, previous[0]))])
         count = inside.sum()
         # Kept on the device: reading them back every frame would stall the pipeline.

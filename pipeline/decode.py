@@ -2,7 +2,10 @@
 
 Frames keep their own presentation timestamps (variable frame rate survives), rotation side data is applied
 so frames come out upright, and any pixel format (10-bit, 4:2:2, odd sizes) is converted to rgb24 by swscale.
-Only one batch at a time lives in memory; the caller decides how far decode runs ahead.
+With `colour=device` (the default on a GPU) 8-bit 4:2:0 frames travel to the device as their YUV planes and
+become RGB there (pipeline/colour.py); `decoder=nvdec` decodes on the GPU's NVDEC unit (FFmpeg's *_cuvid
+decoders, which hand back NV12 frames). Only one batch at a time lives in memory; the caller decides how far
+decode runs ahead.
 """
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ from pipeline.errors import (
     AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
     ffmpeg_reason,
 )
+from pipeline.colour import FULL_RANGE, PACKED_420, packed_planes_to_rgb
 from pipeline.record import FrameRecord
+
+DECODERS = ("software", "nvdec")
+COLOUR = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -97,13 +104,32 @@ class VideoReader:
     Raises TruncatedVideoError at the end when the stream broke off, so a render never ends silently short.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 4, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | Path, batch_size: int = 4, device: torch.device | str = "cpu",
+                 decoder: str = "software", colour: str = "auto"):
         if batch_size < 1:
             raise PipelineConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if decoder not in DECODERS:
+            raise PipelineConfigError(f"decode.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if colour not in COLOUR:
+            raise PipelineConfigError(f"decode.colour must be one of {', '.join(COLOUR)}, got {colour!r}")
         self.info = probe(path)
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.decoder_name = _hardware_decoder(self.info) if decoder == "nvdec" else None
+        if self.decoder_name:  # fail before any output exists, not in the decode thread
+            with open_input(self.info.path) as container:
+                _open_decoder(container.streams.video[0], self.decoder_name, self.info.path)  # freed when dropped
+        self.colour_on_device = colour == "device" or (colour == "auto" and self.device.type == "cuda")
         self.frames_read = 0
+
+    @classmethod
+    def from_config(cls, path: str | Path, cfg, batch_size: int, device: torch.device) -> VideoReader:
+        keys = ("decoder", "colour")
+        unknown = sorted(set(cfg) - set(keys))
+        if unknown:
+            raise PipelineConfigError(f"unknown decode setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+        return cls(path, batch_size=batch_size, device=device, decoder=str(cfg.get("decoder", "software")),
+                   colour=str(cfg.get("colour", "auto")))
 
     def __iter__(self) -> Iterator[list[FrameRecord]]:
         info = self.info
@@ -115,7 +141,7 @@ class VideoReader:
             fallback_step = _pts_step(info)
             last_pts: int | None = None
             started = time.perf_counter()
-            for index, frame in enumerate(_decode_frames(container, stream, info.path)):
+            for index, frame in enumerate(_decode_frames(container, stream, info.path, self.decoder_name)):
                 pts = frame.pts
                 if pts is None:  # raw streams carry no timestamps: space frames by the nominal rate
                     pts = 0 if last_pts is None else last_pts + fallback_step
@@ -135,13 +161,20 @@ class VideoReader:
         self._check_complete()
 
     def _to_tensor(self, frame: av.VideoFrame) -> torch.Tensor:
-        rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+        layout = frame.format.name
+        if self.colour_on_device and layout in PACKED_420 and frame.width % 2 == 0 and frame.height % 2 == 0:
+            planes = self._to_device(torch.from_numpy(frame.to_ndarray()))
+            rgb = packed_planes_to_rgb(planes, layout, frame.colorspace, frame.color_range == FULL_RANGE)
+        else:
+            rgb = self._to_device(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
         if self.info.rotation:
             rgb = torch.rot90(rgb, self.info.rotation // 90, dims=(1, 2))  # counter-clockwise, like the matrix
-        rgb = rgb.contiguous()
+        return rgb.contiguous()
+
+    def _to_device(self, array: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            return rgb.pin_memory().to(self.device, non_blocking=True)
-        return rgb.to(self.device)
+            return array.pin_memory().to(self.device, non_blocking=True)
+        return array.to(self.device)
 
     def _check_complete(self) -> None:
         declared, got = self.info.declared_frames, self.frames_read
@@ -153,12 +186,40 @@ class VideoReader:
                 f"{self.info.path} is truncated: decoded {got} of the {declared} frames its container declares")
 
 
-def _decode_frames(container, stream, path: Path) -> Iterator[av.VideoFrame]:
-    """Decoded frames of `stream`; a decoder failure mid-stream becomes TruncatedVideoError."""
+def _hardware_decoder(info: VideoInfo) -> str:
+    name = f"{info.codec}_cuvid"
+    if name not in av.codecs_available:
+        raise PipelineConfigError(f"decode.decoder=nvdec: FFmpeg has no NVDEC decoder for {info.codec} "
+                                  f"({name}); use decode.decoder=software")
+    return name
+
+
+def _open_decoder(stream, name: str, path: Path) -> av.CodecContext:
+    """A decoder `name` set up from the stream's own parameters (what libavformat would have given it)."""
+    context = av.CodecContext.create(name, "r")
+    source = stream.codec_context
+    context.extradata = source.extradata
+    context.width, context.height = source.width, source.height
+    try:
+        context.open()
+    except av.FFmpegError as e:
+        hint = " - NVDEC needs an NVIDIA GPU and driver" if name.endswith("_cuvid") else ""
+        raise PipelineConfigError(f"decoder {name} cannot start for {path.name} ({ffmpeg_reason(e)}){hint}") from e
+    return context
+
+
+def _decode_frames(container, stream, path: Path, decoder_name: str | None = None) -> Iterator[av.VideoFrame]:
+    """Decoded frames of `stream` (by the decoder `decoder_name` instead of the stream's own, when given); a
+    decoder failure mid-stream becomes TruncatedVideoError."""
     decoded = 0
+    context = None if decoder_name is None else _open_decoder(stream, decoder_name, path)
     try:
         for packet in container.demux(stream):
-            for frame in packet.decode():
+            if context is None:
+                frames = packet.decode()
+            else:  # the flush packet (no data) at the end drains the decoder
+                frames = context.decode(None if packet.size == 0 else packet)
+            for frame in frames:
                 decoded += 1
                 yield frame
     except av.FFmpegError as e:

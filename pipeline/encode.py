@@ -52,7 +52,9 @@ class VideoWriter:
             self.container.start_encoding()  # opens the encoder now, so a bad codec fails before any work
         except av.FFmpegError as e:
             self._abort()
-            needs = " - it needs an NVIDIA GPU and driver" if "nvenc" in self.codec else ""
+            # e.g. "unsupported device" on an H100 or A100: data-centre chips without the NVENC unit
+            needs = " - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver" \
+                if "nvenc" in self.codec else ""
             raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){needs}: try encode=x264") from e
         except BaseException:
             self._abort()

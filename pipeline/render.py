@@ -78,7 +78,7 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     """
     target = check_output(output, input=cfg.input, overwrite=bool(cfg.overwrite))
     device = resolve_device(str(cfg.device))
-    reader = VideoReader(Path(cfg.input).absolute(), batch_size=int(cfg.batch_size), device=device)
+    reader = VideoReader.from_config(Path(cfg.input).absolute(), cfg.decode, int(cfg.batch_size), device)
     print(f"input: {reader.info.path} ({reader.info.describe()})", file=sys.stderr)
     summary = RenderSummary(output=target)
     with AtomicOutput(target, overwrite=bool(cfg.overwrite)) as temp:

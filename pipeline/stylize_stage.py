@@ -15,17 +15,22 @@ from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from stylize.apply import stylize_frames, stylize_regions
 
+CPU_CROP_BUCKET, GPU_CROP_BUCKET = 16, 64
+
 
 class StylizeStage:
     """Sets `record.stylized` (one `StylizedRegion` per kept instance) and `record.background`."""
 
     name = "stylize"
 
-    def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto"):
+    def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto"):
         if margin < 0:
             raise PipelineConfigError(f"style.margin must be >= 0, got {margin}")
+        if crop_bucket != "auto" and (not isinstance(crop_bucket, int) or crop_bucket < 4 or crop_bucket % 4):
+            raise PipelineConfigError(f"style.crop_bucket must be auto or a positive multiple of 4, got {crop_bucket}")
         self.bank = bank
         self.margin = int(margin)
+        self.crop_bucket = crop_bucket
         self.background = None if is_original(background) else str(background).strip()
         self.precision = precision
         self._weights: dict[str, torch.Tensor] = {}
@@ -35,13 +40,21 @@ class StylizeStage:
     @classmethod
     def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
-                   precision=str(cfg.get("precision", "auto")))
+                   precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
         if spec not in self._weights:
             self._weights[spec] = self.bank.weights_for(spec)
         return self._weights[spec]
+
+    def bucket(self, device: torch.device) -> int:
+        """Crop sizes are padded up to multiples of this. On a GPU the stage is bound by host work per network
+        call and by cuDNN planning each new shape (measured on an H100, docs/benchmarks.md), so coarse buckets
+        pay; on a CPU the padding is compute, so fine ones do."""
+        if self.crop_bucket != "auto":
+            return self.crop_bucket
+        return GPU_CROP_BUCKET if device.type == "cuda" else CPU_CROP_BUCKET
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if not batch:
@@ -64,7 +77,7 @@ class StylizeStage:
             boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
             weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
             crops = stylize_regions(network, frames, frame_index, boxes, weights, margin=self.margin,
-                                    precision=self.precision)
+                                    precision=self.precision, bucket=self.bucket(device))
             for (b, i, style), (box, pixels) in zip(jobs, crops):
                 batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels))
         if self.background is None:

@@ -26,3 +26,21 @@ def _photo(name: str, max_side: int) -> torch.Tensor:
 def real_photos() -> dict[str, torch.Tensor]:
     """Small real photos (uint8 3xHxW, different sizes, longer side <= 256): astronaut, coffee, chelsea."""
     return {name: _photo(name, 256) for name in ("astronaut", "coffee", "chelsea")}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the device-sensitive tests run their models: cpu (CI) or cuda (a GPU machine)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device under test (`pytest --device cuda` on a GPU machine). On CUDA, TF32 is switched off so the
+    parity tests hold their fp32 tolerances: the oracle and our model would otherwise each round differently."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda asked for, but torch sees no GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device

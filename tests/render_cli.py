@@ -51,8 +51,8 @@ def temp_leftovers(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if ".partial" in p.name)
 
 
-def tiny_model_overrides(folder: Path) -> list[str]:
-    """Hydra overrides that run the render on CPU with a tiny random segmenter and style bank written into
+def tiny_model_overrides(folder: Path, device="cpu") -> list[str]:
+    """Hydra overrides that run the render on `device` with a tiny random segmenter and style bank written into
     `folder`, with every detection kept, tracked and stylized (random scores are low)."""
     from tests.tiny_models import segment_overrides, tiny_bank, tiny_segmenter
 
@@ -60,4 +60,4 @@ def tiny_model_overrides(folder: Path) -> list[str]:
     checkpoint = tiny_segmenter(folder / "tiny_segmenter.pt")
     bank = tiny_bank(folder / "tiny_bank.pt")
     return [*segment_overrides(checkpoint), f"style.bank={bank}", "style.min_score=0", "style.min_area=1",
-            "track.birth_score=0", "device=cpu", "encode.preset=ultrafast"]
+            "track.birth_score=0", f"device={device}", "encode.preset=ultrafast"]

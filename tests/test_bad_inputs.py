@@ -19,6 +19,7 @@ from pipeline.streaming import run_streaming
 from tests.helpers_video import (
     audio_only_clip, not_a_video, pattern_frames, truncated_clip, write_clip, zero_frame_clip,
 )
+from tests.helpers_process import interruptible_popen
 from tests.render_cli import ROOT, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
 
 
@@ -140,11 +141,13 @@ def test_missing_input_argument(tmp_path, models):
     assert "error: no input given" in result.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="NVENC may work on a GPU machine")
-def test_nvenc_without_gpu_is_a_clear_error(tmp_path, models, clip):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="NVENC / NVDEC may work on a GPU machine")
+@pytest.mark.parametrize("override, message", [("encode=nvenc", "h264_nvenc"),
+                                               ("decode.decoder=nvdec", "h264_cuvid cannot start")])
+def test_nvidia_video_engines_without_gpu_are_a_clear_error(tmp_path, models, clip, override, message):
     output = tmp_path / "out.mp4"
-    result = run_in_process([f"input={clip}", f"output={output}", *models, "encode=nvenc"], cwd=tmp_path)
-    assert_refused(result, output, {clip: sha256(clip)}, "h264_nvenc")
+    result = run_in_process([f"input={clip}", f"output={output}", *models, override], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, message)
     assert not output.exists()
 
 
@@ -153,7 +156,7 @@ def test_interrupt_leaves_nothing_behind(tmp_path, models):
     digest = sha256(source)
     output = tmp_path / "out.mp4"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.render", f"input={source}", f"output={output}",
+    proc = interruptible_popen([sys.executable, "-m", "pipeline.render", f"input={source}", f"output={output}",
                              *models], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

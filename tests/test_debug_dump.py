@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pipeline.debug import DebugDumper, DebugDumpError
 from pipeline.debug_reader import load_dump
 from pipeline.viewer import ViewerServer
+from tests.helpers_process import interruptible_popen
 from tests.debug_fixture import CLASS_NAMES, synthetic_records, write_dump
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_server_pages_frames_and_blocks_path_traversal(tmp_path):
 def test_viewer_cli_serves_until_interrupted(tmp_path):
     d = tmp_path / "d"
     write_dump(d, n=2, max_side=64)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.viewer", str(d), "--no-browser", "--port", "0"],
+    proc = interruptible_popen([sys.executable, "-m", "pipeline.viewer", str(d), "--no-browser", "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

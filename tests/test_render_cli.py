@@ -6,6 +6,7 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -18,8 +19,8 @@ PTS_MS = [0, 40, 90, 100, 180, 260, 270, 400]  # variable frame rate
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> list[str]:
-    return tiny_model_overrides(tmp_path_factory.mktemp("models"))
+def models(tmp_path_factory, device) -> list[str]:
+    return tiny_model_overrides(tmp_path_factory.mktemp("models"), device)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,31 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
     assert not (tmp_path / "out.mp4").exists()
     overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in outputs]
     assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]
+
+
+def test_nvdec_and_nvenc_render_like_the_software_path(tmp_path, models, device):
+    if device.type != "cuda" or not {"h264_cuvid", "h264_nvenc"} <= av.codecs_available:
+        pytest.skip("needs `pytest --device cuda` on an NVIDIA GPU and PyAV with h264_cuvid / h264_nvenc")
+    if not nvenc_opens():
+        pytest.skip("this GPU has no NVENC unit (as on H100 / A100)")
+    clip = write_clip(tmp_path / "in.mp4", pattern_frames(len(PTS_MS), 192, 128), pts=PTS_MS,
+                      time_base=Fraction(1, 1000), audio=True)
+    outputs = {"software": [], "nvidia": ["decode.decoder=nvdec", "encode=nvenc"]}
+    for name, engines in outputs.items():
+        result = run_in_process([f"input={clip}", f"output={tmp_path / name}.mp4", *models, *engines], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    software, times = read_frames(tmp_path / "software.mp4")
+    nvidia, nvidia_times = read_frames(tmp_path / "nvidia.mp4")
+    assert nvidia_times == times == [Fraction(p, 1000) for p in PTS_MS]
+    assert min(psnr(a, b) for a, b in zip(software, nvidia)) > 30   # two encoders' losses, same stylized frames
+    assert audio_summary(tmp_path / "nvidia.mp4") == pytest.approx(audio_summary(clip))
+
+
+def nvenc_opens() -> bool:
+    stream = av.CodecContext.create("h264_nvenc", "w")
+    stream.width, stream.height, stream.pix_fmt, stream.time_base = 256, 144, "yuv420p", Fraction(1, 24)
+    try:
+        stream.open()
+    except av.FFmpegError:
+        return False
+    return True

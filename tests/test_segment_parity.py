@@ -26,7 +26,7 @@ def reference(real_photos, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["as_loaded", "bn_folded"])
-def pair(reference, request):
+def pair(reference, request, device):
     """Ours as loaded in torchvision's memory layout (the same arithmetic), and as the render runs it: FrozenBatchNorm
     folded into the convs, channels_last."""
     theirs, path = reference
@@ -36,7 +36,7 @@ def pair(reference, request):
         ours.fold_frozen_norms()
         assert ours.folded and not any(isinstance(m, FrozenBatchNorm2d) for m in ours.modules())
         assert ours.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    return theirs, ours, TOLERANCES[request.param]
+    return theirs.to(device), ours.to(device), TOLERANCES[request.param]
 
 
 # (box px, score). Folding and channels_last change fp32 rounding only: torchvision against itself in
@@ -50,12 +50,12 @@ def mask_ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
-def test_predictions_equal_torchvision(pair, real_photos, name):
+def test_predictions_equal_torchvision(pair, real_photos, name, device):
     theirs, ours, (box_tolerance, score_tolerance) = pair
-    frame = real_photos[name]
+    frame = real_photos[name].to(device)
     with torch.no_grad():
-        want = theirs([frame.float() / 255])[0]
-    got = ours.predict(frame)[0]
+        want = {k: v.cpu() for k, v in theirs([frame.float() / 255])[0].items()}
+    got = ours.predict(frame)[0].to("cpu")
     assert got.image_size == tuple(frame.shape[-2:]) and got.masks.shape == (len(got), *frame.shape[-2:])
     assert len(want["labels"]) >= 20 and len(want["labels"].unique()) >= 2, "reference model output is too trivial"
     assert torch.equal(got.labels, want["labels"])
@@ -79,9 +79,10 @@ def small_model(**overrides):
     return build_model(config).eval()
 
 
-def test_batched_equals_one_by_one(real_photos):
-    model = small_model()
-    frames = [real_photos["coffee"], real_photos["chelsea"], real_photos["coffee"].flip(-1)]
+def test_batched_equals_one_by_one(real_photos, device):
+    model = small_model().to(device)
+    frames = [real_photos[n].to(device) for n in ("coffee", "chelsea")]
+    frames.append(frames[0].flip(-1))
     batched = model.predict(frames)  # mixed sizes: one B x 3 x H x W batch of the two coffees, one of chelsea
     stacked = model.predict(torch.stack([frames[0], frames[2]]))
     singles = [model.predict(f)[0] for f in frames]
@@ -93,9 +94,9 @@ def test_batched_equals_one_by_one(real_photos):
         torch.testing.assert_close(got.masks, want.masks, rtol=0, atol=1e-3)
 
 
-def test_small_resnet18_gn_config_runs(real_photos):
-    model = small_model()
-    results = model.predict([real_photos["chelsea"], real_photos["astronaut"]])
+def test_small_resnet18_gn_config_runs(real_photos, device):
+    model = small_model().to(device)
+    results = model.predict([real_photos["chelsea"].to(device), real_photos["astronaut"].to(device)])
     assert [r.image_size for r in results] == [(170, 256), (256, 256)]
     for r in results:
         assert len(r) > 0 and r.boxes.dtype == torch.float32 and r.masks.shape[1:] == r.image_size

@@ -19,13 +19,13 @@ def onnx_session(bank_path):
 
 
 @pytest.mark.parametrize("size", [(64, 80), (96, 128)])
-def test_matches_onnxruntime(bank, onnx_session, size):
+def test_matches_onnxruntime(bank, onnx_session, size, device):
     image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(size[0]))  # the wheel's range: [0, 1]
     for spec in SPECS:
         weights = bank.weights_for(spec)
         expected = onnx_session.run(None, {"image": image.numpy(), "style_weights": weights.numpy()})[0]
         with torch.no_grad():
-            ours = bank.network(image, weights[None]).numpy()
+            ours = bank.network.to(device)(image.to(device), weights[None].to(device)).cpu().numpy()
         diff = float(np.abs(ours - expected).max())
         assert diff < 1e-4, f"{spec} at {size}: max |ours - onnxruntime| = {diff}"
         assert 0 <= ours.min() and ours.max() <= 1

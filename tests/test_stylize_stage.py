@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stylize_stage import StylizeStage
 from segment.structures import Instances
@@ -56,8 +57,9 @@ def style_cfg(**overrides):
                              "precision": "fp32", **overrides})
 
 
-def test_stylizes_exactly_the_kept_instances_with_their_styles(bank):
-    cfg = style_cfg()
+@pytest.mark.parametrize("crop_bucket", [16, 64, "auto"])
+def test_stylizes_exactly_the_kept_instances_with_their_styles(bank, crop_bucket):
+    cfg = style_cfg(crop_bucket=crop_bucket)
     batch = [frame(0, [(4, 4, 20, 1, 0.9), (30, 10, 16, 2, 0.3), (40, 30, 20, 2, 0.8)]),
              frame(1, [(10, 20, 24, 2, 0.95), (44, 6, 6, 1, 0.9)])]   # 36 px < min_area
     StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
@@ -70,7 +72,8 @@ def test_stylizes_exactly_the_kept_instances_with_their_styles(bank):
     for b, rec in enumerate(batch):
         for region in rec.stylized:
             alone = stylize_regions(bank.network, frames, torch.tensor([b]), rec.instances.boxes[region.instance][None],
-                                    bank.weights_for(region.style)[None], margin=8, precision="fp32")
+                                    bank.weights_for(region.style)[None], margin=8, precision="fp32",
+                                    bucket=16 if crop_bucket == "auto" else crop_bucket)
             (box, pixels), = alone
             assert region.box == box
             assert region.pixels.shape == (3, box[3] - box[1], box[2] - box[0])
@@ -120,3 +123,11 @@ def test_nothing_kept_and_original_background_costs_no_network(bank):
 def test_bad_background_fails_at_construction(bank):
     with pytest.raises(StyleError, match="unknown style 'starry'"):
         StylizeStage.from_config(style_cfg(background="starry"), bank)
+    with pytest.raises(PipelineConfigError, match="style.crop_bucket must be auto or a positive multiple of 4"):
+        StylizeStage.from_config(style_cfg(crop_bucket=30), bank)
+
+
+def test_auto_crop_bucket_is_coarse_on_gpus_only(bank):
+    stage = StylizeStage.from_config(style_cfg(), bank)
+    assert stage.bucket(torch.device("cpu")) == 16 and stage.bucket(torch.device("cuda")) == 64
+    assert StylizeStage.from_config(style_cfg(crop_bucket=32), bank).bucket(torch.device("cuda")) == 32

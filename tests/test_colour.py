@@ -1,0 +1,148 @@
+"""pipeline.colour (YUV → RGB in torch) against swscale (PyAV's rgb24) and against the analytic BT.601/709
+forward transform; VideoReader with colour on the device and with a stand-alone decoder context."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from pipeline.colour import coefficients, packed_planes_to_rgb, yuv_to_rgb
+from pipeline.decode import VideoReader, _decode_frames
+from pipeline.errors import PipelineConfigError
+from tests.helpers_video import pattern_frames, write_clip
+
+
+def photo_clip(path, colorspace: int, color_range: int, pix_fmt: str = "yuv420p"):
+    from skimage import data
+
+    photo = np.ascontiguousarray(data.astronaut()[::2, ::2][:120, :160])
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, pix_fmt
+        stream.codec_context.colorspace, stream.codec_context.color_range = colorspace, color_range
+        frame = av.VideoFrame.from_ndarray(photo, format="rgb24")
+        frame.colorspace, frame.color_range = colorspace, color_range
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("colorspace, color_range, pix_fmt", [
+    (1, 1, "yuv420p"),    # BT.709, limited range (HD video)
+    (5, 1, "yuv420p"),    # BT.601, limited
+    (2, 0, "yuv420p"),    # untagged: BT.601 limited, as swscale assumes
+    (1, 2, "yuvj420p"),   # BT.709, full range
+])
+@pytest.mark.parametrize("layout", ["planar", "nv12"])
+def test_matches_swscale(tmp_path, colorspace, color_range, pix_fmt, layout):
+    with av.open(str(photo_clip(tmp_path / "c.mp4", colorspace, color_range, pix_fmt))) as container:
+        frame = next(container.decode(video=0))
+    want = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).int()
+    source = frame.reformat(format="nv12") if layout == "nv12" else frame
+    got = packed_planes_to_rgb(torch.from_numpy(source.to_ndarray()), source.format.name, frame.colorspace,
+                               frame.color_range == 2).int()
+    difference = (got - want).abs()
+    # swscale's fixed-point path lands about one level below the exact formula on limited-range input
+    assert difference.max() <= 3 and difference.float().mean() < 1.3, (difference.max(), difference.float().mean())
+
+
+@pytest.mark.parametrize("colorspace", [1, 5])
+@pytest.mark.parametrize("full_range", [False, True])
+def test_inverts_the_analytic_forward_transform(colorspace, full_range):
+    # RGB with one colour per 2x2 block (so 4:2:0 loses nothing) → exact YUV by the standard's formula → back.
+    g = torch.Generator().manual_seed(colorspace)
+    rgb = torch.randint(0, 256, (3, 8, 10), generator=g).float().repeat_interleave(2, 1).repeat_interleave(2, 2)
+    kr, kb = coefficients(colorspace)
+    r, gr, b = rgb / 255
+    luma = kr * r + (1 - kr - kb) * gr + kb * b
+    cb, cr = (b - luma) / (2 * (1 - kb)), (r - luma) / (2 * (1 - kr))
+    if full_range:
+        y, u, v = luma * 255, cb * 255 + 128, cr * 255 + 128
+    else:
+        y, u, v = luma * 219 + 16, cb * 224 + 128, cr * 224 + 128
+    quantize = lambda p: p.round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+    back = yuv_to_rgb(quantize(y), quantize(u[::2, ::2]), quantize(v[::2, ::2]), colorspace, full_range)
+    assert (back.int() - rgb.int()).abs().max() <= 2   # 8-bit YUV quantisation only
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="even"):
+        packed_planes_to_rgb(torch.zeros(9, 7, dtype=torch.uint8), "yuv420p", 1, False)
+    with pytest.raises(ValueError, match="layout"):
+        packed_planes_to_rgb(torch.zeros(6, 4, dtype=torch.uint8), "yuv444p", 1, False)
+
+
+def test_reader_with_colour_on_device_matches_swscale(tmp_path, device):
+    frames = pattern_frames(6, 64, 48)
+    path = write_clip(tmp_path / "in.mp4", frames, pts=[0, 1, 3, 4, 7, 9], time_base=Fraction(1, 24))
+    on_cpu = [r for b in VideoReader(path, batch_size=4, colour="cpu") for r in b]
+    on_device = [r for b in VideoReader(path, batch_size=4, device=device, colour="device") for r in b]
+    assert [r.pts for r in on_device] == [r.pts for r in on_cpu]
+    assert [r.pts * r.time_base for r in on_device] == [Fraction(t, 24) for t in (0, 1, 3, 4, 7, 9)]
+    for a, b in zip(on_cpu, on_device):
+        assert b.image.shape == a.image.shape and b.image.dtype == torch.uint8 and b.image.device.type == device.type
+        assert (a.image.int() - b.image.cpu().int()).abs().max() <= 3
+
+
+def test_nvdec_decodes_what_the_software_decoder_decodes(tmp_path, device):
+    if device.type != "cuda" or "h264_cuvid" not in av.codecs_available:
+        pytest.skip("needs `pytest --device cuda` on an NVIDIA GPU and PyAV with h264_cuvid")
+    path = write_clip(tmp_path / "in.mp4", pattern_frames(9, 64, 48), pts=[0, 1, 3, 4, 7, 9, 10, 12, 15],
+                      time_base=Fraction(1, 24))
+    want = [r for b in VideoReader(path, batch_size=4, device=device) for r in b]
+    reader = VideoReader(path, batch_size=4, device=device, decoder="nvdec")
+    got = [r for b in reader for r in b]
+    assert reader.decoder_name == "h264_cuvid"
+    assert [r.pts for r in got] == [r.pts for r in want] and len(got) == 9
+    for a, b in zip(got, want):
+        # H.264 decoding is exact, so only the two colour conversions' rounding may differ
+        assert a.image.device.type == device.type and (a.image.int() - b.image.int()).abs().max() <= 2
+
+
+def test_stand_alone_decoder_context_equals_the_stream_decoder(tmp_path):
+    # decode.decoder=nvdec swaps in FFmpeg's *_cuvid decoder through this path; with the software h264 decoder
+    # in its place it must give exactly what the stream's own decoder gives, timestamps included.
+    path = write_clip(tmp_path / "in.mp4", pattern_frames(7, 64, 48), pts=[0, 2, 3, 5, 6, 8, 11],
+                      time_base=Fraction(1, 24))
+    with av.open(str(path)) as a, av.open(str(path)) as b:
+        theirs = list(_decode_frames(a, a.streams.video[0], path))
+        ours = list(_decode_frames(b, b.streams.video[0], path, "h264"))
+        time_base = b.streams.video[0].time_base
+    assert [f.pts for f in ours] == [f.pts for f in theirs]
+    assert [f.pts * time_base for f in ours] == [Fraction(t, 24) for t in (0, 2, 3, 5, 6, 8, 11)]
+    for x, y in zip(ours, theirs):
+        np.testing.assert_array_equal(x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24"))
+
+
+def test_nvdec_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: NVDEC may work here")
+    path = write_clip(tmp_path / "in.mp4", pattern_frames(2, 64, 48))
+    with pytest.raises(PipelineConfigError, match="h264_cuvid cannot start.*NVIDIA GPU"):
+        VideoReader(path, decoder="nvdec")   # refused up front, before a render creates anything
+
+
+def test_unknown_decode_settings_are_refused(tmp_path):
+    path = write_clip(tmp_path / "in.mp4", pattern_frames(2, 64, 48))
+    with pytest.raises(PipelineConfigError, match="decode.decoder"):
+        VideoReader(path, decoder="quicksync")
+    with pytest.raises(PipelineConfigError, match="decode.colour"):
+        VideoReader(path, colour="gpu")
+    with pytest.raises(PipelineConfigError, match="unknown decode setting"):
+        VideoReader.from_config(path, {"decoder": "software", "threads": 4}, 4, torch.device("cpu"))
+
+
+def test_nvdec_reader_flow_with_a_software_stand_in(tmp_path, monkeypatch):
+    import pipeline.decode
+
+    path = write_clip(tmp_path / "in.mp4", pattern_frames(5, 64, 48))
+    want = [r for b in VideoReader(path, batch_size=2) for r in b]
+    monkeypatch.setattr(pipeline.decode, "_hardware_decoder", lambda info: "h264")
+    reader = VideoReader(path, batch_size=2, decoder="nvdec")
+    got = [r for b in reader for r in b]
+    assert reader.decoder_name == "h264" and len(got) == 5
+    for a, b in zip(got, want):
+        assert a.pts == b.pts and torch.equal(a.image, b.image)
