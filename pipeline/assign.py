@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
@@ -66,9 +66,7 @@ class StyleAssigner:
     @classmethod
     def from_config(cls, cfg: DictConfig, bank, class_names: list[str]) -> StyleAssigner:
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        unknown = sorted(set(cfg) - set(STYLE_KEYS))
-        if unknown:
-            raise PipelineConfigError(f"unknown style setting(s) {', '.join(unknown)}; known: {', '.join(STYLE_KEYS)}")
+        check_settings(cfg, STYLE_KEYS, "style")
         return cls(bank, class_names, policy=cfg.get("assign", "per_instance"), palette=cfg.get("palette"),
                    palette_memory=cfg.get("palette_memory", 48),
                    class_styles=cfg.get("class_styles"), default_style=cfg.get("default_style"),

@@ -13,7 +13,7 @@ from kornia.filters import gaussian_blur2d
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 
@@ -64,9 +64,7 @@ class Compositor:
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> Compositor:
         keys = ("feather_px", "smooth_masks", "mask_threshold")
-        unknown = sorted(set(cfg) - set(keys))
-        if unknown:
-            raise PipelineConfigError(f"unknown composite setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+        check_settings(cfg, keys, "composite")
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
     def reset(self) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.errors import (
     AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
-    ffmpeg_reason,
+    check_settings, ffmpeg_reason,
 )
 from pipeline.colour import FULL_RANGE, PACKED_420, packed_planes_to_rgb
 from pipeline.record import FrameRecord
@@ -124,10 +124,7 @@ class VideoReader:
 
     @classmethod
     def from_config(cls, path: str | Path, cfg, batch_size: int, device: torch.device) -> VideoReader:
-        keys = ("decoder", "colour")
-        unknown = sorted(set(cfg) - set(keys))
-        if unknown:
-            raise PipelineConfigError(f"unknown decode setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+        check_settings(cfg, ("decoder", "colour"), "decode")
         return cls(path, batch_size=batch_size, device=device, decoder=str(cfg.get("decoder", "software")),
                    colour=str(cfg.get("colour", "auto")))
 

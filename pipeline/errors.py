@@ -45,3 +45,10 @@ def ffmpeg_reason(error: BaseException) -> str:
     """A library error's message on one line, without the errno noise PyAV adds."""
     text = getattr(error, "strerror", None) or str(error)
     return " ".join(str(text).split()) or type(error).__name__
+
+
+def check_settings(cfg, known: tuple[str, ...], group: str) -> None:
+    """A config group's keys must all be ones its stage reads: a typo is an error, not a silent default."""
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise PipelineConfigError(f"unknown {group} setting(s) {', '.join(unknown)}; known: {', '.join(known)}")

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 from segment.structures import Instances
@@ -123,9 +123,7 @@ class Tracker:
     def from_config(cls, cfg: DictConfig | dict) -> Tracker:
         keys = ("match_on", "min_iou", "same_class", "birth_score", "max_misses", "motion", "velocity_momentum",
                 "mask_size")
-        unknown = sorted(set(cfg) - set(keys))
-        if unknown:
-            raise PipelineConfigError(f"unknown track setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+        check_settings(cfg, keys, "track")
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
     def reset(self) -> None:

@@ -114,11 +114,9 @@ def main() -> None:
     frames_all = photo_frames(max(args.batch_sizes), tuple(args.image_size))
     theirs = torchvision_reference([f.float() / 255 for f in frames_all[:3]], box_detections_per_img=args.detections, **settings)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "maskrcnn_resnet50_fpn.pth"
+        path = args.save_reference or Path(tmp) / "maskrcnn_resnet50_fpn.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(theirs.state_dict(), path)
-        if args.save_reference:
-            args.save_reference.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(theirs.state_dict(), args.save_reference)
         # what the render runs: loaded, then FrozenBatchNorm folded into the convs (segment/fold.py)
         ours = load_torchvision_checkpoint(path, detections_per_img=args.detections, **settings).fold_frozen_norms()
 
