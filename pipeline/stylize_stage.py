@@ -23,7 +23,8 @@ class StylizeStage:
 
     name = "stylize"
 
-    def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto"):
+    def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
+                 cuda_graphs: bool = False):
         if margin < 0:
             raise PipelineConfigError(f"style.margin must be >= 0, got {margin}")
         if crop_bucket != "auto" and (not isinstance(crop_bucket, int) or crop_bucket < 4 or crop_bucket % 4):
@@ -33,6 +34,9 @@ class StylizeStage:
         self.crop_bucket = crop_bucket
         self.background = None if is_original(background) else str(background).strip()
         self.precision = precision
+        if not isinstance(cuda_graphs, bool):
+            raise PipelineConfigError(f"style.cuda_graphs must be true or false, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
             self.weights(self.background)  # a bad spec fails now, not at the first frame
@@ -40,7 +44,8 @@ class StylizeStage:
     @classmethod
     def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
-                   precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"))
+                   precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
+                   cuda_graphs=cfg.get("cuda_graphs", False))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
@@ -77,7 +82,7 @@ class StylizeStage:
             boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
             weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
             crops = stylize_regions(network, frames, frame_index, boxes, weights, margin=self.margin,
-                                    precision=self.precision, bucket=self.bucket(device))
+                                    precision=self.precision, bucket=self.bucket(device), graphs=self.cuda_graphs)
             for (b, i, style), (box, pixels) in zip(jobs, crops):
                 batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels))
         if self.background is None:
@@ -85,7 +90,7 @@ class StylizeStage:
                 record.background = None
         else:
             styled = stylize_frames(network, frames, self.weights(self.background).to(frames.device),
-                                    precision=self.precision)
+                                    precision=self.precision, graphs=self.cuda_graphs)
             for record, image in zip(batch, styled):
                 record.background = image
 

@@ -1,4 +1,5 @@
-"""Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s.
+"""Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s, each
+through the plain nn.Module forward (the peer) and through our StyleRunner (with CUDA graphs on a GPU).
 
     python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append]
 
@@ -13,14 +14,18 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import stylize.apply  # noqa: E402
 from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
+from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from scripts.bench_report import publish  # noqa: E402
 
@@ -29,8 +34,9 @@ CROPS = 8
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds per call after a warm-up (the median shrugs off other processes' bursts)."""
-    fn()  # warm-up (cuDNN autotune, allocator)
+    """Median seconds per call after warm-up (the median shrugs off other processes' bursts)."""
+    for _ in range(GRAPH_AFTER_CALLS):  # cuDNN plans, allocator, and the CUDA graph capture when graphs are on
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -43,7 +49,23 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str, str, float]]:
+def module_forward(network, x, style_weights, precision="auto", channels_last="auto", graphs=False):
+    """The peer: MultiStyleNet.forward under autocast, as stylize.apply ran it before StyleRunner."""
+    bf16 = precision == "bf16" or (precision == "auto" and x.device.type == "cuda")
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return network(x, style_weights.to(x.device)).float()
+
+
+def three_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None]:
+    """Seconds per call of fn(graphs) through the module peer, our runner, and our runner with CUDA graphs."""
+    with mock.patch.object(stylize.apply, "run_network", module_forward):
+        module = timed(lambda: fn(False), device, repeats)
+    runner = timed(lambda: fn(False), device, repeats)
+    graphs = timed(lambda: fn(True), device, repeats) if device.type == "cuda" else None
+    return module, runner, graphs
+
+
+def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str, str, int, tuple]]:
     network = bank.network.to(device)
     styles = torch.eye(len(bank))[torch.arange(CROPS) % len(bank)]
     frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
@@ -51,13 +73,15 @@ def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str
     for size in CROP_SIZES:
         boxes = torch.tensor([[8.0 * i, 8.0 * i, 8.0 * i + size - 1, 8.0 * i + size - 1] for i in range(CROPS)])
         index = torch.zeros(CROPS, dtype=torch.long)
-        run = lambda batch: stylize_regions(network, frame, index, boxes, styles, margin=0, max_batch=batch)  # noqa: E731
-        rows.append((f"crop {size}x{size} ({CROPS} styles)", "batched", CROPS / timed(lambda: run(CROPS), device, repeats)))
-        rows.append((f"crop {size}x{size} ({CROPS} styles)", "one by one", CROPS / timed(lambda: run(1), device, repeats)))
+        for mode, batch in (("batched", CROPS), ("one by one", 1)):
+            run = partial(lambda b, graphs: stylize_regions(network, frame, index, boxes, styles, margin=0, max_batch=b,
+                                                            graphs=graphs), batch)
+            rows.append((f"crop {size}x{size} ({CROPS} styles)", mode, CROPS, three_ways(run, device, repeats)))
     frames = frame.expand(2, -1, -1, -1).contiguous()
-    rows.append(("frame 854x480", "batch of 2", 2 / timed(lambda: stylize_frames(network, frames, styles[:2], max_batch=2),
-                                                          device, repeats)))
-    rows.append(("frame 854x480", "one by one", 1 / timed(lambda: stylize_frames(network, frame, styles[0]), device, repeats)))
+    rows.append(("frame 854x480", "batch of 2", 2, three_ways(
+        lambda graphs: stylize_frames(network, frames, styles[:2], max_batch=2, graphs=graphs), device, repeats)))
+    rows.append(("frame 854x480", "one by one", 1, three_ways(
+        lambda graphs: stylize_frames(network, frame, styles[0], graphs=graphs), device, repeats)))
     return rows
 
 
@@ -73,11 +97,16 @@ def main() -> int:
     precision = "bf16 + channels_last" if device.type == "cuda" else "fp32"
     rows = bench(StyleBank.load(args.bank), device, args.repeats)
     lines = [f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})", "",
-             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after a warm-up, "
-             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); "
-             f"`python scripts/bench_stylize.py`", "",
-             "| input | mode | images/s |", "|---|---|---|"]
-    lines += [f"| {what} | {mode} | {rate:.2f} |" for what, mode, rate in rows]
+             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
+             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
+             "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; "
+             "`python scripts/bench_stylize.py`", "",
+             "| input | mode | module images/s | runner images/s | runner + graphs images/s | best ours / module |",
+             "|---|---|---|---|---|---|"]
+    for what, mode, count, (module, runner, graphs) in rows:
+        best = min(runner, graphs or runner)
+        graphed = f"{count / graphs:.2f}" if graphs else "- (CPU)"
+        lines.append(f"| {what} | {mode} | {count / module:.2f} | {count / runner:.2f} | {graphed} | {module / best:.2f}x |")
     text = "\n".join(lines) + "\n"
     publish(text, append=not args.no_append)
     return 0

@@ -21,16 +21,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import BatchSampler
-from torchvision.models import resnet
-from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segment.backbone import ARCHS, norm_layer  # noqa: E402
 from segment.config import SegmenterConfig  # noqa: E402
 from segment.data.coco import CocoDetection  # noqa: E402
 from segment.data.sampler import collate  # noqa: E402
@@ -40,6 +32,7 @@ from segment.engine import AMP_DTYPES, TARGET_KEYS, Trainer, TrainSettings  # no
 from segment.loader import BatchStream  # noqa: E402
 from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
+from segment.tv_reference import torchvision_twin  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 
 
@@ -61,28 +54,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--no-append", action="store_true")
     return p.parse_args()
-
-
-def torchvision_twin(config: SegmenterConfig) -> TorchvisionMaskRCNN:
-    """torchvision's MaskRCNN built from its own parts with our config's architecture (same parameter names)."""
-    block, layers, groups, width = ARCHS[config.backbone]
-    body = resnet.ResNet(block, layers, groups=groups, width_per_group=width,
-                         norm_layer=norm_layer(config.norm, config.bn_eps))
-    stage_channels = [64 * block.expansion * 2**i for i in range(4)]
-    backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, stage_channels,
-                               config.fpn_channels, extra_blocks=LastLevelMaxPool())
-    c = config
-    return TorchvisionMaskRCNN(
-        backbone, num_classes=None, min_size=c.min_size, max_size=c.max_size, image_mean=c.image_mean,
-        image_std=c.image_std,
-        rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in c.anchor_sizes), (tuple(c.anchor_ratios),) * 5),
-        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
-        rpn_batch_size_per_image=c.rpn_batch_size_per_image, box_batch_size_per_image=c.box_batch_size_per_image,
-        box_head=TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size),
-        box_predictor=FastRCNNPredictor(c.representation_size, c.num_classes),
-        mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_layers, 1),
-        mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, c.num_classes),
-    )
 
 
 def main() -> None:

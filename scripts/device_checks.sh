@@ -2,7 +2,7 @@
 # The GPU checks, in one run on a lent GPU machine (see docs/benchmarks.md for what they gave):
 #   the device-sensitive tests on CUDA, then the segment / render / train / stylize benchmarks.
 # Usage: bash scripts/device_checks.sh OUT_DIR [STEP...]   (python3 must hold torch with CUDA and our dependencies;
-#        STEP names pick some of the steps below, all by default)
+#        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders)
 # Each step has its own time limit so that one slow step cannot starve the rest.
 set -u
 OUT=${1:?usage: device_checks.sh OUT_DIR [STEP...]}
@@ -24,19 +24,23 @@ python3 -c "import torch, torchvision, av; print('torch', torch.__version__, 'tv
 'cuvid/nvenc:', sorted(c for c in av.codecs_available if c.startswith('h264_')))"
 ldconfig -p | grep -E "libnvcuvid|libnvidia-encode" || echo "no libnvcuvid / libnvidia-encode in ldconfig"
 
-step 120 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
-    tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py
+step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
+    tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py \
+    tests/test_decode_encode.py tests/test_encode_colour.py
+step 60 bench_stylize python3 scripts/bench_stylize.py --device cuda
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions fp32 bf16 --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
 RENDER="python3 scripts/bench_render.py --sizes"
-BENCH="--device cuda --frames 240 --warmup-frames 16"
+BENCH="--device cuda --frames ${FRAMES:-240} --warmup-frames 16"
 step 60 bench_render_nvidia $RENDER 1080p $BENCH segment.precision=bf16 decode.decoder=nvdec encode=nvenc
-step 100 bench_render_software $RENDER 480p 1080p $BENCH segment.precision=bf16
+step 70 bench_render_software $RENDER ${SIZES:-480p 1080p} $BENCH segment.precision=bf16
+step 45 bench_render_graphs $RENDER 1080p $BENCH segment.precision=bf16 style.cuda_graphs=true
+step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 encode.preset=ultrafast
 step 60 bench_render_r50 $RENDER 1080p $BENCH segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth \
     segment.precision=bf16 segment.detections_per_img=10 style/class_styles=coco "style.palette=[style_03,style_17,style_09]" \
     decode.decoder=nvdec
-step 90 bench_train python3 scripts/bench_train.py --device cuda --backbone resnet50 --norm frozen_bn --size 800 \
-    --batch 4 --amp bf16 --fpn-channels 256 --representation-size 1024 --mask-head-channels 256 --iterations 10 \
-    --warmup 3 --channels-last
-step 30 bench_stylize python3 scripts/bench_stylize.py --device cuda
+TRAIN="python3 scripts/bench_train.py --device cuda --backbone resnet50 --size 800 --batch 4 --amp bf16 \
+    --fpn-channels 256 --representation-size 1024 --mask-head-channels 256 --iterations 10 --warmup 3 --channels-last"
+step 80 bench_train_frozen_bn $TRAIN --norm frozen_bn
+step 80 bench_train_gn $TRAIN --norm gn
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -1,13 +1,16 @@
 """ResNet / ResNeXt body with FPN on top: image batch -> {"0".."3", "pool"} feature maps (strides 4..64).
 
 The body is torchvision's ResNet class built with our choice of normalisation (its parameter names are what
-torchvision's detection checkpoints use); the classifier tail is dropped and stages can be frozen.
+torchvision's detection checkpoints use); the classifier tail is dropped and stages can be frozen. Its blocks are
+torchvision's with one change to forward: in training, a conv followed by a FrozenBatchNorm2d runs with the BN
+folded into the conv (see conv_frozen_bn); the parameters, buffers and their names stay torchvision's.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
@@ -15,7 +18,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 
-# name -> (block, blocks per stage, groups, width per group)
+# name -> (torchvision block, blocks per stage, groups, width per group); ResNetBody runs these blocks through
+# the subclasses below (FOLDING_BLOCKS), while scripts/bench_train.py builds its torchvision twin from the originals
 ARCHS = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2], 1, 64),
     "resnet34": (resnet.BasicBlock, [3, 4, 6, 3], 1, 64),
@@ -35,17 +39,87 @@ def norm_layer(norm: str, eps: float):
     return lambda channels: nn.GroupNorm(32, channels)
 
 
+def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: Tensor) -> Tensor:
+    """bn(conv(x)) for a frozen BN, made for training: the BN is the fixed per-channel affine map y * scale + shift,
+    so it folds into the conv's weights (W * scale) and bias (shift) and the conv output is already normalised.
+
+    torchvision applies that map as extra passes over the activation, forward and backward (and under bf16
+    autocast its fp32 buffers promote the activation to fp32); folded, they disappear, and the gradient w.r.t. W is
+    the same math (d/dW of conv(x, W * scale) is scale times the one for W), so results differ by float rounding
+    only. The fold costs passes over the weights instead (W * scale, and that product's gradient), so where the
+    weights outnumber the output (deep stages on small images) the map is applied to the output as torchvision does,
+    but in the output's dtype. scale and shift are recomputed each call, two small per-channel vectors: W changes every
+    step and load_state_dict can change the buffers, so nothing is cached. The buffers never require grad, so no
+    gradient is made for them. segment/fold.py's inference fold is the same arithmetic done once, in place: the BN
+    becomes Identity and the blocks below take their plain path.
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:  # never for torchvision's ResNets; kept so the helper is right for any conv
+        shift = shift + conv.bias * scale
+    if fold_into_weights(conv, x):
+        return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+    out = conv._conv_forward(x, conv.weight, None)  # in fp32 exactly torchvision's arithmetic
+    return out * scale.to(out.dtype).reshape(-1, 1, 1) + shift.to(out.dtype).reshape(-1, 1, 1)
+
+
+def fold_into_weights(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether conv's weights are no larger than its output for input x (output size as for ResNet's paddings)."""
+    out_h, out_w = (-(-size // stride) for size, stride in zip(x.shape[-2:], conv.stride))
+    return conv.weight.numel() <= x.shape[0] * conv.out_channels * out_h * out_w
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """norm(conv(x)). A FrozenBatchNorm2d goes through conv_frozen_bn while autograd records (training, frozen stages
+    included). Inference keeps torchvision's arithmetic exactly, as the as-loaded parity tests expect, and is sped up
+    by folding once, in place, with segment/fold.py instead. Any other norm (GN, BN, and the Identity that fold
+    leaves) runs as torchvision runs it."""
+    if isinstance(norm, FrozenBatchNorm2d) and torch.is_grad_enabled():
+        return conv_frozen_bn(conv, norm, x)
+    return norm(conv(x))
+
+
+def _shortcut(block: resnet.BasicBlock | resnet.Bottleneck, x: Tensor) -> Tensor:
+    # torchvision's downsample is always Sequential(conv1x1, norm)
+    return x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x)
+
+
+class BasicBlock(resnet.BasicBlock):
+    """torchvision's BasicBlock (same submodules, names and order of operations), conv + norm pairs by conv_norm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
+        out += _shortcut(self, x)
+        return self.relu(out)
+
+
+class Bottleneck(resnet.Bottleneck):
+    """torchvision's Bottleneck (same submodules, names and order of operations), conv + norm pairs by conv_norm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
+        out += _shortcut(self, x)
+        return self.relu(out)
+
+
+FOLDING_BLOCKS = {resnet.BasicBlock: BasicBlock, resnet.Bottleneck: Bottleneck}
+
+
 class ResNetBody(resnet.ResNet):
     """ResNet without avgpool/fc; returns the four stage outputs (strides 4, 8, 16, 32)."""
 
     def __init__(self, arch: str, norm: str, bn_eps: float = 1e-5) -> None:
         block, layers, groups, width = ARCHS[arch]
+        block = FOLDING_BLOCKS[block]
         super().__init__(block, layers, groups=groups, width_per_group=width, norm_layer=norm_layer(norm, bn_eps))
         del self.avgpool, self.fc
         self.stage_channels = [64 * block.expansion * 2**i for i in range(4)]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         outputs = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stylize.errors import StyleError
+from stylize.inference import runner_for
 from stylize.network import MultiStyleNet
 
 MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side needs ≥ 8 px; 16 leaves room
@@ -33,14 +34,18 @@ def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool
 
 
 def run_network(network: MultiStyleNet, x: Tensor, style_weights: Tensor, precision: str = "auto",
-                channels_last="auto") -> Tensor:
-    """Network on a ready batch (float B×3×H×W in [0,1], H, W multiples of 4) → float32 output."""
+                channels_last="auto", graphs: bool = False) -> Tensor:
+    """Network on a ready batch (float B×3×H×W in [0,1], H, W multiples of 4) → float32 output.
+
+    Runs the network's `StyleRunner` (stylize/inference.py) for x's device; `graphs` lets it replay recurring
+    shapes as CUDA graphs on a GPU (no effect on a CPU).
+    """
+    if x.shape[-2] % 4 or x.shape[-1] % 4:
+        raise ValueError(f"MultiStyleNet needs H and W multiples of 4, got {tuple(x.shape[-2:])}")
     bf16, channels_last = _settings(x.device, precision, channels_last)
-    if channels_last:
-        network.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return network(x, style_weights.to(x.device, torch.float32)).float()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.inference_mode():
+        return runner_for(network, x.device, dtype, channels_last, graphs)(x, style_weights)
 
 
 def pad_bottom_right(x: Tensor, height: int, width: int) -> Tensor:
@@ -73,7 +78,8 @@ def crop_boxes(boxes: Tensor, height: int, width: int, margin: int) -> list[tupl
 
 def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor, boxes: Tensor,
                     style_weights: Tensor, margin: int = 16, max_batch: int = 16, precision: str = "auto",
-                    channels_last="auto", bucket: int = 16) -> list[tuple[tuple[int, int, int, int], Tensor]]:
+                    channels_last="auto", bucket: int = 16, graphs: bool = False,
+                    ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
     """Stylize K boxes of a batch of frames.
 
     frames: uint8 B×3×H×W; frame_index: (K,) long into frames; boxes: (K, 4) float xyxy pixels;
@@ -102,7 +108,7 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
             batch = torch.cat([
                 pad_bottom_right(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, h_pad, w_pad)
                 for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
-            out = run_network(network, batch, style_weights[chunk], precision, channels_last)
+            out = run_network(network, batch, style_weights[chunk], precision, channels_last, graphs)
             for row, k in zip(out, chunk):
                 x1, y1, x2, y2 = crops[k]
                 results[k] = row[:, : y2 - y1, : x2 - x1]
@@ -110,7 +116,7 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
 
 
 def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor, max_batch: int = 4,
-                   precision: str = "auto", channels_last="auto") -> Tensor:
+                   precision: str = "auto", channels_last="auto", graphs: bool = False) -> Tensor:
     """Whole frames (uint8 B×3×H×W) in one style each ((B, S) or one (S,) for all) → float B×3×H×W in [0,1]."""
     height, width = frames.shape[-2:]
     weights = style_weights.expand(frames.shape[0], -1) if style_weights.dim() == 1 else style_weights
@@ -118,6 +124,6 @@ def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor
     for start in range(0, frames.shape[0], max_batch):
         x = frames[start:start + max_batch].float() / 255
         x = pad_bottom_right(x, _round_up(height, 4), _round_up(width, 4))
-        out = run_network(network, x, weights[start:start + max_batch], precision, channels_last)
+        out = run_network(network, x, weights[start:start + max_batch], precision, channels_last, graphs)
         outputs.append(out[:, :, :height, :width])
     return torch.cat(outputs)

@@ -15,13 +15,13 @@ from pipeline.errors import PipelineConfigError
 from tests.helpers_video import pattern_frames, write_clip
 
 
-def photo_clip(path, colorspace: int, color_range: int, pix_fmt: str = "yuv420p"):
+def photo_clip(path, colorspace: int, color_range: int, pix_fmt: str = "yuv420p", height: int = 120):
     from skimage import data
 
-    photo = np.ascontiguousarray(data.astronaut()[::2, ::2][:120, :160])
+    photo = np.ascontiguousarray(data.astronaut()[::2, ::2][:height, :160])
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, pix_fmt
+        stream.width, stream.height, stream.pix_fmt = 160, height, pix_fmt
         stream.codec_context.colorspace, stream.codec_context.color_range = colorspace, color_range
         frame = av.VideoFrame.from_ndarray(photo, format="rgb24")
         frame.colorspace, frame.color_range = colorspace, color_range
@@ -47,6 +47,15 @@ def test_matches_swscale(tmp_path, colorspace, color_range, pix_fmt, layout):
     difference = (got - want).abs()
     # swscale's fixed-point path lands about one level below the exact formula on limited-range input
     assert difference.max() <= 3 and difference.float().mean() < 1.3, (difference.max(), difference.float().mean())
+
+
+def test_heights_of_4k_plus_2_rows(tmp_path):
+    # 118 rows (like 270 or 1078): each chroma plane is 59 x 80 values, half a row of the packed array short
+    with av.open(str(photo_clip(tmp_path / "c.mp4", 1, 1, height=118))) as container:
+        frame = next(container.decode(video=0))
+    want = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).int()
+    got = packed_planes_to_rgb(torch.from_numpy(frame.to_ndarray()), "yuv420p", 1, False).int()
+    assert got.shape == want.shape == (3, 118, 160) and (got - want).abs().max() <= 3
 
 
 @pytest.mark.parametrize("colorspace", [1, 5])

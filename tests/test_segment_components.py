@@ -161,6 +161,89 @@ def test_fold_frozen_batchnorm_equals_conv_then_bn():
     torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("input_size", [(2, 10, 12), (1, 2, 2)], ids=["folded", "output_scaled"])
+def test_conv_frozen_bn_equals_conv_then_bn_in_training(bias, input_size):
+    """segment.backbone.conv_frozen_bn, both ways (folded into the weights, or the map applied to a small output):
+    same output and input / weight / bias gradients as torchvision's conv -> FrozenBatchNorm2d, no gradient for the
+    BN buffers, and buffers loaded later are the ones used (nothing cached)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from segment.backbone import conv_frozen_bn, fold_into_weights
+
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(4, 8, 3, padding=1, bias=bias), FrozenBatchNorm2d(8)
+    bn.weight.uniform_(0.5, 2), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.1, 3)
+    n, h, w = input_size
+    x = torch.randn(n, 4, h, w, requires_grad=True)
+    assert fold_into_weights(conv, x) == (input_size == (2, 10, 12))
+    upstream = torch.randn(n, 8, h, w)
+    results = []
+    for run in (lambda: bn(conv(x)), lambda: conv_frozen_bn(conv, bn, x)):
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        out = run()
+        (out * upstream).sum().backward()
+        results.append([out, x.grad, *(p.grad for p in conv.parameters())])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    assert all(not b.requires_grad and b.grad is None for b in bn.buffers())
+    bn.load_state_dict({k: torch.rand_like(v) + 0.5 for k, v in bn.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(conv_frozen_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_folds_frozen_bn_while_training_only(arch, monkeypatch):
+    """Our ResNet body equals torchvision's ResNet with the same state: with autograd on (training) the frozen BNs
+    are folded per forward, under no_grad (inference) they run exactly as torchvision's, and after segment.fold
+    replaced them by Identity the blocks take their plain path."""
+    from torchvision.models import resnet
+    from torchvision.ops import FrozenBatchNorm2d
+
+    import segment.backbone
+    from segment.backbone import ResNetBody
+    from segment.fold import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    ours = ResNetBody(arch, "frozen_bn")
+    for bn in (m for m in ours.modules() if isinstance(m, FrozenBatchNorm2d)):
+        bn.weight.uniform_(0.1, 0.5), bn.bias.normal_(0, 0.1), bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    theirs = getattr(resnet, arch)(norm_layer=FrozenBatchNorm2d)
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        want = []
+        y = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(x))))
+        for stage in (theirs.layer1, theirs.layer2, theirs.layer3, theirs.layer4):
+            y = stage(y)
+            want.append(y)
+
+    calls, real = [], segment.backbone.conv_frozen_bn
+
+    def counted(conv, bn, x):
+        calls.append(bn)
+        return real(conv, bn, x)
+
+    monkeypatch.setattr(segment.backbone, "conv_frozen_bn", counted)
+    norms = {"resnet18": 20, "resnet50": 53}[arch]
+    folded = ours(x)  # parameters require grad: autograd records
+    assert len(calls) == norms
+    with torch.no_grad():
+        unfolded = ours(x)
+    assert len(calls) == norms
+    for got, exact, expected in zip(folded, unfolded, want):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        assert torch.equal(exact, expected)
+    with torch.no_grad():
+        assert fold_frozen_batchnorm(ours) == norms
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in ours.modules())
+        for got, expected in zip(ours(x), want):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_folded_model_refuses_training_and_saving(tmp_path):
     from segment.checkpoint import save_checkpoint
     from segment.errors import CheckpointError

