@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from segment.box_coder import BoxCoder
 
@@ -35,9 +35,10 @@ def select_detections(
         boxes = clip_boxes_to_image(boxes, size)[:, 1:].reshape(-1, 4)
         labels = class_ids.view(1, -1).expand_as(scores)[:, 1:].reshape(-1)
         scores = scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = remove_small_boxes(boxes, min_size)
+        # torchvision's two filters (score, then remove_small_boxes) as one: the same boxes in the same order, one
+        # host sync fewer (each index-producing filter waits for the GPU)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = torch.where((scores > score_thresh) & (widths >= min_size) & (heights >= min_size))[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
         results.append((boxes[keep], scores[keep], labels[keep]))

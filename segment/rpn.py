@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from segment.anchors import AnchorGenerator
 from segment.box_coder import BoxCoder
@@ -101,11 +101,12 @@ class RegionProposalNetwork(nn.Module):
         results = []
         for boxes, scores, lvl, size in zip(boxes_all, scores_all, levels_all, image_sizes):
             boxes = clip_boxes_to_image(boxes, size)
-            keep = remove_small_boxes(boxes, self.min_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            # remove_small_boxes and the score threshold as one filter: same boxes, same order, one host sync
+            wanted = (boxes[:, 2] - boxes[:, 0] >= self.min_size) & (boxes[:, 3] - boxes[:, 1] >= self.min_size)
             if self.score_thresh > 0:
-                keep = torch.where(scores >= self.score_thresh)[0]
-                boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+                wanted &= scores >= self.score_thresh
+            keep = torch.where(wanted)[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n[self.training]]
             results.append(boxes[keep])
         return results
