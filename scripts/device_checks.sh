@@ -30,6 +30,7 @@ step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/
 step 60 bench_stylize python3 scripts/bench_stylize.py --device cuda
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions fp32 bf16 --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
+step 60 profile_segment python3 scripts/profile_segment.py --checkpoint /tmp/r50_reference.pth
 RENDER="python3 scripts/bench_render.py --sizes"
 BENCH="--device cuda --frames ${FRAMES:-240} --warmup-frames 16"
 step 60 bench_render_nvidia $RENDER 1080p $BENCH segment.precision=bf16 decode.decoder=nvdec encode=nvenc
