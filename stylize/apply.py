@@ -16,7 +16,7 @@ from torch import Tensor
 
 from stylize.errors import StyleError
 from stylize.inference import runner_for
-from stylize.network import MultiStyleNet
+from stylize.network import MultiStyleNet, check_size
 
 MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side needs ≥ 8 px; 16 leaves room
 # On CPU, larger batches run slower per crop (measured on 2 cores: 256² crops 22-25/s one or two at a time,
@@ -40,8 +40,7 @@ def run_network(network: MultiStyleNet, x: Tensor, style_weights: Tensor, precis
     Runs the network's `StyleRunner` (stylize/inference.py) for x's device; `graphs` lets it replay recurring
     shapes as CUDA graphs on a GPU (no effect on a CPU).
     """
-    if x.shape[-2] % 4 or x.shape[-1] % 4:
-        raise ValueError(f"MultiStyleNet needs H and W multiples of 4, got {tuple(x.shape[-2:])}")
+    check_size(x)
     bf16, channels_last = _settings(x.device, precision, channels_last)
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.inference_mode():

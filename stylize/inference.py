@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stylize.network import MultiStyleNet
-
-EPS = 1e-5
+from stylize.network import INSTANCE_NORM_EPS, MultiStyleNet
 GRAPH_AFTER_CALLS = 2         # a shape is captured when it comes back: one-off crop shapes stay eager
 MAX_GRAPHS = 32               # least recently used graphs beyond this are dropped
 MAX_GRAPH_PIXELS = 16 * 352 ** 2  # larger inputs spend their time in the GPU's work, not in launching it
@@ -38,7 +36,7 @@ class StyleRunner:
     def __init__(self, network: MultiStyleNet, device: torch.device, dtype: torch.dtype, channels_last: bool,
                  graphs: bool) -> None:
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        modules = [*network.contract, *(layer for block in network.res for layer in block), *network.expand]
+        modules = network.layers()
         self.layers = [_Layer(m.conv.weight.detach().to(device, dtype).contiguous(memory_format=layout),
                               m.conv.stride[0], m.pad, m.upsample) for m in modules]
         # one (S, 2·ΣC) table: a batch's scales and shifts for every layer come out of a single matmul
@@ -64,16 +62,9 @@ class StyleRunner:
             if spec.upsample:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = F.conv2d(F.pad(h, [spec.pad] * 4, mode="reflect"), spec.weight, stride=spec.stride)
-            return torch.addcmul(affine[2 * i + 1], F.instance_norm(h, eps=EPS), affine[2 * i])
+            return torch.addcmul(affine[2 * i + 1], F.instance_norm(h, eps=INSTANCE_NORM_EPS), affine[2 * i])
 
-        for i in range(3):
-            x = torch.relu(layer(i, x))
-        for b in range(self.num_residual):
-            first = 3 + 2 * b
-            x = x + layer(first + 1, torch.relu(layer(first, x)))
-        last = 3 + 2 * self.num_residual
-        x = torch.relu(layer(last + 1, torch.relu(layer(last, x))))
-        return torch.sigmoid(layer(last + 2, x)).float()
+        return MultiStyleNet.run_layers(layer, x, self.num_residual).float()
 
 
 class _GraphCache:

