@@ -19,7 +19,7 @@ from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 
 # name -> (torchvision block, blocks per stage, groups, width per group); ResNetBody runs these blocks through
-# the subclasses below (FOLDING_BLOCKS), while scripts/bench_train.py builds its torchvision twin from the originals
+# the subclasses below (FOLDING_BLOCKS), while segment/tv_reference.torchvision_twin builds from the originals
 ARCHS = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2], 1, 64),
     "resnet34": (resnet.BasicBlock, [3, 4, 6, 3], 1, 64),

@@ -37,12 +37,17 @@ def select_detections(
         scores = scores[:, 1:].reshape(-1)
         # torchvision's two filters (score, then remove_small_boxes) as one: the same boxes in the same order, one
         # host sync fewer (each index-producing filter waits for the GPU)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        keep = torch.where((scores > score_thresh) & (widths >= min_size) & (heights >= min_size))[0]
+        keep = torch.where((scores > score_thresh) & large_enough(boxes, min_size))[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
         results.append((boxes[keep], scores[keep], labels[keep]))
     return results
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """(N,) bool: boxes at least `min_size` wide and high, torchvision's remove_small_boxes as a mask, so that it
+    can join other conditions in one filter."""
+    return (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
 
 
 def _expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:

@@ -9,6 +9,7 @@ from segment.anchors import AnchorGenerator
 from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.losses import rpn_loss
+from segment.postprocess import large_enough
 from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
 from segment.transform import ImageBatch
 
@@ -102,7 +103,7 @@ class RegionProposalNetwork(nn.Module):
         for boxes, scores, lvl, size in zip(boxes_all, scores_all, levels_all, image_sizes):
             boxes = clip_boxes_to_image(boxes, size)
             # remove_small_boxes and the score threshold as one filter: same boxes, same order, one host sync
-            wanted = (boxes[:, 2] - boxes[:, 0] >= self.min_size) & (boxes[:, 3] - boxes[:, 1] >= self.min_size)
+            wanted = large_enough(boxes, self.min_size)
             if self.score_thresh > 0:
                 wanted &= scores >= self.score_thresh
             keep = torch.where(wanted)[0]
