@@ -157,7 +157,7 @@ def main() -> None:
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; frames {args.image_size[0]}x{args.image_size[1]}, "
         f"min/max size {args.min_size}/{args.max_size}, {args.detections} detections/image, {args.iterations} timed iterations after {args.warmup} warm-up, the two models alternating; "
         "seeded reference weights (calibrated frozen BN), ours as the render runs it (BN folded into the convs, "
-        "channels_last); differences on the first frame; "
+        "channels_last, on a GPU the front replayed as a CUDA graph); differences on the first frame; "
         f"1/5/15-min load average before: {load_before}.\n"
     )
     publish(title + "\n" + markdown_table(header, rows) + "\n", args.output, append=not args.no_append)

@@ -1,5 +1,6 @@
-"""Where our segmenter's time goes: per-stage times (synchronised after each), host syncs, kernel launches and the
-profiler's top operators, for one batch size and precision. A diagnosis tool for the GPU sessions, not a benchmark.
+"""Where our segmenter's time goes: per-stage times (synchronised after each), predict with and without the front's
+CUDA graph, host syncs, kernel launches and the profiler's top operators, for one batch size and precision.
+A diagnosis tool for the GPU sessions, not a benchmark.
 
     python scripts/profile_segment.py --checkpoint R50.pth [--device cuda] [--batch 1] [--precision bf16]
 
@@ -10,21 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench_segment import photo_frames  # noqa: E402
+from scripts.profiling import print_profile  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 from segment.postprocess import paste_masks  # noqa: E402
 from segment.transform import rescale_boxes  # noqa: E402
-
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,13 +47,11 @@ def stage_times(model, frames, synchronize) -> dict[str, float]:
         start = time.perf_counter()
 
     with torch.inference_mode():
-        batch = model.transform.uint8_batch(frames)
-        mark("transform")
+        batch, features, candidates = model._front_of(frames)  # a CUDA graph replay once the shape recurs
+        mark("front (transform, backbone+fpn, rpn top-k)")
         with model._autocast():
-            features = model.backbone(model._layout(batch.tensors))
-            mark("backbone+fpn")
-            proposals, _ = model.rpn(batch, features)
-            mark("rpn")
+            proposals = model.rpn.select_proposals(candidates, batch.image_sizes)
+            mark("rpn filter+nms")
             detections = model.roi_heads(features, proposals, batch.image_sizes)
             mark("roi_heads")
         for (boxes, _, _, probs), resized, original in zip(detections, batch.image_sizes, batch.original_sizes):
@@ -82,35 +77,18 @@ def main() -> None:
         total.update(stage_times(model, frames, synchronize))
     print("stage ms per batch (synchronised after each):",
           {name: round(ms / args.iterations, 2) for name, ms in total.items()})
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(args.iterations):
+    for graphs in (False, True) if cuda else (False,):
+        model.set_inference_options(cuda_graphs=graphs)
         model.predict(frames)
-    synchronize()
-    print(f"predict: {(time.perf_counter() - start) / args.iterations * 1000:.2f} ms per batch of {args.batch}")
-
-    if cuda:
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.predict(frames)
-        torch.cuda.set_sync_debug_mode(0)
-        print("host syncs per predict:", sum("synchroniz" in str(w.message) for w in caught))
-
-    runs = 5
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
-        for _ in range(runs):
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(args.iterations):
             model.predict(frames)
         synchronize()
-    events = profiler.key_averages()
-    if cuda:
-        kernels = sum(e.self_device_time_total for e in events  # kernel rows, as the profiler's own total counts them
-                      if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-        launches = sum(e.count for e in events if e.key in LAUNCHES)
-        print(f"GPU kernels per predict: {kernels / runs / 1000:.2f} ms in {launches / runs:.0f} launches")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
-    if cuda:
-        print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=40))
+        print(f"predict{' (front as a CUDA graph)' if graphs else ''}: "
+              f"{(time.perf_counter() - start) / args.iterations * 1000:.2f} ms per batch of {args.batch}")
+
+    print_profile(lambda: model.predict(frames), 5, cuda, f"predict, batch {args.batch}")
 
 
 if __name__ == "__main__":

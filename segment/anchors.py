@@ -26,6 +26,13 @@ class AnchorGenerator:
         self.sizes = list(sizes)
         self.ratios = list(ratios)
         self._cache: dict[tuple, tuple[Tensor, list[int]]] = {}
+        self._cells: dict[tuple, Tensor] = {}  # kept for good (a few per device): a CUDA graph may read them
+
+    def _cell(self, size: int, dtype, device) -> Tensor:
+        key = (size, dtype, str(device))
+        if key not in self._cells:  # made outside any capture (an eager call comes first): a host copy
+            self._cells[key] = cell_anchors(size, self.ratios, dtype, device)
+        return self._cells[key]
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -33,6 +40,10 @@ class AnchorGenerator:
 
     def __call__(self, image_size: tuple[int, int], grid_sizes: list[tuple[int, int]], dtype, device) -> tuple[Tensor, list[int]]:
         """-> (A, 4) anchors in padded-image pixels and the number of anchors on each level."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # inside a CUDA graph they are made by the graph itself: a cached tensor could be evicted and freed
+            # while the graph still reads it
+            return self._generate(image_size, grid_sizes, dtype, device)
         key = (tuple(image_size), tuple(map(tuple, grid_sizes)), dtype, str(device))
         if key not in self._cache:
             if len(self._cache) > 16:
@@ -44,7 +55,7 @@ class AnchorGenerator:
         levels = []
         for size, (gh, gw) in zip(self.sizes, grid_sizes):
             stride_h, stride_w = image_size[0] // gh, image_size[1] // gw
-            base = cell_anchors(size, self.ratios, dtype, device)
+            base = self._cell(size, dtype, device)
             shift_y, shift_x = torch.meshgrid(
                 torch.arange(gh, dtype=torch.int32, device=device) * stride_h,
                 torch.arange(gw, dtype=torch.int32, device=device) * stride_w,

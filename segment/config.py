@@ -78,11 +78,14 @@ class SegmenterConfig:
     paste_chunk_size: int = 64  # instances pasted per batched matmul; bounds temporaries (tens of MB at 1080p), not the output
     precision: str = "fp32"
     channels_last: bool = True  # NHWC convs: measured faster for inference on CPU (R50 and R18-GN), no slower in training
+    cuda_graphs: bool = True  # on a GPU, predict replays the fixed-shape front (transform → RPN top-k) as a CUDA graph
 
     def __post_init__(self) -> None:
         self._check_choice("backbone", BACKBONES)
         self._check_choice("norm", NORMS)
         self._check_choice("precision", PRECISIONS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"segment.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if not 0 <= self.trainable_layers <= 5:
             raise ConfigError(f"segment.trainable_layers must be in 0..5, got {self.trainable_layers}")
         if self.num_classes < 2:

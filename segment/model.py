@@ -7,16 +7,18 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from gpu.cuda_graph import GraphCache
 from segment.backbone import BackboneWithFPN
 from segment.config import SegmenterConfig
 from segment.fold import fold_frozen_batchnorm
 from segment.postprocess import paste_masks
 from segment.roi_heads import RoIHeads
-from segment.rpn import RegionProposalNetwork
+from segment.rpn import Candidates, RegionProposalNetwork
 from segment.structures import Instances
 from segment.transform import ImageBatch, ImageTransform, rescale_boxes
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GRAPHED_FRAME_SHAPES = 4  # front graphs kept (a video has one frame size; each graph holds its activations)
 
 
 class MaskRCNN(nn.Module):
@@ -37,6 +39,8 @@ class MaskRCNN(nn.Module):
         self.roi_heads = RoIHeads(config)
         self.precision = config.precision
         self.channels_last = config.channels_last
+        self.cuda_graphs = config.cuda_graphs
+        self._graphs = GraphCache(self._front, GRAPHED_FRAME_SHAPES)
         self.folded = False  # FrozenBatchNorm folded into the convs: inference only (see fold_frozen_norms)
 
     @property
@@ -47,8 +51,11 @@ class MaskRCNN(nn.Module):
     def class_names(self) -> list[str]:
         return self.config.class_names
 
-    def set_inference_options(self, precision: str | None = None, channels_last: bool | None = None) -> MaskRCNN:
-        """Autocast precision (fp32 | bf16 | fp16) and memory layout used by predict / eval forward."""
+    def set_inference_options(self, precision: str | None = None, channels_last: bool | None = None,
+                              cuda_graphs: bool | None = None) -> MaskRCNN:
+        """Autocast precision (fp32 | bf16 | fp16), memory layout and CUDA graphs used by predict / eval forward."""
+        if cuda_graphs is not None:
+            self.cuda_graphs = bool(cuda_graphs)
         if precision is not None:
             if precision not in ("fp32", *_AUTOCAST_DTYPES):
                 raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -63,6 +70,7 @@ class MaskRCNN(nn.Module):
         rounding, one activation pass less per layer. The model is then for inference only (no train, no save)."""
         if fold_frozen_batchnorm(self.backbone) and self.channels_last:
             self.to(memory_format=torch.channels_last)
+        self._graphs.clear()  # they hold the replaced layers' kernels
         self.folded = True
         return self.eval()
 
@@ -71,6 +79,10 @@ class MaskRCNN(nn.Module):
             raise RuntimeError("this model's frozen BatchNorm is folded into its convs (inference only): "
                                "load the checkpoint again to train it")
         return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs.clear()  # .to(), .cuda(), .half() give the parameters new storage; the graphs read the old
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if not self.training:
@@ -96,8 +108,8 @@ class MaskRCNN(nn.Module):
             for indices, stack in _group_by_size(frames):
                 if stack.dtype != torch.uint8:
                     raise TypeError(f"predict expects uint8 frames, got {stack.dtype}")
-                batch = self.transform.uint8_batch(stack.to(self.device, non_blocking=True))
-                for index, instances in zip(indices, self._detect(batch)):
+                batch, features, candidates = self._front_of(stack.to(self.device, non_blocking=True))
+                for index, instances in zip(indices, self._finish(batch, features, candidates)):
                     results[index] = instances
             return results
         finally:
@@ -106,16 +118,40 @@ class MaskRCNN(nn.Module):
     def _layout(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
+
+    def _front_of(self, frames: Tensor) -> tuple[ImageBatch, dict[str, Tensor], Candidates]:
+        """`_front`, replayed from a CUDA graph on a GPU once a frame shape recurs (a video has one): at batch 1
+        the front is bound by launching its few hundred kernels, not by running them."""
+        if self.cuda_graphs and frames.is_cuda:
+            key = (tuple(frames.shape), frames.device, self.precision, self.channels_last)
+            graph = self._graphs.lookup(key, lambda: (frames.clone(),))
+            if graph is not None:
+                return graph.replay(frames)
+        return self._front(frames)
+
+    def _front(self, frames: Tensor) -> tuple[ImageBatch, dict[str, Tensor], Candidates]:
+        """uint8 frames -> the batch, FPN features and RPN candidates: fixed shapes for a fixed frame shape."""
+        batch = self.transform.uint8_batch(frames)
+        return (batch, *self._dense(batch))
+
+    def _dense(self, batch: ImageBatch) -> tuple[dict[str, Tensor], Candidates]:
+        # no autocast weight cache: a CUDA graph must cast the weights itself, not read casts freed after capture
+        with self._autocast(cache=False):
+            features = self.backbone(self._layout(batch.tensors))
+            return features, self.rpn.candidates(tuple(batch.tensors.shape), list(features.values()))
 
     def _detect(self, batch: ImageBatch) -> list[Instances]:
+        return self._finish(batch, *self._dense(batch))
+
+    def _finish(self, batch: ImageBatch, features: dict[str, Tensor], candidates: Candidates) -> list[Instances]:
+        """Proposals, detections and pasted masks: the data-dependent rest of inference."""
         with self._autocast():
-            features = self.backbone(self._layout(batch.tensors))
-            proposals, _ = self.rpn(batch, features)
+            proposals = self.rpn.select_proposals(candidates, batch.image_sizes)
             detections = self.roi_heads(features, proposals, batch.image_sizes)
         results = []
         for (boxes, scores, labels, probs), resized, original in zip(detections, batch.image_sizes, batch.original_sizes):

@@ -1,6 +1,8 @@
 """Region proposal network: objectness + box deltas per anchor -> top proposals per image; training losses."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
@@ -12,6 +14,14 @@ from segment.losses import rpn_loss
 from segment.postprocess import large_enough
 from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
 from segment.transform import ImageBatch
+
+
+class Candidates(NamedTuple):
+    """The RPN's top-k anchors per level and image, decoded, before the data-dependent filters (fixed shapes)."""
+
+    boxes: Tensor   # (N, K, 4) xyxy in padded-image pixels
+    scores: Tensor  # (N, K) objectness probabilities
+    levels: Tensor  # (N, K) FPN level of each (NMS runs per level)
 
 
 class RPNHead(nn.Module):
@@ -63,16 +73,10 @@ class RegionProposalNetwork(nn.Module):
         self, images: ImageBatch, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         maps = list(features.values())
-        logits, deltas = self.head(maps)
-        anchors, per_level = self.anchor_generator(
-            tuple(images.tensors.shape[-2:]), [tuple(m.shape[-2:]) for m in maps], torch.float32, maps[0].device
-        )
-        num_images = images.tensors.shape[0]
-        objectness = _flatten(logits, 1).flatten(0, -2).float()
-        pred_deltas = _flatten(deltas, 4).reshape(-1, 4).float()
+        objectness, pred_deltas, anchors, per_level = self._predict(tuple(images.tensors.shape), maps)
         # proposals are not differentiated through (Faster R-CNN's approximate joint training)
-        proposals = self.box_coder.decode(pred_deltas.detach(), anchors.repeat(num_images, 1)).view(num_images, -1, 4)
-        boxes = self.select_proposals(proposals, objectness.detach().view(num_images, -1), images.image_sizes, per_level)
+        candidates = self._top_candidates(objectness.detach(), pred_deltas.detach(), anchors, per_level)
+        boxes = self.select_proposals(candidates, images.image_sizes)
         if not self.training:
             return boxes, {}
         if targets is None:
@@ -82,11 +86,25 @@ class RegionProposalNetwork(nn.Module):
         loss_objectness, loss_box = self.compute_loss(objectness, pred_deltas, labels, regression_targets)
         return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
 
-    def select_proposals(
-        self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]], per_level: list[int]
-    ) -> list[Tensor]:
-        """Top-k per level, clip, drop tiny / low-score boxes, NMS per level, keep the post-NMS top-k."""
-        device = proposals.device
+    def candidates(self, padded_shape: tuple[int, ...], maps: list[Tensor]) -> Candidates:
+        """Inference up to the first data-dependent step: its shapes depend only on the padded batch shape, so
+        MaskRCNN can capture it (with the backbone) as one CUDA graph."""
+        return self._top_candidates(*self._predict(padded_shape, maps))
+
+    def _predict(self, padded_shape: tuple[int, ...], maps: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """-> objectness logits (N·A,), box deltas (N·A, 4), anchors (A, 4), anchors per level."""
+        logits, deltas = self.head(maps)
+        anchors, per_level = self.anchor_generator(
+            tuple(padded_shape[-2:]), [tuple(m.shape[-2:]) for m in maps], torch.float32, maps[0].device
+        )
+        return _flatten(logits, 1).flatten(0, -2).float(), _flatten(deltas, 4).reshape(-1, 4).float(), anchors, per_level
+
+    def _top_candidates(self, objectness: Tensor, pred_deltas: Tensor, anchors: Tensor, per_level: list[int]) -> Candidates:
+        """The pre_nms_top_n highest-scoring anchors of each level and image, decoded (only those: decoding is
+        per box, so decoding after the top-k gives the same boxes)."""
+        num_images = objectness.shape[0] // anchors.shape[0]
+        objectness = objectness.view(num_images, -1)
+        device = objectness.device
         levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(per_level)])
         top_idx, offset = [], 0
         for scores in objectness.split(per_level, dim=1):
@@ -94,13 +112,15 @@ class RegionProposalNetwork(nn.Module):
             top_idx.append(scores.topk(k, dim=1)[1] + offset)
             offset += scores.shape[1]
         top_idx = torch.cat(top_idx, dim=1)
-        batch_idx = torch.arange(proposals.shape[0], device=device)[:, None]
-        scores_all = torch.sigmoid(objectness[batch_idx, top_idx])
-        levels_all = levels[top_idx]
-        boxes_all = proposals[batch_idx, top_idx]
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        deltas = pred_deltas.view(num_images, -1, 4)[batch_idx, top_idx]
+        boxes = self.box_coder.decode(deltas.reshape(-1, 4), anchors[top_idx].reshape(-1, 4))
+        return Candidates(boxes.view(num_images, -1, 4), torch.sigmoid(objectness[batch_idx, top_idx]), levels[top_idx])
 
+    def select_proposals(self, candidates: Candidates, image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """Per image: clip, drop tiny / low-score boxes, NMS per level, keep the post-NMS top-k."""
         results = []
-        for boxes, scores, lvl, size in zip(boxes_all, scores_all, levels_all, image_sizes):
+        for boxes, scores, lvl, size in zip(*candidates, image_sizes):
             boxes = clip_boxes_to_image(boxes, size)
             # remove_small_boxes and the score threshold as one filter: same boxes, same order, one host sync
             wanted = large_enough(boxes, self.min_size)

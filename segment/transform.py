@@ -44,11 +44,19 @@ class ImageTransform:
         self.mean = list(config.image_mean)
         self.std = list(config.image_std)
         self.size_divisible = config.size_divisible
+        self._stats: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def normalize(self, images: Tensor) -> Tensor:
-        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device)
-        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device)
-        return (images - mean[:, None, None]) / std[:, None, None]
+        mean, std = self._statistics(images.dtype, images.device)
+        return (images - mean) / std
+
+    def _statistics(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(3, 1, 1) mean and std on the device, made once: a copy from the host cannot be part of a CUDA graph."""
+        key = (dtype, device)
+        if key not in self._stats:
+            self._stats[key] = tuple(torch.as_tensor(v, dtype=dtype, device=device)[:, None, None]
+                                     for v in (self.mean, self.std))
+        return self._stats[key]
 
     def _min_size(self, training: bool) -> int:
         if not training:

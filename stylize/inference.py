@@ -9,14 +9,15 @@ It computes what `MultiStyleNet.forward` computes (tests/test_stylize_apply.py c
 from __future__ import annotations
 
 import weakref
-from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpu.cuda_graph import GraphCache
 from stylize.network import INSTANCE_NORM_EPS, MultiStyleNet
+
 GRAPH_AFTER_CALLS = 2         # a shape is captured when it comes back: one-off crop shapes stay eager
 MAX_GRAPHS = 32               # least recently used graphs beyond this are dropped
 MAX_GRAPH_PIXELS = 16 * 352 ** 2  # larger inputs spend their time in the GPU's work, not in launching it
@@ -72,53 +73,23 @@ class _GraphCache:
 
     Batches are padded to a power of two (zero images and zero style weights: instance norm keeps each image to
     itself, so whatever the padding rows hold never changes the real rows), which keeps the number of shapes
-    small. All graphs share one memory pool; that is safe here because every replay's output is copied out
-    before anything else runs.
+    small. Every replay's output is copied out before anything else runs, as the shared pool requires.
     """
 
     def __init__(self, forward, layout: torch.memory_format) -> None:
         self.forward, self.layout = forward, layout
-        self.seen: Counter = Counter()
-        self.captured: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = GraphCache(forward, MAX_GRAPHS, GRAPH_AFTER_CALLS)
 
     def __call__(self, x: Tensor, w: Tensor) -> Tensor:
         batch = x.shape[0]
         padded = 1 << (batch - 1).bit_length()
-        key = (padded, *x.shape[1:], x.dtype, x.device)
         if padded * x.shape[-2] * x.shape[-1] > MAX_GRAPH_PIXELS:
             return self.forward(x, w)
-        graph = self.captured.get(key)
+        graph = self.graphs.lookup((padded, *x.shape[1:], x.dtype, x.device), lambda: (
+            _padded(x, padded, self.layout), _padded(w, padded, torch.contiguous_format)))
         if graph is None:
-            self.seen[key] += 1
-            if self.seen[key] < GRAPH_AFTER_CALLS:
-                return self.forward(x, w)
-            graph = self.captured[key] = _Graph(self.forward, _padded(x, padded, self.layout),
-                                                _padded(w, padded, torch.contiguous_format), self.pool)
-            if len(self.captured) > MAX_GRAPHS:
-                self.captured.popitem(last=False)
-        self.captured.move_to_end(key)
-        return graph.replay(x, w)
-
-
-class _Graph:
-    def __init__(self, forward, x: Tensor, w: Tensor, pool) -> None:
-        self.x, self.w = x, w  # the graph's fixed input buffers
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # cuDNN chooses its algorithms outside the capture
-            forward(self.x, self.w)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = forward(self.x, self.w)
-
-    def replay(self, x: Tensor, w: Tensor) -> Tensor:
-        batch = x.shape[0]
-        self.x[:batch].copy_(x)
-        self.w[:batch].copy_(w)
-        self.graph.replay()
-        return self.out[:batch].clone()
+            return self.forward(x, w)
+        return graph.replay(x, w)[:batch].clone()  # the next replay overwrites the graph's output
 
 
 def _padded(t: Tensor, size: int, layout: torch.memory_format) -> Tensor:

@@ -102,3 +102,27 @@ def test_small_resnet18_gn_config_runs(real_photos, device):
         assert len(r) > 0 and r.boxes.dtype == torch.float32 and r.masks.shape[1:] == r.image_size
         assert set(r.labels.tolist()) <= {1, 2} and torch.isfinite(r.boxes).all()
         assert (r.boxes[:, 2] <= 256).all() and (r.boxes[:, 3] <= r.image_size[0]).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_replays_equal_eager(real_photos, device, precision):
+    """The front (resize → backbone → RPN top-k) replayed from CUDA graphs gives what eager inference gives, for
+    new frame contents each replay and with two frame shapes taking turns (their graphs share one memory pool)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need --device cuda")
+    model = small_model(precision=precision).to(device)
+    coffee = real_photos["coffee"].to(device)
+    frames = [coffee, coffee.flip(-1), coffee.roll(40, -1), real_photos["chelsea"].to(device)]
+    model.set_inference_options(cuda_graphs=False)
+    want = [model.predict(f)[0] for f in frames]
+    model.set_inference_options(cuda_graphs=True)
+    for _ in range(2):
+        got = [model.predict(f)[0] for f in [*frames, frames[3]]]
+        for g, w in zip(got, [*want, want[3]]):
+            assert len(w) > 0 and torch.equal(g.labels, w.labels)
+            torch.testing.assert_close(g.boxes, w.boxes, rtol=0, atol=1e-3)
+            torch.testing.assert_close(g.scores, w.scores, rtol=0, atol=1e-4)
+            torch.testing.assert_close(g.masks, w.masks, rtol=0, atol=1e-3)
+    assert len(model._graphs.captured) == 2, "both frame shapes should replay from graphs by now"
+    model.to("cpu")
+    assert not model._graphs.captured, "moving the model must drop graphs that read the old parameters"

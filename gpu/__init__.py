@@ -1,0 +1,1 @@
+"""GPU helpers shared by the segmenter and the style network."""

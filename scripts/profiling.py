@@ -1,0 +1,47 @@
+"""What the profile scripts share: host syncs of one call, and a torch.profiler summary of a few calls."""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+
+
+def host_syncs(call: Callable[[], object]) -> int:
+    """How many times one `call()` made the host wait for the GPU (torch's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str, rows: int = 15) -> None:
+    """Wall time, GPU kernel time and launches per call, then the top operators by host and by GPU time."""
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        start = time.perf_counter()
+        for _ in range(runs):
+            call()
+        synchronize()
+        wall = (time.perf_counter() - start) / runs
+    events = profiler.key_averages()
+    line = f"{label}: {wall * 1000:.2f} ms per call under the profiler"
+    if cuda:
+        kernels = sum(e.self_device_time_total for e in events  # kernel rows, as the profiler's own total counts them
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        launches = sum(e.count for e in events if e.key in LAUNCHES)
+        graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+        line += (f"; GPU kernels {kernels / runs / 1000:.2f} ms in {launches / runs:.0f} launches "
+                 f"and {graphs / runs:.0f} graph launches; host syncs {host_syncs(call)}")
+    print(line)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+    if cuda:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=40))
