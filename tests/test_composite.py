@@ -7,10 +7,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from omegaconf import OmegaConf
 from scipy.ndimage import distance_transform_cdt
 
-from pipeline.composite import Compositor
+from pipeline.composite import Compositor, _separable_by_matmul, feather
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from segment.structures import Instances
@@ -185,3 +186,19 @@ def test_config():
         Compositor.from_config({"feather": 3})
     with pytest.raises(PipelineConfigError, match="smooth_masks"):
         Compositor.from_config({"smooth_masks": 1.5})
+
+
+@pytest.mark.parametrize("feather_px", [1, 3, 8])
+def test_feather_on_a_gpu_blurs_like_kornias_separable_filter(feather_px, device):
+    """The GPU's matmul blur (no cuDNN algorithm choice per new crop size) against kornia's conv on the CPU, with
+    odd sizes, masks touching the border, and crops smaller than the kernel."""
+    g = torch.Generator().manual_seed(feather_px)
+    for h, w in [(37, 53), (5, 3), (120, 90)]:
+        mask = (torch.rand(h, w, generator=g) > 0.5).float()
+        mask[:, :2] = 1.0
+        kernel = get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2)
+        want = filter2d_separable(mask[None, None], kernel, kernel, border_type="replicate")[0, 0]
+        got = _separable_by_matmul(mask.to(device), kernel[0].to(device)).cpu()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        if device.type == "cuda":
+            torch.testing.assert_close(feather(mask.to(device), feather_px).cpu(), want, rtol=0, atol=1e-6)
