@@ -34,6 +34,7 @@ from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
 from segment.tv_reference import torchvision_twin  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.profiling import print_profile  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +54,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, profile 3 steps of each (host syncs, launches, top operators)")
     return p.parse_args()
+
+
+def pinned(batch):
+    """A collated batch in page-locked memory, as a DataLoader with pin_memory=True hands it over."""
+    images, targets = batch
+    return [i.pin_memory() for i in images], [{k: t[k].pin_memory() for k in TARGET_KEYS} for t in targets]
 
 
 def main() -> None:
@@ -93,8 +102,8 @@ def main() -> None:
         images, targets = batch
         return [i.to(device) for i in images], [{k: t[k].to(device) for k in TARGET_KEYS} for t in targets]
 
-    def our_step(batch):
-        trainer.train_step(*on_device(batch))
+    def our_step(batch):  # as Trainer.fit runs it: a pinned batch (the loader pins it) copied without blocking
+        trainer.train_step(*trainer._to_device(batch))
 
     def their_step(batch):  # the loop torchvision's detection reference trains with
         images, targets = on_device(batch)
@@ -105,6 +114,8 @@ def main() -> None:
         scaler.step(their_optimizer)
         scaler.update()
 
+    # torchvision's detection reference loads without pin_memory; our train.py pins on a GPU (segment/loader.py)
+    inputs = {"torchvision": batches, "ours": [pinned(b) for b in batches] if device.type == "cuda" else batches}
     ours.train()
     theirs.train()
     seconds = {"ours": 0.0, "torchvision": 0.0}
@@ -113,7 +124,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            run(batches[step % 2])
+            run(inputs[name][step % 2])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= args.warmup:
@@ -131,10 +142,14 @@ def main() -> None:
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; {args.backbone}/{args.norm} "
         f"FPN {args.fpn_channels}, box head {args.representation_size}, mask head {args.mask_head_channels}, "
         f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout; "
-        f"same starting weights and synthetic batches; {args.iterations} timed steps each after {args.warmup} "
+        f"same starting weights and synthetic batches (on a GPU ours get them pinned, as our loader hands them over, "
+        f"torchvision's loop pageable, as its detection reference loads them); {args.iterations} timed steps each after {args.warmup} "
         f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"
     )
     publish(text, args.output, append=not args.no_append)
+    if args.profile:
+        for name, run in (("torchvision", their_step), ("ours", our_step)):
+            print_profile(lambda: run(inputs[name][0]), 3, device.type == "cuda", f"{name} training step")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ class RoIHeads(nn.Module):
             matches = self.matcher(box_iou(boxes, props))
             clamped = matches.clamp(min=0)
             image_labels = classes[clamped].to(torch.int64)
-            image_labels[matches == BELOW_LOW_THRESHOLD] = 0
-            image_labels[matches == BETWEEN_THRESHOLDS] = -1
+            image_labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0, image_labels)  # no host sync, unlike
+            image_labels = torch.where(matches == BETWEEN_THRESHOLDS, -1, image_labels)  # masked assignment
             matched_idxs.append(clamped)
             labels.append(image_labels)
         return matched_idxs, labels

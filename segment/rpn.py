@@ -12,7 +12,7 @@ from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.losses import rpn_loss
 from segment.postprocess import large_enough
-from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
+from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher
 from segment.transform import ImageBatch
 
 
@@ -143,10 +143,8 @@ class RegionProposalNetwork(nn.Module):
                 continue
             matches = self.matcher(box_iou(gt_boxes, anchors))
             matched_boxes.append(gt_boxes[matches.clamp(min=0)])
-            image_labels = (matches >= 0).to(torch.float32)
-            image_labels[matches == BELOW_LOW_THRESHOLD] = 0.0
-            image_labels[matches == BETWEEN_THRESHOLDS] = -1.0
-            labels.append(image_labels)
+            # BELOW_LOW_THRESHOLD is negative, so those anchors are already 0 (background)
+            labels.append(torch.where(matches == BETWEEN_THRESHOLDS, -1.0, (matches >= 0).to(torch.float32)))
         return labels, matched_boxes
 
     def compute_loss(

@@ -25,14 +25,13 @@ class Matcher:
     def __call__(self, quality: Tensor) -> Tensor:
         if quality.numel() == 0:
             raise ValueError("Matcher needs at least one ground-truth box and one prediction per image")
-        matched_vals, matches = quality.max(dim=0)
-        best_matches = matches.clone() if self.allow_low_quality_matches else None
-        matches[matched_vals < self.low_threshold] = BELOW_LOW_THRESHOLD
-        matches[(matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)] = BETWEEN_THRESHOLDS
-        if best_matches is not None:
+        # torch.where throughout, not masked assignment: a boolean-mask index makes the host wait for the GPU
+        matched_vals, best_matches = quality.max(dim=0)
+        matches = torch.where(matched_vals < self.high_threshold, BETWEEN_THRESHOLDS, best_matches)
+        matches = torch.where(matched_vals < self.low_threshold, BELOW_LOW_THRESHOLD, matches)
+        if self.allow_low_quality_matches:
             best_per_gt, _ = quality.max(dim=1)
-            _, pred_indices = torch.where(quality == best_per_gt[:, None])
-            matches[pred_indices] = best_matches[pred_indices]
+            matches = torch.where((quality == best_per_gt[:, None]).any(dim=0), best_matches, matches)
         return matches
 
 
