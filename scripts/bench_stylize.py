@@ -28,6 +28,7 @@ from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
 from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from scripts.bench_report import publish  # noqa: E402
+from scripts.profiling import print_profile  # noqa: E402
 
 CROP_SIZES = (64, 128, 256)
 CROPS = 8
@@ -91,6 +92,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--profile", action="store_true",
+                        help="afterwards, profile the runner on a 480p frame (which kernels the GPU spends it in)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -109,6 +112,12 @@ def main() -> int:
         lines.append(f"| {what} | {mode} | {count / module:.2f} | {count / runner:.2f} | {graphed} | {module / best:.2f}x |")
     text = "\n".join(lines) + "\n"
     publish(text, append=not args.no_append)
+    if args.profile:
+        bank = StyleBank.load(args.bank)
+        frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
+        run = partial(stylize_frames, bank.network.to(device), frame, torch.eye(len(bank))[0])
+        run()
+        print_profile(run, 5, device.type == "cuda", "StyleRunner on one 854x480 frame")
     return 0
 
 
