@@ -124,11 +124,20 @@ def evaluate(
         _Images(dataset), batch_size=batch_size, sampler=range(count), num_workers=num_workers,
         collate_fn=_unzip,
     )
+    # A dataset's images come in many sizes: CUDA graphs of the model's front would be captured (memory, time)
+    # for sizes that seldom come back, so evaluation runs without them.
+    graphs = getattr(model, "cuda_graphs", None)
+    if graphs:
+        model.set_inference_options(cuda_graphs=False)
     results, image_ids = [], []
-    for images, ids in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-        instances = model.predict(list(images))
-        results += to_coco_results(instances, ids, label_to_category_id)
-        image_ids += ids
+    try:
+        for images, ids in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+            instances = model.predict(list(images))
+            results += to_coco_results(instances, ids, label_to_category_id)
+            image_ids += ids
+    finally:
+        if graphs:
+            model.set_inference_options(cuda_graphs=graphs)
     return coco_eval(dataset.coco, results, image_ids, dataset.category_ids)
 
 

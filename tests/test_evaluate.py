@@ -118,6 +118,24 @@ def test_evaluate_runs_the_model_and_maps_classes_by_name(dataset):
     assert category_map(["__background__", "a", "b", "c"], dataset) == dataset.label_to_category_id
 
 
+def test_evaluate_runs_without_cuda_graphs_and_restores_the_setting(dataset):
+    class GraphedOracle(_Oracle):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.cuda_graphs, self.seen = True, set()
+
+        def set_inference_options(self, cuda_graphs=None):
+            self.cuda_graphs = cuda_graphs
+
+        def predict(self, frames):
+            self.seen.add(self.cuda_graphs)
+            return super().predict(frames)
+
+    oracle = GraphedOracle(dataset, ["__background__", *dataset.class_names])
+    assert evaluate(oracle, dataset, batch_size=3, progress=False)["segm_AP"] == pytest.approx(1.0)
+    assert oracle.seen == {False} and oracle.cuda_graphs is True
+
+
 def _random_checkpoint(path):
     """A narrow, randomly initialised ResNet-18 FPN Mask R-CNN (its detections mean nothing)."""
     from segment.checkpoint import save_checkpoint
