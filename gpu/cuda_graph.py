@@ -22,21 +22,25 @@ class CapturedGraph:
 
     def __init__(self, forward: Callable, inputs: tuple[Tensor, ...], pool=None) -> None:
         self.inputs = inputs
-        device = inputs[0].device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # cuDNN picks its algorithms and lazy state is built outside the capture
-            forward(*inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the render's decode and encode threads copy to and from the GPU while this one captures
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = forward(*inputs)
+        self.device = inputs[0].device
+        # on the inputs' GPU, which need not be the current one (device=cuda:1): the capture and replay streams
+        # are the current device's
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # cuDNN picks its algorithms and lazy state is built outside the capture
+                forward(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the render's decode and encode threads copy to and from the GPU while this one captures
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.outputs = forward(*inputs)
 
     def replay(self, *values: Tensor):
         for buffer, value in zip(self.inputs, values):
             buffer[: value.shape[0]].copy_(value)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
 
 
