@@ -104,6 +104,7 @@ class VideoWriter:
         h, w = image.shape[-2:]
         if (h, w) != (self.info.height, self.info.width):
             raise EncoderError(f"frame {record.index} is {w}x{h}, the video is {self.info.width}x{self.info.height}")
+        image = _edge_padded(image, self.height, self.width)
         frame = self._torch_frame(image) if self.converts_in_torch(image) else self._swscale_frame(image)
         frame.pts = self._monotonic(record.pts)
         frame.time_base = self.info.time_base
@@ -116,11 +117,6 @@ class VideoWriter:
         return self.colour == "device" or image.device.type == "cuda"
 
     def _torch_frame(self, image: torch.Tensor) -> av.VideoFrame:
-        h, w = image.shape[-2:]
-        if w != self.width:
-            image = torch.cat([image, image[:, :, -1:].expand(-1, -1, self.width - w)], dim=2)
-        if h != self.height:
-            image = torch.cat([image, image[:, -1:].expand(-1, self.height - h, -1)], dim=1)
         planes = rgb_to_packed_yuv420(image, colorspace=1, full_range=False).cpu().numpy()
         frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
         # the tags swscale's reformat below puts on its frames, so both paths hand the encoder the same thing
@@ -128,11 +124,7 @@ class VideoWriter:
         return frame
 
     def _swscale_frame(self, image: torch.Tensor) -> av.VideoFrame:
-        pixels = to_numpy_hwc(image)
-        h, w = pixels.shape[:2]
-        if (h, w) != (self.height, self.width):
-            pixels = np.pad(pixels, ((0, self.height - h), (0, self.width - w), (0, 0)), mode="edge")
-        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        frame = av.VideoFrame.from_ndarray(to_numpy_hwc(image), format="rgb24")
         if frame.format.name != self.pix_fmt:
             if av.VideoFormat(self.pix_fmt).is_rgb:
                 frame = frame.reformat(format=self.pix_fmt)
@@ -237,6 +229,17 @@ def _encodable_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:
     return width + (width % 2 if even_w else 0), height + (height % 2 if even_h else 0)
 
 
+def _edge_padded(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, h, w) → (3, height, width) with the last column and row repeated: an odd-sized frame grown to the
+    even size 4:2:0 needs, the same way for the torch and the swscale conversion."""
+    h, w = image.shape[-2:]
+    if w != width:
+        image = torch.cat([image, image[:, :, -1:].expand(-1, -1, width - w)], dim=2)
+    if h != height:
+        image = torch.cat([image, image[:, -1:].expand(-1, height - h, -1)], dim=1)
+    return image
+
+
 def _check_codec(name: str) -> None:
     try:
         codec = av.codec.Codec(name, "w")
@@ -249,4 +252,3 @@ def _check_codec(name: str) -> None:
 def to_numpy_hwc(image: torch.Tensor) -> np.ndarray:
     """uint8 (3, H, W) tensor on any device → contiguous (H, W, 3) numpy array."""
     return np.ascontiguousarray(image.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
-
