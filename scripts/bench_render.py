@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_report import publish  # noqa: E402
+from scripts.bench_report import markdown_table, publish  # noqa: E402
 from pipeline.render import compose_config, render  # noqa: E402
 from scripts.make_demo_clip import make_clip  # noqa: E402
 
@@ -63,14 +63,11 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
 def table(rows: list[dict]) -> str:
     head = ["size", "frames", "fps", "instances", "tracks", "styles", *(f"{s} ms/f" for s in STAGES), "peak RSS MB",
             "CUDA peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cuda = "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"
-        cells = [r["size"], str(r["frames"]), f"{r['fps']:.2f}", str(r["instances"]), str(r["tracks"]), str(r["styles"]),
-                 *(f"{r[s]:.1f}" for s in STAGES),
-                 f"{r['peak_rss_mb']:.0f}", cuda]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(head, [
+        [r["size"], r["frames"], f"{r['fps']:.2f}", r["instances"], r["tracks"], r["styles"],
+         *(f"{r[s]:.1f}" for s in STAGES), f"{r['peak_rss_mb']:.0f}",
+         "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"]
+        for r in rows])
 
 
 def device_name(device: str) -> str:

@@ -27,7 +27,7 @@ import stylize.apply  # noqa: E402
 from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
 from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
-from scripts.bench_report import publish  # noqa: E402
+from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
 CROP_SIZES = (64, 128, 256)
@@ -98,22 +98,21 @@ def main() -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     precision = "bf16 + channels_last" if device.type == "cuda" else "fp32"
-    rows = bench(StyleBank.load(args.bank), device, args.repeats)
-    lines = [f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})", "",
-             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
-             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
-             "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; "
-             "`python scripts/bench_stylize.py`", "",
-             "| input | mode | module images/s | runner images/s | runner + graphs images/s | best ours / module |",
-             "|---|---|---|---|---|---|"]
+    bank = StyleBank.load(args.bank)
+    rows = bench(bank, device, args.repeats)
+    header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module"]
+    cells = []
     for what, mode, count, (module, runner, graphs) in rows:
         best = min(runner, graphs or runner)
         graphed = f"{count / graphs:.2f}" if graphs else "- (CPU)"
-        lines.append(f"| {what} | {mode} | {count / module:.2f} | {count / runner:.2f} | {graphed} | {module / best:.2f}x |")
-    text = "\n".join(lines) + "\n"
+        cells.append([what, mode, f"{count / module:.2f}", f"{count / runner:.2f}", graphed, f"{module / best:.2f}x"])
+    text = (f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})\n\n"
+            f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
+            f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
+            "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; "
+            f"`python scripts/bench_stylize.py`\n\n{markdown_table(header, cells)}\n")
     publish(text, append=not args.no_append)
     if args.profile:
-        bank = StyleBank.load(args.bank)
         frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
         run = partial(stylize_frames, bank.network.to(device), frame, torch.eye(len(bank))[0])
         run()
