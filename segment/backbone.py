@@ -7,6 +7,7 @@ folded into the conv (see conv_frozen_bn); the parameters, buffers and their nam
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from functools import partial
 
@@ -48,19 +49,46 @@ def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: Tensor) -> Tensor:
     the same math (d/dW of conv(x, W * scale) is scale times the one for W), so results differ by float rounding
     only. The fold costs passes over the weights instead (W * scale, and that product's gradient), so where the
     weights outnumber the output (deep stages on small images) the map is applied to the output as torchvision does,
-    but in the output's dtype. scale and shift are recomputed each call, two small per-channel vectors: W changes every
-    step and load_state_dict can change the buffers, so nothing is cached. The buffers never require grad, so no
-    gradient is made for them. segment/fold.py's inference fold is the same arithmetic done once, in place: the BN
-    becomes Identity and the blocks below take their plain path.
+    but in the output's dtype. scale and shift come from frozen_bn_affine (made once per buffer state, not per
+    step). The buffers never require grad, so no gradient is made for them. segment/fold.py's inference fold is the
+    same arithmetic done once, in place: the BN becomes Identity and the blocks below take their plain path.
     """
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else conv.weight.dtype
+    exact_scale, exact_shift = frozen_bn_affine(bn)
+    scale, shift = frozen_bn_affine(bn, dtype)  # what autocast would cast them to, cast once
     if conv.bias is not None:  # never for torchvision's ResNets; kept so the helper is right for any conv
-        shift = shift + conv.bias * scale
+        shift = exact_shift + conv.bias * exact_scale
     if fold_into_weights(conv, x):
-        return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+        return conv._conv_forward(x, conv.weight * exact_scale.reshape(-1, 1, 1, 1), shift)
     out = conv._conv_forward(x, conv.weight, None)  # in fp32 exactly torchvision's arithmetic
     return out * scale.to(out.dtype).reshape(-1, 1, 1) + shift.to(out.dtype).reshape(-1, 1, 1)
+
+
+_affine_cache: weakref.WeakKeyDictionary[FrozenBatchNorm2d, tuple[tuple, tuple, dict]] = weakref.WeakKeyDictionary()
+
+
+def frozen_bn_affine(bn: FrozenBatchNorm2d, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of a frozen BN's per-channel map y * scale + shift, in the buffers' dtype, or cast to `dtype`.
+
+    Made once and reused while the buffers stay the same tensors, unmodified (a training step would otherwise
+    spend five small kernel launches per conv recomputing them; R50 has 53): loading a state dict writes into the
+    buffers (their version changes), moving or casting the module replaces them (their identity changes), and
+    either makes it recomputed.
+    """
+    buffers = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    state = (tuple(b._version for b in buffers), bn.eps)
+    cached = _affine_cache.get(bn)
+    # the cache holds the buffers it was made from, so their identities cannot be reused by new tensors
+    if cached is None or cached[1] != state or any(a is not b for a, b in zip(cached[0], buffers)):
+        with torch.inference_mode(False), torch.no_grad():  # usable by autograd whatever mode made it
+            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+            shift = bn.bias - bn.running_mean * scale
+        cached = _affine_cache[bn] = (buffers, state, {None: (scale, shift)})
+    by_dtype = cached[2]
+    if dtype not in by_dtype:
+        scale, shift = by_dtype[None]
+        by_dtype[dtype] = (scale.to(dtype), shift.to(dtype))
+    return by_dtype[dtype]
 
 
 def fold_into_weights(conv: nn.Conv2d, x: Tensor) -> bool:

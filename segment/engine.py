@@ -127,8 +127,12 @@ class Trainer:
         self.run_config = run_config or {}
         self.device = info.device
         self.images_per_iteration = images_per_iteration
+        # only a trainable BN's running statistics change while training; broadcasting constant buffers every step
+        # costs a collective and, by writing into them, would remake the frozen BNs' scale and shift each step
+        updated_buffers = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.network = (
-            DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                    broadcast_buffers=updated_buffers)
             if info.distributed else model
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
