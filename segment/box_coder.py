@@ -11,29 +11,27 @@ class BoxCoder:
     def __init__(self, weights: tuple[float, float, float, float], clip: float = math.log(1000.0 / 16)) -> None:
         self.weights = tuple(float(w) for w in weights)
         self.clip = clip  # keeps exp() of width/height deltas finite
+        self._weight_tensors: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def encode(self, targets: Tensor, references: Tensor) -> Tensor:
-        """(N, 4) target boxes relative to (N, 4) reference boxes -> (N, 4) deltas."""
-        wx, wy, ww, wh = self.weights
-        ref_w = references[:, 2] - references[:, 0]
-        ref_h = references[:, 3] - references[:, 1]
-        ref_x = references[:, 0] + 0.5 * ref_w
-        ref_y = references[:, 1] + 0.5 * ref_h
-        gt_w = targets[:, 2] - targets[:, 0]
-        gt_h = targets[:, 3] - targets[:, 1]
-        gt_x = targets[:, 0] + 0.5 * gt_w
-        gt_y = targets[:, 1] + 0.5 * gt_h
-        weights = torch.as_tensor(self.weights, dtype=targets.dtype, device=targets.device)
-        # computed as in torchvision's encode_boxes (weight tensor first) so losses match bit for bit
-        return torch.stack(
-            (
-                weights[0] * (gt_x - ref_x) / ref_w,
-                weights[1] * (gt_y - ref_y) / ref_h,
-                weights[2] * torch.log(gt_w / ref_w),
-                weights[3] * torch.log(gt_h / ref_h),
-            ),
-            dim=1,
-        )
+        """(..., 4) target boxes relative to (..., 4) reference boxes (broadcast: a batch of images' matched boxes
+        against one set of anchors in one call) -> (..., 4) deltas."""
+        weights_xy, weights_wh = self._weights(targets.dtype, targets.device)
+        ref_wh = references[..., 2:] - references[..., :2]
+        ref_ctr = references[..., :2] + 0.5 * ref_wh
+        gt_wh = targets[..., 2:] - targets[..., :2]
+        gt_ctr = targets[..., :2] + 0.5 * gt_wh
+        # x and y (w and h) together, each element computed as torchvision's encode_boxes does (weight first), so
+        # losses match bit for bit
+        return torch.cat((weights_xy * (gt_ctr - ref_ctr) / ref_wh, weights_wh * torch.log(gt_wh / ref_wh)), dim=-1)
+
+    def _weights(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(wx, wy) and (ww, wh) as tensors on the device, made once (a copy from the host each call costs a launch)."""
+        key = (dtype, device)
+        if key not in self._weight_tensors:
+            weights = torch.tensor(self.weights, dtype=dtype, device=device)
+            self._weight_tensors[key] = (weights[:2], weights[2:])
+        return self._weight_tensors[key]
 
     def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
         """(N, K*4) deltas for (N, 4) references -> (N, K, 4) boxes (K = classes, 1 for the RPN)."""

@@ -25,13 +25,18 @@ def rpn_loss(
 
 
 def fastrcnn_loss(
-    class_logits: Tensor, box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    class_logits: Tensor, box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor],
+    positive: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Cross-entropy over the sampled RoIs; smooth-L1 on the GT class's deltas of positives, summed / RoIs."""
+    """Cross-entropy over the sampled RoIs; smooth-L1 on the GT class's deltas of positives, summed / RoIs.
+
+    `positive`: the ascending indices of the RoIs whose label is > 0, when the caller knows them (torch.where finds
+    them otherwise, a host sync on a GPU)."""
     labels_all = torch.cat(labels)
     targets = torch.cat(regression_targets)
     classification_loss = F.cross_entropy(class_logits, labels_all)
-    positive = torch.where(labels_all > 0)[0]
+    if positive is None:
+        positive = torch.where(labels_all > 0)[0]
     num_rois = class_logits.shape[0]
     per_class = box_regression.reshape(num_rois, box_regression.size(-1) // 4, 4)
     box_loss = F.smooth_l1_loss(

@@ -12,7 +12,7 @@ from segment.losses import fastrcnn_loss, maskrcnn_loss
 from segment.mask_head import MaskHead, MaskPredictor, class_mask_probs
 from segment.postprocess import select_detections
 from segment.roi_pool import MultiLevelRoIAlign
-from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher
+from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending
 
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14
@@ -82,12 +82,14 @@ class RoIHeads(nn.Module):
         return [(b, s, l, p) for (b, s, l), p in zip(detections, probs)]
 
     def _losses(self, maps: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        proposals, matched_idxs, labels, regression_targets, positives = self.select_training_samples(proposals, targets)
         class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(maps, proposals)))
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits.float(), box_regression.float(), labels, regression_targets)
+        loss_classifier, loss_box_reg = fastrcnn_loss(
+            class_logits.float(), box_regression.float(), labels, regression_targets,
+            ascending(positives, [len(p) for p in proposals]),
+        )
 
         # the mask branch learns from positive RoIs only
-        positives = [torch.where(l > 0)[0] for l in labels]
         mask_proposals = [p[i] for p, i in zip(proposals, positives)]
         mask_matched = [m[i] for m, i in zip(matched_idxs, positives)]
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(maps, mask_proposals)))
@@ -97,21 +99,28 @@ class RoIHeads(nn.Module):
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
-        """Add GT boxes to the proposals, match them to GT, sample positives/negatives, encode box targets."""
+        """Add GT boxes to the proposals, match them to GT, sample positives/negatives, encode box targets.
+
+        Returns per image the sampled RoIs (in ascending proposal order, as torchvision keeps them), their matched
+        GT index, label and box target, and where the positives are among them; found from the sampler's indices,
+        with no host sync."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
         matched_idxs, labels = self.assign_targets(proposals, gt_boxes, gt_labels)
-        pos_masks, neg_masks = self.sampler(labels)
-        matched_boxes = []
-        for i, (pos, neg) in enumerate(zip(pos_masks, neg_masks)):
-            keep = torch.where(pos | neg)[0]
+        sampled_positives, sampled_negatives = self.sampler(labels)
+        matched_boxes, positives = [], []
+        for i, (pos, neg) in enumerate(zip(sampled_positives, sampled_negatives)):
+            keep = torch.cat((pos, neg)).sort().values
+            positives.append(torch.searchsorted(keep, pos.sort().values))
             proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
             gt = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=proposals[i].device)
             matched_boxes.append(gt[matched_idxs[i]])
-        regression_targets = [self.box_coder.encode(m, p) for m, p in zip(matched_boxes, proposals)]
-        return proposals, matched_idxs, labels, regression_targets
+        # one call for the whole batch
+        regression_targets = self.box_coder.encode(torch.cat(matched_boxes), torch.cat(proposals))
+        regression_targets = list(regression_targets.split([len(p) for p in proposals]))
+        return proposals, matched_idxs, labels, regression_targets, positives
 
     def assign_targets(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]):
         matched_idxs, labels = [], []

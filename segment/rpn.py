@@ -12,7 +12,7 @@ from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.losses import rpn_loss
 from segment.postprocess import large_enough
-from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher
+from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending
 from segment.transform import ImageBatch
 
 
@@ -82,7 +82,7 @@ class RegionProposalNetwork(nn.Module):
         if targets is None:
             raise ValueError("RegionProposalNetwork needs targets in training mode")
         labels, matched_boxes = self.assign_targets(anchors, targets)
-        regression_targets = [self.box_coder.encode(m, anchors) for m in matched_boxes]
+        regression_targets = list(self.box_coder.encode(torch.stack(matched_boxes), anchors))  # all images at once
         loss_objectness, loss_box = self.compute_loss(objectness, pred_deltas, labels, regression_targets)
         return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
 
@@ -151,9 +151,9 @@ class RegionProposalNetwork(nn.Module):
         self, objectness: Tensor, pred_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
         """Same signature and sampling as torchvision's RegionProposalNetwork.compute_loss."""
-        pos_masks, neg_masks = self.sampler(labels)
-        sampled_pos = torch.where(torch.cat(pos_masks))[0]
-        sampled_neg = torch.where(torch.cat(neg_masks))[0]
+        positives, negatives = self.sampler(labels)
+        sizes = [l.numel() for l in labels]
         return rpn_loss(
-            objectness.flatten(), pred_deltas, torch.cat(labels), torch.cat(regression_targets), sampled_pos, sampled_neg
+            objectness.flatten(), pred_deltas, torch.cat(labels), torch.cat(regression_targets),
+            ascending(positives, sizes), ascending(negatives, sizes),
         )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
@@ -38,7 +39,12 @@ class Matcher:
 class BalancedSampler:
     """Per image: up to `batch_size * positive_fraction` random positives (label >= 1), negatives (0) fill the rest.
 
-    Returns per-image uint8 masks of the sampled positives and negatives (labels of -1 are never sampled).
+    Returns, per image, the indices of the sampled positives and of the sampled negatives (labels of -1 are never
+    sampled), in the order drawn. The draws are torchvision's BalancedPositiveNegativeSampler's (the same torch RNG
+    calls with the same sizes), so seeded runs sample the same elements. torchvision finds each image's positives and
+    negatives with a torch.where apiece, each a host sync on a GPU, and a few more launches per image; here the
+    batch's counts reach the host in one sync, and one stable sort of the whole batch lists each image's positives,
+    then its negatives, each in ascending order as torch.where does.
     """
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
@@ -46,18 +52,26 @@ class BalancedSampler:
         self.positive_fraction = positive_fraction
 
     def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        pos_masks, neg_masks = [], []
-        for labels_per_image in labels:
-            positive = torch.where(labels_per_image >= 1)[0]
-            negative = torch.where(labels_per_image == 0)[0]
-            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
-            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-            pos = positive[torch.randperm(positive.numel(), device=positive.device)[:num_pos]]
-            neg = negative[torch.randperm(negative.numel(), device=negative.device)[:num_neg]]
-            pos_mask = torch.zeros_like(labels_per_image, dtype=torch.uint8)
-            neg_mask = torch.zeros_like(labels_per_image, dtype=torch.uint8)
-            pos_mask[pos] = 1
-            neg_mask[neg] = 1
-            pos_masks.append(pos_mask)
-            neg_masks.append(neg_mask)
-        return pos_masks, neg_masks
+        same_length = all(len(l) == len(labels[0]) for l in labels)
+        batch = torch.stack(labels) if same_length else pad_sequence(labels, batch_first=True, padding_value=-1)
+        categories = 1 - batch.clamp(max=1)  # 0 positive, 1 negative, 2 ignored (and padding)
+        counts = torch.stack(((categories == 0).sum(1), (categories == 1).sum(1)), dim=1).tolist()
+        orders = torch.argsort(categories, dim=1, stable=True)
+        positives, negatives = [], []
+        for order, (num_positive, num_negative) in zip(orders, counts):
+            num_pos = min(num_positive, int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(num_negative, self.batch_size_per_image - num_pos)
+            pos_draw = torch.randperm(num_positive, device=order.device)[:num_pos]
+            neg_draw = torch.randperm(num_negative, device=order.device)[:num_neg]
+            positives.append(order[:num_positive][pos_draw])
+            negatives.append(order[num_positive : num_positive + num_negative][neg_draw])
+        return positives, negatives
+
+
+def ascending(indices: list[Tensor], sizes: list[int]) -> Tensor:
+    """Per-image indices into per-image tensors of `sizes` -> ascending indices into their concatenation (what
+    torch.where gives on the concatenated masks, without the host sync)."""
+    offsets = [0]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    return torch.cat([i + offset for i, offset in zip(indices, offsets)]).sort().values

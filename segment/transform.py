@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,11 +29,11 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
 
 
 def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
-    """xyxy boxes measured on an image of `from_size` (H, W) -> the same boxes on `to_size`."""
-    ratio_h, ratio_w = (
-        torch.tensor(t, dtype=torch.float32, device=boxes.device) / torch.tensor(f, dtype=torch.float32, device=boxes.device)
-        for t, f in zip(to_size, from_size)
-    )
+    """xyxy float32 boxes measured on an image of `from_size` (H, W) -> the same boxes on `to_size`.
+
+    The ratios are float32 divisions, as torchvision's resize_boxes makes them, but made on the host: as tensors
+    made on a GPU they cost a copy each, and the host waits for every one."""
+    ratio_h, ratio_w = (float(np.float32(t) / np.float32(f)) for t, f in zip(to_size, from_size))
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 

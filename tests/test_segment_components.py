@@ -10,7 +10,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAncho
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads as TvRoIHeads
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
@@ -21,7 +21,7 @@ from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 from segment.postprocess import paste_masks, select_detections
 from segment.roi_pool import MultiLevelRoIAlign, map_levels
-from segment.transform import ImageTransform
+from segment.transform import ImageTransform, rescale_boxes
 
 SIZES, RATIOS = [32, 64, 128, 256, 512], [0.5, 1.0, 2.0]
 
@@ -30,6 +30,13 @@ def boxes_in(n: int, width: float, height: float, g: torch.Generator, min_side: 
     xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height])
     wh = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) / 2 + min_side
     return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_rescale_boxes_equals_torchvision(device):
+    g = torch.Generator().manual_seed(6)
+    boxes = boxes_in(40, 640, 480, g).to(device)
+    for from_size, to_size in [((480, 640), (800, 1067)), ((481, 643), (799, 1061)), ((1080, 1920), (750, 1333))]:
+        assert torch.equal(rescale_boxes(boxes, from_size, to_size), resize_boxes(boxes, from_size, to_size))
 
 
 def test_anchors_equal_torchvision():
@@ -44,12 +51,17 @@ def test_anchors_equal_torchvision():
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
-def test_box_coder_equals_torchvision(weights):
+def test_box_coder_equals_torchvision(weights, device):
     g = torch.Generator().manual_seed(0)
     references, targets = boxes_in(50, 300, 200, g), boxes_in(50, 300, 200, g)
     ours, theirs = BoxCoder(weights), TvBoxCoder(weights)
     deltas = ours.encode(targets, references)
     assert torch.equal(deltas, theirs.encode_single(targets, references))
+    # a batch of images' targets against one set of references, in one call, on the device under test
+    batch = torch.stack([targets, boxes_in(50, 300, 200, g)]).to(device)
+    batched = ours.encode(batch, references.to(device))
+    for image_targets, image_deltas in zip(batch, batched):
+        assert torch.equal(image_deltas, theirs.encode_single(image_targets, references.to(device)))
     codes = torch.randn(50, 12, generator=g)
     codes[0, 2] = 50.0  # clamped before exp
     decoded = ours.decode(codes, references)
@@ -166,10 +178,11 @@ def test_fold_frozen_batchnorm_equals_conv_then_bn():
 def test_conv_frozen_bn_equals_conv_then_bn_in_training(bias, input_size):
     """segment.backbone.conv_frozen_bn, both ways (folded into the weights, or the map applied to a small output):
     same output and input / weight / bias gradients as torchvision's conv -> FrozenBatchNorm2d, no gradient for the
-    BN buffers, and buffers loaded later are the ones used (nothing cached)."""
+    BN buffers, and buffers changed later (loaded, written in place, replaced, cast) are the ones used: the cached
+    scale and shift are remade then, and only then."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    from segment.backbone import conv_frozen_bn, fold_into_weights
+    from segment.backbone import conv_frozen_bn, fold_into_weights, frozen_bn_affine
 
     torch.manual_seed(0)
     conv, bn = torch.nn.Conv2d(4, 8, 3, padding=1, bias=bias), FrozenBatchNorm2d(8)
@@ -188,9 +201,19 @@ def test_conv_frozen_bn_equals_conv_then_bn_in_training(bias, input_size):
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
     assert all(not b.requires_grad and b.grad is None for b in bn.buffers())
-    bn.load_state_dict({k: torch.rand_like(v) + 0.5 for k, v in bn.state_dict().items()})
-    with torch.no_grad():
-        torch.testing.assert_close(conv_frozen_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-6)
+    assert all(a is b for a, b in zip(frozen_bn_affine(bn), frozen_bn_affine(bn)))  # made once, then reused
+    changes = [
+        # a new tensor with the old one's version count (1, from normal_ above): only its identity differs
+        lambda: setattr(bn, "running_mean", torch.empty(8).normal_()),
+        lambda: bn.load_state_dict({k: torch.rand_like(v) + 0.5 for k, v in bn.state_dict().items()}),
+        lambda: bn.running_var.mul_(3),
+        lambda: (bn.double(), conv.double()),
+    ]
+    for change in changes:
+        change()
+        with torch.no_grad():
+            torch.testing.assert_close(conv_frozen_bn(conv, bn, x.to(conv.weight.dtype)), bn(conv(x.to(conv.weight.dtype))),
+                                       rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -46,12 +46,18 @@ def test_sampler_equals_torchvision():
     g = torch.Generator().manual_seed(2)
     labels = [torch.randint(-1, 4, (1000,), generator=g), torch.randint(-1, 2, (300,), generator=g)]
     torch.manual_seed(5)
-    ours = BalancedSampler(256, 0.25)(labels)
+    positives, negatives = BalancedSampler(256, 0.25)(labels)
     torch.manual_seed(5)
     theirs = tv_utils.BalancedPositiveNegativeSampler(256, 0.25)(labels)
+    ours = [], []  # our indices as torchvision's masks
+    for masks, indices in zip(ours, (positives, negatives)):
+        for l, index in zip(labels, indices):
+            masks.append(torch.zeros_like(l, dtype=torch.uint8).index_fill_(0, index, 1))
     for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
         assert torch.equal(a, b)
-    assert int(ours[0][0].sum()) == 64 and int(ours[1][0].sum()) == 192
+    assert [len(p) for p in positives] == [64, 64] and len(negatives[0]) == 192
+    assert len(negatives[1]) == int((labels[1] == 0).sum()) < 192  # too few negatives: all of them
+    assert all(len(set(i.tolist())) == len(i) for i in positives + negatives)  # no index drawn twice
 
 
 def test_rpn_loss_equals_torchvision():
