@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
 
@@ -23,6 +24,24 @@ def host_syncs(call: Callable[[], object]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view  # a view launches nothing
+        return func(*args, **(kwargs or {}))
+
+
+def operators(call: Callable[[], object]) -> int:
+    """How many tensor operators one `call()` ran, views excluded, backward and optimizer included: on a GPU nearly
+    each is a kernel launch, so on a CPU it measures the launch overhead a GPU would pay."""
+    with _OperatorCounter() as counter:
+        call()
+    return counter.count
+
+
 def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str, rows: int = 15) -> None:
     """Wall time, GPU kernel time and launches per call, then the top operators by host and by GPU time."""
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -33,7 +52,7 @@ def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str,
         synchronize()
         wall = (time.perf_counter() - start) / runs
     events = profiler.key_averages()
-    line = f"{label}: {wall * 1000:.2f} ms per call under the profiler"
+    line = f"{label}: {wall * 1000:.2f} ms per call under the profiler; {operators(call)} operators"
     if cuda:
         kernels = sum(e.self_device_time_total for e in events  # kernel rows, as the profiler's own total counts them
                       if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
