@@ -16,6 +16,8 @@ from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSa
 
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14
+# device type -> the mask head runs on a multiple of this many RoIs there (see RoIHeads._mask_logits)
+MASK_BATCH_BUCKETS = {"cuda": 32}
 
 
 class TwoMLPHead(nn.Module):
@@ -77,9 +79,23 @@ class RoIHeads(nn.Module):
         )
         boxes = [d[0] for d in detections]
         labels = torch.cat([d[2] for d in detections])
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(maps, boxes)))
+        mask_logits = self._mask_logits(maps, boxes)
         probs = class_mask_probs(mask_logits, labels).split([len(b) for b in boxes])
         return [(b, s, l, p) for (b, s, l), p in zip(detections, probs)]
+
+    def _mask_logits(self, maps: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """(sum R_i, C, 28, 28) mask logits for per-image RoI boxes.
+
+        On a GPU the RoI batch goes through the mask head zero-padded to a multiple of 32 RoIs: cuDNN
+        chooses each conv's algorithm on the host for every new input shape (about 1 ms per conv, pytorch/pytorch
+        #187212; the head's six convs, forward and backward), and the number of positive RoIs or of detections
+        changes every step and every frame. The head treats each RoI alone, so padding never changes the others.
+        """
+        pooled = self.mask_roi_pool(maps, boxes)
+        count, bucket = pooled.shape[0], MASK_BATCH_BUCKETS.get(pooled.device.type, 1)
+        if count % bucket:
+            pooled = torch.cat((pooled, pooled.new_zeros((bucket - count % bucket, *pooled.shape[1:]))))
+        return self.mask_predictor(self.mask_head(pooled))[:count]
 
     def _losses(self, maps: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         proposals, matched_idxs, labels, regression_targets, positives = self.select_training_samples(proposals, targets)
@@ -92,7 +108,7 @@ class RoIHeads(nn.Module):
         # the mask branch learns from positive RoIs only
         mask_proposals = [p[i] for p, i in zip(proposals, positives)]
         mask_matched = [m[i] for m, i in zip(matched_idxs, positives)]
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(maps, mask_proposals)))
+        mask_logits = self._mask_logits(maps, mask_proposals)
         loss_mask = maskrcnn_loss(
             mask_logits.float(), mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets], mask_matched
         )

@@ -239,3 +239,38 @@ def test_frozen_stages_follow_trainable_layers():
     frozen = {n for n, p in model.backbone.body.named_parameters() if not p.requires_grad}
     assert frozen and all(n.startswith(("conv1", "bn1", "layer1")) for n in frozen)
     assert not model.backbone.body.layer1[0].bn1.training and model.backbone.body.layer2[0].bn1.training
+
+
+def test_mask_head_padding_changes_no_loss_gradient_or_mask(monkeypatch, real_photos):
+    """The mask head's RoI batch padded to a bucket (what a GPU runs, see RoIHeads._mask_logits), here on the CPU:
+    the head sees a multiple of the bucket, while losses, gradients and predicted masks stay those unpadded."""
+    import segment.roi_heads
+
+    torch.manual_seed(0)
+    config = SegmenterConfig(backbone="resnet18", norm="gn", num_classes=4, fpn_channels=64, representation_size=128,
+                             mask_head_channels=64, min_size=128, max_size=160, rpn_post_nms_top_n_train=300,
+                             box_batch_size_per_image=64, score_threshold=0.0)
+    model = build_model(config)
+    seen = []
+    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    images = [torch.rand(3, 120, 160), torch.rand(3, 140, 110)]
+    frames = torch.stack([real_photos["astronaut"][:, :96, :128], real_photos["coffee"][:, :96, :128]])
+    results = []
+    for buckets in ({}, {"cpu": 32}):
+        monkeypatch.setattr(segment.roi_heads, "MASK_BATCH_BUCKETS", buckets)
+        model.train().zero_grad(set_to_none=True)
+        torch.manual_seed(42)
+        losses = model(images, _toy_targets(images))
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads, model.predict(frames)))
+    (want, want_grads, want_pred), (got, got_grads, got_pred) = results
+    assert seen[0] % 32 and seen[1] % 32 and all(n % 32 == 0 for n in seen[2:])  # unpadded, then padded
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert want_grads.keys() == got_grads.keys() and any(n.startswith("roi_heads.mask_head") for n in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=name)
+    assert sum(len(p) for p in want_pred) > 0
+    for a, b in zip(got_pred, want_pred):
+        torch.testing.assert_close(a.masks, b.masks, rtol=0, atol=1e-5)
