@@ -12,7 +12,7 @@ from segment.losses import fastrcnn_loss, maskrcnn_loss
 from segment.mask_head import MaskHead, MaskPredictor, class_mask_probs
 from segment.postprocess import select_detections
 from segment.roi_pool import MultiLevelRoIAlign
-from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending
+from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending, padded
 
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14
@@ -122,35 +122,39 @@ class RoIHeads(nn.Module):
         with no host sync."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
-        gt_labels = [t["labels"] for t in targets]
         proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
-        matched_idxs, labels = self.assign_targets(proposals, gt_boxes, gt_labels)
-        sampled_positives, sampled_negatives = self.sampler(labels)
-        matched_boxes, positives = [], []
+        all_matched, all_labels = self.assign_targets(proposals, gt_boxes, [t["labels"] for t in targets])
+        sampled_positives, sampled_negatives = self.sampler(all_labels)
+        matched_idxs, labels, matched_boxes, positives = [], [], [], []
         for i, (pos, neg) in enumerate(zip(sampled_positives, sampled_negatives)):
             keep = torch.cat((pos, neg)).sort().values
             positives.append(torch.searchsorted(keep, pos.sort().values))
-            proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            proposals[i], labels_i, matched_i = proposals[i][keep], all_labels[i][keep], all_matched[i][keep]
             gt = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=proposals[i].device)
-            matched_boxes.append(gt[matched_idxs[i]])
+            matched_boxes.append(gt[matched_i])
+            labels.append(labels_i)
+            matched_idxs.append(matched_i)
         # one call for the whole batch
         regression_targets = self.box_coder.encode(torch.cat(matched_boxes), torch.cat(proposals))
         regression_targets = list(regression_targets.split([len(p) for p in proposals]))
         return proposals, matched_idxs, labels, regression_targets, positives
 
-    def assign_targets(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]):
-        matched_idxs, labels = [], []
-        for props, boxes, classes in zip(proposals, gt_boxes, gt_labels):
-            if boxes.numel() == 0:  # image without objects: every proposal is background
-                zeros = torch.zeros((props.shape[0],), dtype=torch.int64, device=props.device)
-                matched_idxs.append(zeros)
-                labels.append(zeros.clone())
-                continue
-            matches = self.matcher(box_iou(boxes, props))
-            clamped = matches.clamp(min=0)
-            image_labels = classes[clamped].to(torch.int64)
-            image_labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0, image_labels)  # no host sync, unlike
-            image_labels = torch.where(matches == BETWEEN_THRESHOLDS, -1, image_labels)  # masked assignment
-            matched_idxs.append(clamped)
-            labels.append(image_labels)
-        return matched_idxs, labels
+    def assign_targets(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-image proposals, GT boxes and classes -> (B, P) matched GT index (0 where none) and label (the GT
+        class, 0 background, -1 ignored), P the most proposals of an image (an image with fewer: -1 after its own).
+
+        Every image is matched in one go, padded with NaN boxes: a NaN GT row is never matched (the Matcher), a
+        NaN proposal is labelled -1 here, so the sampler never draws it."""
+        batch = padded(proposals, float("nan"))
+        gt = padded(gt_boxes, float("nan"))
+        if gt.shape[1] == 0:  # not one object in the batch: every proposal is background
+            matched = labels = torch.zeros(batch.shape[:2], dtype=torch.int64, device=batch.device)
+        else:
+            matches = self.matcher(box_iou(gt, batch))
+            matched = matches.clamp(min=0)
+            labels = padded(gt_labels, 0).gather(1, matched)
+            labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0, labels)  # no host sync, unlike
+            labels = torch.where(matches == BETWEEN_THRESHOLDS, -1, labels)  # masked assignment
+        if any(len(p) < batch.shape[1] for p in proposals):
+            labels = torch.where(batch[..., 0].isnan(), -1, labels)
+        return matched, labels

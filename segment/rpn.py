@@ -12,7 +12,7 @@ from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.losses import rpn_loss
 from segment.postprocess import large_enough
-from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending
+from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending, padded
 from segment.transform import ImageBatch
 
 
@@ -82,7 +82,7 @@ class RegionProposalNetwork(nn.Module):
         if targets is None:
             raise ValueError("RegionProposalNetwork needs targets in training mode")
         labels, matched_boxes = self.assign_targets(anchors, targets)
-        regression_targets = list(self.box_coder.encode(torch.stack(matched_boxes), anchors))  # all images at once
+        regression_targets = self.box_coder.encode(matched_boxes, anchors)
         loss_objectness, loss_box = self.compute_loss(objectness, pred_deltas, labels, regression_targets)
         return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
 
@@ -132,28 +132,36 @@ class RegionProposalNetwork(nn.Module):
             results.append(boxes[keep])
         return results
 
-    def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per image: anchor labels (1 object, 0 background, -1 ignored) and the matched GT box of each anchor."""
-        labels, matched_boxes = [], []
-        for target in targets:
-            gt_boxes = target["boxes"]
-            if gt_boxes.numel() == 0:
-                labels.append(torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device))
-                matched_boxes.append(torch.zeros_like(anchors, dtype=torch.float32))
-                continue
-            matches = self.matcher(box_iou(gt_boxes, anchors))
-            matched_boxes.append(gt_boxes[matches.clamp(min=0)])
-            # BELOW_LOW_THRESHOLD is negative, so those anchors are already 0 (background)
-            labels.append(torch.where(matches == BETWEEN_THRESHOLDS, -1.0, (matches >= 0).to(torch.float32)))
+    def assign_targets(self, anchors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(B, A) anchor labels (1 object, 0 background, -1 ignored) and (B, A, 4) the matched GT box of each
+        anchor (zeros in an image without objects), every image matched in one go: their GT boxes padded with NaN
+        rows to the most objects, which the Matcher never matches."""
+        gt_boxes = padded([t["boxes"] for t in targets], float("nan"))
+        num_images, num_anchors = gt_boxes.shape[0], anchors.shape[0]
+        if gt_boxes.shape[1] == 0:  # not one object in the batch: all background
+            return anchors.new_zeros((num_images, num_anchors)), anchors.new_zeros((num_images, num_anchors, 4))
+        matches = self.matcher(box_iou(gt_boxes, anchors))
+        image = torch.arange(num_images, device=anchors.device)[:, None]
+        matched_boxes = gt_boxes[image, matches.clamp(min=0)]
+        if any(len(t["boxes"]) == 0 for t in targets):
+            matched_boxes = matched_boxes.nan_to_num(0.0)  # the padding an image without objects matched
+        # BELOW_LOW_THRESHOLD is negative, so those anchors are already 0 (background)
+        labels = torch.where(matches == BETWEEN_THRESHOLDS, -1.0, (matches >= 0).to(torch.float32))
         return labels, matched_boxes
 
     def compute_loss(
         self, objectness: Tensor, pred_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """Same signature and sampling as torchvision's RegionProposalNetwork.compute_loss."""
+        """torchvision's RegionProposalNetwork.compute_loss (same signature and sampling); labels and
+        regression_targets are per image, as there, or batched (B, A) and (B, A, 4)."""
         positives, negatives = self.sampler(labels)
         sizes = [l.numel() for l in labels]
         return rpn_loss(
-            objectness.flatten(), pred_deltas, torch.cat(labels), torch.cat(regression_targets),
+            objectness.flatten(), pred_deltas, _concatenated(labels), _concatenated(regression_targets),
             ascending(positives, sizes), ascending(negatives, sizes),
         )
+
+
+def _concatenated(per_image: list[Tensor] | Tensor) -> Tensor:
+    """Per-image tensors, or a batch of equal-sized ones, as one tensor along the first dimension."""
+    return per_image.flatten(0, 1) if isinstance(per_image, Tensor) else torch.cat(per_image)

@@ -10,10 +10,13 @@ BETWEEN_THRESHOLDS = -2
 
 
 class Matcher:
-    """IoU matrix (G, N) -> (N,) index of the matched ground truth, or BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS.
+    """IoU matrix (G, N), or a batch of them (B, G, N), -> (N,) or (B, N) index of the matched ground truth, or
+    BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS.
 
     With `allow_low_quality_matches`, every ground truth keeps its best-overlapping predictions (ties included)
-    even below the high threshold, so no object goes without a positive anchor.
+    even below the high threshold, so no object goes without a positive anchor. In a batch, rows of NaN stand for
+    ground truth an image does not have (images padded to the most objects): they are never matched, and an image
+    with none at all has only background.
     """
 
     def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False) -> None:
@@ -27,13 +30,20 @@ class Matcher:
         if quality.numel() == 0:
             raise ValueError("Matcher needs at least one ground-truth box and one prediction per image")
         # torch.where throughout, not masked assignment: a boolean-mask index makes the host wait for the GPU
-        matched_vals, best_matches = quality.max(dim=0)
+        matched_vals, best_matches = quality.nan_to_num(-1.0).max(dim=-2)  # padding rows below any IoU
         matches = torch.where(matched_vals < self.high_threshold, BETWEEN_THRESHOLDS, best_matches)
         matches = torch.where(matched_vals < self.low_threshold, BELOW_LOW_THRESHOLD, matches)
         if self.allow_low_quality_matches:
-            best_per_gt, _ = quality.max(dim=1)
-            matches = torch.where((quality == best_per_gt[:, None]).any(dim=0), best_matches, matches)
+            best_per_gt = quality.max(dim=-1, keepdim=True).values  # NaN for padding rows: equal to nothing
+            matches = torch.where((quality == best_per_gt).any(dim=-2), best_matches, matches)
         return matches
+
+
+def padded(tensors: list[Tensor], value: float) -> Tensor:
+    """Per-image (N_i, ...) tensors -> (B, max N_i, ...), shorter ones filled with `value` (stacked when equal)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    return pad_sequence(tensors, batch_first=True, padding_value=value)
 
 
 class BalancedSampler:
@@ -51,9 +61,9 @@ class BalancedSampler:
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 
-    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        same_length = all(len(l) == len(labels[0]) for l in labels)
-        batch = torch.stack(labels) if same_length else pad_sequence(labels, batch_first=True, padding_value=-1)
+    def __call__(self, labels: list[Tensor] | Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """labels: per image (N_i,), or (B, N) with -1 where an image has no element."""
+        batch = labels if isinstance(labels, Tensor) else padded(labels, -1)
         categories = 1 - batch.clamp(max=1)  # 0 positive, 1 negative, 2 ignored (and padding)
         counts = torch.stack(((categories == 0).sum(1), (categories == 1).sum(1)), dim=1).tolist()
         orders = torch.argsort(categories, dim=1, stable=True)

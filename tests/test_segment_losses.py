@@ -40,6 +40,14 @@ def test_matcher_equals_torchvision(allow_low_quality):
     theirs = tv_utils.Matcher(0.7, 0.3, allow_low_quality)(iou.clone())
     assert torch.equal(ours, theirs)
     assert (ours == -2).any() and (ours == -1).any() and (ours >= 0).any()
+    # a batch: images with 7, 4 and no objects, padded with NaN rows to 7
+    second = torch.rand(4, 500, generator=g) ** 3
+    batch = torch.full((3, 7, 500), float("nan"))
+    batch[0], batch[1, :4] = iou, second
+    batched = Matcher(0.7, 0.3, allow_low_quality)(batch)
+    assert torch.equal(batched[0], theirs)
+    assert torch.equal(batched[1], tv_utils.Matcher(0.7, 0.3, allow_low_quality)(second.clone()))
+    assert (batched[2] == -1).all()
 
 
 def test_sampler_equals_torchvision():
@@ -69,18 +77,20 @@ def test_rpn_loss_equals_torchvision():
     ).train()
     g = torch.Generator().manual_seed(3)
     anchors = random_boxes(2000, 300, g)
-    targets = [{"boxes": random_boxes(5, 300, g)}, {"boxes": random_boxes(3, 300, g)}]
+    # images with different numbers of objects (matched as one padded batch) and one without any
+    targets = [{"boxes": random_boxes(5, 300, g)}, {"boxes": random_boxes(3, 300, g)}, {"boxes": torch.zeros(0, 4)}]
     labels, matched = ours.assign_targets(anchors, targets)
-    tv_labels, tv_matched = theirs.assign_targets_to_anchors([anchors, anchors], targets)
-    for a, b in zip(labels + matched, tv_labels + tv_matched):
+    tv_labels, tv_matched = theirs.assign_targets_to_anchors([anchors] * 3, targets)
+    for a, b in zip([*labels, *matched], tv_labels + tv_matched):
         assert torch.equal(a, b)
-    assert all((l == 1).any() and (l == 0).any() and (l == -1).any() for l in labels)
-    regression = [ours.box_coder.encode(m, anchors) for m in matched]
-    tv_regression = theirs.box_coder.encode(tv_matched, [anchors, anchors])
+    assert all((l == 1).any() and (l == 0).any() and (l == -1).any() for l in labels[:2])
+    assert (labels[2] == 0).all() and (matched[2] == 0).all()
+    regression = ours.box_coder.encode(matched, anchors)
+    tv_regression = theirs.box_coder.encode(tv_matched, [anchors] * 3)
     for a, b in zip(regression, tv_regression):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    objectness = torch.randn(4000, 1, generator=g)
-    deltas = torch.randn(4000, 4, generator=g) * 0.1
+    objectness = torch.randn(6000, 1, generator=g)
+    deltas = torch.randn(6000, 4, generator=g) * 0.1
     torch.manual_seed(11)
     got = ours.compute_loss(objectness, deltas, labels, regression)
     torch.manual_seed(11)
