@@ -26,6 +26,9 @@ class SegmentStage:
             images = [record.image for record in batch]
             same_size = len({tuple(image.shape) for image in images}) == 1
             results = self.model.predict(torch.stack(images) if same_size else images)
-            for record, instances in zip(batch, results):
-                record.instances = instances[instances.scores >= self.score_threshold]
+            # detections come highest score first, so the kept ones are a prefix of each frame's: one host sync
+            # for the whole batch's counts, where a boolean index per frame would make the host wait per frame
+            counts = torch.stack([(r.scores >= self.score_threshold).sum() for r in results]).tolist()
+            for record, instances, count in zip(batch, results, counts):
+                record.instances = instances[:count]
         return batch

@@ -153,11 +153,21 @@ class MaskRCNN(nn.Module):
         with self._autocast():
             proposals = self.rpn.select_proposals(candidates, batch.image_sizes)
             detections = self.roi_heads(features, proposals, batch.image_sizes)
-        results = []
-        for (boxes, scores, labels, probs), resized, original in zip(detections, batch.image_sizes, batch.original_sizes):
-            boxes = rescale_boxes(boxes, resized, original)
+        # the images of one size (all of predict's batch) are rescaled and pasted together: the same work per
+        # instance, in a few calls for the batch instead of a few per image
+        same_size: dict[tuple, list[int]] = defaultdict(list)
+        for index, sizes in enumerate(zip(batch.image_sizes, batch.original_sizes)):
+            same_size[sizes].append(index)
+        results: list[Instances | None] = [None] * len(detections)
+        for (resized, original), members in same_size.items():
+            boxes = rescale_boxes(torch.cat([detections[i][0] for i in members]), resized, original)
+            probs = torch.cat([detections[i][3] for i in members])
             masks = paste_masks(probs, boxes, original, chunk_size=self.config.paste_chunk_size)
-            results.append(Instances(image_size=tuple(original), boxes=boxes, scores=scores, labels=labels, masks=masks))
+            counts = [len(detections[i][0]) for i in members]
+            for i, image_boxes, image_masks in zip(members, boxes.split(counts), masks.split(counts)):
+                _, scores, labels, _ = detections[i]
+                results[i] = Instances(image_size=tuple(original), boxes=image_boxes, scores=scores, labels=labels,
+                                       masks=image_masks)
         return results
 
 

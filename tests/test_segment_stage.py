@@ -29,6 +29,7 @@ def test_keeps_the_detections_at_or_above_the_threshold(model, sizes):
     batch = records(sizes)
     everything = model.predict([r.image for r in batch])
     scores = torch.cat([i.scores for i in everything])
+    assert all(torch.equal(i.scores, i.scores.sort(descending=True).values) for i in everything)  # the stage relies on it
     assert len(scores) > 2
     threshold = float(scores.median())
     out = SegmentStage(model, threshold)(batch)
