@@ -150,7 +150,8 @@ class RegionProposalNetwork(nn.Module):
         return labels, matched_boxes
 
     def compute_loss(
-        self, objectness: Tensor, pred_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+        self, objectness: Tensor, pred_deltas: Tensor, labels: list[Tensor] | Tensor,
+        regression_targets: list[Tensor] | Tensor,
     ) -> tuple[Tensor, Tensor]:
         """torchvision's RegionProposalNetwork.compute_loss (same signature and sampling); labels and
         regression_targets are per image, as there, or batched (B, A) and (B, A, 4)."""
