@@ -49,7 +49,7 @@ class MultiLevelRoIAlign:
         rois = torch.cat([image_ids, flat], dim=1)
         levels = map_levels(flat, self.k_min, self.k_max)
         first = features[0]
-        result = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
+        result = first.new_empty((rois.shape[0], first.shape[1], *self.output_size))  # every row is one level's
         threads = self._threads(first)
         jobs = []
         for index, feature, scale in zip(self._split_by_level(levels, len(features)), features, self.scales):
