@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import BatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import segment.roi_heads  # noqa: E402
 from segment.config import SegmenterConfig  # noqa: E402
 from segment.data.coco import CocoDetection  # noqa: E402
 from segment.data.sampler import collate  # noqa: E402
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--mask-batch-bucket", type=int, default=None,
+                   help="diagnosis: the multiple of RoIs our mask head runs on this device (1: unpadded; default: "
+                        "segment.roi_heads.MASK_BATCH_BUCKETS), to measure what the padding saves")
     p.add_argument("--profile", action="store_true",
                    help="afterwards, profile 3 steps of each (host syncs, launches, top operators)")
     return p.parse_args()
@@ -70,6 +74,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.mask_batch_bucket is not None:
+        segment.roi_heads.MASK_BATCH_BUCKETS[device.type] = args.mask_batch_bucket
     load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
     names = ["__background__", *CLASS_NAMES]
     config = SegmenterConfig(
@@ -141,7 +147,8 @@ def main() -> None:
         f"## Training step: ours vs torchvision Mask R-CNN loop — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; {args.backbone}/{args.norm} "
         f"FPN {args.fpn_channels}, box head {args.representation_size}, mask head {args.mask_head_channels}, "
-        f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout; "
+        f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout, mask head on multiples of "
+        f"{segment.roi_heads.MASK_BATCH_BUCKETS.get(device.type, 1)} RoIs; "
         f"same starting weights and synthetic batches (on a GPU ours get them pinned, as our loader hands them over, "
         f"torchvision's loop pageable, as its detection reference loads them); {args.iterations} timed steps each after {args.warmup} "
         f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"

@@ -46,5 +46,7 @@ step 90 bench_render_r50_warm $RENDER 1080p $BENCH --warmup-frames ${FRAMES:-240
 TRAIN="python3 scripts/bench_train.py --device cuda --backbone resnet50 --size 800 --batch 4 --amp bf16 \
     --fpn-channels 256 --representation-size 1024 --mask-head-channels 256 --iterations 10 --warmup 3 --channels-last"
 step 80 bench_train_frozen_bn $TRAIN --norm frozen_bn --profile
+# the same without padding the mask head's RoI batch: what cuDNN's per-shape cold start costs a step
+step 60 bench_train_mask_unpadded $TRAIN --norm frozen_bn --mask-batch-bucket 1
 step 80 bench_train_gn $TRAIN --norm gn
 cp docs/benchmarks.md "$OUT/benchmarks.md"
