@@ -49,7 +49,7 @@ class MultiLevelRoIAlign:
         rois = torch.cat([image_ids, flat], dim=1)
         levels = map_levels(flat, self.k_min, self.k_max)
         first = features[0]
-        result = first.new_empty((rois.shape[0], first.shape[1], *self.output_size))  # every row is one level's
+        result = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
         threads = self._threads(first)
         jobs = []
         for index, feature, scale in zip(self._split_by_level(levels, len(features)), features, self.scales):
@@ -74,10 +74,13 @@ class MultiLevelRoIAlign:
 
     @staticmethod
     def _split_by_level(levels: Tensor, num_levels: int) -> tuple[Tensor, ...]:
-        """The ascending indices of each level's RoIs (torch.where per level, but with one host sync, not one each)."""
+        """The ascending indices of each level's RoIs (torch.where per level, but with one host sync, not one each).
+
+        A box with NaN coordinates (a diverged model) maps to no level; as with torchvision, its row stays zero."""
         ids = torch.arange(num_levels, device=levels.device)
         counts = (levels[None] == ids[:, None]).sum(1).tolist()
-        return torch.argsort(levels, stable=True).split(counts)
+        order = torch.argsort(torch.where((levels >= 0) & (levels < num_levels), levels, num_levels), stable=True)
+        return order.split([*counts, len(levels) - sum(counts)])[:num_levels]
 
     def _pool(self, rois: Tensor, feature: Tensor, scale: float, index: Tensor) -> Tensor:
         return roi_align(feature, rois[index], self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio)

@@ -82,6 +82,11 @@ def test_level_mapping_and_multilevel_roi_align_equal_torchvision():
     want = MultiScaleRoIAlign(names, 7, 2)(features, boxes, [(300, 400), (290, 410)])
     got = MultiLevelRoIAlign(7, 2)(list(features.values()), boxes)
     assert torch.equal(got, want)
+    # a NaN box (a diverged model's) belongs to no level: its row stays zero, as in torchvision
+    boxes[0][5, 0] = float("nan")
+    want = MultiScaleRoIAlign(names, 7, 2)(features, boxes, [(300, 400), (290, 410)])
+    got = MultiLevelRoIAlign(7, 2)(list(features.values()), boxes)
+    assert torch.equal(got, want) and not got[5].any()
 
 
 def test_fpn_equals_torchvision():
