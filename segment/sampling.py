@@ -16,7 +16,8 @@ class Matcher:
     With `allow_low_quality_matches`, every ground truth keeps its best-overlapping predictions (ties included)
     even below the high threshold, so no object goes without a positive anchor. In a batch, rows of NaN stand for
     ground truth an image does not have (images padded to the most objects): they are never matched, and an image
-    with none at all has only background.
+    with none at all has only background. (Any NaN counts as no overlap, also 0/0 from a zero-area GT box against
+    itself, where torchvision's Matcher would match on NaN; segment.data drops such boxes.)
     """
 
     def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False) -> None:
