@@ -56,16 +56,28 @@ class StyleRunner:
         return self._forward(x, w)
 
     def _forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
-        affine = (style_weights @ self.table).to(self.dtype)[:, :, None, None].split(self.widths, dim=1)
+        # every layer's per-image scales, then shifts, flattened image-major (B·C,) as _instance_norm takes them
+        affine = [t.reshape(-1) for t in (style_weights @ self.table).to(self.dtype).split(self.widths, dim=1)]
 
         def layer(i: int, h: Tensor) -> Tensor:
             spec = self.layers[i]
             if spec.upsample:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = F.conv2d(F.pad(h, [spec.pad] * 4, mode="reflect"), spec.weight, stride=spec.stride)
-            return torch.addcmul(affine[2 * i + 1], F.instance_norm(h, eps=INSTANCE_NORM_EPS), affine[2 * i])
+            return _instance_norm(h, affine[2 * i], affine[2 * i + 1])
 
         return MultiStyleNet.run_layers(layer, x, self.num_residual).float()
+
+
+def _instance_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """instance_norm(h) * scale + shift with a scale and shift per image and channel ((B·C,), image-major).
+
+    F.instance_norm is batch norm over h viewed as one image of B·C channels, but its affine is one per channel,
+    shared by the batch; calling batch norm on that view directly takes the per-image affine, applied in the same
+    pass as the normalisation instead of a second pass (and kernel launch) over the activation."""
+    batch, channels = h.shape[:2]
+    flat = h.contiguous().view(1, batch * channels, *h.shape[2:])
+    return F.batch_norm(flat, None, None, scale, shift, training=True, eps=INSTANCE_NORM_EPS).view(h.shape)
 
 
 class _GraphCache:
