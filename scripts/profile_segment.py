@@ -20,8 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench_segment import photo_frames  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
-from segment.postprocess import paste_masks  # noqa: E402
-from segment.transform import rescale_boxes  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,9 +52,7 @@ def stage_times(model, frames, synchronize) -> dict[str, float]:
             mark("rpn filter+nms")
             detections = model.roi_heads(features, proposals, batch.image_sizes)
             mark("roi_heads")
-        for (boxes, _, _, probs), resized, original in zip(detections, batch.image_sizes, batch.original_sizes):
-            paste_masks(probs, rescale_boxes(boxes, resized, original), original,
-                        chunk_size=model.config.paste_chunk_size)
+        model._instances(batch, detections)
         mark("paste")
     return times
 

@@ -153,8 +153,13 @@ class MaskRCNN(nn.Module):
         with self._autocast():
             proposals = self.rpn.select_proposals(candidates, batch.image_sizes)
             detections = self.roi_heads(features, proposals, batch.image_sizes)
-        # the images of one size (all of predict's batch) are rescaled and pasted together: the same work per
-        # instance, in a few calls for the batch instead of a few per image
+        return self._instances(batch, detections)
+
+    def _instances(self, batch: ImageBatch, detections: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> list[Instances]:
+        """The RoI heads' per-image (boxes, scores, labels, 28x28 mask probs) -> Instances in original pixels.
+
+        The images of one size (all of predict's batch) are rescaled and pasted together: the same work per
+        instance, in a few calls for the batch instead of a few per image."""
         same_size: dict[tuple, list[int]] = defaultdict(list)
         for index, sizes in enumerate(zip(batch.image_sizes, batch.original_sizes)):
             same_size[sizes].append(index)
