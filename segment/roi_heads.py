@@ -12,7 +12,8 @@ from segment.losses import fastrcnn_loss, maskrcnn_loss
 from segment.mask_head import MaskHead, MaskPredictor, class_mask_probs
 from segment.postprocess import select_detections
 from segment.roi_pool import MultiLevelRoIAlign
-from segment.sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending, padded
+from segment.sampling import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, concatenated_indices,
+                              padded)
 
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14
@@ -102,7 +103,7 @@ class RoIHeads(nn.Module):
         class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(maps, proposals)))
         loss_classifier, loss_box_reg = fastrcnn_loss(
             class_logits.float(), box_regression.float(), labels, regression_targets,
-            ascending(positives, [len(p) for p in proposals]),
+            concatenated_indices(positives, [len(p) for p in proposals]),
         )
 
         # the mask branch learns from positive RoIs only
@@ -118,8 +119,8 @@ class RoIHeads(nn.Module):
         """Add GT boxes to the proposals, match them to GT, sample positives/negatives, encode box targets.
 
         Returns per image the sampled RoIs (in ascending proposal order, as torchvision keeps them), their matched
-        GT index, label and box target, and where the positives are among them; found from the sampler's indices,
-        with no host sync."""
+        GT index, label and box target, and where the positives are among them (ascending); found from the
+        sampler's indices, with no host sync."""
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]

@@ -12,7 +12,7 @@ from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.losses import rpn_loss
 from segment.postprocess import large_enough
-from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher, ascending, padded
+from segment.sampling import BETWEEN_THRESHOLDS, BalancedSampler, Matcher, concatenated_indices, padded
 from segment.transform import ImageBatch
 
 
@@ -159,7 +159,8 @@ class RegionProposalNetwork(nn.Module):
         sizes = [l.numel() for l in labels]
         return rpn_loss(
             objectness.flatten(), pred_deltas, _concatenated(labels), _concatenated(regression_targets),
-            ascending(positives, sizes), ascending(negatives, sizes),
+            # ascending, as torchvision takes them (the sampler gives each image's in the order drawn)
+            *(concatenated_indices(indices, sizes).sort().values for indices in (positives, negatives)),
         )
 
 

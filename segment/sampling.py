@@ -79,10 +79,11 @@ class BalancedSampler:
         return positives, negatives
 
 
-def ascending(indices: list[Tensor], sizes: list[int]) -> Tensor:
-    """Per-image indices into per-image tensors of `sizes` -> ascending indices into their concatenation (what
-    torch.where gives on the concatenated masks, without the host sync)."""
+def concatenated_indices(indices: list[Tensor], sizes: list[int]) -> Tensor:
+    """Per-image indices into per-image tensors of `sizes` -> the same elements' indices into their concatenation,
+    image after image (ascending where each image's are: what torch.where gives on the concatenated masks, without
+    the host sync)."""
     offsets = [0]
     for size in sizes[:-1]:
         offsets.append(offsets[-1] + size)
-    return torch.cat([i + offset for i, offset in zip(indices, offsets)]).sort().values
+    return torch.cat([i + offset for i, offset in zip(indices, offsets)])
