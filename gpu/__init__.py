@@ -1,1 +1,1 @@
-"""GPU helpers shared by the segmenter and the style network."""
+"""Accelerator helpers shared by the segmenter and the style network (CUDA graphs, precision choice)."""

@@ -21,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu.precision import resolve_precision  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
-from pipeline.render import compose_config, render  # noqa: E402
+from pipeline.render import compose_config, render, resolve_device  # noqa: E402
 from scripts.make_demo_clip import make_clip  # noqa: E402
 
 SIZES = {"240p": (426, 240), "360p": (640, 360), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
@@ -50,7 +51,10 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     summary = render(cfg, Path(cfg.output), on_batch=sample)
+    run_device = resolve_device(str(cfg.device))
     row = {"size": f"{size} ({width}x{height})", "frames": summary.frames, "fps": summary.fps,
+           "precision": " / ".join(resolve_precision(str(p), run_device) for p in (cfg.segment.precision,
+                                                                                  cfg.style.precision)),
            "instances": summary.instances, "tracks": (summary.tracks or {}).get("tracks", 0),
            "styles": len(summary.styles_used),
            "peak_rss_mb": peak_rss / 2**20,
@@ -61,10 +65,10 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
 
 
 def table(rows: list[dict]) -> str:
-    head = ["size", "frames", "fps", "instances", "tracks", "styles", *(f"{s} ms/f" for s in STAGES), "peak RSS MB",
+    head = ["size", "precision (segment / style)", "frames", "fps", "instances", "tracks", "styles", *(f"{s} ms/f" for s in STAGES), "peak RSS MB",
             "CUDA peak MB"]
     return markdown_table(head, [
-        [r["size"], r["frames"], f"{r['fps']:.2f}", r["instances"], r["tracks"], r["styles"],
+        [r["size"], r["precision"], r["frames"], f"{r['fps']:.2f}", r["instances"], r["tracks"], r["styles"],
          *(f"{r[s]:.1f}" for s in STAGES), f"{r['peak_rss_mb']:.0f}",
          "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"]
         for r in rows])

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
+from gpu.precision import resolve_precision  # noqa: E402
 from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
 from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
@@ -52,7 +53,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def module_forward(network, x, style_weights, precision="auto", channels_last="auto", graphs=False):
     """The peer: MultiStyleNet.forward under autocast, as stylize.apply ran it before StyleRunner."""
-    bf16 = precision == "bf16" or (precision == "auto" and x.device.type == "cuda")
+    bf16 = resolve_precision(precision, x.device) == "bf16"
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         return network(x, style_weights.to(x.device)).float()
 
@@ -97,7 +98,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    precision = "bf16 + channels_last" if device.type == "cuda" else "fp32"
+    precision = resolve_precision("auto", device) + (" + channels_last" if device.type == "cuda" else "")
     bank = StyleBank.load(args.bank)
     rows = bench(bank, device, args.repeats)
     header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module"]

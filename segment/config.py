@@ -12,7 +12,7 @@ from segment.errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 NORMS = ("frozen_bn", "bn", "gn")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device has native bf16 (gpu/precision.py)
 # settings the weights were trained with: a checkpoint of ours carries them and they are not overridden at load
 ARCHITECTURE_KEYS = (
     "backbone", "norm", "bn_eps", "num_classes", "class_names", "image_mean", "image_std", "fpn_channels",

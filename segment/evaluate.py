@@ -167,6 +167,8 @@ def format_table(stats: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from segment.config import PRECISIONS
+
     parser = argparse.ArgumentParser(prog="python -m segment.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="our segmenter checkpoint or a torchvision state_dict")
     parser.add_argument("--images", required=True, help="folder of the dataset's images")
@@ -176,13 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--score-threshold", type=float, default=None, help="override the checkpoint's threshold")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="override the checkpoint's inference precision (auto: bf16 where the device has it natively)")
     args = parser.parse_args(argv)
 
     from segment.checkpoint import load_checkpoint, resolve_device
     from segment.errors import SegmentError
 
     try:
-        overrides = {} if args.score_threshold is None else {"score_threshold": args.score_threshold}
+        overrides = {key: value for key, value in (("score_threshold", args.score_threshold),
+                                                    ("precision", args.precision)) if value is not None}
         model = load_checkpoint(args.checkpoint, **overrides)
         dataset = CocoDetection(args.images, args.annotations)
         stats = evaluate(model, dataset, batch_size=args.batch_size, device=resolve_device(args.device),

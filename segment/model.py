@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gpu.cuda_graph import GraphCache
+from gpu.precision import resolve_precision
 from segment.backbone import BackboneWithFPN
 from segment.config import SegmenterConfig
 from segment.fold import fold_frozen_batchnorm
@@ -53,12 +54,13 @@ class MaskRCNN(nn.Module):
 
     def set_inference_options(self, precision: str | None = None, channels_last: bool | None = None,
                               cuda_graphs: bool | None = None) -> MaskRCNN:
-        """Autocast precision (fp32 | bf16 | fp16), memory layout and CUDA graphs used by predict / eval forward."""
+        """Autocast precision (auto | fp32 | bf16 | fp16), memory layout and CUDA graphs used by predict / eval
+        forward; auto is bf16 on a device with native bf16, else fp32 (gpu/precision.py)."""
         if cuda_graphs is not None:
             self.cuda_graphs = bool(cuda_graphs)
         if precision is not None:
-            if precision not in ("fp32", *_AUTOCAST_DTYPES):
-                raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+            if precision not in ("auto", "fp32", *_AUTOCAST_DTYPES):
+                raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
             self.precision = precision
         if channels_last is not None:
             self.channels_last = channels_last
@@ -119,7 +121,7 @@ class MaskRCNN(nn.Module):
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _autocast(self, cache: bool = True):
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        dtype = _AUTOCAST_DTYPES.get(resolve_precision(self.precision, self.device))
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpu.precision import PRECISIONS, resolve_precision
 from stylize.errors import StyleError
 from stylize.inference import runner_for
 from stylize.network import MultiStyleNet, check_size
@@ -25,11 +26,10 @@ CPU_BATCH_PIXELS = 4 * 128 * 128
 
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise StyleError(f"style.precision must be auto, fp32 or bf16, got {precision!r}")
-    cuda = device.type == "cuda"
-    bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    channels_last = cuda if channels_last in (None, "auto") else bool(channels_last)
+    bf16 = resolve_precision(precision, device) == "bf16"
+    channels_last = device.type == "cuda" if channels_last in (None, "auto") else bool(channels_last)
     return bf16, channels_last
 
 

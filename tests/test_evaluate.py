@@ -164,3 +164,16 @@ def test_cli_prints_the_table_and_fails_cleanly(dataset, tmp_path, capsys):
     assert main([*args, "--annotations", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: annotation file not found") and "\n" not in err
+
+
+def test_cli_precision_overrides_the_checkpoints(dataset, tmp_path, monkeypatch):
+    import segment.evaluate
+    checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    seen = []
+    monkeypatch.setattr(segment.evaluate, "evaluate", lambda model, *a, **k: seen.append(model.precision) or {})
+    monkeypatch.setattr(segment.evaluate, "format_table", lambda stats: "")
+    args = ["--checkpoint", str(checkpoint), "--images", str(dataset.image_dir), "--device", "cpu",
+            "--annotations", str(dataset.annotation_file)]
+    for extra in ([], ["--precision", "bf16"], ["--precision", "auto"]):
+        assert main([*args, *extra]) == 0
+    assert seen == ["fp32", "bf16", "auto"]  # the tiny checkpoint was saved with the config default, fp32
