@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,22 +74,26 @@ def time_pair(runs: dict, device: torch.device, iterations: int, warmup: int):
     return {name: total / iterations for name, total in seconds.items()}, outputs
 
 
-def difference(ours, theirs) -> tuple[str, str]:
+def difference(ours, theirs) -> tuple[str, str, str]:
     """Largest box / score gap between each of our detections and the nearest same-class one of theirs on the
-    first frame. Near-tied detections may be listed in either order (TF32 or bf16 rounding differs between
-    the two models), so they are matched, not compared by rank."""
+    first frame, and how many of ours overlap one of theirs at IoU >= 0.9. Near-tied detections may be listed in either order
+    (TF32 or bf16 rounding differs between the two models), so they are matched, not compared by rank; under bf16
+    the last few places of the top-N list can hold different objects, which the max alone would not tell."""
     o, t = ours[0], theirs[0]
     if len(o) != len(t["labels"]):
-        return f"detections differ ({len(o)} vs {len(t['labels'])})", "-"
+        return f"detections differ ({len(o)} vs {len(t['labels'])})", "-", "-"
     if len(o) == 0:
-        return "0", "0"
+        return "0", "0", "0/0"
     gap = (o.boxes.float().cpu()[:, None] - t["boxes"].float().cpu()[None]).abs().amax(-1)
     gap[o.labels.cpu()[:, None] != t["labels"].cpu()[None]] = float("inf")
     nearest = gap.min(1)
+    iou = box_iou(o.boxes.float().cpu(), t["boxes"].float().cpu())
+    iou[o.labels.cpu()[:, None] != t["labels"].cpu()[None]] = 0
+    matched = f"{int((iou.amax(1) >= 0.9).sum())}/{len(o)}"
     if not torch.isfinite(nearest.values).all():
-        return "classes differ", "-"
+        return "classes differ", "-", matched
     score = (o.scores.float().cpu() - t["scores"].float().cpu()[nearest.indices]).abs().max().item()
-    return f"{nearest.values.max().item():.2e}", f"{score:.2e}"
+    return f"{nearest.values.max().item():.2e}", f"{score:.2e}", matched
 
 
 def load_average() -> str:
@@ -144,14 +149,15 @@ def main() -> None:
                     print(f"skipped {device} {precision} batch {batch_size}: {str(e).splitlines()[0]}")
                     continue
                 t_theirs, t_ours = times["theirs"], times["ours"]
-                box_diff, score_diff = difference(outputs["ours"], outputs["theirs"])
+                box_diff, score_diff, matched = difference(outputs["ours"], outputs["theirs"])
                 rows.append([
                     device_name(device), str(batch_size), precision, f"{batch_size / t_theirs:.2f}",
-                    f"{batch_size / t_ours:.2f}", f"{t_theirs / t_ours:.2f}x", box_diff, score_diff,
+                    f"{batch_size / t_ours:.2f}", f"{t_theirs / t_ours:.2f}x", box_diff, score_diff, matched,
                 ])
                 print(" | ".join(rows[-1]), flush=True)
 
-    header = ["device", "batch", "precision", "torchvision img/s", "ours img/s", "ours / torchvision", "max Δbox px", "max Δscore"]
+    header = ["device", "batch", "precision", "torchvision img/s", "ours img/s", "ours / torchvision", "max Δbox px", "max Δscore",
+              "ours at IoU ≥ 0.9 with theirs"]
     title = (
         f"## Segmenter: ours vs torchvision Mask R-CNN R50-FPN — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}; frames {args.image_size[0]}x{args.image_size[1]}, "
