@@ -1,5 +1,6 @@
 """Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s, each
-through the plain nn.Module forward (the peer) and through our StyleRunner (with CUDA graphs on a GPU).
+through the plain nn.Module forward (the peer), through our StyleRunner (with CUDA graphs on a GPU), and through the
+runner in the memory layout its device does not default to (an A/B for the runner's NCHW instance norm).
 
     python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append]
 
@@ -58,13 +59,16 @@ def module_forward(network, x, style_weights, precision="auto", channels_last="a
         return network(x, style_weights.to(x.device)).float()
 
 
-def three_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None]:
-    """Seconds per call of fn(graphs) through the module peer, our runner, and our runner with CUDA graphs."""
+def four_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None, float]:
+    """Seconds per call of fn(graphs, channels_last) through the module peer, our runner, our runner with CUDA
+    graphs, and our runner in the layout its device does not default to (channels_last on a CPU, NCHW on a GPU:
+    the runner's instance norm works on NCHW, so on a GPU each layer converts between the two)."""
     with mock.patch.object(stylize.apply, "run_network", module_forward):
-        module = timed(lambda: fn(False), device, repeats)
-    runner = timed(lambda: fn(False), device, repeats)
-    graphs = timed(lambda: fn(True), device, repeats) if device.type == "cuda" else None
-    return module, runner, graphs
+        module = timed(lambda: fn(False, "auto"), device, repeats)
+    runner = timed(lambda: fn(False, "auto"), device, repeats)
+    graphs = timed(lambda: fn(True, "auto"), device, repeats) if device.type == "cuda" else None
+    other_layout = timed(lambda: fn(False, device.type != "cuda"), device, repeats)
+    return module, runner, graphs, other_layout
 
 
 def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str, str, int, tuple]]:
@@ -76,14 +80,17 @@ def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str
         boxes = torch.tensor([[8.0 * i, 8.0 * i, 8.0 * i + size - 1, 8.0 * i + size - 1] for i in range(CROPS)])
         index = torch.zeros(CROPS, dtype=torch.long)
         for mode, batch in (("batched", CROPS), ("one by one", 1)):
-            run = partial(lambda b, graphs: stylize_regions(network, frame, index, boxes, styles, margin=0, max_batch=b,
-                                                            graphs=graphs), batch)
-            rows.append((f"crop {size}x{size} ({CROPS} styles)", mode, CROPS, three_ways(run, device, repeats)))
+            run = partial(lambda b, graphs, layout: stylize_regions(network, frame, index, boxes, styles, margin=0,
+                                                                    max_batch=b, graphs=graphs, channels_last=layout),
+                          batch)
+            rows.append((f"crop {size}x{size} ({CROPS} styles)", mode, CROPS, four_ways(run, device, repeats)))
     frames = frame.expand(2, -1, -1, -1).contiguous()
-    rows.append(("frame 854x480", "batch of 2", 2, three_ways(
-        lambda graphs: stylize_frames(network, frames, styles[:2], max_batch=2, graphs=graphs), device, repeats)))
-    rows.append(("frame 854x480", "one by one", 1, three_ways(
-        lambda graphs: stylize_frames(network, frame, styles[0], graphs=graphs), device, repeats)))
+    rows.append(("frame 854x480", "batch of 2", 2, four_ways(
+        lambda graphs, layout: stylize_frames(network, frames, styles[:2], max_batch=2, graphs=graphs,
+                                              channels_last=layout), device, repeats)))
+    rows.append(("frame 854x480", "one by one", 1, four_ways(
+        lambda graphs, layout: stylize_frames(network, frame, styles[0], graphs=graphs, channels_last=layout),
+        device, repeats)))
     return rows
 
 
@@ -101,12 +108,15 @@ def main() -> int:
     precision = resolve_precision("auto", device) + (" + channels_last" if device.type == "cuda" else "")
     bank = StyleBank.load(args.bank)
     rows = bench(bank, device, args.repeats)
-    header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module"]
+    other = "NCHW" if device.type == "cuda" else "channels_last"
+    header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module",
+              f"runner in {other} images/s"]
     cells = []
-    for what, mode, count, (module, runner, graphs) in rows:
+    for what, mode, count, (module, runner, graphs, other_layout) in rows:
         best = min(runner, graphs or runner)
         graphed = f"{count / graphs:.2f}" if graphs else "- (CPU)"
-        cells.append([what, mode, f"{count / module:.2f}", f"{count / runner:.2f}", graphed, f"{module / best:.2f}x"])
+        cells.append([what, mode, f"{count / module:.2f}", f"{count / runner:.2f}", graphed, f"{module / best:.2f}x",
+                      f"{count / other_layout:.2f}"])
     text = (f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})\n\n"
             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
