@@ -95,7 +95,7 @@ class Compositor:
     def reset(self) -> None:
         # track -> (smoothed mask over its crop, the crop's top-left corner, the box centre)
         self._smoothed: dict[int, tuple[Tensor, tuple[int, int], tuple[float, float]]] = {}
-        self._previous: tuple[Tensor, Tensor, dict[int, Tensor]] | None = None  # last input, output, track masks
+        self._previous: tuple[Tensor, Tensor, dict] | None = None  # last input, output, track -> (box, crop mask)
         self._change_sum: Tensor | None = None
         self._change_count: Tensor | None = None
 
@@ -124,7 +124,7 @@ class Compositor:
             track = track_ids[region.instance]
             soft = self._smoothed_mask(track, hard, region.box, boxes[region.instance], smoothed)
             if track >= 0:
-                hard_masks[track] = paste(hard.bool(), (x1, y1), (0, 0, image.shape[-1], image.shape[-2]))
+                hard_masks[track] = (region.box, hard.bool())
             alpha = feather(soft, self.feather_px)
             window = canvas[:, y1:y2, x1:x2]
             canvas[:, y1:y2, x1:x2] = torch.lerp(window, region.pixels.float() * 255, alpha[None].expand_as(window))
@@ -157,19 +157,28 @@ class Compositor:
 
     # -- temporal stability ------------------------------------------------------------------------
 
-    def _measure(self, image: Tensor, output: Tensor, masks: dict[int, Tensor]) -> None:
+    def _measure(self, image: Tensor, output: Tensor, masks: dict[int, tuple[Box, Tensor]]) -> None:
         """Adds |Δ output| and |Δ input| over the pixels inside the same track's mask in this frame and the last
-        one: the input's change is what the objects' own motion explains, the rest is flicker we added."""
+        one: the input's change is what the objects' own motion explains, the rest is flicker we added.
+
+        `masks`: track -> (crop box, its binarized mask over the crop). Those pixels lie within the union of the
+        tracks' crop boxes in this frame, so only that window is compared, not the whole frame (at 480p on a CPU
+        the whole-frame version was 9 of the stage's 23 ms per frame)."""
         previous = self._previous
         self._previous = (image, output, masks)
         if previous is None or previous[1].shape != output.shape:
             return
-        both = [masks[t] & previous[2][t] for t in masks.keys() & previous[2].keys()]
-        if not both:
+        tracks = sorted(masks.keys() & previous[2].keys())
+        if not tracks:
             return
-        inside = torch.stack(both).any(0)
+        boxes = [masks[t][0] for t in tracks]
+        window = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        x1, y1, x2, y2 = window
+        inside = torch.stack([paste(masks[t][1], masks[t][0][:2], window)
+                              & paste(previous[2][t][1], previous[2][t][0][:2], window) for t in tracks]).any(0)
         # a product, not inside-indexing: boolean indexing would wait for the GPU to count the pixels
-        changes = torch.stack([((now.float() - before.float()).abs().mean(0) * inside).sum()
+        changes = torch.stack([((now[:, y1:y2, x1:x2].float() - before[:, y1:y2, x1:x2].float()).abs().mean(0)
+                                * inside).sum()
                                for now, before in ((output, previous[1]), (image, previous[0]))])
         count = inside.sum()
         # Kept on the device: reading them back every frame would stall the pipeline.
