@@ -1,8 +1,11 @@
 """Stylize stage: every kept instance of a batch in one `stylize_regions` call, and the background style.
 
-All crops of the batch (any frames, any styles) go to the network together: `stylize_regions` buckets them
-by size and each crop carries its own style weights, so a batch of four frames with six styled objects
-costs a handful of network calls, not twenty-four.
+region=crop (default): all crops of the batch (any frames, any styles) go to the network together:
+`stylize_regions` buckets them by size and each crop carries its own style weights, so a batch of four frames
+with six styled objects costs a handful of network calls, not twenty-four.
+region=frame: each frame goes through the network whole, once per style its instances use, and every instance
+is cut from its style's frame. The texture then follows the scene, not the crop box (no crop-border artefacts,
+no re-phasing when a box moves), at the cost of whole frames instead of crops: a fixed input shape per video.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from pipeline.assign import is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
-from stylize.apply import stylize_frames, stylize_regions
+from stylize.apply import crop_boxes, stylize_frames, stylize_regions
 
 CPU_CROP_BUCKET, GPU_CROP_BUCKET = 16, 64
+REGIONS = ("crop", "frame")
 
 
 class StylizeStage:
@@ -24,7 +28,9 @@ class StylizeStage:
     name = "stylize"
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, region: str = "crop"):
+        if region not in REGIONS:
+            raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
         if margin < 0:
             raise PipelineConfigError(f"style.margin must be >= 0, got {margin}")
         if crop_bucket != "auto" and (not isinstance(crop_bucket, int) or crop_bucket < 4 or crop_bucket % 4):
@@ -37,6 +43,7 @@ class StylizeStage:
         if not isinstance(cuda_graphs, bool):
             raise PipelineConfigError(f"style.cuda_graphs must be true or false, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
+        self.region = region
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
             self.weights(self.background)  # a bad spec fails now, not at the first frame
@@ -45,7 +52,7 @@ class StylizeStage:
     def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
-                   cuda_graphs=cfg.get("cuda_graphs", False))
+                   cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
@@ -76,23 +83,49 @@ class StylizeStage:
                 for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is not None and keep]
         for record in batch:
             record.stylized = []
+        styled_frames: dict[str, dict[int, torch.Tensor]] = {}  # style -> frame in batch -> that frame in it
         if jobs:
-            device = frames.device
-            frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long, device=device)
             boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
-            weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
-            crops = stylize_regions(network, frames, frame_index, boxes, weights, margin=self.margin,
-                                    precision=self.precision, bucket=self.bucket(device), graphs=self.cuda_graphs)
+            if self.region == "crop":
+                crops = self._crops(frames, jobs, boxes)
+            else:
+                styled_frames = self._whole_frames(frames, jobs)
+                crops = [(box, styled_frames[style][b][:, box[1]:box[3], box[0]:box[2]])
+                         for (b, _, style), box in zip(jobs, crop_boxes(boxes, *frames.shape[-2:], self.margin))]
             for (b, i, style), (box, pixels) in zip(jobs, crops):
                 batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels))
         if self.background is None:
             for record in batch:
                 record.background = None
         else:
-            styled = stylize_frames(network, frames, self.weights(self.background).to(frames.device),
-                                    precision=self.precision, graphs=self.cuda_graphs)
-            for record, image in zip(batch, styled):
-                record.background = image
+            known = styled_frames.get(self.background, {})
+            missing = [b for b in range(len(batch)) if b not in known]
+            if missing:
+                styled = stylize_frames(network, frames[missing], self.weights(self.background).to(frames.device),
+                                        precision=self.precision, graphs=self.cuda_graphs)
+                known = {**known, **dict(zip(missing, styled))}
+            for b, record in enumerate(batch):
+                record.background = known[b]
+
+    def _crops(self, frames: torch.Tensor, jobs: list, boxes: torch.Tensor) -> list:
+        device = frames.device
+        frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long, device=device)
+        weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
+        return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
+                               precision=self.precision, bucket=self.bucket(device), graphs=self.cuda_graphs)
+
+    def _whole_frames(self, frames: torch.Tensor, jobs: list) -> dict[str, dict[int, torch.Tensor]]:
+        """style -> {frame in batch: that frame stylized whole}, for each style and the frames that use it."""
+        users: dict[str, list[int]] = {}
+        for b, _, style in jobs:
+            if b not in users.setdefault(style, []):
+                users[style].append(b)
+        styled = {}
+        for style, indices in users.items():
+            out = stylize_frames(self.bank.network, frames[indices], self.weights(style).to(frames.device),
+                                 precision=self.precision, graphs=self.cuda_graphs)
+            styled[style] = dict(zip(indices, out))
+        return styled
 
 
 def _keep_list(record: FrameRecord) -> list[bool]:

@@ -41,6 +41,8 @@ step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 
 R50="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16 segment.detections_per_img=10
     style/class_styles=coco style.palette=[style_03,style_17,style_09] decode.decoder=nvdec"
 step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
+# whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
+step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)
 step 90 bench_render_r50_warm $RENDER 1080p $BENCH --warmup-frames ${FRAMES:-240} $R50
 TRAIN="python3 scripts/bench_train.py --device cuda --backbone resnet50 --size 800 --batch 4 --amp bf16 \

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pipeline.stylize_stage
 from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
 from pipeline.errors import PipelineConfigError
@@ -85,6 +86,42 @@ def test_stylizes_exactly_the_kept_instances_with_their_styles(bank, crop_bucket
     assert (alone - region.pixels).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("background", ["original", "candy", "udnie"])
+def test_frame_region_cuts_each_instance_from_its_style_of_the_whole_frame(bank, background, monkeypatch):
+    """region=frame: each kept instance's pixels are its style's stylization of the whole frame (stylize_frames
+    on that frame alone, the oracle), over the same crop box as region=crop; a background style that an instance
+    also uses is not run twice, and equals the oracle too."""
+    cfg = style_cfg(region="frame", background=background)
+    batch = [frame(0, [(4, 4, 20, 1, 0.9), (30, 10, 16, 2, 0.3), (40, 30, 20, 2, 0.8)]),
+             frame(1, [(10, 20, 24, 2, 0.95), (44, 6, 10, 1, 0.9)]), frame(2, [])]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    runs = []
+    monkeypatch.setattr(pipeline.stylize_stage, "stylize_frames",
+                        lambda network, frames, *a, **k: runs.append(len(frames)) or stylize_frames(network, frames, *a, **k))
+    StylizeStage.from_config(cfg, bank)(batch)
+    monkeypatch.undo()
+    expected_regions = [[(0, "candy"), (2, "0.5*mosaic+0.5*udnie")], [(0, "0.5*mosaic+0.5*udnie"), (1, "candy")], []]
+    assert [[(r.instance, r.style) for r in rec.stylized] for rec in batch] == expected_regions
+    crop_mode = StylizeStage.from_config(style_cfg(background=background), bank)
+    for b, rec in enumerate(batch):
+        for region in rec.stylized:
+            whole = stylize_frames(bank.network, rec.image[None], bank.weights_for(region.style), precision="fp32")[0]
+            x1, y1, x2, y2 = region.box
+            torch.testing.assert_close(region.pixels, whole[:, y1:y2, x1:x2], atol=1e-5, rtol=1e-5)
+        if background == "original":
+            assert rec.background is None
+        else:
+            torch.testing.assert_close(rec.background, stylize_frames(bank.network, rec.image[None],
+                                       bank.weights_for(background), precision="fp32")[0], atol=1e-5, rtol=1e-5)
+    crop_batch = [frame(r.index, []) for r in batch]
+    for src, dst in zip(batch, crop_batch):
+        dst.instances, dst.styles, dst.keep = src.instances, src.styles, src.keep
+    crop_mode(crop_batch)
+    assert [[r.box for r in rec.stylized] for rec in crop_batch] == [[r.box for r in rec.stylized] for rec in batch]
+    # candy on frames 0 and 1, the blend on 0 and 1; udnie as background: frames 0-2 again, candy: frame 2 only
+    assert runs == {"original": [2, 2], "candy": [2, 2, 1], "udnie": [2, 2, 3]}[background]
+
+
 def test_background_style_fills_the_rest(bank):
     cfg = style_cfg(background="udnie")
     batch = [frame(0, [(10, 10, 20, 1, 0.9)]), frame(1, [])]
@@ -127,6 +164,8 @@ def test_bad_background_fails_at_construction(bank):
         StylizeStage.from_config(style_cfg(crop_bucket=30), bank)
     with pytest.raises(PipelineConfigError, match="style.cuda_graphs must be true or false"):
         StylizeStage.from_config(style_cfg(cuda_graphs="yes"), bank)
+    with pytest.raises(PipelineConfigError, match="style.region must be crop or frame, got 'box'"):
+        StylizeStage.from_config(style_cfg(region="box"), bank)
 
 
 def test_auto_crop_bucket_is_coarse_on_gpus_only(bank):
