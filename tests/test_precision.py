@@ -15,16 +15,16 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, "fp32"), (True, False, "bf16"),
                                                         (False, True, "bf16"), (True, True, "bf16")])
 def test_auto_follows_the_cpus_bf16_units(monkeypatch, amx, avx512_bf16, expected):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert resolve_precision("auto", CPU) == expected
     for explicit in ("fp32", "bf16", "fp16"):
         assert resolve_precision(explicit, CPU) == explicit
 
 
 def test_a_torch_without_the_cpu_probes_keeps_fp32(monkeypatch):
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     assert resolve_precision("auto", CPU) == "fp32"
 
 
