@@ -78,7 +78,6 @@ class StylizeStage:
 
     def _stylize(self, batch: list[FrameRecord]) -> None:
         frames = torch.stack([record.image for record in batch])
-        network = self.bank.network
         jobs = [(b, i, style) for b, record in enumerate(batch)
                 for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is not None and keep]
         for record in batch:
@@ -101,9 +100,7 @@ class StylizeStage:
             known = styled_frames.get(self.background, {})
             missing = [b for b in range(len(batch)) if b not in known]
             if missing:
-                styled = stylize_frames(network, frames[missing], self.weights(self.background).to(frames.device),
-                                        precision=self.precision, graphs=self.cuda_graphs)
-                known = {**known, **dict(zip(missing, styled))}
+                known = {**known, **self._whole(frames, self.background, missing)}
             for b, record in enumerate(batch):
                 record.background = known[b]
 
@@ -120,12 +117,13 @@ class StylizeStage:
         for b, _, style in jobs:
             if b not in users.setdefault(style, []):
                 users[style].append(b)
-        styled = {}
-        for style, indices in users.items():
-            out = stylize_frames(self.bank.network, frames[indices], self.weights(style).to(frames.device),
-                                 precision=self.precision, graphs=self.cuda_graphs)
-            styled[style] = dict(zip(indices, out))
-        return styled
+        return {style: self._whole(frames, style, indices) for style, indices in users.items()}
+
+    def _whole(self, frames: torch.Tensor, style: str, indices: list[int]) -> dict[int, torch.Tensor]:
+        """{frame in batch: that frame stylized whole in `style`} for the frames `indices`."""
+        styled = stylize_frames(self.bank.network, frames[indices], self.weights(style).to(frames.device),
+                                precision=self.precision, graphs=self.cuda_graphs)
+        return dict(zip(indices, styled))
 
 
 def _keep_list(record: FrameRecord) -> list[bool]:
