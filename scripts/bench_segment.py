@@ -76,19 +76,20 @@ def time_pair(runs: dict, device: torch.device, iterations: int, warmup: int):
 
 def difference(ours, theirs) -> tuple[str, str, str]:
     """Largest box / score gap between each of our detections and the nearest same-class one of theirs on the
-    first frame, and how many of ours overlap one of theirs at IoU >= 0.9. Near-tied detections may be listed in either order
-    (TF32 or bf16 rounding differs between the two models), so they are matched, not compared by rank; under bf16
-    the last few places of the top-N list can hold different objects, which the max alone would not tell."""
+    first frame, and how many of ours overlap a same-class one of theirs at IoU >= 0.9. Near-tied detections may be
+    listed in either order (TF32 or bf16 rounding differs between the two models), so they are matched, not compared
+    by rank; under bf16 the last few places of the top-N list can hold different objects, which the max alone would
+    not tell."""
     o, t = ours[0], theirs[0]
     if len(o) != len(t["labels"]):
         return f"detections differ ({len(o)} vs {len(t['labels'])})", "-", "-"
     if len(o) == 0:
         return "0", "0", "0/0"
-    gap = (o.boxes.float().cpu()[:, None] - t["boxes"].float().cpu()[None]).abs().amax(-1)
-    gap[o.labels.cpu()[:, None] != t["labels"].cpu()[None]] = float("inf")
+    our_boxes, their_boxes = o.boxes.float().cpu(), t["boxes"].float().cpu()
+    other_class = o.labels.cpu()[:, None] != t["labels"].cpu()[None]
+    gap = (our_boxes[:, None] - their_boxes[None]).abs().amax(-1).masked_fill(other_class, float("inf"))
     nearest = gap.min(1)
-    iou = box_iou(o.boxes.float().cpu(), t["boxes"].float().cpu())
-    iou[o.labels.cpu()[:, None] != t["labels"].cpu()[None]] = 0
+    iou = box_iou(our_boxes, their_boxes).masked_fill(other_class, 0)
     matched = f"{int((iou.amax(1) >= 0.9).sum())}/{len(o)}"
     if not torch.isfinite(nearest.values).all():
         return "classes differ", "-", matched
