@@ -85,7 +85,16 @@ class ImageTransform:
     def uint8_batch(self, frames: Tensor) -> ImageBatch:
         """(B, 3, H, W) uint8 frames of one size, already on the model's device -> ImageBatch (inference)."""
         original = (frames.shape[-2], frames.shape[-1])
-        images = self._resize(self.normalize(frames.float() / 255), self._min_size(False))
+        min_size = self._min_size(False)
+        images = frames.float()
+        # Normalising is an affine map per channel and bilinear resizing takes convex combinations of pixels, so
+        # the two commute up to float rounding: normalise at the smaller resolution. A video frame usually
+        # shrinks (480p to the demo model's 256: three full-frame passes fewer); an enlarged one keeps
+        # torchvision's order and its exact values.
+        if resize_scale(*original, min_size, self.max_size) < 1:
+            images = self.normalize(self._resize(images, min_size) / 255)
+        else:
+            images = self._resize(self.normalize(images / 255), min_size)
         size = (images.shape[-2], images.shape[-1])
         return ImageBatch(self._pad([images]), [size] * frames.shape[0], [original] * frames.shape[0])
 

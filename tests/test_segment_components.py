@@ -121,6 +121,12 @@ def test_transform_equals_torchvision():
     want_u8, _ = theirs([uint8.float() / 255])
     got_u8 = ours.uint8_batch(torch.stack([uint8, uint8]))
     assert torch.equal(got_u8.tensors[0], want_u8.tensors[0]) and torch.equal(got_u8.tensors[1], want_u8.tensors[0])
+    # a frame that shrinks is normalised after resizing: the same values up to float rounding
+    frame = (torch.rand(3, 400, 300, generator=g) * 255).round().byte()
+    want_small, _ = theirs([frame.float() / 255])
+    got_small = ours.uint8_batch(frame[None])
+    assert got_small.image_sizes == want_small.image_sizes == [(298, 224)]
+    torch.testing.assert_close(got_small.tensors[0], want_small.tensors[0], rtol=0, atol=1e-5)
     theirs.train()
     torch.manual_seed(0)
     want, want_targets = theirs(images, targets)

@@ -8,6 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from segment.checkpoint import load_torchvision_checkpoint
 from segment.config import SegmenterConfig
 from segment.model import build_model
+from segment.transform import resize_scale
 from segment.tv_reference import torchvision_reference
 
 # small for CPU speed (the mask head on every detection dominates); identical on both sides
@@ -42,6 +43,9 @@ def pair(reference, request, device):
 # (box px, score). Folding and channels_last change fp32 rounding only: torchvision against itself in
 # channels_last differs by 2.9e-3 px and 8.8e-5 in score on these photos, so that model gets that noise level.
 TOLERANCES = {"as_loaded": (1e-3, 1e-4), "bn_folded": (1e-2, 5e-4)}
+# A frame that shrinks is normalised after resizing, not before (segment/transform.py): float rounding again,
+# 2.4e-3 px and 8.1e-5 in score on the astronaut.
+SHRUNK_TOLERANCE = (5e-3, 2e-4)
 
 
 def mask_ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,8 +55,11 @@ def mask_ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 def test_predictions_equal_torchvision(pair, real_photos, name, device):
-    theirs, ours, (box_tolerance, score_tolerance) = pair
+    theirs, ours, tolerance = pair
     frame = real_photos[name].to(device)
+    if resize_scale(*frame.shape[-2:], SETTINGS["min_size"], SETTINGS["max_size"]) < 1:
+        tolerance = tuple(map(max, tolerance, SHRUNK_TOLERANCE))
+    box_tolerance, score_tolerance = tolerance
     with torch.no_grad():
         want = {k: v.cpu() for k, v in theirs([frame.float() / 255])[0].items()}
     got = ours.predict(frame)[0].to("cpu")
