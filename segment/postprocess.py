@@ -84,7 +84,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], paddi
     the only large tensor is the (N, H, W) result itself.
     """
     height, width = image_size
-    out = torch.zeros((masks.shape[0], height, width), dtype=torch.float32, device=masks.device)
+    out = torch.empty((masks.shape[0], height, width), dtype=torch.float32, device=masks.device)  # bmm fills it all
     if masks.shape[0] == 0:
         return out
     size = masks.shape[-1]

@@ -11,7 +11,7 @@ from segment.config import SegmenterConfig
 from segment.losses import fastrcnn_loss, maskrcnn_loss
 from segment.mask_head import MaskHead, MaskPredictor, class_mask_probs
 from segment.postprocess import select_detections
-from segment.roi_pool import MultiLevelRoIAlign
+from segment.roi_pool import MultiLevelRoIAlign, poolable
 from segment.sampling import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedSampler, Matcher, concatenated_indices,
                               padded)
 
@@ -67,7 +67,7 @@ class RoIHeads(nn.Module):
         targets: list[dict[str, Tensor]] | None = None,
     ):
         """Inference -> per image (boxes, scores, labels, mask_probs (K, 28, 28)); training -> loss dict."""
-        maps = [features[str(i)] for i in range(len(self.box_roi_pool.scales))]
+        maps = poolable([features[str(i)] for i in range(len(self.box_roi_pool.scales))])
         if self.training:
             if targets is None:
                 raise ValueError("RoIHeads needs targets in training mode")

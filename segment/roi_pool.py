@@ -34,6 +34,18 @@ def map_levels(
     return torch.clamp(target, min=k_min, max=k_max).to(torch.int64) - k_min
 
 
+def poolable(features: list[Tensor]) -> list[Tensor]:
+    """The FPN levels as torchvision's roi_align kernels take them: float32 (not bf16: neither the CPU nor the CUDA
+    kernel runs it) and contiguous (not channels_last).
+
+    Given anything else, roi_align converts the whole level on every call (under autocast a cast to float32 and
+    back, then a copy into contiguous layout), for each level, each thread's chunk, and box and mask heads alike.
+    Converting once here gives the heads the same values: their first layer rounds its input to the autocast
+    dtype either way."""
+    return [f.to(torch.float32 if f.dtype in (torch.bfloat16, torch.float16) else f.dtype,
+                 memory_format=torch.contiguous_format) for f in features]
+
+
 class MultiLevelRoIAlign:
     def __init__(self, output_size: int, sampling_ratio: int = 2, strides: tuple[int, ...] = FPN_STRIDES) -> None:
         self.output_size = (output_size, output_size)
