@@ -55,8 +55,20 @@ def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike) ->
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
         ]
         raise CheckpointError(f"{path} does not fit the {model.config.backbone} model: {'; '.join(parts)}")
-    model.load_state_dict(state_dict, strict=False)
-    return model.eval()
+    # every tensor of the model comes from the file (as the model's dtype: fp16 files are cast back), but for
+    # BatchNorm's step counter, which older files may lack
+    tensors = {k: state_dict[k].to(v.dtype) if k in state_dict else torch.zeros(v.shape, dtype=v.dtype)
+               for k, v in own.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    # the file's tensors replaced the model's, and with them its memory layout
+    return model.set_inference_options(channels_last=model.channels_last).eval()
+
+
+def _empty_model(config: SegmenterConfig) -> MaskRCNN:
+    """The model with its tensors on the meta device, for `_load_weights` to fill: random initialisation would
+    be overwritten anyway, and costs 0.3 s for the demo model and 0.9 s for R50-FPN on a 2-core CPU."""
+    with torch.device("meta"):
+        return build_model(config)
 
 
 def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> MaskRCNN:
@@ -65,7 +77,7 @@ def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> Ma
     state = _read(path)
     if not _is_state_dict(state):
         raise CheckpointError(f"{path} is not a torchvision Mask R-CNN state_dict (expected a dict of tensors)")
-    return _load_weights(build_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides})), state, path)
+    return _load_weights(_empty_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides})), state, path)
 
 
 def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None,
@@ -114,7 +126,7 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
             raise CheckpointError(f"{path} is an {FORMAT} file without a valid config / model entry")
         settings = {k: v for k, v in config_overrides.items() if k not in ARCHITECTURE_KEYS}
         config = SegmenterConfig.from_dict({**state["config"], **settings})
-        return _load_weights(build_model(config), state["model"], path)
+        return _load_weights(_empty_model(config), state["model"], path)
     if _is_state_dict(state):
         return load_torchvision_checkpoint(path, **config_overrides)
     raise CheckpointError(f"{path} is neither an {FORMAT} checkpoint nor a Mask R-CNN state_dict")

@@ -134,3 +134,24 @@ def test_fp16_file_is_half_the_size_and_loads_as_fp32(tmp_path, small_model):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     for name, value in small_model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value.half().float(), rtol=0, atol=0)
+
+
+def test_loaded_model_is_whole_and_trains_like_a_built_one(tmp_path):
+    """Loading builds the model without initialising it and takes every tensor from the file: nothing may stay
+    unfilled, a BatchNorm file without step counters loads, and what trains is what a built model trains."""
+    torch.manual_seed(1)
+    built = build_model(SegmenterConfig(**{**SMALL, "norm": "bn", "trainable_layers": 3, "channels_last": True}))
+    path = save_checkpoint(built, tmp_path / "bn.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["model"] = {k: v for k, v in raw["model"].items() if not k.endswith("num_batches_tracked")}
+    torch.save(raw, path)
+    loaded = load_checkpoint(path)
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert not any(t.is_meta for t in tensors.values())
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == \
+        {n: p.requires_grad for n, p in built.named_parameters()}
+    assert any(not p.requires_grad for p in built.parameters())  # trainable_layers=3 froze the stem
+    assert loaded.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for name, value in built.state_dict().items():
+        want = torch.zeros_like(value) if name.endswith("num_batches_tracked") else value
+        assert torch.equal(loaded.state_dict()[name], want), name
