@@ -5,6 +5,8 @@
 Prints fps, seconds per frame for every stage (from record.timings; decode and encode run on their own threads,
 so stage times overlap and add up to more than the wall time), peak RSS and, on CUDA, peak allocated memory.
 Appends the table with device, versions and date to docs/benchmarks.md (append only).
+`--operators` adds, from one more (untimed) render, the tensor operators each stage runs per frame: on a GPU
+nearly each is a kernel launch, so the count measures the host work a GPU render pays, on any machine.
 """
 from __future__ import annotations
 
@@ -23,14 +25,17 @@ sys.path.insert(0, str(ROOT))
 
 from gpu.precision import resolve_precision  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
-from pipeline.render import compose_config, render, resolve_device  # noqa: E402
+from pipeline.render import build_stages, compose_config, render, resolve_device  # noqa: E402
+from scripts.profiling import operators  # noqa: E402
 from scripts.make_demo_clip import make_clip  # noqa: E402
 
 SIZES = {"240p": (426, 240), "360p": (640, 360), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
 STAGES = ("decode", "segment", "track", "assign", "stylize", "composite", "encode")
+MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # the ones on the render's main thread
 
 
-def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int) -> dict:
+def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int,
+              count_operators: bool = False) -> dict:
     width, height = SIZES[size]
 
     def config(clip_frames: int, name: str):
@@ -61,7 +66,36 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
     for stage in STAGES:
         row[stage] = 1000 * summary.timings.get(stage, 0.0) / max(1, summary.frames)
+    if count_operators:
+        row["operators"] = operators_per_frame(cfg)
     return row
+
+
+def operators_per_frame(cfg) -> dict[str, float]:
+    """Stage -> tensor operators per frame, over a render of the clip (untimed: counting slows every operator)."""
+    counts = dict.fromkeys(MODEL_STAGES, 0)
+
+    def counted(name, stage):
+        def run(batch):
+            result = []
+            counts[name] = counts.get(name, 0) + operators(lambda: result.append(stage(batch)))
+            return result[0]
+        return run
+
+    def build(*args):
+        stages = build_stages(*args)
+        stages.run = [(name, counted(name, stage)) for name, stage in stages.run]
+        return stages
+
+    summary = render(cfg, Path(cfg.output), build=build)
+    return {name: count / max(1, summary.frames) for name, count in counts.items()}
+
+
+def operator_table(rows: list[dict]) -> str:
+    stages = [s for s in rows[0]["operators"]]
+    return markdown_table(["size", "instances / frame", *stages, "total"], [
+        [r["size"], f"{r['instances'] / max(1, r['frames']):.1f}", *(f"{r['operators'][s]:.0f}" for s in stages),
+         f"{sum(r['operators'].values()):.0f}"] for r in rows])
 
 
 def table(rows: list[dict]) -> str:
@@ -88,18 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-frames", type=int, default=8, help="an untimed render of this many frames first")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument("--operators", action="store_true",
+                        help="also count each stage's tensor operators per frame (one more, untimed render)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment.checkpoint=...")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_render_") as tmp:
         rows = []
         for size in args.sizes:
-            rows.append(bench_one(size, args.frames, args.device, args.overrides, Path(tmp), args.warmup_frames))
+            rows.append(bench_one(size, args.frames, args.device, args.overrides, Path(tmp), args.warmup_frames,
+                                  args.operators))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     import av
     text = (f"\n## Render benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_render.py)\n\n"
             f"Device: {device_name(args.device)}; torch {torch.__version__}, PyAV {av.__version__}, "
             f"Python {platform.python_version()}; "
             f"overrides: {' '.join(args.overrides) or 'none'}\n\n{table(rows)}\n")
+    if args.operators:
+        text += ("\nTensor operators per frame, by stage (views excluded; on a GPU nearly each is a kernel launch; "
+                 f"segment includes the front that a GPU replays as one CUDA graph):\n\n{operator_table(rows)}\n")
     publish(text, args.results, append=not args.no_append)
     return 0
 
