@@ -292,6 +292,35 @@ def test_folded_model_refuses_training_and_saving(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_multilevel_roi_align_training_equals_torchvision(threads):
+    # CPU training pools on the thread pool too (RoI chunks forward, an image per thread backward): the pooled
+    # values and the features' gradients must be exactly torchvision's, with an image that has no RoIs at all
+    g = torch.Generator().manual_seed(4)
+    boxes = [boxes_in(300, 400, 300, g, min_side=1.0), boxes_in(0, 400, 300, g), boxes_in(90, 400, 300, g, min_side=40.0)]
+    boxes[2][:2] = torch.tensor([[0.0, 0.0, 400.0, 300.0], [0.0, 0.0, 520.0, 460.0]])  # the top levels get RoIs too
+    names = ["0", "1", "2", "3"]
+    sizes = [(300, 400), (290, 410), (300, 400)]
+    grad = torch.randn(390, 8, 7, 7, generator=g)
+    results = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pooler in (lambda f: MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, f)), boxes, sizes),
+                       lambda f: MultiLevelRoIAlign(7, 2)(f, boxes)):
+            features = [torch.randn(3, 8, 304 // 2**i // 4, 416 // 2**i // 4, generator=torch.Generator().manual_seed(i))
+                        .requires_grad_() for i in range(4)]
+            pooled = pooler(features)
+            pooled.backward(grad)
+            results.append((pooled.detach(), [f.grad for f in features]))
+    finally:
+        torch.set_num_threads(previous)
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads)) and all(a.any() for a in got_grads)
+    assert not got_grads[0][1].any()  # the image without RoIs gets no gradient
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_multilevel_roi_align_in_threads_equals_torchvision(autocast):
     # CPU inference splits each level's RoIs over a thread pool; the thread-local inference and autocast modes
