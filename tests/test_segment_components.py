@@ -292,10 +292,11 @@ def test_folded_model_refuses_training_and_saving(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("threads", [1, 4, 8])
 def test_multilevel_roi_align_training_equals_torchvision(threads):
-    # CPU training pools on the thread pool too (RoI chunks forward, an image per thread backward): the pooled
-    # values and the features' gradients must be exactly torchvision's, with an image that has no RoIs at all
+    # CPU training pools on the thread pool too (RoI chunks forward; backward an image per thread, 8 threads over 3
+    # images also split the channels): the pooled values and the features' gradients must be exactly
+    # torchvision's, with an image that has no RoIs at all
     g = torch.Generator().manual_seed(4)
     boxes = [boxes_in(300, 400, 300, g, min_side=1.0), boxes_in(0, 400, 300, g), boxes_in(90, 400, 300, g, min_side=40.0)]
     boxes[2][:2] = torch.tensor([[0.0, 0.0, 400.0, 300.0], [0.0, 0.0, 520.0, 460.0]])  # the top levels get RoIs too
