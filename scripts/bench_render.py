@@ -92,7 +92,7 @@ def operators_per_frame(cfg) -> dict[str, float]:
 
 
 def operator_table(rows: list[dict]) -> str:
-    stages = [s for s in rows[0]["operators"]]
+    stages = list(rows[0]["operators"])
     return markdown_table(["size", "instances / frame", *stages, "total"], [
         [r["size"], f"{r['instances'] / max(1, r['frames']):.1f}", *(f"{r['operators'][s]:.0f}" for s in stages),
          f"{sum(r['operators'].values()):.0f}"] for r in rows])

@@ -2,8 +2,8 @@
 
 torchvision's CPU roi_align kernels run on one thread, so on a multi-core CPU each level's RoIs are split into
 chunks pooled by a thread pool: the kernels release the GIL, the results are bit-identical, and the box head's
-RoIAlign (a quarter of an R50 forward on 2 cores) gets about 1.5-2x faster. In training the backward kernel runs
-an image per thread (`_ThreadedRoIAlign`).
+RoIAlign (a quarter of an R50 forward on 2 cores) gets about 1.5-2x faster. CPU training goes through
+`_ThreadedRoIAlign`: the forward in chunks too, the backward an image (or a channel slice of one) per thread.
 """
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ def map_levels(
 
 
 def poolable(features: list[Tensor]) -> list[Tensor]:
-    """The FPN levels as torchvision's roi_align kernels take them: float32 (not bf16: neither the CPU nor the CUDA
-    kernel runs it) and contiguous (not channels_last).
+    """The FPN levels as torchvision's roi_align kernels run them: float32 and contiguous (not channels_last).
 
-    Given anything else, roi_align converts the whole level on every call (under autocast a cast to float32 and
-    back, then a copy into contiguous layout), for each level, each thread's chunk, and box and mask heads alike.
-    Converting once here gives the heads the same values: their first layer rounds its input to the autocast
-    dtype either way."""
+    Given anything else, roi_align converts the whole level on every call: under autocast (CPU or CUDA) its
+    wrapper casts the input to float32 and the result back, and the kernel copies channels_last into contiguous
+    layout; that for each level, each thread's chunk, and box and mask heads alike. Converting once here gives
+    the heads the same values: their first layer rounds its input to the autocast dtype either way."""
     return [f.to(torch.float32 if f.dtype in (torch.bfloat16, torch.float16) else f.dtype,
                  memory_format=torch.contiguous_format) for f in features]
 
