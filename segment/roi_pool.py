@@ -1,9 +1,9 @@
 """Multi-level RoIAlign over FPN levels P2..P5: each RoI is pooled from the level its size maps to (FPN eq. 1).
 
 torchvision's CPU roi_align kernels run on one thread, so on a multi-core CPU each level's RoIs are split into
-chunks pooled by a thread pool: the kernels release the GIL, the results are bit-identical, and the box head's
-RoIAlign (a quarter of an R50 forward on 2 cores) gets about 1.5-2x faster. CPU training goes through
-`_ThreadedRoIAlign`: the forward in chunks too, the backward an image (or a channel slice of one) per thread.
+chunks pooled by a thread pool (`_ThreadedRoIAlign`): the kernels release the GIL, the results are bit-identical,
+and the box head's RoIAlign (a quarter of an R50 forward on 2 cores) gets about 1.5-2x faster. In training the
+backward runs an image (or a channel slice of one) per thread.
 """
 from __future__ import annotations
 
@@ -64,26 +64,9 @@ class MultiLevelRoIAlign:
         levels = map_levels(flat, self.k_min, self.k_max)
         first = features[0]
         result = first.new_zeros((rois.shape[0], first.shape[1], *self.output_size))
-        threads = self._threads(first)
-        jobs = []
         for index, feature, scale in zip(self._split_by_level(levels, len(features)), features, self.scales):
-            chunks = max(1, min(threads, len(index) // MIN_ROIS_PER_THREAD))
-            jobs += [(feature, scale, chunk) for chunk in index.tensor_split(chunks)]
-        if threads > 1 and len(jobs) > len(features):
-            # grad, inference and autocast modes are thread-local: the workers take the caller's
-            inference = torch.is_inference_mode_enabled()
-            autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-
-            def pool(job):
-                with torch.inference_mode(inference), torch.no_grad(), \
-                        torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
-                    return self._pool(rois, *job)
-
-            pooled = list(_thread_pool().map(pool, jobs))
-        else:
-            pooled = [self._pool(rois, *job) for job in jobs]
-        for (_, _, index), values in zip(jobs, pooled):
-            result[index] = values.to(result.dtype)  # autocast may pool in another dtype than the features
+            # autocast may pool in another dtype than the features
+            result[index] = self._pool(feature, rois[index], scale).to(result.dtype)
         return result
 
     @staticmethod
@@ -96,23 +79,15 @@ class MultiLevelRoIAlign:
         order = torch.argsort(torch.where((levels >= 0) & (levels < num_levels), levels, num_levels), stable=True)
         return order.split([*counts, len(levels) - sum(counts)])[:num_levels]
 
-    def _pool(self, rois: Tensor, feature: Tensor, scale: float, index: Tensor) -> Tensor:
-        if feature.requires_grad and torch.is_grad_enabled() and feature.device.type == "cpu" \
-                and torch.get_num_threads() > 1:
-            return _ThreadedRoIAlign.apply(feature, rois[index], scale, self.output_size, self.sampling_ratio)
-        return roi_align(feature, rois[index], self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio)
-
-    @staticmethod
-    def _threads(feature: Tensor) -> int:
-        """Threads to pool with: several only for CPU inference (autograd records on the calling thread)."""
-        if feature.device.type != "cpu" or torch.is_grad_enabled():
-            return 1
-        return torch.get_num_threads()
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if feature.device.type == "cpu" and torch.get_num_threads() > 1:
+            return _ThreadedRoIAlign.apply(feature, rois, scale, self.output_size, self.sampling_ratio)
+        return roi_align(feature, rois, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio)
 
 
 class _ThreadedRoIAlign(torch.autograd.Function):
-    """torchvision's roi_align for CPU training, on the thread pool: forward in chunks of RoIs, backward an image
-    per thread. Bit-identical to torchvision's single-threaded kernels.
+    """torchvision's roi_align on the CPU thread pool: forward in chunks of RoIs (inference and training), backward
+    an image per thread. Bit-identical to torchvision's single-threaded kernels.
 
     The CPU backward kernel scatters every sample of every RoI into the feature gradient on one thread: half of a
     CPU training step of the demo model (ResNet-18 GN, 128 px, batch 2: 80 ms per call, eight calls). Split by
@@ -126,8 +101,13 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         ctx.save_for_backward(rois)
         ctx.settings = (scale, size, sampling_ratio, feature.shape)
 
+        # grad, inference and autocast modes are thread-local: the workers take the caller's (grad is off in here)
+        inference = torch.is_inference_mode_enabled()
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
         def pool(chunk: Tensor) -> Tensor:
-            with torch.no_grad():  # a worker thread's own grad mode is on
+            with torch.inference_mode(inference), torch.no_grad(), \
+                    torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
                 return torch.ops.torchvision.roi_align(feature, chunk, scale, *size, sampling_ratio, False)
 
         chunks = rois.tensor_split(max(1, min(torch.get_num_threads(), len(rois) // MIN_ROIS_PER_THREAD)))
