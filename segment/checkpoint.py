@@ -160,7 +160,5 @@ def load_segmenter(cfg: Any) -> MaskRCNN:
         hint = TORCHVISION_HINT if cfg.get("backbone", "resnet50") == "resnet50" else "segment.checkpoint=/path/to/segmenter.pt"
         raise CheckpointError(f"no segmenter checkpoint given: pass {hint}")
     overrides = {k: v for k, v in cfg.items() if v is not None}
-    model = load_checkpoint(path, **overrides).to(device)
-    if model.config.channels_last:
-        model.set_inference_options(channels_last=True)
-    return model.fold_frozen_norms()  # the render only infers
+    # load_checkpoint gives the configured memory layout, and .to keeps it
+    return load_checkpoint(path, **overrides).to(device).fold_frozen_norms()  # the render only infers
