@@ -74,8 +74,14 @@ def _instance_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
     F.instance_norm is batch norm over h viewed as one image of B·C channels, but its affine is one per channel,
     shared by the batch; calling batch norm on that view directly takes the per-image affine, applied in the same
-    pass as the normalisation instead of a second pass (and kernel launch) over the activation."""
+    pass as the normalisation instead of a second pass (and kernel launch) over the activation.
+
+    One image (most crop calls at 1080p) needs no view: its channels are batch norm's, in whatever layout h has,
+    so a channels_last activation skips the copy to NCHW that the view needs (GPU kernel time of the R50 render's
+    crops on an H200: 13.1 -> 10.5 ms per frame, docs/benchmarks.md)."""
     batch, channels = h.shape[:2]
+    if batch == 1:
+        return F.batch_norm(h, None, None, scale, shift, training=True, eps=INSTANCE_NORM_EPS)
     flat = h.contiguous().view(1, batch * channels, *h.shape[2:])
     return F.batch_norm(flat, None, None, scale, shift, training=True, eps=INSTANCE_NORM_EPS).view(h.shape)
 

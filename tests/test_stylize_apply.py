@@ -114,8 +114,10 @@ def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
     weights = torch.rand(3, 26, generator=generator).softmax(-1).to(device)
     with torch.no_grad():
         expected = network(x, weights)
-    eager = run_network(network, x, weights, precision="fp32", channels_last=False)
-    assert (eager - expected).abs().max() < 1e-5
+    for channels_last in (False, True):  # one image goes to batch norm as it is, several through the NCHW view
+        for batch in (1, 3):
+            eager = run_network(network, x[:batch], weights[:batch], precision="fp32", channels_last=channels_last)
+            assert (eager - expected[:batch]).abs().max() < 1e-5
     for batch in (3, 3, 3, 2, 3):  # batch 3 is captured on its second call (padded to 4) and replayed after
         graphed = run_network(network, x[:batch], weights[:batch], precision="fp32", graphs=True)
         assert (graphed - expected[:batch]).abs().max() < 1e-5
