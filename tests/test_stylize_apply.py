@@ -118,7 +118,9 @@ def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
         for batch in (1, 3):
             eager = run_network(network, x[:batch], weights[:batch], precision="fp32", channels_last=channels_last)
             assert (eager - expected[:batch]).abs().max() < 1e-5
-    for batch in (3, 3, 3, 2, 3):  # batch 3 is captured on its second call (padded to 4) and replayed after
+    # batch 3 is captured on its second call (padded to 4), batch 2 on its second; then the two graphs, which
+    # share their input and output buffers, replay in turns
+    for batch in (3, 3, 3, 2, 2, 3, 2, 3, 2):
         graphed = run_network(network, x[:batch], weights[:batch], precision="fp32", graphs=True)
         assert (graphed - expected[:batch]).abs().max() < 1e-5
     bf16_eager = run_network(network, x, weights, precision="bf16")
