@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
-from stylize.apply import stylize_frames, stylize_regions  # noqa: E402
+from stylize.apply import default_channels_last, stylize_frames, stylize_regions  # noqa: E402
 from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
@@ -59,15 +59,18 @@ def module_forward(network, x, style_weights, precision="auto", channels_last="a
         return network(x, style_weights.to(x.device)).float()
 
 
+def auto_channels_last(device: torch.device) -> bool:
+    return default_channels_last(device, resolve_precision("auto", device) == "bf16")
+
+
 def four_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None, float]:
     """Seconds per call of fn(graphs, channels_last) through the module peer, our runner, our runner with CUDA
-    graphs, and our runner in the layout its device does not default to (channels_last on a CPU, NCHW on a GPU:
-    the runner's instance norm works on NCHW, so on a GPU each layer converts between the two)."""
+    graphs, and our runner in the layout it does not default to (stylize.apply.default_channels_last)."""
     with mock.patch.object(stylize.apply, "run_network", module_forward):
         module = timed(lambda: fn(False, "auto"), device, repeats)
     runner = timed(lambda: fn(False, "auto"), device, repeats)
     graphs = timed(lambda: fn(True, "auto"), device, repeats) if device.type == "cuda" else None
-    other_layout = timed(lambda: fn(False, device.type != "cuda"), device, repeats)
+    other_layout = timed(lambda: fn(False, not auto_channels_last(device)), device, repeats)
     return module, runner, graphs, other_layout
 
 
@@ -105,10 +108,10 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    precision = resolve_precision("auto", device) + (" + channels_last" if device.type == "cuda" else "")
+    precision = resolve_precision("auto", device) + (" + channels_last" if auto_channels_last(device) else "")
     bank = StyleBank.load(args.bank)
     rows = bench(bank, device, args.repeats)
-    other = "NCHW" if device.type == "cuda" else "channels_last"
+    other = "NCHW" if auto_channels_last(device) else "channels_last"
     header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module",
               f"runner in {other} images/s"]
     cells = []

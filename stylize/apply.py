@@ -29,8 +29,14 @@ def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool
     if precision not in PRECISIONS:
         raise StyleError(f"style.precision must be auto, fp32 or bf16, got {precision!r}")
     bf16 = resolve_precision(precision, device) == "bf16"
-    channels_last = device.type == "cuda" if channels_last in (None, "auto") else bool(channels_last)
-    return bf16, channels_last
+    return bf16, default_channels_last(device, bf16) if channels_last in (None, "auto") else bool(channels_last)
+
+
+def default_channels_last(device: torch.device, bf16: bool) -> bool:
+    """The layout `channels_last="auto"` picks. GPUs, and oneDNN's bf16 convolutions on a CPU, run this network
+    faster channels_last (render on this 2-core CPU, bf16: stylize 57-58 -> 52 ms/f at 480p); CPU fp32 batches
+    of several crops ran slower in it."""
+    return device.type == "cuda" or bf16
 
 
 def run_network(network: MultiStyleNet, x: Tensor, style_weights: Tensor, precision: str = "auto",
