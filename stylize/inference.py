@@ -19,7 +19,7 @@ from gpu.cuda_graph import GraphCache
 from stylize.network import INSTANCE_NORM_EPS, MultiStyleNet
 
 GRAPH_AFTER_CALLS = 2         # a shape is captured when it comes back: one-off crop shapes stay eager
-MAX_GRAPHS = 1024             # least recently used graphs beyond this are dropped (each costs host memory only)
+MAX_GRAPHS = 1024             # least recently used graphs beyond this are dropped (they share buffers and pool)
 MAX_GRAPH_PIXELS = 16 * 352 ** 2  # larger inputs spend their time in the GPU's work, not in launching it
 
 
@@ -116,8 +116,8 @@ class _GraphCache:
         return out.copy_(self.forward(x, w))
 
     def _buffers(self, x: Tensor, w: Tensor, padded: int) -> tuple[Tensor, Tensor, Tensor]:
-        """A new graph's input (x's rows, then zeros), style weights and output, the first two at the shared
-        buffers' start."""
+        """A new graph's input (x's rows, then zeros) and output at the start of the shared buffers, and its own
+        style weights (w's rows, then zeros)."""
         if self.arena is None:
             numel = MAX_GRAPH_PIXELS * x.shape[1]
             self.arena = (x.new_empty(numel), torch.empty(numel, device=x.device, dtype=torch.float32))
