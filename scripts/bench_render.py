@@ -7,6 +7,8 @@ so stage times overlap and add up to more than the wall time), peak RSS and, on 
 Appends the table with device, versions and date to docs/benchmarks.md (append only).
 `--operators` adds, from one more (untimed) render, the tensor operators each stage runs per frame: on a GPU
 nearly each is a kernel launch, so the count measures the host work a GPU render pays, on any machine.
+`--kernel-time` (CUDA) adds, from one more (profiled) render, each stage's GPU kernel time per frame: a stage whose
+wall time is far above it is bound by host work (launches, cuDNN planning new shapes, syncs), not by the GPU.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +38,7 @@ MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # the one
 
 
 def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int,
-              count_operators: bool = False) -> dict:
+              count_operators: bool = False, kernel_time: bool = False) -> dict:
     width, height = SIZES[size]
 
     def config(clip_frames: int, name: str):
@@ -68,6 +71,8 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
         row[stage] = 1000 * summary.timings.get(stage, 0.0) / max(1, summary.frames)
     if count_operators:
         row["operators"] = operators_per_frame(cfg)
+    if kernel_time:
+        row["kernels"] = kernel_ms_per_frame(cfg)
     return row
 
 
@@ -89,6 +94,24 @@ def operators_per_frame(cfg) -> dict[str, float]:
 
     summary = render(cfg, Path(cfg.output), build=build)
     return {name: count / max(1, summary.frames) for name, count in counts.items()}
+
+
+def kernel_ms_per_frame(cfg) -> dict[str, float]:
+    """Stage -> milliseconds of GPU kernels per frame, over a render of the clip under torch.profiler (untimed:
+    profiling slows the host). Each stage runs inside `record_function(stage)` (pipeline/stage_timing.py), and a
+    host-side range counts the kernels of every operator under it."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        summary = render(cfg, Path(cfg.output))
+    totals = dict.fromkeys(MODEL_STAGES, 0.0)
+    for event in profiler.events():
+        if event.name in totals and event.device_type == torch.autograd.DeviceType.CPU:
+            totals[event.name] += event.device_time_total
+    return {name: total / 1000 / max(1, summary.frames) for name, total in totals.items()}
+
+
+def kernel_table(rows: list[dict]) -> str:
+    return markdown_table(["size", *(f"{s} ms/f (kernels)" for s in MODEL_STAGES)], [
+        [r["size"], *(f"{r[s]:.1f} ({r['kernels'][s]:.1f})" for s in MODEL_STAGES)] for r in rows])
 
 
 def operator_table(rows: list[dict]) -> str:
@@ -124,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--operators", action="store_true",
                         help="also count each stage's tensor operators per frame (one more, untimed render)")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also measure each stage's GPU kernel time per frame (CUDA; one more, profiled render)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment.checkpoint=...")
     args = parser.parse_args(argv)
+    if args.kernel_time and (args.device == "cpu" or not torch.cuda.is_available()):
+        parser.error("--kernel-time needs a CUDA GPU")
     with tempfile.TemporaryDirectory(prefix="bench_render_") as tmp:
         rows = []
         for size in args.sizes:
             rows.append(bench_one(size, args.frames, args.device, args.overrides, Path(tmp), args.warmup_frames,
-                                  args.operators))
+                                  args.operators, args.kernel_time))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     import av
     text = (f"\n## Render benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_render.py)\n\n"
@@ -140,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.operators:
         text += ("\nTensor operators per frame, by stage (views excluded; on a GPU nearly each is a kernel launch; "
                  f"segment includes the front that a GPU replays as one CUDA graph):\n\n{operator_table(rows)}\n")
+    if args.kernel_time:
+        text += ("\nStage wall time per frame and, in brackets, the GPU kernel time inside it (from a profiled render "
+                 f"of the same clip):\n\n{kernel_table(rows)}\n")
     publish(text, args.results, append=not args.no_append)
     return 0
 
