@@ -106,7 +106,8 @@ class StylizeStage:
 
     def _crops(self, frames: torch.Tensor, jobs: list, boxes: torch.Tensor) -> list:
         device = frames.device
-        frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long, device=device)
+        # on the host: stylize_regions reads it back as a list, which from a GPU tensor would wait on the GPU
+        frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long)
         weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
                                precision=self.precision, bucket=self.bucket(device), graphs=self.cuda_graphs)
