@@ -18,7 +18,8 @@ from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from stylize.apply import crop_boxes, stylize_frames, stylize_regions
 
-CPU_CROP_BUCKET, GPU_CROP_BUCKET = 16, 64
+CPU_CROP_BUCKET = 16
+GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rounded down to this, at least this
 REGIONS = ("crop", "frame")
 
 
@@ -60,13 +61,18 @@ class StylizeStage:
             self._weights[spec] = self.bank.weights_for(spec)
         return self._weights[spec]
 
-    def bucket(self, device: torch.device) -> int:
-        """Crop sizes are padded up to multiples of this. On a GPU the stage is bound by host work per network
-        call and by cuDNN planning each new shape (measured on an H100, docs/benchmarks.md), so coarse buckets
-        pay; on a CPU the padding is compute, so fine ones do."""
+    def bucket(self, device: torch.device, height: int, width: int) -> int:
+        """Crop sizes are padded up to multiples of this. On a CPU the padding is compute, so fine buckets pay.
+        A GPU's stage is bound by host work per network call and by cuDNN planning each new shape, not by its
+        kernels, so coarse ones do: on the R50 benchmark's 1080p clip on an H200, buckets of 64 / 128 / 192 / 256
+        px gave 14.1 / 20.2-21.9 / 21.9 / 25.5 fps (two calls, docs/benchmarks.md). Scaling the bucket with the
+        frame (256 at 1080p, 128 at 720p, 64 at 480p) keeps the number of distinct crop shapes, about (H/b)·(W/b),
+        the same at every resolution."""
         if self.crop_bucket != "auto":
             return self.crop_bucket
-        return GPU_CROP_BUCKET if device.type == "cuda" else CPU_CROP_BUCKET
+        if device.type != "cuda":
+            return CPU_CROP_BUCKET
+        return max(GPU_BUCKET_STEP, min(height, width) // 4 // GPU_BUCKET_STEP * GPU_BUCKET_STEP)
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if not batch:
@@ -110,7 +116,8 @@ class StylizeStage:
         frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long)
         weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
-                               precision=self.precision, bucket=self.bucket(device), graphs=self.cuda_graphs)
+                               precision=self.precision, bucket=self.bucket(device, *frames.shape[-2:]),
+                               graphs=self.cuda_graphs)
 
     def _whole_frames(self, frames: torch.Tensor, jobs: list) -> dict[str, dict[int, torch.Tensor]]:
         """style -> {frame in batch: that frame stylized whole}, for each style and the frames that use it."""

@@ -168,7 +168,11 @@ def test_bad_background_fails_at_construction(bank):
         StylizeStage.from_config(style_cfg(region="box"), bank)
 
 
-def test_auto_crop_bucket_is_coarse_on_gpus_only(bank):
+def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank):
     stage = StylizeStage.from_config(style_cfg(), bank)
-    assert stage.bucket(torch.device("cpu")) == 16 and stage.bucket(torch.device("cuda")) == 64
-    assert StylizeStage.from_config(style_cfg(crop_bucket=32), bank).bucket(torch.device("cuda")) == 32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert stage.bucket(cpu, 1080, 1920) == 16 and stage.bucket(cpu, 240, 426) == 16
+    sizes = {(240, 426): 64, (480, 854): 64, (720, 1280): 128, (1080, 1920): 256, (1920, 1080): 256,
+             (2160, 3840): 512}
+    assert {size: stage.bucket(cuda, *size) for size in sizes} == sizes
+    assert StylizeStage.from_config(style_cfg(crop_bucket=32), bank).bucket(cuda, 1080, 1920) == 32
