@@ -41,11 +41,12 @@ step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 
 R50="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16 segment.detections_per_img=10
     style/class_styles=coco style.palette=[style_03,style_17,style_09] decode.decoder=nvdec"
 step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
-# each stage's GPU kernel time beside its wall time (one more, profiled render): which stages the host binds
-step 120 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time $R50
-# coarser crop buckets with CUDA graphs: on the R50 clip 868 network calls of 166 shapes instead of 1303 of 287
-# (crop sizes recorded on a CPU), for 17 % more padded pixels
-step 60 bench_render_r50_bucket128_graphs $RENDER 1080p $BENCH $R50 style.crop_bucket=128 style.cuda_graphs=true
+# each stage's GPU kernel time beside its wall time (one more, profiled render of a 16-frame clip): which stages
+# the host binds. Not seen to finish yet: on an H200 the profile of 160 frames took over 110 s, of 48 over 40 s
+step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-frames 16 $R50
+# style CUDA graphs at the auto bucket (256 px at 1080p: on the R50 clip's recorded crop sizes 415 network calls of
+# 95 shapes, against 868 of 166 at 128 px, where graphs lost to eager: 17.6 against 20.2 fps on an H200)
+step 60 bench_render_r50_graphs $RENDER 1080p $BENCH $R50 style.cuda_graphs=true
 # whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
 step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)
