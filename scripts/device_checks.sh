@@ -41,6 +41,8 @@ step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 
 R50="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16 segment.detections_per_img=10
     style/class_styles=coco style.palette=[style_03,style_17,style_09] decode.decoder=nvdec"
 step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
+# every model stage on one thread (stage_threads=2, the default, is unmeasured on a GPU: +11-40 % on a 2-core CPU)
+step 60 bench_render_r50_one_stage_thread $RENDER 1080p $BENCH $R50 stage_threads=1
 # each stage's GPU kernel time beside its wall time (one more, profiled render of a 16-frame clip): which stages
 # the host binds. Not seen to finish yet: on an H200 the profile of 160 frames took over 110 s, of 48 over 40 s
 step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-frames 16 $R50

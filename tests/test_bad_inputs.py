@@ -177,8 +177,9 @@ def test_interrupt_leaves_nothing_behind(tmp_path, models):
 
 # -- the building blocks on their own -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("failing", ["source", "process", "sink"])
+@pytest.mark.parametrize("failing", ["source", "process", "worker step", "sink"])
 def test_streaming_reraises_the_first_error_and_stops_every_thread(failing):
+    """With two steps, "worker step" is the first (on a thread of its own), "process" the last (caller's)."""
     def source():
         for i in range(1000):
             if failing == "source" and i == 5:
@@ -190,14 +191,22 @@ def test_streaming_reraises_the_first_error_and_stops_every_thread(failing):
             raise ValueError("process broke")
         return item
 
+    def worker_step(item):
+        if failing == "worker step" and item == 5:
+            raise ValueError("worker step broke")
+        return item
+
     def sink(item):
         if failing == "sink" and item == 5:
             raise ValueError("sink broke")
 
-    before = threading.active_count()
-    with pytest.raises(ValueError, match=f"{failing} broke"):
-        run_streaming(source(), process, sink, queue_size=2)
-    assert threading.active_count() == before
+    for steps in ([process], [worker_step, process]):
+        if failing == "worker step" and len(steps) == 1:
+            continue
+        before = threading.active_count()
+        with pytest.raises(ValueError, match=f"{failing} broke"):
+            run_streaming(source(), steps, sink, queue_size=2)
+        assert threading.active_count() == before
 
 
 def test_streaming_keeps_order_and_bounds_the_queues():
@@ -215,6 +224,23 @@ def test_streaming_keeps_order_and_bounds_the_queues():
 
     assert run_streaming(source(), lambda x: x * 10, sink, queue_size=2) == 50
     assert sunk == [10 * i for i in range(50)]
+
+
+def test_streaming_steps_run_in_turn_each_on_its_own_thread():
+    seen: dict[str, set[str]] = {"first": set(), "second": set()}
+
+    def step(name, change):
+        def run(item):
+            seen[name].add(threading.current_thread().name)
+            time.sleep(0.001)  # the two steps overlap: a fast one could finish before the other starts
+            return change(item)
+        return run
+
+    sunk = []
+    assert run_streaming(range(30), [step("first", lambda x: x + 1), step("second", lambda x: x * 10)],
+                         sunk.append, queue_size=2) == 30
+    assert sunk == [10 * (i + 1) for i in range(30)]
+    assert seen["second"] == {threading.current_thread().name} and seen["first"].isdisjoint(seen["second"])
 
 
 def test_atomic_output_renames_on_success_and_cleans_up_on_error(tmp_path):

@@ -3,6 +3,7 @@ survive; untouched pixels stay the input's; sweeps write one output per run in t
 from __future__ import annotations
 
 import json
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,6 +100,41 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
     assert not (tmp_path / "out.mp4").exists()
     overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in outputs]
     assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]
+
+
+def test_two_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, monkeypatch):
+    """stage_threads=2: segment, track and assign on a thread of their own, stylize and composite on the caller's;
+    batches of two frames, so the threads overlap. Same frames, instances and styles as one thread."""
+    from pipeline.segment_stage import SegmentStage
+    from pipeline.stylize_stage import StylizeStage
+
+    threads: dict[str, set[str]] = {"segment": set(), "stylize": set()}
+    for name, stage in (("segment", SegmentStage), ("stylize", StylizeStage)):
+        monkeypatch.setattr(stage, "__call__", _noting_thread(stage.__call__, threads[name]))
+    outputs = {}
+    for count in (1, 2):
+        threads["segment"].clear(), threads["stylize"].clear()
+        output, dump = tmp_path / f"out{count}.mp4", tmp_path / f"dump{count}"
+        result = run_in_process([f"input={vfr_clip}", f"output={output}", *models, f"stage_threads={count}",
+                                 "batch_size=2", "debug.dump=true", f"debug.dir={dump}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (threads["segment"] == threads["stylize"]) == (count == 1), threads
+        records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
+        outputs[count] = read_frames(output)[0], [[(i["box"], i["style"]) for i in r["instances"]] for r in records]
+    assert any(style for frame in outputs[1][1] for _, style in frame), "nothing stylized: the check proves little"
+    assert outputs[2][1] == outputs[1][1]
+    assert all(np.array_equal(a, b) for a, b in zip(outputs[2][0], outputs[1][0], strict=True))
+    result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "stage_threads=3"],
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "error: stage_threads must be 1 or 2, got 3" in result.stderr
+    assert not (tmp_path / "bad.mp4").exists()
+
+
+def _noting_thread(call, names: set[str]):
+    def noted(self, batch):
+        names.add(threading.current_thread().name)
+        return call(self, batch)
+    return noted
 
 
 def test_nvdec_and_nvenc_render_like_the_software_path(tmp_path, models, device):
