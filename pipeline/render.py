@@ -2,8 +2,9 @@
 
 decode (thread) → segment → track → assign → stylize → composite (this thread, on the device) → encode (thread),
 with bounded queues between the threads; `stage_threads=2` runs segment → track → assign on a thread of its own,
-so that one batch's stylize and composite overlap the next batch's segmentation. The output is written to a temp file beside the target and renamed
-only when every frame is encoded; errors and Ctrl-C leave nothing behind and never touch the input.
+so that one batch's stylize and composite overlap the next batch's segmentation. The output is written to a temp
+file beside the target and renamed only when every frame is encoded; errors and Ctrl-C leave nothing behind and
+never touch the input.
 In multirun mode (`-m`) each run writes its output into its own sweep folder.
 """
 from __future__ import annotations
