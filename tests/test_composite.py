@@ -209,16 +209,17 @@ def test_config():
 
 
 @pytest.mark.parametrize("feather_px", [1, 3, 8])
-def test_feather_on_a_gpu_blurs_like_kornias_separable_filter(feather_px, device):
-    """The GPU's matmul blur (no cuDNN algorithm choice per new crop size) against kornia's conv on the CPU, with
-    odd sizes, masks touching the border, and crops smaller than the kernel."""
+def test_feather_blurs_like_kornias_separable_filter(feather_px, device):
+    """Both blurs against kornia's conv on the CPU: the GPU's matmuls (no cuDNN algorithm choice per new crop
+    size) and the CPU's shifted adds (oneDNN's one-channel convs are slow), with odd sizes, masks touching the
+    border, and crops smaller than the kernel."""
     g = torch.Generator().manual_seed(feather_px)
-    for h, w in [(37, 53), (5, 3), (120, 90)]:
+    for h, w in [(37, 53), (5, 3), (120, 90), (301, 402)]:
         mask = (torch.rand(h, w, generator=g) > 0.5).float()
         mask[:, :2] = 1.0
         kernel = get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2)
         want = filter2d_separable(mask[None, None], kernel, kernel, border_type="replicate")[0, 0]
         got = _separable_by_matmul(mask.to(device), kernel[0].to(device)).cpu()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        if device.type == "cuda":
-            torch.testing.assert_close(feather(mask.to(device), feather_px).cpu(), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(feather(mask, feather_px), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(feather(mask.to(device), feather_px).cpu(), want, rtol=0, atol=1e-6)
