@@ -48,12 +48,14 @@ def _separable_by_shifts(mask: Tensor, taps: tuple[float, ...]) -> Tensor:
     r = len(taps) // 2
     padded = F.pad(mask[None, None], (r, r, r, r), mode="replicate")[0, 0]
     height, width = mask.shape
-    rows = padded[:, :width] * taps[0]
+    return _taps_along(_taps_along(padded, taps, 1, width), taps, 0, height)
+
+
+def _taps_along(x: Tensor, taps: tuple[float, ...], dim: int, length: int) -> Tensor:
+    """Σ_i taps[i] · x shifted by i along `dim`, `length` long there (a new tensor, summed in tap order)."""
+    out = x.narrow(dim, 0, length) * taps[0]
     for i, tap in enumerate(taps[1:], 1):
-        rows.add_(padded[:, i:i + width], alpha=tap)
-    out = rows[:height] * taps[0]
-    for i, tap in enumerate(taps[1:], 1):
-        out.add_(rows[i:i + height], alpha=tap)
+        out.add_(x.narrow(dim, i, length), alpha=tap)
     return out
 
 
