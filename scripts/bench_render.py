@@ -36,7 +36,7 @@ from scripts.make_demo_clip import make_clip  # noqa: E402
 
 SIZES = {"240p": (426, 240), "360p": (640, 360), "480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
 STAGES = ("decode", "segment", "track", "assign", "stylize", "composite", "encode")
-MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # the ones on the render's main thread
+MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # between decode and encode (stage_threads)
 
 
 def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int,
