@@ -112,7 +112,7 @@ class StyleAssigner:
             return
         passes = instances.scores >= self.min_score
         if instances.masks is not None:
-            passes &= instances.binarize().masks.flatten(1).count_nonzero(1) >= self.min_area  # no int64 copy
+            passes &= instances.mask_areas() >= self.min_area
         labels = instances.labels.tolist()
         styles = self._styles(labels, record)
         keep = passes.tolist()  # read on the host: the style list is Python-side anyway

@@ -77,6 +77,19 @@ class Instances:
             return self
         return replace(self, masks=self.masks >= threshold)
 
+    def mask_areas(self, threshold: float = 0.5) -> Tensor:
+        """(N,) int64 mask pixels at probability >= threshold (all masks' pixels count when they are bool).
+
+        On a CPU each mask is counted with a whole-tensor reduction: the row-wise `count_nonzero(dim=1)` is a slow
+        strided reduction there (four 1080p masks: 28 against 2.5 ms on two cores)."""
+        if self.masks is None:
+            raise ValueError("Instances.mask_areas: these instances have no masks")
+        binary = self.binarize(threshold).masks.flatten(1)
+        if binary.device.type == "cpu":
+            return torch.stack([torch.count_nonzero(row) for row in binary]) if len(binary) else binary.new_zeros(
+                (0,), dtype=torch.int64)
+        return binary.count_nonzero(1)
+
     @staticmethod
     def cat(items: list[Instances]) -> Instances:
         if not items:

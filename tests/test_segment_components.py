@@ -21,6 +21,7 @@ from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 from segment.postprocess import paste_masks, select_detections
 from segment.roi_pool import MultiLevelRoIAlign, map_levels
+from segment.structures import Instances
 from segment.transform import ImageTransform, rescale_boxes
 
 SIZES, RATIOS = [32, 64, 128, 256, 512], [0.5, 1.0, 2.0]
@@ -167,6 +168,22 @@ def test_mask_paste_equals_torchvision(chunk_size):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert paste_masks(masks[:0], boxes[:0], (height, width)).shape == (0, height, width)
 
+
+
+def test_mask_areas_count_what_numpy_counts(device):
+    g = torch.Generator().manual_seed(9)
+    masks = torch.rand(5, 37, 53, generator=g)
+    masks[1] = 0.5  # exactly at the threshold: counts
+    masks[2] = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))  # just below: does not
+    boxes = torch.zeros(5, 4)
+    instances = Instances(image_size=(37, 53), boxes=boxes, scores=torch.ones(5), labels=torch.ones(5, dtype=torch.long),
+                          masks=masks).to(device)
+    want = (masks.numpy() >= 0.5).reshape(5, -1).sum(1)
+    assert instances.mask_areas().cpu().tolist() == want.tolist()
+    assert instances.mask_areas().tolist()[1:3] == [37 * 53, 0]
+    assert instances.binarize().mask_areas().tolist() == want.tolist()
+    assert instances.mask_areas(0.9).cpu().tolist() == (masks.numpy() >= 0.9).reshape(5, -1).sum(1).tolist()
+    assert instances[:0].mask_areas().shape == (0,)
 
 def test_fold_frozen_batchnorm_equals_conv_then_bn():
     from torchvision.ops import FrozenBatchNorm2d
