@@ -102,19 +102,24 @@ class MultiStyleNet(nn.Module):
         return [*self.contract, *(layer for block in self.res for layer in block), *self.expand]
 
     @staticmethod
-    def run_layers(layer: Callable[[int, Tensor], Tensor], x: Tensor, num_residual: int) -> Tensor:
+    def run_layers(layer: Callable[[int, Tensor], Tensor], x: Tensor, num_residual: int, inplace: bool = False) -> Tensor:
         """The net's wiring over `layer(i, x)`, the i-th ConvNorm of `layers()` (stylize/inference.py runs the same
         wiring over its prepared weights): three contracting layers with ReLU; residual blocks
         x + CIN(conv(relu(CIN(conv(x))))), no activation after the sum, as in the exported graph; two upsampling
-        layers with ReLU; a last layer with a sigmoid."""
+        layers with ReLU; a last layer with a sigmoid.
+
+        `inplace` (inference only, where each `layer` returns a new tensor) applies the ReLUs, sums and sigmoid in
+        the layers' outputs instead of new tensors: the same values without a fresh allocation each."""
+        relu, sigmoid = (torch.relu_, torch.sigmoid_) if inplace else (torch.relu, torch.sigmoid)
         for i in range(3):
-            x = torch.relu(layer(i, x))
+            x = relu(layer(i, x))
         for b in range(num_residual):
             first = 3 + 2 * b
-            x = x + layer(first + 1, torch.relu(layer(first, x)))
+            h = layer(first + 1, relu(layer(first, x)))
+            x = h.add_(x) if inplace else x + h
         last = 3 + 2 * num_residual
-        x = torch.relu(layer(last + 1, torch.relu(layer(last, x))))
-        return torch.sigmoid(layer(last + 2, x))
+        x = relu(layer(last + 1, relu(layer(last, x))))
+        return sigmoid(layer(last + 2, x))
 
     def forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
         check_size(x)
