@@ -1,8 +1,10 @@
 """Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s, each
 through the plain nn.Module forward (the peer), through our StyleRunner (with CUDA graphs on a GPU), and through the
 runner in the memory layout its device does not default to (an A/B for the runner's NCHW instance norm).
+`--layers` adds where one 480p frame's time goes: each layer's resample (layout, upsampling, reflect pad),
+convolution and instance norm, timed alone in channels_last and in NCHW.
 
-    python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append]
+    python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append] [--layers]
 
 Prints a table and appends it (device, versions, date) to docs/benchmarks.md.
 """
@@ -25,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
+import stylize.inference  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
 from stylize.apply import default_channels_last, stylize_frames, stylize_regions  # noqa: E402
-from stylize.inference import GRAPH_AFTER_CALLS  # noqa: E402
+from stylize.inference import GRAPH_AFTER_CALLS, StyleRunner, instance_norm  # noqa: E402
+from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
@@ -97,12 +101,50 @@ def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str
     return rows
 
 
+def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list[str]]:
+    """Per layer of the runner on one 854x480 frame (852x480: H and W multiples of 4): input size and channels,
+    then ms of resample / conv / norm, each timed alone, in channels_last and in NCHW; the last column is the
+    layout the runner picks on this device."""
+    network = bank.network.to(device)
+    dtype = torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
+    with mock.patch.object(stylize.inference, "CPU_CHANNELS_LAST_MIN_CHANNELS", 0):  # every layer as asked
+        runners = {layout: StyleRunner(network, device, dtype, layout == "channels_last", graphs=False)
+                   for layout in ("channels_last", "NCHW")}
+    picked = StyleRunner(network, device, dtype, auto_channels_last(device), graphs=False)
+    frame = torch.rand(1, 3, 480, 852, device=device)
+    style = torch.eye(len(bank), device=device)[:1]
+    inputs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        affine = picked.affine(style)
+        MultiStyleNet.run_layers(lambda i, h: inputs.append(h) or picked.layer(i, h, affine),
+                                 frame.to(dtype).contiguous(memory_format=picked.layout), picked.num_residual)
+        rows = []
+        for i, h in enumerate(inputs):
+            times = []
+            for runner in runners.values():
+                spec = runner.layers[i]
+                padded = runner.resample(i, h)
+                conv = torch.nn.functional.conv2d(padded, spec.weight, stride=spec.stride)
+                times += [timed(partial(fn, *args), device, repeats) * 1000 for fn, args in (
+                    (runner.resample, (i, h)),
+                    (torch.nn.functional.conv2d, (padded, spec.weight, None, spec.stride)),
+                    (instance_norm, (conv, affine[2 * i], affine[2 * i + 1])))]
+            layout = "channels_last" if picked.layers[i].layout == torch.channels_last else "NCHW"
+            rows.append([str(i), f"{h.shape[-2]}x{h.shape[-1]}", f"{h.shape[1]} -> {conv.shape[1]}",
+                         *(f"{t:.2f}" for t in times), layout])
+        totals = [sum(float(r[3 + k]) for r in rows) for k in range(6)]
+        rows.append(["all", "", "", *(f"{t:.1f}" for t in totals), ""])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank", type=Path, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time each layer's resample, conv and norm on a 480p frame, in both layouts")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, profile the runner on a 480p frame (which kernels the GPU spends it in)")
     args = parser.parse_args()
@@ -125,6 +167,11 @@ def main() -> int:
             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
             "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; "
             f"`python scripts/bench_stylize.py`\n\n{markdown_table(header, cells)}\n")
+    if args.layers:
+        head = ["layer", "input", "channels", *(f"{layout} {part} ms" for layout in ("channels_last", "NCHW")
+                                                for part in ("resample", "conv", "norm")), "runner's layout"]
+        text += ("\nOne 852x480 frame, layer by layer (each part timed alone, median of "
+                 f"{args.repeats}):\n\n{markdown_table(head, layer_rows(bank, device, args.repeats))}\n")
     publish(text, append=not args.no_append)
     if args.profile:
         frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)

@@ -68,21 +68,29 @@ class StyleRunner:
         return self._forward(x, w)
 
     def _forward(self, x: Tensor, style_weights: Tensor) -> Tensor:
-        # every layer's per-image scales, then shifts, flattened image-major (B·C,) as _instance_norm takes them
-        affine = [t.reshape(-1) for t in (style_weights @ self.table).to(self.dtype).split(self.widths, dim=1)]
+        affine = self.affine(style_weights)
+        return MultiStyleNet.run_layers(lambda i, h: self.layer(i, h, affine), x, self.num_residual,
+                                        inplace=True).float()
 
-        def layer(i: int, h: Tensor) -> Tensor:
-            spec = self.layers[i]
-            h = h.contiguous(memory_format=spec.layout)
-            if spec.upsample:
-                h = F.interpolate(h, scale_factor=2, mode="nearest")
-            h = F.conv2d(F.pad(h, [spec.pad] * 4, mode="reflect"), spec.weight, stride=spec.stride)
-            return _instance_norm(h, affine[2 * i], affine[2 * i + 1])
+    def affine(self, style_weights: Tensor) -> list[Tensor]:
+        """Every layer's per-image scales, then shifts, flattened image-major (B·C,) as `instance_norm` takes them."""
+        return [t.reshape(-1) for t in (style_weights @ self.table).to(self.dtype).split(self.widths, dim=1)]
 
-        return MultiStyleNet.run_layers(layer, x, self.num_residual, inplace=True).float()
+    def layer(self, i: int, h: Tensor, affine: list[Tensor]) -> Tensor:
+        """The i-th ConvNorm: its input prepared (`resample`), convolved, normalised."""
+        h = F.conv2d(self.resample(i, h), self.layers[i].weight, stride=self.layers[i].stride)
+        return instance_norm(h, affine[2 * i], affine[2 * i + 1])
+
+    def resample(self, i: int, h: Tensor) -> Tensor:
+        """The i-th layer's input in its layout, upsampled when the layer upsamples, reflect-padded for its conv."""
+        spec = self.layers[i]
+        h = h.contiguous(memory_format=spec.layout)
+        if spec.upsample:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return F.pad(h, [spec.pad] * 4, mode="reflect")
 
 
-def _instance_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def instance_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """instance_norm(h) * scale + shift with a scale and shift per image and channel ((B·C,), image-major).
 
     F.instance_norm is batch norm over h viewed as one image of B·C channels, but its affine is one per channel,
