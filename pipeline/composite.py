@@ -85,6 +85,13 @@ def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) 
     return get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2).to(device, dtype)
 
 
+def _union(boxes: list[Box]) -> Box:
+    """The smallest box holding every box (an empty one for none)."""
+    if not boxes:
+        return (0, 0, 0, 0)
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
 def paste(source: Tensor, origin: tuple[int, int], box: Box) -> Tensor:
     """The window `box` (x1, y1, x2, y2) of a zero canvas on which `source` (h, w) lies at origin (x, y)."""
     x1, y1, x2, y2 = box
@@ -136,8 +143,14 @@ class Compositor:
 
     def composite(self, record: FrameRecord) -> Tensor:
         image = record.image
-        # Work in 0..255 floats: where no crop covers a pixel and the background is original it stays bit-exact.
-        canvas = image.float() if record.background is None else record.background.float() * 255
+        # Work in 0..255 floats over the window the crops cover (the whole frame under a background style): every
+        # other pixel keeps the input's value, as the float round trip did when the canvas was the whole frame.
+        if record.background is None:
+            x0, y0, x_end, y_end = _union([region.box for region in record.stylized])
+            canvas = image[:, y0:y_end, x0:x_end].float()
+        else:
+            x0 = y0 = 0
+            canvas = record.background.float() * 255
         n = 0 if record.instances is None else len(record.instances)
         scores = record.instances.scores.tolist() if n else []
         track_ids = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
@@ -152,11 +165,16 @@ class Compositor:
             if track >= 0:
                 hard_masks[track] = (region.box, hard.bool())
             alpha = feather(soft, self.feather_px)
-            window = canvas[:, y1:y2, x1:x2]
-            canvas[:, y1:y2, x1:x2] = torch.lerp(window, region.pixels.float() * 255, alpha[None].expand_as(window))
+            window = canvas[:, y1 - y0:y2 - y0, x1 - x0:x2 - x0]
+            window.copy_(torch.lerp(window, region.pixels.float() * 255, alpha[None].expand_as(window)))
         self._smoothed = smoothed  # tracks absent this frame start afresh when they return
-        untouched = not record.stylized and record.background is None
-        output = image if untouched else canvas.round_().clamp_(0, 255).to(torch.uint8)
+        if not record.stylized and record.background is None:
+            output = image
+        elif record.background is None:
+            output = image.clone()
+            output[:, y0:y_end, x0:x_end] = canvas.round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            output = canvas.round_().clamp_(0, 255).to(torch.uint8)
         self._measure(image, output, hard_masks)
         record.output = output
         return output
@@ -197,8 +215,7 @@ class Compositor:
         tracks = sorted(masks.keys() & previous[2].keys())
         if not tracks:
             return
-        boxes = [masks[t][0] for t in tracks]
-        window = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        window = _union([masks[t][0] for t in tracks])
         x1, y1, x2, y2 = window
         inside = torch.stack([paste(masks[t][1], masks[t][0][:2], window)
                               & paste(previous[2][t][1], previous[2][t][0][:2], window) for t in tracks]).any(0)
