@@ -85,10 +85,10 @@ class Instances:
         if self.masks is None:
             raise ValueError("Instances.mask_areas: these instances have no masks")
         binary = self.binarize(threshold).masks.flatten(1)
-        if binary.device.type == "cpu":
-            return torch.stack([torch.count_nonzero(row) for row in binary]) if len(binary) else binary.new_zeros(
-                (0,), dtype=torch.int64)
-        return binary.count_nonzero(1)
+        if binary.device.type != "cpu":
+            return binary.count_nonzero(1)
+        counts = [torch.count_nonzero(row) for row in binary]
+        return torch.stack(counts) if counts else torch.zeros((0,), dtype=torch.int64)
 
     @staticmethod
     def cat(items: list[Instances]) -> Instances:

@@ -36,7 +36,7 @@ class _Layer:
     stride: int
     pad: int
     upsample: bool
-    layout: torch.memory_format  # of the layer's input, weight and output
+    layout: torch.memory_format  # the layer's input is brought to it; its weight is stored in it
 
 
 class StyleRunner:
