@@ -171,7 +171,8 @@ def main() -> int:
         head = ["layer", "input", "channels", *(f"{layout} {part} ms" for layout in ("channels_last", "NCHW")
                                                 for part in ("resample", "conv", "norm")), "runner's layout"]
         text += ("\nOne 852x480 frame, layer by layer (each part timed alone, median of "
-                 f"{args.repeats}; each resample starts from the input as the runner hands it over, any layout change included):"
+                 f"{args.repeats}; each resample starts from the input as the runner hands it over, any layout "
+                 "change included):"
                  f"\n\n{markdown_table(head, layer_rows(bank, device, args.repeats))}\n")
     publish(text, append=not args.no_append)
     if args.profile:

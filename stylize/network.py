@@ -102,7 +102,8 @@ class MultiStyleNet(nn.Module):
         return [*self.contract, *(layer for block in self.res for layer in block), *self.expand]
 
     @staticmethod
-    def run_layers(layer: Callable[[int, Tensor], Tensor], x: Tensor, num_residual: int, inplace: bool = False) -> Tensor:
+    def run_layers(layer: Callable[[int, Tensor], Tensor], x: Tensor, num_residual: int,
+                   inplace: bool = False) -> Tensor:
         """The net's wiring over `layer(i, x)`, the i-th ConvNorm of `layers()` (stylize/inference.py runs the same
         wiring over its prepared weights): three contracting layers with ReLU; residual blocks
         x + CIN(conv(relu(CIN(conv(x))))), no activation after the sum, as in the exported graph; two upsampling

@@ -176,8 +176,8 @@ def test_mask_areas_count_what_numpy_counts(device):
     masks[1] = 0.5  # exactly at the threshold: counts
     masks[2] = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))  # just below: does not
     boxes = torch.zeros(5, 4)
-    instances = Instances(image_size=(37, 53), boxes=boxes, scores=torch.ones(5), labels=torch.ones(5, dtype=torch.long),
-                          masks=masks).to(device)
+    instances = Instances(image_size=(37, 53), boxes=boxes, scores=torch.ones(5),
+                          labels=torch.ones(5, dtype=torch.long), masks=masks).to(device)
     want = (masks.numpy() >= 0.5).reshape(5, -1).sum(1)
     assert instances.mask_areas().cpu().tolist() == want.tolist()
     assert instances.mask_areas().tolist()[1:3] == [37 * 53, 0]
