@@ -8,7 +8,11 @@ of the same object, yet a briefly weak detection still continues its track. A tr
 (and mask) is moved forward by its constant-velocity estimate before matching, so fast objects still
 overlap their track. A track that finds no detection keeps its last box and mask for up to `max_misses`
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
-The geometry stays on the masks' device; only the small IoU matrix goes to the CPU for the assignment.
+
+The tracker works on the host. A batch's boxes, scores, labels and shrunk masks come from the model's device in
+one copy (`_on_host`), so the stage waits for a GPU once per batch, not at each of the dozen small reads and writes
+a frame's matching makes. On a GPU every such wait also waits for whatever the other stage thread queued on the
+device before it. Track ids stay on the host: each reader wants them as a list.
 """
 from __future__ import annotations
 
@@ -68,8 +72,21 @@ def shrink_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -
 
 
 @dataclass
+class _Detections:
+    """One frame's detections on the host, as the tracker needs them."""
+
+    boxes: Tensor                      # (N, 4) float32
+    scores: Tensor                     # (N,) float32
+    labels: Tensor                     # (N,) int64
+    masks: Tensor | None               # (N, h, w) bool, shrunk; None without masks or when matching on boxes
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+
+@dataclass
 class _Tracks:
-    """Live tracks, aligned along dim 0: geometry on the device, bookkeeping in Python lists."""
+    """Live tracks, aligned along dim 0: geometry in host tensors, bookkeeping in Python lists."""
 
     boxes: Tensor                      # (T, 4) last matched box
     velocity: Tensor                   # (T, 4) px per frame
@@ -89,7 +106,7 @@ class _Tracks:
                        ids=self.ids + other.ids, misses=self.misses + other.misses, hits=self.hits + other.hits)
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.boxes.device)
+        index = torch.tensor(rows, dtype=torch.long)
         self.boxes, self.velocity, self.labels = self.boxes[index], self.velocity[index], self.labels[index]
         self.masks = None if self.masks is None else self.masks[index]
         self.ids = [self.ids[r] for r in rows]
@@ -137,84 +154,110 @@ class Tracker:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
-                for record in batch:  # frames depend on each other: strictly in order
-                    record.track_ids = self.update(record.instances, record.size)
+                frames = self._on_host([(record.instances, record.size) for record in batch])
+                for record, detections in zip(batch, frames):  # frames depend on each other: strictly in order
+                    record.track_ids = self._update(detections, record.size)
         return batch
 
     def update(self, instances: Instances | None, image_size: tuple[int, int]) -> Tensor:
-        """Matches one frame's detections to the tracks; returns their track ids ((N,) int64, -1 = untracked)."""
-        if instances is None:
-            instances = Instances.empty(image_size, device=self._tracks.boxes.device if self._tracks else "cpu")
+        """Matches one frame's detections to the tracks; returns their track ids ((N,) int64 on the CPU,
+        -1 = untracked)."""
+        return self._update(self._on_host([(instances, image_size)])[0], image_size)
+
+    def _on_host(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[_Detections]:
+        """Each frame's boxes, scores, labels and (matching on masks) masks shrunk on their device, brought to the
+        host in one copy: packed as float32 (labels are small integers, masks 0 or 1, so exactly) into one flat
+        tensor whose pieces' lengths the host knows from the shapes alone."""
+        pieces, layout = [], []
+        for instances, image_size in frames:
+            n = 0 if instances is None else len(instances)
+            small = None
+            if n and self.match_on == "mask" and instances.masks is not None:
+                small = shrink_masks(instances.masks, self._small_size(image_size))
+            if n:
+                pieces += [torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
+                                      instances.labels.float()[:, None]], 1).flatten()]
+                pieces += [] if small is None else [small.flatten().float()]
+            layout.append((n, None if small is None else tuple(small.shape[1:])))
+        flat = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
+        detections, start = [], 0
+        for n, mask_size in layout:
+            table = flat[start:start + 6 * n].view(n, 6)
+            start += 6 * n
+            masks = None
+            if mask_size is not None:
+                count = n * mask_size[0] * mask_size[1]
+                masks = flat[start:start + count].view(n, *mask_size).bool()
+                start += count
+            detections.append(_Detections(boxes=table[:, :4], scores=table[:, 4], labels=table[:, 5].long(),
+                                          masks=masks))
+        return detections
+
+    def _update(self, detections: _Detections, image_size: tuple[int, int]) -> Tensor:
         if self._image_size != tuple(image_size):
             self._end_all()
             self._image_size = tuple(image_size)
-        device = instances.device
-        use_masks = self.match_on == "mask" and instances.masks is not None
-        small = shrink_masks(instances.masks, self._small_size()) if use_masks else None
+        small = detections.masks
         tracks = self._tracks
-        if len(instances) and tracks is not None and (tracks.boxes.device != device
-                                                      or (tracks.masks is None) == use_masks):
-            self._end_all()  # the model changed device or lost its mask branch: start over
+        if len(detections) and tracks is not None and (tracks.masks is None) == (small is not None):
+            self._end_all()  # the model lost (or gained) its mask branch: start over
             tracks = None
         pairs = []
-        if tracks and len(instances):
-            confident = (instances.scores >= self.birth_score).tolist()
-            pairs = match_confident_first(self._iou(instances, small), confident, self.min_iou)
+        if tracks and len(detections):
+            confident = (detections.scores >= self.birth_score).tolist()
+            pairs = match_confident_first(self._iou(detections, small), confident, self.min_iou)
 
-        ids = torch.full((len(instances),), -1, dtype=torch.long)
+        ids = torch.full((len(detections),), -1, dtype=torch.long)
         if tracks is not None:
-            self._update_matched(tracks, instances, small, pairs)
+            self._update_matched(tracks, detections, small, pairs)
             for d, t in pairs:
                 ids[d] = tracks.ids[t]
             self._age_unmatched(tracks, {t for _, t in pairs})
-        self._start_tracks(instances, small, ids, {d for d, _ in pairs})
-        return ids.to(device)
+        self._start_tracks(detections, small, ids, {d for d, _ in pairs})
+        return ids
 
     # -- matching ----------------------------------------------------------------------------------
 
-    def _small_size(self) -> tuple[int, int]:
-        h, w = self._image_size
+    def _small_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        h, w = image_size
         scale = min(1.0, self.mask_size / max(h, w))
         return max(1, round(h * scale)), max(1, round(w * scale))
 
-    def _iou(self, instances: Instances, small: Tensor | None) -> Tensor:
+    def _iou(self, detections: _Detections, small: Tensor | None) -> Tensor:
         tracks = self._tracks
-        steps = torch.tensor(tracks.misses, dtype=torch.float32, device=tracks.boxes.device)[:, None] + 1
+        steps = torch.tensor(tracks.misses, dtype=torch.float32)[:, None] + 1
         shift = tracks.velocity * steps if self.motion else torch.zeros_like(tracks.velocity)
         if small is None:
-            iou = box_iou(instances.boxes.float(), tracks.boxes + shift)
+            iou = box_iou(detections.boxes, tracks.boxes + shift)
         else:
             iou = mask_iou(small, self._moved_masks(tracks.masks, shift))
         if self.same_class:
-            iou = iou * (instances.labels[:, None] == tracks.labels[None, :])
+            iou = iou * (detections.labels[:, None] == tracks.labels[None, :])
         return iou
 
     def _moved_masks(self, masks: Tensor, shift: Tensor) -> Tensor:
         """Track masks translated by their predicted box motion (centre shift, in shrunk-mask pixels)."""
         if not self.motion or not bool(shift.abs().max() >= 0.5 * self._image_size[0] / masks.shape[-2]):
             return masks
-        scale = torch.tensor([masks.shape[-1] / self._image_size[1], masks.shape[-2] / self._image_size[0]],
-                             device=shift.device)
+        scale = torch.tensor([masks.shape[-1] / self._image_size[1], masks.shape[-2] / self._image_size[0]])
         centre_shift = (shift[:, :2] + shift[:, 2:]) / 2 * scale
         return KT.translate(masks[:, None].float(), centre_shift, align_corners=False)[:, 0] >= 0.5
 
     # -- track bookkeeping -------------------------------------------------------------------------
 
-    def _update_matched(self, tracks: _Tracks, instances: Instances, small: Tensor | None,
+    def _update_matched(self, tracks: _Tracks, detections: _Detections, small: Tensor | None,
                         pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        device = tracks.boxes.device
-        d = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
-        t = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
-        gap = torch.tensor([tracks.misses[p[1]] + 1 for p in pairs], dtype=torch.float32, device=device)[:, None]
-        observed = (instances.boxes[d].float() - tracks.boxes[t]) / gap
+        d = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        t = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        gap = torch.tensor([tracks.misses[p[1]] + 1 for p in pairs], dtype=torch.float32)[:, None]
+        observed = (detections.boxes[d] - tracks.boxes[t]) / gap
         # A track's first motion estimate is the observed step; later ones are smoothed against box jitter.
-        momentum = torch.tensor([self.momentum if tracks.hits[row] > 1 else 0.0 for _, row in pairs], device=device)
-        momentum = momentum[:, None]
+        momentum = torch.tensor([self.momentum if tracks.hits[row] > 1 else 0.0 for _, row in pairs])[:, None]
         tracks.velocity[t] = momentum * tracks.velocity[t] + (1 - momentum) * observed
-        tracks.boxes[t] = instances.boxes[d].float()
-        tracks.labels[t] = instances.labels[d]
+        tracks.boxes[t] = detections.boxes[d]
+        tracks.labels[t] = detections.labels[d]
         if small is not None:
             tracks.masks[t] = small[d]
         for _, row in pairs:
@@ -233,15 +276,14 @@ class Tracker:
         if len(alive) < len(tracks):
             tracks.keep(alive)
 
-    def _start_tracks(self, instances: Instances, small: Tensor | None, ids: Tensor, matched: set[int]) -> None:
-        scores = instances.scores.tolist()
-        born = [d for d in range(len(instances)) if d not in matched and scores[d] >= self.birth_score]
+    def _start_tracks(self, detections: _Detections, small: Tensor | None, ids: Tensor, matched: set[int]) -> None:
+        scores = detections.scores.tolist()
+        born = [d for d in range(len(detections)) if d not in matched and scores[d] >= self.birth_score]
         if not born:
             return
-        device = instances.device
-        index = torch.tensor(born, dtype=torch.long, device=device)
-        new = _Tracks(boxes=instances.boxes[index].float(), velocity=torch.zeros((len(born), 4), device=device),
-                      labels=instances.labels[index], masks=None if small is None else small[index],
+        index = torch.tensor(born, dtype=torch.long)
+        new = _Tracks(boxes=detections.boxes[index], velocity=torch.zeros((len(born), 4)),
+                      labels=detections.labels[index], masks=None if small is None else small[index],
                       ids=list(range(self._next_id, self._next_id + len(born))),
                       misses=[0] * len(born), hits=[1] * len(born))
         self._next_id += len(born)
