@@ -30,7 +30,7 @@ def is_original(spec) -> bool:
 
 
 class StyleAssigner:
-    """Sets `record.keep` ((N,) bool) and `record.styles` (per instance: style spec, or None = original)."""
+    """Sets `record.keep` ((N,) bool, on the CPU) and `record.styles` (per instance: style spec, or None = original)."""
 
     name = "assign"
 
@@ -97,28 +97,37 @@ class StyleAssigner:
         if not batch:
             return batch
         with timed(batch, self.name):
-            for record in batch:
-                self.assign(record)
+            for record, (labels, passes) in zip(batch, self._on_host(batch)):
+                self._assign(record, labels, passes)
             if self.background is not None:
                 self.styles_used.add(self.background)
         return batch
 
-    def assign(self, record: FrameRecord) -> None:
-        instances = record.instances
-        n = 0 if instances is None else len(instances)
-        if n == 0:
-            record.keep = torch.zeros((0,), dtype=torch.bool, device=record.image.device)
-            record.styles = []
-            return
-        passes = instances.scores >= self.min_score
-        if instances.masks is not None:
-            passes &= instances.mask_areas() >= self.min_area
-        labels = instances.labels.tolist()
-        styles = self._styles(labels, record)
-        keep = passes.tolist()  # read on the host: the style list is Python-side anyway
+    def _on_host(self, batch: list[FrameRecord]) -> list[tuple[list[int], list[bool]]]:
+        """Per frame, its instances' labels and whether each passes the score and area filters, computed on the
+        instances' device and read back for the whole batch in one copy (a GPU is waited for once per batch)."""
+        pieces, counts = [], []
+        for record in batch:
+            instances = record.instances
+            counts.append(0 if instances is None else len(instances))
+            if counts[-1]:
+                passes = instances.scores >= self.min_score
+                if instances.masks is not None:
+                    passes &= instances.mask_areas() >= self.min_area
+                pieces.append(torch.stack([instances.labels, passes.long()]))
+        flat = torch.cat(pieces, 1).tolist() if pieces else [[], []]
+        out, start = [], 0
+        for n in counts:
+            out.append((flat[0][start:start + n], [bool(k) for k in flat[1][start:start + n]]))
+            start += n
+        return out
+
+    def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:
+        styles = self._styles(labels, record) if labels else []
         record.styles = [s if k and s is not None and self.class_names[lab] not in self.excluded else None
-                         for s, k, lab in zip(styles, keep, labels)]
-        record.keep = torch.tensor([s is not None for s in record.styles], device=instances.device)
+                         for s, k, lab in zip(styles, passes, labels)]
+        # on the host, as its readers want it (a list each)
+        record.keep = torch.tensor([s is not None for s in record.styles], dtype=torch.bool)
         self.styles_used.update(s for s in record.styles if s is not None)
 
     def _styles(self, labels: list[int], record: FrameRecord) -> list[str | None]:

@@ -85,6 +85,20 @@ def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) 
     return get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2).to(device, dtype)
 
 
+def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[list[float]]]]:
+    """Each frame's instance scores and boxes as lists, read from the device in one copy for the whole batch (a GPU
+    is waited for once per batch, not twice per frame)."""
+    counts = [0 if record.instances is None else len(record.instances) for record in batch]
+    pieces = [torch.cat([record.instances.scores.float()[:, None], record.instances.boxes.float()], 1)
+              for record, n in zip(batch, counts) if n]
+    rows = torch.cat(pieces).tolist() if pieces else []
+    out, start = [], 0
+    for n in counts:
+        out.append(([row[0] for row in rows[start:start + n]], [row[1:] for row in rows[start:start + n]]))
+        start += n
+    return out
+
+
 def _union(boxes: list[Box]) -> Box:
     """The smallest box holding every box (an empty one for none)."""
     if not boxes:
@@ -137,11 +151,14 @@ class Compositor:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
-                for record in batch:  # mask smoothing and the stability figure run in frame order
-                    self.composite(record)
+                # mask smoothing and the stability figure run in frame order
+                for record, (scores, boxes) in zip(batch, _scores_and_boxes(batch)):
+                    self.composite(record, scores, boxes)
         return batch
 
-    def composite(self, record: FrameRecord) -> Tensor:
+    def composite(self, record: FrameRecord, scores: list[float] | None = None,
+                  boxes: list[list[float]] | None = None) -> Tensor:
+        """One frame; `scores` and `boxes` are its instances' as lists, when the caller has read them already."""
         image = record.image
         # Work in 0..255 floats over the window the crops cover (the whole frame under a background style): every
         # other pixel keeps the input's value, as the float round trip did when the canvas was the whole frame.
@@ -152,9 +169,9 @@ class Compositor:
             x0 = y0 = 0
             canvas = record.background.float() * 255
         n = 0 if record.instances is None else len(record.instances)
-        scores = record.instances.scores.tolist() if n else []
+        if scores is None or boxes is None:
+            scores, boxes = _scores_and_boxes([record])[0]
         track_ids = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
-        boxes = record.instances.boxes.tolist() if n else []
         smoothed, hard_masks = {}, {}
         # Depth order: lowest score first; among equal scores the later instance ends on top (stable sort).
         for region in sorted(record.stylized, key=lambda r: scores[r.instance]):

@@ -23,9 +23,9 @@ class FrameRecord:
     time_base: Fraction
     image: Tensor                   # uint8 (3, H, W) RGB, on the working device
     instances: Instances | None = None
-    track_ids: Tensor | None = None          # (N,) int64, aligned with instances; -1 = not tracked
+    track_ids: Tensor | None = None          # (N,) int64 on the CPU, aligned with instances; -1 = not tracked
     styles: list[str | None] = field(default_factory=list)  # per instance; None = left original
-    keep: Tensor | None = None               # (N,) bool: instances that pass assign's filters
+    keep: Tensor | None = None               # (N,) bool on the CPU: instances that pass assign's filters
     stylized: list["StylizedRegion"] = field(default_factory=list)
     background: Tensor | None = None         # float (3, H, W) in [0, 1]: background style, None = original
     output: Tensor | None = None             # uint8 (3, H, W) RGB composite

@@ -2,6 +2,7 @@
 score / area thresholds, background, and early errors for unknown styles and classes."""
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -55,6 +56,34 @@ def test_by_class_map_and_default_style(bank):
     assert assigner.styles_used == {"candy", "udnie", "mosaic"}
     assert r.timings["assign"] >= 0
 
+
+
+def test_filters_are_read_back_once_per_batch(bank, device):
+    """The score and area filters run on the instances' device; the batch's labels and verdicts come back to the
+    host in one copy (on a GPU one wait per batch), and `keep` is on the host, as its readers want it."""
+    objects = [[(0, 0, 10, 1, 0.9), (20, 0, 6, 2, 0.9), (40, 0, 10, 3, 0.4)], [], [(5, 5, 12, 2, 0.7)]]
+    want = [record(o, index=i) for i, o in enumerate(objects)]
+    StyleAssigner.from_config(config(), bank, CLASSES)(want)
+    batch = [record(o, index=i) for i, o in enumerate(objects)]
+    for r in batch:
+        r.instances, r.image = r.instances.to(device), r.image.to(device)
+    assigner = StyleAssigner.from_config(config(), bank, CLASSES)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assigner(batch)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert [r.styles for r in batch] == [r.styles for r in want] == [["candy", None, None], [], ["udnie"]]
+    assert [r.keep.tolist() for r in batch] == [[True, False, False], [], [True]]
+    assert all(r.keep.device.type == "cpu" for r in batch)
+    if device.type == "cuda":
+        # the one copy, and perhaps the synchronize that ends each stage's timing (pipeline/stage_timing.py; whether
+        # torch's sync debug mode reports it depends on the version); it was three per frame
+        assert 1 <= sum("synchroniz" in str(w.message) for w in caught) <= 2
 
 def test_default_style_original_leaves_unmapped_classes(bank):
     assigner = StyleAssigner.from_config(config(default_style="original"), bank, CLASSES)

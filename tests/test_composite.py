@@ -2,6 +2,8 @@
 only near the edge, depth order, stylized background, and temporal mask smoothing that lowers the flicker."""
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -198,6 +200,38 @@ def test_no_regions_returns_the_frame():
     out = Compositor().composite(make_record(image, [disc(30, 24, 10)], []))
     assert torch.equal(out, image)
 
+
+
+def test_a_batch_reads_its_scores_and_boxes_once(device):
+    """The stage reads the batch's instance scores and boxes back in one copy (on a GPU one wait per batch) and
+    composites on the frames' device what the CPU composites."""
+    def batch(on):
+        records = [make_record(random_image(i), [disc(20 + 2 * i, 20, 9), disc(45, 28, 7)], [0.25, 0.75],
+                               scores=[0.6, 0.9], index=i) for i in range(3)]
+        for r in records:
+            r.image, r.instances = r.image.to(on), r.instances.to(on)
+            r.stylized = [dataclasses.replace(region, pixels=region.pixels.to(on)) for region in r.stylized]
+        return records
+
+    want = [r.output for r in Compositor()(batch(torch.device("cpu")))]
+    Compositor()(batch(device))  # the feather's kernel is built and moved to the device once per process
+    records = batch(device)
+    compositor = Compositor()
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compositor(records)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    for record, expected in zip(records, want):
+        assert (record.output.cpu().int() - expected.int()).abs().max() <= 1  # GPU feather: matmul rounding
+    if device.type == "cuda":
+        # the one copy, and perhaps the synchronize that ends each stage's timing (pipeline/stage_timing.py; whether
+        # torch's sync debug mode reports it depends on the version); it was two per frame
+        assert 1 <= sum("synchroniz" in str(w.message) for w in caught) <= 2
 
 def test_config():
     compositor = Compositor.from_config(OmegaConf.load("conf/composite/default.yaml"))
