@@ -30,7 +30,7 @@ def is_original(spec) -> bool:
 
 
 class StyleAssigner:
-    """Sets `record.keep` ((N,) bool, on the CPU) and `record.styles` (per instance: style spec, or None = original)."""
+    """Sets `record.keep` ((N,) bool on the CPU) and `record.styles` (per instance: a style spec, None = original)."""
 
     name = "assign"
 
