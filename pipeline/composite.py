@@ -99,6 +99,21 @@ def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[
     return out
 
 
+def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:
+    """Σ over the `inside` pixels of Σ over channels |now − before| (uint8 3×h×w), exactly, as an int64 tensor.
+
+    |Δ| as max − min stays in uint8 (no float copies of the window: at 1080p on a CPU 7 against 34 ms for a
+    3×950×1700 window), and integer sums do not round. A product, not inside-indexing: boolean indexing would wait
+    for the GPU to count the pixels."""
+    delta = torch.maximum(now, before) - torch.minimum(now, before)
+    return (delta.sum(0, dtype=torch.int32) * inside).sum()
+
+
+def _window(mask: Tensor, box: Box, window: Box) -> Tensor:
+    """The part of `mask` (over `box`) that lies in `window`, which must lie inside `box`."""
+    return mask[window[1] - box[1]:window[3] - box[1], window[0] - box[0]:window[2] - box[0]]
+
+
 def _union(boxes: list[Box]) -> Box:
     """The smallest box holding every box (an empty one for none)."""
     if not boxes:
@@ -183,7 +198,7 @@ class Compositor:
                 hard_masks[track] = (region.box, hard.bool())
             alpha = feather(soft, self.feather_px)
             window = canvas[:, y1 - y0:y2 - y0, x1 - x0:x2 - x0]
-            window.copy_(torch.lerp(window, region.pixels.float() * 255, alpha[None].expand_as(window)))
+            window.lerp_(region.pixels.float() * 255, alpha[None].expand_as(window))
         self._smoothed = smoothed  # tracks absent this frame start afresh when they return
         if not record.stylized and record.background is None:
             output = image
@@ -232,13 +247,17 @@ class Compositor:
         tracks = sorted(masks.keys() & previous[2].keys())
         if not tracks:
             return
-        window = _union([masks[t][0] for t in tracks])
-        x1, y1, x2, y2 = window
-        inside = torch.stack([paste(masks[t][1], masks[t][0][:2], window)
-                              & paste(previous[2][t][1], previous[2][t][0][:2], window) for t in tracks]).any(0)
-        # a product, not inside-indexing: boolean indexing would wait for the GPU to count the pixels
-        changes = torch.stack([((now[:, y1:y2, x1:x2].float() - before[:, y1:y2, x1:x2].float()).abs().mean(0)
-                                * inside).sum()
+        x1, y1, x2, y2 = _union([masks[t][0] for t in tracks])
+        inside = torch.zeros((y2 - y1, x2 - x1), dtype=torch.bool, device=output.device)
+        for t in tracks:  # each track's two masks overlap only where its two crop boxes do
+            (now_box, now_mask), (before_box, before_mask) = masks[t], previous[2][t]
+            ix1, iy1 = max(now_box[0], before_box[0]), max(now_box[1], before_box[1])
+            ix2, iy2 = min(now_box[2], before_box[2]), min(now_box[3], before_box[3])
+            if ix1 < ix2 and iy1 < iy2:
+                both = (ix1, iy1, ix2, iy2)
+                inside[iy1 - y1:iy2 - y1, ix1 - x1:ix2 - x1] |= (_window(now_mask, now_box, both)
+                                                                 & _window(before_mask, before_box, both))
+        changes = torch.stack([_summed_change(now[:, y1:y2, x1:x2], before[:, y1:y2, x1:x2], inside)
                                for now, before in ((output, previous[1]), (image, previous[0]))])
         count = inside.sum()
         # Kept on the device: reading them back every frame would stall the pipeline.
@@ -257,4 +276,4 @@ class Compositor:
     def _mean_change(self, which: int) -> float | None:
         if self._change_count is None or int(self._change_count) == 0:
             return None
-        return float(self._change_sum[which]) / int(self._change_count)
+        return int(self._change_sum[which]) / (3 * int(self._change_count))  # the sums are over 3 channels
