@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
@@ -105,21 +106,21 @@ class StyleAssigner:
 
     def _on_host(self, batch: list[FrameRecord]) -> list[tuple[list[int], list[bool]]]:
         """Per frame, its instances' labels and whether each passes the score and area filters, computed on the
-        instances' device and read back for the whole batch in one copy (a GPU is waited for once per batch)."""
-        pieces, counts = [], []
+        instances' device and read back for the whole batch in one copy (pipeline/host_copy.py)."""
+        pieces = []
         for record in batch:
             instances = record.instances
-            counts.append(0 if instances is None else len(instances))
-            if counts[-1]:
+            if instances is not None and len(instances):
                 passes = instances.scores >= self.min_score
                 if instances.masks is not None:
                     passes &= instances.mask_areas() >= self.min_area
                 pieces.append(torch.stack([instances.labels, passes.long()]))
-        flat = torch.cat(pieces, 1).tolist() if pieces else [[], []]
-        out, start = [], 0
-        for n in counts:
-            out.append((flat[0][start:start + n], [bool(k) for k in flat[1][start:start + n]]))
-            start += n
+        host = iter(to_host(pieces))
+        out = []
+        for record in batch:
+            has_instances = record.instances is not None and len(record.instances) > 0
+            labels, passes = next(host).tolist() if has_instances else ([], [])
+            out.append((labels, [bool(k) for k in passes]))
         return out
 
     def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:

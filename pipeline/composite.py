@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 
@@ -86,17 +87,15 @@ def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) 
 
 
 def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[list[float]]]]:
-    """Each frame's instance scores and boxes as lists, read from the device in one copy for the whole batch (a GPU
-    is waited for once per batch, not twice per frame)."""
-    counts = [0 if record.instances is None else len(record.instances) for record in batch]
-    pieces = [torch.cat([record.instances.scores.float()[:, None], record.instances.boxes.float()], 1)
-              for record, n in zip(batch, counts) if n]
-    rows = torch.cat(pieces).tolist() if pieces else []
-    out, start = [], 0
-    for n in counts:
-        out.append(([row[0] for row in rows[start:start + n]], [row[1:] for row in rows[start:start + n]]))
-        start += n
-    return out
+    """Each frame's instance scores and boxes as lists, read from the device in one copy for the whole batch
+    (pipeline/host_copy.py)."""
+    def has_instances(record: FrameRecord) -> bool:
+        return record.instances is not None and len(record.instances) > 0
+
+    host = iter(to_host([torch.cat([record.instances.scores.float()[:, None], record.instances.boxes.float()], 1)
+                         for record in batch if has_instances(record)]))
+    rows = [next(host).tolist() if has_instances(record) else [] for record in batch]
+    return [([row[0] for row in frame], [row[1:] for row in frame]) for frame in rows]
 
 
 def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:

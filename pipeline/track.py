@@ -10,9 +10,8 @@ overlap their track. A track that finds no detection keeps its last box and mask
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
 
 The tracker works on the host. A batch's boxes, scores, labels and shrunk masks come from the model's device in
-one copy (`_on_host`), so the stage waits for a GPU once per batch, not at each of the dozen small reads and writes
-a frame's matching makes. On a GPU every such wait also waits for whatever the other stage thread queued on the
-device before it. Track ids stay on the host: each reader wants them as a list.
+one copy (`_on_host`, pipeline/host_copy.py), so the stage waits for a GPU once per batch, not at each of the
+dozen small reads and writes a frame's matching makes. Track ids stay on the host: each reader wants them as a list.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 from segment.structures import Instances
@@ -165,32 +165,24 @@ class Tracker:
         return self._update(self._on_host([(instances, image_size)])[0], image_size)
 
     def _on_host(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[_Detections]:
-        """Each frame's boxes, scores, labels and (matching on masks) masks shrunk on their device, brought to the
-        host in one copy: packed as float32 (labels are small integers, masks 0 or 1, so exactly) into one flat
-        tensor whose pieces' lengths the host knows from the shapes alone."""
-        pieces, layout = [], []
+        """Each frame's boxes, scores, labels and (matching on masks) its masks shrunk on their device, brought to
+        the host in one copy (pipeline/host_copy.py), packed as float32: labels are small integers and masks 0 or 1,
+        so exactly."""
+        pieces, shrunk = [], []  # per frame with detections: its table, then (when shrunk) its masks
         for instances, image_size in frames:
-            n = 0 if instances is None else len(instances)
-            small = None
-            if n and self.match_on == "mask" and instances.masks is not None:
-                small = shrink_masks(instances.masks, self._small_size(image_size))
-            if n:
-                pieces += [torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
-                                      instances.labels.float()[:, None]], 1).flatten()]
-                pieces += [] if small is None else [small.flatten().float()]
-            layout.append((n, None if small is None else tuple(small.shape[1:])))
-        flat = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
-        detections, start = [], 0
-        for n, mask_size in layout:
-            table = flat[start:start + 6 * n].view(n, 6)
-            start += 6 * n
-            masks = None
-            if mask_size is not None:
-                count = n * mask_size[0] * mask_size[1]
-                masks = flat[start:start + count].view(n, *mask_size).bool()
-                start += count
+            shrunk.append(bool(instances is not None and len(instances) and self.match_on == "mask"
+                               and instances.masks is not None))
+            if instances is not None and len(instances):
+                pieces.append(torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
+                                         instances.labels.float()[:, None]], 1))
+            if shrunk[-1]:
+                pieces.append(shrink_masks(instances.masks, self._small_size(image_size)).float())
+        host = iter(to_host(pieces))
+        detections = []
+        for (instances, _), masks_shrunk in zip(frames, shrunk):
+            table = next(host) if instances is not None and len(instances) else torch.zeros((0, 6))
             detections.append(_Detections(boxes=table[:, :4], scores=table[:, 4], labels=table[:, 5].long(),
-                                          masks=masks))
+                                          masks=next(host).bool() if masks_shrunk else None))
         return detections
 
     def _update(self, detections: _Detections, image_size: tuple[int, int]) -> Tensor:
