@@ -110,18 +110,15 @@ class StyleAssigner:
         pieces = []
         for record in batch:
             instances = record.instances
-            if instances is not None and len(instances):
-                passes = instances.scores >= self.min_score
-                if instances.masks is not None:
-                    passes &= instances.mask_areas() >= self.min_area
-                pieces.append(torch.stack([instances.labels, passes.long()]))
-        host = iter(to_host(pieces))
-        out = []
-        for record in batch:
-            has_instances = record.instances is not None and len(record.instances) > 0
-            labels, passes = next(host).tolist() if has_instances else ([], [])
-            out.append((labels, [bool(k) for k in passes]))
-        return out
+            if instances is None or not len(instances):
+                pieces.append(None)
+                continue
+            passes = instances.scores >= self.min_score
+            if instances.masks is not None:
+                passes &= instances.mask_areas() >= self.min_area
+            pieces.append(torch.stack([instances.labels, passes.long()]))
+        read = [([], []) if piece is None else piece.tolist() for piece in to_host(pieces)]
+        return [(labels, [bool(k) for k in passes]) for labels, passes in read]
 
     def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:
         styles = self._styles(labels, record) if labels else []

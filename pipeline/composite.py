@@ -89,12 +89,10 @@ def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) 
 def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[list[float]]]]:
     """Each frame's instance scores and boxes as lists, read from the device in one copy for the whole batch
     (pipeline/host_copy.py)."""
-    def has_instances(record: FrameRecord) -> bool:
-        return record.instances is not None and len(record.instances) > 0
-
-    host = iter(to_host([torch.cat([record.instances.scores.float()[:, None], record.instances.boxes.float()], 1)
-                         for record in batch if has_instances(record)]))
-    rows = [next(host).tolist() if has_instances(record) else [] for record in batch]
+    host = to_host([None if record.instances is None or not len(record.instances) else
+                    torch.cat([record.instances.scores.float()[:, None], record.instances.boxes.float()], 1)
+                    for record in batch])
+    rows = [[] if frame is None else frame.tolist() for frame in host]
     return [([row[0] for row in frame], [row[1:] for row in frame]) for frame in rows]
 
 

@@ -168,21 +168,19 @@ class Tracker:
         """Each frame's boxes, scores, labels and (matching on masks) its masks shrunk on their device, brought to
         the host in one copy (pipeline/host_copy.py), packed as float32: labels are small integers and masks 0 or 1,
         so exactly."""
-        pieces, shrunk = [], []  # per frame with detections: its table, then (when shrunk) its masks
+        pieces = []  # per frame: its table, then its shrunk masks (None where there are none)
         for instances, image_size in frames:
-            shrunk.append(bool(instances is not None and len(instances) and self.match_on == "mask"
-                               and instances.masks is not None))
-            if instances is not None and len(instances):
-                pieces.append(torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
-                                         instances.labels.float()[:, None]], 1))
-            if shrunk[-1]:
-                pieces.append(shrink_masks(instances.masks, self._small_size(image_size)).float())
-        host = iter(to_host(pieces))
+            found = instances is not None and len(instances) > 0
+            pieces.append(torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
+                                     instances.labels.float()[:, None]], 1) if found else None)
+            shrink = found and self.match_on == "mask" and instances.masks is not None
+            pieces.append(shrink_masks(instances.masks, self._small_size(image_size)).float() if shrink else None)
+        host = to_host(pieces)
         detections = []
-        for (instances, _), masks_shrunk in zip(frames, shrunk):
-            table = next(host) if instances is not None and len(instances) else torch.zeros((0, 6))
+        for table, masks in zip(host[0::2], host[1::2]):
+            table = torch.zeros((0, 6)) if table is None else table
             detections.append(_Detections(boxes=table[:, :4], scores=table[:, 4], labels=table[:, 5].long(),
-                                          masks=next(host).bool() if masks_shrunk else None))
+                                          masks=None if masks is None else masks.bool()))
         return detections
 
     def _update(self, detections: _Detections, image_size: tuple[int, int]) -> Tensor:

@@ -12,8 +12,11 @@ def test_shapes_and_values_come_back_in_one_copy(device):
     tensors = [torch.rand(3, 6, generator=g), torch.zeros(0, 6), torch.rand(2, 4, 5, generator=g),
                torch.rand(7, generator=g)]
     on_device = [t.to(device) for t in tensors]
+    on_device.insert(1, None)  # a frame with nothing to read
     host, waits = gpu_waits(device, lambda: to_host(on_device))
+    assert host[1] is None
+    del host[1]
     assert [h.shape for h in host] == [t.shape for t in tensors]
     assert all(h.device.type == "cpu" and torch.equal(h, t) for h, t in zip(host, tensors))
     assert waits is None or waits == 1
-    assert to_host([]) == []
+    assert to_host([]) == [] and to_host([None, None]) == [None, None]
