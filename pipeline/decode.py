@@ -24,6 +24,7 @@ from pipeline.errors import (
 )
 from pipeline.colour import FULL_RANGE, PACKED_420, packed_planes_to_rgb
 from pipeline.record import FrameRecord
+from pipeline.thread_stream import ThreadStream
 
 DECODERS = ("software", "nvdec")
 COLOUR = ("auto", "cpu", "device")
@@ -121,6 +122,7 @@ class VideoReader:
                 _open_decoder(container.streams.video[0], self.decoder_name, self.info.path)  # freed when dropped
         self.colour_on_device = colour == "device" or (colour == "auto" and self.device.type == "cuda")
         self.frames_read = 0
+        self._stream = ThreadStream(self.device)  # uploads and colour conversion overlap the model stages' work
 
     @classmethod
     def from_config(cls, path: str | Path, cfg, batch_size: int, device: torch.device) -> VideoReader:
@@ -146,11 +148,13 @@ class VideoReader:
                 batch.append(FrameRecord(index=index, pts=pts, time_base=info.time_base, image=self._to_tensor(frame)))
                 self.frames_read = index + 1
                 if len(batch) == self.batch_size:
+                    self._stream.synchronize()  # a batch leaves the decode thread with its frames on the device
                     _share_time(batch, "decode", time.perf_counter() - started)
                     yield batch
                     batch = []
                     started = time.perf_counter()
             if batch:
+                self._stream.synchronize()
                 _share_time(batch, "decode", time.perf_counter() - started)
                 yield batch
         finally:
@@ -158,6 +162,10 @@ class VideoReader:
         self._check_complete()
 
     def _to_tensor(self, frame: av.VideoFrame) -> torch.Tensor:
+        with self._stream.active():
+            return self._upright_rgb(frame)
+
+    def _upright_rgb(self, frame: av.VideoFrame) -> torch.Tensor:
         layout = frame.format.name
         if self.colour_on_device and layout in PACKED_420 and frame.width % 2 == 0 and frame.height % 2 == 0:
             planes = self._to_device(torch.from_numpy(frame.to_ndarray()))

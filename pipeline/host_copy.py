@@ -1,8 +1,8 @@
 """A batch's small per-frame tensors brought to the host together, so that a GPU is waited for once per batch.
 
-Each read of a GPU tensor from the host (`.tolist()`, `.cpu()`) waits for everything queued on the device before
-it; on the one CUDA stream both stage threads share, that includes the other thread's work. Track, assign and
-composite need a few numbers per instance on the host: they read a whole batch's with one copy.
+Each read of a GPU tensor from the host (`.tolist()`, `.cpu()`) waits for everything queued before it on the
+calling thread's stream (pipeline/thread_stream.py). Track, assign and composite need a few numbers per instance on
+the host: they read a whole batch's with one copy.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The one typed record that flows through every pipeline stage, one per video frame."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -38,6 +39,15 @@ class FrameRecord:
     @property
     def size(self) -> tuple[int, int]:
         return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def tensors(self) -> Iterator[Tensor]:
+        """Every tensor the record holds, on any device (pipeline/thread_stream.py marks the CUDA ones)."""
+        instances = [] if self.instances is None else [
+            self.instances.boxes, self.instances.scores, self.instances.labels, self.instances.masks]
+        regions = [region.pixels for region in self.stylized]
+        for tensor in (self.image, *instances, self.track_ids, self.keep, *regions, self.background, self.output):
+            if tensor is not None:
+                yield tensor
 
 
 @dataclass

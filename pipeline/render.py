@@ -2,7 +2,8 @@
 
 decode (thread) → segment → track → assign → stylize → composite (this thread, on the device) → encode (thread),
 with bounded queues between the threads; `stage_threads=2` runs segment → track → assign on a thread of its own,
-so that one batch's stylize and composite overlap the next batch's segmentation. The output is written to a temp
+so that one batch's stylize and composite overlap the next batch's segmentation (on a GPU each thread queues its
+kernels on a CUDA stream of its own: pipeline/thread_stream.py). The output is written to a temp
 file beside the target and renamed only when every frame is encoded; errors and Ctrl-C leave nothing behind and
 never touch the input.
 In multirun mode (`-m`) each run writes its output into its own sweep folder.
@@ -30,6 +31,7 @@ from pipeline.errors import PipelineConfigError, RenderError
 from pipeline.outputs import AtomicOutput, check_output
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
+from pipeline.thread_stream import ThreadStream
 from segment.errors import SegmentError
 from stylize.errors import StyleError
 
@@ -187,7 +189,8 @@ def _stream(reader: VideoReader, groups: list[list[tuple[str, Stage]]], writer: 
             for _, stage in stages:
                 batch = stage(batch)
             return batch
-        return process
+        stream = ThreadStream(reader.device)  # each group's thread queues its GPU work on a stream of its own
+        return lambda batch: stream.run(process, batch)
 
     def sink(batch: list[FrameRecord]) -> None:
         writer.write(batch)

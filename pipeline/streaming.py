@@ -3,7 +3,8 @@ on the calling thread), a consumer thread (encode).
 
 Bounded queues between them keep memory flat and let decode, GPU work and encode overlap; two or more steps let
 one batch's stages overlap the next batch's (on a GPU their host work, which binds the render there: PyTorch
-lets go of the GIL inside each operator). Every blocking call polls a shared stop flag, so an error in any
+lets go of the GIL inside each operator; and their kernels, each thread queuing on a CUDA stream of its own,
+pipeline/thread_stream.py). Every blocking call polls a shared stop flag, so an error in any
 thread (or Ctrl-C in the calling thread) stops them all promptly: no thread is left hanging and the first
 error is re-raised in the caller.
 """
