@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -128,6 +129,40 @@ def test_two_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, m
                             cwd=tmp_path)
     assert result.returncode == 2 and "error: stage_threads must be 1 or 2, got 3" in result.stderr
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_torch_threads_hold_on_every_stage_thread_and_are_restored(tmp_path, models, vfr_clip, device, monkeypatch):
+    """torch_threads sets torch's operator threads on the stage threads too (segment runs on a thread of its own),
+    `auto` is 1 on a GPU and torch's own setting on a CPU, and the caller's setting comes back afterwards."""
+    from pipeline.segment_stage import SegmentStage
+    from pipeline.stylize_stage import StylizeStage
+
+    seen: set[int] = set()
+    for stage in (SegmentStage, StylizeStage):
+        monkeypatch.setattr(stage, "__call__", _noting_torch_threads(stage.__call__, seen))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for setting, expected in (("3", 3), ("auto", 1 if device.type == "cuda" else 2)):
+            seen.clear()
+            result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'out.mp4'}", "overwrite=true",
+                                     *models, f"torch_threads={setting}", "batch_size=2"], cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert seen == {expected} and torch.get_num_threads() == 2, (setting, seen)
+        result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models,
+                                 "torch_threads=0"], cwd=tmp_path)
+        assert result.returncode == 2 and "error: torch_threads must be auto or a positive integer, got 0" \
+            in result.stderr
+        assert not (tmp_path / "bad.mp4").exists()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _noting_torch_threads(call, seen: set[int]):
+    def noted(self, batch):
+        seen.add(torch.get_num_threads())
+        return call(self, batch)
+    return noted
 
 
 def _noting_thread(call, names: set[str]):
