@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,9 @@ def operators_per_frame(cfg) -> dict[str, float]:
 def kernel_ms_per_frame(cfg) -> dict[str, float]:
     """Stage -> milliseconds of GPU kernels per frame, over a render of the clip under torch.profiler (untimed:
     profiling slows the host). Each stage runs inside `record_function(stage)` (pipeline/stage_timing.py), and a
-    host-side range counts the kernels of every operator under it."""
+    host-side range counts the kernels of every operator under it. That render runs every model stage on the
+    calling thread (stage_threads=1): the ranges of the other stage thread came out with no kernels at all."""
+    cfg = OmegaConf.merge(cfg, {"stage_threads": 1})
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         summary = render(cfg, Path(cfg.output))
     totals = dict.fromkeys(MODEL_STAGES, 0.0)
