@@ -27,7 +27,7 @@ ldconfig -p | grep -E "libnvcuvid|libnvidia-encode" || echo "no libnvcuvid / lib
 step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
     tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py \
     tests/test_decode_encode.py tests/test_encode_colour.py tests/test_composite.py tests/test_track.py \
-    tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py
+    tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
@@ -42,10 +42,11 @@ step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 
 R50="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16 segment.detections_per_img=10
     style/class_styles=coco style.palette=[style_03,style_17,style_09] decode.decoder=nvdec"
 step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
-# every model stage on one thread (stage_threads=2, the default, is unmeasured on a GPU: +11-40 % on a 2-core CPU)
+# every model stage on one thread (stage_threads=2, the default, each on its own CUDA stream: 29.99 against 16.58 fps
+# on an H200, GPU session 6)
 step 60 bench_render_r50_one_stage_thread $RENDER 1080p $BENCH $R50 stage_threads=1
-# each stage's GPU kernel time beside its wall time (one more, profiled render of a 16-frame clip): which stages
-# the host binds. Not seen to finish yet: on an H200 the profile of 160 frames took over 110 s, of 48 over 40 s
+# each stage's GPU kernel time beside its wall time (one more, profiled render of a 16-frame clip, every stage on
+# one thread): which stages the host binds. 51 s on an H200 (GPU session 6; 160 frames had run past 110 s)
 step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-frames 16 $R50
 # style CUDA graphs at the auto bucket (256 px at 1080p: on the R50 clip's recorded crop sizes 415 network calls of
 # 95 shapes, against 868 of 166 at 128 px, where graphs lost to eager: 17.6 against 20.2 fps on an H200)
