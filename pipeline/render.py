@@ -39,6 +39,7 @@ from stylize.errors import StyleError
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
 USER_ERRORS = (RenderError, SegmentError, StyleError)  # expected, user-fixable: one line, exit 2, no traceback
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
 
 
 @dataclass
@@ -82,8 +83,8 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone.
     """
     threads = cfg.get("stage_threads", 2)
-    if threads not in (1, 2) or isinstance(threads, bool):
-        raise PipelineConfigError(f"stage_threads must be 1 or 2, got {threads!r}")
+    if threads not in (1, 2, 3) or isinstance(threads, bool):
+        raise PipelineConfigError(f"stage_threads must be 1, 2 or 3, got {threads!r}")
     operator_threads = cfg.get("torch_threads", "auto")
     if operator_threads != "auto" and (isinstance(operator_threads, bool) or not isinstance(operator_threads, int)
                                        or operator_threads < 1):
@@ -198,14 +199,14 @@ def _writes(dumper) -> Stage:
 
 
 def split_stages(stages: list[tuple[str, Stage]], threads: int) -> list[list[tuple[str, Stage]]]:
-    """The stages in consecutive groups, one per thread: all in one, or (stage_threads=2) those before stylize
-    and the rest. That split balances the two on the benchmarks (H200, R50 at 1080p, two threads: segment + track +
-    assign 24.0 ms per frame, stylize + composite 29.1; this 2-core CPU at 480p: 58 and 62 ms)."""
+    """The stages in consecutive groups, one per thread: all in one; (stage_threads=2) those before stylize and
+    the rest; (3) composite and what follows it on a third. Two balance the groups on the benchmarks (H200, R50 at
+    1080p, two threads: segment + track + assign 24.0 ms per frame, stylize + composite 29.1; this 2-core CPU at
+    480p: 58 and 62 ms); a third takes the composite off the slower group."""
     names = [name for name, _ in stages]
-    if threads == 1 or "stylize" not in names[1:]:
-        return [stages]
-    split = names.index("stylize")
-    return [stages[:split], stages[split:]]
+    cuts = [names.index(name) for name in THREAD_STARTS[:threads - 1] if name in names[1:]]
+    bounds = [0, *cuts, len(stages)]
+    return [stages[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
 def _stream(reader: VideoReader, groups: list[list[tuple[str, Stage]]], writer: VideoWriter,

@@ -103,31 +103,38 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
     assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]
 
 
-def test_two_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, monkeypatch):
+def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, monkeypatch):
     """stage_threads=2: segment, track and assign on a thread of their own, stylize and composite on the caller's;
-    batches of two frames, so the threads overlap. Same frames, instances and styles as one thread."""
+    3: composite on a third. Batches of two frames, so the threads overlap. Same frames, instances and styles as
+    one thread."""
+    from pipeline.composite import Compositor
     from pipeline.segment_stage import SegmentStage
     from pipeline.stylize_stage import StylizeStage
 
-    threads: dict[str, set[str]] = {"segment": set(), "stylize": set()}
-    for name, stage in (("segment", SegmentStage), ("stylize", StylizeStage)):
+    stages = {"segment": SegmentStage, "stylize": StylizeStage, "composite": Compositor}
+    threads: dict[str, set[str]] = {name: set() for name in stages}
+    for name, stage in stages.items():
         monkeypatch.setattr(stage, "__call__", _noting_thread(stage.__call__, threads[name]))
     outputs = {}
-    for count in (1, 2):
-        threads["segment"].clear(), threads["stylize"].clear()
+    for count in (1, 2, 3):
+        for names in threads.values():
+            names.clear()
         output, dump = tmp_path / f"out{count}.mp4", tmp_path / f"dump{count}"
         result = run_in_process([f"input={vfr_clip}", f"output={output}", *models, f"stage_threads={count}",
                                  "batch_size=2", "debug.dump=true", f"debug.dir={dump}"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert (threads["segment"] == threads["stylize"]) == (count == 1), threads
+        assert all(len(names) == 1 for names in threads.values()), threads
+        assert len(set().union(*threads.values())) == count, threads
+        assert threads["stylize"] == threads["composite"] or count == 3, threads
         records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
         outputs[count] = read_frames(output)[0], [[(i["box"], i["style"]) for i in r["instances"]] for r in records]
     assert any(style for frame in outputs[1][1] for _, style in frame), "nothing stylized: the check proves little"
-    assert outputs[2][1] == outputs[1][1]
-    assert all(np.array_equal(a, b) for a, b in zip(outputs[2][0], outputs[1][0], strict=True))
-    result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "stage_threads=3"],
+    for count in (2, 3):
+        assert outputs[count][1] == outputs[1][1]
+        assert all(np.array_equal(a, b) for a, b in zip(outputs[count][0], outputs[1][0], strict=True))
+    result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "stage_threads=4"],
                             cwd=tmp_path)
-    assert result.returncode == 2 and "error: stage_threads must be 1 or 2, got 3" in result.stderr
+    assert result.returncode == 2 and "error: stage_threads must be 1, 2 or 3, got 4" in result.stderr
     assert not (tmp_path / "bad.mp4").exists()
 
 
