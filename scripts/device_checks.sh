@@ -45,6 +45,13 @@ step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
 # every model stage on one thread (stage_threads=2, the default, each on its own CUDA stream: 29.99 against 16.58 fps
 # on an H200, GPU session 6)
 step 60 bench_render_r50_one_stage_thread $RENDER 1080p $BENCH $R50 stage_threads=1
+# composite on a third thread: the stylize + composite thread bound the two-thread render (29.1 ms per frame)
+step 60 bench_render_r50_three_stage_threads $RENDER 1080p $BENCH $R50 stage_threads=3
+# torch's default operator threads (one per core) instead of torch_threads=auto's 1 on a GPU: session 6 measured
+# that setting only as OMP_NUM_THREADS=1
+step 60 bench_render_r50_torch_threads_16 $RENDER 1080p $BENCH $R50 torch_threads=16
+# eight frames per batch: more crops per shape, so fewer style network calls per frame (2.6 at four)
+step 60 bench_render_r50_batch8 $RENDER 1080p $BENCH $R50 batch_size=8
 # each stage's GPU kernel time beside its wall time (one more, profiled render of a 16-frame clip, every stage on
 # one thread): which stages the host binds. 51 s on an H200 (GPU session 6; 160 frames had run past 110 s)
 step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-frames 16 $R50
