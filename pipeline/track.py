@@ -187,23 +187,22 @@ class Tracker:
         if self._image_size != tuple(image_size):
             self._end_all()
             self._image_size = tuple(image_size)
-        small = detections.masks
         tracks = self._tracks
-        if len(detections) and tracks is not None and (tracks.masks is None) == (small is not None):
+        if len(detections) and tracks is not None and (tracks.masks is None) == (detections.masks is not None):
             self._end_all()  # the model lost (or gained) its mask branch: start over
             tracks = None
         pairs = []
         if tracks and len(detections):
             confident = (detections.scores >= self.birth_score).tolist()
-            pairs = match_confident_first(self._iou(detections, small), confident, self.min_iou)
+            pairs = match_confident_first(self._iou(detections), confident, self.min_iou)
 
         ids = torch.full((len(detections),), -1, dtype=torch.long)
         if tracks is not None:
-            self._update_matched(tracks, detections, small, pairs)
+            self._update_matched(tracks, detections, pairs)
             for d, t in pairs:
                 ids[d] = tracks.ids[t]
             self._age_unmatched(tracks, {t for _, t in pairs})
-        self._start_tracks(detections, small, ids, {d for d, _ in pairs})
+        self._start_tracks(detections, ids, {d for d, _ in pairs})
         return ids
 
     # -- matching ----------------------------------------------------------------------------------
@@ -213,14 +212,14 @@ class Tracker:
         scale = min(1.0, self.mask_size / max(h, w))
         return max(1, round(h * scale)), max(1, round(w * scale))
 
-    def _iou(self, detections: _Detections, small: Tensor | None) -> Tensor:
+    def _iou(self, detections: _Detections) -> Tensor:
         tracks = self._tracks
         steps = torch.tensor(tracks.misses, dtype=torch.float32)[:, None] + 1
         shift = tracks.velocity * steps if self.motion else torch.zeros_like(tracks.velocity)
-        if small is None:
+        if detections.masks is None:
             iou = box_iou(detections.boxes, tracks.boxes + shift)
         else:
-            iou = mask_iou(small, self._moved_masks(tracks.masks, shift))
+            iou = mask_iou(detections.masks, self._moved_masks(tracks.masks, shift))
         if self.same_class:
             iou = iou * (detections.labels[:, None] == tracks.labels[None, :])
         return iou
@@ -235,8 +234,7 @@ class Tracker:
 
     # -- track bookkeeping -------------------------------------------------------------------------
 
-    def _update_matched(self, tracks: _Tracks, detections: _Detections, small: Tensor | None,
-                        pairs: list[tuple[int, int]]) -> None:
+    def _update_matched(self, tracks: _Tracks, detections: _Detections, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
         d = torch.tensor([p[0] for p in pairs], dtype=torch.long)
@@ -248,8 +246,8 @@ class Tracker:
         tracks.velocity[t] = momentum * tracks.velocity[t] + (1 - momentum) * observed
         tracks.boxes[t] = detections.boxes[d]
         tracks.labels[t] = detections.labels[d]
-        if small is not None:
-            tracks.masks[t] = small[d]
+        if detections.masks is not None:
+            tracks.masks[t] = detections.masks[d]
         for _, row in pairs:
             tracks.misses[row] = 0
             tracks.hits[row] += 1
@@ -266,14 +264,15 @@ class Tracker:
         if len(alive) < len(tracks):
             tracks.keep(alive)
 
-    def _start_tracks(self, detections: _Detections, small: Tensor | None, ids: Tensor, matched: set[int]) -> None:
+    def _start_tracks(self, detections: _Detections, ids: Tensor, matched: set[int]) -> None:
         scores = detections.scores.tolist()
         born = [d for d in range(len(detections)) if d not in matched and scores[d] >= self.birth_score]
         if not born:
             return
         index = torch.tensor(born, dtype=torch.long)
+        masks = None if detections.masks is None else detections.masks[index]
         new = _Tracks(boxes=detections.boxes[index], velocity=torch.zeros((len(born), 4)),
-                      labels=detections.labels[index], masks=None if small is None else small[index],
+                      labels=detections.labels[index], masks=masks,
                       ids=list(range(self._next_id, self._next_id + len(born))),
                       misses=[0] * len(born), hits=[1] * len(born))
         self._next_id += len(born)
