@@ -114,7 +114,7 @@ def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vf
     stages = {"segment": SegmentStage, "stylize": StylizeStage, "composite": Compositor}
     threads: dict[str, set[str]] = {name: set() for name in stages}
     for name, stage in stages.items():
-        monkeypatch.setattr(stage, "__call__", _noting_thread(stage.__call__, threads[name]))
+        monkeypatch.setattr(stage, "__call__", _noting(stage.__call__, threads[name], _thread_name))
     outputs = {}
     for count in (1, 2, 3):
         for names in threads.values():
@@ -146,7 +146,7 @@ def test_torch_threads_hold_on_every_stage_thread_and_are_restored(tmp_path, mod
 
     seen: set[int] = set()
     for stage in (SegmentStage, StylizeStage):
-        monkeypatch.setattr(stage, "__call__", _noting_torch_threads(stage.__call__, seen))
+        monkeypatch.setattr(stage, "__call__", _noting(stage.__call__, seen, torch.get_num_threads))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -165,18 +165,16 @@ def test_torch_threads_hold_on_every_stage_thread_and_are_restored(tmp_path, mod
         torch.set_num_threads(before)
 
 
-def _noting_torch_threads(call, seen: set[int]):
+def _noting(call, seen: set, value):
+    """A stage's __call__ that first adds `value()` (taken on the thread that runs the stage) to `seen`."""
     def noted(self, batch):
-        seen.add(torch.get_num_threads())
+        seen.add(value())
         return call(self, batch)
     return noted
 
 
-def _noting_thread(call, names: set[str]):
-    def noted(self, batch):
-        names.add(threading.current_thread().name)
-        return call(self, batch)
-    return noted
+def _thread_name() -> str:
+    return threading.current_thread().name
 
 
 def test_nvdec_and_nvenc_render_like_the_software_path(tmp_path, models, device):
