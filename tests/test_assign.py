@@ -57,7 +57,6 @@ def test_by_class_map_and_default_style(bank):
     assert r.timings["assign"] >= 0
 
 
-
 def test_filters_are_read_back_once_per_batch(bank, device):
     """The score and area filters run on the instances' device; the batch's labels and verdicts come back to the
     host in one copy (on a GPU one wait per batch), and `keep` is on the host, as its readers want it."""

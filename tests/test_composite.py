@@ -201,7 +201,6 @@ def test_no_regions_returns_the_frame():
     assert torch.equal(out, image)
 
 
-
 def test_a_batch_reads_its_scores_and_boxes_once(device):
     """The stage reads the batch's instance scores and boxes back in one copy (on a GPU one wait per batch) and
     composites on the frames' device what the CPU composites."""

@@ -169,7 +169,6 @@ def test_mask_paste_equals_torchvision(chunk_size):
     assert paste_masks(masks[:0], boxes[:0], (height, width)).shape == (0, height, width)
 
 
-
 def test_mask_areas_count_what_numpy_counts(device):
     g = torch.Generator().manual_seed(9)
     masks = torch.rand(5, 37, 53, generator=g)
@@ -184,6 +183,7 @@ def test_mask_areas_count_what_numpy_counts(device):
     assert instances.binarize().mask_areas().tolist() == want.tolist()
     assert instances.mask_areas(0.9).cpu().tolist() == (masks.numpy() >= 0.9).reshape(5, -1).sum(1).tolist()
     assert instances[:0].mask_areas().shape == (0,)
+
 
 def test_fold_frozen_batchnorm_equals_conv_then_bn():
     from torchvision.ops import FrozenBatchNorm2d

@@ -154,7 +154,6 @@ def test_stage_fills_records_and_timings():
     assert all(r.track_ids.dtype == torch.int64 and r.timings["track"] >= 0 for r in out)
 
 
-
 def test_stage_matches_on_the_host_after_one_copy_per_batch(device):
     """On any device the ids are those of the same frames on the CPU, and on the host; on a GPU the stage waits for
     the device once per batch (one copy), not at each read of a frame's matching."""
