@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
-from pipeline.host_copy import to_host
+from pipeline.host_copy import read_mask_windows, to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
+from segment.roi_masks import RoIMasks, per_frame
+from segment.structures import Instances
 
 POLICIES = ("by_class", "per_instance")
 ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
@@ -105,20 +108,32 @@ class StyleAssigner:
         return batch
 
     def _on_host(self, batch: list[FrameRecord]) -> list[tuple[list[int], list[bool]]]:
-        """Per frame, its instances' labels and whether each passes the score and area filters, computed on the
-        instances' device and read back for the whole batch in one copy (pipeline/host_copy.py)."""
-        pieces = []
-        for record in batch:
-            instances = record.instances
-            if instances is None or not len(instances):
-                pieces.append(None)
-                continue
-            passes = instances.scores >= self.min_score
-            if instances.masks is not None:
-                passes &= instances.mask_areas() >= self.min_area
-            pieces.append(torch.stack([instances.labels, passes.long()]))
-        read = [([], []) if piece is None else piece.tolist() for piece in to_host(pieces)]
-        return [(labels, [bool(k) for k in passes]) for labels, passes in read]
+        """Per frame, its instances' labels and whether each passes the score and area filters.
+
+        The labels and score filter come back for the whole batch in one copy (pipeline/host_copy.py), then the mask
+        areas of the instances that passed it in a second: an area pastes a mask over its box, and most of a COCO
+        model's hundred detections a frame score below min_score."""
+        frames = [([], []) if piece is None else piece.tolist() for piece in to_host([
+            None if record.instances is None or not len(record.instances) else
+            torch.stack([record.instances.labels, (record.instances.scores >= self.min_score).long()])
+            for record in batch])]
+        passes = [[bool(k) for k in scored] for _, scored in frames]
+        rows = [[i for i, k in enumerate(scored) if k] for scored in passes]
+        masked = [b for b, record in enumerate(batch) if rows[b] and record.instances.masks is not None]
+        read_mask_windows([batch[b] for b in masked])  # one copy for the batch, not one per frame
+        for b, areas in zip(masked, to_host(self._areas([batch[b].instances for b in masked],
+                                                        [rows[b] for b in masked]))):
+            for i, area in zip(rows[b], areas.tolist()):
+                passes[b][i] = area >= self.min_area
+        return [(labels, scored) for (labels, _), scored in zip(frames, passes)]
+
+    def _areas(self, frames: list[Instances], rows: list[list[int]]) -> list[Tensor]:
+        """Each frame's mask areas of `rows`; the RoIMasks of all frames counted in one call."""
+        areas = [None if isinstance(f.masks, RoIMasks) else f.mask_areas(rows=r) for f, r in zip(frames, rows)]
+        roi = [k for k, f in enumerate(frames) if isinstance(f.masks, RoIMasks)]
+        for k, counted in zip(roi, per_frame([frames[k].masks for k in roi], RoIMasks.areas, [rows[k] for k in roi])):
+            areas[k] = counted
+        return areas
 
     def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:
         styles = self._styles(labels, record) if labels else []

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
-from pipeline.host_copy import to_host
+from pipeline.host_copy import read_mask_windows, to_host
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
+from segment.roi_masks import RoIMasks, per_frame
 
 Box = tuple[int, int, int, int]
 
@@ -96,6 +97,17 @@ def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[
     return [([row[0] for row in frame], [row[1:] for row in frame]) for frame in rows]
 
 
+def _local_masks(batch: list[FrameRecord]) -> list[dict[int, Tensor] | None]:
+    """Per frame with RoIMasks, its stylized instances' masks over their windows (instance -> mask), pasted for the
+    whole batch in one call; None for the other frames."""
+    roi = [b for b, record in enumerate(batch) if record.stylized and isinstance(record.instances.masks, RoIMasks)]
+    rows = [[region.instance for region in batch[b].stylized] for b in roi]
+    local: list[dict[int, Tensor] | None] = [None] * len(batch)
+    for b, instances, masks in zip(roi, rows, per_frame([batch[b].instances.masks for b in roi], RoIMasks.local, rows)):
+        local[b] = dict(zip(instances, masks))
+    return local
+
+
 def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:
     """Σ over the `inside` pixels of Σ over channels |now − before| (uint8 3×h×w), exactly, as an int64 tensor.
 
@@ -163,14 +175,16 @@ class Compositor:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
+                read_mask_windows(batch)
                 # mask smoothing and the stability figure run in frame order
-                for record, (scores, boxes) in zip(batch, _scores_and_boxes(batch)):
-                    self.composite(record, scores, boxes)
+                for record, (scores, boxes), local in zip(batch, _scores_and_boxes(batch), _local_masks(batch)):
+                    self.composite(record, scores, boxes, local)
         return batch
 
     def composite(self, record: FrameRecord, scores: list[float] | None = None,
-                  boxes: list[list[float]] | None = None) -> Tensor:
-        """One frame; `scores` and `boxes` are its instances' as lists, when the caller has read them already."""
+                  boxes: list[list[float]] | None = None, local: dict[int, Tensor] | None = None) -> Tensor:
+        """One frame; `scores` and `boxes` are its instances' as lists, and `local` its regions' RoIMasks over their
+        windows (instance -> mask), when the caller has them already."""
         image = record.image
         # Work in 0..255 floats over the window the crops cover (the whole frame under a background style): every
         # other pixel keeps the input's value, as the float round trip did when the canvas was the whole frame.
@@ -186,9 +200,9 @@ class Compositor:
         track_ids = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
         smoothed, hard_masks = {}, {}
         # Depth order: lowest score first; among equal scores the later instance ends on top (stable sort).
-        for region in sorted(record.stylized, key=lambda r: scores[r.instance]):
+        regions = sorted(record.stylized, key=lambda r: scores[r.instance])
+        for region, hard in zip(regions, self._hard_masks(record, regions, boxes, local)):
             x1, y1, x2, y2 = region.box
-            hard = self._hard_mask(record, region, boxes[region.instance])
             track = track_ids[region.instance]
             soft = self._smoothed_mask(track, hard, region.box, boxes[region.instance], smoothed)
             if track >= 0:
@@ -208,13 +222,21 @@ class Compositor:
         record.output = output
         return output
 
-    def _hard_mask(self, record: FrameRecord, region: StylizedRegion, box: list[float]) -> Tensor:
-        """The instance's binarized mask over the region's crop (its box when the model gave no masks)."""
-        x1, y1, x2, y2 = region.box
-        if record.instances.masks is not None:
-            return (record.instances.masks[region.instance, y1:y2, x1:x2] >= self.threshold).float()
-        bx1, by1, bx2, by2 = (round(v) for v in box)
-        return paste(torch.ones((by2 - by1, bx2 - bx1), device=record.image.device), (bx1, by1), region.box)
+    def _hard_masks(self, record: FrameRecord, regions: list[StylizedRegion], boxes: list[list[float]],
+                    local: dict[int, Tensor] | None) -> list[Tensor]:
+        """Each region's instance mask, binarized, over the region's crop (its box when the model gave no masks)."""
+        masks = record.instances.masks if regions else None
+        if masks is None:
+            return [paste(torch.ones((by2 - by1, bx2 - bx1), device=record.image.device), (bx1, by1), region.box)
+                    for region in regions for bx1, by1, bx2, by2 in [[round(v) for v in boxes[region.instance]]]]
+        if isinstance(masks, RoIMasks):  # pasted over each mask's own window, placed in the crop
+            if local is None:
+                local = _local_masks([record])[0]
+            windows = masks.windows()
+            probs = [paste(local[region.instance], windows[region.instance][:2], region.box) for region in regions]
+        else:
+            probs = [masks[region.instance, y1:y2, x1:x2] for region in regions for x1, y1, x2, y2 in [region.box]]
+        return [(p >= self.threshold).float() for p in probs]
 
     def _smoothed_mask(self, track: int, hard: Tensor, crop: Box, box: list[float], smoothed: dict) -> Tensor:
         if self.smooth <= 0 or track < 0:

@@ -52,8 +52,10 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, MASK_THRESHOLD, PALETTE,
                                    UNTRACKED, DebugDumpError, track_color)
 from pipeline.record import FrameRecord
+from segment.roi_masks import RoIMasks
 
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+PASTE_CHUNK = 16  # RoIMasks pasted at a time for the dump
 LABEL_FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
                "/Library/Fonts/Arial Bold.ttf", "C:/Windows/Fonts/arialbd.ttf")
 
@@ -65,8 +67,13 @@ def dump_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def downscale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) probabilities or bool → (N, h, w) bool: binarize at 0.5, then majority vote per output pixel."""
+def downscale_masks(masks: torch.Tensor | RoIMasks, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) probabilities or bool, or RoIMasks → (N, h, w) bool: binarize at 0.5, then majority vote per output
+    pixel. RoIMasks are pasted a few at a time: a hundred full-frame masks at once would be most of a GB at 1080p."""
+    if isinstance(masks, RoIMasks):
+        return torch.cat([torch.zeros((0, *size), dtype=torch.bool, device=masks.device),
+                          *(downscale_masks(masks[i:i + PASTE_CHUNK].paste(), size)
+                            for i in range(0, len(masks), PASTE_CHUNK))])
     binary = masks >= MASK_THRESHOLD if masks.dtype != torch.bool else masks
     if binary.shape[0] == 0:
         return torch.zeros((0, *size), dtype=torch.bool, device=binary.device)
@@ -242,16 +249,15 @@ class DebugDumper:
 
     def _instances_json(self, record: FrameRecord, small: tuple[int, int]) -> tuple[list[dict], np.ndarray | None]:
         """One dict per instance, and the dump-size bool masks (None without a mask branch) for the overlay."""
-        inst = record.instances
-        if inst is None:
+        if record.instances is None:
             return [], None
+        inst = record.instances
         n = len(inst)
         # Device work (threshold, downscale) happens here; only small CPU arrays reach the threads.
         masks_small, areas, rles = None, [None] * n, [None] * n
         if inst.masks is not None:
-            binary = inst.masks >= MASK_THRESHOLD if inst.masks.dtype != torch.bool else inst.masks
-            areas = binary.flatten(1).sum(1).tolist()
-            masks_small = downscale_masks(binary, small).cpu().numpy()
+            areas = inst.mask_areas(MASK_THRESHOLD).tolist()
+            masks_small = downscale_masks(inst.masks, small).cpu().numpy()
             rles = encode_rle(masks_small)
         track_ids = [-1] * n if record.track_ids is None else [int(t) for t in record.track_ids.tolist()]
         styles = list(record.styles) if len(record.styles) == n else [None] * n

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 from torch import Tensor
 
+from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 
 
@@ -43,11 +44,15 @@ class FrameRecord:
     def tensors(self) -> Iterator[Tensor]:
         """Every tensor the record holds, on any device (pipeline/thread_stream.py marks the CUDA ones)."""
         instances = [] if self.instances is None else [
-            self.instances.boxes, self.instances.scores, self.instances.labels, self.instances.masks]
+            self.instances.boxes, self.instances.scores, self.instances.labels, *_mask_tensors(self.instances.masks)]
         regions = [region.pixels for region in self.stylized]
         for tensor in (self.image, *instances, self.track_ids, self.keep, *regions, self.background, self.output):
             if tensor is not None:
                 yield tensor
+
+
+def _mask_tensors(masks: Tensor | RoIMasks | None) -> tuple[Tensor | None, ...]:
+    return masks.tensors() if isinstance(masks, RoIMasks) else (masks,)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pipeline.stage_timing import timed
 
 
 class SegmentStage:
-    """Fills `record.instances` (on the model's device) with the detections scoring >= `score_threshold`."""
+    """Fills `record.instances` (on the model's device) with the detections scoring >= `score_threshold`, their masks
+    as `RoIMasks` (segment/roi_masks.py): each stage pastes what it reads, nothing holds a full-frame mask."""
 
     name = "segment"
 
@@ -25,7 +26,7 @@ class SegmentStage:
         with timed(batch, self.name):
             images = [record.image for record in batch]
             same_size = len({tuple(image.shape) for image in images}) == 1
-            results = self.model.predict(torch.stack(images) if same_size else images)
+            results = self.model.predict(torch.stack(images) if same_size else images, full_masks=False)
             # detections come highest score first, so the kept ones are a prefix of each frame's: one host sync
             # for the whole batch's counts, where a boolean index per frame would make the host wait per frame
             counts = torch.stack([(r.scores >= self.score_threshold).sum() for r in results]).tolist()

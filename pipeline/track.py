@@ -29,6 +29,7 @@ from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
+from segment.roi_masks import RoIMasks, per_frame
 from segment.structures import Instances
 
 MATCH_ON = ("mask", "box")
@@ -65,7 +66,8 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def shrink_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -> Tensor:
-    """(N, H, W) probabilities or bools → (N, h, w) bool by area averaging (a pixel is in if most of it is)."""
+    """(N, H, W) probabilities or bools → (N, h, w) bool by area averaging (a pixel is in if most of it is;
+    RoIMasks.shrunk does the same for RoIMasks)."""
     if masks.shape[-2:] == size:
         return masks >= threshold if masks.dtype != torch.bool else masks
     return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] >= threshold
@@ -169,12 +171,11 @@ class Tracker:
         the host in one copy (pipeline/host_copy.py), packed as float32: labels are small integers and masks 0 or 1,
         so exactly."""
         pieces = []  # per frame: its table, then its shrunk masks (None where there are none)
-        for instances, image_size in frames:
+        for (instances, _), masks in zip(frames, self._shrunk_masks(frames)):
             found = instances is not None and len(instances) > 0
             pieces.append(torch.cat([instances.boxes.float(), instances.scores.float()[:, None],
                                      instances.labels.float()[:, None]], 1) if found else None)
-            shrink = found and self.match_on == "mask" and instances.masks is not None
-            pieces.append(shrink_masks(instances.masks, self._small_size(image_size)).float() if shrink else None)
+            pieces.append(None if masks is None else masks.float())
         host = to_host(pieces)
         detections = []
         for table, masks in zip(host[0::2], host[1::2]):
@@ -182,6 +183,24 @@ class Tracker:
             detections.append(_Detections(boxes=table[:, :4], scores=table[:, 4], labels=table[:, 5].long(),
                                           masks=None if masks is None else masks.bool()))
         return detections
+
+    def _shrunk_masks(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[Tensor | None]:
+        """Each frame's masks shrunk on their device (None where there are none to match on); the RoIMasks of a
+        batch's frames in one call."""
+        shrunk: list[Tensor | None] = [None] * len(frames)
+        roi = []
+        for f, (instances, image_size) in enumerate(frames):
+            if self.match_on != "mask" or instances is None or not len(instances) or instances.masks is None:
+                continue
+            if isinstance(instances.masks, RoIMasks):
+                roi.append(f)
+            else:
+                shrunk[f] = shrink_masks(instances.masks, self._small_size(image_size))
+        joined = per_frame([frames[f][0].masks for f in roi], lambda masks: masks.shrunk(self._small_size(
+            masks.image_size)))
+        for f, masks in zip(roi, joined):
+            shrunk[f] = masks
+        return shrunk
 
     def _update(self, detections: _Detections, image_size: tuple[int, int]) -> Tensor:
         if self._image_size != tuple(image_size):

@@ -12,8 +12,8 @@ from gpu.precision import resolve_precision
 from segment.backbone import BackboneWithFPN
 from segment.config import SegmenterConfig
 from segment.fold import fold_frozen_batchnorm
-from segment.postprocess import paste_masks
 from segment.roi_heads import RoIHeads
+from segment.roi_masks import RoIMasks
 from segment.rpn import Candidates, RegionProposalNetwork
 from segment.structures import Instances
 from segment.transform import ImageBatch, ImageTransform, rescale_boxes
@@ -97,8 +97,11 @@ class MaskRCNN(nn.Module):
         return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
 
     @torch.inference_mode()
-    def predict(self, frames: Tensor | list[Tensor]) -> list[Instances]:
+    def predict(self, frames: Tensor | list[Tensor], full_masks: bool = True) -> list[Instances]:
         """uint8 (B, 3, H, W) or list of uint8 (3, H, W) of any sizes, on any device -> Instances on the model's device.
+
+        `full_masks=False` leaves each frame's masks as `RoIMasks` (segment/roi_masks.py), pasted only where read:
+        what the render wants, where a frame may have a hundred detections and full masks of 8 MB each at 1080p.
 
         Images of the same size run as one batch; different sizes run as separate batches so an image's result
         never depends on what it was batched with.
@@ -111,7 +114,7 @@ class MaskRCNN(nn.Module):
                 if stack.dtype != torch.uint8:
                     raise TypeError(f"predict expects uint8 frames, got {stack.dtype}")
                 batch, features, candidates = self._front_of(stack.to(self.device, non_blocking=True))
-                for index, instances in zip(indices, self._finish(batch, features, candidates)):
+                for index, instances in zip(indices, self._finish(batch, features, candidates, full_masks)):
                     results[index] = instances
             return results
         finally:
@@ -150,14 +153,16 @@ class MaskRCNN(nn.Module):
     def _detect(self, batch: ImageBatch) -> list[Instances]:
         return self._finish(batch, *self._dense(batch))
 
-    def _finish(self, batch: ImageBatch, features: dict[str, Tensor], candidates: Candidates) -> list[Instances]:
+    def _finish(self, batch: ImageBatch, features: dict[str, Tensor], candidates: Candidates,
+                full_masks: bool = True) -> list[Instances]:
         """Proposals, detections and pasted masks: the data-dependent rest of inference."""
         with self._autocast():
             proposals = self.rpn.select_proposals(candidates, batch.image_sizes)
             detections = self.roi_heads(features, proposals, batch.image_sizes)
-        return self._instances(batch, detections)
+        return self._instances(batch, detections, full_masks)
 
-    def _instances(self, batch: ImageBatch, detections: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> list[Instances]:
+    def _instances(self, batch: ImageBatch, detections: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+                   full_masks: bool = True) -> list[Instances]:
         """The RoI heads' per-image (boxes, scores, labels, 28x28 mask probs) -> Instances in original pixels.
 
         The images of one size (all of predict's batch) are rescaled and pasted together: the same work per
@@ -168,10 +173,10 @@ class MaskRCNN(nn.Module):
         results: list[Instances | None] = [None] * len(detections)
         for (resized, original), members in same_size.items():
             boxes = rescale_boxes(torch.cat([detections[i][0] for i in members]), resized, original)
-            probs = torch.cat([detections[i][3] for i in members])
-            masks = paste_masks(probs, boxes, original, chunk_size=self.config.paste_chunk_size)
+            masks = RoIMasks.from_probs(torch.cat([detections[i][3] for i in members]), boxes, original)
             counts = [len(detections[i][0]) for i in members]
-            for i, image_boxes, image_masks in zip(members, boxes.split(counts), masks.split(counts)):
+            split = masks.paste(self.config.paste_chunk_size).split(counts) if full_masks else masks.split(counts)
+            for i, image_boxes, image_masks in zip(members, boxes.split(counts), split):
                 _, scores, labels, _ = detections[i]
                 results[i] = Instances(image_size=tuple(original), boxes=image_boxes, scores=scores, labels=labels,
                                        masks=image_masks)
