@@ -27,7 +27,8 @@ ldconfig -p | grep -E "libnvcuvid|libnvidia-encode" || echo "no libnvcuvid / lib
 step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
     tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py \
     tests/test_decode_encode.py tests/test_encode_colour.py tests/test_composite.py tests/test_track.py \
-    tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py
+    tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py \
+    tests/test_roi_masks.py
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
@@ -39,9 +40,14 @@ step 60 bench_render_nvidia $RENDER 1080p $BENCH segment.precision=bf16 decode.d
 step 70 bench_render_software $RENDER ${SIZES:-480p 1080p} $BENCH segment.precision=bf16
 step 45 bench_render_graphs $RENDER 1080p $BENCH segment.precision=bf16 style.cuda_graphs=true
 step 45 bench_render_x264_ultrafast $RENDER 1080p $BENCH segment.precision=bf16 encode.preset=ultrafast
-R50="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16 segment.detections_per_img=10
+R50_MODEL="segment=r50_fpn segment.checkpoint=/tmp/r50_reference.pth segment.precision=bf16
     style/class_styles=coco style.palette=[style_03,style_17,style_09] decode.decoder=nvdec"
+R50="$R50_MODEL segment.detections_per_img=10"
 step 60 bench_render_r50 $RENDER 1080p $BENCH $R50
+# torchvision's 100 detections per frame (a COCO model on a busy scene keeps that many at score >= 0.05), none
+# stylized (the seeded model's scores are all about 0.6): what each detection costs segment, track and assign, and
+# the memory its mask takes (box-local RoIMasks since 2026-11-27; full 1080p masks were 8 MB each)
+step 60 bench_render_r50_dets100 $RENDER 1080p $BENCH $R50_MODEL segment.detections_per_img=100 style.min_score=0.99
 # every model stage on one thread (stage_threads=2, the default, each on its own CUDA stream: 29.99 against 16.58 fps
 # on an H200, GPU session 6)
 step 60 bench_render_r50_one_stage_thread $RENDER 1080p $BENCH $R50 stage_threads=1
