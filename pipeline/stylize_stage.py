@@ -6,6 +6,8 @@ with six styled objects costs a handful of network calls, not twenty-four.
 region=frame: each frame goes through the network whole, once per style its instances use, and every instance
 is cut from its style's frame. The texture then follows the scene, not the crop box (no crop-border artefacts,
 no re-phasing when a box moves), at the cost of whole frames instead of crops: a fixed input shape per video.
+downsample=N: crops or frames go through the network at 1/N of their size and are scaled back: strokes N times
+larger, about N² less network work.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class StylizeStage:
     name = "stylize"
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
-                 cuda_graphs: bool = False, region: str = "crop"):
+                 cuda_graphs: bool = False, region: str = "crop", downsample: int = 1):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
         if margin < 0:
@@ -45,6 +47,9 @@ class StylizeStage:
             raise PipelineConfigError(f"style.cuda_graphs must be true or false, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
         self.region = region
+        if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+            raise PipelineConfigError(f"style.downsample must be a positive integer, got {downsample!r}")
+        self.downsample = downsample
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
             self.weights(self.background)  # a bad spec fails now, not at the first frame
@@ -53,7 +58,8 @@ class StylizeStage:
     def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
-                   cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")))
+                   cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")),
+                   downsample=cfg.get("downsample", 1))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
@@ -62,7 +68,8 @@ class StylizeStage:
         return self._weights[spec]
 
     def bucket(self, device: torch.device, height: int, width: int) -> int:
-        """Crop sizes are padded up to multiples of this. On a CPU the padding is compute, so fine buckets pay.
+        """Crop sizes (at the net's resolution, in a frame of height × width there) are padded up to multiples of
+        this. On a CPU the padding is compute, so fine buckets pay.
         A GPU's stage is bound by host work per network call and by cuDNN planning each new shape, not by its
         kernels, so coarse ones do: on the R50 benchmark's 1080p clip on an H200, buckets of 64 / 128 / 192 / 256
         px gave 14.1 / 20.2-21.9 / 21.9 / 25.5 fps (two calls, docs/benchmarks.md). Scaling the bucket with the
@@ -116,8 +123,8 @@ class StylizeStage:
         frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long)
         weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
-                               precision=self.precision, bucket=self.bucket(device, *frames.shape[-2:]),
-                               graphs=self.cuda_graphs)
+                               precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample,
+                               bucket=self.bucket(device, *(-(-side // self.downsample) for side in frames.shape[-2:])))
 
     def _whole_frames(self, frames: torch.Tensor, jobs: list) -> dict[str, dict[int, torch.Tensor]]:
         """style -> {frame in batch: that frame stylized whole}, for each style and the frames that use it."""
@@ -130,7 +137,7 @@ class StylizeStage:
     def _whole(self, frames: torch.Tensor, style: str, indices: list[int]) -> dict[int, torch.Tensor]:
         """{frame in batch: that frame stylized whole in `style`} for the frames `indices`."""
         styled = stylize_frames(self.bank.network, frames[indices], self.weights(style).to(frames.device),
-                                precision=self.precision, graphs=self.cuda_graphs)
+                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample)
         return dict(zip(indices, styled))
 
 

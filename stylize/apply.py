@@ -66,24 +66,24 @@ def _round_up(n: int, step: int) -> int:
     return max(MIN_SIDE, math.ceil(n / step) * step)
 
 
-def crop_boxes(boxes: Tensor, height: int, width: int, margin: int) -> list[tuple[int, int, int, int]]:
+def crop_boxes(boxes: Tensor, height: int, width: int, margin: int, grid: int = 4) -> list[tuple[int, int, int, int]]:
     """Float xyxy boxes → integer (x1, y1, x2, y2): `margin` px around, snapped outwards to the frame's
-    4-px grid, clipped to the frame; x2/y2 exclusive, ≥ 1 px.
+    `grid`-px grid, clipped to the frame; x2/y2 exclusive, ≥ 1 px.
 
     The snap keeps each crop in the same phase as the net's two stride-2 convs wherever the box moves,
-    so a still object gets the same texture from frame to frame.
+    so a still object gets the same texture from frame to frame: 4 px, times the downsampling in front of the net.
     """
     b = boxes.detach().float().cpu().reshape(-1, 4)
-    x1 = (torch.div(b[:, 0].floor() - margin, 4, rounding_mode="floor") * 4).clamp(0, width - 1)
-    y1 = (torch.div(b[:, 1].floor() - margin, 4, rounding_mode="floor") * 4).clamp(0, height - 1)
-    x2 = torch.maximum((torch.ceil((b[:, 2].ceil() + margin) / 4) * 4).clamp(max=width), x1 + 1)
-    y2 = torch.maximum((torch.ceil((b[:, 3].ceil() + margin) / 4) * 4).clamp(max=height), y1 + 1)
+    x1 = (torch.div(b[:, 0].floor() - margin, grid, rounding_mode="floor") * grid).clamp(0, width - 1)
+    y1 = (torch.div(b[:, 1].floor() - margin, grid, rounding_mode="floor") * grid).clamp(0, height - 1)
+    x2 = torch.maximum((torch.ceil((b[:, 2].ceil() + margin) / grid) * grid).clamp(max=width), x1 + 1)
+    y2 = torch.maximum((torch.ceil((b[:, 3].ceil() + margin) / grid) * grid).clamp(max=height), y1 + 1)
     return [tuple(int(v) for v in row) for row in torch.stack([x1, y1, x2, y2], 1).tolist()]
 
 
 def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor, boxes: Tensor,
                     style_weights: Tensor, margin: int = 16, max_batch: int = 16, precision: str = "auto",
-                    channels_last="auto", bucket: int = 16, graphs: bool = False,
+                    channels_last="auto", bucket: int = 16, graphs: bool = False, downsample: int = 1,
                     ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
     """Stylize K boxes of a batch of frames.
 
@@ -91,6 +91,8 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     style_weights: (K, S). Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive,
     float 3×h×w stylized crop in [0, 1] on the frames' device). Crops whose sizes round up to the same
     multiple of `bucket` run together, up to `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS).
+    `downsample` N > 1 runs each crop through the net at 1/N of its size (`shrink`) and scales the result back
+    (`enlarge`); `bucket` counts the net's pixels.
 
     This net's texture reacts to everything within ~60 px, borders included, so padding a crop changes
     its stylization (mean |Δ| ≈ 0.03–0.1 for 4–32 px of padding): a larger `bucket` batches more crops
@@ -99,11 +101,12 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     if bucket % 4:
         raise ValueError(f"bucket must be a multiple of 4, got {bucket}")
     height, width = frames.shape[-2:]
-    crops = crop_boxes(boxes, height, width, margin)
+    crops = crop_boxes(boxes, height, width, margin, grid=4 * downsample)
     index = frame_index.tolist()
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, (x1, y1, x2, y2) in enumerate(crops):
-        groups[(_round_up(y2 - y1, bucket), _round_up(x2 - x1, bucket))].append(k)
+        groups[(_round_up(_shrunk(y2 - y1, downsample), bucket), _round_up(_shrunk(x2 - x1, downsample), bucket))
+               ].append(k)
 
     results: list[Tensor | None] = [None] * len(crops)
     for (h_pad, w_pad), members in groups.items():
@@ -111,24 +114,48 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
         for start in range(0, len(members), step):
             chunk = members[start:start + step]
             batch = torch.cat([
-                pad_bottom_right(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, h_pad, w_pad)
+                pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, downsample), h_pad,
+                                 w_pad)
                 for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
             out = run_network(network, batch, style_weights[chunk], precision, channels_last, graphs)
             for row, k in zip(out, chunk):
                 x1, y1, x2, y2 = crops[k]
-                results[k] = row[:, : y2 - y1, : x2 - x1]
+                results[k] = enlarge(row[None], y2 - y1, x2 - x1, downsample)[0]
     return list(zip(crops, results))
 
 
 def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor, max_batch: int = 4,
-                   precision: str = "auto", channels_last="auto", graphs: bool = False) -> Tensor:
-    """Whole frames (uint8 B×3×H×W) in one style each ((B, S) or one (S,) for all) → float B×3×H×W in [0,1]."""
+                   precision: str = "auto", channels_last="auto", graphs: bool = False, downsample: int = 1
+                   ) -> Tensor:
+    """Whole frames (uint8 B×3×H×W) in one style each ((B, S) or one (S,) for all) → float B×3×H×W in [0,1];
+    through the net at 1/`downsample` of their size."""
     height, width = frames.shape[-2:]
     weights = style_weights.expand(frames.shape[0], -1) if style_weights.dim() == 1 else style_weights
     outputs = []
     for start in range(0, frames.shape[0], max_batch):
-        x = frames[start:start + max_batch].float() / 255
-        x = pad_bottom_right(x, _round_up(height, 4), _round_up(width, 4))
+        x = shrink(frames[start:start + max_batch].float() / 255, downsample)
+        x = pad_bottom_right(x, _round_up(x.shape[-2], 4), _round_up(x.shape[-1], 4))
         out = run_network(network, x, weights[start:start + max_batch], precision, channels_last, graphs)
-        outputs.append(out[:, :, :height, :width])
+        outputs.append(enlarge(out, height, width, downsample))
     return torch.cat(outputs)
+
+
+def _shrunk(size: int, downsample: int) -> int:
+    """A side of `size` px at 1/downsample, rounded up (a partial block of pixels still makes one)."""
+    return -(-size // downsample)
+
+
+def shrink(x: Tensor, downsample: int) -> Tensor:
+    """B×C×h×w → B×C×⌈h/N⌉×⌈w/N⌉, each pixel the mean of the ones it covers (N = downsample; 1: x itself)."""
+    if downsample == 1:
+        return x
+    return F.interpolate(x, size=(_shrunk(x.shape[-2], downsample), _shrunk(x.shape[-1], downsample)), mode="area")
+
+
+def enlarge(out: Tensor, height: int, width: int, downsample: int) -> Tensor:
+    """The net's B×3 output for an input `shrink` made from height×width pixels → B×3×height×width (bilinear;
+    1: the output cut to that size)."""
+    out = out[:, :, :_shrunk(height, downsample), :_shrunk(width, downsample)]
+    if downsample == 1:
+        return out
+    return F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)

@@ -40,6 +40,45 @@ def test_crop_boxes_clip_and_snap():
         assert x2 >= min(120, bx2 + 16) - 1e-6 and y2 >= min(90, by2 + 16) - 1e-6
 
 
+def test_crop_boxes_snap_to_a_coarser_grid_for_a_downsampled_net():
+    boxes = torch.tensor([[-5.0, -5.0, 10.0, 10.0], [70.2, 50.0, 79.5, 63.2], [30.5, 20.0, 30.6, 20.1]])
+    want = [(0, 0, 16, 16), (64, 40, 80, 64), (24, 16, 40, 32)]
+    assert crop_boxes(boxes, height=64, width=80, margin=4, grid=8) == want
+
+
+def downsampled_alone(network, image, weights, downsample):
+    """Reference for downsample N: the image (1×3×h×w float) averaged over N×N blocks (⌈h/N⌉×⌈w/N⌉, area), padded
+    to the multiple of 4 the net needs, stylized, cut, and scaled back to h×w (bilinear)."""
+    h, w = image.shape[-2:]
+    small = F.interpolate(image, size=(math.ceil(h / downsample), math.ceil(w / downsample)), mode="area")
+    sh, sw = small.shape[-2:]
+    padded = pad_bottom_right(small, max(16, -(-sh // 4) * 4), max(16, -(-sw // 4) * 4))
+    out = network(padded, weights[None])[:, :, :sh, :sw]
+    return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_downsampled_crops_and_frames_go_through_the_net_small_and_come_back_full_size(bank, frames, downsample):
+    weights = torch.eye(26)[STYLES]
+    results = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, bucket=4, precision="fp32",
+                              downsample=downsample)
+    with torch.no_grad():
+        for k, (box, pixels) in enumerate(results):
+            x1, y1, x2, y2 = box
+            assert x1 % (4 * downsample) == 0 and y1 % (4 * downsample) == 0  # the net's phase, at its resolution
+            assert pixels.shape == (3, y2 - y1, x2 - x1)
+            crop = frames[int(INDEX[k]):int(INDEX[k]) + 1, :, y1:y2, x1:x2].float() / 255
+            want = downsampled_alone(bank.network, crop, weights[k], downsample)
+            torch.testing.assert_close(pixels, want, rtol=0, atol=1e-5)
+        whole = stylize_frames(bank.network, frames, weights[:2], precision="fp32", downsample=downsample)
+        assert whole.shape == frames.shape
+        for b in range(2):
+            want = downsampled_alone(bank.network, frames[b:b + 1].float() / 255, weights[b], downsample)
+            torch.testing.assert_close(whole[b], want, rtol=0, atol=1e-5)
+    full = stylize_frames(bank.network, frames, weights[:2], precision="fp32")
+    assert (whole - full).abs().mean() > 0.01  # a different texture scale, not the same picture
+
+
 BOXES = torch.tensor([[20.0, 10, 70, 60], [100, 30, 150, 100], [0, 60, 40, 120], [150, 0, 180, 40], [60, 70, 64, 73]])
 INDEX = torch.tensor([0, 0, 1, 1, 0])
 STYLES = [3, 7, 19, 0, 12]

@@ -2,6 +2,7 @@
 stylize_regions called on that box alone); a background style fills everything outside the objects."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -166,6 +167,9 @@ def test_bad_background_fails_at_construction(bank):
         StylizeStage.from_config(style_cfg(cuda_graphs="yes"), bank)
     with pytest.raises(PipelineConfigError, match="style.region must be crop or frame, got 'box'"):
         StylizeStage.from_config(style_cfg(region="box"), bank)
+    for bad in (0, 1.5, True):
+        with pytest.raises(PipelineConfigError, match="style.downsample must be a positive integer"):
+            StylizeStage.from_config(style_cfg(downsample=bad), bank)
 
 
 def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank):
@@ -176,3 +180,27 @@ def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank)
              (2160, 3840): 512}
     assert {size: stage.bucket(cuda, *size) for size in sizes} == sizes
     assert StylizeStage.from_config(style_cfg(crop_bucket=32), bank).bucket(cuda, 1080, 1920) == 32
+
+
+@pytest.mark.parametrize("downsample", [2, 3])
+def test_downsample_reaches_the_network_with_the_bucket_of_the_frame_it_sees(bank, monkeypatch, downsample):
+    """The stage hands `downsample` to stylize_regions, and picks the bucket for the frame the net sees (1080p at
+    1/2: 540×960, 128 px on a GPU)."""
+    seen = {}
+
+    def regions(network, frames, frame_index, boxes, weights, **options):
+        seen.update(options)
+        return [((0, 0, 8, 8), torch.zeros(3, 8, 8)) for _ in boxes]
+
+    def bucket(device, height, width):
+        seen["net frame"] = (height, width)
+        return 64
+
+    monkeypatch.setattr(pipeline.stylize_stage, "stylize_regions", regions)
+    stage = StylizeStage.from_config(style_cfg(downsample=downsample), bank)
+    monkeypatch.setattr(stage, "bucket", bucket)
+    frames = torch.zeros(1, 3, 1080, 1920, dtype=torch.uint8)
+    stage._crops(frames, [(0, 0, "candy")], torch.tensor([[10.0, 10, 50, 50]]))
+    assert seen["downsample"] == downsample and seen["bucket"] == 64
+    assert seen["net frame"] == (math.ceil(1080 / downsample), math.ceil(1920 / downsample))
+    assert StylizeStage.from_config(style_cfg(), bank).bucket(torch.device("cuda"), 540, 960) == 128
