@@ -64,6 +64,8 @@ step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-fr
 # style CUDA graphs at the auto bucket (256 px at 1080p: on the R50 clip's recorded crop sizes 415 network calls of
 # 95 shapes, against 868 of 166 at 128 px, where graphs lost to eager: 17.6 against 20.2 fps on an H200)
 step 60 bench_render_r50_graphs $RENDER 1080p $BENCH $R50 style.cuda_graphs=true
+# the style net at half resolution (style.downsample=2): a quarter of its kernel work, the same number of calls
+step 60 bench_render_r50_downsample2 $RENDER 1080p $BENCH $R50 style.downsample=2
 # whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
 step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)
