@@ -19,6 +19,7 @@ from torch import Tensor
 
 Box = tuple[int, int, int, int]
 LOCAL_CHUNK_PIXELS = 8 * 1024 * 1024  # windows pasted together (padded to the largest) hold at most this many
+TENSORS = ("grids", "boxes", "clipped", "scale")  # RoIMasks' tensors, all aligned along dim 0
 SHRINK_CHUNK = 64  # masks shrunk together (a batch of four frames of ten detections in one go)
 
 
@@ -29,11 +30,13 @@ class RoIMasks:
     grids:   (N, S, S) float32, the mask head's M×M probabilities with torchvision's 1-px zero border (S = M + 2)
     boxes:   (N, 4) int64 paste boxes, x1 y1 x2 y2 inclusive (the detection box grown by S/M), may leave the image
     clipped: (N, 4) int64 the paste boxes clipped to the image, x2 y2 exclusive (empty boxes have x2 = x1)
+    scale:   (N, 2) float32 grid cells per pixel along x and y (S / paste box width, height), kept for the weights
     """
 
     grids: Tensor
     boxes: Tensor
     clipped: Tensor
+    scale: Tensor
     image_size: tuple[int, int]
     _windows: list[Box] | None = field(default=None, repr=False, compare=False)  # `clipped` on the host, once read
 
@@ -46,7 +49,9 @@ class RoIMasks:
         x1, y1 = paste_boxes[:, 0].clamp(0, width), paste_boxes[:, 1].clamp(0, height)
         clipped = torch.stack([x1, y1, torch.maximum((paste_boxes[:, 2] + 1).clamp(max=width), x1),
                                torch.maximum((paste_boxes[:, 3] + 1).clamp(max=height), y1)], 1)
-        return cls(F.pad(probs.float(), (padding,) * 4), paste_boxes, clipped, (int(height), int(width)))
+        source = size + 2 * padding
+        scale = source / (paste_boxes[:, 2:] - paste_boxes[:, :2] + 1).clamp(min=1).to(torch.float32)
+        return cls(F.pad(probs.float(), (padding,) * 4), paste_boxes, clipped, scale, (int(height), int(width)))
 
     # -- a tensor-like container -----------------------------------------------------------------------------
 
@@ -66,12 +71,10 @@ class RoIMasks:
         if isinstance(index, int):
             index = slice(index, index + 1 or None)
         windows = self._windows[index] if self._windows is not None and isinstance(index, slice) else None
-        return replace(self, grids=self.grids[index], boxes=self.boxes[index], clipped=self.clipped[index],
-                       _windows=windows)
+        return replace(self, **{name: getattr(self, name)[index] for name in TENSORS}, _windows=windows)
 
     def to(self, device: torch.device | str) -> RoIMasks:
-        return replace(self, grids=self.grids.to(device), boxes=self.boxes.to(device),
-                       clipped=self.clipped.to(device))
+        return replace(self, **{name: getattr(self, name).to(device) for name in TENSORS})
 
     def take(self, rows: list[int]) -> RoIMasks:
         """The masks of `rows`, windows included when read."""
@@ -89,11 +92,11 @@ class RoIMasks:
             raise ValueError(f"RoIMasks.cat: different image sizes {sorted({m.image_size for m in items})}")
         windows = [m._windows for m in items]
         return replace(items[0], **{name: torch.cat([getattr(m, name) for m in items])
-                                    for name in ("grids", "boxes", "clipped")},
+                                    for name in TENSORS},
                        _windows=None if any(w is None for w in windows) else [b for w in windows for b in w])
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.grids, self.boxes, self.clipped
+    def tensors(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in TENSORS)
 
     # -- pixels ----------------------------------------------------------------------------------------------
 
@@ -186,7 +189,8 @@ class RoIMasks:
         """(k, L, S) bilinear weights along `axis` (0: x, 1: y) at `pixel` ((1 or k, L) positions) of the masks
         of `index`; pixels at or beyond `limit` get none."""
         boxes = self.boxes[index]
-        return _resample_weights(boxes[:, axis], boxes[:, axis + 2], pixel, self.grids.shape[-1], limit)
+        return _resample_weights(boxes[:, axis], boxes[:, axis + 2], self.scale[index, axis], pixel,
+                                 self.grids.shape[-1], limit)
 
 
 def per_frame(items: list[RoIMasks], run: Callable[[RoIMasks], Sequence], rows: list[list[int]] | None = None
@@ -215,22 +219,28 @@ def _expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), dim=1).to(torch.int64)
 
 
-def _resample_weights(start: Tensor, end: Tensor, pixel: Tensor, source: int, limit: int | None = None) -> Tensor:
-    """(N, L, source) bilinear weights placing a `source`-long signal on pixels start..end (inclusive), taken at
-    `pixel` ((1 or N, L) positions); zero elsewhere, and at or beyond `limit`.
+def _resample_weights(start: Tensor, end: Tensor, scale: Tensor, pixel: Tensor, source: int,
+                      limit: int | None = None) -> Tensor:
+    """(N, L, source) bilinear weights placing a `source`-long signal on pixels start..end (inclusive; `scale` =
+    source / their number), taken at `pixel` ((1 or N, L) positions); zero elsewhere, and at or beyond `limit`.
 
     Same sampling as F.interpolate(bilinear, align_corners=False) to end - start + 1 pixels. Written as the tent
     max(0, 1 - |src - tap|) around the clamped source position: the same two weights as floor/frac/scatter, in a
     third of the kernel launches (they dominate on a GPU at batch 1).
     """
-    size = (end - start + 1).clamp(min=1)
     offset = pixel - start[:, None]  # (N, L) position inside the pasted box
     inside = (offset >= 0) & (pixel <= end[:, None])
     if limit is not None:
         inside &= pixel < limit
-    src = ((source / size.to(torch.float32))[:, None] * (offset.to(torch.float32) + 0.5) - 0.5).clamp_(0, source - 1)
-    taps = torch.arange(source, device=start.device, dtype=torch.float32)
-    return (1 - (src[..., None] - taps).abs_()).clamp_(min=0).mul_(inside[..., None])
+    src = (scale[:, None] * (offset.to(torch.float32) + 0.5) - 0.5).clamp_(0, source - 1)
+    return (1 - (src[..., None] - _taps(source, start.device)).abs_()).clamp_(min=0).mul_(inside[..., None])
+
+
+@lru_cache(maxsize=8)
+def _taps(source: int, device: torch.device) -> Tensor:
+    """0, 1, …, source - 1 as float32 on `device`, made once: on the host and copied, which is complete on return,
+    so a stage thread on another CUDA stream never reads it before it is written."""
+    return torch.arange(source, dtype=torch.float32).to(device)
 
 
 @lru_cache(maxsize=32)
@@ -241,7 +251,7 @@ def _pool_matrix(small: int, large: int, device: torch.device) -> Tensor:
     start, end = i * large // small, ((i + 1) * large + small - 1) // small
     pixel = torch.arange(large)
     inside = (pixel[None] >= start[:, None]) & (pixel[None] < end[:, None])
-    return (inside.float() / (end - start)[:, None].float()).to(device)
+    return (inside.float() / (end - start)[:, None].float()).to(device)  # complete on return, as `_taps`
 
 
 def _chunks(windows: list[Box]) -> list[list[int]]:
