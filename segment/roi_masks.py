@@ -90,9 +90,9 @@ class RoIMasks:
         """The masks of `items`, all of one image size, one after the other."""
         if len({m.image_size for m in items}) != 1:
             raise ValueError(f"RoIMasks.cat: different image sizes {sorted({m.image_size for m in items})}")
+        joined = {name: torch.cat([getattr(m, name) for m in items]) for name in TENSORS}
         windows = [m._windows for m in items]
-        return replace(items[0], **{name: torch.cat([getattr(m, name) for m in items])
-                                    for name in TENSORS},
+        return replace(items[0], **joined,
                        _windows=None if any(w is None for w in windows) else [b for w in windows for b in w])
 
     def tensors(self) -> tuple[Tensor, ...]:
