@@ -66,6 +66,9 @@ def test_downsampled_crops_and_frames_go_through_the_net_small_and_come_back_ful
         for k, (box, pixels) in enumerate(results):
             x1, y1, x2, y2 = box
             assert x1 % (4 * downsample) == 0 and y1 % (4 * downsample) == 0  # the net's phase, at its resolution
+            bx1, by1, bx2, by2 = BOXES[k].tolist()
+            assert x1 <= max(0, bx1 - 8 * downsample) and x2 >= min(180, bx2 + 8 * downsample)  # the net's margin
+            assert y1 <= max(0, by1 - 8 * downsample) and y2 >= min(120, by2 + 8 * downsample)
             assert pixels.shape == (3, y2 - y1, x2 - x1)
             crop = frames[int(INDEX[k]):int(INDEX[k]) + 1, :, y1:y2, x1:x2].float() / 255
             want = downsampled_alone(bank.network, crop, weights[k], downsample)
