@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
-from pipeline.host_copy import read_mask_windows, to_host
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 from segment.roi_masks import RoIMasks, per_frame
@@ -121,7 +121,6 @@ class StyleAssigner:
         passes = [[bool(k) for k in scored] for _, scored in frames]
         rows = [[i for i, k in enumerate(scored) if k] for scored in passes]
         masked = [b for b, record in enumerate(batch) if rows[b] and record.instances.masks is not None]
-        read_mask_windows([batch[b] for b in masked])  # one copy for the batch, not one per frame
         for b, areas in zip(masked, to_host(self._areas([batch[b].instances for b in masked],
                                                         [rows[b] for b in masked]))):
             for i, area in zip(rows[b], areas.tolist()):
@@ -129,7 +128,8 @@ class StyleAssigner:
         return [(labels, scored) for (labels, _), scored in zip(frames, passes)]
 
     def _areas(self, frames: list[Instances], rows: list[list[int]]) -> list[Tensor]:
-        """Each frame's mask areas of `rows`; the RoIMasks of all frames counted in one call."""
+        """Each frame's mask areas of `rows`; the RoIMasks of all frames counted in one call (their windows read in
+        one copy, if the tracker has not read them)."""
         areas = [None if isinstance(f.masks, RoIMasks) else f.mask_areas(rows=r) for f, r in zip(frames, rows)]
         roi = [k for k, f in enumerate(frames) if isinstance(f.masks, RoIMasks)]
         for k, counted in zip(roi, per_frame([frames[k].masks for k in roi], RoIMasks.areas, [rows[k] for k in roi])):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
-from pipeline.host_copy import read_mask_windows, to_host
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from segment.roi_masks import RoIMasks, per_frame
@@ -175,7 +175,6 @@ class Compositor:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
-                read_mask_windows(batch)
                 # mask smoothing and the stability figure run in frame order
                 for record, (scores, boxes), local in zip(batch, _scores_and_boxes(batch), _local_masks(batch)):
                     self.composite(record, scores, boxes, local)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from segment.roi_masks import RoIMasks
-
 
 def to_host(tensors: list[Tensor | None]) -> list[Tensor | None]:
     """The tensors (one device, one dtype, any shapes, empty ones too) as CPU tensors of the same shapes, in one
@@ -23,9 +21,3 @@ def to_host(tensors: list[Tensor | None]) -> list[Tensor | None]:
     host = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in present]), present))
     return [None if t is None else next(host) for t in tensors]
 
-
-def read_mask_windows(batch: list) -> None:
-    """The windows of the batch's `RoIMasks` (its records' instance masks, segment/roi_masks.py), read in one copy:
-    assign and composite paste within them."""
-    RoIMasks.read_windows([record.instances.masks for record in batch if record.instances is not None
-                           and isinstance(record.instances.masks, RoIMasks)])

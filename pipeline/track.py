@@ -186,7 +186,7 @@ class Tracker:
 
     def _shrunk_masks(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[Tensor | None]:
         """Each frame's masks shrunk on their device (None where there are none to match on); the RoIMasks of a
-        batch's frames in one call."""
+        batch's frames in one call, which reads their windows for the stages after (one copy)."""
         shrunk: list[Tensor | None] = [None] * len(frames)
         roi = []
         for f, (instances, image_size) in enumerate(frames):

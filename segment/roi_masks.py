@@ -197,7 +197,9 @@ def per_frame(items: list[RoIMasks], run: Callable[[RoIMasks], Sequence], rows: 
               ) -> list[Sequence]:
     """`run(masks)` for each item (a frame's masks; only those of `rows[i]` for item i, when given), called once for
     all the items of one image size, joined (a batch's frames share one): a few dozen kernel launches for a batch
-    instead of for each of its frames. `run` gives a tensor or list along its masks; it is split back per item."""
+    instead of for each of its frames. `run` gives a tensor or list along its masks; it is split back per item.
+    The items' windows are read first, in one copy, and stay with them for the stages after."""
+    RoIMasks.read_windows(items)
     parts = items if rows is None else [m.take(r) for m, r in zip(items, rows)]
     sizes: dict[tuple[int, int], list[int]] = {}
     for i, part in enumerate(parts):
