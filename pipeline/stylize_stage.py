@@ -18,7 +18,7 @@ from pipeline.assign import is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
-from stylize.apply import crop_boxes, stylize_frames, stylize_regions
+from stylize.apply import crop_boxes, net_side, stylize_frames, stylize_regions
 
 CPU_CROP_BUCKET = 16
 GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rounded down to this, at least this
@@ -122,9 +122,10 @@ class StylizeStage:
         # on the host: stylize_regions reads it back as a list, which from a GPU tensor would wait on the GPU
         frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long)
         weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
+        net_frame = [net_side(side, self.downsample) for side in frames.shape[-2:]]  # the frame the net sees
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample,
-                               bucket=self.bucket(device, *(-(-side // self.downsample) for side in frames.shape[-2:])))
+                               bucket=self.bucket(device, *net_frame))
 
     def _whole_frames(self, frames: torch.Tensor, jobs: list) -> dict[str, dict[int, torch.Tensor]]:
         """style -> {frame in batch: that frame stylized whole}, for each style and the frames that use it."""

@@ -106,8 +106,8 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     index = frame_index.tolist()
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, (x1, y1, x2, y2) in enumerate(crops):
-        groups[(_round_up(_shrunk(y2 - y1, downsample), bucket), _round_up(_shrunk(x2 - x1, downsample), bucket))
-               ].append(k)
+        size = (_round_up(net_side(y2 - y1, downsample), bucket), _round_up(net_side(x2 - x1, downsample), bucket))
+        groups[size].append(k)
 
     results: list[Tensor | None] = [None] * len(crops)
     for (h_pad, w_pad), members in groups.items():
@@ -141,7 +141,7 @@ def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor
     return torch.cat(outputs)
 
 
-def _shrunk(size: int, downsample: int) -> int:
+def net_side(size: int, downsample: int) -> int:
     """A side of `size` px at 1/downsample, rounded up (a partial block of pixels still makes one)."""
     return -(-size // downsample)
 
@@ -150,13 +150,13 @@ def shrink(x: Tensor, downsample: int) -> Tensor:
     """B×C×h×w → B×C×⌈h/N⌉×⌈w/N⌉, each pixel the mean of the ones it covers (N = downsample; 1: x itself)."""
     if downsample == 1:
         return x
-    return F.interpolate(x, size=(_shrunk(x.shape[-2], downsample), _shrunk(x.shape[-1], downsample)), mode="area")
+    return F.interpolate(x, size=(net_side(x.shape[-2], downsample), net_side(x.shape[-1], downsample)), mode="area")
 
 
 def enlarge(out: Tensor, height: int, width: int, downsample: int) -> Tensor:
     """The net's B×3 output for an input `shrink` made from height×width pixels → B×3×height×width (bilinear;
     1: the output cut to that size)."""
-    out = out[:, :, :_shrunk(height, downsample), :_shrunk(width, downsample)]
+    out = out[:, :, :net_side(height, downsample), :net_side(width, downsample)]
     if downsample == 1:
         return out
     return F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
