@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 from segment.roi_masks import RoIMasks, per_frame
-from segment.structures import Instances
+from segment.structures import mask_areas
 
 POLICIES = ("by_class", "per_instance")
 ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
@@ -121,20 +120,13 @@ class StyleAssigner:
         passes = [[bool(k) for k in scored] for _, scored in frames]
         rows = [[i for i, k in enumerate(scored) if k] for scored in passes]
         masked = [b for b, record in enumerate(batch) if rows[b] and record.instances.masks is not None]
-        for b, areas in zip(masked, to_host(self._areas([batch[b].instances for b in masked],
-                                                        [rows[b] for b in masked]))):
-            for i, area in zip(rows[b], areas.tolist()):
+        # the RoIMasks of all frames counted in one call (their windows read in one copy, if the tracker has not)
+        areas = per_frame([batch[b].instances.masks for b in masked], RoIMasks.areas, [rows[b] for b in masked],
+                          full=lambda masks, masks_rows: mask_areas(masks, rows=masks_rows))
+        for b, counted in zip(masked, to_host(list(areas))):
+            for i, area in zip(rows[b], counted.tolist()):
                 passes[b][i] = area >= self.min_area
         return [(labels, scored) for (labels, _), scored in zip(frames, passes)]
-
-    def _areas(self, frames: list[Instances], rows: list[list[int]]) -> list[Tensor]:
-        """Each frame's mask areas of `rows`; the RoIMasks of all frames counted in one call (their windows read in
-        one copy, if the tracker has not read them)."""
-        areas = [None if isinstance(f.masks, RoIMasks) else f.mask_areas(rows=r) for f, r in zip(frames, rows)]
-        roi = [k for k, f in enumerate(frames) if isinstance(f.masks, RoIMasks)]
-        for k, counted in zip(roi, per_frame([frames[k].masks for k in roi], RoIMasks.areas, [rows[k] for k in roi])):
-            areas[k] = counted
-        return areas
 
     def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:
         styles = self._styles(labels, record) if labels else []

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
-from segment.roi_masks import RoIMasks, per_frame
+from segment.roi_masks import per_frame
 from segment.structures import Instances
 
 MATCH_ON = ("mask", "box")
@@ -188,17 +188,11 @@ class Tracker:
         """Each frame's masks shrunk on their device (None where there are none to match on); the RoIMasks of a
         batch's frames in one call, which reads their windows for the stages after (one copy)."""
         shrunk: list[Tensor | None] = [None] * len(frames)
-        roi = []
-        for f, (instances, image_size) in enumerate(frames):
-            if self.match_on != "mask" or instances is None or not len(instances) or instances.masks is None:
-                continue
-            if isinstance(instances.masks, RoIMasks):
-                roi.append(f)
-            else:
-                shrunk[f] = shrink_masks(instances.masks, self._small_size(image_size))
-        joined = per_frame([frames[f][0].masks for f in roi], lambda masks: masks.shrunk(self._small_size(
-            masks.image_size)))
-        for f, masks in zip(roi, joined):
+        masked = [f for f, (instances, _) in enumerate(frames) if self.match_on == "mask" and instances is not None
+                  and len(instances) and instances.masks is not None]
+        for f, masks in zip(masked, per_frame(
+                [frames[f][0].masks for f in masked], lambda roi: roi.shrunk(self._small_size(roi.image_size)),
+                full=lambda masks, _: shrink_masks(masks, self._small_size(masks.shape[-2:])))):
             shrunk[f] = masks
         return shrunk
 

@@ -193,18 +193,26 @@ class RoIMasks:
                                  self.grids.shape[-1], limit)
 
 
-def per_frame(items: list[RoIMasks], run: Callable[[RoIMasks], Sequence], rows: list[list[int]] | None = None
-              ) -> list[Sequence]:
+def per_frame(items: list[RoIMasks | Tensor], run: Callable[[RoIMasks], Sequence],
+              rows: list[list[int]] | None = None,
+              full: Callable[[Tensor, list[int] | None], Sequence] | None = None) -> list[Sequence]:
     """`run(masks)` for each item (a frame's masks; only those of `rows[i]` for item i, when given), called once for
-    all the items of one image size, joined (a batch's frames share one): a few dozen kernel launches for a batch
+    all the RoIMasks of one image size, joined (a batch's frames share one): a few dozen kernel launches for a batch
     instead of for each of its frames. `run` gives a tensor or list along its masks; it is split back per item.
-    The items' windows are read first, in one copy, and stay with them for the stages after."""
-    RoIMasks.read_windows(items)
-    parts = items if rows is None else [m.take(r) for m, r in zip(items, rows)]
+    The RoIMasks' windows are read first, in one copy, and stay with them for the stages after. An item that is a
+    full-image mask tensor gets `full(masks, its rows)` instead."""
+    roi = [i for i, item in enumerate(items) if isinstance(item, RoIMasks)]
+    RoIMasks.read_windows([items[i] for i in roi])
+    out: list[Sequence] = [()] * len(items)
+    parts: dict[int, RoIMasks] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, RoIMasks):
+            parts[i] = item if rows is None else item.take(rows[i])
+        else:
+            out[i] = full(item, None if rows is None else rows[i])
     sizes: dict[tuple[int, int], list[int]] = {}
-    for i, part in enumerate(parts):
+    for i, part in parts.items():
         sizes.setdefault(part.image_size, []).append(i)
-    out: list[Sequence] = [()] * len(parts)
     for members in sizes.values():
         result, start = run(RoIMasks.cat([parts[i] for i in members])), 0
         for i in members:

@@ -99,12 +99,7 @@ class Instances:
             raise ValueError("Instances.mask_areas: these instances have no masks")
         if isinstance(self.masks, RoIMasks):
             return self.masks.areas(threshold, rows)
-        masks = self.masks if rows is None else self.masks[row_index(rows, self.masks.device)]
-        binary = (masks if masks.dtype == torch.bool else masks >= threshold).flatten(1)
-        if binary.device.type != "cpu":
-            return binary.count_nonzero(1)
-        counts = [torch.count_nonzero(row) for row in binary]
-        return torch.stack(counts) if counts else torch.zeros((0,), dtype=torch.int64)
+        return mask_areas(self.masks, threshold, rows)
 
     @staticmethod
     def cat(items: list[Instances]) -> Instances:
@@ -132,6 +127,16 @@ class Instances:
         else:
             mask = f"{tuple(self.masks.shape)} {self.masks.dtype}"
         return f"Instances(n={len(self)}, image_size={self.image_size}, masks={mask}, device={self.device})"
+
+
+def mask_areas(masks: Tensor, threshold: float = 0.5, rows: list[int] | None = None) -> Tensor:
+    """Instances.mask_areas for (N, H, W) full-image masks (probabilities or bool)."""
+    masks = masks if rows is None else masks[row_index(rows, masks.device)]
+    binary = (masks if masks.dtype == torch.bool else masks >= threshold).flatten(1)
+    if binary.device.type != "cpu":
+        return binary.count_nonzero(1)
+    counts = [torch.count_nonzero(row) for row in binary]
+    return torch.stack(counts) if counts else torch.zeros((0,), dtype=torch.int64)
 
 
 def _take(value: Tensor | None, index) -> Tensor | None:

@@ -225,3 +225,8 @@ def test_per_frame_joins_the_frames_of_one_size_and_splits_the_result_back(roi):
     for item, item_rows, result in zip(items, rows, got):
         same_counts(result, item.areas(rows=item_rows))
     assert [len(r) for r in roi_masks.per_frame(items, RoIMasks.local)] == [12, 6, 18]
+    # a full-image mask tensor among them takes `full`, with its rows
+    mixed = roi_masks.per_frame([masks[:12], masks[12:].paste()], RoIMasks.areas, [[3, 0], [4, 1]],
+                                full=lambda full, full_rows: (full[full_rows] >= 0.5).flatten(1).sum(1))
+    same_counts(mixed[0], masks.areas(rows=[3, 0]))
+    same_counts(mixed[1], masks.areas(rows=[16, 13]))
