@@ -249,9 +249,9 @@ class DebugDumper:
 
     def _instances_json(self, record: FrameRecord, small: tuple[int, int]) -> tuple[list[dict], np.ndarray | None]:
         """One dict per instance, and the dump-size bool masks (None without a mask branch) for the overlay."""
-        if record.instances is None:
-            return [], None
         inst = record.instances
+        if inst is None:
+            return [], None
         n = len(inst)
         # Device work (threshold, downscale) happens here; only small CPU arrays reach the threads.
         masks_small, areas, rles = None, [None] * n, [None] * n
