@@ -11,6 +11,11 @@ nearly each is a kernel launch, so the count measures the host work a GPU render
 wall time is far above it is bound by host work (launches, cuDNN planning new shapes, syncs), not by the GPU.
 That render is of a shorter clip of the same scene (`--kernel-frames`, 16; the objects move faster): on an H200
 the profiled render of the R50 1080p benchmark did not finish within 110 s at 160 frames, nor within 40 s at 48.
+
+Besides the whole render's fps, the table gives the fps of the clip's second half: caches that warm up as the
+video goes on (cuDNN's plan for each new tensor shape, CUDA graphs captured when a shape recurs) weigh on a short
+clip's fps more than on a long video's. It also counts the style network's calls per frame and the distinct input
+shapes it was called with: on a GPU each call costs host work, and each new shape cuDNN plans.
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import torch
@@ -29,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from pipeline.render import build_stages, compose_config, render, resolve_device  # noqa: E402
@@ -40,30 +49,41 @@ STAGES = ("decode", "segment", "track", "assign", "stylize", "composite", "encod
 MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # between decode and encode (stage_threads)
 
 
+def clip_config(workdir: Path, name: str, size: str, frames: int, device: str, overrides: list[str]):
+    """The render config for the benchmark's generated clip (`frames` at `size`, written into `workdir` as
+    `name`), output beside it."""
+    clip = make_clip(workdir / f"{name}_{size}.mp4", frames=frames, size=SIZES[size], fps=24, seed=0)
+    return compose_config([f"input={clip}", f"output={workdir / f'out_{name}_{size}.mp4'}", "overwrite=true",
+                           f"device={device}", *overrides])
+
+
 def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int,
               count_operators: bool = False, kernel_frames: int = 0) -> dict:
     width, height = SIZES[size]
 
     def config(clip_frames: int, name: str):
-        clip = make_clip(workdir / f"{name}_{size}.mp4", frames=clip_frames, size=(width, height), fps=24, seed=0)
-        return compose_config([f"input={clip}", f"output={workdir / f'out_{name}_{size}.mp4'}", "overwrite=true",
-                               f"device={device}", *overrides])
+        return clip_config(workdir, name, size, clip_frames, device, overrides)
 
     if warmup_frames:  # untimed: CUDA context, cuDNN algorithm search and lazy loading stay out of the figure
         render(config(warmup_frames, "warmup"), workdir / f"out_warmup_{size}.mp4")
     cfg = config(frames, "bench")
     process = psutil.Process()
     peak_rss = process.memory_info().rss
+    written: list[tuple[float, int]] = []  # (time, frames written) after each batch
 
-    def sample(_summary) -> None:
+    def sample(summary) -> None:
         nonlocal peak_rss
         peak_rss = max(peak_rss, process.memory_info().rss)
+        written.append((time.perf_counter(), summary.frames))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    summary = render(cfg, Path(cfg.output), on_batch=sample)
+    with style_net_calls() as style_shapes:
+        summary = render(cfg, Path(cfg.output), on_batch=sample)
     run_device = resolve_device(str(cfg.device))
     row = {"size": f"{size} ({width}x{height})", "frames": summary.frames, "fps": summary.fps,
+           "fps_second_half": second_half_fps(written),
+           "style_calls": len(style_shapes) / max(1, summary.frames), "style_shapes": len(set(style_shapes)),
            "precision": " / ".join(resolve_precision(str(p), run_device) for p in (cfg.segment.precision,
                                                                                   cfg.style.precision)),
            "instances": summary.instances, "tracks": (summary.tracks or {}).get("tracks", 0),
@@ -77,6 +97,31 @@ def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir
     if kernel_frames:
         row["kernels"] = kernel_ms_per_frame(config(kernel_frames, "kernels"))
     return row
+
+
+@contextmanager
+def style_net_calls() -> Iterator[list[tuple[int, ...]]]:
+    """The input shape of every style-network call made in the block (`stylize.apply.run_network`, through which
+    the stylize stage runs each batch of crops or frames)."""
+    shapes: list[tuple[int, ...]] = []
+    run_network = stylize.apply.run_network
+
+    def counted(network, x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return run_network(network, x, *args, **kwargs)
+
+    with mock.patch.object(stylize.apply, "run_network", counted):
+        yield shapes
+
+
+def second_half_fps(written: list[tuple[float, int]]) -> float | None:
+    """Frames per second from the first batch written at or past half the frames to the last; None when that is
+    the last batch."""
+    if not written:
+        return None
+    end, total = written[-1]
+    start, done = next((t, n) for t, n in written if 2 * n >= total)
+    return (total - done) / (end - start) if end > start else None
 
 
 def operators_per_frame(cfg) -> dict[str, float]:
@@ -127,10 +172,13 @@ def operator_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["size", "precision (segment / style)", "frames", "fps", "instances", "tracks", "styles", *(f"{s} ms/f" for s in STAGES), "peak RSS MB",
+    head = ["size", "precision (segment / style)", "frames", "fps", "fps, 2nd half", "instances", "tracks", "styles",
+            "style net calls / frame", "style net shapes", *(f"{s} ms/f" for s in STAGES), "peak RSS MB",
             "CUDA peak MB"]
     return markdown_table(head, [
-        [r["size"], r["precision"], r["frames"], f"{r['fps']:.2f}", r["instances"], r["tracks"], r["styles"],
+        [r["size"], r["precision"], r["frames"], f"{r['fps']:.2f}",
+         "-" if r["fps_second_half"] is None else f"{r['fps_second_half']:.2f}", r["instances"], r["tracks"],
+         r["styles"], f"{r['style_calls']:.2f}", r["style_shapes"],
          *(f"{r[s]:.1f}" for s in STAGES), f"{r['peak_rss_mb']:.0f}",
          "-" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}"]
         for r in rows])

@@ -23,6 +23,7 @@ MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side n
 # On CPU, larger batches run slower per crop (measured on 2 cores: 256² crops 22-25/s one or two at a time,
 # 14/s eight at a time; 128² crops 95/s four at a time, 58-82/s eight), so CPU batches stop at this many pixels.
 CPU_BATCH_PIXELS = 4 * 128 * 128
+MAX_CROP_BATCH = 16  # crops per network call elsewhere
 
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
@@ -82,7 +83,7 @@ def crop_boxes(boxes: Tensor, height: int, width: int, margin: int, grid: int = 
 
 
 def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor, boxes: Tensor,
-                    style_weights: Tensor, margin: int = 16, max_batch: int = 16, precision: str = "auto",
+                    style_weights: Tensor, margin: int = 16, max_batch: int = MAX_CROP_BATCH, precision: str = "auto",
                     channels_last="auto", bucket: int = 16, graphs: bool = False, downsample: int = 1,
                     ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
     """Stylize K boxes of a batch of frames.
@@ -104,25 +105,32 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     height, width = frames.shape[-2:]
     crops = crop_boxes(boxes, height, width, margin * downsample, grid=4 * downsample)
     index = frame_index.tolist()
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for k, (x1, y1, x2, y2) in enumerate(crops):
-        size = (_round_up(net_side(y2 - y1, downsample), bucket), _round_up(net_side(x2 - x1, downsample), bucket))
-        groups[size].append(k)
-
+    sizes = [(net_side(y2 - y1, downsample), net_side(x2 - x1, downsample)) for x1, y1, x2, y2 in crops]
     results: list[Tensor | None] = [None] * len(crops)
-    for (h_pad, w_pad), members in groups.items():
-        step = max_batch if frames.device.type != "cpu" else max(1, min(max_batch, CPU_BATCH_PIXELS // (h_pad * w_pad)))
-        for start in range(0, len(members), step):
-            chunk = members[start:start + step]
-            batch = torch.cat([
-                pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, downsample), h_pad,
-                                 w_pad)
-                for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
-            out = run_network(network, batch, style_weights[chunk], precision, channels_last, graphs)
-            for row, k in zip(out, chunk):
-                x1, y1, x2, y2 = crops[k]
-                results[k] = enlarge(row[None], y2 - y1, x2 - x1, downsample)[0]
+    for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, max_batch, frames.device.type == "cpu"):
+        batch = torch.cat([
+            pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, downsample), h_pad, w_pad)
+            for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
+        out = run_network(network, batch, style_weights[chunk], precision, channels_last, graphs)
+        for row, k in zip(out, chunk):
+            x1, y1, x2, y2 = crops[k]
+            results[k] = enlarge(row[None], y2 - y1, x2 - x1, downsample)[0]
     return list(zip(crops, results))
+
+
+def batch_plan(sizes: list[tuple[int, int]], bucket: int, max_batch: int, cpu: bool
+               ) -> list[tuple[tuple[int, int], list[int]]]:
+    """The network calls for crops of `sizes` ((h, w) at the net's resolution): (padded size, the crops' positions)
+    per call. Sizes rounding up to the same multiple of `bucket` share calls of up to `max_batch` crops; on a CPU
+    of up to CPU_BATCH_PIXELS padded pixels."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, (h, w) in enumerate(sizes):
+        groups[(_round_up(h, bucket), _round_up(w, bucket))].append(k)
+    plan = []
+    for (h_pad, w_pad), members in groups.items():
+        step = max(1, min(max_batch, CPU_BATCH_PIXELS // (h_pad * w_pad))) if cpu else max_batch
+        plan += [((h_pad, w_pad), members[start:start + step]) for start in range(0, len(members), step)]
+    return plan
 
 
 def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor, max_batch: int = 4,

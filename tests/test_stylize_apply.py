@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import stylize.apply
-from stylize.apply import crop_boxes, pad_bottom_right, run_network, stylize_frames, stylize_regions
+from stylize.apply import batch_plan, crop_boxes, pad_bottom_right, run_network, stylize_frames, stylize_regions
 from stylize.bank import sample_photo
 from tests.stylize_fixtures import bank, bank_path  # noqa: F401
 
@@ -145,6 +145,20 @@ def test_cpu_batches_stop_at_the_pixel_cap(bank, monkeypatch):
     assert sizes == [2, 2]
     for (box_a, a), (box_b, b) in zip(uncapped, capped):
         assert box_a == box_b and torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_plan_groups_by_padded_size_and_splits_at_the_batch_limit():
+    # (h, w) at the net's resolution; bucket 64: 30 and 64 both pad to 64, 65 to 128; sides below 16 pad to 16
+    sizes = [(30, 64), (64, 20), (65, 64), (10, 10), (64, 64), (60, 1)]
+    assert batch_plan(sizes, 64, max_batch=16, cpu=False) == [((64, 64), [0, 1, 3, 4, 5]), ((128, 64), [2])]
+    assert batch_plan(sizes, 64, max_batch=2, cpu=False) == [((64, 64), [0, 1]), ((64, 64), [3, 4]),
+                                                             ((64, 64), [5]), ((128, 64), [2])]
+    assert batch_plan(sizes, 4, max_batch=16, cpu=False) == [((32, 64), [0]), ((64, 20), [1]), ((68, 64), [2]),
+                                                             ((16, 16), [3]), ((64, 64), [4]), ((60, 16), [5])]
+    # a CPU's calls hold at most CPU_BATCH_PIXELS padded pixels (4 x 128²): 64² crops 16 at a time, 208² alone
+    assert batch_plan(sizes, 64, max_batch=16, cpu=True) == batch_plan(sizes, 64, max_batch=16, cpu=False)
+    assert batch_plan([(200, 200)] * 3, 16, max_batch=16, cpu=True) == [((208, 208), [k]) for k in range(3)]
+    assert batch_plan([(200, 200)] * 3, 16, max_batch=16, cpu=False) == [((208, 208), [0, 1, 2])]
 
 
 def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):

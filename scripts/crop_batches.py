@@ -1,0 +1,97 @@
+"""How a GPU's stylize stage would batch a clip's crops at several crop buckets: style network calls per frame,
+distinct input shapes, and the pixels padding adds.
+
+    python scripts/crop_batches.py --size 1080p --frames 160 --buckets 64 128 256 384 512 [Hydra overrides ...]
+
+On a GPU the stylize stage is bound by host work per network call, and cuDNN plans each new input shape
+(docs/benchmarks.md, GPU session 6). A larger `style.crop_bucket` gives fewer calls and shapes but pads more
+pixels, which the GPU convolves. This renders bench_render's generated clip once with the style network skipped,
+records each batch's crop sizes, and replays them through the stage's own batching (`stylize.apply.batch_plan`)
+as a GPU runs it. The detections are real: on a CPU the segmenter is what takes the time.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import stylize.apply  # noqa: E402
+from pipeline.render import render, resolve_device  # noqa: E402
+from scripts.bench_render import SIZES, clip_config  # noqa: E402
+from scripts.bench_report import markdown_table, publish  # noqa: E402
+from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402
+
+Sizes = list[tuple[int, int]]
+
+
+def recorded_crops(cfg) -> tuple[list[Sizes], int]:
+    """Each stylize call's crop sizes at the net's resolution, and the frames rendered, from one render of `cfg`
+    whose style network returns grey instead of running."""
+    calls: list[Sizes] = []
+
+    def record(sizes, *args, **kwargs):
+        calls.append(list(sizes))
+        return batch_plan(sizes, *args, **kwargs)
+
+    def grey(network, x, *args, **kwargs):
+        return torch.full_like(x, 0.5, dtype=torch.float32)
+
+    with mock.patch.object(stylize.apply, "batch_plan", record), mock.patch.object(stylize.apply, "run_network", grey):
+        summary = render(cfg, Path(cfg.output))
+    return calls, summary.frames
+
+
+def replay(calls: list[Sizes], frames: int, bucket: int) -> dict:
+    """A GPU's network calls for the recorded crops at `bucket`."""
+    shapes, graph_shapes, crop_pixels, padded_pixels, count = set(), set(), 0, 0, 0
+    for sizes in calls:
+        crop_pixels += sum(h * w for h, w in sizes)
+        for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, MAX_CROP_BATCH, cpu=False):
+            count += 1
+            padded_pixels += len(chunk) * h_pad * w_pad
+            shapes.add((len(chunk), h_pad, w_pad))
+            graph_shapes.add((1 << (len(chunk) - 1).bit_length(), h_pad, w_pad))  # CUDA graphs pad the batch
+    return {"bucket": bucket, "calls": count / max(1, frames), "shapes": len(shapes), "graph_shapes": len(graph_shapes),
+            "padding": padded_pixels / max(1, crop_pixels)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1080p", choices=sorted(SIZES))
+    parser.add_argument("--frames", type=int, default=160)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--buckets", type=int, nargs="+", default=[64, 128, 192, 256, 384, 512])
+    parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
+    args = parser.parse_args(argv)
+    bad = [b for b in args.buckets if b < 4 or b % 4]
+    if bad:
+        parser.error(f"buckets must be positive multiples of 4, got {bad}")
+    with tempfile.TemporaryDirectory(prefix="crop_batches_") as tmp:
+        calls, frames = recorded_crops(clip_config(Path(tmp), "clip", args.size, args.frames, args.device,
+                                                   args.overrides))
+    crops = sum(len(sizes) for sizes in calls)
+    rows = [replay(calls, frames, bucket) for bucket in args.buckets]
+    text = (f"\n## Crop batches on a GPU ({time.strftime('%Y-%m-%d %H:%M')}, scripts/crop_batches.py)\n\n"
+            f"{args.size} generated clip, {frames} frames, {crops} stylized crops ({crops / max(1, frames):.2f} per "
+            f"frame), detections computed on {platform.machine()} ({resolve_device(args.device)}); overrides: "
+            f"{' '.join(args.overrides) or 'none'}\n\n" + markdown_table(
+                ["crop bucket", "network calls / frame", "distinct input shapes", "shapes with CUDA graphs",
+                 "padded / crop pixels"],
+                [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}"]
+                 for r in rows]) + "\n")
+    publish(text, append=not args.no_append)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
