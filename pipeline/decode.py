@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import torch
 
+from gpu.transfer import to_device
 from pipeline.errors import (
     AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
     check_settings, ffmpeg_reason,
@@ -168,18 +169,13 @@ class VideoReader:
     def _upright_rgb(self, frame: av.VideoFrame) -> torch.Tensor:
         layout = frame.format.name
         if self.colour_on_device and layout in PACKED_420 and frame.width % 2 == 0 and frame.height % 2 == 0:
-            planes = self._to_device(torch.from_numpy(frame.to_ndarray()))
+            planes = to_device(torch.from_numpy(frame.to_ndarray()), self.device)
             rgb = packed_planes_to_rgb(planes, layout, frame.colorspace, frame.color_range == FULL_RANGE)
         else:
-            rgb = self._to_device(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            rgb = to_device(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1), self.device)
         if self.info.rotation:
             rgb = torch.rot90(rgb, self.info.rotation // 90, dims=(1, 2))  # counter-clockwise, like the matrix
         return rgb.contiguous()
-
-    def _to_device(self, array: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return array.pin_memory().to(self.device, non_blocking=True)
-        return array.to(self.device)
 
     def _check_complete(self) -> None:
         declared, got = self.info.declared_frames, self.frames_read

@@ -119,9 +119,10 @@ class StylizeStage:
 
     def _crops(self, frames: torch.Tensor, jobs: list, boxes: torch.Tensor) -> list:
         device = frames.device
-        # on the host: stylize_regions reads it back as a list, which from a GPU tensor would wait on the GPU
+        # both on the host: stylize_regions reads the index as a list, which from a GPU would wait for it, and the
+        # weights of each network call go to the GPU without the host waiting (gpu/transfer.py)
         frame_index = torch.tensor([b for b, _, _ in jobs], dtype=torch.long)
-        weights = torch.stack([self.weights(style) for _, _, style in jobs]).to(device)
+        weights = torch.stack([self.weights(style) for _, _, style in jobs])
         net_frame = [net_side(side, self.downsample) for side in frames.shape[-2:]]  # the frame the net sees
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample,
@@ -137,8 +138,8 @@ class StylizeStage:
 
     def _whole(self, frames: torch.Tensor, style: str, indices: list[int]) -> dict[int, torch.Tensor]:
         """{frame in batch: that frame stylized whole in `style`} for the frames `indices`."""
-        styled = stylize_frames(self.bank.network, frames[indices], self.weights(style).to(frames.device),
-                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample)
+        styled = stylize_frames(self.bank.network, frames[indices], self.weights(style), precision=self.precision,
+                                graphs=self.cuda_graphs, downsample=self.downsample)
         return dict(zip(indices, styled))
 
 

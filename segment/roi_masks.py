@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpu.transfer import row_index
+
 Box = tuple[int, int, int, int]
 LOCAL_CHUNK_PIXELS = 8 * 1024 * 1024  # windows pasted together (padded to the largest) hold at most this many
 TENSORS = ("grids", "boxes", "clipped", "scale")  # RoIMasks' tensors, all aligned along dim 0
@@ -283,13 +285,3 @@ def _chunks(windows: list[Box]) -> list[list[int]]:
 def _extent(windows: list[Box]) -> tuple[int, int]:
     """(height, width) of the largest of the windows."""
     return max(y2 - y1 for _, y1, _, y2 in windows), max(x2 - x1 for x1, _, x2, _ in windows)
-
-
-def row_index(rows: list[int], device: torch.device) -> slice | Tensor:
-    """Rows as a slice where they are consecutive (no index tensor to copy), else as an index on `device`, copied
-    without waiting for the device's queue."""
-    first = rows[0] if rows else 0
-    if rows == list(range(first, first + len(rows))):
-        return slice(first, first + len(rows))
-    index = torch.tensor(rows)
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index

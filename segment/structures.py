@@ -6,7 +6,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from segment.roi_masks import RoIMasks, row_index
+from gpu.transfer import row_index
+from segment.roi_masks import RoIMasks
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpu.precision import PRECISIONS, resolve_precision
+from gpu.transfer import row_index
 from stylize.errors import StyleError
 from stylize.inference import runner_for
 from stylize.network import MultiStyleNet, check_size
@@ -89,9 +90,10 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     """Stylize K boxes of a batch of frames.
 
     frames: uint8 B×3×H×W; frame_index: (K,) long into frames; boxes: (K, 4) float xyxy pixels;
-    style_weights: (K, S). Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive,
-    float 3×h×w stylized crop in [0, 1] on the frames' device). Crops whose sizes round up to the same
-    multiple of `bucket` run together, up to `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS).
+    style_weights: (K, S), best on the host: each call's rows then reach a GPU without the host waiting for it.
+    Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive, float 3×h×w stylized crop in [0, 1]
+    on the frames' device). Crops whose sizes round up to the same multiple of `bucket` run together, up to
+    `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS): `batch_plan`.
     `downsample` N > 1 runs each crop through the net at 1/N of its size (`shrink`) and scales the result back
     (`enlarge`); `margin` and `bucket` count the net's pixels (a margin of N·margin frame pixels keeps the net's
     border artefacts as far from the object, in the net's pixels, as at N = 1).
@@ -111,7 +113,8 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
         batch = torch.cat([
             pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, downsample), h_pad, w_pad)
             for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
-        out = run_network(network, batch, style_weights[chunk], precision, channels_last, graphs)
+        out = run_network(network, batch, style_weights[row_index(chunk, style_weights.device)], precision,
+                          channels_last, graphs)
         for row, k in zip(out, chunk):
             x1, y1, x2, y2 = crops[k]
             results[k] = enlarge(row[None], y2 - y1, x2 - x1, downsample)[0]

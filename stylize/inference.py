@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpu.cuda_graph import GraphCache
+from gpu.transfer import to_device
 from stylize.network import INSTANCE_NORM_EPS, MultiStyleNet
 
 GRAPH_AFTER_CALLS = 2         # a shape is captured when it comes back: one-off crop shapes stay eager
@@ -62,7 +63,7 @@ class StyleRunner:
 
     def __call__(self, x: Tensor, style_weights: Tensor) -> Tensor:
         x = x.to(self.dtype).contiguous(memory_format=self.layout)
-        w = style_weights.to(x.device, torch.float32)
+        w = to_device(style_weights.float(), x.device)  # from the host: queued, the host does not wait
         if self.graphs is not None:
             return self.graphs(x, w)
         return self._forward(x, w)

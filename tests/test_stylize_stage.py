@@ -10,15 +10,17 @@ import torch
 from omegaconf import OmegaConf
 
 import pipeline.stylize_stage
+import stylize.apply
 from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stylize_stage import StylizeStage
 from segment.structures import Instances
-from stylize.apply import stylize_frames, stylize_regions
+from stylize.apply import run_network, stylize_frames, stylize_regions
 from stylize.bank import StyleBank
 from stylize.errors import StyleError
+from tests.helpers_cuda import gpu_waits
 from tests.tiny_models import tiny_bank
 
 H, W = 56, 72
@@ -85,6 +87,39 @@ def test_stylizes_exactly_the_kept_instances_with_their_styles(bank, crop_bucket
     alone = stylize_regions(bank.network, frames, torch.tensor([1]), batch[1].instances.boxes[:1],
                             bank.weights_for("mosaic")[None], margin=8, precision="fp32")[0][1]
     assert (alone - region.pixels).abs().max() > 1e-3
+
+
+def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch):
+    """Three crop sizes in two frames make three network calls, each on crops that are not neighbours in the batch.
+    Their style weights reach the GPU without the host waiting (gpu/transfer.py): on a GPU the stage waits once per
+    batch, to read the crop boxes, not once per call. It stylizes on the frames' device what the CPU does."""
+    cfg = style_cfg(crop_bucket=4, class_styles={"person": "candy", "dog": "udnie"})
+    squares = [(8, 8, 10, 1, 0.9), (28, 8, 16, 2, 0.9), (36, 26, 18, 1, 0.9)]  # crops of 28², 32², 36²
+
+    def batch(on):
+        records = [frame(0, squares), frame(1, [(x + 4, y + 4, side, label, score)  # on the crop grid: same sizes
+                                                for x, y, side, label, score in squares])]
+        StyleAssigner.from_config(cfg, bank, CLASSES)(records)
+        for record in records:
+            record.image, record.instances = record.image.to(on), record.instances.to(on)
+        return records
+
+    want = StylizeStage.from_config(cfg, bank)(batch(torch.device("cpu")))
+    calls = []
+    monkeypatch.setattr(stylize.apply, "run_network",
+                        lambda net, x, w, *args: calls.append(len(x)) or run_network(net, x, w, *args))
+    stage = StylizeStage.from_config(cfg, bank)
+    stage(batch(device))  # untimed once: first launches, the pinned memory pool
+    calls.clear()
+    records = batch(device)
+    _, waits = gpu_waits(device, lambda: stage(records))
+    assert calls == [2, 2, 2]
+    for record, expected in zip(records, want):
+        assert [(r.instance, r.style, r.box) for r in record.stylized] == [
+            (r.instance, r.style, r.box) for r in expected.stylized]
+        for region, reference in zip(record.stylized, expected.stylized):
+            torch.testing.assert_close(region.pixels.cpu(), reference.pixels, atol=2e-4, rtol=0)
+    assert waits is None or waits <= 2  # the crop boxes (+ the timing's synchronize); was one more per call
 
 
 @pytest.mark.parametrize("background", ["original", "candy", "udnie"])
