@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from gpu.transfer import row_index
 from pipeline.assign import is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
@@ -138,8 +139,8 @@ class StylizeStage:
 
     def _whole(self, frames: torch.Tensor, style: str, indices: list[int]) -> dict[int, torch.Tensor]:
         """{frame in batch: that frame stylized whole in `style`} for the frames `indices`."""
-        styled = stylize_frames(self.bank.network, frames[indices], self.weights(style), precision=self.precision,
-                                graphs=self.cuda_graphs, downsample=self.downsample)
+        styled = stylize_frames(self.bank.network, frames[row_index(indices, frames.device)], self.weights(style),
+                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample)
         return dict(zip(indices, styled))
 
 

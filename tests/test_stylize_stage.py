@@ -89,11 +89,13 @@ def test_stylizes_exactly_the_kept_instances_with_their_styles(bank, crop_bucket
     assert (alone - region.pixels).abs().max() > 1e-3
 
 
-def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch):
-    """Three crop sizes in two frames make three network calls, each on crops that are not neighbours in the batch.
-    Their style weights reach the GPU without the host waiting (gpu/transfer.py): on a GPU the stage waits once per
-    batch, to read the crop boxes, not once per call. It stylizes on the frames' device what the CPU does."""
-    cfg = style_cfg(crop_bucket=4, class_styles={"person": "candy", "dog": "udnie"})
+@pytest.mark.parametrize("region, calls", [("crop", [2, 2, 2]), ("frame", [2, 2])])
+def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region, calls):
+    """Three crop sizes in two frames make three network calls, each on crops that are not neighbours in the batch
+    (region=frame: one per style, on both frames). Their style weights reach the GPU without the host waiting
+    (gpu/transfer.py): on a GPU the stage waits once per batch, to read the crop boxes, not once per call. It
+    stylizes on the frames' device what the CPU does."""
+    cfg = style_cfg(crop_bucket=4, class_styles={"person": "candy", "dog": "udnie"}, region=region)
     squares = [(8, 8, 10, 1, 0.9), (28, 8, 16, 2, 0.9), (36, 26, 18, 1, 0.9)]  # crops of 28², 32², 36²
 
     def batch(on):
@@ -105,15 +107,15 @@ def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch):
         return records
 
     want = StylizeStage.from_config(cfg, bank)(batch(torch.device("cpu")))
-    calls = []
+    seen = []
     monkeypatch.setattr(stylize.apply, "run_network",
-                        lambda net, x, w, *args: calls.append(len(x)) or run_network(net, x, w, *args))
+                        lambda net, x, w, *args: seen.append(len(x)) or run_network(net, x, w, *args))
     stage = StylizeStage.from_config(cfg, bank)
     stage(batch(device))  # untimed once: first launches, the pinned memory pool
-    calls.clear()
+    seen.clear()
     records = batch(device)
     _, waits = gpu_waits(device, lambda: stage(records))
-    assert calls == [2, 2, 2]
+    assert seen == calls
     for record, expected in zip(records, want):
         assert [(r.instance, r.style, r.box) for r in record.stylized] == [
             (r.instance, r.style, r.box) for r in expected.stylized]
