@@ -1,1 +1,2 @@
-"""Accelerator helpers shared by the segmenter and the style network (CUDA graphs, precision choice)."""
+"""Accelerator helpers shared by the segmenter, the style network and the pipeline (CUDA graphs, precision choice,
+host-to-GPU copies that do not wait)."""

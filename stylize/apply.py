@@ -24,7 +24,7 @@ MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side n
 # On CPU, larger batches run slower per crop (measured on 2 cores: 256² crops 22-25/s one or two at a time,
 # 14/s eight at a time; 128² crops 95/s four at a time, 58-82/s eight), so CPU batches stop at this many pixels.
 CPU_BATCH_PIXELS = 4 * 128 * 128
-MAX_CROP_BATCH = 16  # crops per network call elsewhere
+MAX_CROP_BATCH = 16  # crops per network call (on a CPU, calls also stop at CPU_BATCH_PIXELS)
 
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
