@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [replay(calls, frames, bucket) for bucket in args.buckets]
     text = (f"\n## Crop batches on a GPU ({time.strftime('%Y-%m-%d %H:%M')}, scripts/crop_batches.py)\n\n"
             f"{args.size} generated clip, {frames} frames, {crops} stylized crops ({crops / max(1, frames):.2f} per "
-            f"frame), detections computed on {platform.machine()} ({resolve_device(args.device)}); overrides: "
-            f"{' '.join(args.overrides) or 'none'}\n\n" + markdown_table(
+            f"frame), detections computed on {platform.machine()} ({resolve_device(args.device)}), torch "
+            f"{torch.__version__}, Python {platform.python_version()}; overrides: {' '.join(args.overrides) or 'none'}"
+            "\n\n" + markdown_table(
                 ["crop bucket", "network calls / frame", "distinct input shapes", "shapes with CUDA graphs",
                  "padded / crop pixels"],
                 [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}"]
