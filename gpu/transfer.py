@@ -16,6 +16,8 @@ from torch import Tensor
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     """`tensor` on `device`: from the host to a GPU without waiting for the stream, otherwise `tensor.to(device)`."""
     if tensor.device.type == "cpu" and device.type == "cuda":
+        if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
+            tensor = tensor.contiguous()  # pinning keeps the strides: an expanded tensor would be copied onto itself
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
