@@ -20,4 +20,3 @@ def to_host(tensors: list[Tensor | None]) -> list[Tensor | None]:
     flat = torch.cat([t.reshape(-1) for t in present]).cpu()
     host = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in present]), present))
     return [None if t is None else next(host) for t in tensors]
-
