@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import stylize.apply
 from stylize.apply import batch_plan, crop_boxes, pad_bottom_right, run_network, stylize_frames, stylize_regions
 from stylize.bank import sample_photo
+from stylize.inference import instance_norm
+from stylize.network import INSTANCE_NORM_EPS
 from tests.stylize_fixtures import bank, bank_path  # noqa: F401
 
 
@@ -183,6 +185,25 @@ def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
     for _ in range(3):
         assert (run_network(network, x, weights, precision="bf16", graphs=True) - bf16_eager).abs().max() < 1e-2
     assert (bf16_eager - expected).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [(12, 10), (48, 40)])  # below and above the CPU's group-norm threshold
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_takes_a_scale_and_shift_per_image(device, layout, size, batch):
+    """Each branch of the runner's instance norm (batch norm on a GPU; on a CPU group norm of NCHW views, batch
+    norm image by image for channels_last) against float64 instance norm with each image's own affine."""
+    generator = torch.Generator().manual_seed(batch)
+    h = (torch.randn(batch, 8, *size, generator=generator) * 3 + 1).to(device).contiguous(memory_format=layout)
+    scale, shift = torch.rand(2, batch * 8, generator=generator).to(device)
+    expected = (F.instance_norm(h.double(), eps=INSTANCE_NORM_EPS) * scale.double().view(batch, 8, 1, 1)
+                + shift.double().view(batch, 8, 1, 1))
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.05)):
+        out = instance_norm(h.to(dtype), scale.to(dtype), shift.to(dtype))
+        assert out.shape == h.shape and out.dtype == dtype
+        if device.type == "cpu":  # a CPU keeps the layout (a GPU's batch of several goes through an NCHW view)
+            assert out.is_contiguous(memory_format=layout)
+        assert (out.double() - expected).abs().max() < tolerance
 
 
 def test_runner_follows_weight_changes(bank):
