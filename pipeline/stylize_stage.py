@@ -8,6 +8,9 @@ is cut from its style's frame. The texture then follows the scene, not the crop 
 no re-phasing when a box moves), at the cost of whole frames instead of crops: a fixed input shape per video.
 downsample=N: crops or frames go through the network at 1/N of their size and are scaled back: strokes N times
 larger, about N² less network work.
+max_side=M: a crop (region=frame: a frame) whose longer side would exceed M px at the net's resolution goes
+through at the smallest larger whole factor that fits: coarser strokes on large objects, network work bounded by
+M² per crop, and input shapes from a small fixed set, which CUDA graphs can replay.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from pipeline.assign import is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
-from stylize.apply import crop_boxes, net_side, stylize_frames, stylize_regions
+from stylize.apply import crop_boxes, crop_factors, net_side, stylize_frames, stylize_regions
 
 CPU_CROP_BUCKET = 16
 GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rounded down to this, at least this
 REGIONS = ("crop", "frame")
+FACTOR_MEMORY_FRAMES = 48  # a track unseen this many frames forgets its max_side factor
+MIN_MAX_SIDE = 32  # style.max_side's least value (the net's inputs are at least stylize.apply.MIN_SIDE px anyway)
 
 
 class StylizeStage:
@@ -32,7 +37,7 @@ class StylizeStage:
     name = "stylize"
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
-                 cuda_graphs: bool = False, region: str = "crop", downsample: int = 1):
+                 cuda_graphs: bool = False, region: str = "crop", downsample: int = 1, max_side: int | None = None):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
         if margin < 0:
@@ -51,6 +56,14 @@ class StylizeStage:
         if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
             raise PipelineConfigError(f"style.downsample must be a positive integer, got {downsample!r}")
         self.downsample = downsample
+        # a crop spans its box plus 2·margin and up to 8 px of grid at the net's resolution, whatever the factor: a cap
+        # below that is met only by shrinking crops until they cover the whole frame
+        floor = max(MIN_MAX_SIDE, 2 * self.margin + 16)
+        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < floor):
+            raise PipelineConfigError(f"style.max_side must be null or an integer >= {floor} (with margin "
+                                      f"{self.margin}), got {max_side!r}")
+        self.max_side = max_side
+        self._track_factors: dict[int, tuple[int, int]] = {}  # track id -> (its last factor, the frame it had it on)
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
             self.weights(self.background)  # a bad spec fails now, not at the first frame
@@ -60,7 +73,7 @@ class StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
                    cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")),
-                   downsample=cfg.get("downsample", 1))
+                   downsample=cfg.get("downsample", 1), max_side=cfg.get("max_side"))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
@@ -100,7 +113,9 @@ class StylizeStage:
         if jobs:
             boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
             if self.region == "crop":
-                crops = self._crops(frames, jobs, boxes)
+                boxes = boxes.cpu()  # the one wait for a GPU: crop boxes and factors are the host's to choose
+                factors = self._factors(batch, jobs, boxes, frames.shape[-2:]) if self.max_side is not None else None
+                crops = self._crops(frames, jobs, boxes, factors)
             else:
                 styled_frames = self._whole_frames(frames, jobs)
                 crops = [(box, styled_frames[style][b][:, box[1]:box[3], box[0]:box[2]])
@@ -118,7 +133,26 @@ class StylizeStage:
             for b, record in enumerate(batch):
                 record.background = known[b]
 
-    def _crops(self, frames: torch.Tensor, jobs: list, boxes: torch.Tensor) -> list:
+    def _factors(self, batch: list[FrameRecord], jobs: list, boxes: torch.Tensor, size: tuple[int, int]) -> list[int]:
+        """Each job's factor under `max_side` (`stylize.apply.crop_factors`), frame by frame, each tracked object
+        starting from its factor on its last frame: near the cap an object keeps one stroke scale."""
+        factors = [0] * len(jobs)
+        for b, record in enumerate(batch):
+            positions = [k for k, job in enumerate(jobs) if job[0] == b]
+            tracks = [-1] * len(positions) if record.track_ids is None else [
+                int(record.track_ids[jobs[k][1]]) for k in positions]
+            previous = [self._track_factors.get(track, (None,))[0] for track in tracks]
+            _, chosen = crop_factors(boxes[positions], *size, self.margin, self.downsample, self.max_side, previous)
+            for k, track, factor in zip(positions, tracks, chosen):
+                factors[k] = factor
+                if track >= 0:
+                    self._track_factors[track] = (factor, record.index)
+        newest = batch[-1].index
+        self._track_factors = {track: entry for track, entry in self._track_factors.items()
+                               if entry[1] >= newest - FACTOR_MEMORY_FRAMES}
+        return factors
+
+    def _crops(self, frames: torch.Tensor, jobs: list, boxes: torch.Tensor, factors: list[int] | None = None) -> list:
         device = frames.device
         # both on the host: stylize_regions reads the index as a list, which from a GPU would wait for it, and the
         # weights of each network call go to the GPU without the host waiting (gpu/transfer.py)
@@ -127,7 +161,7 @@ class StylizeStage:
         net_frame = [net_side(side, self.downsample) for side in frames.shape[-2:]]  # the frame the net sees
         return stylize_regions(self.bank.network, frames, frame_index, boxes, weights, margin=self.margin,
                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample,
-                               bucket=self.bucket(device, *net_frame))
+                               max_side=self.max_side, factors=factors, bucket=self.bucket(device, *net_frame))
 
     def _whole_frames(self, frames: torch.Tensor, jobs: list) -> dict[str, dict[int, torch.Tensor]]:
         """style -> {frame in batch: that frame stylized whole}, for each style and the frames that use it."""
@@ -140,7 +174,8 @@ class StylizeStage:
     def _whole(self, frames: torch.Tensor, style: str, indices: list[int]) -> dict[int, torch.Tensor]:
         """{frame in batch: that frame stylized whole in `style`} for the frames `indices`."""
         styled = stylize_frames(self.bank.network, frames[row_index(indices, frames.device)], self.weights(style),
-                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample)
+                                precision=self.precision, graphs=self.cuda_graphs, downsample=self.downsample,
+                                max_side=self.max_side)
         return dict(zip(indices, styled))
 
 

@@ -61,7 +61,7 @@ def replay(calls: list[Sizes], frames: int, bucket: int) -> dict:
             shapes.add((len(chunk), h_pad, w_pad))
             graph_shapes.add((1 << (len(chunk) - 1).bit_length(), h_pad, w_pad))  # CUDA graphs pad the batch
     return {"bucket": bucket, "calls": count / max(1, frames), "shapes": len(shapes), "graph_shapes": len(graph_shapes),
-            "padding": padded_pixels / max(1, crop_pixels)}
+            "padding": padded_pixels / max(1, crop_pixels), "pixels": padded_pixels / max(1, frames)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}, Python {platform.python_version()}; overrides: {' '.join(args.overrides) or 'none'}"
             "\n\n" + markdown_table(
                 ["crop bucket", "network calls / frame", "distinct input shapes", "shapes with CUDA graphs",
-                 "padded / crop pixels"],
-                [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}"]
-                 for r in rows]) + "\n")
+                 "padded / crop pixels", "net input px / frame"],
+                [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}",
+                  f"{r['pixels'] / 1e3:.0f}k"] for r in rows]) + "\n")
     publish(text, append=not args.no_append)
     return 0
 

@@ -66,6 +66,10 @@ step 150 bench_render_r50_kernels $RENDER 1080p $BENCH --kernel-time --kernel-fr
 step 60 bench_render_r50_graphs $RENDER 1080p $BENCH $R50 style.cuda_graphs=true
 # the style net at half resolution (style.downsample=2): a quarter of its kernel work, the same number of calls
 step 60 bench_render_r50_downsample2 $RENDER 1080p $BENCH $R50 style.downsample=2
+# crops capped at 256 px at the net (style.max_side=256): on the R50 clip's recorded crop sizes about a fifth of
+# the padded pixels of the default and a handful of input shapes, so style CUDA graphs may pay there (both measured)
+step 60 bench_render_r50_max_side $RENDER 1080p $BENCH $R50 style.max_side=256
+step 60 bench_render_r50_max_side_graphs $RENDER 1080p $BENCH $R50 style.max_side=256 style.cuda_graphs=true
 # whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
 step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)

@@ -25,6 +25,7 @@ MIN_SIDE = 16  # the net reflect-pads by 1 at quarter resolution, so each side n
 # 14/s eight at a time; 128² crops 95/s four at a time, 58-82/s eight), so CPU batches stop at this many pixels.
 CPU_BATCH_PIXELS = 4 * 128 * 128
 MAX_CROP_BATCH = 16  # crops per network call (on a CPU, calls also stop at CPU_BATCH_PIXELS)
+STEP_DOWN_FILL = 0.8  # `crop_factors`: an object steps down to a smaller factor once its crop there fills at most this
 
 
 def _settings(device: torch.device, precision: str, channels_last) -> tuple[bool, bool]:
@@ -68,9 +69,11 @@ def _round_up(n: int, step: int) -> int:
     return max(MIN_SIDE, math.ceil(n / step) * step)
 
 
-def crop_boxes(boxes: Tensor, height: int, width: int, margin: int, grid: int = 4) -> list[tuple[int, int, int, int]]:
+def crop_boxes(boxes: Tensor, height: int, width: int, margin: int | Tensor, grid: int | Tensor = 4
+               ) -> list[tuple[int, int, int, int]]:
     """Float xyxy boxes → integer (x1, y1, x2, y2): `margin` px around, snapped outwards to the frame's
-    `grid`-px grid, clipped to the frame; x2/y2 exclusive, ≥ 1 px.
+    `grid`-px grid, clipped to the frame; x2/y2 exclusive, ≥ 1 px. `margin` and `grid` are one for all boxes or
+    one per box ((K,) tensors).
 
     The snap keeps each crop in the same phase as the net's two stride-2 convs wherever the box moves,
     so a still object gets the same texture from frame to frame: 4 px, times the downsampling in front of the net.
@@ -83,9 +86,59 @@ def crop_boxes(boxes: Tensor, height: int, width: int, margin: int, grid: int = 
     return [tuple(int(v) for v in row) for row in torch.stack([x1, y1, x2, y2], 1).tolist()]
 
 
+def crop_factors(boxes: Tensor, height: int, width: int, margin: int, downsample: int, max_side: int | None,
+                 previous: list[int | None] | None = None) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+    """Each box's crop (`crop_boxes`) and the factor its crop goes through the net at: `downsample`, or for a crop
+    whose longer side would exceed `max_side` net px, the smallest whole factor that fits it (a larger factor widens
+    the crop's margin and grid, so a crop is measured again until it fits; a crop never outgrows the frame, so one
+    always does).
+
+    `previous` (per box, None for a new object) is the factor each object had on its last frame. An object keeps
+    a larger factor until its crop at the next smaller one would fill at most STEP_DOWN_FILL of `max_side`: an
+    object whose size hovers at the cap keeps one stroke scale instead of switching every few frames."""
+    factors = [downsample] * len(boxes)
+    if max_side is None:
+        return crops_at(boxes, height, width, margin, factors), factors
+    factors = [max(downsample, factor or downsample) for factor in (previous or factors)]
+    while True:  # step down while the next smaller factor leaves room
+        smaller = [max(downsample, factor - 1) for factor in factors]
+        crops = crops_at(boxes, height, width, margin, smaller)
+        down = [k for k, (crop, factor) in enumerate(zip(crops, smaller))
+                if factor < factors[k] and net_side(_longer(crop), factor) <= STEP_DOWN_FILL * max_side]
+        if not down:
+            break
+        for k in down:
+            factors[k] = smaller[k]
+    while True:  # grow while over the cap
+        crops = crops_at(boxes, height, width, margin, factors)
+        over = [k for k, (crop, factor) in enumerate(zip(crops, factors)) if net_side(_longer(crop), factor) > max_side]
+        if not over:
+            return crops, factors
+        for k in over:
+            factors[k] = max(factors[k] + 1, fitting_factor(_longer(crops[k]), factors[k], max_side))
+
+
+def crops_at(boxes: Tensor, height: int, width: int, margin: int, factors: list[int]
+             ) -> list[tuple[int, int, int, int]]:
+    """The crops of `boxes` for the net at these factors: margin and grid scale with each."""
+    scale = torch.tensor(factors, dtype=torch.float32)
+    return crop_boxes(boxes, height, width, margin * scale, grid=4 * scale)
+
+
+def _longer(crop: tuple[int, int, int, int]) -> int:
+    x1, y1, x2, y2 = crop
+    return max(x2 - x1, y2 - y1)
+
+
+def fitting_factor(side: int, downsample: int, max_side: int | None) -> int:
+    """The smallest factor ≥ `downsample` that brings `side` px within `max_side` net px (None: `downsample`)."""
+    return downsample if max_side is None else max(downsample, -(-side // max_side))
+
+
 def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor, boxes: Tensor,
                     style_weights: Tensor, margin: int = 16, max_batch: int = MAX_CROP_BATCH, precision: str = "auto",
                     channels_last="auto", bucket: int = 16, graphs: bool = False, downsample: int = 1,
+                    max_side: int | None = None, factors: list[int] | None = None,
                     ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
     """Stylize K boxes of a batch of frames.
 
@@ -96,7 +149,11 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS): `batch_plan`.
     `downsample` N > 1 runs each crop through the net at 1/N of its size (`shrink`) and scales the result back
     (`enlarge`); `margin` and `bucket` count the net's pixels (a margin of N·margin frame pixels keeps the net's
-    border artefacts as far from the object, in the net's pixels, as at N = 1).
+    border artefacts as far from the object, in the net's pixels, as at N = 1). `max_side` caps the net's input:
+    a crop whose longer side would exceed it goes through at the smallest larger factor that fits (`crop_factors`),
+    so large objects get coarser strokes and every network call has one of a few bounded shapes. `factors` gives
+    each crop's factor instead, as `crop_factors` chose it with each object's factor on its last frame (the
+    stylize stage keeps those).
 
     This net's texture reacts to everything within ~60 px, borders included, so padding a crop changes
     its stylization (mean |Δ| ≈ 0.03–0.1 for 4–32 px of padding): a larger `bucket` batches more crops
@@ -105,19 +162,22 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     if bucket % 4:
         raise ValueError(f"bucket must be a multiple of 4, got {bucket}")
     height, width = frames.shape[-2:]
-    crops = crop_boxes(boxes, height, width, margin * downsample, grid=4 * downsample)
+    if factors is None:
+        crops, factors = crop_factors(boxes, height, width, margin, downsample, max_side)
+    else:
+        crops = crops_at(boxes, height, width, margin, factors)
     index = frame_index.tolist()
-    sizes = [(net_side(y2 - y1, downsample), net_side(x2 - x1, downsample)) for x1, y1, x2, y2 in crops]
+    sizes = [(net_side(y2 - y1, factor), net_side(x2 - x1, factor)) for (x1, y1, x2, y2), factor in zip(crops, factors)]
     results: list[Tensor | None] = [None] * len(crops)
     for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, max_batch, frames.device.type == "cpu"):
         batch = torch.cat([
-            pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, downsample), h_pad, w_pad)
+            pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, factors[k]), h_pad, w_pad)
             for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
         out = run_network(network, batch, style_weights[row_index(chunk, style_weights.device)], precision,
                           channels_last, graphs)
         for row, k in zip(out, chunk):
             x1, y1, x2, y2 = crops[k]
-            results[k] = enlarge(row[None], y2 - y1, x2 - x1, downsample)[0]
+            results[k] = enlarge(row[None], y2 - y1, x2 - x1, factors[k])[0]
     return list(zip(crops, results))
 
 
@@ -137,11 +197,13 @@ def batch_plan(sizes: list[tuple[int, int]], bucket: int, max_batch: int, cpu: b
 
 
 def stylize_frames(network: MultiStyleNet, frames: Tensor, style_weights: Tensor, max_batch: int = 4,
-                   precision: str = "auto", channels_last="auto", graphs: bool = False, downsample: int = 1
-                   ) -> Tensor:
+                   precision: str = "auto", channels_last="auto", graphs: bool = False, downsample: int = 1,
+                   max_side: int | None = None) -> Tensor:
     """Whole frames (uint8 B×3×H×W) in one style each ((B, S) or one (S,) for all) → float B×3×H×W in [0,1];
-    through the net at 1/`downsample` of their size."""
+    through the net at 1/`downsample` of their size, or smaller where their longer side would exceed `max_side`
+    net px (`fitting_factor`)."""
     height, width = frames.shape[-2:]
+    downsample = fitting_factor(max(height, width), downsample, max_side)
     weights = style_weights.expand(frames.shape[0], -1) if style_weights.dim() == 1 else style_weights
     outputs = []
     for start in range(0, frames.shape[0], max_batch):

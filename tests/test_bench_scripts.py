@@ -24,6 +24,7 @@ def test_replay_counts_a_gpus_calls_shapes_and_padding():
     assert row["graph_shapes"] == 3              # batches of 1 and 2 stay as they are
     crop = 30 * 64 + 64 * 20 + 65 * 64 + 10 * 10 + 65 * 64
     assert row["padding"] == pytest.approx((3 * 64 * 64 + 2 * 128 * 64) / crop)
+    assert row["pixels"] == pytest.approx((3 * 64 * 64 + 2 * 128 * 64) / 4)
     # three crops of one padded size: a batch of 3, which CUDA graphs pad to 4
     row = replay([[(60, 60)] * 3, [(60, 60)] * 4], frames=2, bucket=64)
     assert (row["calls"], row["shapes"], row["graph_shapes"]) == (1.0, 2, 1)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import stylize.apply
-from stylize.apply import batch_plan, crop_boxes, pad_bottom_right, run_network, stylize_frames, stylize_regions
+from stylize.apply import (batch_plan, crop_boxes, crop_factors, pad_bottom_right, run_network, stylize_frames,
+                           stylize_regions)
 from stylize.bank import sample_photo
 from stylize.inference import instance_norm
 from stylize.network import INSTANCE_NORM_EPS
@@ -89,6 +90,45 @@ INDEX = torch.tensor([0, 0, 1, 1, 0])
 STYLES = [3, 7, 19, 0, 12]
 
 
+def smallest_fitting_factor(box, margin, max_side):
+    """The definition `crop_factors` implements: the least N whose crop (margin N·margin, grid 4N) is at most
+    max_side px at 1/N."""
+    for factor in range(1, 100):
+        x1, y1, x2, y2 = crop_boxes(box[None], 120, 180, margin * factor, grid=4 * factor)[0]
+        if math.ceil(max(x2 - x1, y2 - y1) / factor) <= max_side:
+            return factor, (x1, y1, x2, y2)
+
+
+def test_max_side_sends_each_large_crop_through_at_the_smallest_factor_that_fits(bank, frames, monkeypatch):
+    weights = torch.eye(26)[STYLES]
+    shapes = []
+    run = stylize.apply.run_network
+    monkeypatch.setattr(stylize.apply, "run_network", lambda network, x, *a, **k: shapes.append(x.shape) or
+                        run(network, x, *a, **k))
+    results = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, bucket=4, precision="fp32",
+                              max_side=40)
+    assert all(max(shape[-2:]) <= 40 for shape in shapes)
+    factors = []
+    with torch.no_grad():
+        for k, (box, pixels) in enumerate(results):
+            factor, want_box = smallest_fitting_factor(BOXES[k], 8, 40)
+            factors.append(factor)
+            assert box == want_box and pixels.shape == (3, box[3] - box[1], box[2] - box[0])
+            x1, y1, x2, y2 = box
+            crop = frames[int(INDEX[k]):int(INDEX[k]) + 1, :, y1:y2, x1:x2].float() / 255
+            want = downsampled_alone(bank.network, crop, weights[k], factor)
+            torch.testing.assert_close(pixels, want, rtol=0, atol=1e-5)
+    assert factors[4] == 1 and max(factors) >= 3  # the 4x3 box stays at full size, the large ones shrink
+    # a cap above every crop changes nothing
+    uncapped = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, precision="fp32")
+    capped = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, precision="fp32", max_side=180)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(uncapped, capped))
+    whole = stylize_frames(bank.network, frames, weights[:2], precision="fp32", max_side=64)  # 180 px: 1/3
+    torch.testing.assert_close(whole, stylize_frames(bank.network, frames, weights[:2], precision="fp32",
+                                                     downsample=3), rtol=0, atol=0)
+
+
+
 def test_exact_buckets_equal_each_crop_alone(bank, frames):
     weights = torch.eye(26)[STYLES]
     results = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, bucket=4, max_batch=3)
@@ -161,6 +201,21 @@ def test_batch_plan_groups_by_padded_size_and_splits_at_the_batch_limit():
     assert batch_plan(sizes, 64, max_batch=16, cpu=True) == batch_plan(sizes, 64, max_batch=16, cpu=False)
     assert batch_plan([(200, 200)] * 3, 16, max_batch=16, cpu=True) == [((208, 208), [k]) for k in range(3)]
     assert batch_plan([(200, 200)] * 3, 16, max_batch=16, cpu=False) == [((208, 208), [0, 1, 2])]
+
+
+def test_an_object_near_the_cap_keeps_its_factor_until_it_fits_with_room():
+    """crop_factors' step-down rule: at factor 1, a 48x48 box with margin 8 is a 64 px crop; under a cap of 72 it
+    fits (so a new object takes 1) but fills more than STEP_DOWN_FILL of the cap (so one at 2 stays at 2). A 32 px
+    box (48 px crop, 0.67 of the cap) steps down; an 80 px box grows from 1 whatever it had."""
+    boxes = torch.tensor([[40.0, 40, 88, 88], [40, 40, 72, 72], [40, 40, 120, 120]])
+    assert 0.8 * 72 < 64 <= 72
+    _, fresh = crop_factors(boxes, 200, 200, 8, 1, 72)
+    _, kept = crop_factors(boxes, 200, 200, 8, 1, 72, previous=[2, 2, 1])
+    assert fresh == [1, 1, 2] and kept == [2, 1, 2]
+    _, from_three = crop_factors(boxes, 200, 200, 8, 1, 72, previous=[3, 3, None])
+    assert from_three == [2, 1, 2]  # down as far as the room allows: 3 -> 2 for the 48 px box, 3 -> 1 for the 32
+    _, uncapped = crop_factors(boxes, 200, 200, 8, 2, None, previous=[3, 3, 3])
+    assert uncapped == [2, 2, 2]  # without a cap every crop takes downsample
 
 
 def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):

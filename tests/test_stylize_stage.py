@@ -15,7 +15,7 @@ from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
-from pipeline.stylize_stage import StylizeStage
+from pipeline.stylize_stage import FACTOR_MEMORY_FRAMES, StylizeStage
 from segment.structures import Instances
 from stylize.apply import run_network, stylize_frames, stylize_regions
 from stylize.bank import StyleBank
@@ -207,6 +207,12 @@ def test_bad_background_fails_at_construction(bank):
     for bad in (0, 1.5, True):
         with pytest.raises(PipelineConfigError, match="style.downsample must be a positive integer"):
             StylizeStage.from_config(style_cfg(downsample=bad), bank)
+    for bad in (47, 64.0, True, "256"):
+        with pytest.raises(PipelineConfigError, match=r"style.max_side must be null or an integer >= 48 \(with margin"):
+            StylizeStage.from_config(style_cfg(max_side=bad, margin=16), bank)
+    with pytest.raises(PipelineConfigError, match="an integer >= 32 "):
+        StylizeStage.from_config(style_cfg(max_side=16, margin=4), bank)
+    assert StylizeStage.from_config(style_cfg(max_side=48, margin=16), bank).max_side == 48
 
 
 def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank):
@@ -219,10 +225,34 @@ def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank)
     assert StylizeStage.from_config(style_cfg(crop_bucket=32), bank).bucket(cuda, 1080, 1920) == 32
 
 
+def test_a_tracked_object_keeps_its_max_side_factor_from_frame_to_frame(bank):
+    """An object whose crop hovers at style.max_side keeps the factor it had (one stroke scale), frame to frame and
+    across batches; an untracked one (-1) and a track unseen for FACTOR_MEMORY_FRAMES start afresh."""
+    stage = StylizeStage.from_config(style_cfg(max_side=40, margin=8), bank)
+    # crops at factor 1 (margin 8, 4 px grid): 30 px box -> 44 px, over the cap; 26 -> 40 and 22 -> 36, near it;
+    # 14 -> 28, 0.7 of it
+    sides = [30, 26, 22, 26, 14, 26, 22]
+
+    def factors(start, track_ids):
+        batch = [frame(start + k, [(4, 4, side, 1, 0.9)]) for k, side in enumerate(sides)]
+        for record, track in zip(batch, track_ids):
+            record.track_ids = torch.tensor([track])
+        jobs = [(b, 0, "candy") for b in range(len(batch))]
+        boxes = torch.stack([record.instances.boxes[0] for record in batch])
+        return stage._factors(batch, jobs, boxes, (H, W))
+
+    assert factors(0, [5] * 7) == [2, 2, 2, 2, 1, 1, 1]  # keeps 2 near the cap, back to 1 with room
+    assert factors(7, [-1] * 7) == [2, 1, 1, 1, 1, 1, 1]  # untracked: each frame on its own
+    assert factors(14, [5] * 7) == [2, 2, 2, 2, 1, 1, 1]
+    assert stage._track_factors[5] == (1, 20)
+    factors(14 + FACTOR_MEMORY_FRAMES + 7, [6] * 7)
+    assert 5 not in stage._track_factors
+
+
 @pytest.mark.parametrize("downsample", [2, 3])
 def test_downsample_reaches_the_network_with_the_bucket_of_the_frame_it_sees(bank, monkeypatch, downsample):
-    """The stage hands `downsample` to stylize_regions, and picks the bucket for the frame the net sees (1080p at
-    1/2: 540×960, 128 px on a GPU)."""
+    """The stage hands `downsample` and `max_side` to stylize_regions and stylize_frames, and picks the bucket for
+    the frame the net sees (1080p at 1/2: 540×960, 128 px on a GPU)."""
     seen = {}
 
     def regions(network, frames, frame_index, boxes, weights, **options):
@@ -234,10 +264,14 @@ def test_downsample_reaches_the_network_with_the_bucket_of_the_frame_it_sees(ban
         return 64
 
     monkeypatch.setattr(pipeline.stylize_stage, "stylize_regions", regions)
-    stage = StylizeStage.from_config(style_cfg(downsample=downsample), bank)
+    stage = StylizeStage.from_config(style_cfg(downsample=downsample, max_side=96), bank)
     monkeypatch.setattr(stage, "bucket", bucket)
     frames = torch.zeros(1, 3, 1080, 1920, dtype=torch.uint8)
     stage._crops(frames, [(0, 0, "candy")], torch.tensor([[10.0, 10, 50, 50]]))
-    assert seen["downsample"] == downsample and seen["bucket"] == 64
+    assert seen["downsample"] == downsample and seen["max_side"] == 96 and seen["bucket"] == 64
+    monkeypatch.setattr(pipeline.stylize_stage, "stylize_frames", lambda network, x, w, **options: seen.update(
+        frame_options=options) or x.float())
+    stage._whole(frames, "candy", [0])  # region=frame and the background
+    assert seen["frame_options"]["downsample"] == downsample and seen["frame_options"]["max_side"] == 96
     assert seen["net frame"] == (math.ceil(1080 / downsample), math.ceil(1920 / downsample))
     assert StylizeStage.from_config(style_cfg(), bank).bucket(torch.device("cuda"), 540, 960) == 128
