@@ -128,6 +128,9 @@ def test_transform_equals_torchvision():
     got_small = ours.uint8_batch(frame[None])
     assert got_small.image_sizes == want_small.image_sizes == [(298, 224)]
     torch.testing.assert_close(got_small.tensors[0], want_small.tensors[0], rtol=0, atol=1e-5)
+    pair = torch.stack([frame, frame.flip(-1)])  # a CPU shrinks a batch frame by frame: the same as each alone
+    want_pair, _ = theirs([image.float() / 255 for image in pair])
+    torch.testing.assert_close(ours.uint8_batch(pair).tensors, want_pair.tensors, rtol=0, atol=1e-5)
     theirs.train()
     torch.manual_seed(0)
     want, want_targets = theirs(images, targets)
