@@ -70,6 +70,10 @@ step 60 bench_render_r50_downsample2 $RENDER 1080p $BENCH $R50 style.downsample=
 # the padded pixels of the default and a handful of input shapes, so style CUDA graphs may pay there (both measured)
 step 60 bench_render_r50_max_side $RENDER 1080p $BENCH $R50 style.max_side=256
 step 60 bench_render_r50_max_side_graphs $RENDER 1080p $BENCH $R50 style.max_side=256 style.cuda_graphs=true
+# the same with the segmenter at a 600-px short side instead of 800 (about 0.56x its pixels): our R50 ran 107-117
+# img/s at 800x1066 on an H200 (bench_segment, batch 8, bf16), which alone bounds an 800-px 1080p render below 120 fps
+step 60 bench_render_r50_fast $RENDER 1080p $BENCH $R50 style.max_side=256 style.cuda_graphs=true \
+    segment.min_size=600 segment.max_size=1000
 # whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
 step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)
