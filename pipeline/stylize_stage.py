@@ -8,9 +8,9 @@ is cut from its style's frame. The texture then follows the scene, not the crop 
 no re-phasing when a box moves), at the cost of whole frames instead of crops: a fixed input shape per video.
 downsample=N: crops or frames go through the network at 1/N of their size and are scaled back: strokes N times
 larger, about N² less network work.
-max_side=M: a crop (region=frame: a frame) whose longer side would exceed M px at the net's resolution goes
-through at the smallest larger whole factor that fits: coarser strokes on large objects, network work bounded by
-M² per crop, and input shapes from a small fixed set, which CUDA graphs can replay.
+max_side=M: a crop (region=frame and the background: a frame) whose longer side would exceed M px at the net's
+resolution goes through at the smallest larger whole factor that fits: coarser strokes on large objects, network work
+bounded by M² per crop, and input shapes from a small fixed set, which CUDA graphs can replay.
 """
 from __future__ import annotations
 
