@@ -96,10 +96,10 @@ def crop_factors(boxes: Tensor, height: int, width: int, margin: int, downsample
     `previous` (per box, None for a new object) is the factor each object had on its last frame. An object keeps
     a larger factor until its crop at the next smaller one would fill at most STEP_DOWN_FILL of `max_side`: an
     object whose size hovers at the cap keeps one stroke scale instead of switching every few frames."""
-    factors = [downsample] * len(boxes)
     if max_side is None:
+        factors = [downsample] * len(boxes)
         return crops_at(boxes, height, width, margin, factors), factors
-    factors = [max(downsample, factor or downsample) for factor in (previous or factors)]
+    factors = [max(downsample, factor or downsample) for factor in (previous or [None] * len(boxes))]
     while True:  # step down while the next smaller factor leaves room
         smaller = [max(downsample, factor - 1) for factor in factors]
         crops = crops_at(boxes, height, width, margin, smaller)
