@@ -34,6 +34,10 @@ step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-si
     --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
 # the steps from here on that name /tmp/r50_reference.pth need bench_segment (it writes that file) in the same run
 step 60 profile_segment python3 scripts/profile_segment.py --checkpoint /tmp/r50_reference.pth
+# the same at the R50 render's batch (four 1080p frames, 10 detections): the segmenter's 13.9-15.5 ms per frame
+# in the render (GPU sessions 4-6) split into its front and the rest, and with cuDNN's algorithm timing
+step 90 profile_segment_render_batch python3 scripts/profile_segment.py --checkpoint /tmp/r50_reference.pth --batch 4 \
+    --image-size 1080 1920 --detections 10
 RENDER="python3 scripts/bench_render.py --sizes"
 BENCH="--device cuda --frames ${FRAMES:-240} --warmup-frames 16"
 step 60 bench_render_nvidia $RENDER 1080p $BENCH segment.precision=bf16 decode.decoder=nvdec encode=nvenc
