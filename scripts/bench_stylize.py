@@ -1,6 +1,7 @@
 """Stylization throughput: crops/s at a few crop sizes (batched vs one by one) and whole 480p frames/s, each
-through the plain nn.Module forward (the peer), through our StyleRunner (with CUDA graphs on a GPU), and through the
-runner in the memory layout its device does not default to (an A/B for the runner's NCHW instance norm).
+through the plain nn.Module forward (the peer), through our StyleRunner (with CUDA graphs on a GPU), through the
+runner in the memory layout its device does not default to (an A/B for the runner's NCHW instance norm), and through
+the runner upsampling at full size (an A/B for its upsampling by phases).
 `--layers` adds where one 480p frame's time goes: each layer's resample (layout, upsampling, reflect pad),
 convolution and instance norm, timed alone in channels_last and in NCHW.
 
@@ -67,15 +68,18 @@ def auto_channels_last(device: torch.device) -> bool:
     return default_channels_last(device, resolve_precision("auto", device) == "bf16")
 
 
-def four_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None, float]:
+def five_ways(fn, device: torch.device, repeats: int) -> tuple[float, float, float | None, float, float]:
     """Seconds per call of fn(graphs, channels_last) through the module peer, our runner, our runner with CUDA
-    graphs, and our runner in the layout it does not default to (stylize.apply.default_channels_last)."""
+    graphs, our runner in the layout it does not default to (stylize.apply.default_channels_last), and our runner
+    upsampling at full size instead of by phases (stylize.inference.UPSAMPLE_BY_PHASES)."""
     with mock.patch.object(stylize.apply, "run_network", module_forward):
         module = timed(lambda: fn(False, "auto"), device, repeats)
     runner = timed(lambda: fn(False, "auto"), device, repeats)
     graphs = timed(lambda: fn(True, "auto"), device, repeats) if device.type == "cuda" else None
     other_layout = timed(lambda: fn(False, not auto_channels_last(device)), device, repeats)
-    return module, runner, graphs, other_layout
+    with mock.patch.object(stylize.inference, "UPSAMPLE_BY_PHASES", False):
+        full_size = timed(lambda: fn(False, "auto"), device, repeats)
+    return module, runner, graphs, other_layout, full_size
 
 
 def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str, str, int, tuple]]:
@@ -90,12 +94,12 @@ def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str
             run = partial(lambda b, graphs, layout: stylize_regions(network, frame, index, boxes, styles, margin=0,
                                                                     max_batch=b, graphs=graphs, channels_last=layout),
                           batch)
-            rows.append((f"crop {size}x{size} ({CROPS} styles)", mode, CROPS, four_ways(run, device, repeats)))
+            rows.append((f"crop {size}x{size} ({CROPS} styles)", mode, CROPS, five_ways(run, device, repeats)))
     frames = frame.expand(2, -1, -1, -1).contiguous()
-    rows.append(("frame 854x480", "batch of 2", 2, four_ways(
+    rows.append(("frame 854x480", "batch of 2", 2, five_ways(
         lambda graphs, layout: stylize_frames(network, frames, styles[:2], max_batch=2, graphs=graphs,
                                               channels_last=layout), device, repeats)))
-    rows.append(("frame 854x480", "one by one", 1, four_ways(
+    rows.append(("frame 854x480", "one by one", 1, five_ways(
         lambda graphs, layout: stylize_frames(network, frame, styles[0], graphs=graphs, channels_last=layout),
         device, repeats)))
     return rows
@@ -122,14 +126,16 @@ def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list
         for i, h in enumerate(inputs):
             times = []
             for runner in runners.values():
-                spec = runner.layers[i]
                 padded = runner.resample(i, h)
-                conv = torch.nn.functional.conv2d(padded, spec.weight, stride=spec.stride)
+                conv = runner.convolve(i, padded)
                 times += [timed(partial(fn, *args), device, repeats) * 1000 for fn, args in (
                     (runner.resample, (i, h)),
-                    (torch.nn.functional.conv2d, (padded, spec.weight, None, spec.stride)),
+                    (runner.convolve, (i, padded)),
                     (instance_norm, (conv, affine[2 * i], affine[2 * i + 1])))]
-            layout = "channels_last" if picked.layers[i].layout == torch.channels_last else "NCHW"
+            spec = picked.layers[i]
+            layout = " -> ".join(dict.fromkeys(  # a layer that upsamples by phases may change layout
+                "channels_last" if memory_format == torch.channels_last else "NCHW"
+                for memory_format in (spec.layout, spec.out_layout if spec.phases else spec.layout)))
             rows.append([str(i), f"{h.shape[-2]}x{h.shape[-1]}", f"{h.shape[1]} -> {conv.shape[1]}",
                          *(f"{t:.2f}" for t in times), layout])
         totals = [sum(float(r[3 + k]) for r in rows) for k in range(6)]
@@ -155,13 +161,13 @@ def main() -> int:
     rows = bench(bank, device, args.repeats)
     other = "NCHW" if auto_channels_last(device) else "channels_last"
     header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module",
-              f"runner in {other} images/s"]
+              f"runner in {other} images/s", "runner, upsampling at full size images/s"]
     cells = []
-    for what, mode, count, (module, runner, graphs, other_layout) in rows:
+    for what, mode, count, (module, runner, graphs, other_layout, full_size) in rows:
         best = min(runner, graphs or runner)
         graphed = f"{count / graphs:.2f}" if graphs else "- (CPU)"
         cells.append([what, mode, f"{count / module:.2f}", f"{count / runner:.2f}", graphed, f"{module / best:.2f}x",
-                      f"{count / other_layout:.2f}"])
+                      f"{count / other_layout:.2f}", f"{count / full_size:.2f}"])
     text = (f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})\n\n"
             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "

@@ -10,7 +10,7 @@ import stylize.apply
 from stylize.apply import (batch_plan, crop_boxes, crop_factors, pad_bottom_right, run_network, stylize_frames,
                            stylize_regions)
 from stylize.bank import sample_photo
-from stylize.inference import instance_norm
+from stylize.inference import _interleave_phases, _phase_weight, instance_norm
 from stylize.network import INSTANCE_NORM_EPS
 from tests.stylize_fixtures import bank, bank_path  # noqa: F401
 
@@ -126,7 +126,6 @@ def test_max_side_sends_each_large_crop_through_at_the_smallest_factor_that_fits
     whole = stylize_frames(bank.network, frames, weights[:2], precision="fp32", max_side=64)  # 180 px: 1/3
     torch.testing.assert_close(whole, stylize_frames(bank.network, frames, weights[:2], precision="fp32",
                                                      downsample=3), rtol=0, atol=0)
-
 
 
 def test_exact_buckets_equal_each_crop_alone(bank, frames):
@@ -259,6 +258,22 @@ def test_instance_norm_takes_a_scale_and_shift_per_image(device, layout, size, b
         if device.type == "cpu":  # a CPU keeps the layout (a GPU's batch of several goes through an NCHW view)
             assert out.is_contiguous(memory_format=layout)
         assert (out.double() - expected).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 7)])
+def test_upsampling_by_phases_is_the_upsampled_conv(device, layout, size):
+    """The runner's upsampling layers convolve four phases at the input's resolution and interleave them: in float64
+    exactly (to rounding) the reflect-padded 3x3 conv of the input upsampled ×2, edges and one-pixel inputs included,
+    in the layout asked for."""
+    generator = torch.Generator().manual_seed(size[1])
+    x = torch.randn(2, 5, *size, generator=generator, dtype=torch.float64).to(device)
+    weight = torch.randn(3, 5, 3, 3, generator=generator, dtype=torch.float64).to(device)
+    expected = F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), [1] * 4, mode="reflect"), weight)
+    phases = F.conv2d(F.pad(x.contiguous(memory_format=layout), [1] * 4, mode="replicate"), _phase_weight(weight))
+    out = _interleave_phases(phases, layout)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=layout)
+    assert (out - expected).abs().max() < 1e-12
 
 
 def test_runner_follows_weight_changes(bank):
