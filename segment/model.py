@@ -19,6 +19,10 @@ from segment.structures import Instances
 from segment.transform import ImageBatch, ImageTransform, rescale_boxes
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# oneDNN (torch 2.14.1, x86 CPUs) computes bf16 convs of stride 2 wrongly where their output is one pixel wide and
+# more tall (docs/benchmarks.md, 2026-11-27, sixth CPU session): the backbone's last stride-2 conv has such an
+# output for a padded batch at most this wide (its total stride), where the features came out wrong or NaN
+CPU_BF16_UNSAFE_WIDTH = 32
 GRAPHED_FRAME_SHAPES = 4  # front graphs kept (a video has one frame size; each graph holds its activations)
 
 
@@ -123,9 +127,13 @@ class MaskRCNN(nn.Module):
     def _layout(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def _autocast(self, cache: bool = True):
+    def _autocast(self, cache: bool = True, width: int | None = None):
+        """The autocast of `self.precision`; given the padded batch's `width`, fp32 for a backbone that bf16 would
+        get wrong on a CPU (CPU_BF16_UNSAFE_WIDTH)."""
         dtype = _AUTOCAST_DTYPES.get(resolve_precision(self.precision, self.device))
-        if dtype is None:
+        unsafe = (dtype == torch.bfloat16 and self.device.type == "cpu" and width is not None
+                  and width <= CPU_BF16_UNSAFE_WIDTH)
+        if dtype is None or unsafe:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache)
 
@@ -146,7 +154,7 @@ class MaskRCNN(nn.Module):
 
     def _dense(self, batch: ImageBatch) -> tuple[dict[str, Tensor], Candidates]:
         # no autocast weight cache: a CUDA graph must cast the weights itself, not read casts freed after capture
-        with self._autocast(cache=False):
+        with self._autocast(cache=False, width=batch.tensors.shape[-1]):
             features = self.backbone(self._layout(batch.tensors))
             return features, self.rpn.candidates(tuple(batch.tensors.shape), list(features.values()))
 

@@ -48,6 +48,33 @@ def test_segmenter_auto_runs_what_it_resolves_to(real_photos, monkeypatch, nativ
     assert not same_detections(auto, model.set_inference_options(precision=other).predict(frames)[0])
 
 
+def test_segmenter_features_of_a_narrow_frame_match_fp32_on_a_cpu():
+    """oneDNN's bf16 stride-2 convs with a one-pixel-wide output come out wrong on x86 CPUs (torch 2.14.1): a frame
+    whose padded batch is 32 px wide got features 10-40 % off fp32 in bf16, or NaN. The segmenter runs such a
+    batch's backbone in fp32 on a CPU, and a wider one still in bf16."""
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(
+        backbone="resnet18", norm="gn", fpn_channels=64, representation_size=128, mask_head_channels=64,
+        num_classes=3, min_size=128, max_size=192)).eval()
+
+    def features(frame, precision):
+        model.set_inference_options(precision=precision)
+        with torch.inference_mode():
+            batch = model.transform.uint8_batch(frame[None])
+            return batch.tensors.shape[-1], model._dense(batch)[0]
+
+    narrow = torch.randint(0, 256, (3, 1200, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    width, bf16 = features(narrow, "bf16")
+    _, fp32 = features(narrow, "fp32")
+    assert width == 32
+    for level in fp32:
+        assert torch.isfinite(bf16[level]).all()
+        assert (bf16[level].float() - fp32[level]).abs().max() <= 0.05 * fp32[level].abs().max(), level
+    wide = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    width, bf16 = features(wide, "bf16")
+    assert width > 32 and bf16["0"].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_style_network_auto_runs_what_it_resolves_to(monkeypatch, native):
     monkeypatch.setattr(gpu.precision, "native_bf16", lambda device: native)
