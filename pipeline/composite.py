@@ -113,9 +113,13 @@ def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:
 
     |Δ| as max − min stays in uint8 (no float copies of the window: at 1080p on a CPU 7 against 34 ms for a
     3×950×1700 window), and integer sums do not round. A product, not inside-indexing: boolean indexing would wait
-    for the GPU to count the pixels."""
-    delta = torch.maximum(now, before) - torch.minimum(now, before)
-    return (delta.sum(0, dtype=torch.int32) * inside).sum()
+    for the GPU to count the pixels. The channels add up in int16 (at most 3 × 255), one plane at a time: a sum
+    over channels with a wider dtype first copies the whole window to it (2 cores, 3×700×1000: 2.7 -> 1.5 ms)."""
+    delta = torch.maximum(now, before).sub_(torch.minimum(now, before)).mul_(inside)
+    summed = delta[0].to(torch.int16)
+    for plane in delta[1:]:
+        summed += plane
+    return summed.sum()
 
 
 def _window(mask: Tensor, box: Box, window: Box) -> Tensor:
