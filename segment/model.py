@@ -20,7 +20,7 @@ from segment.transform import ImageBatch, ImageTransform, rescale_boxes
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # oneDNN (torch 2.14.1, x86 CPUs) computes bf16 convs of stride 2 wrongly where their output is one pixel wide and
-# more tall (docs/benchmarks.md, 2026-11-27, sixth CPU session): the backbone's last stride-2 conv has such an
+# several tall (docs/benchmarks.md, 2026-11-27, sixth CPU session): the backbone's last stride-2 conv has such an
 # output for a padded batch at most this wide (its total stride), where the features came out wrong or NaN
 CPU_BF16_UNSAFE_WIDTH = 32
 GRAPHED_FRAME_SHAPES = 4  # front graphs kept (a video has one frame size; each graph holds its activations)
