@@ -32,6 +32,9 @@ CPU_CHANNELS_LAST_MIN_CHANNELS = 8
 # A CPU's instance norm of an NCHW activation takes group norm from this many pixels per image, batch norm below
 # (`_cpu_instance_norm`; 8x32x16x16 bf16: group norm 140 us, batch norm 83)
 CPU_GROUP_NORM_MIN_PIXELS = 32 * 32
+# ... and of a channels_last bf16 image from these many pixels and channels (2 cores: 32x480x852 10.2-16.1 ->
+# 7.1-8.8 ms, 32x64x64 0.09-0.14 -> 0.06-0.10; but 32x16x16 0.03-0.07 -> 0.29-0.41, 8x240x426 1.24 -> 4.2-4.5)
+CPU_CHANNELS_LAST_GROUP_NORM_MIN_CHANNELS = 32
 # The upsampling layers as four phases of a conv at the input's resolution (`_phase_weight`); False: upsampled and
 # padded at full size first (what bench_stylize.py compares)
 UPSAMPLE_BY_PHASES = True
@@ -165,18 +168,26 @@ def _cpu_instance_norm(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """`instance_norm` on a CPU. An NCHW batch is one image of B·C channels, as on a GPU, normalised by group norm
     with one channel per group: the same statistics as batch norm, and faster on a CPU from
     CPU_GROUP_NORM_MIN_PIXELS up (fp32, 2 cores, 32x464x464: 3.0 against 8.6 ms). A channels_last batch goes
-    image by image through batch norm: the B·C view would copy it to NCHW, and the next layer's input back
-    (bf16, 2x32x240x240: 8.6 -> 2.8 ms). Channels_last group norm is no faster per image, and in fp32 it drifted
-    up to 1.3e-4 from float64 on the net's output, against 3e-6."""
+    image by image: the B·C view would copy it to NCHW, and the next layer's input back (bf16, 2x32x240x240: 8.6
+    -> 2.8 ms). Each image takes group norm, again one channel per group, where it is bf16 with
+    CPU_CHANNELS_LAST_GROUP_NORM_MIN_CHANNELS channels and CPU_GROUP_NORM_MIN_PIXELS pixels or more; batch norm
+    otherwise, and in fp32, where channels_last group norm drifted up to 1.3e-4 from float64 on the net's output,
+    against 3e-6."""
     batch, channels = h.shape[:2]
+    pixels = h.shape[-2] * h.shape[-1]
     if h.is_contiguous():
         flat = h.view(1, batch * channels, *h.shape[2:])
-        if h.shape[-2] * h.shape[-1] >= CPU_GROUP_NORM_MIN_PIXELS:
+        if pixels >= CPU_GROUP_NORM_MIN_PIXELS:
             return F.group_norm(flat, batch * channels, scale, shift, eps=INSTANCE_NORM_EPS).view(h.shape)
         return F.batch_norm(flat, None, None, scale, shift, training=True, eps=INSTANCE_NORM_EPS).view(h.shape)
-    images = [F.batch_norm(h[i:i + 1], None, None, scale[i * channels:(i + 1) * channels],
-                           shift[i * channels:(i + 1) * channels], training=True, eps=INSTANCE_NORM_EPS)
-              for i in range(batch)]
+    group_norm = (h.dtype == torch.bfloat16 and channels >= CPU_CHANNELS_LAST_GROUP_NORM_MIN_CHANNELS
+                  and pixels >= CPU_GROUP_NORM_MIN_PIXELS)
+    images = []
+    for i in range(batch):
+        image, rows = h[i:i + 1], slice(i * channels, (i + 1) * channels)
+        images.append(F.group_norm(image, channels, scale[rows], shift[rows], eps=INSTANCE_NORM_EPS) if group_norm
+                      else F.batch_norm(image, None, None, scale[rows], shift[rows], training=True,
+                                        eps=INSTANCE_NORM_EPS))
     return images[0] if batch == 1 else torch.cat(images)
 
 

@@ -243,15 +243,17 @@ def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("size", [(12, 10), (48, 40)])  # below and above the CPU's group-norm threshold
+@pytest.mark.parametrize("channels", [8, 32])          # below and at the CPU's channels_last group-norm threshold
 @pytest.mark.parametrize("batch", [1, 3])
-def test_instance_norm_takes_a_scale_and_shift_per_image(device, layout, size, batch):
-    """Each branch of the runner's instance norm (batch norm on a GPU; on a CPU group norm of NCHW views, batch
-    norm image by image for channels_last) against float64 instance norm with each image's own affine."""
+def test_instance_norm_takes_a_scale_and_shift_per_image(device, layout, size, channels, batch):
+    """Each branch of the runner's instance norm (batch norm on a GPU; on a CPU group norm of NCHW views, and for
+    channels_last group norm or batch norm image by image) against float64 instance norm with each image's own
+    affine."""
     generator = torch.Generator().manual_seed(batch)
-    h = (torch.randn(batch, 8, *size, generator=generator) * 3 + 1).to(device).contiguous(memory_format=layout)
-    scale, shift = torch.rand(2, batch * 8, generator=generator).to(device)
-    expected = (F.instance_norm(h.double(), eps=INSTANCE_NORM_EPS) * scale.double().view(batch, 8, 1, 1)
-                + shift.double().view(batch, 8, 1, 1))
+    h = (torch.randn(batch, channels, *size, generator=generator) * 3 + 1).to(device).contiguous(memory_format=layout)
+    scale, shift = torch.rand(2, batch * channels, generator=generator).to(device)
+    expected = (F.instance_norm(h.double(), eps=INSTANCE_NORM_EPS) * scale.double().view(batch, channels, 1, 1)
+                + shift.double().view(batch, channels, 1, 1))
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.05)):
         out = instance_norm(h.to(dtype), scale.to(dtype), shift.to(dtype))
         assert out.shape == h.shape and out.dtype == dtype
