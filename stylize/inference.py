@@ -33,8 +33,9 @@ CPU_CHANNELS_LAST_MIN_CHANNELS = 8
 # (`_cpu_instance_norm`; 8x32x16x16 bf16: group norm 140 us, batch norm 83)
 CPU_GROUP_NORM_MIN_PIXELS = 32 * 32
 # ... and of a channels_last bf16 image from these many pixels and channels (2 cores: 32x480x852 10.2-16.1 ->
-# 7.1-8.8 ms, 32x64x64 0.09-0.14 -> 0.06-0.10; but 32x16x16 0.03-0.07 -> 0.29-0.41, 8x240x426 1.24 -> 4.2-4.5)
-CPU_CHANNELS_LAST_GROUP_NORM_MIN_CHANNELS = 32
+# 7.1-8.8 ms, 32x64x64 0.09-0.14 -> 0.06-0.10, 16x240x426 1.15 -> 0.91; but 32x16x16 0.03-0.07 -> 0.29-0.41,
+# 8x240x426 1.24 -> 4.2-4.5)
+CPU_CHANNELS_LAST_GROUP_NORM_MIN_CHANNELS = 16
 # The upsampling layers as four phases of a conv at the input's resolution (`_phase_weight`); False: upsampled and
 # padded at full size first (what bench_stylize.py compares)
 UPSAMPLE_BY_PHASES = True

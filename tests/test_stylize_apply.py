@@ -243,7 +243,7 @@ def test_runner_and_its_cuda_graphs_compute_the_network(bank, device):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("size", [(12, 10), (48, 40)])  # below and above the CPU's group-norm threshold
-@pytest.mark.parametrize("channels", [8, 32])          # below and at the CPU's channels_last group-norm threshold
+@pytest.mark.parametrize("channels", [8, 32])          # below and above the CPU's channels_last group-norm threshold
 @pytest.mark.parametrize("batch", [1, 3])
 def test_instance_norm_takes_a_scale_and_shift_per_image(device, layout, size, channels, batch):
     """Each branch of the runner's instance norm (batch norm on a GPU; on a CPU group norm of NCHW views, and for
