@@ -135,7 +135,7 @@ def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list
             spec = picked.layers[i]
             layout = " -> ".join(dict.fromkeys(  # a layer that upsamples by phases may change layout
                 "channels_last" if memory_format == torch.channels_last else "NCHW"
-                for memory_format in (spec.layout, spec.out_layout if spec.phases else spec.layout)))
+                for memory_format in (spec.layout, spec.out_layout)))
             rows.append([str(i), f"{h.shape[-2]}x{h.shape[-1]}", f"{h.shape[1]} -> {conv.shape[1]}",
                          *(f"{t:.2f}" for t in times), layout])
         totals = [sum(float(r[3 + k]) for r in rows) for k in range(6)]

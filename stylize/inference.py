@@ -48,8 +48,8 @@ class _Layer:
     pad: int
     upsample: bool
     layout: torch.memory_format  # the layer's input is brought to it; its weight is stored in it
-    phases: bool = False         # the upsampling by `_phase_weight`: four output phases at the input's resolution
-    out_layout: torch.memory_format = torch.contiguous_format  # of the output, where `phases` makes it anew
+    phases: bool                 # the upsampling by `_phase_weight`: four output phases at the input's resolution
+    out_layout: torch.memory_format  # of the output: `layout`, except where `phases` writes it anew
 
 
 class StyleRunner:
@@ -135,7 +135,9 @@ def _phase_weight(weight: Tensor) -> Tensor:
 
 def _interleave_phases(phases: Tensor, layout: torch.memory_format) -> Tensor:
     """(B, 4·C, h, w) phases (channel 4·c + 2·a + b) -> (B, C, 2h, 2w) in `layout`, pixel (2i+a, 2j+b) of channel
-    c from phase (a, b) at (i, j): pixel_shuffle, written in one copy straight into the layout the norm wants."""
+    c from phase (a, b) at (i, j): F.pixel_shuffle's values, written in one copy straight into the layout the norm
+    wants (pixel_shuffle, then a layout change, copies twice: the last upsampling layer of a 480p frame, bf16, 2
+    cores, 2.75 against 1.8 ms with its pad and conv)."""
     batch, channels, height, width = phases.shape
     out = torch.empty((batch, channels // 4, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
                       memory_format=layout)
