@@ -16,8 +16,8 @@ dozen small reads and writes a frame's matching makes. Track ids stay on the hos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -58,7 +58,7 @@ def match_confident_first(iou: Tensor, confident: list[bool], min_iou: float) ->
 
 
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of every bool mask in a (D, h, w) with every one in b (T, h, w) → (D, T)."""
+    """IoU of every mask in a (D, h, w) with every one in b (T, h, w), bool or 0/1 float → (D, T)."""
     a, b = a.flatten(1).float(), b.flatten(1).float()
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
@@ -73,6 +73,27 @@ def shrink_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -
     return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] >= threshold
 
 
+def translated(masks: Tensor, offsets: Tensor) -> Tensor:
+    """(N, h, w) float masks, each moved by its (dx, dy) px of `offsets` (N, 2): bilinear, zero outside.
+
+    One grid_sample on the grid of pixel centres, shifted per mask. kornia's `translate` ends in the same
+    grid_sample, but first builds, checks and inverts a 3x3 matrix per call, then F.affine_grid multiplies out a
+    grid that only moves: about half the tracker's host time (2 cores, 10 detections a frame against ~45 tracks:
+    `_update` 1.6-2.5 ms per frame with kornia and bool masks, 1.0-1.5 with this and 0/1 float masks)."""
+    n, h, w = masks.shape
+    step = 2 * offsets / torch.tensor([w, h], device=offsets.device)  # normalised coordinates span 2 over w (h) px
+    grid = _pixel_centres(h, w, masks.device) - step[:, None, None]
+    return F.grid_sample(masks[:, None], grid.to(masks.dtype), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[:, 0]
+
+
+@lru_cache(maxsize=8)
+def _pixel_centres(h: int, w: int, device: torch.device) -> Tensor:
+    """(h, w, 2) grid_sample coordinates (x, y) of every pixel's centre, align_corners=False."""
+    ys, xs = ((torch.arange(n, dtype=torch.float32, device=device) * 2 + 1) / n - 1 for n in (h, w))
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)
+
+
 @dataclass
 class _Detections:
     """One frame's detections on the host, as the tracker needs them."""
@@ -80,7 +101,7 @@ class _Detections:
     boxes: Tensor                      # (N, 4) float32
     scores: Tensor                     # (N,) float32
     labels: Tensor                     # (N,) int64
-    masks: Tensor | None               # (N, h, w) bool, shrunk; None without masks or when matching on boxes
+    masks: Tensor | None               # (N, h, w) float 0/1, shrunk; None without masks or when matching on boxes
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -93,7 +114,7 @@ class _Tracks:
     boxes: Tensor                      # (T, 4) last matched box
     velocity: Tensor                   # (T, 4) px per frame
     labels: Tensor                     # (T,)
-    masks: Tensor | None               # (T, h, w) bool, last matched mask (shrunk)
+    masks: Tensor | None               # (T, h, w) float 0/1, last matched mask (shrunk)
     ids: list[int] = field(default_factory=list)
     misses: list[int] = field(default_factory=list)   # frames since last matched
     hits: list[int] = field(default_factory=list)     # frames matched so far
@@ -181,7 +202,7 @@ class Tracker:
         for table, masks in zip(host[0::2], host[1::2]):
             table = torch.zeros((0, 6)) if table is None else table
             detections.append(_Detections(boxes=table[:, :4], scores=table[:, 4], labels=table[:, 5].long(),
-                                          masks=None if masks is None else masks.bool()))
+                                          masks=masks))  # 0/1 floats, as mask_iou's product wants them
         return detections
 
     def _shrunk_masks(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[Tensor | None]:
@@ -243,7 +264,7 @@ class Tracker:
             return masks
         scale = torch.tensor([masks.shape[-1] / self._image_size[1], masks.shape[-2] / self._image_size[0]])
         centre_shift = (shift[:, :2] + shift[:, 2:]) / 2 * scale
-        return KT.translate(masks[:, None].float(), centre_shift, align_corners=False)[:, 0] >= 0.5
+        return (translated(masks, centre_shift) >= 0.5).to(masks.dtype)
 
     # -- track bookkeeping -------------------------------------------------------------------------
 

@@ -9,11 +9,12 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+from scipy import ndimage
 from omegaconf import OmegaConf
 
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
-from pipeline.track import Tracker, mask_iou, match
+from pipeline.track import Tracker, mask_iou, match, translated
 from segment.structures import Instances
 from tests.helpers_cuda import gpu_waits
 
@@ -72,6 +73,22 @@ def test_mask_iou_equals_pycocotools():
     got = mask_iou(torch.from_numpy(a), torch.from_numpy(b))
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
     assert got[1, 0] == 1.0
+
+
+def test_translated_masks_equal_scipy_shift():
+    # scipy's linear interpolation with zeros beyond the edge (grid-constant): the oracle for whole, fractional,
+    # negative and off-the-mask shifts, on a non-square mask so that x and y cannot be swapped unnoticed
+    rng = np.random.default_rng(0)
+    masks = torch.from_numpy(rng.random((6, 12, 20)) < 0.5).float()
+    offsets = torch.tensor([[1.0, 0.0], [0.0, -2.0], [0.3, -1.7], [-2.5, 0.5], [7.2, 3.9], [25.0, 0.0]])
+    got = translated(masks, offsets)
+    for mask, (dx, dy), moved in zip(masks, offsets.tolist(), got):
+        want = ndimage.shift(mask.double().numpy(), (dy, dx), order=1, mode="grid-constant")
+        np.testing.assert_allclose(moved.numpy(), want, atol=1e-5)
+    moved = got >= 0.5  # as the tracker reads them: a whole shift moves each pixel
+    assert torch.equal(moved[0, :, 1:], masks[0, :, :-1].bool()) and not moved[0, :, 0].any()
+    assert torch.equal(moved[1, :-2], masks[1, 2:].bool()) and not moved[1, -2:].any()
+    assert not moved[5].any()
 
 
 @pytest.mark.parametrize("match_on", ["mask", "box"])
