@@ -15,6 +15,7 @@ One frame record (every frame, whatever `every` is):
     pixels at original size), style (null = left original), keep, mask}], where mask is COCO RLE
     ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at 0.5 and
     downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
+    propagated: whether the segmenter skipped the frame (`segment_every`), its instances moved by the tracker,
     regions: [{instance, style, box}] the stylized crops, background: whether a background style ran,
     timings: {stage: seconds} as the stages recorded them (stages up to composite),
     images: {layer: path relative to DIR} for frames with images, else {}.
@@ -235,7 +236,7 @@ class DebugDumper:
         line = {
             "index": record.index, "pts": record.pts, "time": record.time,
             "size": list(size), "dump_size": list(small), "scale": scale,
-            "instances": instances,
+            "instances": instances, "propagated": record.propagated,
             "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box)} for r in record.stylized],
             "background": record.background is not None,
             "timings": {k: round(float(v), 6) for k, v in record.timings.items()},

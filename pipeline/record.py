@@ -15,9 +15,10 @@ from segment.structures import Instances
 class FrameRecord:
     """A frame and everything the stages learned about it.
 
-    Filled in stage order: decode sets index/pts/time_base/image; segment sets instances;
-    track sets track_ids; assign sets styles and keep; stylize sets stylized (one entry per kept
-    instance) and background; composite sets output; every stage adds its seconds to timings.
+    Filled in stage order: decode sets index/pts/time_base/image; segment sets instances, or `propagated` on a
+    frame it skips (`segment_every`), whose instances track then sets; track sets track_ids; assign sets styles
+    and keep; stylize sets stylized (one entry per kept instance) and background; composite sets output; every
+    stage adds its seconds to timings.
     """
 
     index: int                      # 0-based position in the decoded stream
@@ -25,6 +26,7 @@ class FrameRecord:
     time_base: Fraction
     image: Tensor                   # uint8 (3, H, W) RGB, on the working device
     instances: Instances | None = None
+    propagated: bool = False                 # not segmented: instances are the last segmented frame's, moved
     track_ids: Tensor | None = None          # (N,) int64 on the CPU, aligned with instances; -1 = not tracked
     styles: list[str | None] = field(default_factory=list)  # per instance; None = left original
     keep: Tensor | None = None               # (N,) bool on the CPU: instances that pass assign's filters

@@ -163,7 +163,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names)
     compositor = Compositor.from_config(cfg.composite)
     run: list[tuple[str, Stage]] = [
-        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)))),
+        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)), cfg.get("segment_every", 1))),
         ("track", tracker),
         ("assign", assigner),
         ("stylize", StylizeStage.from_config(cfg.style, bank)),

@@ -9,6 +9,11 @@ of the same object, yet a briefly weak detection still continues its track. A tr
 overlap their track. A track that finds no detection keeps its last box and mask for up to `max_misses`
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
 
+On a frame the segmenter skipped (`segment_every` > 1, `FrameRecord.propagated`), the tracker supplies the
+instances: each track matched or begun on the last segmented frame, that frame's detection moved along the
+track's velocity (`Instances.moved`), with the track's id. Such frames leave the tracks as they are, except that
+their motion counts the frame; `max_misses` counts segmented frames.
+
 The tracker works on the host. A batch's boxes, scores, labels and shrunk masks come from the model's device in
 one copy (`_on_host`, pipeline/host_copy.py), so the stage waits for a GPU once per batch, not at each of the
 dozen small reads and writes a frame's matching makes. Track ids stay on the host: each reader wants them as a list.
@@ -25,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from gpu.transfer import row_index, to_device
 from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
@@ -116,7 +122,8 @@ class _Tracks:
     labels: Tensor                     # (T,)
     masks: Tensor | None               # (T, h, w) float 0/1, last matched mask (shrunk)
     ids: list[int] = field(default_factory=list)
-    misses: list[int] = field(default_factory=list)   # frames since last matched
+    misses: list[int] = field(default_factory=list)   # segmented frames since last matched
+    gaps: list[int] = field(default_factory=list)     # frames since last matched, skipped ones included
     hits: list[int] = field(default_factory=list)     # frames matched so far
 
     def __len__(self) -> int:
@@ -126,7 +133,8 @@ class _Tracks:
         return _Tracks(boxes=torch.cat([self.boxes, other.boxes]), velocity=torch.cat([self.velocity, other.velocity]),
                        labels=torch.cat([self.labels, other.labels]),
                        masks=None if self.masks is None else torch.cat([self.masks, other.masks]),
-                       ids=self.ids + other.ids, misses=self.misses + other.misses, hits=self.hits + other.hits)
+                       ids=self.ids + other.ids, misses=self.misses + other.misses, gaps=self.gaps + other.gaps,
+                       hits=self.hits + other.hits)
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long)
@@ -134,6 +142,7 @@ class _Tracks:
         self.masks = None if self.masks is None else self.masks[index]
         self.ids = [self.ids[r] for r in rows]
         self.misses = [self.misses[r] for r in rows]
+        self.gaps = [self.gaps[r] for r in rows]
         self.hits = [self.hits[r] for r in rows]
 
 
@@ -169,6 +178,10 @@ class Tracker:
     def reset(self) -> None:
         self._tracks: _Tracks | None = None
         self._image_size: tuple[int, int] | None = None
+        # the last segmented frame's instances, and the (track row, detection) pairs found on it: what `_propagate`
+        # moves on the frames after it
+        self._last: Instances | None = None
+        self._last_pairs: list[tuple[int, int]] = []
         self._next_id = 1
         self._finished, self._finished_hits, self._longest = 0, 0, 0
 
@@ -177,15 +190,19 @@ class Tracker:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
-                frames = self._on_host([(record.instances, record.size) for record in batch])
-                for record, detections in zip(batch, frames):  # frames depend on each other: strictly in order
-                    record.track_ids = self._update(detections, record.size)
+                segmented = [record for record in batch if not record.propagated]
+                frames = iter(self._on_host([(record.instances, record.size) for record in segmented]))
+                for record in batch:  # frames depend on each other: strictly in order
+                    if record.propagated:
+                        record.instances, record.track_ids = self._propagate(record.size)
+                    else:
+                        record.track_ids = self._update(next(frames), record.size, record.instances)
         return batch
 
     def update(self, instances: Instances | None, image_size: tuple[int, int]) -> Tensor:
         """Matches one frame's detections to the tracks; returns their track ids ((N,) int64 on the CPU,
         -1 = untracked)."""
-        return self._update(self._on_host([(instances, image_size)])[0], image_size)
+        return self._update(self._on_host([(instances, image_size)])[0], image_size, instances)
 
     def _on_host(self, frames: list[tuple[Instances | None, tuple[int, int]]]) -> list[_Detections]:
         """Each frame's boxes, scores, labels and (matching on masks) its masks shrunk on their device, brought to
@@ -217,7 +234,7 @@ class Tracker:
             shrunk[f] = masks
         return shrunk
 
-    def _update(self, detections: _Detections, image_size: tuple[int, int]) -> Tensor:
+    def _update(self, detections: _Detections, image_size: tuple[int, int], instances: Instances | None) -> Tensor:
         if self._image_size != tuple(image_size):
             self._end_all()
             self._image_size = tuple(image_size)
@@ -237,7 +254,33 @@ class Tracker:
                 ids[d] = tracks.ids[t]
             self._age_unmatched(tracks, {t for _, t in pairs})
         self._start_tracks(detections, ids, {d for d, _ in pairs})
+        found = {track_id: d for d, track_id in enumerate(ids.tolist()) if track_id >= 0}
+        self._last = instances
+        self._last_pairs = [] if self._tracks is None else sorted(  # in the detections' order (by score)
+            ((row, found[track_id]) for row, track_id in enumerate(self._tracks.ids) if track_id in found),
+            key=lambda pair: pair[1])
         return ids
+
+    def _propagate(self, image_size: tuple[int, int]) -> tuple[Instances, Tensor]:
+        """A frame the segmenter skipped: its instances and their track ids (see the module's docstring)."""
+        tracks, last = self._tracks, self._last
+        usable = tracks is not None and last is not None and tuple(image_size) == self._image_size
+        pairs = self._last_pairs if usable else []
+        if pairs:
+            rows = [row for row, _ in pairs]
+            steps = torch.tensor([tracks.gaps[row] + 1 for row in rows], dtype=torch.float32)[:, None]
+            boxes = tracks.boxes[rows] + (tracks.velocity[rows] * steps if self.motion else 0)
+            height, width = image_size
+            inside = (boxes[:, 2] > 0) & (boxes[:, 0] < width) & (boxes[:, 3] > 0) & (boxes[:, 1] < height)
+            pairs = [pair for pair, keep in zip(pairs, inside.tolist()) if keep]  # gone from the frame: not drawn
+            boxes = boxes[inside]
+        if tracks is not None:
+            tracks.gaps = [gap + 1 for gap in tracks.gaps]
+        ids = torch.tensor([tracks.ids[row] for row, _ in pairs], dtype=torch.long)
+        if not pairs:
+            return (last[:0] if usable else Instances.empty(image_size, with_masks=False)), ids
+        detections = last[row_index([d for _, d in pairs], last.device)]
+        return detections.moved(to_device(boxes, last.device)), ids
 
     # -- matching ----------------------------------------------------------------------------------
 
@@ -248,7 +291,7 @@ class Tracker:
 
     def _iou(self, detections: _Detections) -> Tensor:
         tracks = self._tracks
-        steps = torch.tensor(tracks.misses, dtype=torch.float32)[:, None] + 1
+        steps = torch.tensor(tracks.gaps, dtype=torch.float32)[:, None] + 1
         shift = tracks.velocity * steps if self.motion else torch.zeros_like(tracks.velocity)
         if detections.masks is None:
             iou = box_iou(detections.boxes, tracks.boxes + shift)
@@ -273,7 +316,7 @@ class Tracker:
             return
         d = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         t = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-        gap = torch.tensor([tracks.misses[p[1]] + 1 for p in pairs], dtype=torch.float32)[:, None]
+        gap = torch.tensor([tracks.gaps[p[1]] + 1 for p in pairs], dtype=torch.float32)[:, None]
         observed = (detections.boxes[d] - tracks.boxes[t]) / gap
         # A track's first motion estimate is the observed step; later ones are smoothed against box jitter.
         momentum = torch.tensor([self.momentum if tracks.hits[row] > 1 else 0.0 for _, row in pairs])[:, None]
@@ -283,7 +326,7 @@ class Tracker:
         if detections.masks is not None:
             tracks.masks[t] = detections.masks[d]
         for _, row in pairs:
-            tracks.misses[row] = 0
+            tracks.misses[row] = tracks.gaps[row] = 0
             tracks.hits[row] += 1
 
     def _age_unmatched(self, tracks: _Tracks, matched: set[int]) -> None:
@@ -291,6 +334,7 @@ class Tracker:
         for row in range(len(tracks)):
             if row not in matched:
                 tracks.misses[row] += 1
+                tracks.gaps[row] += 1
             if tracks.misses[row] <= self.max_misses:
                 alive.append(row)
             else:
@@ -308,7 +352,7 @@ class Tracker:
         new = _Tracks(boxes=detections.boxes[index], velocity=torch.zeros((len(born), 4)),
                       labels=detections.labels[index], masks=masks,
                       ids=list(range(self._next_id, self._next_id + len(born))),
-                      misses=[0] * len(born), hits=[1] * len(born))
+                      misses=[0] * len(born), gaps=[0] * len(born), hits=[1] * len(born))
         self._next_id += len(born)
         for d, track_id in zip(born, new.ids):
             ids[d] = track_id

@@ -33,6 +33,7 @@ class RoIMasks:
     boxes:   (N, 4) int64 paste boxes, x1 y1 x2 y2 inclusive (the detection box grown by S/M), may leave the image
     clipped: (N, 4) int64 the paste boxes clipped to the image, x2 y2 exclusive (empty boxes have x2 = x1)
     scale:   (N, 2) float32 grid cells per pixel along x and y (S / paste box width, height), kept for the weights
+    padding: the grids' zero border in cells (S = M + 2·padding)
     """
 
     grids: Tensor
@@ -40,20 +41,31 @@ class RoIMasks:
     clipped: Tensor
     scale: Tensor
     image_size: tuple[int, int]
+    padding: int = 1
     _windows: list[Box] | None = field(default=None, repr=False, compare=False)  # `clipped` on the host, once read
 
     @classmethod
     def from_probs(cls, probs: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> RoIMasks:
         """(N, M, M) probabilities over (N, 4) float xyxy boxes in image pixels."""
-        size = probs.shape[-1]
-        paste_boxes = _expanded_int_boxes(boxes.float(), float(size + 2 * padding) / size)
+        return cls._placed(F.pad(probs.float(), (padding,) * 4), boxes, image_size, padding)
+
+    @classmethod
+    def _placed(cls, grids: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int) -> RoIMasks:
+        """Grids with their zero border over (N, 4) float xyxy detection boxes: the paste boxes grown from them."""
+        source = grids.shape[-1]
+        paste_boxes = _expanded_int_boxes(boxes.float(), float(source) / (source - 2 * padding))
         height, width = image_size
         x1, y1 = paste_boxes[:, 0].clamp(0, width), paste_boxes[:, 1].clamp(0, height)
         clipped = torch.stack([x1, y1, torch.maximum((paste_boxes[:, 2] + 1).clamp(max=width), x1),
                                torch.maximum((paste_boxes[:, 3] + 1).clamp(max=height), y1)], 1)
-        source = size + 2 * padding
         scale = source / (paste_boxes[:, 2:] - paste_boxes[:, :2] + 1).clamp(min=1).to(torch.float32)
-        return cls(F.pad(probs.float(), (padding,) * 4), paste_boxes, clipped, scale, (int(height), int(width)))
+        return cls(grids, paste_boxes, clipped, scale, (int(height), int(width)), padding)
+
+    def moved(self, boxes: Tensor) -> RoIMasks:
+        """The same masks over other detection boxes ((N, 4) float xyxy, on the masks' device): what `from_probs`
+        makes of their probabilities there (where a track's motion takes its object on a frame the segmenter
+        skips). A box moved by whole pixels moves the pasted mask by as many; a larger one stretches it."""
+        return self._placed(self.grids, boxes, self.image_size, self.padding)
 
     # -- a tensor-like container -----------------------------------------------------------------------------
 

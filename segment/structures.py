@@ -77,6 +77,17 @@ class Instances:
     def cpu(self) -> Instances:
         return self.to("cpu")
 
+    def moved(self, boxes: Tensor) -> Instances:
+        """These detections at other boxes ((N, 4) float xyxy on their device), their masks carried along
+        (`RoIMasks.moved`); the boxes kept are clipped to the image, as a detector's are, and the masks follow the
+        boxes as given (an object leaving the frame is not squashed into it). Full-image masks cannot follow a box
+        and are an error."""
+        if self.masks is not None and not isinstance(self.masks, RoIMasks):
+            raise ValueError("Instances.moved needs RoIMasks masks (model.predict(..., full_masks=False))")
+        height, width = self.image_size
+        clipped = torch.stack([boxes[:, k].clamp(0, (width, height)[k % 2]) for k in range(4)], 1)
+        return replace(self, boxes=clipped, masks=None if self.masks is None else self.masks.moved(boxes))
+
     def pasted(self) -> Instances:
         """These instances with full-image masks (the same object when they have them already)."""
         if isinstance(self.masks, RoIMasks):

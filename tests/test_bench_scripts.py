@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from scripts.bench_render import second_half_fps
+from scripts.bench_segment_every import Agreement
+from segment.structures import Instances
 from scripts.crop_batches import replay
 
 
@@ -28,3 +31,21 @@ def test_replay_counts_a_gpus_calls_shapes_and_padding():
     # three crops of one padded size: a batch of 3, which CUDA graphs pad to 4
     row = replay([[(60, 60)] * 3, [(60, 60)] * 4], frames=2, bucket=64)
     assert (row["calls"], row["shapes"], row["graph_shapes"]) == (1.0, 2, 1)
+
+
+def test_agreement_matches_within_a_class_and_counts_the_misses():
+    def squares(cells: list[tuple[int, int, int, int, int]]) -> Instances:  # (label, y1, x1, y2, x2) inclusive
+        masks = torch.zeros(len(cells), 10, 10, dtype=torch.bool)
+        for k, (_, y1, x1, y2, x2) in enumerate(cells):
+            masks[k, y1:y2 + 1, x1:x2 + 1] = True
+        return Instances(image_size=(10, 10), boxes=torch.zeros(len(cells), 4), scores=torch.ones(len(cells)),
+                         labels=torch.tensor([c[0] for c in cells]), masks=masks)
+
+    reference = squares([(1, 0, 0, 3, 3), (2, 6, 6, 9, 9), (1, 6, 0, 7, 1)])
+    # A one column to the right (IoU 12/20), B's place under another class, and an object the segmenter lacks
+    shown = squares([(1, 0, 1, 3, 4), (1, 6, 6, 9, 9), (2, 0, 8, 1, 9)])
+    result = Agreement(ious=[])
+    result.add(reference, shown)
+    assert result.ious == pytest.approx([0.6, 0.0, 0.0]) and (result.found, result.unmatched) == (1, 2)
+    result.add(reference[:0], shown[:1])  # a frame where the segmenter finds nothing
+    assert result.row() == ["3", "0.200", "33.3%", "3"]

@@ -230,3 +230,39 @@ def test_per_frame_joins_the_frames_of_one_size_and_splits_the_result_back(roi):
                                 full=lambda full, full_rows: (full[full_rows] >= 0.5).flatten(1).sum(1))
     same_counts(mixed[0], masks.areas(rows=[3, 0]))
     same_counts(mixed[1], masks.areas(rows=[16, 13]))
+
+
+def test_moved_masks_are_the_probabilities_pasted_over_the_new_boxes(roi):
+    """RoIMasks.moved (a skipped frame's masks, pipeline/track.py): to the bit what from_probs makes of the same
+    probabilities over the new boxes, edges and boxes beyond the image included; a box moved by whole pixels
+    pastes as the old paste shifted by as many pixels."""
+    masks, _ = roi
+    other = masks_and_boxes(seed=9)[1].to(masks.device)
+    moved, fresh = masks.moved(other), RoIMasks.from_probs(masks.grids[:, 1:-1, 1:-1], other, (H, W))
+    for name in roi_masks.TENSORS:
+        assert torch.equal(getattr(moved, name), getattr(fresh, name)), name
+    assert moved.image_size == (H, W) and moved.padding == masks.padding
+
+    probs = torch.rand(2, 28, 28, generator=torch.Generator().manual_seed(2)).to(masks.device)
+    boxes = torch.tensor([[30.3, 20.6, 80.1, 70.9], [100.5, 40.2, 140.7, 100.3]], device=masks.device)
+    shifts = [(7, -5), (-12, 9)]  # (dx, dy): both windows stay inside the image
+    original = RoIMasks.from_probs(probs, boxes, (H, W))
+    offsets = torch.tensor([[dx, dy, dx, dy] for dx, dy in shifts], dtype=torch.float32, device=masks.device)
+    pasted = original.moved(boxes + offsets).paste()
+    for k, (dx, dy) in enumerate(shifts):
+        same_pixels(pasted[k], torch.roll(original.paste()[k], shifts=(dy, dx), dims=(0, 1)))
+        assert pasted[k].sum() > 100
+
+
+def test_moved_instances_clip_their_boxes_and_keep_the_masks_whole():
+    probs = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(3))
+    inside = torch.tensor([[150.0, 40.0, 200.0, 90.0]])
+    instances = Instances(image_size=(H, W), boxes=inside, scores=torch.tensor([0.9]), labels=torch.tensor([2]),
+                          masks=RoIMasks.from_probs(probs, inside, (H, W)))
+    beyond = inside + torch.tensor([[30.0, 80.0, 30.0, 80.0]])  # half out of the bottom-right corner
+    moved = instances.moved(beyond)
+    assert moved.boxes.tolist() == [[180.0, 120.0, W, H]] and torch.equal(moved.scores, instances.scores)
+    # the mask is where the whole box puts it, cut by the image: not squeezed into the clipped box
+    assert torch.equal(moved.masks.paste(), RoIMasks.from_probs(probs, beyond, (H, W)).paste())
+    with pytest.raises(ValueError, match="RoIMasks"):
+        instances.pasted().moved(beyond)

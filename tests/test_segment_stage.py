@@ -6,6 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.segment_stage import SegmentStage
 from segment.checkpoint import load_checkpoint
@@ -46,3 +47,25 @@ def test_keeps_the_detections_at_or_above_the_threshold(model, sizes):
 def test_bad_threshold(model):
     with pytest.raises(ValueError, match="score_threshold"):
         SegmentStage(model, 1.5)
+
+
+def test_segments_only_every_nth_frame(model, monkeypatch):
+    """segment_every=3: frames 0 and 3 of 0-5 go through the model, in one call, as they would alone; the others
+    are marked for the tracker to fill (pipeline/track.py) and cost the segmenter nothing."""
+    batch = records([(64, 80)] * 6)
+    calls, predict = [], model.predict
+    monkeypatch.setattr(model, "predict", lambda frames, **kw: calls.append(len(frames)) or predict(frames, **kw))
+    out = SegmentStage(model, 0.0, every=3)(batch)
+    assert calls == [2]
+    assert [r.propagated for r in out] == [False, True, True, False, True, True]
+    assert [r.instances is None for r in out] == [r.propagated for r in out]
+    alone = SegmentStage(model, 0.0)([records([(64, 80)] * 6)[i] for i in (0, 3)])
+    for record, want in zip((out[0], out[3]), alone):
+        torch.testing.assert_close(record.instances.boxes, want.instances.boxes)
+    assert all(("segment" in r.timings) != r.propagated for r in out)
+
+
+@pytest.mark.parametrize("every", [0, 1.5, True, "2"])
+def test_bad_interval(model, every):
+    with pytest.raises(PipelineConfigError, match="segment_every"):
+        SegmentStage(model, 0.5, every)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.track import Tracker, mask_iou, match, translated
+from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from tests.helpers_cuda import gpu_waits
 
@@ -199,3 +200,56 @@ def test_default_config_loads():
     cfg = OmegaConf.load("conf/track/default.yaml")
     tracker = Tracker.from_config(cfg)
     assert tracker.match_on in ("mask", "box")
+
+
+def square_instances(objects: list[tuple[float, float, float, int, float]], device="cpu") -> Instances:
+    """objects: (x1, y1, side, label, score) → Instances with RoIMasks masks (a disc's probabilities)."""
+    boxes = torch.tensor([[x, y, x + side, y + side] for x, y, side, _, _ in objects], dtype=torch.float32)
+    boxes = boxes.reshape(-1, 4)
+    centre = torch.arange(28, dtype=torch.float32) - 13.5
+    disc = (1.6 - (centre[:, None] ** 2 + centre[None, :] ** 2).sqrt() / 10).clamp(0, 1)  # >= 0.5 within 11 cells
+    probs = disc.expand(len(objects), -1, -1)
+    return Instances(image_size=SIZE, boxes=boxes, scores=torch.tensor([o[4] for o in objects]),
+                     labels=torch.tensor([o[3] for o in objects], dtype=torch.long),
+                     masks=RoIMasks.from_probs(probs, boxes, SIZE)).to(device)
+
+
+def run_every(tracker: Tracker, frames: list[list[tuple]], every: int, device="cpu") -> list[FrameRecord]:
+    """The frames as SegmentStage leaves them with segment_every=every (only 0, every, 2·every, ... segmented),
+    through the tracker in batches of 4."""
+    image = torch.zeros(3, *SIZE, dtype=torch.uint8)
+    records = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image, propagated=bool(i % every),
+                           instances=None if i % every else square_instances(objects, device))
+               for i, objects in enumerate(frames)]
+    return [record for start in range(0, len(records), 4) for record in tracker(records[start:start + 4])]
+
+
+def test_skipped_frames_move_the_last_detections_along_their_tracks(device):
+    """segment_every=3: A moves 3 px a frame to the right, B stands still. On the frames after the first segmented
+    one the tracks have no velocity yet, so A stays where it was found; from the second on, A's boxes and masks on
+    the skipped frames are those the segmenter would give at A's true places (the same probabilities over the true
+    boxes), with the segmented frame's ids, on the device the detections were on."""
+    truth = [[(10 + 3 * i, 20, 30, 1, 0.9), (75, 2, 12, 2, 0.8)] for i in range(9)]
+    records = run_every(Tracker(), truth, every=3, device=device)
+    assert [r.track_ids.tolist() for r in records] == [[1, 2]] * 9
+    assert [r.propagated for r in records] == [False, True, True] * 3
+    for i, record in enumerate(records):
+        placed = truth[3 * (i // 3)] if i < 3 else truth[i]  # no velocity before the second segmented frame
+        want = square_instances(placed)
+        assert record.instances.device.type == device.type
+        torch.testing.assert_close(record.instances.boxes.cpu(), want.boxes, rtol=0, atol=0)
+        torch.testing.assert_close(record.instances.masks.paste().cpu(), want.masks.paste(), rtol=0, atol=1e-6)
+        assert torch.equal(record.instances.labels.cpu(), want.labels)
+        assert torch.equal(record.instances.scores.cpu(), want.scores)
+
+
+def test_skipped_frames_show_only_tracked_objects_still_in_the_frame():
+    """Not moved onto skipped frames: a weak detection that started no track (C), an object that moves out of the
+    frame (A, 4 px a frame: x1 94 on frame 4, 98 > 96 on frame 5), a track not found on the last segmented frame
+    (B on frame 3). max_misses counts segmented frames, so B, missed once, keeps its id when found on frame 6."""
+    a, b, c = (lambda x: (x, 20, 20, 1, 0.9)), (40, 40, 10, 2, 0.9), (5, 45, 8, 3, 0.2)
+    frames = [[a(78), b, c], [], [], [a(90)], [], [], [b], [], []]
+    records = run_every(Tracker(match_on="box", min_iou=0.2, max_misses=1), frames, every=3)
+    assert [r.track_ids.tolist() for r in records] == [[1, 2, -1], [1, 2], [1, 2], [1], [1], [], [2], [2], [2]]
+    assert records[4].instances.boxes.tolist() == [[94, 20, 96, 40]]  # clipped to the image, as a detector's
+    assert len(records[5].instances) == 0 and records[5].instances.image_size == SIZE

@@ -319,7 +319,8 @@ function seek(pos) {
   const f = current();
   $("#slider").value = String(state.pos);
   $("#frame-index").textContent = String(f.index);
-  $("#frame-time").textContent = f.time === null || f.time === undefined ? "" : `t = ${f.time.toFixed(3)} s`;
+  $("#frame-time").textContent = (f.time === null || f.time === undefined ? "" : `t = ${f.time.toFixed(3)} s`)
+    + (f.propagated ? " (not segmented: objects moved by the tracker)" : "");
   document.body.dataset.frame = String(f.index);
   showImages(f);
   showInstances(f);
