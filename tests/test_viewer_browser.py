@@ -103,6 +103,7 @@ def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir,
         seek(page, pos)
         frame = frames[pos]
         assert page.locator("#frame-index").text_content() == str(frame["index"])
+        assert ("not segmented" in page.locator("#frame-time").text_content()) == frame["propagated"] == (pos % 2 == 1)
         rows = table_rows(page)
         assert len(rows) == len(frame["instances"])
         for row, inst in zip(rows, frame["instances"]):
