@@ -178,10 +178,9 @@ class Tracker:
     def reset(self) -> None:
         self._tracks: _Tracks | None = None
         self._image_size: tuple[int, int] | None = None
-        # the last segmented frame's instances, and the (track row, detection) pairs found on it: what `_propagate`
-        # moves on the frames after it
+        # the last segmented frame's instances and their track ids: what `_propagate` moves on the frames after it
         self._last: Instances | None = None
-        self._last_pairs: list[tuple[int, int]] = []
+        self._last_ids: list[int] = []
         self._next_id = 1
         self._finished, self._finished_hits, self._longest = 0, 0, 0
 
@@ -254,18 +253,17 @@ class Tracker:
                 ids[d] = tracks.ids[t]
             self._age_unmatched(tracks, {t for _, t in pairs})
         self._start_tracks(detections, ids, {d for d, _ in pairs})
-        found = {track_id: d for d, track_id in enumerate(ids.tolist()) if track_id >= 0}
-        self._last = instances
-        self._last_pairs = [] if self._tracks is None else sorted(  # in the detections' order (by score)
-            ((row, found[track_id]) for row, track_id in enumerate(self._tracks.ids) if track_id in found),
-            key=lambda pair: pair[1])
+        self._last, self._last_ids = instances, ids.tolist()
         return ids
 
     def _propagate(self, image_size: tuple[int, int]) -> tuple[Instances, Tensor]:
         """A frame the segmenter skipped: its instances and their track ids (see the module's docstring)."""
         tracks, last = self._tracks, self._last
         usable = tracks is not None and last is not None and tuple(image_size) == self._image_size
-        pairs = self._last_pairs if usable else []
+        pairs = []  # (track row, detection) for each tracked detection, in the detections' order (by score)
+        if usable:
+            row_of = {track_id: row for row, track_id in enumerate(tracks.ids)}  # all alive: nothing aged since
+            pairs = [(row_of[track_id], d) for d, track_id in enumerate(self._last_ids) if track_id >= 0]
         if pairs:
             rows = [row for row, _ in pairs]
             steps = torch.tensor([tracks.gaps[row] + 1 for row in rows], dtype=torch.float32)[:, None]

@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,25 +64,27 @@ class Agreement:
         return [str(count), f"{mean:.3f}", f"{self.found / count:.1%}" if count else "-", str(self.unmatched)]
 
 
-def agreement(path: Path, every: int, cfg, device: torch.device) -> Agreement:
-    """The render's segment and track stages over the clip twice: every frame segmented (the reference), and every
-    Nth, comparing the frames the second skips."""
+def agreements(path: Path, everies: list[int], cfg, device: torch.device) -> dict[int, Agreement]:
+    """One pass over the clip through the render's segment and track stages: each batch segmented whole once (the
+    reference), then, for each N, its own copies of the batch's records through every-Nth segmentation and a tracker
+    of its own, comparing the frames N skips."""
     model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
     threshold, min_score = float(cfg.segment.get("score_threshold", 0.5)), float(cfg.style.min_score)
-    every_frame, sparse = SegmentStage(model, threshold), SegmentStage(model, threshold, every)
-    tracker, result = Tracker.from_config(cfg.track), Agreement(ious=[])
+    every_frame = SegmentStage(model, threshold)
+    runs = {every: (SegmentStage(model, threshold, every), Tracker.from_config(cfg.track)) for every in everies}
+    results = {every: Agreement(ious=[]) for every in everies}
 
     def styled(instances: Instances) -> Instances:
         return instances[instances.scores >= min_score].binarize()
 
     for batch in VideoReader(path, batch_size=int(cfg.batch_size), device=device):
+        fresh = [replace(record) for record in batch]  # before the reference's instances are set
         reference = [styled(record.instances) for record in every_frame(batch)]
-        for record in batch:
-            record.instances, record.propagated = None, False
-        for record, want in zip(tracker(sparse(batch)), reference):
-            if record.propagated:
-                result.add(want, styled(record.instances))
-    return result
+        for every, (sparse, tracker) in runs.items():
+            for record, want in zip(tracker(sparse([replace(record) for record in fresh])), reference):
+                if record.propagated:
+                    results[every].add(want, styled(record.instances))
+    return results
 
 
 def speeds(cfgs: dict[int, object], repeats: int, workdir: Path) -> dict[int, tuple[float, float]]:
@@ -116,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_every_") as tmp:
         timed = speeds(cfgs, args.repeats, Path(tmp)) if args.repeats else {}
+    quality = agreements(args.input, everies[1:], cfgs[1], device)
     rows = []
     for every in everies:
-        quality = agreement(args.input, every, cfgs[1], device).row() if every > 1 else ["-", "1 (itself)", "-", "-"]
+        compared = quality[every].row() if every > 1 else ["-", "1 (itself)", "-", "-"]
         fps, segment = timed.get(every, (None, None))
         ratio = f"{fps / timed[1][0]:.2f}x" if fps else "-"
         rows.append([str(every), *(["-", "-", "-"] if fps is None else [f"{fps:.2f}", ratio, f"{segment:.1f}"]),
-                     *quality])
+                     *compared])
     header = ["segment_every", "fps", "fps / every frame", "segment ms/frame", "skipped-frame objects",
               "mean mask IoU", "found at IoU >= 0.5", "moved objects matching none"]
     text = (f"\n## segment_every benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_segment_every.py)\n\n"

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+from torchvision.ops import clip_boxes_to_image
 
 from gpu.transfer import row_index
 from segment.roi_masks import RoIMasks
@@ -84,9 +85,8 @@ class Instances:
         and are an error."""
         if self.masks is not None and not isinstance(self.masks, RoIMasks):
             raise ValueError("Instances.moved needs RoIMasks masks (model.predict(..., full_masks=False))")
-        height, width = self.image_size
-        clipped = torch.stack([boxes[:, k].clamp(0, (width, height)[k % 2]) for k in range(4)], 1)
-        return replace(self, boxes=clipped, masks=None if self.masks is None else self.masks.moved(boxes))
+        return replace(self, boxes=clip_boxes_to_image(boxes, self.image_size),
+                       masks=None if self.masks is None else self.masks.moved(boxes))
 
     def pasted(self) -> Instances:
         """These instances with full-image masks (the same object when they have them already)."""
