@@ -25,8 +25,8 @@ ORIGINAL = "original"   # the style spec that means "leave these pixels as they 
 BACKGROUND_CLASS = "__background__"
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, region, precision...).
 STYLE_KEYS = ("assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
-              "min_score", "min_area", "margin", "region", "downsample", "max_side", "crop_bucket", "cuda_graphs",
-              "bank", "precision")
+              "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",
+              "cuda_graphs", "bank", "precision")
 
 
 def is_original(spec) -> bool:

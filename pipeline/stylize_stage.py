@@ -11,6 +11,8 @@ larger, about N² less network work.
 max_side=M: a crop (region=frame and the background: a frame) whose longer side would exceed M px at the net's
 resolution goes through at the smallest larger whole factor that fits: coarser strokes on large objects, network work
 bounded by M² per crop, and input shapes from a small fixed set, which CUDA graphs can replay.
+propagate=true: on a frame the segmenter skipped (`segment_every` > 1), a tracked object keeps its stylized crop from
+the last segmented frame, moved as its mask moved (pipeline/style_carry.py): no network call for it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from pipeline.assign import is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
-from stylize.apply import crop_boxes, crop_factors, net_side, stylize_frames, stylize_regions
+from pipeline.style_carry import StyleCarry
+from stylize.apply import crop_boxes, crop_factors, crops_at, net_side, stylize_frames, stylize_regions
 
 CPU_CROP_BUCKET = 16
 GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rounded down to this, at least this
@@ -32,12 +35,14 @@ MIN_MAX_SIDE = 32  # style.max_side's least value (the net's inputs are at least
 
 
 class StylizeStage:
-    """Sets `record.stylized` (one `StylizedRegion` per kept instance) and `record.background`."""
+    """Sets `record.stylized` (one `StylizedRegion` per kept instance; none for a carried crop moved out of view)
+    and `record.background`."""
 
     name = "stylize"
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
-                 cuda_graphs: bool = False, region: str = "crop", downsample: int = 1, max_side: int | None = None):
+                 cuda_graphs: bool = False, region: str = "crop", downsample: int = 1, max_side: int | None = None,
+                 propagate: bool = False):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
         if margin < 0:
@@ -63,6 +68,9 @@ class StylizeStage:
             raise PipelineConfigError(f"style.max_side must be null or an integer >= {floor} (with margin "
                                       f"{self.margin}), got {max_side!r}")
         self.max_side = max_side
+        if not isinstance(propagate, bool):
+            raise PipelineConfigError(f"style.propagate must be true or false, got {propagate!r}")
+        self.carry = StyleCarry() if propagate else None
         self._track_factors: dict[int, tuple[int, int]] = {}  # track id -> (its last factor, the frame it had it on)
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
@@ -73,7 +81,8 @@ class StylizeStage:
         return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
                    cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")),
-                   downsample=cfg.get("downsample", 1), max_side=cfg.get("max_side"))
+                   downsample=cfg.get("downsample", 1), max_side=cfg.get("max_side"),
+                   propagate=cfg.get("propagate", False))
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""
@@ -111,17 +120,9 @@ class StylizeStage:
             record.stylized = []
         styled_frames: dict[str, dict[int, torch.Tensor]] = {}  # style -> frame in batch -> that frame in it
         if jobs:
-            boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
-            if self.region == "crop":
-                boxes = boxes.cpu()  # the one wait for a GPU: crop boxes and factors are the host's to choose
-                factors = self._factors(batch, jobs, boxes, frames.shape[-2:]) if self.max_side is not None else None
-                crops = self._crops(frames, jobs, boxes, factors)
-            else:
-                styled_frames = self._whole_frames(frames, jobs)
-                crops = [(box, styled_frames[style][b][:, box[1]:box[3], box[0]:box[2]])
-                         for (b, _, style), box in zip(jobs, crop_boxes(boxes, *frames.shape[-2:], self.margin))]
-            for (b, i, style), (box, pixels) in zip(jobs, crops):
-                batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels))
+            for (b, i, style), result in zip(jobs, self._regions(batch, frames, jobs, styled_frames)):
+                if result is not None:  # None: a carried crop moved out of view
+                    batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=result[0], pixels=result[1]))
         if self.background is None:
             for record in batch:
                 record.background = None
@@ -132,6 +133,39 @@ class StylizeStage:
                 known = {**known, **self._whole(frames, self.background, missing)}
             for b, record in enumerate(batch):
                 record.background = known[b]
+
+    def _regions(self, batch: list[FrameRecord], frames: torch.Tensor, jobs: list, styled_frames: dict) -> list:
+        """Per job, its crop box and stylized pixels (None: carried out of view). Jobs that `style.propagate` does not
+        carry go through the network: crops, or (region=frame) whole frames, which land in `styled_frames`."""
+        size = tuple(frames.shape[-2:])
+        boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
+        # the one wait for a GPU: crop boxes, factors and what style.propagate carries are the host's to choose
+        if self.carry is not None:
+            boxes = torch.cat([boxes, self.carry.paste_boxes(batch, jobs)], 1)
+        table = boxes.cpu()
+        boxes = table[:, :4]
+        if self.region == "crop":
+            factors = [self.downsample] * len(jobs)
+            if self.max_side is not None:
+                factors = self._factors(batch, jobs, boxes, size)
+            crops = crops_at(boxes, *size, self.margin, factors)
+        else:
+            crops = crop_boxes(boxes, *size, self.margin)
+        plan = self.carry.plan(batch, jobs, crops, table[:, 4:].tolist()) if self.carry is not None else None
+        fresh = [k for k in range(len(jobs)) if plan is None or k not in plan.carried]
+        results: list = [None] * len(jobs)
+        if fresh and self.region == "crop":
+            stylized = self._crops(frames, [jobs[k] for k in fresh], boxes[fresh], [factors[k] for k in fresh])
+            for k, result in zip(fresh, stylized):
+                results[k] = result
+        elif fresh:
+            styled_frames.update(self._whole_frames(frames, [jobs[k] for k in fresh]))
+            for k in fresh:
+                (b, _, style), (x1, y1, x2, y2) = jobs[k], crops[k]
+                results[k] = (crops[k], styled_frames[style][b][:, y1:y2, x1:x2])
+        if plan is not None:
+            self.carry.place(plan, results, size)
+        return results
 
     def _factors(self, batch: list[FrameRecord], jobs: list, boxes: torch.Tensor, size: tuple[int, int]) -> list[int]:
         """Each job's factor under `max_side` (`stylize.apply.crop_factors`), frame by frame, each tracked object

@@ -1,17 +1,21 @@
 """segment_every N: render speed, and the skipped frames' masks against the segmenter's own, N = 1 as the peer.
 
-Speed: the clip rendered with each N in turn, `--repeats` rounds alternating their order, medians of fps and of
-the segment stage's ms per frame.
+Speed: the clip rendered with each N in turn (with `--propagate`, each N > 1 also with `style.propagate=true`),
+`--repeats` rounds alternating their order, medians of fps and of the segment and stylize stages' ms per frame.
+Output: each render's temporal stability figure; with style.propagate, its frames against the same frames of the
+render with the same N without it (decoded; PSNR over whole frames), the skipped frames (what carrying the stylized
+pixels over changes) and the segmented ones (the same content: the encoder's share of the difference).
 Quality: on the frames N skips, the masks the tracker moved there (`pipeline/track.py`) against the masks the
 segmenter finds on those frames, both at `style.min_score` (what gets styled). Per frame the two sets are matched
 by Hungarian assignment on mask IoU within a class; each segmenter object counts its matched IoU (0 unmatched):
 the mean over all objects, the share found at IoU >= 0.5, and the moved objects that match nothing.
 
-    python scripts/bench_segment_every.py [--input CLIP] [--every 2 3 4] [--repeats 3] [overrides ...]
+    python scripts/bench_segment_every.py [--input CLIP] [--every 2 3 4] [--propagate] [--repeats 3] [overrides ...]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -87,22 +91,66 @@ def agreements(path: Path, everies: list[int], cfg, device: torch.device) -> dic
     return results
 
 
-def speeds(cfgs: dict[int, object], repeats: int, workdir: Path) -> dict[int, tuple[float, float]]:
-    """Median fps and segment ms per frame of each N's render, the Ns alternating their order each round."""
-    runs: dict[int, list[tuple[float, float]]] = {every: [] for every in cfgs}
+@dataclass(frozen=True)
+class Variant:
+    """One render setting: segment_every N, with or without style.propagate."""
+
+    every: int
+    propagate: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.every}" + (" + style.propagate" if self.propagate else "")
+
+    def overrides(self) -> list[str]:
+        return [f"segment_every={self.every}", *(["style.propagate=true"] if self.propagate else [])]
+
+
+@dataclass
+class Timed:
+    fps: float
+    segment_ms: float
+    stylize_ms: float
+    stability: float | None
+    psnr: tuple[float, float] | None = None  # style.propagate: skipped and segmented frames against N without it
+
+
+def speeds(cfgs: dict[Variant, object], repeats: int, workdir: Path) -> dict[Variant, Timed]:
+    """Medians of each variant's renders, the variants alternating their order each round; each render's output
+    stays in `workdir` (the last round's)."""
+    runs: dict[Variant, list] = {variant: [] for variant in cfgs}
     for round_ in range(repeats):
-        for every in (list(cfgs) if round_ % 2 == 0 else list(cfgs)[::-1]):
-            summary = render(cfgs[every], workdir / f"every{every}.mp4")
-            runs[every].append((summary.fps, 1000 * summary.timings.get("segment", 0.0) / summary.frames))
-    return {every: (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
-            for every, rows in runs.items()}
+        for variant in (list(cfgs) if round_ % 2 == 0 else list(cfgs)[::-1]):
+            summary = render(cfgs[variant], output_path(workdir, variant))
+            runs[variant].append((summary.fps, *(1000 * summary.timings.get(stage, 0.0) / summary.frames
+                                                 for stage in ("segment", "stylize")), summary.stability))
+    return {variant: Timed(*(statistics.median(r[column] for r in rows) for column in range(3)), rows[-1][3])
+            for variant, rows in runs.items()}
+
+
+def output_path(workdir: Path, variant: Variant) -> Path:
+    return workdir / f"every{variant.every}{'p' if variant.propagate else ''}.mp4"
+
+
+def psnr_by_frame_kind(path: Path, reference: Path, every: int, device: torch.device) -> tuple[float, float]:
+    """PSNR (dB, peak 255) of one render's output against another's (both decoded), over all pixels of the frames
+    `every` skips, and of those it segments."""
+    squared, count = [0.0, 0.0], [0, 0]
+    for batch, want in zip(VideoReader(path, batch_size=8, device=device),
+                           VideoReader(reference, batch_size=8, device=device)):
+        for record, expected in zip(batch, want):
+            kind = 0 if record.index % every else 1
+            squared[kind] += float((record.image.double() - expected.image.double()).square().sum())
+            count[kind] += record.image.numel()
+    return tuple(10 * math.log10(255 ** 2 * n / total) if total else math.inf for total, n in zip(squared, count))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=DEMO_CLIP, help="the clip (default: make demo's)")
     parser.add_argument("--every", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--repeats", type=int, default=3, help="renders of each N (0: quality only)")
+    parser.add_argument("--propagate", action="store_true", help="each N > 1 also with style.propagate=true")
+    parser.add_argument("--repeats", type=int, default=3, help="renders of each N (0: mask quality only)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
@@ -111,27 +159,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no clip at {args.input} (`make demo` writes the default one)")
     if any(every < 2 for every in args.every) or args.repeats < 0:
         parser.error("--every takes whole numbers >= 2 and --repeats one >= 0")
-    everies = [1, *dict.fromkeys(args.every)]
+    everies = list(dict.fromkeys(args.every))
+    variants = [Variant(1)] + [Variant(every, propagate) for every in everies
+                               for propagate in ((False, True) if args.propagate else (False,))]
     overrides = [f"input={args.input.resolve()}", "output=unused.mp4", "overwrite=true", f"device={args.device}",
                  *args.overrides]
-    cfgs = {every: compose_config([*overrides, f"segment_every={every}"]) for every in everies}
+    cfgs = {variant: compose_config([*overrides, *variant.overrides()]) for variant in variants}
     device = resolve_device(args.device)
+    timed: dict[Variant, Timed] = {}
     with tempfile.TemporaryDirectory(prefix="bench_every_") as tmp:
-        timed = speeds(cfgs, args.repeats, Path(tmp)) if args.repeats else {}
-    quality = agreements(args.input, everies[1:], cfgs[1], device)
+        if args.repeats:
+            timed = speeds(cfgs, args.repeats, Path(tmp))
+            for variant in variants:
+                if variant.propagate:
+                    timed[variant].psnr = psnr_by_frame_kind(output_path(Path(tmp), variant), output_path(
+                        Path(tmp), Variant(variant.every)), variant.every, device)
+    quality = agreements(args.input, everies, cfgs[variants[0]], device)
     rows = []
-    for every in everies:
-        compared = quality[every].row() if every > 1 else ["-", "1 (itself)", "-", "-"]
-        fps, segment = timed.get(every, (None, None))
-        ratio = f"{fps / timed[1][0]:.2f}x" if fps else "-"
-        rows.append([str(every), *(["-", "-", "-"] if fps is None else [f"{fps:.2f}", ratio, f"{segment:.1f}"]),
-                     *compared])
-    header = ["segment_every", "fps", "fps / every frame", "segment ms/frame", "skipped-frame objects",
+    for variant in variants:
+        compared = quality[variant.every].row() if variant.every > 1 else ["-", "1 (itself)", "-", "-"]
+        run = timed.get(variant)
+        measured = ["-"] * 6 if run is None else [
+            f"{run.fps:.2f}", f"{run.fps / timed[variants[0]].fps:.2f}x", f"{run.segment_ms:.1f}",
+            f"{run.stylize_ms:.1f}", "-" if run.stability is None else f"{run.stability:.3f}",
+            "-" if run.psnr is None else " / ".join(f"{value:.2f}" for value in run.psnr)]
+        rows.append([variant.label, *measured, *compared])
+    header = ["segment_every", "fps", "fps / every frame", "segment ms/frame", "stylize ms/frame", "stability",
+              "PSNR against the same N restyled, skipped / segmented frames (dB)", "skipped-frame objects",
               "mean mask IoU", "found at IoU >= 0.5", "moved objects matching none"]
     text = (f"\n## segment_every benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_segment_every.py)\n\n"
             f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
             f"({torch.get_num_threads()} threads); torch {torch.__version__}, Python {platform.python_version()}; "
-            f"clip {args.input.name}; {args.repeats} renders of each N, alternating, medians; "
+            f"clip {args.input.name}; {args.repeats} renders of each setting, alternating, medians; "
             f"overrides: {' '.join(args.overrides) or 'none'}\n\n{markdown_table(header, rows)}\n")
     publish(text, append=not args.no_append)
     return 0

@@ -226,5 +226,5 @@ def test_default_config_with_the_real_bank_names(class_map):
     assert all(s in names for s in specs)
     assert set(cfg.class_styles) <= set(CLASS_NAMES if class_map == "shapes" else coco_class_names())
     assert set(cfg) == {"assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
-                        "min_score", "min_area", "margin", "region", "downsample", "max_side", "crop_bucket",
+                        "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",
                         "cuda_graphs", "bank", "precision"}

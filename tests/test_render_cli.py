@@ -205,12 +205,15 @@ def nvenc_opens() -> bool:
     return True
 
 
-def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tmp_path, models, vfr_clip):
+@pytest.mark.parametrize("propagate", [False, True])
+def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tmp_path, models, vfr_clip, propagate):
     """segment_every=2: every frame is written, only frames 0, 2, 4, 6 are segmented (the others have no segment
-    time), and a skipped frame shows the tracked objects of the frame before it, with their ids."""
+    time), and a skipped frame shows the tracked objects of the frame before it, with their ids and styles (with
+    style.propagate too, where their stylized crops come from the frame before)."""
     output, dump = tmp_path / "out.mp4", tmp_path / "dump"
     result = run_in_process([f"input={vfr_clip}", f"output={output}", *models, "segment_every=2", "batch_size=3",
-                             "debug.dump=true", f"debug.dir={dump}"], cwd=tmp_path)
+                             "debug.dump=true", f"debug.dir={dump}", f"style.propagate={str(propagate).lower()}"],
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_frames(output)[0]) == len(PTS_MS)
     records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
@@ -218,8 +221,8 @@ def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tm
     assert [("segment" in r["timings"]) for r in records] == [not r["propagated"] for r in records]
     shown = 0
     for before, skipped in zip(records[0::2], records[1::2]):
-        tracked = [i["track_id"] for i in before["instances"] if i["track_id"] >= 0]
-        assert [i["track_id"] for i in skipped["instances"]] == tracked
+        tracked = [(i["track_id"], i["style"]) for i in before["instances"] if i["track_id"] >= 0]
+        assert [(i["track_id"], i["style"]) for i in skipped["instances"]] == tracked
         shown += len(tracked)
     assert shown, "no tracked objects: the check proves little"
     result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "segment_every=0"],

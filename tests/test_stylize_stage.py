@@ -21,7 +21,7 @@ from stylize.apply import run_network, stylize_frames, stylize_regions
 from stylize.bank import StyleBank
 from stylize.errors import StyleError
 from tests.helpers_cuda import gpu_waits
-from tests.tiny_models import tiny_bank
+from tests.tiny_models import distinct_styles, tiny_bank
 
 H, W = 56, 72
 CLASSES = ["__background__", "person", "dog"]
@@ -29,14 +29,8 @@ CLASSES = ["__background__", "person", "dog"]
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
-    bank = StyleBank.load(tiny_bank(tmp_path_factory.mktemp("bank") / "tiny.pt", names=("candy", "mosaic", "udnie")))
-    # A fresh network's styles are all the identity norm; give each its own scales and shifts.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in bank.network.named_parameters():
-            if ".norm." in name:
-                param.copy_(param + 0.5 * torch.randn(param.shape, generator=g))
-    return bank
+    return distinct_styles(StyleBank.load(tiny_bank(tmp_path_factory.mktemp("bank") / "tiny.pt",
+                                                    names=("candy", "mosaic", "udnie"))))
 
 
 def frame(index: int, squares: list[tuple[int, int, int, int, float]]) -> FrameRecord:

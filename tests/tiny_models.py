@@ -47,3 +47,14 @@ def tiny_bank(path: str | Path, names: tuple[str, ...] = STYLE_NAMES, seed: int 
     torch.manual_seed(seed)
     network = MultiStyleNet(num_styles=len(names), channels=8, num_residual=1, expand_channels=(8, 4))
     return StyleBank(network, [StyleInfo(name, "random test weights") for name in names]).save(path)
+
+
+def distinct_styles(bank, seed: int = 0):
+    """`bank` with each style given its own random scales and shifts (a fresh network's styles are all the identity
+    norm, so every style would look alike); the bank itself, changed in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in bank.network.named_parameters():
+            if ".norm." in name:
+                param.copy_(param + 0.5 * torch.randn(param.shape, generator=g))
+    return bank
