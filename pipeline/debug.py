@@ -16,7 +16,8 @@ One frame record (every frame, whatever `every` is):
     ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at 0.5 and
     downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
     propagated: whether the segmenter skipped the frame (`segment_every`), its instances moved by the tracker,
-    regions: [{instance, style, box}] the stylized crops, background: whether a background style ran,
+    regions: [{instance, style, box, carried}] the stylized crops (carried: the last segmented frame's, moved:
+    `style.propagate`), background: whether a background style ran,
     timings: {stage: seconds} as the stages recorded them (stages up to composite),
     images: {layer: path relative to DIR} for frames with images, else {}.
 
@@ -237,7 +238,8 @@ class DebugDumper:
             "index": record.index, "pts": record.pts, "time": record.time,
             "size": list(size), "dump_size": list(small), "scale": scale,
             "instances": instances, "propagated": record.propagated,
-            "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box)} for r in record.stylized],
+            "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box), "carried": r.carried}
+                        for r in record.stylized],
             "background": record.background is not None,
             "timings": {k: round(float(v), 6) for k, v in record.timings.items()},
             "images": images,

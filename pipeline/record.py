@@ -65,3 +65,4 @@ class StylizedRegion:
     style: str
     box: tuple[int, int, int, int]
     pixels: Tensor                  # float (3, y2-y1, x2-x1) in [0, 1]
+    carried: bool = False           # style.propagate: the last segmented frame's pixels, moved; not the network's

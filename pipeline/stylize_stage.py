@@ -122,7 +122,9 @@ class StylizeStage:
         if jobs:
             for (b, i, style), result in zip(jobs, self._regions(batch, frames, jobs, styled_frames)):
                 if result is not None:  # None: a carried crop moved out of view
-                    batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=result[0], pixels=result[1]))
+                    box, pixels, carried = result
+                    batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels,
+                                                            carried=carried))
         if self.background is None:
             for record in batch:
                 record.background = None
@@ -135,8 +137,9 @@ class StylizeStage:
                 record.background = known[b]
 
     def _regions(self, batch: list[FrameRecord], frames: torch.Tensor, jobs: list, styled_frames: dict) -> list:
-        """Per job, its crop box and stylized pixels (None: carried out of view). Jobs that `style.propagate` does not
-        carry go through the network: crops, or (region=frame) whole frames, which land in `styled_frames`."""
+        """Per job, its crop box, stylized pixels and whether they were carried over (None: carried out of view). Jobs
+        that `style.propagate` does not carry go through the network: crops, or (region=frame) whole frames, which
+        land in `styled_frames`."""
         size = tuple(frames.shape[-2:])
         boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
         # the one wait for a GPU: crop boxes, factors and what style.propagate carries are the host's to choose
@@ -163,9 +166,10 @@ class StylizeStage:
             for k in fresh:
                 (b, _, style), (x1, y1, x2, y2) = jobs[k], crops[k]
                 results[k] = (crops[k], styled_frames[style][b][:, y1:y2, x1:x2])
-        if plan is not None:
-            self.carry.place(plan, results, size)
-        return results
+        if plan is None:
+            return [(*result, False) for result in results]
+        self.carry.place(plan, results, size)
+        return [None if result is None else (*result, k in plan.carried) for k, result in enumerate(results)]
 
     def _factors(self, batch: list[FrameRecord], jobs: list, boxes: torch.Tensor, size: tuple[int, int]) -> list[int]:
         """Each job's factor under `max_side` (`stylize.apply.crop_factors`), frame by frame, each tracked object

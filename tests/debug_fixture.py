@@ -29,7 +29,7 @@ def _scene(h: int, w: int, masks: list[torch.Tensor], colors: list[tuple[int, in
 def synthetic_records(n: int = 12, h: int = 90, w: int = 160) -> list[FrameRecord]:
     """Track 0 (person) lives through every frame; track 1 (dog) frames 2..8 with a style switch
     (mosaic → left original) at 5; an untracked car square on even frames; odd frames marked as not segmented
-    (`propagated`). Deterministic timings."""
+    (`propagated`), track 0's stylized crop carried there (`style.propagate`). Deterministic timings."""
     records = []
     g = torch.Generator().manual_seed(0)
     sy, sx = h / 90, w / 160
@@ -58,7 +58,8 @@ def synthetic_records(n: int = 12, h: int = 90, w: int = 160) -> list[FrameRecor
             yy, xx = torch.meshgrid(torch.arange(y2 - y1), torch.arange(x2 - x1), indexing="ij")
             pixels = torch.stack([(0.5 + 0.5 * torch.sin(0.5 * xx + phase + c)) * (0.5 + 0.5 * torch.cos(0.4 * yy))
                                   for c in range(3)]).float()
-            stylized.append(StylizedRegion(instance=k, style=style, box=(x1, y1, x2, y2), pixels=pixels))
+            stylized.append(StylizedRegion(instance=k, style=style, box=(x1, y1, x2, y2), pixels=pixels,
+                                           carried=i % 2 == 1 and style == "candy"))
             alpha = masks[k][y1:y2, x1:x2]
             output[:, y1:y2, x1:x2] = output[:, y1:y2, x1:x2] * (1 - alpha) + pixels * alpha
         records.append(FrameRecord(

@@ -51,6 +51,7 @@ def test_full_size_masks_decode_to_the_binarized_masks(tmp_path):
             assert d["score"] == pytest.approx(float(inst.scores[i]), abs=1e-4)
             assert d["box"] == pytest.approx(inst.boxes[i].tolist(), abs=0.01)
         assert [r["box"] for r in line["regions"]] == [list(r.box) for r in record.stylized]
+        assert [r["carried"] for r in line["regions"]] == [r.carried for r in record.stylized]
         assert set(line["timings"]) == {"decode", "segment", "track", "composite"}
 
 

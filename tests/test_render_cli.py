@@ -225,6 +225,9 @@ def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tm
         assert [(i["track_id"], i["style"]) for i in skipped["instances"]] == tracked
         shown += len(tracked)
     assert shown, "no tracked objects: the check proves little"
+    carried = [[r["carried"] for r in record["regions"]] for record in records]
+    assert not any(any(flags) for flags in carried[0::2])  # segmented frames: the network's pixels
+    assert any(any(flags) for flags in carried[1::2]) == propagate
     result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "segment_every=0"],
                             cwd=tmp_path)
     assert result.returncode == 2 and "error: segment_every must be a whole number >= 1, got 0" in result.stderr

@@ -107,6 +107,7 @@ def test_skipped_frames_carry_the_crop_moved_as_the_mask_moved_and_skip_the_netw
         dx = 0 if record.index == 1 else 3
         x1, y1, x2, y2 = before.box
         assert region.box == (x1 + dx, y1, x2 + dx, y2) and region.style == before.style == "candy"
+        assert region.carried and not before.carried and not restyled.stylized[0].carried
         assert torch.equal(region.pixels, before.pixels)
         if dx:
             # the object and its mask moved rigidly by 3 px: so did everything the composite made of them

@@ -103,13 +103,17 @@ def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir,
         seek(page, pos)
         frame = frames[pos]
         assert page.locator("#frame-index").text_content() == str(frame["index"])
-        assert ("not segmented" in page.locator("#frame-time").text_content()) == frame["propagated"] == (pos % 2 == 1)
+        label = page.locator("#frame-time").text_content()
+        assert ("not segmented" in label) == ("crops carried over" in label) == frame["propagated"] == (pos % 2 == 1)
         rows = table_rows(page)
         assert len(rows) == len(frame["instances"])
-        for row, inst in zip(rows, frame["instances"]):
+        carried = {region["instance"] for region in frame["regions"] if region["carried"]}
+        assert carried == ({0} if frame["propagated"] else set())
+        for i, (row, inst) in enumerate(zip(rows, frame["instances"])):
             assert row[0] == (f"#{inst['track_id']}" if inst["track_id"] >= 0 else "–")
             assert row[1] == inst["class"] and row[2] == f"{inst['score']:.3f}"
-            assert row[3] == (inst["style"] or "(original)") and row[5] == str(inst["area"])
+            assert row[3] == (inst["style"] or "(original)") + (" (carried)" if i in carried else "")
+            assert row[5] == str(inst["area"])
     seek(page, 4)
     original = page.locator('.panel[data-layer="original"] img')
     page.wait_for_function("() => document.querySelector('.panel[data-layer=original] img').naturalWidth > 0")

@@ -320,7 +320,8 @@ function seek(pos) {
   $("#slider").value = String(state.pos);
   $("#frame-index").textContent = String(f.index);
   $("#frame-time").textContent = (f.time === null || f.time === undefined ? "" : `t = ${f.time.toFixed(3)} s`)
-    + (f.propagated ? " (not segmented: objects moved by the tracker)" : "");
+    + (f.propagated ? " (not segmented: objects moved by the tracker" + (carriedInstances(f).size
+      ? ", stylized crops carried over)" : ")") : "");
   document.body.dataset.frame = String(f.index);
   showImages(f);
   showInstances(f);
@@ -375,16 +376,21 @@ function selectedIndex(f) {
   return state.selected.frame === f.index ? state.selected.instance : -1;
 }
 
+// instances whose stylized crop is the last segmented frame's, moved (style.propagate)
+function carriedInstances(f) {
+  return new Set((f.regions ?? []).filter((r) => r.carried).map((r) => r.instance));
+}
+
 function showInstances(f) {
   const body = $("#instances tbody");
   body.replaceChildren();
-  const chosen = selectedIndex(f);
+  const chosen = selectedIndex(f), carried = carriedInstances(f);
   f.instances.forEach((d, i) => {
     const tr = el("tr", { "data-instance": i, "data-track": d.track_id });
     const track = el("td");
     track.append(el("span", { class: "swatch", style: `background:${rgb(trackColor(d.track_id))}` }), d.track_id >= 0 ? `#${d.track_id}` : "–");
     const box = d.box.map((v) => Math.round(v)).join(", ");
-    tr.append(track, el("td", {}, d.class), el("td", {}, d.score.toFixed(3)), el("td", {}, d.style ?? "(original)"),
+    tr.append(track, el("td", {}, d.class), el("td", {}, d.score.toFixed(3)), el("td", {}, (d.style ?? "(original)") + (carried.has(i) ? " (carried)" : "")),
               el("td", {}, box), el("td", {}, d.area ?? "–"), el("td", {}, d.keep === null ? "–" : d.keep ? "yes" : "no"));
     if (i === chosen) tr.classList.add("selected");
     tr.addEventListener("click", () => select(f, i));
