@@ -162,6 +162,9 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names)
     compositor = Compositor.from_config(cfg.composite)
+    if cfg.style.get("propagate", False) is True and cfg.get("segment_every", 1) == 1:
+        print("note: style.propagate acts only on frames the segmenter skips: with segment_every=1 there are none",
+              file=sys.stderr)
     run: list[tuple[str, Stage]] = [
         ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)), cfg.get("segment_every", 1))),
         ("track", tracker),

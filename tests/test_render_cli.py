@@ -228,6 +228,11 @@ def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tm
     carried = [[r["carried"] for r in record["regions"]] for record in records]
     assert not any(any(flags) for flags in carried[0::2])  # segmented frames: the network's pixels
     assert any(any(flags) for flags in carried[1::2]) == propagate
+    if propagate:  # with every frame segmented there is nothing to carry: the render says so, and runs
+        result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'every.mp4'}", *models,
+                                 "style.propagate=true"], cwd=tmp_path)
+        assert result.returncode == 0
+        assert "note: style.propagate acts only on frames the segmenter skips" in result.stderr
     result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "segment_every=0"],
                             cwd=tmp_path)
     assert result.returncode == 2 and "error: segment_every must be a whole number >= 1, got 0" in result.stderr
