@@ -1,6 +1,7 @@
 """Memory-flatness soak: render thousands of small frames and watch the process RSS.
 
     python scripts/memory_soak.py --frames 3000 --size 64 [--stages full|io] [--checkpoint SEG.pt --bank BANK.pt]
+        [render overrides, e.g. segment_every=2 style.propagate=true]
 
 `--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run through
 conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled every `--every` frames; prints the first and last RSS, the least-squares slope and the
@@ -48,7 +49,8 @@ class SoakResult:
 
 
 def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 50, workdir: Path | None = None,
-         checkpoint: Path | None = None, bank: Path | None = None, batch_size: int = 8) -> SoakResult:
+         checkpoint: Path | None = None, bank: Path | None = None, batch_size: int = 8,
+         render_overrides: tuple[str, ...] = ()) -> SoakResult:
     with tempfile.TemporaryDirectory(prefix="memory_soak_", dir=workdir) as tmp:
         tmp = Path(tmp)
         clip = _looping_clip(tmp / "soak.mp4", frames, size)
@@ -58,7 +60,7 @@ def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 
             overrides.append(f"segment.checkpoint={checkpoint}")
         if bank is not None:
             overrides.append(f"style.bank={bank}")
-        cfg = compose_config(overrides)
+        cfg = compose_config([*overrides, *render_overrides])
         samples: list[tuple[int, float]] = []
         process = psutil.Process()
 
@@ -93,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="segmenter checkpoint (default: a tiny random one)")
     parser.add_argument("--bank", type=Path, help="style bank (default: a tiny random one)")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render")
     args = parser.parse_args(argv)
     result = soak(args.frames, args.size, args.stages, args.every, checkpoint=args.checkpoint, bank=args.bank,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, render_overrides=tuple(args.overrides))
     print(result.line())
     if result.quarter_growth_mb > args.max_growth_mb:
         print(f"error: RSS grew {result.quarter_growth_mb:.1f} MiB (> {args.max_growth_mb} MiB)", file=sys.stderr)
