@@ -3,6 +3,7 @@ stylize_regions called on that box alone); a background style fills everything o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -16,6 +17,7 @@ from pipeline.composite import Compositor
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stylize_stage import FACTOR_MEMORY_FRAMES, StylizeStage
+from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from stylize.apply import run_network, stylize_frames, stylize_regions
 from stylize.bank import StyleBank
@@ -83,13 +85,18 @@ def test_stylizes_exactly_the_kept_instances_with_their_styles(bank, crop_bucket
     assert (alone - region.pixels).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("region, calls", [("crop", [2, 2, 2]), ("frame", [2, 2])])
-def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region, calls):
+@pytest.mark.parametrize("region, propagate, calls", [
+    ("crop", False, [2, 2, 2]), ("frame", False, [2, 2]), ("crop", True, [2, 2, 1]), ("frame", True, [2, 2])])
+def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region, propagate, calls):
     """Three crop sizes in two frames make three network calls, each on crops that are not neighbours in the batch
     (region=frame: one per style, on both frames). Their style weights reach the GPU without the host waiting
     (gpu/transfer.py): on a GPU the stage waits once per batch, to read the crop boxes, not once per call. It
-    stylizes on the frames' device what the CPU does."""
-    cfg = style_cfg(crop_bucket=4, class_styles={"person": "candy", "dog": "udnie"}, region=region)
+    stylizes on the frames' device what the CPU does.
+    With style.propagate and frame 1 skipped by the segmenter, the third object carries its crop over (the other
+    two crops touch the frame's top or left edge, which their motion pulls into view): the masks' paste boxes come
+    in the same one copy."""
+    cfg = style_cfg(crop_bucket=4, class_styles={"person": "candy", "dog": "udnie"}, region=region,
+                    propagate=propagate)
     squares = [(8, 8, 10, 1, 0.9), (28, 8, 16, 2, 0.9), (36, 26, 18, 1, 0.9)]  # crops of 28², 32², 36²
 
     def batch(on):
@@ -97,7 +104,12 @@ def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region
                                                 for x, y, side, label, score in squares])]
         StyleAssigner.from_config(cfg, bank, CLASSES)(records)
         for record in records:
+            if propagate:  # square masks as the render has them, over their boxes
+                found = record.instances
+                record.instances = replace(found, masks=RoIMasks.from_probs(torch.ones(len(found), 28, 28),
+                                                                            found.boxes, (H, W)))
             record.image, record.instances = record.image.to(on), record.instances.to(on)
+        records[1].propagated = propagate
         return records
 
     want = StylizeStage.from_config(cfg, bank)(batch(torch.device("cpu")))
@@ -115,6 +127,7 @@ def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region
             (r.instance, r.style, r.box) for r in expected.stylized]
         for region, reference in zip(record.stylized, expected.stylized):
             torch.testing.assert_close(region.pixels.cpu(), reference.pixels, atol=2e-4, rtol=0)
+    assert [r.carried for record in records for r in record.stylized] == [False] * 5 + [propagate]
     assert waits is None or waits <= 2  # the crop boxes (+ the timing's synchronize); was one more per call
 
 
