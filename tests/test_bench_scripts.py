@@ -1,11 +1,12 @@
 """The arithmetic of the benchmark scripts' derived figures, on hand-made inputs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from scripts.bench_render import second_half_fps
-from scripts.bench_segment_every import Agreement
+from scripts.bench_segment_every import Agreement, psnr_by_frame_kind
 from segment.structures import Instances
 from scripts.crop_batches import replay
 
@@ -49,3 +50,23 @@ def test_agreement_matches_within_a_class_and_counts_the_misses():
     assert result.ious == pytest.approx([0.6, 0.0, 0.0]) and (result.found, result.unmatched) == (1, 2)
     result.add(reference[:0], shown[:1])  # a frame where the segmenter finds nothing
     assert result.row() == ["3", "0.200", "33.3%", "3"]
+
+
+def test_psnr_by_frame_kind_equals_skimage_on_the_decoded_frames(tmp_path):
+    """Two clips alike except on odd frames: every-2nd-frame PSNR splits into the odd frames' (against
+    skimage's PSNR of the same decoded frames, stacked) and the even frames' (identical: infinite)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from tests.helpers_video import pattern_frames, read_frames, write_clip
+
+    frames = pattern_frames(6, 48, 32)
+    changed = [frame if i % 2 == 0 else np.clip(frame.astype(int) + 40, 0, 255).astype(np.uint8)
+               for i, frame in enumerate(frames)]
+    lossless = {"qp": 0}  # the even frames then decode alike, whatever the odd ones hold
+    a, b = (write_clip(tmp_path / name, clip, options=lossless)
+            for name, clip in (("a.mp4", frames), ("b.mp4", changed)))
+    skipped, segmented = psnr_by_frame_kind(a, b, 2, torch.device("cpu"))
+    decoded_a, decoded_b = read_frames(a)[0], read_frames(b)[0]
+    assert all(np.array_equal(decoded_a[i], decoded_b[i]) for i in (0, 2, 4)) and segmented == float("inf")
+    want = peak_signal_noise_ratio(np.stack(decoded_a[1::2]), np.stack(decoded_b[1::2]), data_range=255)
+    assert skipped == pytest.approx(want, abs=1e-9) and skipped < 30
