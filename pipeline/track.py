@@ -6,7 +6,9 @@ rounds, as in ByteTrack: confident detections (score >= `birth_score`) first, th
 tracks still unmatched, so a weak duplicate or fragment can never take a track from the confident detection
 of the same object, yet a briefly weak detection still continues its track. A track's last box
 (and mask) is moved forward by its constant-velocity estimate before matching, so fast objects still
-overlap their track. A track that finds no detection keeps its last box and mask for up to `max_misses`
+overlap their track. A track found once has no estimate yet: matching on masks, the confident detections and such
+young tracks left unmatched get a third round on box IoU, so a fast or thin object (a ring moved off its own mask)
+keeps its new track, and its style. A track that finds no detection keeps its last box and mask for up to `max_misses`
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
 
 On a frame the segmenter skipped (`segment_every` > 1, `FrameRecord.propagated`), the tracker supplies the
@@ -245,6 +247,8 @@ class Tracker:
         if tracks and len(detections):
             confident = (detections.scores >= self.birth_score).tolist()
             pairs = match_confident_first(self._iou(detections), confident, self.min_iou)
+            if detections.masks is not None:
+                pairs += self._young_by_box(detections, tracks, pairs, confident)
 
         ids = torch.full((len(detections),), -1, dtype=torch.long)
         if tracks is not None:
@@ -298,6 +302,22 @@ class Tracker:
         if self.same_class:
             iou = iou * (detections.labels[:, None] == tracks.labels[None, :])
         return iou
+
+    def _young_by_box(self, detections: _Detections, tracks: _Tracks, pairs: list[tuple[int, int]],
+                      confident: list[bool]) -> list[tuple[int, int]]:
+        """The confident detections and the young tracks (one hit: no motion estimate yet) that mask matching left
+        unmatched, matched on box IoU. A young track's mask stays where it was found, so an object that moved far
+        (a fast one, or any after the frames `segment_every` skips) overlaps it little, and a thin one (a ring) may
+        not overlap it at all, while its box still does."""
+        taken_d, taken_t = {d for d, _ in pairs}, {t for _, t in pairs}
+        free_d = [d for d, sure in enumerate(confident) if sure and d not in taken_d]
+        free_t = [t for t in range(len(tracks)) if tracks.hits[t] == 1 and t not in taken_t]
+        if not free_d or not free_t:
+            return []
+        iou = box_iou(detections.boxes[free_d], tracks.boxes[free_t])
+        if self.same_class:
+            iou = iou * (detections.labels[free_d][:, None] == tracks.labels[free_t][None, :])
+        return [(free_d[r], free_t[c]) for r, c in match(iou, self.min_iou)]
 
     def _moved_masks(self, masks: Tensor, shift: Tensor) -> Tensor:
         """Track masks translated by their predicted box motion (centre shift, in shrunk-mask pixels)."""
