@@ -166,7 +166,8 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
         print("note: style.propagate acts only on frames the segmenter skips: with segment_every=1 there are none",
               file=sys.stderr)
     run: list[tuple[str, Stage]] = [
-        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)), cfg.get("segment_every", 1))),
+        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)), cfg.get("segment_every", 1),
+                                 cfg.get("scene_cut"))),
         ("track", tracker),
         ("assign", assigner),
         ("stylize", StylizeStage.from_config(cfg.style, bank)),

@@ -75,7 +75,8 @@ def agreements(path: Path, everies: list[int], cfg, device: torch.device) -> dic
     model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
     threshold, min_score = float(cfg.segment.get("score_threshold", 0.5)), float(cfg.style.min_score)
     every_frame = SegmentStage(model, threshold)
-    runs = {every: (SegmentStage(model, threshold, every), Tracker.from_config(cfg.track)) for every in everies}
+    runs = {every: (SegmentStage(model, threshold, every, cfg.get("scene_cut")), Tracker.from_config(cfg.track))
+            for every in everies}
     results = {every: Agreement(ious=[]) for every in everies}
 
     def styled(instances: Instances) -> Instances:

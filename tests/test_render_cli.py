@@ -205,6 +205,21 @@ def nvenc_opens() -> bool:
     return True
 
 
+def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
+    """segment_every=4 over a clip whose second shot starts at frame 6 (the first shot's frames, inverted): frames
+    0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default); with scene_cut=null only 0, 4, 8."""
+    frames = pattern_frames(12, 64, 48)
+    clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
+    for scene_cut, want in (("20", [0, 4, 6, 8]), ("null", [0, 4, 8])):
+        dump = tmp_path / f"dump_{scene_cut}"
+        result = run_in_process([f"input={clip}", f"output={tmp_path / f'out_{scene_cut}.mp4'}", *models,
+                                 "segment_every=4", f"scene_cut={scene_cut}", "debug.dump=true", f"debug.dir={dump}"],
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in records if not r["propagated"]] == want
+
+
 @pytest.mark.parametrize("propagate", [False, True])
 def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tmp_path, models, vfr_clip, propagate):
     """segment_every=2: every frame is written, only frames 0, 2, 4, 6 are segmented (the others have no segment

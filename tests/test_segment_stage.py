@@ -69,3 +69,41 @@ def test_segments_only_every_nth_frame(model, monkeypatch):
 def test_bad_interval(model, every):
     with pytest.raises(PipelineConfigError, match="segment_every"):
         SegmentStage(model, 0.5, every)
+    for bad in (-1, 256, True, "20"):
+        with pytest.raises(PipelineConfigError, match=r"scene_cut must be null or a number in \[0, 255\]"):
+            SegmentStage(model, 0.5, 2, bad)
+
+
+def shots(cuts: list[int], count: int, size=(64, 80)) -> list[FrameRecord]:
+    """Frames of a smooth scene drifting 2 px a frame; at each index in `cuts` a new shot starts (the scene
+    mirrored, then shaded differently)."""
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w + 2 * count, dtype=torch.float32),
+                            indexing="ij")
+    scene = torch.stack([128 + 100 * torch.sin(xs / 9), 128 + 100 * torch.cos(ys / 7), xs % 200])
+    frames, shot = [], 0
+    for i in range(count):
+        shot += i in cuts
+        view = scene[:, :, 2 * i:2 * i + w]
+        view = view.flip(-1) if shot % 2 else view
+        frames.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24),
+                                  image=(view * (1 - 0.3 * (shot % 3 == 2))).clamp(0, 255).to(torch.uint8)))
+    return frames
+
+
+@pytest.mark.parametrize("scene_cut", [20.0, None])
+def test_a_new_shot_is_segmented_between_the_nth_frames(model, monkeypatch, scene_cut):
+    """segment_every=3 over shots starting at frames 5 and 8 (8 begins the third batch of 4, so it is compared with
+    the batch before's last frame): those frames are segmented too, unless scene_cut is null. Drifting within a
+    shot is no cut; neither is the first frame. A change of frame size is one."""
+    calls, predict = [], model.predict
+    monkeypatch.setattr(model, "predict", lambda frames, **kw: calls.append(len(frames)) or predict(frames, **kw))
+    stage, frames = SegmentStage(model, 0.0, every=3, scene_cut=scene_cut), shots([5, 8], 12)
+    out = [record for start in range(0, 12, 4) for record in stage(frames[start:start + 4])]
+    segmented = [i for i, record in enumerate(out) if not record.propagated]
+    assert segmented == ([0, 3, 5, 6, 8, 9] if scene_cut is not None else [0, 3, 6, 9])
+    assert calls == ([2, 2, 2] if scene_cut is not None else [2, 1, 1])
+    resized = SegmentStage(model, 0.0, every=3)
+    resized(shots([], 4))
+    # frames 4-7 at another size: 4 starts a new shot (the tracker starts over too), 6 is on the grid
+    assert [r.propagated for r in resized(shots([], 8, size=(72, 56))[4:])] == [False, True, False, True]
