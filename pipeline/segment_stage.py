@@ -62,15 +62,11 @@ class SegmentStage:
         `scene_cut` (mean |Δ|, 0-255), or its size changed. The batch's differences come to the host in one copy."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
-        if self._last is None:
-            before, previous_sizes = thumbnails[:1], sizes[:1]  # the first frame is no cut
-        else:
-            before, previous_sizes = self._last[0][None], [self._last[1]]
-        before = torch.cat([before, thumbnails[:-1]])
-        change = (thumbnails - before).abs().mean((1, 2)).tolist()
+        last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
+        change = (thumbnails - torch.cat([last[0][None], thumbnails[:-1]])).abs().mean((1, 2)).tolist()
         self._last = (thumbnails[-1], sizes[-1])
-        return [value > self.scene_cut or size != previous
-                for value, size, previous in zip(change, sizes, previous_sizes + sizes[:-1])]
+        return [value > self.scene_cut or size != before
+                for value, size, before in zip(change, sizes, [last[1], *sizes[:-1]])]
 
 
 def _thumbnail(image: torch.Tensor) -> torch.Tensor:

@@ -166,10 +166,11 @@ class StylizeStage:
             for k in fresh:
                 (b, _, style), (x1, y1, x2, y2) = jobs[k], crops[k]
                 results[k] = (crops[k], styled_frames[style][b][:, y1:y2, x1:x2])
-        if plan is None:
-            return [(*result, False) for result in results]
-        self.carry.place(plan, results, size)
-        return [None if result is None else (*result, k in plan.carried) for k, result in enumerate(results)]
+        carried = {}
+        if plan is not None:
+            self.carry.place(plan, results, size)
+            carried = plan.carried
+        return [None if result is None else (*result, k in carried) for k, result in enumerate(results)]
 
     def _factors(self, batch: list[FrameRecord], jobs: list, boxes: torch.Tensor, size: tuple[int, int]) -> list[int]:
         """Each job's factor under `max_side` (`stylize.apply.crop_factors`), frame by frame, each tracked object

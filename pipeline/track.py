@@ -299,9 +299,11 @@ class Tracker:
             iou = box_iou(detections.boxes, tracks.boxes + shift)
         else:
             iou = mask_iou(detections.masks, self._moved_masks(tracks.masks, shift))
-        if self.same_class:
-            iou = iou * (detections.labels[:, None] == tracks.labels[None, :])
-        return iou
+        return self._same_class(iou, detections.labels, tracks.labels)
+
+    def _same_class(self, iou: Tensor, detection_labels: Tensor, track_labels: Tensor) -> Tensor:
+        """`iou` (D, T) zeroed between different classes when matching only within one."""
+        return iou * (detection_labels[:, None] == track_labels[None, :]) if self.same_class else iou
 
     def _young_by_box(self, detections: _Detections, tracks: _Tracks, pairs: list[tuple[int, int]],
                       confident: list[bool]) -> list[tuple[int, int]]:
@@ -314,9 +316,8 @@ class Tracker:
         free_t = [t for t in range(len(tracks)) if tracks.hits[t] == 1 and t not in taken_t]
         if not free_d or not free_t:
             return []
-        iou = box_iou(detections.boxes[free_d], tracks.boxes[free_t])
-        if self.same_class:
-            iou = iou * (detections.labels[free_d][:, None] == tracks.labels[free_t][None, :])
+        iou = self._same_class(box_iou(detections.boxes[free_d], tracks.boxes[free_t]), detections.labels[free_d],
+                               tracks.labels[free_t])
         return [(free_d[r], free_t[c]) for r, c in match(iou, self.min_iou)]
 
     def _moved_masks(self, masks: Tensor, shift: Tensor) -> Tensor:
