@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a lent GPU machine (see docs/benchmarks.md for what they gave):
 #   the device-sensitive tests on CUDA, then the segment / render / train / stylize benchmarks.
-# Usage: bash scripts/device_checks.sh OUT_DIR [STEP...]   (python3 must hold torch with CUDA and our dependencies;
-#        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders)
+# Usage: bash scripts/device_checks.sh OUT_DIR [STEP...]   (python3 must hold torch with CUDA and our dependencies:
+#        the developers' guide's .gpu-wheels, `pip install -q --no-index .gpu-wheels/*.whl`, and .cache/styles carried)
+#        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders.
+#        `quick` picks the steps a 15-minute device session has time for (about 7 minutes on an H200): the tests, the
+#        reference R50 weights, and the R50 1080p render with each speed setting not yet measured on a GPU.
 # Each step has its own time limit so that one slow step cannot starve the rest.
 set -u
 OUT=${1:?usage: device_checks.sh OUT_DIR [STEP...]}
 shift
-ONLY=" $* "
+QUICK="tests r50_reference bench_render_r50 bench_render_r50_max_side_graphs bench_render_r50_every2
+    bench_render_r50_every2_propagate bench_render_r50_every3_propagate bench_render_r50_every3_propagate_fast"
+ONLY=" $(echo ${*/quick/$QUICK}) "  # unquoted: the list's line breaks become spaces
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 step() {  # step SECONDS NAME COMMAND...
@@ -28,11 +33,16 @@ step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/
     tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py \
     tests/test_decode_encode.py tests/test_encode_colour.py tests/test_composite.py tests/test_track.py \
     tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py \
-    tests/test_roi_masks.py tests/test_stylize_stage.py tests/test_transfer.py
+    tests/test_roi_masks.py tests/test_stylize_stage.py tests/test_transfer.py tests/test_style_carry.py \
+    tests/test_segment_stage.py
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
-# the steps from here on that name /tmp/r50_reference.pth need bench_segment (it writes that file) in the same run
+# the steps from here on that name /tmp/r50_reference.pth need bench_segment or r50_reference in the same run: both
+# write that file, the same seeded weights (calibrated on the same three photos at 480x640) as GPU sessions 4-6 used;
+# r50_reference is the short one, one setting
+step 60 r50_reference python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 8 \
+    --precisions bf16 --iterations 3 --warmup 2 --save-reference /tmp/r50_reference.pth
 step 60 profile_segment python3 scripts/profile_segment.py --checkpoint /tmp/r50_reference.pth
 # the same at the R50 render's batch (four 1080p frames, 10 detections): the segmenter's 13.9-15.5 ms per frame
 # in the render (GPU sessions 4-6) split into its front and the rest, and with cuDNN's algorithm timing
@@ -78,6 +88,15 @@ step 60 bench_render_r50_max_side_graphs $RENDER 1080p $BENCH $R50 style.max_sid
 # img/s at 800x1066 on an H200 (bench_segment, batch 8, bf16), which alone bounds an 800-px 1080p render below 120 fps
 step 60 bench_render_r50_fast $RENDER 1080p $BENCH $R50 style.max_side=256 style.cuda_graphs=true \
     segment.min_size=600 segment.max_size=1000
+# the segmenter on every 2nd / 3rd frame, the tracker moving its objects over the others (segment_every), and with
+# style.propagate the skipped frames' stylized crops carried over from the segmented frame instead of restyled:
+# unmeasured on a GPU; on the 2-core CPU 1.03-1.10x alone and 1.56-1.79x with style.propagate at 1080p
+step 60 bench_render_r50_every2 $RENDER 1080p $BENCH $R50 segment_every=2
+step 60 bench_render_r50_every2_propagate $RENDER 1080p $BENCH $R50 segment_every=2 style.propagate=true
+step 60 bench_render_r50_every3_propagate $RENDER 1080p $BENCH $R50 segment_every=3 style.propagate=true
+# every speed setting at once, x264 at veryfast too: the closest this tree gets to the 120 fps target
+step 60 bench_render_r50_every3_propagate_fast $RENDER 1080p $BENCH $R50 segment_every=3 style.propagate=true \
+    style.max_side=256 style.cuda_graphs=true segment.min_size=600 segment.max_size=1000 encode.preset=veryfast
 # whole frames through the style net, once per style in use, instead of per-object crops (fixed shapes, fewer calls)
 step 60 bench_render_r50_frame $RENDER 1080p $BENCH $R50 style.region=frame
 # the same after an untimed render of the same clip: every crop shape already met (cuDNN's cold start per shape)
