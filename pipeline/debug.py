@@ -16,6 +16,7 @@ One frame record (every frame, whatever `every` is):
     ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at 0.5 and
     downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
     propagated: whether the segmenter skipped the frame (`segment_every`), its instances moved by the tracker,
+    cut: whether a new shot starts there (`scene_cut`: the tracker ended every track, the objects get new ids),
     regions: [{instance, style, box, carried}] the stylized crops (carried: the last segmented frame's, moved:
     `style.propagate`), background: whether a background style ran,
     timings: {stage: seconds} as the stages recorded them (stages up to composite),
@@ -237,7 +238,7 @@ class DebugDumper:
         line = {
             "index": record.index, "pts": record.pts, "time": record.time,
             "size": list(size), "dump_size": list(small), "scale": scale,
-            "instances": instances, "propagated": record.propagated,
+            "instances": instances, "propagated": record.propagated, "cut": record.cut,
             "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box), "carried": r.carried}
                         for r in record.stylized],
             "background": record.background is not None,

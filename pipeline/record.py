@@ -15,8 +15,8 @@ from segment.structures import Instances
 class FrameRecord:
     """A frame and everything the stages learned about it.
 
-    Filled in stage order: decode sets index/pts/time_base/image; segment sets instances, or `propagated` on a
-    frame it skips (`segment_every`), whose instances track then sets; track sets track_ids; assign sets styles
+    Filled in stage order: decode sets index/pts/time_base/image; segment sets `cut`, and instances, or `propagated`
+    on a frame it skips (`segment_every`), whose instances track then sets; track sets track_ids; assign sets styles
     and keep; stylize sets stylized (one entry per kept instance) and background; composite sets output; every
     stage adds its seconds to timings.
     """
@@ -27,6 +27,7 @@ class FrameRecord:
     image: Tensor                   # uint8 (3, H, W) RGB, on the working device
     instances: Instances | None = None
     propagated: bool = False                 # not segmented: instances are the last segmented frame's, moved
+    cut: bool = False                        # a new shot starts here (`scene_cut`): the tracker ends every track
     track_ids: Tensor | None = None          # (N,) int64 on the CPU, aligned with instances; -1 = not tracked
     styles: list[str | None] = field(default_factory=list)  # per instance; None = left original
     keep: Tensor | None = None               # (N,) bool on the CPU: instances that pass assign's filters

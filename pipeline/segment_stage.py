@@ -1,6 +1,8 @@
 """Segment stage: one batched `model.predict` per batch of frames, low-score detections dropped; with `every` N > 1
 only frames N apart (stream index 0, N, 2N, ...) are segmented, the tracker moving their objects over the others,
-and any frame that starts a new shot (`scene_cut`): the objects of the shot before must not be moved onto it."""
+and any frame that starts a new shot (`scene_cut`): the objects of the shot before must not be moved onto it. At any
+N such a frame is marked `cut`, where the tracker ends every track: an object of the new shot that happens to
+overlap one of the last shot's is another object, and must take neither its id (its style) nor its velocity."""
 from __future__ import annotations
 
 import torch
@@ -40,9 +42,12 @@ class SegmentStage:
         self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's thumbnail and size
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
-        cuts = self._cuts(batch) if self.every > 1 and self.scene_cut is not None and batch else [False] * len(batch)
-        for record, cut in zip(batch, cuts):
-            record.propagated = record.index % self.every != 0 and not cut
+        changes, resized = self._changes(batch) if self.scene_cut is not None and batch else (None, [])
+        if self.every > 1 and changes is not None:  # which frames to segment depends on the cuts: read them now
+            self._mark_cuts(batch, changes.tolist(), resized)
+            changes = None
+        for record in batch:
+            record.propagated = record.index % self.every != 0 and not record.cut
         segmented = [record for record in batch if not record.propagated]
         if not segmented:
             return batch
@@ -51,22 +56,33 @@ class SegmentStage:
             same_size = len({tuple(image.shape) for image in images}) == 1
             results = self.model.predict(torch.stack(images) if same_size else images, full_masks=False)
             # detections come highest score first, so the kept ones are a prefix of each frame's: one host sync
-            # for the whole batch's counts, where a boolean index per frame would make the host wait per frame
-            counts = torch.stack([(r.scores >= self.score_threshold).sum() for r in results]).tolist()
+            # for the whole batch's counts (and, segmenting every frame, its changes), where a boolean index per
+            # frame would make the host wait per frame
+            counts = torch.stack([(r.scores >= self.score_threshold).sum() for r in results])
+            if changes is None:
+                counts = counts.tolist()
+            else:
+                read = torch.cat([counts.float(), changes.to(counts.device)]).tolist()
+                counts = [int(count) for count in read[:len(results)]]
+                self._mark_cuts(batch, read[len(results):], resized)
             for record, instances, count in zip(segmented, results, counts):
                 record.instances = instances[:count]
         return batch
 
-    def _cuts(self, batch: list[FrameRecord]) -> list[bool]:
-        """Per frame: does a new shot start there? Its grey thumbnail differs from the frame before's by more than
-        `scene_cut` (mean |Δ|, 0-255), or its size changed. The batch's differences come to the host in one copy."""
+    def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
+        """Per frame: the mean |Δ| (0-255) of its grey thumbnail from the frame before's (on the frames' device), and
+        whether its size changed."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
         last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
-        change = (thumbnails - torch.cat([last[0][None], thumbnails[:-1]])).abs().mean((1, 2)).tolist()
+        changes = (thumbnails - torch.cat([last[0][None], thumbnails[:-1]])).abs().mean((1, 2))
         self._last = (thumbnails[-1], sizes[-1])
-        return [value > self.scene_cut or size != before
-                for value, size, before in zip(change, sizes, [last[1], *sizes[:-1]])]
+        return changes, [size != before for size, before in zip(sizes, [last[1], *sizes[:-1]])]
+
+    def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
+        """`cut` where a new shot starts: the thumbnail changed by more than `scene_cut`, or the frame's size did."""
+        for record, change, new_size in zip(batch, changes, resized):
+            record.cut = change > self.scene_cut or new_size
 
 
 def _thumbnail(image: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ frames, so a short occlusion or a missed detection does not change the object's 
 On a frame the segmenter skipped (`segment_every` > 1, `FrameRecord.propagated`), the tracker supplies the
 instances: each track matched or begun on the last segmented frame, that frame's detection moved along the
 track's velocity (`Instances.moved`), with the track's id. Such frames leave the tracks as they are, except that
-their motion counts the frame; `max_misses` counts segmented frames.
+their motion counts the frame; `max_misses` counts segmented frames. A frame that starts a new shot
+(`FrameRecord.cut`) ends every track first.
 
 The tracker works on the host. A batch's boxes, scores, labels and shrunk masks come from the model's device in
 one copy (`_on_host`, pipeline/host_copy.py), so the stage waits for a GPU once per batch, not at each of the
@@ -185,6 +186,7 @@ class Tracker:
         self._last_ids: list[int] = []
         self._next_id = 1
         self._finished, self._finished_hits, self._longest = 0, 0, 0
+        self._cuts = 0  # new shots, where every track ended
 
     # -- stage -------------------------------------------------------------------------------------
 
@@ -197,6 +199,9 @@ class Tracker:
                     if record.propagated:
                         record.instances, record.track_ids = self._propagate(record.size)
                     else:
+                        if record.cut:
+                            self._end_all()
+                            self._cuts += 1
                         record.track_ids = self._update(next(frames), record.size, record.instances)
         return batch
 
@@ -395,9 +400,10 @@ class Tracker:
         return [] if self._tracks is None else list(self._tracks.ids)
 
     def summary(self) -> dict[str, float | int]:
-        """tracks started, tracks still alive, mean and longest track length in matched frames."""
+        """tracks started, tracks still alive, mean and longest track length in matched frames, cuts to a new shot
+        (where every track ended)."""
         live = [] if self._tracks is None else self._tracks.hits
         count = self._finished + len(live)
         total = self._finished_hits + sum(live)
         return {"tracks": count, "active": len(live), "mean_length": round(total / count, 1) if count else 0.0,
-                "longest": max([self._longest, *live])}
+                "longest": max([self._longest, *live]), "cuts": self._cuts}

@@ -29,7 +29,8 @@ def _scene(h: int, w: int, masks: list[torch.Tensor], colors: list[tuple[int, in
 def synthetic_records(n: int = 12, h: int = 90, w: int = 160) -> list[FrameRecord]:
     """Track 0 (person) lives through every frame; track 1 (dog) frames 2..8 with a style switch
     (mosaic → left original) at 5; an untracked car square on even frames; odd frames marked as not segmented
-    (`propagated`), track 0's stylized crop carried there (`style.propagate`). Deterministic timings."""
+    (`propagated`), track 0's stylized crop carried there (`style.propagate`); frame 6 marked as a new shot (`cut`,
+    its ids kept: the viewer only labels it). Deterministic timings."""
     records = []
     g = torch.Generator().manual_seed(0)
     sy, sx = h / 90, w / 160
@@ -64,6 +65,7 @@ def synthetic_records(n: int = 12, h: int = 90, w: int = 160) -> list[FrameRecor
             output[:, y1:y2, x1:x2] = output[:, y1:y2, x1:x2] * (1 - alpha) + pixels * alpha
         records.append(FrameRecord(
             index=i, pts=i * 512, time_base=Fraction(1, 12800), image=image, instances=inst, propagated=i % 2 == 1,
+            cut=i == 6,
             track_ids=torch.tensor(tracks), styles=styles, keep=torch.tensor([s is not None for s in styles]),
             stylized=stylized, background=None, output=(output * 255).round().to(torch.uint8),
             timings={"decode": 0.001 * (1 + i % 3), "segment": 0.02 + 0.001 * i, "track": 0.0005, "composite": 0.004}))

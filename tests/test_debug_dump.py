@@ -52,6 +52,7 @@ def test_full_size_masks_decode_to_the_binarized_masks(tmp_path):
             assert d["box"] == pytest.approx(inst.boxes[i].tolist(), abs=0.01)
         assert [r["box"] for r in line["regions"]] == [list(r.box) for r in record.stylized]
         assert [r["carried"] for r in line["regions"]] == [r.carried for r in record.stylized]
+        assert (line["propagated"], line["cut"]) == (record.propagated, record.cut)
         assert set(line["timings"]) == {"decode", "segment", "track", "composite"}
 
 

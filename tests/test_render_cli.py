@@ -207,7 +207,8 @@ def nvenc_opens() -> bool:
 
 def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
     """segment_every=4 over a clip whose second shot starts at frame 6 (the first shot's frames, inverted): frames
-    0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default); with scene_cut=null only 0, 4, 8."""
+    0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default), and 6 is marked as a new shot, where the
+    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut."""
     frames = pattern_frames(12, 64, 48)
     clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
     for scene_cut, want in (("20", [0, 4, 6, 8]), ("null", [0, 4, 8])):
@@ -218,6 +219,7 @@ def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
         assert result.returncode == 0, result.stderr
         records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
         assert [r["index"] for r in records if not r["propagated"]] == want
+        assert [r["index"] for r in records if r["cut"]] == ([6] if scene_cut == "20" else [])
 
 
 @pytest.mark.parametrize("propagate", [False, True])

@@ -102,8 +102,28 @@ def test_a_new_shot_is_segmented_between_the_nth_frames(model, monkeypatch, scen
     out = [record for start in range(0, 12, 4) for record in stage(frames[start:start + 4])]
     segmented = [i for i, record in enumerate(out) if not record.propagated]
     assert segmented == ([0, 3, 5, 6, 8, 9] if scene_cut is not None else [0, 3, 6, 9])
+    assert [i for i, record in enumerate(out) if record.cut] == ([5, 8] if scene_cut is not None else [])
     assert calls == ([2, 2, 2] if scene_cut is not None else [2, 1, 1])
     resized = SegmentStage(model, 0.0, every=3)
     resized(shots([], 4))
     # frames 4-7 at another size: 4 starts a new shot (the tracker starts over too), 6 is on the grid
-    assert [r.propagated for r in resized(shots([], 8, size=(72, 56))[4:])] == [False, True, False, True]
+    assert [(r.propagated, r.cut) for r in resized(shots([], 8, size=(72, 56))[4:])] == [
+        (False, True), (True, False), (False, False), (True, False)]
+
+
+@pytest.mark.parametrize("scene_cut", [20.0, None])
+def test_segmenting_every_frame_marks_the_cuts_for_the_tracker(model, monkeypatch, scene_cut):
+    """segment_every=1: every frame goes through the model as without scene_cut, and the frames that start a shot
+    (5 and 8, and the first of a new size) are marked `cut`, the tracker's cue to end its tracks; their changes come
+    to the host with the batch's detection counts, in one copy."""
+    calls, predict = [], model.predict
+    monkeypatch.setattr(model, "predict", lambda frames, **kw: calls.append(len(frames)) or predict(frames, **kw))
+    stage, frames = SegmentStage(model, 0.3, scene_cut=scene_cut), shots([5, 8], 12)
+    out = [record for start in range(0, 12, 4) for record in stage(frames[start:start + 4])]
+    assert calls == [4, 4, 4] and not any(record.propagated for record in out)
+    assert [i for i, record in enumerate(out) if record.cut] == ([5, 8] if scene_cut is not None else [])
+    plain = [record for start in range(0, 12, 4) for record in SegmentStage(model, 0.3, scene_cut=None)(
+        shots([5, 8], 12)[start:start + 4])]
+    for record, want in zip(out, plain):
+        torch.testing.assert_close(record.instances.boxes, want.instances.boxes, rtol=0, atol=0)
+    assert [r.cut for r in stage(shots([], 3, size=(72, 56)))] == [scene_cut is not None, False, False]

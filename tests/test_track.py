@@ -100,7 +100,7 @@ def test_crossing_objects_keep_their_ids(match_on):
     ids = run(tracker, frames)
     assert ids[0] == [1, 2]
     assert all(frame == [1, 2] for frame in ids), ids
-    assert tracker.summary() == {"tracks": 2, "active": 2, "mean_length": 16.0, "longest": 16}
+    assert tracker.summary() == {"tracks": 2, "active": 2, "mean_length": 16.0, "longest": 16, "cuts": 0}
 
 
 def test_motion_term_follows_fast_objects():
@@ -153,7 +153,7 @@ def test_one_frame_miss_is_bridged_and_long_miss_ends_the_track():
     tracker = Tracker(max_misses=2)
     ids = run(tracker, frames)
     assert ids[:4] == [[1]] * 4 and ids[7:] == [[2]] * 3
-    assert tracker.summary() == {"tracks": 2, "active": 1, "mean_length": 3.5, "longest": 4}
+    assert tracker.summary() == {"tracks": 2, "active": 1, "mean_length": 3.5, "longest": 4, "cuts": 0}
 
 
 def test_missed_track_is_rematched_at_its_predicted_place():
@@ -244,13 +244,14 @@ def square_instances(objects: list[tuple[float, float, float, int, float]], devi
                      masks=RoIMasks.from_probs(probs, boxes, SIZE)).to(device)
 
 
-def run_every(tracker: Tracker, frames: list[list[tuple]], every: int, device="cpu") -> list[FrameRecord]:
-    """The frames as SegmentStage leaves them with segment_every=every (only 0, every, 2·every, ... segmented),
-    through the tracker in batches of 4."""
+def run_every(tracker: Tracker, frames: list[list[tuple]], every: int, device="cpu", cuts=()) -> list[FrameRecord]:
+    """The frames as SegmentStage leaves them with segment_every=every (only 0, every, 2·every, ... segmented, and
+    the frames in `cuts`, which start a new shot), through the tracker in batches of 4."""
     image = torch.zeros(3, *SIZE, dtype=torch.uint8)
-    records = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image, propagated=bool(i % every),
-                           instances=None if i % every else square_instances(objects, device))
-               for i, objects in enumerate(frames)]
+    skipped = [bool(i % every) and i not in cuts for i in range(len(frames))]
+    records = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image, propagated=skip, cut=i in cuts,
+                           instances=None if skip else square_instances(objects, device))
+               for i, (objects, skip) in enumerate(zip(frames, skipped))]
     return [record for start in range(0, len(records), 4) for record in tracker(records[start:start + 4])]
 
 
@@ -283,3 +284,19 @@ def test_skipped_frames_show_only_tracked_objects_still_in_the_frame():
     assert [r.track_ids.tolist() for r in records] == [[1, 2, -1], [1, 2], [1, 2], [1], [1], [], [2], [2], [2]]
     assert records[4].instances.boxes.tolist() == [[94, 20, 96, 40]]  # clipped to the image, as a detector's
     assert len(records[5].instances) == 0 and records[5].instances.image_size == SIZE
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_new_shot_ends_every_track(every):
+    """A moves 4 px a frame; frame 4 starts a new shot (`FrameRecord.cut`) in which another object of A's class
+    stands where A was headed. Without the cut it continues A's track, id and velocity, and the skipped frame after
+    it (segment_every=2) shows it moved on by A's 4 px; with the cut it starts a track of its own, without a
+    velocity, and stays put. The tracks the cut ended count as finished, and the summary counts the cut."""
+    frames = [[(10 + 4 * i, 20, 24, 1, 0.9)] for i in range(4)] + [[(26, 20, 24, 1, 0.9)]] * 4
+    for cuts, ids in (((), [1] * 8), ((4,), [1] * 4 + [2] * 4)):
+        tracker = Tracker()
+        records = run_every(tracker, frames, every, cuts=cuts)
+        assert [r.track_ids.tolist() for r in records] == [[i] for i in ids]
+        if every == 2:
+            assert records[5].instances.boxes[0, 0].item() == (26 if cuts else 30)
+        assert tracker.summary()["tracks"] == max(ids) and tracker.summary()["cuts"] == len(cuts)

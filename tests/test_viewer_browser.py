@@ -99,12 +99,13 @@ def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir,
     assert page.locator("#banner").is_hidden()
 
     # Slider → frame index and instance table agree with frames.jsonl.
-    for pos in (4, 7, 0):
+    for pos in (4, 7, 0, 6):
         seek(page, pos)
         frame = frames[pos]
         assert page.locator("#frame-index").text_content() == str(frame["index"])
         label = page.locator("#frame-time").text_content()
         assert ("not segmented" in label) == ("crops carried over" in label) == frame["propagated"] == (pos % 2 == 1)
+        assert ("new shot" in label) == frame["cut"] == (pos == 6)
         rows = table_rows(page)
         assert len(rows) == len(frame["instances"])
         carried = {region["instance"] for region in frame["regions"] if region["carried"]}

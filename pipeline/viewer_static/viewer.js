@@ -321,7 +321,8 @@ function seek(pos) {
   $("#frame-index").textContent = String(f.index);
   $("#frame-time").textContent = (f.time === null || f.time === undefined ? "" : `t = ${f.time.toFixed(3)} s`)
     + (f.propagated ? " (not segmented: objects moved by the tracker" + (carriedInstances(f).size
-      ? ", stylized crops carried over)" : ")") : "");
+      ? ", stylized crops carried over)" : ")") : "")
+    + (f.cut ? " (new shot: every track starts afresh)" : "");
   document.body.dataset.frame = String(f.index);
   showImages(f);
   showInstances(f);
