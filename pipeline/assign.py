@@ -5,6 +5,9 @@ track takes the next palette style, round robin, and keeps it for its whole life
 track skips styles held by tracks seen in the last `palette_memory` frames, so an object that reappears from
 behind another (and so gets a new track) does not come back in the style of the object still on screen.
 Instances of `exclude_classes`, below `min_score`, or with fewer than `min_area` mask pixels stay original.
+A track unseen for longer than the tracker keeps a missed track (`track_horizon`) has ended: its style is
+forgotten, so what the assigner holds, and its work per frame, stay flat over a long video however many objects
+come and go (a COCO model's busy scene starts several tracks a frame).
 Every style spec and class name is checked against the bank and the model when the assigner is built, so a
 typo fails before the first frame is decoded.
 """
@@ -40,7 +43,8 @@ class StyleAssigner:
 
     def __init__(self, bank, class_names: list[str], policy: str = "per_instance", palette: list | None = None,
                  palette_memory: int = 48, class_styles: dict | None = None, default_style=None, background=ORIGINAL,
-                 exclude_classes: list[str] | None = None, min_score: float = 0.5, min_area: int = 64):
+                 exclude_classes: list[str] | None = None, min_score: float = 0.5, min_area: int = 64,
+                 track_horizon: int | None = None):
         if policy not in POLICIES:
             raise PipelineConfigError(f"style.assign must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.class_names = list(class_names)
@@ -61,21 +65,24 @@ class StyleAssigner:
         self.background = self._style(background, "style.background")
         self.excluded = {self._class(c, "style.exclude_classes") for c in (exclude_classes or [])}
         self.min_score, self.min_area = float(min_score), int(min_area)
+        # frames after which an unseen track is forgotten (None: never); the palette's memory needs that long too
+        self.horizon = None if track_horizon is None else max(int(track_horizon), self.palette_memory)
         self._validate_specs(bank)
         self._track_styles: dict[int, str | None] = {}
-        self._last_seen: dict[int, int] = {}   # track id -> index of the last frame it was in
+        self._last_seen: dict[int, int] = {}   # track id -> index of the last frame it was in, for every track held
         self._next_palette = 0
         self.styles_used: set[str] = set()
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, bank, class_names: list[str]) -> StyleAssigner:
+    def from_config(cls, cfg: DictConfig, bank, class_names: list[str], track_horizon: int | None = None
+                    ) -> StyleAssigner:
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         check_settings(cfg, STYLE_KEYS, "style")
         return cls(bank, class_names, policy=cfg.get("assign", "per_instance"), palette=cfg.get("palette"),
                    palette_memory=cfg.get("palette_memory", 48),
                    class_styles=cfg.get("class_styles"), default_style=cfg.get("default_style"),
                    background=cfg.get("background", ORIGINAL), exclude_classes=cfg.get("exclude_classes"),
-                   min_score=cfg.get("min_score", 0.5), min_area=cfg.get("min_area", 64))
+                   min_score=cfg.get("min_score", 0.5), min_area=cfg.get("min_area", 64), track_horizon=track_horizon)
 
     # -- validation --------------------------------------------------------------------------------
 
@@ -143,12 +150,20 @@ class StyleAssigner:
             raise ValueError("style.assign=per_instance needs track ids: run the tracker before the assigner")
         ids = record.track_ids.tolist()
         tracked = set(ids) - {-1}
-        self._last_seen.update((track_id, record.index) for track_id in tracked & set(self._track_styles))
-        for track_id in sorted(tracked - set(self._track_styles)):  # new tracks, in birth order
+        self._forget(record.index)
+        self._last_seen.update((track_id, record.index) for track_id in tracked & self._track_styles.keys())
+        for track_id in sorted(tracked - self._track_styles.keys()):  # new tracks, in birth order
             self._track_styles[track_id] = self._palette_style_for_new_track(record.index)
             self._last_seen[track_id] = record.index
         # Untracked instances (too weak to start a track) have no stable identity, so no stable style.
         return [self._track_styles.get(track_id) for track_id in ids]
+
+    def _forget(self, now: int) -> None:
+        """Drops the tracks unseen for more than `horizon` frames: ended, and past the palette's memory."""
+        if self.horizon is None:
+            return
+        for track_id in [t for t, seen in self._last_seen.items() if now - seen > self.horizon]:
+            del self._last_seen[track_id], self._track_styles[track_id]
 
     def _palette_style_for_new_track(self, now: int) -> str | None:
         """The next palette style (round robin) not held by a recently seen track; when every style is held,

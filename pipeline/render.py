@@ -160,7 +160,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     bank = StyleBank.load(cfg.style.get("bank"))
     bank.network.to(device)
     tracker = Tracker.from_config(cfg.track)
-    assigner = StyleAssigner.from_config(cfg.style, bank, class_names)
+    assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))
     compositor = Compositor.from_config(cfg.composite)
     if cfg.style.get("propagate", False) is True and cfg.get("segment_every", 1) == 1:
         print("note: style.propagate acts only on frames the segmenter skips: with segment_every=1 there are none",

@@ -395,6 +395,11 @@ class Tracker:
 
     # -- report ------------------------------------------------------------------------------------
 
+    def horizon(self, segment_every: int = 1) -> int:
+        """Frames a live track can go unseen (in no frame's track ids) and still come back: missed on `max_misses`
+        segmented frames, each up to `segment_every` apart. A track unseen for longer has ended."""
+        return (self.max_misses + 1) * segment_every
+
     @property
     def active_ids(self) -> list[int]:
         return [] if self._tracks is None else list(self._tracks.ids)

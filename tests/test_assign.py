@@ -164,6 +164,36 @@ def test_tracked_object_keeps_its_style_through_a_miss(bank):
     assert [r.styles for r in frames] == [["candy", "mosaic"], ["mosaic"], ["mosaic", "candy"], ["candy", "mosaic"]]
 
 
+@pytest.mark.parametrize("memory", [0, 4, 9])
+def test_forgetting_ended_tracks_changes_no_style_and_bounds_what_is_held(bank, memory):
+    """A long run of short-lived tracks (five new ones a frame, as a COCO model's busy scene starts them), some
+    seen again after gaps of up to the horizon: the styles equal those of an assigner that forgets nothing, frame by
+    frame, while it holds exactly the tracks seen within the horizon (or the palette's memory, if longer) instead
+    of every track so far (each new track's palette choice read them all: the stage's time grew with the video)."""
+    g = torch.Generator().manual_seed(0)
+    horizon, styled = 6, config(assign="per_instance", palette=["candy", "mosaic", "udnie"], palette_memory=memory)
+    forgetful = StyleAssigner.from_config(styled, bank, CLASSES, track_horizon=horizon)
+    keeper = StyleAssigner.from_config(styled, bank, CLASSES)
+    last_seen: dict[int, int] = {}
+    for index in range(300):
+        alive = [t for t, seen in last_seen.items() if index - seen <= horizon]
+        ids = [t for t in alive if torch.rand((), generator=g) < 0.2][:6] + list(range(5 * index + 1, 5 * index + 6))
+        last_seen.update((t, index) for t in ids)
+        objects = [(10 * (i % 6), 10 * (i // 6), 8, 1, 0.9) for i in range(len(ids))]  # 64 px: min_area
+        frames = [record(objects, ids, index=index) for _ in range(2)]
+        forgetful(frames[:1])
+        keeper(frames[1:])
+        assert frames[0].styles == frames[1].styles and None not in frames[0].styles
+        assert sorted(forgetful._track_styles) == sorted(
+            t for t, seen in last_seen.items() if index - seen <= max(horizon, memory))
+    assert len(keeper._track_styles) == 1500
+
+
+def test_the_render_forgets_tracks_after_the_trackers_horizon():
+    """Missed on max_misses segmented frames, each up to segment_every apart, a track can still come back."""
+    assert Tracker(max_misses=5).horizon(1) == 6 and Tracker(max_misses=2).horizon(3) == 9
+
+
 def test_blend_spec_and_background_count_as_used(bank):
     assigner = StyleAssigner.from_config(config(class_styles={"person": "0.5*candy+0.5*udnie"}, background="mosaic"),
                                          bank, CLASSES)
