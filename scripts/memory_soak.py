@@ -1,11 +1,13 @@
-"""Memory-flatness soak: render thousands of small frames and watch the process RSS.
+"""Memory-flatness soak: render thousands of small frames and watch the process RSS, and each stage's time per frame.
 
     python scripts/memory_soak.py --frames 3000 --size 64 [--stages full|io] [--checkpoint SEG.pt --bank BANK.pt]
         [render overrides, e.g. segment_every=2 style.propagate=true]
 
 `--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run through
 conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled every `--every` frames; prints the first and last RSS, the least-squares slope and the
-growth from the first to the last quarter, and exits 1 when that growth exceeds `--max-growth-mb`.
+growth from the first to the last quarter, and exits 1 when that growth exceeds `--max-growth-mb`. It also prints each
+stage's ms per frame over the first and the last quarter of the frames: a stage whose work grows with the video (state
+kept per object ever seen, say) shows there long before it shows in RSS.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import gc
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,15 @@ from tests.render_cli import tiny_model_overrides  # noqa: E402
 class SoakResult:
     frames: np.ndarray     # frame counts at the samples
     rss_mb: np.ndarray     # RSS in MiB at the samples
+    stage_seconds: list[dict[str, float]] = field(default_factory=list)  # each stage's seconds so far, per sample
+
+    def stage_ms(self) -> dict[str, tuple[float, float]]:
+        """stage -> ms per frame over the first and the last quarter of the samples."""
+        q = max(1, (len(self.frames) - 1) // 4)
+        spans = [(0, q), (len(self.frames) - 1 - q, len(self.frames) - 1)]
+        return {stage: tuple(1000 * (self.stage_seconds[b].get(stage, 0.0) - self.stage_seconds[a].get(stage, 0.0))
+                             / max(1.0, self.frames[b] - self.frames[a]) for a, b in spans)
+                for stage in (self.stage_seconds[-1] if self.stage_seconds else {})}
 
     @property
     def slope_mb_per_1000(self) -> float:
@@ -47,6 +58,10 @@ class SoakResult:
                 f"slope {self.slope_mb_per_1000:+.2f} MiB/1000 frames, "
                 f"first→last quarter {self.quarter_growth_mb:+.2f} MiB")
 
+    def stages_line(self) -> str:
+        return "ms per frame, first → last quarter: " + ", ".join(
+            f"{stage} {first:.2f} → {last:.2f}" for stage, (first, last) in self.stage_ms().items())
+
 
 def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 50, workdir: Path | None = None,
          checkpoint: Path | None = None, bank: Path | None = None, batch_size: int = 8,
@@ -61,17 +76,18 @@ def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 
         if bank is not None:
             overrides.append(f"style.bank={bank}")
         cfg = compose_config([*overrides, *render_overrides])
-        samples: list[tuple[int, float]] = []
+        samples: list[tuple[int, float, dict[str, float]]] = []
         process = psutil.Process()
 
         def sample(summary) -> None:
             if not samples or summary.frames - samples[-1][0] >= every:
-                samples.append((summary.frames, process.memory_info().rss / 2**20))
+                samples.append((summary.frames, process.memory_info().rss / 2**20, dict(summary.timings)))
 
         gc.collect()
         render(cfg, Path(cfg.output), on_batch=sample, build=None if stages == "full" else _no_model_stages)
     warm = samples[len(samples) // 10:] or samples  # allocator and codec buffers settle in the first frames
-    return SoakResult(np.array([f for f, _ in warm], float), np.array([r for _, r in warm], float))
+    return SoakResult(np.array([f for f, _, _ in warm], float), np.array([r for _, r, _ in warm], float),
+                      [t for _, _, t in warm])
 
 
 def _no_model_stages(cfg, device, reader, target) -> ModelStages:
@@ -100,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(args.frames, args.size, args.stages, args.every, checkpoint=args.checkpoint, bank=args.bank,
                   batch_size=args.batch_size, render_overrides=tuple(args.overrides))
     print(result.line())
+    print(result.stages_line())
     if result.quarter_growth_mb > args.max_growth_mb:
         print(f"error: RSS grew {result.quarter_growth_mb:.1f} MiB (> {args.max_growth_mb} MiB)", file=sys.stderr)
         return 1

@@ -23,3 +23,7 @@ def test_rss_stays_flat_over_480_frames(tmp_path):
     assert result.returncode == 0, (line, result.stderr[-2000:])
     frames = int(re.match(r"(\d+) frames", line).group(1))
     assert frames >= 400, line
+    # each stage's time per frame over the first and the last quarter: every stage ran in both
+    stages = dict(re.findall(r"(\w+) ([\d.]+ → [\d.]+)", result.stdout.split("first → last quarter:")[-1]))
+    assert set(stages) == {"decode", "segment", "track", "assign", "stylize", "composite", "encode"}, result.stdout
+    assert all(float(value) > 0 for pair in stages.values() for value in pair.split(" → ")), stages
