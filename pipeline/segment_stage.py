@@ -2,7 +2,11 @@
 only frames N apart (stream index 0, N, 2N, ...) are segmented, the tracker moving their objects over the others,
 and any frame that starts a new shot (`scene_cut`): the objects of the shot before must not be moved onto it. At any
 N such a frame is marked `cut`, where the tracker ends every track: an object of the new shot that happens to
-overlap one of the last shot's is another object, and must take neither its id (its style) nor its velocity."""
+overlap one of the last shot's is another object, and must take neither its id (its style) nor its velocity.
+
+A cut is a change of the picture's structure, not of its light: consecutive frames' grey thumbnails are compared by
+correlation, which a flash, a light switched on or an exposure change leaves near 1, so they end no track (every
+object would change style) and cost no extra segmentation."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +16,15 @@ from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
-# A cut: consecutive frames' grey 8x8 thumbnails differ by more than this mean |Δ| (0-255). Coarse blocks average
-# motion out: generated clips changed by at most 2.3-5.4 from frame to frame (11.4 where objects crossed the frame in
-# half a second), a cut between two of them by 88 (at 32x32 blocks: 4.9-11.9, 21.6 and 91).
-SCENE_CUT = 20.0
+# A cut: 1 - the correlation of consecutive frames' grey 8x8 thumbnails exceeds this (0: the same picture up to
+# brightness and contrast, 1: unrelated, 2: inverted). Coarse blocks average motion out: on generated clips at most
+# 0.08 within a shot (objects crossing), 0.61-1.28 at cuts between two; a frame brightened by 80 levels or scaled by
+# 0.4-1.6 at most 0.12 (its mean |Δ|, the measure before, was 19-108 there, against 32-126 at those cuts). The
+# tests' 64x48 gradient clip gives 0.44 where its blob, a sixth of the frame, jumps across it.
+SCENE_CUT = 0.5
+# A thumbnail with less spread than this (grey levels, standard deviation) is near uniform (a black or white frame, a
+# fade's end): its correlation says nothing, and it starts no shot.
+FLAT = 4.0
 THUMBNAIL = 8     # the thumbnails' side
 SAMPLE = 64       # pixels read along the frame's shorter side to make one (every k-th: 1080p reads 1/256 of them)
 GREY = (0.299, 0.587, 0.114)
@@ -33,13 +42,13 @@ class SegmentStage:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise PipelineConfigError(f"segment_every must be a whole number >= 1, got {every!r}")
         if scene_cut is not None and (isinstance(scene_cut, bool) or not isinstance(scene_cut, (int, float))
-                                      or not 0 <= scene_cut <= 255):
-            raise PipelineConfigError(f"scene_cut must be null or a number in [0, 255], got {scene_cut!r}")
+                                      or not 0 <= scene_cut <= 2):
+            raise PipelineConfigError(f"scene_cut must be null or a number in [0, 2], got {scene_cut!r}")
         self.model = model
         self.score_threshold = float(score_threshold)
         self.every = every
         self.scene_cut = scene_cut
-        self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's thumbnail and size
+        self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's centred thumbnail, size
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         changes, resized = self._changes(batch) if self.scene_cut is not None and batch else (None, [])
@@ -70,17 +79,22 @@ class SegmentStage:
         return batch
 
     def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
-        """Per frame: the mean |Δ| (0-255) of its grey thumbnail from the frame before's (on the frames' device), and
-        whether its size changed."""
-        thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
+        """Per frame: 1 - the correlation of its grey thumbnail with the frame before's, 0 where either is near
+        uniform (on the frames' device), and whether its size changed."""
+        thumbnails = torch.stack([_thumbnail(record.image) for record in batch]).flatten(1)
+        centred = thumbnails - thumbnails.mean(1, keepdim=True)
         sizes = [record.size for record in batch]
-        last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
-        changes = (thumbnails - torch.cat([last[0][None], thumbnails[:-1]])).abs().mean((1, 2))
-        self._last = (thumbnails[-1], sizes[-1])
-        return changes, [size != before for size, before in zip(sizes, [last[1], *sizes[:-1]])]
+        last = self._last or (centred[0], sizes[0])  # the stream's first frame is compared with itself: no cut
+        before = torch.cat([last[0][None], centred[:-1]])
+        spread, spread_before = centred.norm(dim=1), before.norm(dim=1)
+        correlation = (centred * before).sum(1) / (spread * spread_before).clamp_min(1e-6)
+        flat = torch.minimum(spread, spread_before) < FLAT * centred.shape[1] ** 0.5
+        self._last = (centred[-1], sizes[-1])
+        resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
+        return (1 - correlation).masked_fill_(flat, 0.0), resized
 
     def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
-        """`cut` where a new shot starts: the thumbnail changed by more than `scene_cut`, or the frame's size did."""
+        """`cut` where a new shot starts: the thumbnail changed more than `scene_cut`, or the frame's size did."""
         for record, change, new_size in zip(batch, changes, resized):
             record.cut = change > self.scene_cut or new_size
 

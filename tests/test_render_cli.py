@@ -211,7 +211,7 @@ def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
     tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut."""
     frames = pattern_frames(12, 64, 48)
     clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
-    for scene_cut, want in (("20", [0, 4, 6, 8]), ("null", [0, 4, 8])):
+    for scene_cut, want in (("0.5", [0, 4, 6, 8]), ("null", [0, 4, 8])):
         dump = tmp_path / f"dump_{scene_cut}"
         result = run_in_process([f"input={clip}", f"output={tmp_path / f'out_{scene_cut}.mp4'}", *models,
                                  "segment_every=4", f"scene_cut={scene_cut}", "debug.dump=true", f"debug.dir={dump}"],
@@ -219,7 +219,7 @@ def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
         assert result.returncode == 0, result.stderr
         records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
         assert [r["index"] for r in records if not r["propagated"]] == want
-        assert [r["index"] for r in records if r["cut"]] == ([6] if scene_cut == "20" else [])
+        assert [r["index"] for r in records if r["cut"]] == ([6] if scene_cut == "0.5" else [])
 
 
 @pytest.mark.parametrize("propagate", [False, True])

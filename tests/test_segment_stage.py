@@ -8,7 +8,7 @@ import torch
 
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
-from pipeline.segment_stage import SegmentStage
+from pipeline.segment_stage import SCENE_CUT, SegmentStage
 from segment.checkpoint import load_checkpoint
 from tests.tiny_models import tiny_segmenter
 
@@ -55,7 +55,7 @@ def test_segments_only_every_nth_frame(model, monkeypatch):
     batch = records([(64, 80)] * 6)
     calls, predict = [], model.predict
     monkeypatch.setattr(model, "predict", lambda frames, **kw: calls.append(len(frames)) or predict(frames, **kw))
-    out = SegmentStage(model, 0.0, every=3)(batch)
+    out = SegmentStage(model, 0.0, every=3, scene_cut=None)(batch)  # the frames are noise: each would be a new shot
     assert calls == [2]
     assert [r.propagated for r in out] == [False, True, True, False, True, True]
     assert [r.instances is None for r in out] == [r.propagated for r in out]
@@ -69,14 +69,14 @@ def test_segments_only_every_nth_frame(model, monkeypatch):
 def test_bad_interval(model, every):
     with pytest.raises(PipelineConfigError, match="segment_every"):
         SegmentStage(model, 0.5, every)
-    for bad in (-1, 256, True, "20"):
-        with pytest.raises(PipelineConfigError, match=r"scene_cut must be null or a number in \[0, 255\]"):
+    for bad in (-1, 2.5, True, "0.3"):
+        with pytest.raises(PipelineConfigError, match=r"scene_cut must be null or a number in \[0, 2\]"):
             SegmentStage(model, 0.5, 2, bad)
 
 
 def shots(cuts: list[int], count: int, size=(64, 80)) -> list[FrameRecord]:
-    """Frames of a smooth scene drifting 2 px a frame; at each index in `cuts` a new shot starts (the scene
-    mirrored, then shaded differently)."""
+    """Frames of a smooth scene drifting 2 px a frame; at each index in `cuts` a new shot starts (the scene upside
+    down, then upright again and shaded differently)."""
     h, w = size
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w + 2 * count, dtype=torch.float32),
                             indexing="ij")
@@ -85,13 +85,13 @@ def shots(cuts: list[int], count: int, size=(64, 80)) -> list[FrameRecord]:
     for i in range(count):
         shot += i in cuts
         view = scene[:, :, 2 * i:2 * i + w]
-        view = view.flip(-1) if shot % 2 else view
+        view = view.flip(-2) if shot % 2 else view
         frames.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24),
                                   image=(view * (1 - 0.3 * (shot % 3 == 2))).clamp(0, 255).to(torch.uint8)))
     return frames
 
 
-@pytest.mark.parametrize("scene_cut", [20.0, None])
+@pytest.mark.parametrize("scene_cut", [SCENE_CUT, None])
 def test_a_new_shot_is_segmented_between_the_nth_frames(model, monkeypatch, scene_cut):
     """segment_every=3 over shots starting at frames 5 and 8 (8 begins the third batch of 4, so it is compared with
     the batch before's last frame): those frames are segmented too, unless scene_cut is null. Drifting within a
@@ -111,7 +111,7 @@ def test_a_new_shot_is_segmented_between_the_nth_frames(model, monkeypatch, scen
         (False, True), (True, False), (False, False), (True, False)]
 
 
-@pytest.mark.parametrize("scene_cut", [20.0, None])
+@pytest.mark.parametrize("scene_cut", [SCENE_CUT, None])
 def test_segmenting_every_frame_marks_the_cuts_for_the_tracker(model, monkeypatch, scene_cut):
     """segment_every=1: every frame goes through the model as without scene_cut, and the frames that start a shot
     (5 and 8, and the first of a new size) are marked `cut`, the tracker's cue to end its tracks; their changes come
@@ -127,3 +127,18 @@ def test_segmenting_every_frame_marks_the_cuts_for_the_tracker(model, monkeypatc
     for record, want in zip(out, plain):
         torch.testing.assert_close(record.instances.boxes, want.instances.boxes, rtol=0, atol=0)
     assert [r.cut for r in stage(shots([], 3, size=(72, 56)))] == [scene_cut is not None, False, False]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_change_of_light_is_no_cut(model, every):
+    """Within one shot: a flash (frame 3 brightened by 80 levels), the light scaled by 0.5 from frame 6 on, a black
+    frame (9) and the frame after it: no cut, so no track ends and, skipping frames, no extra segmentation. The
+    mean |change| of the thumbnails, the measure before, was far above the cuts' there."""
+    frames = shots([], 12)
+    for i, record in enumerate(frames):
+        light = record.image.float() * (0.5 if i >= 6 else 1.0) + (80 if i == 3 else 0)
+        record.image = torch.zeros_like(record.image) if i == 9 else light.clamp(0, 255).to(torch.uint8)
+    stage = SegmentStage(model, 0.3, every)
+    out = [record for start in range(0, 12, 4) for record in stage(frames[start:start + 4])]
+    assert not any(record.cut for record in out)
+    assert [i for i, record in enumerate(out) if not record.propagated] == list(range(0, 12, every))
