@@ -10,6 +10,7 @@ from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.segment_stage import SCENE_CUT, SegmentStage
 from segment.checkpoint import load_checkpoint
+from tests.helpers_cuda import gpu_waits
 from tests.tiny_models import tiny_segmenter
 
 
@@ -142,3 +143,25 @@ def test_a_change_of_light_is_no_cut(model, every):
     out = [record for start in range(0, 12, 4) for record in stage(frames[start:start + 4])]
     assert not any(record.cut for record in out)
     assert [i for i, record in enumerate(out) if not record.propagated] == list(range(0, 12, every))
+
+
+def test_finding_cuts_costs_a_gpu_no_wait_when_every_frame_is_segmented(tmp_path, device):
+    """On the device under test: segmenting every frame, the batch's cuts come to the host in the detection counts'
+    copy, so the stage waits as often with scene_cut as without; skipping frames, once more per batch (what to
+    segment depends on the cuts). The cut falls on frame 6, which N=3 segments anyway, so both settings segment the
+    same frames. Shapes are warmed up first: CUDA graphs capture on a shape's second call."""
+    model = load_checkpoint(tiny_segmenter(tmp_path / "tiny.pt")).eval().to(device)
+
+    def run(every: int, scene_cut: float | None) -> tuple[list[FrameRecord], int | None]:
+        stage, frames = SegmentStage(model, 0.3, every, scene_cut), shots([6], 8)
+        for record in frames:
+            record.image = record.image.to(device)
+        return gpu_waits(device, lambda: [r for start in (0, 4) for r in stage(frames[start:start + 4])])
+
+    settings = [(1, SCENE_CUT), (1, None), (3, SCENE_CUT), (3, None)]
+    for setting in settings * 2:
+        run(*setting)
+    (cut_1, waits_1), (_, plain_1), (cut_3, waits_3), (_, plain_3) = [run(*setting) for setting in settings]
+    assert [r.index for r in cut_1 if r.cut] == [r.index for r in cut_3 if r.cut] == [6]
+    if device.type == "cuda":
+        assert waits_1 == plain_1 and waits_3 == plain_3 + 2, (waits_1, plain_1, waits_3, plain_3)
