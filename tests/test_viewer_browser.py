@@ -153,6 +153,13 @@ def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir,
     assert sorted(int(t) for t in timeline.locator("g.track").evaluate_all("gs => gs.map(g => g.dataset.track)")) \
         == sorted(tracks)
     assert timeline.get_attribute("data-frames") == str(len(frames))
+    # a dashed line where a new shot starts (the fixture's frame 6), at that frame's place on the axis
+    cuts = timeline.locator("line.cut")
+    assert cuts.evaluate_all("ls => ls.map(l => Number(l.dataset.frame))") == [f["index"] for f in frames if f["cut"]]
+    seek(page, 6)  # the frame marker sits mid-frame, the cut line at the frame's start: half a frame apart
+    step = (float(timeline.get_attribute("width")) - float(timeline.get_attribute("data-left")) - 8) / len(frames)
+    marker_x = float(page.locator("#timeline-marker").get_attribute("x1"))
+    assert float(cuts.first.get_attribute("x1")) == pytest.approx(marker_x - step / 2)
     stages = {s for f in frames for s in f["timings"]}
     timing = page.locator("#timing")
     assert timing.get_attribute("data-frames") == str(len(frames))

@@ -246,6 +246,14 @@ function buildTimeline() {
     item.append(el("span", { class: "swatch", style: `background:${styleColor(s)}` }), s ?? "(left original)");
     legend.appendChild(item);
   }
+  state.frames.forEach((f, pos) => {  // a new shot: every track ended there
+    if (!f.cut) return;
+    const x = chartX(pos, left, width);
+    const line = svgEl("line", { class: "cut", x1: x, x2: x, y1: 0, y2: height, "data-frame": f.index });
+    const tip = svgEl("title"); tip.textContent = `frame ${f.index}: new shot, every track starts afresh`;
+    line.appendChild(tip);
+    svg.appendChild(line);
+  });
   svg.appendChild(svgEl("line", { id: "timeline-marker", class: "marker", y1: 0, y2: height }));
   svg.onclick = (e) => seek(posFromEvent(e, left));
   svg.dataset.left = left;
