@@ -24,10 +24,11 @@ MAX_GRAPHS = 1024             # least recently used graphs beyond this are dropp
 MAX_GRAPH_PIXELS = 16 * 352 ** 2  # larger inputs spend their time in the GPU's work, not in launching it
 
 
-# On a CPU, a channels_last run takes its layers with fewer output channels than this in NCHW: oneDNN's convs
-# and PyTorch's batch norm and reflect pad on a channels_last tensor of 3-4 channels are slow on a CPU (one 480p
-# frame, bf16, 2 cores: the last two layers 19.8 and 16.1 ms channels_last against 11.0 and 9.8 NCHW; the layers
-# of 8 or more channels are faster channels_last).
+# On a CPU, a channels_last run pads the input of a layer with fewer output channels than this, and normalises its
+# output, in NCHW: PyTorch's reflect pad and batch norm on a channels_last tensor of 3-4 channels are slow on a CPU
+# (one 480p frame, bf16, 2 cores: the last layer's pad 2.72 against 0.22 ms, its norm 5.70 against 0.56). Its conv
+# stays channels_last, which oneDNN runs faster there (5.91 against 7.33 ms; on another 2-core machine, an AMD EPYC,
+# 9.48 against 13.18): the padded input goes to channels_last, the output back to NCHW, each a small copy.
 CPU_CHANNELS_LAST_MIN_CHANNELS = 8
 # A CPU's instance norm of an NCHW activation takes group norm from this many pixels per image, batch norm below
 # (`_cpu_instance_norm`; 8x32x16x16 bf16: group norm 140 us, batch norm 83)
@@ -47,9 +48,9 @@ class _Layer:
     stride: int
     pad: int
     upsample: bool
-    layout: torch.memory_format  # the layer's input is brought to it; its weight is stored in it
+    layout: torch.memory_format  # the layer's conv input is brought to it; its weight is stored in it
     phases: bool                 # the upsampling by `_phase_weight`: four output phases at the input's resolution
-    out_layout: torch.memory_format  # of the output: `layout`, except where `phases` writes it anew
+    out_layout: torch.memory_format  # of the output (what its norm reads): `layout`, or NCHW for a narrow CPU layer
 
 
 class StyleRunner:
@@ -64,11 +65,9 @@ class StyleRunner:
             narrow = device.type == "cpu" and m.conv.out_channels < CPU_CHANNELS_LAST_MIN_CHANNELS
             out_layout = torch.contiguous_format if narrow else layout
             phases = UPSAMPLE_BY_PHASES and m.upsample and m.conv.kernel_size == (3, 3) and m.conv.stride == (1, 1)
-            # the phases' conv has four times the layer's output channels: never narrow
-            layer_layout = layout if phases else out_layout
             weight = _phase_weight(m.conv.weight.detach()) if phases else m.conv.weight.detach()
-            self.layers.append(_Layer(weight.to(device, dtype).contiguous(memory_format=layer_layout),
-                                      m.conv.stride[0], m.pad, m.upsample, layer_layout, phases, out_layout))
+            self.layers.append(_Layer(weight.to(device, dtype).contiguous(memory_format=layout),
+                                      m.conv.stride[0], m.pad, m.upsample, layout, phases, out_layout))
         # one (S, 2·ΣC) table: a batch's scales and shifts for every layer come out of a single matmul
         self.table = torch.cat([torch.cat([m.norm.scale, m.norm.shift], 1) for m in modules], 1).detach().to(device,
                                                                                                             torch.float32)
@@ -98,21 +97,24 @@ class StyleRunner:
         return instance_norm(self.convolve(i, self.resample(i, h)), affine[2 * i], affine[2 * i + 1])
 
     def resample(self, i: int, h: Tensor) -> Tensor:
-        """The i-th layer's input in its layout, padded for its conv: reflect-padded, after a nearest upsampling
-        where the layer upsamples, or for its phases edge-padded at the input's resolution."""
+        """The i-th layer's input in its layout, padded for its conv: reflect-padded (in the layout it came in: the
+        narrow layers' NCHW), after a nearest upsampling where the layer upsamples, or for its phases edge-padded at
+        the input's resolution."""
         spec = self.layers[i]
-        h = h.contiguous(memory_format=spec.layout)
         if spec.phases:
-            return F.pad(h, [1] * 4, mode="replicate")
+            return F.pad(h.contiguous(memory_format=spec.layout), [1] * 4, mode="replicate")
         if spec.upsample:
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
-        return F.pad(h, [spec.pad] * 4, mode="reflect")
+            h = F.interpolate(h.contiguous(memory_format=spec.layout), scale_factor=2, mode="nearest")
+        return F.pad(h, [spec.pad] * 4, mode="reflect").contiguous(memory_format=spec.layout)
 
     def convolve(self, i: int, padded: Tensor) -> Tensor:
-        """The i-th layer's conv of its `resample`d input; an upsampling layer's four phases interleaved."""
+        """The i-th layer's conv of its `resample`d input, in the layout its norm reads; an upsampling layer's four
+        phases interleaved."""
         spec = self.layers[i]
         out = F.conv2d(padded, spec.weight, stride=spec.stride)
-        return _interleave_phases(out, spec.out_layout) if spec.phases else out
+        if spec.phases:
+            return _interleave_phases(out, spec.out_layout)
+        return out.contiguous(memory_format=spec.out_layout)
 
 
 def _phase_weight(weight: Tensor) -> Tensor:
