@@ -4,9 +4,11 @@ and any frame that starts a new shot (`scene_cut`): the objects of the shot befo
 N such a frame is marked `cut`, where the tracker ends every track: an object of the new shot that happens to
 overlap one of the last shot's is another object, and must take neither its id (its style) nor its velocity.
 
-A cut is a change of the picture's structure, not of its light: consecutive frames' grey thumbnails are compared by
-correlation, which a flash, a light switched on or an exposure change leaves near 1, so they end no track (every
-object would change style) and cost no extra segmentation."""
+A cut is a change of the picture's structure, not of its light or of where the camera points: the centre of a frame's
+grey thumbnail is compared by correlation with the frame before's at the nine places one thumbnail cell apart, and the
+best match counts. A flash, a light switched on or an exposure change leaves a correlation near 1, and so does a pan
+of up to about an eighth of the frame per frame; they end no track (every object would change style) and cost no
+extra segmentation."""
 from __future__ import annotations
 
 import torch
@@ -16,11 +18,11 @@ from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
-# A cut: 1 - the correlation of consecutive frames' grey 8x8 thumbnails exceeds this (0: the same picture up to
-# brightness and contrast, 1: unrelated, 2: inverted). Coarse blocks average motion out: on generated clips at most
-# 0.08 within a shot (objects crossing), 0.61-1.28 at cuts between two; a frame brightened by 80 levels or scaled by
-# 0.4-1.6 at most 0.12 (its mean |Δ|, the measure before, was 19-108 there, against 32-126 at those cuts). The
-# tests' 64x48 gradient clip gives 0.44 where its blob, a sixth of the frame, jumps across it.
+# A cut: 1 - the best correlation of a frame's grey 8x8 thumbnail's central 6x6 cells with any 6x6 window of the
+# frame before's exceeds this (0: the same picture up to brightness, contrast and a shift of a cell; 1: unrelated; 2:
+# inverted). On generated clips: at most 0.15 within a shot (objects crossing), 0.66-0.88 at cuts between two; a frame
+# brightened by 80 levels at most 0.04; a pan of 5-15% of the frame's width at most 0.21 (0.36-0.89 at 25%). Without
+# the shifts a 10% pan gave 0.44-0.52, and the mean |Δ| measure before that fired at every flash and change of light.
 SCENE_CUT = 0.5
 # A thumbnail with less spread than this (grey levels, standard deviation) is near uniform (a black or white frame, a
 # fade's end): its correlation says nothing, and it starts no shot.
@@ -48,7 +50,7 @@ class SegmentStage:
         self.score_threshold = float(score_threshold)
         self.every = every
         self.scene_cut = scene_cut
-        self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's centred thumbnail, size
+        self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's thumbnail and size
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         changes, resized = self._changes(batch) if self.scene_cut is not None and batch else (None, [])
@@ -79,24 +81,31 @@ class SegmentStage:
         return batch
 
     def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
-        """Per frame: 1 - the correlation of its grey thumbnail with the frame before's, 0 where either is near
-        uniform (on the frames' device), and whether its size changed."""
-        thumbnails = torch.stack([_thumbnail(record.image) for record in batch]).flatten(1)
-        centred = thumbnails - thumbnails.mean(1, keepdim=True)
+        """Per frame: 1 - the best correlation of its thumbnail's centre with a window of the frame before's, 0 where
+        either is near uniform (on the frames' device), and whether its size changed."""
+        thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
-        last = self._last or (centred[0], sizes[0])  # the stream's first frame is compared with itself: no cut
-        before = torch.cat([last[0][None], centred[:-1]])
-        spread, spread_before = centred.norm(dim=1), before.norm(dim=1)
-        correlation = (centred * before).sum(1) / (spread * spread_before).clamp_min(1e-6)
-        flat = torch.minimum(spread, spread_before) < FLAT * centred.shape[1] ** 0.5
-        self._last = (centred[-1], sizes[-1])
+        last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
+        before = torch.cat([last[0][None], thumbnails[:-1]])
+        side = THUMBNAIL - 2
+        centre = _centred(thumbnails[:, 1:-1, 1:-1].flatten(1))                            # (B, 36)
+        windows = _centred(before.unfold(1, side, 1).unfold(2, side, 1).flatten(3).flatten(1, 2))  # (B, 9, 36)
+        spread, spread_before = centre.norm(dim=-1), windows.norm(dim=-1)
+        correlation = (windows @ centre[..., None])[..., 0] / (spread[:, None] * spread_before).clamp_min(1e-6)
+        flat = torch.minimum(spread, spread_before.amin(1)) < FLAT * side
+        self._last = (thumbnails[-1], sizes[-1])
         resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
-        return (1 - correlation).masked_fill_(flat, 0.0), resized
+        return (1 - correlation.amax(1)).masked_fill_(flat, 0.0), resized
 
     def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
         """`cut` where a new shot starts: the thumbnail changed more than `scene_cut`, or the frame's size did."""
         for record, change, new_size in zip(batch, changes, resized):
             record.cut = change > self.scene_cut or new_size
+
+
+def _centred(cells: torch.Tensor) -> torch.Tensor:
+    """Thumbnail cells (..., n) less their mean over the last dimension."""
+    return cells - cells.mean(-1, keepdim=True)
 
 
 def _thumbnail(image: torch.Tensor) -> torch.Tensor:

@@ -208,8 +208,9 @@ def nvenc_opens() -> bool:
 def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
     """segment_every=4 over a clip whose second shot starts at frame 6 (the first shot's frames, inverted): frames
     0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default), and 6 is marked as a new shot, where the
-    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut."""
-    frames = pattern_frames(12, 64, 48)
+    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut. At 96x64 the clip's blob glides for 12
+    frames without wrapping round to the other side of the frame (at 64x48 it jumps at frame 11: a new picture)."""
+    frames = pattern_frames(12, 96, 64)
     clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
     for scene_cut, want in (("0.5", [0, 4, 6, 8]), ("null", [0, 4, 8])):
         dump = tmp_path / f"dump_{scene_cut}"
