@@ -25,7 +25,8 @@ from pipeline.stage_timing import timed
 # the shifts a 10% pan gave 0.44-0.52, and the mean |Δ| measure before that fired at every flash and change of light.
 SCENE_CUT = 0.5
 # A thumbnail with less spread than this (grey levels, standard deviation) is near uniform (a black or white frame, a
-# fade's end): its correlation says nothing, and it starts no shot.
+# fade's end): its correlation says nothing, so it starts no shot, and the next frame is compared with the last one
+# that had a picture (a cut through a fade to black is still a cut; a black frame within a shot is not).
 FLAT = 4.0
 THUMBNAIL = 8     # the thumbnails' side
 SAMPLE = 64       # pixels read along the frame's shorter side to make one (every k-th: 1080p reads 1/256 of them)
@@ -81,19 +82,24 @@ class SegmentStage:
         return batch
 
     def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
-        """Per frame: 1 - the best correlation of its thumbnail's centre with a window of the frame before's, 0 where
-        either is near uniform (on the frames' device), and whether its size changed."""
+        """Per frame: 1 - the best correlation of its thumbnail's centre with a window of the last earlier thumbnail
+        that was not near uniform, 0 where either is (on the frames' device), and whether its size changed."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
         last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
-        before = torch.cat([last[0][None], thumbnails[:-1]])
         side = THUMBNAIL - 2
         centre = _centred(thumbnails[:, 1:-1, 1:-1].flatten(1))                            # (B, 36)
+        spread = centre.norm(dim=-1)
+        flat = spread < FLAT * side
+        bases = [last[0]]  # what each frame is compared with, chosen on the device: no wait
+        for thumbnail, is_flat in zip(thumbnails, flat):
+            bases.append(torch.where(is_flat, bases[-1], thumbnail))
+        before = torch.stack(bases[:-1])
         windows = _centred(before.unfold(1, side, 1).unfold(2, side, 1).flatten(3).flatten(1, 2))  # (B, 9, 36)
-        spread, spread_before = centre.norm(dim=-1), windows.norm(dim=-1)
+        spread_before = windows.norm(dim=-1)
         correlation = (windows @ centre[..., None])[..., 0] / (spread[:, None] * spread_before).clamp_min(1e-6)
-        flat = torch.minimum(spread, spread_before.amin(1)) < FLAT * side
-        self._last = (thumbnails[-1], sizes[-1])
+        flat |= spread_before.amin(1) < FLAT * side
+        self._last = (bases[-1], sizes[-1])
         resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
         return (1 - correlation.amax(1)).masked_fill_(flat, 0.0), resized
 

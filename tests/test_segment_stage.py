@@ -157,6 +157,16 @@ def test_a_fast_pan_is_no_cut(model, real_photos, name):
     assert not any(record.cut for record in SegmentStage(model, 0.3)(frames))
 
 
+def test_a_cut_through_black_is_a_cut(model, real_photos):
+    """One shot fades to black for three frames, another comes up: the first frame of the second shot is compared
+    with the last frame that had a picture, so it is a cut (compared with the black frame before it, it was none)."""
+    first, second = real_photos["astronaut"], real_photos["chelsea"]
+    views = [first[:, 40:168, 8 * i:8 * i + 128] for i in range(3)] + [torch.zeros(3, 128, 128, dtype=torch.uint8)] * 3
+    views += [second[:, 20:148, 8 * i:8 * i + 128] for i in range(3)]
+    frames = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=view) for i, view in enumerate(views)]
+    assert [record.index for record in SegmentStage(model, 0.3)(frames) if record.cut] == [6]
+
+
 def test_finding_cuts_costs_a_gpu_no_wait_when_every_frame_is_segmented(tmp_path, device):
     """On the device under test: segmenting every frame, the batch's cuts come to the host in the detection counts'
     copy, so the stage waits as often with scene_cut as without; skipping frames, once more per batch (what to
