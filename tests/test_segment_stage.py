@@ -19,11 +19,14 @@ def model(tmp_path_factory):
     return load_checkpoint(tiny_segmenter(tmp_path_factory.mktemp("seg") / "tiny.pt")).eval()
 
 
+def as_records(images: list[torch.Tensor]) -> list[FrameRecord]:
+    """uint8 3xHxW images as a stream's frames 0, 1, ... at 24 fps."""
+    return [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image) for i, image in enumerate(images)]
+
+
 def records(sizes: list[tuple[int, int]]) -> list[FrameRecord]:
     g = torch.Generator().manual_seed(0)
-    return [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24),
-                        image=torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
-            for i, (h, w) in enumerate(sizes)]
+    return as_records([torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes])
 
 
 @pytest.mark.parametrize("sizes", [[(64, 80)] * 3, [(64, 80), (72, 56)]])
@@ -82,14 +85,13 @@ def shots(cuts: list[int], count: int, size=(64, 80)) -> list[FrameRecord]:
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w + 2 * count, dtype=torch.float32),
                             indexing="ij")
     scene = torch.stack([128 + 100 * torch.sin(xs / 9), 128 + 100 * torch.cos(ys / 7), xs % 200])
-    frames, shot = [], 0
+    images, shot = [], 0
     for i in range(count):
         shot += i in cuts
         view = scene[:, :, 2 * i:2 * i + w]
         view = view.flip(-2) if shot % 2 else view
-        frames.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24),
-                                  image=(view * (1 - 0.3 * (shot % 3 == 2))).clamp(0, 255).to(torch.uint8)))
-    return frames
+        images.append((view * (1 - 0.3 * (shot % 3 == 2))).clamp(0, 255).to(torch.uint8))
+    return as_records(images)
 
 
 @pytest.mark.parametrize("scene_cut", [SCENE_CUT, None])
@@ -152,8 +154,7 @@ def test_a_fast_pan_is_no_cut(model, real_photos, name):
     cuts, which would have restyled every object of a tracking shot."""
     photo = real_photos[name]
     width, step = photo.shape[-1] // 2, photo.shape[-1] // 16
-    frames = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=photo[:, :, step * i:step * i + width])
-              for i in range(9)]
+    frames = as_records([photo[:, :, step * i:step * i + width] for i in range(9)])
     assert not any(record.cut for record in SegmentStage(model, 0.3)(frames))
 
 
@@ -163,7 +164,7 @@ def test_a_cut_through_black_is_a_cut(model, real_photos):
     first, second = real_photos["astronaut"], real_photos["chelsea"]
     views = [first[:, 40:168, 8 * i:8 * i + 128] for i in range(3)] + [torch.zeros(3, 128, 128, dtype=torch.uint8)] * 3
     views += [second[:, 20:148, 8 * i:8 * i + 128] for i in range(3)]
-    frames = [FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=view) for i, view in enumerate(views)]
+    frames = as_records(views)
     assert [record.index for record in SegmentStage(model, 0.3)(frames) if record.cut] == [6]
 
 
