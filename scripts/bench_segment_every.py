@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,9 +49,11 @@ class Agreement:
     ious: list[float]   # per segmenter object: IoU with the moved object matched to it, 0 if none
     found: int = 0      # segmenter objects matched at IoU >= 0.5
     unmatched: int = 0  # moved objects matched to no segmenter object
+    skipped: set[int] = field(default_factory=set)  # the frames N skipped (not every index % N: a cut is segmented)
 
-    def add(self, reference: Instances, shown: Instances) -> None:
-        """One frame: both with full bool masks (`binarize`)."""
+    def add(self, index: int, reference: Instances, shown: Instances) -> None:
+        """Skipped frame `index`: both with full bool masks (`binarize`)."""
+        self.skipped.add(index)
         matched = []
         if len(reference) and len(shown):
             iou = mask_iou(reference.masks.cpu(), shown.masks.cpu())
@@ -88,7 +90,7 @@ def agreements(path: Path, everies: list[int], cfg, device: torch.device) -> dic
         for every, (sparse, tracker) in runs.items():
             for record, want in zip(tracker(sparse([replace(record) for record in fresh])), reference):
                 if record.propagated:
-                    results[every].add(want, styled(record.instances))
+                    results[every].add(record.index, want, styled(record.instances))
     return results
 
 
@@ -133,14 +135,14 @@ def output_path(workdir: Path, variant: Variant) -> Path:
     return workdir / f"every{variant.every}{'p' if variant.propagate else ''}.mp4"
 
 
-def psnr_by_frame_kind(path: Path, reference: Path, every: int, device: torch.device) -> tuple[float, float]:
-    """PSNR (dB, peak 255) of one render's output against another's (both decoded), over all pixels of the frames
-    `every` skips, and of those it segments."""
+def psnr_by_frame_kind(path: Path, reference: Path, skipped: set[int], device: torch.device) -> tuple[float, float]:
+    """PSNR (dB, peak 255) of one render's output against another's (both decoded), over all pixels of the
+    `skipped` frames, and of the others."""
     squared, count = [0.0, 0.0], [0, 0]
     for batch, want in zip(VideoReader(path, batch_size=8, device=device),
                            VideoReader(reference, batch_size=8, device=device)):
         for record, expected in zip(batch, want):
-            kind = 0 if record.index % every else 1
+            kind = 0 if record.index in skipped else 1
             squared[kind] += float((record.image.double() - expected.image.double()).square().sum())
             count[kind] += record.image.numel()
     return tuple(10 * math.log10(255 ** 2 * n / total) if total else math.inf for total, n in zip(squared, count))
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                  *args.overrides]
     cfgs = {variant: compose_config([*overrides, *variant.overrides()]) for variant in variants}
     device = resolve_device(args.device)
+    quality = agreements(args.input, everies, cfgs[variants[0]], device)
     timed: dict[Variant, Timed] = {}
     with tempfile.TemporaryDirectory(prefix="bench_every_") as tmp:
         if args.repeats:
@@ -174,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 if variant.propagate:
                     timed[variant].psnr = psnr_by_frame_kind(output_path(Path(tmp), variant), output_path(
-                        Path(tmp), Variant(variant.every)), variant.every, device)
-    quality = agreements(args.input, everies, cfgs[variants[0]], device)
+                        Path(tmp), Variant(variant.every)), quality[variant.every].skipped, device)
     rows = []
     for variant in variants:
         compared = quality[variant.every].row() if variant.every > 1 else ["-", "1 (itself)", "-", "-"]

@@ -46,15 +46,17 @@ def test_agreement_matches_within_a_class_and_counts_the_misses():
     # A one column to the right (IoU 12/20), B's place under another class, and an object the segmenter lacks
     shown = squares([(1, 0, 1, 3, 4), (1, 6, 6, 9, 9), (2, 0, 8, 1, 9)])
     result = Agreement(ious=[])
-    result.add(reference, shown)
+    result.add(3, reference, shown)
     assert result.ious == pytest.approx([0.6, 0.0, 0.0]) and (result.found, result.unmatched) == (1, 2)
-    result.add(reference[:0], shown[:1])  # a frame where the segmenter finds nothing
-    assert result.row() == ["3", "0.200", "33.3%", "3"]
+    result.add(5, reference[:0], shown[:1])  # a frame where the segmenter finds nothing
+    assert result.row() == ["3", "0.200", "33.3%", "3"] and result.skipped == {3, 5}
 
 
 def test_psnr_by_frame_kind_equals_skimage_on_the_decoded_frames(tmp_path):
     """Two clips alike except on odd frames: every-2nd-frame PSNR splits into the odd frames' (against
-    skimage's PSNR of the same decoded frames, stacked) and the even frames' (identical: infinite)."""
+    skimage's PSNR of the same decoded frames, stacked) and the even frames' (identical: infinite). The split
+    follows the frames given as skipped, not their index: with a cut at frame 3 (segmented), frame 3 counts with
+    the segmented frames."""
     from skimage.metrics import peak_signal_noise_ratio
 
     from tests.helpers_video import pattern_frames, read_frames, write_clip
@@ -65,8 +67,14 @@ def test_psnr_by_frame_kind_equals_skimage_on_the_decoded_frames(tmp_path):
     lossless = {"qp": 0}  # the even frames then decode alike, whatever the odd ones hold
     a, b = (write_clip(tmp_path / name, clip, options=lossless)
             for name, clip in (("a.mp4", frames), ("b.mp4", changed)))
-    skipped, segmented = psnr_by_frame_kind(a, b, 2, torch.device("cpu"))
+    skipped, segmented = psnr_by_frame_kind(a, b, {1, 3, 5}, torch.device("cpu"))
     decoded_a, decoded_b = read_frames(a)[0], read_frames(b)[0]
     assert all(np.array_equal(decoded_a[i], decoded_b[i]) for i in (0, 2, 4)) and segmented == float("inf")
-    want = peak_signal_noise_ratio(np.stack(decoded_a[1::2]), np.stack(decoded_b[1::2]), data_range=255)
-    assert skipped == pytest.approx(want, abs=1e-9) and skipped < 30
+
+    def psnr(frames: list[int]) -> float:
+        return peak_signal_noise_ratio(*(np.stack([decoded[i] for i in frames]) for decoded in (decoded_a, decoded_b)),
+                                       data_range=255)
+
+    assert skipped == pytest.approx(psnr([1, 3, 5]), abs=1e-9) and skipped < 30
+    skipped, segmented = psnr_by_frame_kind(a, b, {1, 5}, torch.device("cpu"))
+    assert (skipped, segmented) == (pytest.approx(psnr([1, 5]), abs=1e-9), pytest.approx(psnr([0, 2, 3, 4]), abs=1e-9))
