@@ -29,3 +29,10 @@ def row_index(rows: list[int], device: torch.device) -> slice | Tensor:
     if rows == list(range(first, first + len(rows))):
         return slice(first, first + len(rows))
     return to_device(torch.tensor(rows), device)
+
+
+def to_device_all(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Host tensors of one dtype (any shapes) on `device` in one copy: flattened, concatenated, copied (as
+    `to_device`), split back into views of the shapes they had."""
+    flat = to_device(torch.cat([t.reshape(-1) for t in tensors]), device)
+    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

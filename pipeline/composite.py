@@ -2,89 +2,24 @@
 
 Each instance's mask is binarized at `mask_threshold`, optionally averaged with the same track's previous
 mask (an EMA, moved by the box's shift so moving objects do not smear; it calms the boundary flicker of
-per-frame masks), then blurred by a Gaussian (kornia's kernel) so the edge fades over `feather_px` pixels. Crops are
+per-frame masks), then blurred by a Gaussian (kornia's kernel) so the edge fades over `feather_px` pixels: every
+region of a frame at once (pipeline/soft_masks.py). Crops are
 blended in depth order (lower score first, so the most confident instance ends on top) over the original
 frame or the stylized background. `stability()` measures the flicker that is left.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
-import torch.nn.functional as F
-from kornia.filters import get_gaussian_kernel1d
 from omegaconf import DictConfig
 from torch import Tensor
 
 from pipeline.errors import PipelineConfigError, check_settings
 from pipeline.host_copy import to_host
-from pipeline.record import FrameRecord, StylizedRegion
+from pipeline.record import FrameRecord
+from pipeline.soft_masks import Frame, SoftMasks
 from pipeline.stage_timing import timed
-from segment.roi_masks import RoIMasks, per_frame
 
 Box = tuple[int, int, int, int]
-
-
-def feather(mask: Tensor, feather_px: int) -> Tensor:
-    """(h, w) mask in [0, 1] → its edge softened over ±feather_px px (values change only within that
-    chessboard distance of it: the kernel is square).
-
-    The Gaussian's σ is feather_px / 2 and its kernel is cut at ±feather_px; "replicate" borders keep a mask
-    that runs off the frame fully opaque at the frame's edge.
-    """
-    if feather_px <= 0:
-        return mask
-    if mask.is_cuda:
-        return _separable_by_matmul(mask, _gaussian_kernel(feather_px, mask.device, mask.dtype)[0])
-    return _separable_by_shifts(mask, _gaussian_taps(feather_px))
-
-
-def _separable_by_shifts(mask: Tensor, taps: tuple[float, ...]) -> Tensor:
-    """kornia's filter2d_separable (replicate borders) as shifted, scaled adds, in place: one pass per tap and
-    axis over the padded mask.
-
-    On a CPU, oneDNN's one-channel convolutions that kornia runs are slow, and for some sizes very slow (2-core
-    CPU, a 7-tap kernel: 0.67 -> 0.21 ms at 150x200, 1.8 -> 0.32 at 300x400, 50 -> 2.7 at 1000x700); the result
-    was bit-identical on every size measured. On a GPU each add would be a kernel launch: the matmuls do it there.
-    """
-    r = len(taps) // 2
-    padded = F.pad(mask[None, None], (r, r, r, r), mode="replicate")[0, 0]
-    height, width = mask.shape
-    return _taps_along(_taps_along(padded, taps, 1, width), taps, 0, height)
-
-
-def _taps_along(x: Tensor, taps: tuple[float, ...], dim: int, length: int) -> Tensor:
-    """Σ_i taps[i] · x shifted by i along `dim`, `length` long there (a new tensor, summed in tap order)."""
-    out = x.narrow(dim, 0, length) * taps[0]
-    for i, tap in enumerate(taps[1:], 1):
-        out.add_(x.narrow(dim, i, length), alpha=tap)
-    return out
-
-
-def _separable_by_matmul(mask: Tensor, kernel: Tensor) -> Tensor:
-    """filter2d_separable's result (replicate borders) as two window-by-kernel matmuls.
-
-    On a GPU every crop has a new size, and cuDNN spends about a millisecond of host time choosing a
-    convolution algorithm for each new shape (pytorch/pytorch#187212 measures 1.27 ms per cold conv): two convs
-    per instance made that most of the composite's time with a detector whose boxes change every frame. A
-    matmul needs no such choice; the sums differ from the conv's in float rounding only (~2e-7).
-    """
-    r = kernel.shape[0] // 2
-    padded = F.pad(mask[None, None], (r, r, r, r), mode="replicate")[0, 0]
-    rows = padded.unfold(1, kernel.shape[0], 1) @ kernel      # (h + 2r, w)
-    return rows.unfold(0, kernel.shape[0], 1) @ kernel         # (h, w)
-
-
-@lru_cache(maxsize=16)
-def _gaussian_taps(feather_px: int) -> tuple[float, ...]:
-    return tuple(_gaussian_kernel(feather_px, torch.device("cpu"), torch.float32)[0].tolist())
-
-
-@lru_cache(maxsize=16)
-def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(1, 2·feather_px + 1) Gaussian, σ = feather_px / 2; built once, not per instance and frame as
-    gaussian_blur2d does (three quarters of the composite stage's kernel launches with ten instances)."""
-    return get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2).to(device, dtype)
 
 
 def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[list[float]]]]:
@@ -97,15 +32,12 @@ def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[
     return [([row[0] for row in frame], [row[1:] for row in frame]) for frame in rows]
 
 
-def _local_masks(batch: list[FrameRecord]) -> list[dict[int, Tensor] | None]:
-    """Per frame with RoIMasks, its stylized instances' masks over their windows (instance -> mask), pasted for the
-    whole batch in one call; None for the other frames."""
-    roi = [b for b, record in enumerate(batch) if record.stylized and isinstance(record.instances.masks, RoIMasks)]
-    rows = [[region.instance for region in batch[b].stylized] for b in roi]
-    local: list[dict[int, Tensor] | None] = [None] * len(batch)
-    for b, instances, masks in zip(roi, rows, per_frame([batch[b].instances.masks for b in roi], RoIMasks.local, rows)):
-        local[b] = dict(zip(instances, masks))
-    return local
+def _frame(record: FrameRecord, scores: list[float], boxes: list[list[float]]) -> Frame:
+    """What the soft masks and the blend need of a record: its regions in depth order (lowest score first; among
+    equal scores the later instance ends on top: a stable sort), its instances' boxes and track ids."""
+    n = 0 if record.instances is None else len(record.instances)
+    tracks = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
+    return Frame(record, sorted(record.stylized, key=lambda r: scores[r.instance]), boxes, tracks)
 
 
 def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:
@@ -134,18 +66,6 @@ def _union(boxes: list[Box]) -> Box:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
-def paste(source: Tensor, origin: tuple[int, int], box: Box) -> Tensor:
-    """The window `box` (x1, y1, x2, y2) of a zero canvas on which `source` (h, w) lies at origin (x, y)."""
-    x1, y1, x2, y2 = box
-    out = source.new_zeros((y2 - y1, x2 - x1))
-    sx, sy = origin
-    ox1, oy1 = max(x1, sx), max(y1, sy)
-    ox2, oy2 = min(x2, sx + source.shape[1]), min(y2, sy + source.shape[0])
-    if ox1 < ox2 and oy1 < oy2:
-        out[oy1 - y1:oy2 - y1, ox1 - x1:ox2 - x1] = source[oy1 - sy:oy2 - sy, ox1 - sx:ox2 - sx]
-    return out
-
-
 class Compositor:
     """Sets `record.output` (uint8 3×H×W); `stability()` is the mean flicker inside tracked stylized objects."""
 
@@ -159,6 +79,7 @@ class Compositor:
         if not 0.0 < mask_threshold <= 1.0:
             raise PipelineConfigError(f"composite.mask_threshold must be in (0, 1], got {mask_threshold}")
         self.feather_px, self.smooth, self.threshold = int(feather_px), float(smooth_masks), float(mask_threshold)
+        self.soft_masks = SoftMasks(self.feather_px, self.smooth, self.threshold)
         self.reset()
 
     @classmethod
@@ -168,8 +89,7 @@ class Compositor:
         return cls(**{key: cfg[key] for key in keys if key in cfg})
 
     def reset(self) -> None:
-        # track -> (smoothed mask over its crop, the crop's top-left corner, the box centre)
-        self._smoothed: dict[int, tuple[Tensor, tuple[int, int], tuple[float, float]]] = {}
+        self.soft_masks.reset()
         self._previous: tuple[Tensor, Tensor, dict] | None = None  # last input, output, track -> (box, crop mask)
         self._change_sum: Tensor | None = None
         self._change_count: Tensor | None = None
@@ -179,15 +99,24 @@ class Compositor:
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
         if batch:
             with timed(batch, self.name):
-                # mask smoothing and the stability figure run in frame order
-                for record, (scores, boxes), local in zip(batch, _scores_and_boxes(batch), _local_masks(batch)):
-                    self.composite(record, scores, boxes, local)
+                self._composite(batch)
         return batch
 
-    def composite(self, record: FrameRecord, scores: list[float] | None = None,
-                  boxes: list[list[float]] | None = None, local: dict[int, Tensor] | None = None) -> Tensor:
-        """One frame; `scores` and `boxes` are its instances' as lists, and `local` its regions' RoIMasks over their
-        windows (instance -> mask), when the caller has them already."""
+    def composite(self, record: FrameRecord) -> Tensor:
+        """One frame, as a batch of one: its output."""
+        self._composite([record])
+        return record.output
+
+    def _composite(self, batch: list[FrameRecord]) -> None:
+        frames = [_frame(record, scores, boxes) for record, (scores, boxes) in zip(batch, _scores_and_boxes(batch))]
+        # mask smoothing and the stability figure run in frame order
+        for frame, masks in zip(frames, self.soft_masks(frames)):
+            self._blend(frame, masks)
+
+    def _blend(self, frame: Frame, masks: list[tuple[Tensor, Tensor]]) -> None:
+        """Sets the frame's output: its regions' pixels blended in through their alphas (`masks`: per region its
+        alpha and binarized mask over its crop)."""
+        record = frame.record
         image = record.image
         # Work in 0..255 floats over the window the crops cover (the whole frame under a background style): every
         # other pixel keeps the input's value, as the float round trip did when the canvas was the whole frame.
@@ -197,23 +126,14 @@ class Compositor:
         else:
             x0 = y0 = 0
             canvas = record.background.float() * 255
-        n = 0 if record.instances is None else len(record.instances)
-        if scores is None or boxes is None:
-            scores, boxes = _scores_and_boxes([record])[0]
-        track_ids = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
-        smoothed, hard_masks = {}, {}
-        # Depth order: lowest score first; among equal scores the later instance ends on top (stable sort).
-        regions = sorted(record.stylized, key=lambda r: scores[r.instance])
-        for region, hard in zip(regions, self._hard_masks(record, regions, boxes, local)):
+        hard_masks = {}
+        for region, (alpha, hard) in zip(frame.regions, masks):
             x1, y1, x2, y2 = region.box
-            track = track_ids[region.instance]
-            soft = self._smoothed_mask(track, hard, region.box, boxes[region.instance], smoothed)
+            track = frame.tracks[region.instance]
             if track >= 0:
-                hard_masks[track] = (region.box, hard.bool())
-            alpha = feather(soft, self.feather_px)
+                hard_masks[track] = (region.box, hard)
             window = canvas[:, y1 - y0:y2 - y0, x1 - x0:x2 - x0]
             window.lerp_(region.pixels.float() * 255, alpha[None].expand_as(window))
-        self._smoothed = smoothed  # tracks absent this frame start afresh when they return
         if not record.stylized and record.background is None:
             output = image
         elif record.background is None:
@@ -223,35 +143,6 @@ class Compositor:
             output = canvas.round_().clamp_(0, 255).to(torch.uint8)
         self._measure(image, output, hard_masks)
         record.output = output
-        return output
-
-    def _hard_masks(self, record: FrameRecord, regions: list[StylizedRegion], boxes: list[list[float]],
-                    local: dict[int, Tensor] | None) -> list[Tensor]:
-        """Each region's instance mask, binarized, over the region's crop (its box when the model gave no masks)."""
-        masks = record.instances.masks if regions else None
-        if masks is None:
-            return [paste(torch.ones((by2 - by1, bx2 - bx1), device=record.image.device), (bx1, by1), region.box)
-                    for region in regions for bx1, by1, bx2, by2 in [[round(v) for v in boxes[region.instance]]]]
-        if isinstance(masks, RoIMasks):  # pasted over each mask's own window, placed in the crop
-            if local is None:
-                local = _local_masks([record])[0]
-            windows = masks.windows()
-            probs = [paste(local[region.instance], windows[region.instance][:2], region.box) for region in regions]
-        else:
-            probs = [masks[region.instance, y1:y2, x1:x2] for region in regions for x1, y1, x2, y2 in [region.box]]
-        return [(p >= self.threshold).float() for p in probs]
-
-    def _smoothed_mask(self, track: int, hard: Tensor, crop: Box, box: list[float], smoothed: dict) -> Tensor:
-        if self.smooth <= 0 or track < 0:
-            return hard
-        centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        soft = hard
-        if track in self._smoothed:
-            previous, (px, py), (cx, cy) = self._smoothed[track]
-            dx, dy = round(centre[0] - cx), round(centre[1] - cy)  # follow the object, keep its outline
-            soft = torch.lerp(hard, paste(previous, (px + dx, py + dy), crop), self.smooth)
-        smoothed[track] = (soft, (crop[0], crop[1]), centre)
-        return soft
 
     # -- temporal stability ------------------------------------------------------------------------
 

@@ -180,24 +180,34 @@ class RoIMasks:
         from the corner of its own."""
         windows = self.windows()
         rows = list(range(len(self))) if rows is None else list(rows)
-        for chunk in _chunks([windows[r] for r in rows]):
+        for chunk in chunks_within([windows[r] for r in rows]):
             members = [rows[k] for k in chunk]
             yield members, self._paste_windows(row_index(members, self.device), *_extent([windows[r] for r in members]))
 
     def _paste_windows(self, index: slice | Tensor, height: int, width: int) -> Tensor:
         """(k, height, width): the masks of `index`, each over height × width pixels from its window's corner;
         pixels outside the image are zero."""
-        (_, weights_y), (_, weights_x) = self._window_weights(index, height, width)
-        return torch.bmm(torch.bmm(weights_y, self.grids[index]), weights_x.transpose(1, 2))
+        return self.at(index, *self._window_pixels(index, height, width))
+
+    def at(self, index: slice | Tensor, pixel_y: Tensor, pixel_x: Tensor) -> Tensor:
+        """(k, Ly, Lx): the masks of `index` at the pixel rows `pixel_y` (k, Ly) and columns `pixel_x` (k, Lx) of the
+        image, each mask at its own, in any order and repeated at will: what the full paste holds at those pixels."""
+        height, width = self.image_size
+        return torch.bmm(torch.bmm(self._weights(index, 1, pixel_y, height), self.grids[index]),
+                         self._weights(index, 0, pixel_x, width).transpose(1, 2))
 
     def _window_weights(self, index: slice | Tensor, height: int, width: int) -> tuple[tuple[Tensor, Tensor], ...]:
         """For the masks of `index`, along y then x: the pixels from each window's corner ((k, height), (k, width))
         and the masks' weights at them ((k, height, S), (k, width, S)); none outside the image."""
-        origin = self.clipped[index]
-        pixel_y = origin[:, 1:2] + torch.arange(height, device=self.device)
-        pixel_x = origin[:, 0:1] + torch.arange(width, device=self.device)
+        pixel_y, pixel_x = self._window_pixels(index, height, width)
         return ((pixel_y, self._weights(index, 1, pixel_y, self.image_size[0])),
                 (pixel_x, self._weights(index, 0, pixel_x, self.image_size[1])))
+
+    def _window_pixels(self, index: slice | Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """For the masks of `index`, the pixel rows (k, height) and columns (k, width) from each window's corner."""
+        origin = self.clipped[index]
+        return (origin[:, 1:2] + torch.arange(height, device=self.device),
+                origin[:, 0:1] + torch.arange(width, device=self.device))
 
     def _weights(self, index: slice | Tensor, axis: int, pixel: Tensor, limit: int | None = None) -> Tensor:
         """(k, L, S) bilinear weights along `axis` (0: x, 1: y) at `pixel` ((1 or k, L) positions) of the masks
@@ -278,7 +288,7 @@ def _pool_matrix(small: int, large: int, device: torch.device) -> Tensor:
     return (inside.float() / (end - start)[:, None].float()).to(device)  # complete on return, as `_taps`
 
 
-def _chunks(windows: list[Box]) -> list[list[int]]:
+def chunks_within(windows: list[Box]) -> list[list[int]]:
     """Consecutive positions of `windows` grouped so that each group, padded to its largest window, holds at most
     LOCAL_CHUNK_PIXELS pixels (a larger window goes alone)."""
     chunks: list[list[int]] = []

@@ -12,7 +12,8 @@ from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from omegaconf import OmegaConf
 from scipy.ndimage import distance_transform_cdt
 
-from pipeline.composite import Compositor, _separable_by_matmul, feather
+from pipeline.composite import Compositor
+from pipeline.soft_masks import _separable_by_matmul, feather
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from segment.structures import Instances
@@ -241,7 +242,8 @@ def test_feather_blurs_like_kornias_separable_filter(feather_px, device):
         mask[:, :2] = 1.0
         kernel = get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2)
         want = filter2d_separable(mask[None, None], kernel, kernel, border_type="replicate")[0, 0]
-        got = _separable_by_matmul(mask.to(device), kernel[0].to(device)).cpu()
+        padded = torch.nn.functional.pad(mask[None, None], [feather_px] * 4, mode="replicate")[0, 0]
+        got = _separable_by_matmul(padded.to(device), kernel[0].to(device)).cpu()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         torch.testing.assert_close(feather(mask, feather_px), want, rtol=0, atol=1e-6)
         torch.testing.assert_close(feather(mask.to(device), feather_px).cpu(), want, rtol=0, atol=1e-6)

@@ -70,6 +70,24 @@ def test_the_full_paste_is_torchvisions(roi):
         torch.testing.assert_close(masks.paste(chunk_size).cpu(), want, rtol=0, atol=1e-5)
 
 
+def test_masks_at_any_pixels_are_the_full_paste_there(roi):
+    """`at`: each mask at its own rows and columns of the image, in any order and repeated, as the composite reads
+    them (a crop's pixels with its edge rows repeated)."""
+    masks, _ = roi
+    full = masks.paste().cpu()
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, H, (len(masks), 40), generator=g)
+    columns = torch.randint(0, W, (len(masks), 50), generator=g)
+    rows[:, :5] = rows[:, 5:6]  # repeats
+    for index in (slice(None), torch.tensor([7, 3, 3, 20])):
+        picked = torch.arange(len(masks))[index]
+        got = masks.at(index if isinstance(index, slice) else index.to(masks.device), rows[picked].to(masks.device),
+                       columns[picked].to(masks.device)).cpu()
+        want = full[picked[:, None, None], rows[picked][:, :, None], columns[picked][:, None, :]]
+        same_pixels(got, want)
+        assert want.gt(0.5).any()
+
+
 def test_each_window_holds_its_mask(roi):
     """Inside its window a mask's pixels are the full paste's; outside it the full paste is zero."""
     masks, want = roi

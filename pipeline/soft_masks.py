@@ -1,0 +1,346 @@
+"""The composite's blending weights: the stylized regions of a batch of frames at once, in batches padded to their
+largest crop.
+
+A region's alpha is its instance's mask over the region's crop, binarized at `threshold`, averaged with the same
+track's soft mask of the frame before (moved by the shift of the detection box's centre, weight `smooth`: it calms
+the boundary flicker of per-frame masks), then blurred by a Gaussian that fades the edge over `feather_px` pixels,
+with replicate borders at the crop's edges (a mask running off the frame stays opaque at the frame's edge).
+
+Made region by region, that was a dozen small tensor operations per region, each a kernel launch on a GPU, where
+launches bound the stylize thread. Here every region is taken at the pixels of its crop grown by the feather's
+radius, the grown border's pixels clamped to the crop's edge, which is what a replicate pad holds there. So the
+masks of all the regions of a batch of frames come from one pair of matmuls (`RoIMasks.at`), and per frame the
+previous soft masks from one gather and the blur from one separable filter, whatever the number of regions. Where
+to read each pixel is worked out on the host (numpy) and copied once per batch. Each pixel's arithmetic is the
+one region by region: on a CPU the same values (a GPU's batched matmuls may round differently, by ~1e-7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.filters import get_gaussian_kernel1d
+from torch import Tensor
+
+from gpu.transfer import to_device_all
+from pipeline.record import FrameRecord, StylizedRegion
+from segment.roi_masks import RoIMasks, chunks_within
+
+
+def feather(mask: Tensor, feather_px: int) -> Tensor:
+    """(..., h, w) masks in [0, 1] → their edges softened over ±feather_px px (values change only within that
+    chessboard distance of it: the kernel is square).
+
+    The Gaussian's σ is feather_px / 2 and its kernel is cut at ±feather_px; "replicate" borders keep a mask
+    that runs off the frame fully opaque at the frame's edge.
+    """
+    if feather_px <= 0:
+        return mask
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:])
+    return blur_padded(F.pad(flat, [feather_px] * 4, mode="replicate")[:, 0], feather_px).view(shape)
+
+
+def blur_padded(padded: Tensor, feather_px: int) -> Tensor:
+    """(..., h + 2r, w + 2r) masks already padded by r = feather_px → (..., h, w): `feather`'s separable Gaussian."""
+    if padded.is_cuda:
+        return _separable_by_matmul(padded, _gaussian_kernel(feather_px, padded.device, padded.dtype)[0])
+    return _separable_by_shifts(padded, _gaussian_taps(feather_px))
+
+
+def _separable_by_shifts(padded: Tensor, taps: tuple[float, ...]) -> Tensor:
+    """kornia's filter2d_separable (replicate borders) as shifted, scaled adds over the padded masks, one pass per
+    tap and axis.
+
+    On a CPU, oneDNN's one-channel convolutions that kornia runs are slow, and for some sizes very slow (2-core
+    CPU, a 7-tap kernel: 0.67 -> 0.21 ms at 150x200, 1.8 -> 0.32 at 300x400, 50 -> 2.7 at 1000x700); the result
+    was bit-identical on every size measured. On a GPU each add would be a kernel launch: the matmuls do it there.
+    """
+    r = len(taps) // 2
+    height, width = padded.shape[-2] - 2 * r, padded.shape[-1] - 2 * r
+    return _taps_along(_taps_along(padded, taps, -1, width), taps, -2, height)
+
+
+def _taps_along(x: Tensor, taps: tuple[float, ...], dim: int, length: int) -> Tensor:
+    """Σ_i taps[i] · x shifted by i along `dim`, `length` long there (a new tensor, summed in tap order)."""
+    out = x.narrow(dim, 0, length) * taps[0]
+    for i, tap in enumerate(taps[1:], 1):
+        out.add_(x.narrow(dim, i, length), alpha=tap)
+    return out
+
+
+def _separable_by_matmul(padded: Tensor, kernel: Tensor) -> Tensor:
+    """filter2d_separable's result as two window-by-kernel matmuls over the padded masks.
+
+    On a GPU every crop has a new size, and cuDNN spends about a millisecond of host time choosing a
+    convolution algorithm for each new shape (pytorch/pytorch#187212 measures 1.27 ms per cold conv): two convs
+    per instance made that most of the composite's time with a detector whose boxes change every frame. A
+    matmul needs no such choice; the sums differ from the conv's in float rounding only (~2e-7).
+    """
+    rows = padded.unfold(-1, kernel.shape[0], 1) @ kernel      # (..., h + 2r, w)
+    return rows.unfold(-2, kernel.shape[0], 1) @ kernel         # (..., h, w)
+
+
+@lru_cache(maxsize=16)
+def _gaussian_taps(feather_px: int) -> tuple[float, ...]:
+    return tuple(_gaussian_kernel(feather_px, torch.device("cpu"), torch.float32)[0].tolist())
+
+
+@lru_cache(maxsize=16)
+def _gaussian_kernel(feather_px: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, 2·feather_px + 1) Gaussian, σ = feather_px / 2; built once, not per instance and frame as
+    gaussian_blur2d does (three quarters of the composite stage's kernel launches with ten instances)."""
+    return get_gaussian_kernel1d(2 * feather_px + 1, feather_px / 2).to(device, dtype)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame's share: its record, its stylized regions in depth order, and its instances' boxes and track ids
+    (-1: untracked) on the host."""
+
+    record: FrameRecord
+    regions: list[StylizedRegion]
+    boxes: list[list[float]]
+    tracks: list[int]
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A track's soft mask for the next frame: row `row` of its frame's part `part`, over its crop there."""
+
+    part: int
+    row: int
+    corner: tuple[int, int]       # the crop's top-left pixel (x, y)
+    size: tuple[int, int]         # the crop's height and width
+    centre: tuple[float, float]   # the detection box's centre (x, y)
+
+
+@dataclass
+class _Part:
+    """A frame's regions that lie in one padded chunk: its rows start..start + len(regions)."""
+
+    frame: int
+    chunk: int
+    start: int
+    regions: list[StylizedRegion]
+    shape: tuple[int, int]                 # the chunk's padded height and width
+    sources: list[np.ndarray] | None = None  # smoothing: see `_sources`
+    previous: list[int] | None = None        # the parts of the frame before that hold them
+
+
+class SoftMasks:
+    """`soft_masks(frames)` gives, frame by frame, each region's alpha and binarized mask over its crop, and keeps
+    the tracks' soft masks for the next frame's smoothing (`reset` forgets them)."""
+
+    def __init__(self, feather_px: int, smooth: float, threshold: float) -> None:
+        self.feather_px, self.smooth, self.threshold = feather_px, smooth, threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self._kept: dict[int, _Kept] = {}
+        self._stored: list[Tensor] = []  # the last frame's soft parts, each with a row and a column of zeros added
+
+    def __call__(self, frames: list[Frame]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per frame, per region: its alpha (h, w) float over its crop, and its binarized mask there (h, w) bool.
+        A track absent from a frame starts afresh when it returns."""
+        out: list[list[tuple[Tensor, Tensor]]] = []
+        for group in _joinable(frames):
+            out += self._group(group)
+        return out
+
+    def _group(self, frames: list[Frame]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Frames whose masks one call reads (`_joinable`), in order."""
+        r = self.feather_px
+        placed = [(f, region) for f, frame in enumerate(frames) for region in frame.regions]
+        if not placed:
+            self._kept, self._stored = {}, []
+            return [[] for _ in frames]
+        crops = np.array([region.box for _, region in placed], dtype=np.int64)
+        chunks = chunks_within([(x1 - r, y1 - r, x2 + r, y2 + r) for x1, y1, x2, y2 in crops.tolist()])
+        extents = [(int((crops[c, 3] - crops[c, 1]).max()), int((crops[c, 2] - crops[c, 0]).max())) for c in chunks]
+        # each region's pixels grown by r on every side and clamped to its crop: a replicate pad of its crop
+        pixels = [(_clamped(crops[c, 1], crops[c, 3], h + 2 * r, r), _clamped(crops[c, 0], crops[c, 2], w + 2 * r, r))
+                  for c, (h, w) in zip(chunks, extents)]
+        parts = _parts(placed, chunks, [(h + 2 * r, w + 2 * r) for h, w in extents])
+        by_frame = [[part for part in parts if part.frame == f] for f in range(len(frames))]
+        kept = self._plan_sources(frames, by_frame, pixels)
+        masks, rows = _joined_masks(frames, placed)
+        host = [array for c, (pixel_y, pixel_x) in zip(chunks, pixels) for array in (rows[c], pixel_y, pixel_x)]
+        if masks is None:
+            host.append(np.array([[round(v) for v in frames[f].boxes[region.instance]] for f, region in placed]))
+        host += [array for part in parts for array in part.sources or []]
+        device = iter(to_device_all([torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in host],
+                                    frames[0].record.image.device))
+        where = [tuple(next(device) for _ in range(3)) for _ in chunks]
+        bounds = next(device) if masks is None else None
+        hard = [self._hard(masks, *at, None if bounds is None else bounds[c[0]:c[-1] + 1])
+                for at, c in zip(where, chunks)]
+        out = []
+        for f in range(len(frames)):
+            stored, masks_of_frame = [], []
+            for part in by_frame[f]:
+                soft = hard[part.chunk][part.start:part.start + len(part.regions)]
+                binary = soft[:, r:, r:].bool()
+                if part.sources:
+                    has, row, rows, columns, origin = (next(device) for _ in part.sources)
+                    before = self._gather(part.previous, origin, row, rows, columns)
+                    soft = torch.where(has.bool()[:, None, None], torch.lerp(soft, before, self.smooth), soft)
+                if self.smooth > 0:
+                    stored.append(F.pad(soft, (0, 1, 0, 1)))
+                masks_of_frame += [(alpha, binary[j, :alpha.shape[0], :alpha.shape[1]])
+                                   for j, alpha in enumerate(self._blur(soft, part.regions))]
+            self._stored = stored
+            out.append(masks_of_frame)
+        self._kept = kept
+        return out
+
+    def _hard(self, masks: RoIMasks | Tensor | None, rows: Tensor, pixel_y: Tensor, pixel_x: Tensor,
+              bounds: Tensor | None) -> Tensor:
+        """(k, Ly, Lx) 0/1 floats: the masks of `rows` at their pixels, binarized; without masks, 1 inside each of
+        the `bounds` (k, 4), the rounded boxes x1 y1 x2 y2."""
+        if masks is None:
+            inside_y = (pixel_y >= bounds[:, 1:2]) & (pixel_y < bounds[:, 3:4])
+            inside_x = (pixel_x >= bounds[:, 0:1]) & (pixel_x < bounds[:, 2:3])
+            return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+        if isinstance(masks, RoIMasks):
+            probs = masks.at(rows, pixel_y, pixel_x)
+        else:
+            probs = masks[rows[:, None, None], pixel_y[:, :, None], pixel_x[:, None, :]]
+        return (probs >= self.threshold).float()
+
+    def _blur(self, soft: Tensor, regions: list[StylizedRegion]) -> list[Tensor]:
+        """Each region's alpha (h, w) from its padded soft mask: on a GPU the part in one filter; on a CPU, where
+        the padding to the largest crop would be work, each region over its own crop."""
+        r = self.feather_px
+        sizes = [(y2 - y1, x2 - x1) for x1, y1, x2, y2 in (region.box for region in regions)]
+        if r == 0:
+            return [soft[j, :h, :w] for j, (h, w) in enumerate(sizes)]
+        if soft.is_cuda:
+            alpha = blur_padded(soft, r)
+            return [alpha[j, :h, :w] for j, (h, w) in enumerate(sizes)]
+        return [blur_padded(soft[j, :h + 2 * r, :w + 2 * r], r) for j, (h, w) in enumerate(sizes)]
+
+    def _plan_sources(self, frames: list[Frame], by_frame: list[list[_Part]],
+                      pixels: list[tuple[np.ndarray, np.ndarray]]) -> dict[int, _Kept]:
+        """With smoothing, frame by frame: where each part's regions read their previous soft masks (`_sources`),
+        and the tracks kept for the frame after; returns those of the last frame."""
+        kept = self._kept
+        shapes = [tuple(t.shape[1:]) for t in self._stored]  # the frame before's stored parts
+        for frame, parts in zip(frames, by_frame):
+            if self.smooth <= 0:
+                continue
+            now = {}
+            for p, part in enumerate(parts):
+                pixel_y, pixel_x = (axis[part.start:part.start + len(part.regions)] for axis in pixels[part.chunk])
+                self._sources(part, [kept.get(frame.tracks[region.instance]) for region in part.regions],
+                              [frame.boxes[region.instance] for region in part.regions], pixel_y, pixel_x, shapes)
+                for j, region in enumerate(part.regions):
+                    track = frame.tracks[region.instance]
+                    if track >= 0:
+                        x1, y1, x2, y2 = region.box
+                        now[track] = _Kept(p, j, (x1, y1), (y2 - y1, x2 - x1), _centre(frame.boxes[region.instance]))
+            kept = now
+            shapes = [(h + 1, w + 1) for h, w in (part.shape for part in parts)]
+        return kept if self.smooth > 0 else {}
+
+    def _sources(self, part: _Part, sources: list[_Kept | None], boxes: list[list[float]], pixel_y: np.ndarray,
+                 pixel_x: np.ndarray, shapes: list[tuple[int, int]]) -> None:
+        """Sets `part.sources`: per region whether it has a previous soft mask, its row in its stored part, the rows
+        and columns there at which the region's pixels read it, moved by the box's shift (the stored part's
+        appended zeros where the moved mask does not reach), and that part (-1: none); and `part.previous`, the
+        stored parts read. None where no region has one."""
+        used = sorted({source.part for source in sources if source is not None})
+        if not used:
+            return
+        r = self.feather_px
+        n = len(sources)
+        has, row, origin = np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64)
+        rows = np.full(pixel_y.shape, shapes[used[0]][0] - 1)  # no source: the first part's zeros
+        columns = np.full(pixel_x.shape, shapes[used[0]][1] - 1)
+        for k, (source, box) in enumerate(zip(sources, boxes)):
+            if source is None:
+                continue
+            height, width = shapes[source.part]
+            shift = _shift(source, box)
+            # pixel p of this crop lies at p - (corner + shift) in the source's crop, r further on in its part
+            for out, axis_pixels, axis, zeros in ((rows, pixel_y, 1, height - 1), (columns, pixel_x, 0, width - 1)):
+                inside = axis_pixels[k] - source.corner[axis] - shift[axis]
+                out[k] = np.where((inside >= 0) & (inside < source.size[1 - axis]), inside + r, zeros)
+            has[k], row[k], origin[k] = 1, source.row, source.part
+        part.sources, part.previous = [has, row, rows, columns, origin], used
+
+    def _gather(self, used: list[int], origin: Tensor, row: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+        """(k, Ly, Lx): each region's previous soft mask at its `rows` and `columns` of its stored part `origin`
+        (zeros for a region with none)."""
+        if len(used) == 1:  # the usual case: one stored part holds every source
+            return self._stored[used[0]][row[:, None, None], rows[:, :, None], columns[:, None, :]]
+        out = self._stored[used[0]].new_zeros((len(row), rows.shape[1], columns.shape[1]))
+        for u in used:  # the frame before's crops were too large for one padded part (chunks_within)
+            stored = self._stored[u]  # indexed by every region (clamped into it), kept for its own: no boolean index
+            last = stored.shape
+            read = stored[row.clamp(max=last[0] - 1)[:, None, None], rows.clamp(max=last[1] - 1)[:, :, None],
+                          columns.clamp(max=last[2] - 1)[:, None, :]]
+            out = torch.where((origin == u)[:, None, None], read, out)  # (a GPU would wait to count its True rows)
+        return out
+
+
+def _joinable(frames: list[Frame]) -> list[list[Frame]]:
+    """Consecutive frames whose masks one `RoIMasks.at` call reads: RoIMasks of one image size (frames without
+    regions go along); a frame with full-image masks or none goes alone."""
+    groups: list[list[Frame]] = []
+    keys: list[object] = []  # per group: None (no regions yet), ("roi", image size), or "alone"
+    for frame in frames:
+        masks = frame.record.instances.masks if frame.regions else None
+        key = None if not frame.regions else ("roi", masks.image_size) if isinstance(masks, RoIMasks) else "alone"
+        if groups and "alone" not in (key, keys[-1]) and (key is None or keys[-1] in (None, key)):
+            groups[-1].append(frame)
+            keys[-1] = keys[-1] if key is None else key
+        else:
+            groups.append([frame])
+            keys.append(key)
+    return groups
+
+
+def _joined_masks(frames: list[Frame], placed: list[tuple[int, StylizedRegion]]
+                  ) -> tuple[RoIMasks | Tensor | None, np.ndarray]:
+    """The masks of the frames with regions as one (RoIMasks joined), and each placed region's row in them."""
+    users = sorted({f for f, _ in placed})
+    all_masks = [frames[f].record.instances.masks for f in users]
+    masks = all_masks[0] if len(all_masks) == 1 else RoIMasks.cat(all_masks)
+    offsets = dict(zip(users, np.cumsum([0] + [len(m) for m in all_masks[:-1]]).tolist())) if masks is not None \
+        else dict.fromkeys(users, 0)
+    return masks, np.array([offsets[f] + region.instance for f, region in placed], dtype=np.int64)
+
+
+def _parts(placed: list[tuple[int, StylizedRegion]], chunks: list[list[int]],
+           shapes: list[tuple[int, int]]) -> list[_Part]:
+    """Each chunk's regions split by frame, in order."""
+    parts: list[_Part] = []
+    for c, chunk in enumerate(chunks):
+        for j, k in enumerate(chunk):
+            f, region = placed[k]
+            if j and parts[-1].frame == f:
+                parts[-1].regions.append(region)
+            else:
+                parts.append(_Part(f, c, j, [region], shapes[c]))
+    return parts
+
+
+def _clamped(start: np.ndarray, end: np.ndarray, length: int, r: int) -> np.ndarray:
+    """(k, length): pixels start - r, start - r + 1, ... of each of k crops [start, end), clamped into it."""
+    pixels = start[:, None] - r + np.arange(length)
+    return np.minimum(np.maximum(pixels, start[:, None]), end[:, None] - 1)
+
+
+def _centre(box: list[float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _shift(source: _Kept, box: list[float]) -> tuple[int, int]:
+    """Whole pixels the object moved since `source`: its box centre's shift, rounded (the mask follows the object
+    and keeps its outline)."""
+    cx, cy = _centre(box)
+    return round(cx - source.centre[0]), round(cy - source.centre[1])
