@@ -111,8 +111,7 @@ def build_bank(wheel: Path) -> StyleBank:
     network.load_state_dict(map_state_dict(network, tensors))
     network.eval()
     previews = make_previews(network, list(range(NUM_STYLES)))
-    styles = [StyleInfo(f"style_{i:02d}", f"{WHEEL_REQUIREMENT} {ONNX_MEMBER} style index {i}", previews[i])
-              for i in range(NUM_STYLES)]
+    styles = [StyleInfo(f"style_{i:02d}", style_source(i), previews[i]) for i in range(NUM_STYLES)]
     licence = ("Network weights: Apache-2.0, from the TensorFlow Android 'stylize' demo (Dumoulin, Shlens, Kudlur, "
                "'A Learned Representation for Artistic Style', 2017), dequantized and exported to ONNX by "
                f"{WHEEL_REQUIREMENT}, whose code is under this licence:\n\n"
@@ -120,23 +119,44 @@ def build_bank(wheel: Path) -> StyleBank:
     return StyleBank(network, styles, licence)
 
 
+def style_source(index: int) -> str:
+    return f"{WHEEL_REQUIREMENT} {ONNX_MEMBER} style index {index}"
+
+
 def bank_is_valid(path: Path) -> bool:
+    """`path` holds this import (its 26 styles with previews first, styles added since after them)."""
+    return imported_bank(path) is not None
+
+
+def imported_bank(path: Path) -> StyleBank | None:
     try:
         bank = StyleBank.load(path)
     except StyleError:
-        return False
-    return len(bank) == NUM_STYLES and all(s.preview is not None for s in bank.styles)
+        return None
+    ours = bank.styles[:NUM_STYLES]
+    same = all(s.name == f"style_{i:02d}" and s.source == style_source(i) and s.preview is not None
+               for i, s in enumerate(ours))
+    return bank if len(ours) == NUM_STYLES and same else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_BANK, help="style bank file to write")
-    parser.add_argument("--force", action="store_true", help="rebuild even if --out is already a valid bank")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if --out already holds the import, or replace whatever file it is")
     args = parser.parse_args(argv)
     try:
-        if not args.force and bank_is_valid(args.out):
-            print(f"{args.out}: already imported ({NUM_STYLES} styles); --force to redo")
+        if args.out.is_dir():
+            raise StyleError(f"--out {args.out} is a directory; give the bank's file name")
+        if args.out.exists() and not args.force:
+            bank = imported_bank(args.out)
+            if bank is None:  # a user's file, or a bank of other styles: not ours to replace
+                raise StyleError(f"{args.out} exists and is not this import; --force replaces it")
+            added = len(bank) - NUM_STYLES
+            print(f"{args.out}: already imported ({NUM_STYLES} styles"
+                  + (f", and {added} added since" if added else "") + "); --force to redo"
+                  + (" (that drops the added styles)" if added else ""))
             return 0
         bank = build_bank(fetch_wheel(args.cache))
         bank.save(args.out)

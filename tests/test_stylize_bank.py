@@ -1,4 +1,6 @@
 """StyleBank: names, style specs, file round trip, user styles from checkpoints; import idempotence; list CLI."""
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +81,26 @@ def test_import_is_idempotent(bank_path, capsys):
     before = bank_path.stat().st_mtime_ns
     assert import_main(["--out", str(bank_path)]) == 0
     assert "already imported" in capsys.readouterr().out and bank_path.stat().st_mtime_ns == before
+
+
+def test_import_keeps_styles_added_since_and_other_files(bank, tmp_path, capsys):
+    """The import replaces only a missing file without --force: a bank holding the import and a user's styles
+    stays as it is (make demo runs the import again when pyproject.toml changes), and so does any other file."""
+    net = bank.network
+    bank.add_style("my_copy", net.style_params(5), "test")
+    extended = bank.save(tmp_path / "extended.pt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    other = StyleBank(bank.network, [dataclasses.replace(s, source="elsewhere") for s in bank.styles]).save(
+        tmp_path / "other.pt")
+    kept = {path: path.read_bytes() for path in (extended, notes, other)}
+    assert import_main(["--out", str(extended)]) == 0
+    assert "already imported (26 styles, and 1 added since)" in capsys.readouterr().out
+    for path in (notes, other):
+        assert import_main(["--out", str(path)]) == 1
+        assert "is not this import; --force replaces it" in capsys.readouterr().err
+    assert all(path.read_bytes() == data for path, data in kept.items())
+    assert import_main(["--out", str(tmp_path)]) == 1 and "is a directory" in capsys.readouterr().err
 
 
 def test_list_prints_styles_and_writes_sheet(bank_path, tmp_path, capsys):
