@@ -8,6 +8,7 @@ mode=full: every weight of a network for N style images (from scratch, or starti
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
+from pipeline.errors import OutputError
+from pipeline.outputs import check_output
 from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
 from stylize.content import ContentImages, read_image, resize_shorter
 from stylize.errors import StyleError
@@ -36,7 +39,28 @@ class TrainResult:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StyleError(f"device={name}: use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise StyleError(f"device={name}: use auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StyleError(f"device={name}, but torch sees no CUDA GPU here: use device=cpu or auto")
+    return device
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """The numbers, before any file is read: one line for a bad one instead of a traceback mid-training."""
+    for key in ("steps", "batch_size", "image_size", "style_size", "max_video_frames", "log_every"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StyleError(f"{key}={value}: must be a whole number >= 1")
+    for key in ("lr", "content_weight", "style_weight", "tv_weight"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or (key == "lr" and value == 0):
+            raise StyleError(f"{key}={value}: must be a finite number " + ("> 0" if key == "lr" else ">= 0"))
 
 
 def _style_paths(cfg: DictConfig) -> list[Path]:
@@ -66,9 +90,11 @@ def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet,
 def train(cfg: DictConfig) -> TrainResult:
     if cfg.mode not in ("new_style", "full"):
         raise StyleError(f"mode={cfg.mode}: use new_style or full")
-    vgg = VGG16Features.from_file(cfg.vgg)               # first: the one file people forget
-    style_paths = _style_paths(cfg)
+    _check_settings(cfg)
     device = pick_device(cfg.device)
+    vgg = VGG16Features.from_file(cfg.vgg)               # first of the files: the one people forget
+    style_paths = _style_paths(cfg)
+    out = _output(cfg, style_paths)                      # refused now, not after the training
     generator = torch.Generator().manual_seed(int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     content = ContentImages(cfg.content, int(cfg.image_size), int(cfg.max_video_frames))
@@ -108,24 +134,32 @@ def train(cfg: DictConfig) -> TrainResult:
             bar.set_postfix(style=f"{history[-1]['style']:.3g}", content=f"{history[-1]['content']:.3g}")
 
     network.eval().cpu()
-    out = _save(cfg, network, bank, style_paths)
+    _save(cfg, network, bank, style_paths, out)
     return TrainResult(out, network, history)
 
 
-def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path]) -> Path:
+def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
+    """The file the training will write (`out`, or its default), refused up front where it is a folder, exists
+    without overwrite=true, or its folder cannot be made."""
+    default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
+               else f"outputs/styles/bank_{len(style_paths)}styles.pt")
+    try:
+        return check_output(cfg.out or default, overwrite=bool(cfg.get("overwrite", False)), suffixes=())
+    except OutputError as exc:
+        raise StyleError(str(exc)) from None
+
+
+def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path], out: Path) -> None:
     sources = [f"stylize.train mode={cfg.mode} style_image={p.name} steps={cfg.steps}" for p in style_paths]
     if bank is not None:
-        name = cfg.name or style_paths[0].stem
         index = network.num_styles - 1
-        out = Path(cfg.out or f"outputs/styles/{name}.pt")
-        atomic_save({"format": STYLE_FORMAT, "name": name, "source": sources[0],
+        atomic_save({"format": STYLE_FORMAT, "name": cfg.name or style_paths[0].stem, "source": sources[0],
                      "conv_fingerprint": network.conv_fingerprint(), "params": network.style_params(index),
                      "preview": make_previews(network, [index])[0]}, out)
-        return out
+        return
     previews = make_previews(network, list(range(network.num_styles)))
     styles = [StyleInfo(p.stem, s, previews[i]) for i, (p, s) in enumerate(zip(style_paths, sources))]
-    out = Path(cfg.out or f"outputs/styles/bank_{len(styles)}styles.pt")
-    return StyleBank(network, styles, licence="trained with stylize.train").save(out)
+    StyleBank(network, styles, licence="trained with stylize.train").save(out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")
@@ -134,6 +168,9 @@ def main(cfg: DictConfig) -> None:
         result = train(cfg)
     except StyleError as exc:
         sys.exit(f"error: {exc}")  # SystemExit passes through Hydra: one line on stderr, exit status 1
+    except KeyboardInterrupt:
+        print("error: interrupted: nothing written", file=sys.stderr)  # the output is written only at the end
+        sys.exit(130)
     print(f"wrote {result.out}")
 
 

@@ -95,3 +95,63 @@ def test_missing_vgg_is_one_line_and_nonzero(files, tmp_path):
     assert "Traceback" not in done.stderr
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("error: VGG16 weights not given") and "vgg=" in message and "vgg16-397923af.pth" in message
+
+
+def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, monkeypatch):
+    """Each a one-line StyleError before any step runs (a step would fail the test): an existing output without
+    overwrite=true, an output that is a folder or whose folder cannot be made, numbers out of range, a GPU that
+    is not there. They surfaced after the training, or as tracebacks."""
+    from stylize import train as train_module
+    from stylize.errors import StyleError
+    from stylize.train import train
+
+    monkeypatch.setattr(train_module.PerceptualLoss, "__call__", lambda *args: pytest.fail("a step ran"))
+    existing = tmp_path / "coffee.pt"
+    existing.write_bytes(b"the user's")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    cases = [({"out": str(existing)}, "already exists: pass overwrite=true"),
+             ({"out": str(tmp_path)}, "is a folder"),
+             ({"out": str(blocked / "x.pt")}, "cannot create output folder"),
+             ({"log_every": 0}, "log_every=0: must be a whole number >= 1"),
+             ({"steps": -3}, "steps=-3"),
+             ({"lr": float("nan")}, "lr=nan: must be a finite number > 0"),
+             ({"style_weight": -1.0}, "style_weight=-1.0"),
+             ({"device": "gpu"}, "device=gpu: use auto, cpu or cuda")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "torch sees no CUDA GPU"))
+    for overrides, message in cases:
+        with pytest.raises(StyleError, match=message.replace("(", r"\(")):
+            train(config(files, **overrides))
+    assert existing.read_bytes() == b"the user's"
+
+
+def test_overwrite_replaces_an_existing_output(files, tmp_path):
+    from stylize.train import train
+
+    existing = tmp_path / "coffee.pt"
+    existing.write_bytes(b"old")
+    result = train(config(files, out=str(existing), overwrite=True, steps=1))
+    assert result.out == existing and StyleBank.load(files["bank"]).add_from_checkpoint(existing) == "coffee"
+
+
+def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
+    """Ctrl-C mid-training: `error: interrupted`, exit 130, no output (it is written only at the end)."""
+    import signal
+    import time
+
+    out = tmp_path / "styles" / "coffee.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
+         f"bank={files['bank']}", f"vgg={files['vgg']}", f"out={out}", "steps=100000", "image_size=48",
+         "style_size=48", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "run").glob("*.log")):
+        time.sleep(0.2)
+    time.sleep(3)  # into the training loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted: nothing written"
+    assert not list(out.parent.glob("*"))  # no output, no temp file
