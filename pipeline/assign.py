@@ -13,6 +13,8 @@ typo fails before the first frame is decoded.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,11 +31,19 @@ BACKGROUND_CLASS = "__background__"
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, region, precision...).
 STYLE_KEYS = ("assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
               "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",
-              "cuda_graphs", "bank", "precision")
+              "cuda_graphs", "bank", "extra_styles", "precision")
 
 
 def is_original(spec) -> bool:
     return spec is None or str(spec).strip().lower() == ORIGINAL
+
+
+def listed(value) -> list:
+    """A setting that takes a list, given as one item (style.palette=style_03 on the command line): that item alone,
+    not its characters."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
 
 
 class StyleAssigner:
@@ -49,7 +59,7 @@ class StyleAssigner:
             raise PipelineConfigError(f"style.assign must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.class_names = list(class_names)
         self.policy = policy
-        self.palette = [self._style(s, "style.palette") for s in (palette or [])]
+        self.palette = [self._style(s, "style.palette") for s in listed(palette)]
         if policy == "per_instance" and not any(s is not None for s in self.palette):
             raise PipelineConfigError("style.assign=per_instance needs a style.palette with at least one style")
         if isinstance(palette_memory, bool) or not isinstance(palette_memory, int) or palette_memory < 0:
@@ -63,7 +73,7 @@ class StyleAssigner:
                              for c, s in (class_styles or {}).items()}
         self.default_style = self._style(default_style, "style.default_style")
         self.background = self._style(background, "style.background")
-        self.excluded = {self._class(c, "style.exclude_classes") for c in (exclude_classes or [])}
+        self.excluded = {self._class(c, "style.exclude_classes") for c in listed(exclude_classes)}
         self.min_score, self.min_area = float(min_score), int(min_area)
         # frames after which an unseen track is forgotten (None: never); the palette's memory needs that long too
         self.horizon = None if track_horizon is None else max(int(track_horizon), self.palette_memory)

@@ -146,7 +146,7 @@ class ModelStages:
 def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, target: Path) -> ModelStages:
     """segment → track → assign → stylize → composite (→ debug dump) from the config."""
     # Imported here so the I/O errors (missing input, bad output) answer before any model code loads.
-    from pipeline.assign import StyleAssigner
+    from pipeline.assign import StyleAssigner, listed
     from pipeline.composite import Compositor
     from pipeline.segment_stage import SegmentStage
     from pipeline.stylize_stage import StylizeStage
@@ -158,6 +158,8 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
     class_names = list(model.config.class_names)
     bank = StyleBank.load(cfg.style.get("bank"))
+    for extra in listed(cfg.style.get("extra_styles")):  # stylize.train mode=new_style checkpoints
+        bank.add_from_checkpoint(extra)
     bank.network.to(device)
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))

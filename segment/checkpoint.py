@@ -17,6 +17,7 @@ from segment.model import MaskRCNN, build_model
 
 FORMAT = "instyle-segment-v1"
 TORCHVISION_HINT = "segment.checkpoint=/path/to/maskrcnn_resnet50_fpn_coco.pth"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # torchvision's inference defaults for its COCO v1 weights (which it runs with FrozenBatchNorm eps 0)
 TORCHVISION_DEFAULTS: dict[str, Any] = {
     "backbone": "resnet50", "norm": "frozen_bn", "bn_eps": 0.0, "num_classes": 91, "min_size": 800, "max_size": 1333,
@@ -161,4 +162,13 @@ def load_segmenter(cfg: Any) -> MaskRCNN:
         raise CheckpointError(f"no segmenter checkpoint given: pass {hint}")
     overrides = {k: v for k, v in cfg.items() if v is not None}
     # load_checkpoint gives the configured memory layout, and .to keeps it
-    return load_checkpoint(path, **overrides).to(device).fold_frozen_norms()  # the render only infers
+    return load_checkpoint(project_relative(path), **overrides).to(device).fold_frozen_norms()  # the render only infers
+
+
+def project_relative(path: str | os.PathLike) -> Path:
+    """A relative path from the directory the command runs in or, where nothing is there, from this project, which
+    holds the embedded segmenter (conf/segment/demo.yaml): the default works wherever the render runs."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path

@@ -257,4 +257,15 @@ def test_default_config_with_the_real_bank_names(class_map):
     assert set(cfg.class_styles) <= set(CLASS_NAMES if class_map == "shapes" else coco_class_names())
     assert set(cfg) == {"assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
                         "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",
-                        "cuda_graphs", "bank", "precision"}
+                        "cuda_graphs", "bank", "extra_styles", "precision"}
+
+
+def test_one_item_given_for_a_list_is_that_item(bank):
+    """style.palette=mosaic and style.exclude_classes=dog from the command line are strings: one style, one class
+    (they were taken character by character: "unknown style 'm'")."""
+    frames = [record([(0, 0, 10, 1, 0.9), (20, 0, 10, 2, 0.9)], track_ids=[1, 2])]
+    for palette, excluded in (("mosaic", "dog"), (["mosaic"], ["dog"])):
+        assigner = StyleAssigner.from_config(config(assign="per_instance", palette=palette, exclude_classes=excluded),
+                                             bank, CLASSES)
+        assigner(frames)
+        assert frames[0].styles == ["mosaic", None]

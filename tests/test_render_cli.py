@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from tests.helpers_video import audio_summary, pattern_frames, psnr, read_frames, write_clip
 from tests.render_cli import run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
+from tests.stylize_fixtures import bank_path  # noqa: F401
 
 PTS_MS = [0, 40, 90, 100, 180, 260, 270, 400]  # variable frame rate
 
@@ -255,3 +256,36 @@ def test_segment_every_second_frame_moves_the_tracked_objects_over_the_others(tm
                             cwd=tmp_path)
     assert result.returncode == 2 and "error: segment_every must be a whole number >= 1, got 0" in result.stderr
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_the_default_models_work_from_any_directory(tmp_path, bank_path, vfr_clip):
+    """The embedded segmenter (a path relative to the project) and the imported bank (style.bank=null) are found
+    from a directory other than the project's: both were looked up from the working directory."""
+    result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'out.mp4'}", "encode.preset=ultrafast"],
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_frames(tmp_path / "out.mp4")[0]) == len(PTS_MS)
+
+
+def test_a_trained_style_renders_by_name(tmp_path, models, vfr_clip):
+    """style.extra_styles adds stylize.train checkpoints to the bank: a checkpoint holding a bank style's scales and
+    shifts under a new name renders as that style does, given as a list or, for one palette entry, as itself."""
+    from stylize.bank import STYLE_FORMAT, StyleBank, atomic_save
+    from tests.tiny_models import distinct_styles
+
+    bank_file = next(arg.split("=", 1)[1] for arg in models if arg.startswith("style.bank="))
+    bank = distinct_styles(StyleBank.load(bank_file))
+    bank.save(tmp_path / "bank.pt")
+    atomic_save({"format": STYLE_FORMAT, "name": "painting", "source": "test", "preview": None,
+                 "conv_fingerprint": bank.network.conv_fingerprint(), "params": bank.network.style_params(4)},
+                tmp_path / "painting.pt")
+    outputs = {}
+    for label, style in (("copy", ["style.extra_styles=[painting.pt]", "style.palette=[painting]"]),
+                         ("one", [f"style.extra_styles={tmp_path / 'painting.pt'}", "style.palette=painting"]),
+                         ("bank", ["style.palette=[style_04]"]), ("other", ["style.palette=[style_05]"])):
+        out = tmp_path / f"{label}.mp4"
+        result = run_in_process([f"input={vfr_clip}", f"output={out}", *models, f"style.bank={tmp_path / 'bank.pt'}",
+                                 *style], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs[label] = sha256(out)
+    assert outputs["copy"] == outputs["one"] == outputs["bank"] != outputs["other"]
