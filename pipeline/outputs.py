@@ -14,16 +14,17 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 
 
 def check_output(output: str | Path, input: str | Path | None = None, overwrite: bool = False,
-                 suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Path:
+                 suffixes: tuple[str, ...] = VIDEO_SUFFIXES, kind: str = "video container") -> Path:
     """The absolute target path, after refusing: the input itself, an existing file without `overwrite`,
-    a folder, an unknown container suffix, and a parent folder that cannot be created."""
+    a folder, a suffix not in `suffixes` (a `kind` of file; none: any), and a parent folder that cannot be
+    created."""
     target = Path(output).expanduser().absolute()
     if input is not None and _same_file(Path(input).expanduser().absolute(), target):
         raise OutputError(f"output {target} is the input file: choose another output path")
     if target.is_dir():
         raise OutputError(f"output {target} is a folder: give a file name such as {target / 'out.mp4'}")
     if suffixes and target.suffix.lower() not in suffixes:
-        raise OutputError(f"output {target.name}: unknown video container '{target.suffix}', use one of {', '.join(suffixes)}")
+        raise OutputError(f"output {target.name}: unknown {kind} '{target.suffix}', use one of {', '.join(suffixes)}")
     if target.exists() and not overwrite:
         raise OutputError(f"output {target} already exists: pass overwrite=true to replace it")
     try:

@@ -12,11 +12,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.errors import OutputError
+from pipeline.outputs import check_output
 from stylize.apply import stylize_frames
 from stylize.bank import StyleBank, sample_photo
 from stylize.errors import StyleError
 
 LABEL_HEIGHT = 14
+SHEET_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp")
+PALETTE_SUFFIXES = (".png", ".gif")  # --colors applies to these; the others are written in full colour
 
 
 def contact_sheet(bank: StyleBank, photo: torch.Tensor, tile: int = 128, columns: int = 7) -> Image.Image:
@@ -63,19 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo", default="astronaut", help="skimage.data photo for the sheet (astronaut, chelsea, ...)")
     parser.add_argument("--tile", type=int, default=128, help="tile size in the sheet, px")
     parser.add_argument("--colors", type=int, default=256,
-                        help="palette size (keeps the PNG small for docs; 0 = full colour)")
+                        help="palette size of a PNG or GIF sheet, 1-256 (keeps it small for docs; 0 = full colour)")
     args = parser.parse_args(argv)
+    if not 0 <= args.colors <= 256 or args.tile < 16:
+        parser.error("--colors takes 0 to 256 and --tile at least 16")
     try:
+        if args.sheet is not None:  # refused now, not after every style has run
+            args.sheet = check_output(args.sheet, overwrite=True, suffixes=SHEET_SUFFIXES, kind="image type")
         bank = StyleBank.load(args.bank)
         for i, style in enumerate(bank.styles):
             print(f"{i:3d}  {style.name:24s}  {style.source}")
         if args.sheet is not None:
             sheet = contact_sheet(bank, sample_photo(args.photo), args.tile)
-            if args.colors:
+            if args.colors and args.sheet.suffix.lower() in PALETTE_SUFFIXES:
                 sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
             save_image_atomic(sheet, args.sheet)
             print(f"wrote {args.sheet}")
-    except StyleError as exc:
+    except (StyleError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

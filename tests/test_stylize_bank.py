@@ -111,3 +111,23 @@ def test_list_prints_styles_and_writes_sheet(bank_path, tmp_path, capsys):
     width, height = Image.open(sheet).size
     assert width == 7 * (24 + 4) + 4 and height > 4 * 24  # 27 tiles (photo + 26 styles) in rows of 7
     assert list_main(["--bank", str(tmp_path / "missing.pt")]) == 1
+
+
+def test_list_refuses_a_bad_sheet_before_rendering(bank_path, tmp_path, capsys, monkeypatch):
+    """A folder, an unknown image type or an uncreatable folder is one line before any style runs (they were
+    tracebacks after all 26); a JPEG sheet is written in full colour (a palette image cannot be a JPEG)."""
+    import stylize.list as list_module
+
+    real = list_module.contact_sheet
+    monkeypatch.setattr(list_module, "contact_sheet", lambda *args: pytest.fail("styles ran"))
+    (tmp_path / "a_file").write_text("")
+    for sheet, message in ((tmp_path, "is a folder"), (tmp_path / "sheet", "unknown image type ''"),
+                           (tmp_path / "a_file" / "s.png", "cannot create output folder")):
+        assert list_main(["--bank", str(bank_path), "--sheet", str(sheet)]) == 1
+        assert message in capsys.readouterr().err
+    for bad in (["--colors", "1000"], ["--colors", "-1"], ["--tile", "0"]):
+        with pytest.raises(SystemExit):
+            list_main(["--bank", str(bank_path), *bad])
+    monkeypatch.setattr(list_module, "contact_sheet", real)
+    assert list_main(["--bank", str(bank_path), "--sheet", str(tmp_path / "sheet.jpg"), "--tile", "16"]) == 0
+    assert Image.open(tmp_path / "sheet.jpg").mode == "RGB"
