@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.errors import PipelineConfigError, check_settings, number, whole
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
@@ -74,7 +74,8 @@ class StyleAssigner:
         self.default_style = self._style(default_style, "style.default_style")
         self.background = self._style(background, "style.background")
         self.excluded = {self._class(c, "style.exclude_classes") for c in listed(exclude_classes)}
-        self.min_score, self.min_area = float(min_score), int(min_area)
+        self.min_score = number(min_score, "style.min_score", 0.0, 1.0)
+        self.min_area = whole(min_area, "style.min_area")
         # frames after which an unseen track is forgotten (None: never); the palette's memory needs that long too
         self.horizon = None if track_horizon is None else max(int(track_horizon), self.palette_memory)
         self._validate_specs(bank)

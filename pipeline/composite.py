@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.errors import check_settings, number, whole
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.soft_masks import Frame, SoftMasks
@@ -72,13 +72,9 @@ class Compositor:
     name = "composite"
 
     def __init__(self, feather_px: int = 3, smooth_masks: float = 0.0, mask_threshold: float = 0.5):
-        if feather_px < 0:
-            raise PipelineConfigError(f"composite.feather_px must be >= 0, got {feather_px}")
-        if not 0.0 <= smooth_masks < 1.0:
-            raise PipelineConfigError(f"composite.smooth_masks must be in [0, 1), got {smooth_masks}")
-        if not 0.0 < mask_threshold <= 1.0:
-            raise PipelineConfigError(f"composite.mask_threshold must be in (0, 1], got {mask_threshold}")
-        self.feather_px, self.smooth, self.threshold = int(feather_px), float(smooth_masks), float(mask_threshold)
+        self.feather_px = whole(feather_px, "composite.feather_px")
+        self.smooth = number(smooth_masks, "composite.smooth_masks", 0.0, 1.0, high_open=True)
+        self.threshold = number(mask_threshold, "composite.mask_threshold", 0.0, 1.0, low_open=True)
         self.soft_masks = SoftMasks(self.feather_px, self.smooth, self.threshold)
         self.reset()
 

@@ -54,6 +54,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, MASK_THRESHOLD, PALETTE,
                                    UNTRACKED, DebugDumpError, track_color)
+from pipeline.errors import whole
 from pipeline.record import FrameRecord
 from segment.roi_masks import RoIMasks
 
@@ -163,14 +164,10 @@ class DebugDumper:
 
     def __init__(self, directory: str | Path, class_names: list[str], every: int = 1, max_side: int = 640,
                  image_format: str = "jpg", jpeg_quality: int = 90, workers: int = 2, video_info: Any = None):
-        if every < 1:
-            raise DebugDumpError(f"debug.every must be >= 1, got {every}")
-        if max_side < 16:
-            raise DebugDumpError(f"debug.max_side must be >= 16, got {max_side}")
+        every, max_side = whole(every, "debug.every", 1), whole(max_side, "debug.max_side", 16)
+        jpeg_quality, workers = whole(jpeg_quality, "debug.jpeg_quality", 1, 100), whole(workers, "debug.workers", 1)
         if image_format not in ("jpg", "png"):
             raise DebugDumpError(f"debug.image_format must be jpg or png, got {image_format!r}")
-        if not 1 <= jpeg_quality <= 100:
-            raise DebugDumpError(f"debug.jpeg_quality must be in 1..100, got {jpeg_quality}")
         self.dir = Path(directory)
         self.class_names = list(class_names)
         self.every, self.max_side = int(every), int(max_side)
@@ -182,9 +179,9 @@ class DebugDumper:
         self._prepare_dir()
         self._frames = open(self.dir / FRAMES, "w", encoding="utf-8")
         # A few encoder threads overlap PNG/JPEG encoding with the render; the bound keeps memory flat.
-        self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="debug-dump")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="debug-dump")
         self._pending: deque[Future] = deque()
-        self._max_pending = 4 * max(1, int(workers))
+        self._max_pending = 4 * workers
         self._closed = False
         self._write_manifest(complete=False)
 
@@ -199,9 +196,9 @@ class DebugDumper:
                 raise DebugDumpError("debug.dump=true needs debug.dir=PATH or an output path to put <stem>_debug/ beside")
             out = Path(output_path)
             directory = out.with_name(f"{out.stem}_debug")
-        return cls(directory, class_names, every=int(get("every", 1)), max_side=int(get("max_side", 640)),
-                   image_format=str(get("image_format", "jpg")), jpeg_quality=int(get("jpeg_quality", 90)),
-                   workers=int(get("workers", 2)), video_info=video_info)
+        return cls(directory, class_names, every=get("every", 1), max_side=get("max_side", 640),
+                   image_format=str(get("image_format", "jpg")), jpeg_quality=get("jpeg_quality", 90),
+                   workers=get("workers", 2), video_info=video_info)
 
     def _prepare_dir(self) -> None:
         if self.dir.exists() and not self.dir.is_dir():

@@ -52,6 +52,9 @@ class VideoWriter:
         self.frames_written = 0
         self._last_pts: int | None = None
         self._audio: _AudioCarrier | None = None
+        audio = cfg.get("audio", "copy")
+        if audio not in ("copy", "none"):
+            raise PipelineConfigError(f"encode.audio must be copy or none, got {audio!r}")
         _check_codec(self.codec)
         if (self.width, self.height) != (info.width, info.height):
             print(f"note: {self.codec} with {self.pix_fmt} needs even sizes: padding {info.width}x{info.height} "
@@ -59,15 +62,20 @@ class VideoWriter:
         self.container = av.open(str(self.path), mode="w")
         try:
             self.stream = self._add_video_stream(cfg)
-            if info.has_audio and str(cfg.get("audio", "copy")) == "copy":
+            if info.has_audio and audio == "copy":
                 self._audio = _AudioCarrier(info.path, self.container)
             self.container.start_encoding()  # opens the encoder now, so a bad codec fails before any work
         except av.FFmpegError as e:
             self._abort()
             # e.g. "unsupported device" on an H100 or A100: data-centre chips without the NVENC unit
-            needs = " - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver" \
-                if "nvenc" in self.codec else ""
-            raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){needs}: try encode=x264") from e
+            if "nvenc" in self.codec:
+                hint = (" - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver: "
+                        "try encode=x264")
+            else:  # the codec is there (_check_codec): one of its settings is what it refused
+                settings = [f"encode.{key}={cfg[key]}" for key in _CODEC_OPTIONS if cfg.get(key) is not None]
+                settings += [f"encode.options.{k}={v}" for k, v in (cfg.get("options") or {}).items()]
+                hint = f": check its settings ({', '.join(settings) or 'none given'})"
+            raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){hint}") from e
         except BaseException:
             self._abort()
             raise

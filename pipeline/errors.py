@@ -52,3 +52,28 @@ def check_settings(cfg, known: tuple[str, ...], group: str) -> None:
     unknown = sorted(set(cfg) - set(known))
     if unknown:
         raise PipelineConfigError(f"unknown {group} setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def whole(value, key: str, low: int = 0, high: int | None = None) -> int:
+    """A setting that must be a whole number in [low, high]: 1.5, true and text are errors, not rounded or read
+    as 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"from {low} to {high}"
+        raise PipelineConfigError(f"{key} must be a whole number {span}, got {value!r}")
+    return value
+
+
+def number(value, key: str, low: float, high: float, high_open: bool = False, low_open: bool = False) -> float:
+    """A setting that must be a number in the interval from `low` to `high` (each end shut unless said open)."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+    if bad or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise PipelineConfigError(f"{key} must be a number in {span}, got {value!r}")
+    return float(value)
+
+
+def flag(value, key: str) -> bool:
+    """A setting that must be true or false: `overwrite=no` is text, which Python would take as true."""
+    if not isinstance(value, bool):
+        raise PipelineConfigError(f"{key} must be true or false, got {value!r}")
+    return value

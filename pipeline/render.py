@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.decode import VideoReader
 from pipeline.encode import VideoWriter
-from pipeline.errors import PipelineConfigError, RenderError
+from pipeline.errors import PipelineConfigError, RenderError, check_settings, flag, whole
 from pipeline.outputs import AtomicOutput, check_output
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
@@ -39,6 +39,7 @@ from stylize.errors import StyleError
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
 USER_ERRORS = (RenderError, SegmentError, StyleError)  # expected, user-fixable: one line, exit 2, no traceback
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality", "workers")  # conf/debug
 THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
 
 
@@ -69,7 +70,12 @@ class RenderSummary:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise PipelineConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RenderError(f"device={name} asked for, but CUDA is not available here: use device=auto or device=cpu")
     return device
@@ -82,14 +88,18 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     `on_batch(summary)` runs on the encode thread after each written batch (benchmarks sample memory there);
     `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone.
     """
-    threads = cfg.get("stage_threads", 2)
-    if threads not in (1, 2, 3) or isinstance(threads, bool):
-        raise PipelineConfigError(f"stage_threads must be 1, 2 or 3, got {threads!r}")
+    threads = whole(cfg.get("stage_threads", 2), "stage_threads", 1, 3)
     operator_threads = cfg.get("torch_threads", "auto")
     if operator_threads != "auto" and (isinstance(operator_threads, bool) or not isinstance(operator_threads, int)
                                        or operator_threads < 1):
         raise PipelineConfigError(f"torch_threads must be auto or a positive integer, got {operator_threads!r}")
-    target = check_output(output, input=cfg.input, overwrite=bool(cfg.overwrite))
+    for key in ("batch_size", "queue_size", "segment_every"):
+        whole(cfg.get(key, 1), key, 1)
+    target = check_output(output, input=cfg.input, overwrite=flag(cfg.overwrite, "overwrite"))
+    dump = dump_dir(cfg, target)
+    if dump is not None and dump in (target, Path(str(cfg.input)).expanduser().absolute()):
+        raise PipelineConfigError(f"debug.dir {dump} is the {'output' if dump == target else 'input'} file: "
+                                  "give the dump a folder of its own")
     device = resolve_device(str(cfg.device))
     with _torch_threads(operator_threads, device):
         return _render(cfg, target, device, threads, on_batch, build)
@@ -168,7 +178,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
         print("note: style.propagate acts only on frames the segmenter skips: with segment_every=1 there are none",
               file=sys.stderr)
     run: list[tuple[str, Stage]] = [
-        ("segment", SegmentStage(model, float(cfg.segment.get("score_threshold", 0.5)), cfg.get("segment_every", 1),
+        ("segment", SegmentStage(model, cfg.segment.get("score_threshold", 0.5), cfg.get("segment_every", 1),
                                  cfg.get("scene_cut"))),
         ("track", tracker),
         ("assign", assigner),
@@ -176,10 +186,11 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
         ("composite", compositor),
     ]
     dumper = None
-    if cfg.get("debug") is not None and cfg.debug.get("dump", False):
+    dump = dump_dir(cfg, target)
+    if dump is not None:
         from pipeline.debug import DebugDumper
 
-        dumper = DebugDumper.from_config(cfg.debug, class_names, output_path=target, video_info=reader.info)
+        dumper = DebugDumper.from_config({**cfg.debug, "dir": str(dump)}, class_names, video_info=reader.info)
         run.append(("debug", _writes(dumper)))
 
     def finish(summary: RenderSummary) -> None:
@@ -261,6 +272,23 @@ def output_path(cfg: DictConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir) / output.name
     return output.absolute()
+
+
+def dump_dir(cfg: DictConfig, target: Path) -> Path | None:
+    """The debug dump's folder (None: no dump): debug.dir against the user's cwd, else `<output stem>_debug/` beside
+    the output; in multirun mode, a debug.dir's name inside this run's sweep folder, as for the output."""
+    debug = cfg.get("debug")
+    if debug is None:
+        return None
+    check_settings(debug, DEBUG_KEYS, "debug")
+    if not flag(debug.get("dump", False), "debug.dump"):
+        return None
+    if debug.get("dir") is None:
+        return target.with_name(f"{target.stem}_debug")
+    directory = Path(str(debug.dir)).expanduser()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir) / directory.name
+    return directory.absolute()
 
 
 def _interrupt(signum, frame) -> None:

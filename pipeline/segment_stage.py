@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import PipelineConfigError, number
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
@@ -30,6 +30,7 @@ SCENE_CUT = 0.5
 FLAT = 4.0
 THUMBNAIL = 8     # the thumbnails' side
 SAMPLE = 64       # pixels read along the frame's shorter side to make one (every k-th: 1080p reads 1/256 of them)
+CHANGE_NOISE = 1e-5  # float32 rounding of 1 - correlation between identical thumbnails (~1e-7): no change at all
 GREY = (0.299, 0.587, 0.114)
 
 
@@ -40,8 +41,7 @@ class SegmentStage:
     name = "segment"
 
     def __init__(self, model, score_threshold: float = 0.5, every: int = 1, scene_cut: float | None = SCENE_CUT):
-        if not 0.0 <= score_threshold <= 1.0:
-            raise PipelineConfigError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        number(score_threshold, "segment.score_threshold", 0.0, 1.0)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise PipelineConfigError(f"segment_every must be a whole number >= 1, got {every!r}")
         if scene_cut is not None and (isinstance(scene_cut, bool) or not isinstance(scene_cut, (int, float))
@@ -86,7 +86,8 @@ class SegmentStage:
         that was not near uniform, 0 where either is (on the frames' device), and whether its size changed."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
-        last = self._last or (thumbnails[0], sizes[0])  # the stream's first frame is compared with itself: no cut
+        first = self._last is None
+        last = self._last or (thumbnails[0], sizes[0])
         side = THUMBNAIL - 2
         centre = _centred(thumbnails[:, 1:-1, 1:-1].flatten(1))                            # (B, 36)
         spread = centre.norm(dim=-1)
@@ -101,12 +102,15 @@ class SegmentStage:
         flat |= spread_before.amin(1) < FLAT * side
         self._last = (bases[-1], sizes[-1])
         resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
-        return (1 - correlation.amax(1)).masked_fill_(flat, 0.0), resized
+        changes = (1 - correlation.amax(1)).masked_fill_(flat, 0.0)
+        if first:
+            changes[0] = 0.0  # the stream's first frame: no shot before it (compared with itself, float noise)
+        return changes, resized
 
     def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
         """`cut` where a new shot starts: the thumbnail changed more than `scene_cut`, or the frame's size did."""
         for record, change, new_size in zip(batch, changes, resized):
-            record.cut = change > self.scene_cut or new_size
+            record.cut = change > self.scene_cut + CHANGE_NOISE or new_size
 
 
 def _centred(cells: torch.Tensor) -> torch.Tensor:

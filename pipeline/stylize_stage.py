@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from gpu.transfer import row_index
 from pipeline.assign import is_original
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import PipelineConfigError, whole
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from pipeline.style_carry import StyleCarry
@@ -45,12 +45,10 @@ class StylizeStage:
                  propagate: bool = False):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
-        if margin < 0:
-            raise PipelineConfigError(f"style.margin must be >= 0, got {margin}")
         if crop_bucket != "auto" and (not isinstance(crop_bucket, int) or crop_bucket < 4 or crop_bucket % 4):
             raise PipelineConfigError(f"style.crop_bucket must be auto or a positive multiple of 4, got {crop_bucket}")
         self.bank = bank
-        self.margin = int(margin)
+        self.margin = whole(margin, "style.margin")
         self.crop_bucket = crop_bucket
         self.background = None if is_original(background) else str(background).strip()
         self.precision = precision
@@ -78,7 +76,7 @@ class StylizeStage:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
-        return cls(bank, margin=int(cfg.get("margin", 16)), background=cfg.get("background"),
+        return cls(bank, margin=cfg.get("margin", 16), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
                    cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")),
                    downsample=cfg.get("downsample", 1), max_side=cfg.get("max_side"),

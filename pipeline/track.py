@@ -34,7 +34,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from gpu.transfer import row_index, to_device
-from pipeline.errors import PipelineConfigError, check_settings
+from pipeline.errors import PipelineConfigError, check_settings, flag, number, whole
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
@@ -159,16 +159,11 @@ class Tracker:
                  velocity_momentum: float = 0.5, mask_size: int = 64):
         if match_on not in MATCH_ON:
             raise PipelineConfigError(f"track.match_on must be one of {', '.join(MATCH_ON)}, got {match_on!r}")
-        for key, value, low, high in (("min_iou", min_iou, 0.0, 1.0), ("birth_score", birth_score, 0.0, 1.0),
-                                      ("velocity_momentum", velocity_momentum, 0.0, 1.0)):
-            if not low <= value <= high:
-                raise PipelineConfigError(f"track.{key} must be in [{low}, {high}], got {value}")
-        if max_misses < 0 or mask_size < 4:
-            raise PipelineConfigError(f"track.max_misses must be >= 0 and track.mask_size >= 4, "
-                                      f"got {max_misses} and {mask_size}")
-        self.match_on, self.min_iou, self.same_class = match_on, float(min_iou), bool(same_class)
-        self.birth_score, self.max_misses = float(birth_score), int(max_misses)
-        self.motion, self.momentum, self.mask_size = bool(motion), float(velocity_momentum), int(mask_size)
+        self.match_on, self.same_class = match_on, flag(same_class, "track.same_class")
+        self.min_iou, self.birth_score, self.momentum = (number(value, f"track.{key}", 0.0, 1.0) for key, value in (
+            ("min_iou", min_iou), ("birth_score", birth_score), ("velocity_momentum", velocity_momentum)))
+        self.max_misses, self.mask_size = whole(max_misses, "track.max_misses"), whole(mask_size, "track.mask_size", 4)
+        self.motion = flag(motion, "track.motion")
         self.reset()
 
     @classmethod

@@ -115,6 +115,49 @@ def test_unknown_output_container(tmp_path, models, clip):
     assert_refused(result, tmp_path / "out.txt", {clip: sha256(clip)}, "unknown video container")
 
 
+def test_existing_output_is_kept_unless_overwrite_is_true_itself(tmp_path, models, clip):
+    """overwrite=no is the text "no", which Python takes as true: it replaced the file."""
+    output = tmp_path / "out.mp4"
+    output.write_bytes(b"precious")
+    for value in ("no", "maybe", "1"):
+        result = run_in_process([f"input={clip}", f"output={output}", *models, f"overwrite={value}"], cwd=tmp_path)
+        assert_refused(result, output, {clip: sha256(clip), output: sha256(output)}, "overwrite must be true or false")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("batch_size=abc", ["batch_size", "whole number"]), ("batch_size=1.5", ["batch_size"]),
+    ("batch_size=true", ["batch_size"]), ("queue_size=abc", ["queue_size"]), ("stage_threads=2.0", ["stage_threads"]),
+    ("segment_every=abc", ["segment_every"]), ("device=bogus", ["device must be"]), ("device=CPU", ["device must be"]),
+    ("segment.score_threshold=abc", ["segment.score_threshold"]), ("style.margin=1.5", ["style.margin"]),
+    ("style.min_score=abc", ["style.min_score"]), ("style.min_score=-1", ["style.min_score"]),
+    ("style.min_area=-5", ["style.min_area"]), ("composite.feather_px=abc", ["composite.feather_px"]),
+    ("composite.smooth_masks=abc", ["composite.smooth_masks"]), ("composite.mask_threshold=0", ["mask_threshold"]),
+    ("track.min_iou=abc", ["track.min_iou"]), ("track.max_misses=1.5", ["track.max_misses"]),
+    ("track.same_class=maybe", ["track.same_class", "true or false"]), ("track.motion=maybe", ["track.motion"]),
+    ("debug.dump=maybe", ["debug.dump"]), ("+debug.typo=1", ["unknown debug setting", "typo"]),
+    ("debug.workers=0", ["debug.workers"]), ("encode.audio=bogus", ["encode.audio must be copy or none"]),
+    ("encode.crf=abc", ["libx264", "encode.crf=abc"]),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, models, clip, override, words):
+    """Text where a number belongs was a traceback; 1.5, true and "maybe" were rounded or taken as true; unknown
+    debug keys, a bad audio mode and debug.workers=0 were accepted; a bad x264 setting said to try x264."""
+    output = tmp_path / "out.mp4"
+    extra = ["debug.dump=true"] if override.startswith(("debug.workers", "+debug")) else []
+    result = run_in_process([f"input={clip}", f"output={output}", *models, override, *extra], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, *words)
+    assert not output.exists() and not (tmp_path / "out_debug").exists()
+
+
+def test_a_debug_dump_where_the_output_goes_is_refused_up_front(tmp_path, models, clip):
+    """debug.dir equal to the output rendered everything, then failed (a folder left at the output's path)."""
+    output = tmp_path / "final" / "out.mp4"
+    for overwrite in ("false", "true"):
+        result = run_in_process([f"input={clip}", f"output={output}", *models, "debug.dump=true",
+                                 f"debug.dir={output}", f"overwrite={overwrite}"], cwd=tmp_path)
+        assert_refused(result, output, {clip: sha256(clip)}, "is the output file")
+        assert not output.exists()
+
+
 def test_corrupt_and_missing_checkpoint(tmp_path, models, clip):
     corrupt = tmp_path / "broken.pt"
     corrupt.write_bytes(b"\x80\x02not really a checkpoint" * 10)

@@ -90,8 +90,9 @@ def test_original_background_keeps_pixels_outside_instances(tmp_path, models, vf
 
 
 def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
+    """Output and debug dump alike: a debug.dir given for the sweep was one folder that each run overwrote."""
     result = run_render(["-m", "style.assign=by_class,per_instance", f"input={vfr_clip}", "output=out.mp4",
-                         *models], cwd=tmp_path)
+                         "debug.dump=true", "debug.dir=dumps/shared", *models], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     outputs = sorted((tmp_path / "multirun").glob("*/*/*/out.mp4"))
     assert [p.parent.name for p in outputs] == ["0", "1"]
@@ -99,7 +100,9 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
         frames, times = read_frames(output)
         assert len(frames) == len(PTS_MS) and times[-1] == Fraction(PTS_MS[-1], 1000)
         assert (output.parent / ".hydra" / "overrides.yaml").is_file()
-    assert not (tmp_path / "out.mp4").exists()
+        dumped = (output.parent / "shared" / "frames.jsonl").read_text().splitlines()
+        assert len(dumped) == len(PTS_MS)
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "dumps").exists()
     overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in outputs]
     assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]
 
@@ -135,7 +138,7 @@ def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vf
         assert all(np.array_equal(a, b) for a, b in zip(outputs[count][0], outputs[1][0], strict=True))
     result = run_in_process([f"input={vfr_clip}", f"output={tmp_path / 'bad.mp4'}", *models, "stage_threads=4"],
                             cwd=tmp_path)
-    assert result.returncode == 2 and "error: stage_threads must be 1, 2 or 3, got 4" in result.stderr
+    assert result.returncode == 2 and "error: stage_threads must be a whole number from 1 to 3, got 4" in result.stderr
     assert not (tmp_path / "bad.mp4").exists()
 
 

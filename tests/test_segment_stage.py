@@ -132,6 +132,15 @@ def test_segmenting_every_frame_marks_the_cuts_for_the_tracker(model, monkeypatc
     assert [r.cut for r in stage(shots([], 3, size=(72, 56)))] == [scene_cut is not None, False, False]
 
 
+def test_scene_cut_zero_cuts_at_every_change_and_nowhere_else(model):
+    """scene_cut=0: the stream's first frame has no shot before it, and a frame the same as the one before has not
+    changed; both were cuts (1 - the correlation of a thumbnail with itself is about 1e-7 in float32)."""
+    still = as_records([shots([], 1)[0].image] * 6)
+    assert not any(record.cut for record in SegmentStage(model, 0.3, scene_cut=0.0)(still))
+    drifting = SegmentStage(model, 0.3, scene_cut=0.0)(shots([], 6))
+    assert [record.cut for record in drifting] == [False] + [True] * 5
+
+
 @pytest.mark.parametrize("every", [1, 3])
 def test_a_change_of_light_is_no_cut(model, every):
     """Within one shot: a flash (frame 3 brightened by 80 levels), the light scaled by 0.5 from frame 6 on, a black
