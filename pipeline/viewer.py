@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-browser", action="store_true", help="only print the URL")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:   # bind() would raise OverflowError, not the OSError handled below
+        print(f"error: --port must be 0-65535 (0 = any free port), not {args.port}", file=sys.stderr)
+        return 2
     try:
         dump = load_dump(args.dir)
         server = ViewerServer(dump, args.port, args.verbose)

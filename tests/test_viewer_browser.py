@@ -267,3 +267,66 @@ def test_a_real_tiny_render_dump_opens_in_the_viewer(open_page, tmp_path):
     assert page.locator("#timing path.stage").count() == len(stages)
     page.wait_for_function("() => document.querySelector('.panel[data-layer=composite] img').naturalWidth === 64")
     page.screenshot(path=str(tmp_path / "viewer_real_render.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def every3_dump(tmp_path_factory) -> Path:
+    """24 frames, images on every 3rd (0, 3, ..., 21): the last two frames have none, so wrapping must skip them."""
+    directory = tmp_path_factory.mktemp("viewer_every3") / "every3_debug"
+    write_dump(directory, n=24, every=3, max_side=120, size=(45, 120))   # wide enough for the disc's 24-frame walk
+    return directory
+
+
+def test_images_only_stepping_lands_only_on_frames_with_images(open_page, every3_dump):
+    with_images = [f["index"] for f in frames_of(every3_dump) if f["images"]]
+    assert with_images == list(range(0, 24, 3))
+    page, _ = open_page(every3_dump)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    page.locator("#images-only").check()
+    frame = lambda: int(page.locator("#frame-index").text_content())  # noqa: E731
+
+    # A full lap each way through the buttons: every stop has images, and it wraps to the first / last such frame.
+    def lap(button: str) -> list[int]:
+        stops = []
+        for _ in with_images:
+            page.locator(button).click()
+            stops.append(frame())
+        return stops
+
+    assert lap("#next") == with_images[1:] + [0]
+    assert lap("#prev") == with_images[::-1]
+    # From frames without images (scrubbed there with the slider), in either direction.
+    for start, button, expected in ((22, "#next", 0), (22, "#prev", 21), (23, "#next", 0), (1, "#prev", 0),
+                                    (1, "#next", 3), (0, "#prev", 21), (21, "#next", 0)):
+        seek(page, start)
+        page.locator(button).click()
+        assert frame() == expected, (start, button)
+    # The arrow keys step the same way.
+    seek(page, 22)
+    page.locator("#slider").press("ArrowRight")
+    assert frame() == 0
+    page.locator("#slider").press("ArrowLeft")
+    assert frame() == 21
+
+
+def test_arrow_keys_step_while_a_checkbox_has_focus(open_page, every3_dump):
+    page, _ = open_page(every3_dump)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    frame = lambda: int(page.locator("#frame-index").text_content())  # noqa: E731
+    page.locator("#images-only").click()          # a click leaves the focus on the checkbox
+    assert page.evaluate("document.activeElement.id") == "images-only"
+    page.keyboard.press("ArrowRight")
+    assert frame() == 3
+    page.keyboard.press("ArrowLeft")
+    assert frame() == 0
+    page.locator("#toggle-stylized").click()      # a layer toggle too, and the options stay as they were
+    page.keyboard.press("ArrowLeft")
+    assert frame() == 21
+    assert page.locator("#images-only").is_checked() and not page.locator("#toggle-stylized").is_checked()
+    page.keyboard.press(" ")                      # Space still toggles the focused checkbox, and does not play
+    assert page.locator("#toggle-stylized").is_checked() and page.locator("#play").text_content() == "▶ play"
+    # A field one types in keeps its arrow keys.
+    page.evaluate("() => { const i = document.createElement('input'); i.type = 'number'; i.id = 'typing';"
+                  " document.body.appendChild(i); i.focus(); }")
+    page.keyboard.press("ArrowRight")
+    assert frame() == 21

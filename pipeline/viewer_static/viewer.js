@@ -139,10 +139,13 @@ function build() {
   $("#play").addEventListener("click", togglePlay);
   $("#fps").addEventListener("change", () => { if (state.playing) { togglePlay(); togglePlay(); } });
   document.addEventListener("keydown", (e) => {
-    if (e.target.tagName === "INPUT" && e.target.type !== "range") return;
+    // A field one types in needs its keys; a slider or checkbox has no use for ←/→ of its own, so they still step
+    // (after a click on "frames with images only" the focus stays on it). Space keeps toggling a checkbox.
+    const t = e.target, input = t.tagName === "INPUT" ? t.type : null;
+    if (t.isContentEditable || t.tagName === "TEXTAREA" || (input && input !== "range" && input !== "checkbox")) return;
     if (e.key === "ArrowLeft") { step(-1); e.preventDefault(); }
     if (e.key === "ArrowRight") { step(1); e.preventDefault(); }
-    if (e.key === " ") { togglePlay(); e.preventDefault(); }
+    if (e.key === " " && input !== "checkbox") { togglePlay(); e.preventDefault(); }
   });
   const rate = videoRate(m);
   if (rate) {
@@ -339,13 +342,16 @@ function seek(pos) {
   updateMarkers();
 }
 
+// One frame on (delta 1) or back (-1), wrapping at either end so that playback loops. With "frames with images
+// only" the wrap happens inside the search, so it can never stop on an image-less frame at either end.
 function step(delta) {
-  const imagesOnly = $("#images-only").checked;
+  const n = state.frames.length, imagesOnly = $("#images-only").checked;
   let pos = state.pos;
-  do { pos += delta; } while (imagesOnly && pos > 0 && pos < state.frames.length - 1 && !Object.keys(state.frames[pos].images).length);
-  if (pos >= state.frames.length) pos = 0;           // playback loops
-  if (pos < 0) pos = state.frames.length - 1;
-  seek(pos);
+  for (let i = 0; i < n; i++) {
+    pos = (pos + delta + n) % n;
+    if (!imagesOnly || Object.keys(state.frames[pos].images).length) { seek(pos); return; }
+  }
+  seek((state.pos + delta + n) % n);   // no frame has images: the option cannot apply, step as without it
 }
 
 function togglePlay() {

@@ -1,0 +1,23 @@
+"""The viewer's command line: arguments it cannot use end in one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.debug_fixture import write_dump
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_port_out_of_range_gives_one_clear_error(tmp_path, port):
+    d = tmp_path / "d"
+    write_dump(d, n=1, max_side=32)
+    cli = subprocess.run([sys.executable, "-m", "pipeline.viewer", str(d), "--no-browser", "--port", port],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and cli.stdout == "", cli.stderr
+    assert cli.stderr.startswith("error: ") and "0-65535" in cli.stderr and port in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1 and "Traceback" not in cli.stderr
