@@ -62,8 +62,9 @@ def load_file(path: str | Path, expected_format: str) -> dict:
         raise StyleError(f"file not found: {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: one line, not a pickle traceback
-        raise StyleError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    except Exception:  # noqa: BLE001 - corrupt or foreign: torch's own message (a KeyError: 101, a page of advice on
+        # weights_only) says nothing useful to someone who passed the wrong file
+        raise StyleError(f"{path} is not a file of format {expected_format} (not a PyTorch file of tensors)") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise StyleError(f"{path} is not a {expected_format} file (format: {found!r})")

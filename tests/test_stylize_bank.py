@@ -48,8 +48,12 @@ def test_missing_bank_says_how_to_import(tmp_path, monkeypatch):
     with pytest.raises(StyleError, match="python -m stylize.import_onnx"):
         StyleBank.load()
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(StyleError, match="cannot read"):
-        StyleBank.load(tmp_path / "junk.pt")
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    torch.save({"weights": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module: not tensors only
+    for junk in ("junk.pt", "photo.png", "module.pt"):  # torch's messages: 'KeyError: 101', a page on weights_only
+        message = rf"^{tmp_path / junk} is not a file of format instyle-stylebank-v1 \(not a"
+        with pytest.raises(StyleError, match=message):
+            StyleBank.load(tmp_path / junk)
 
 
 def test_round_trip_loads_weights_only(bank, tmp_path):
