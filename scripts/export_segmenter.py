@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except SegmentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only or missing folder, a folder as the output...
+        print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
+        return 2
     size_mb = args.out.stat().st_size / 2**20
     print(f"{args.out}: {size_mb:.1f} MB, {len(model.class_names) - 1} classes ({', '.join(model.class_names[1:])})")
     return 0

@@ -3,7 +3,7 @@
     python scripts/make_synthetic_dataset.py --out data/synthetic --train 2000 --val 200 --size 256 --seed 0
 
 Result: OUT/train/*.jpg, OUT/val/*.jpg, OUT/annotations/instances_{train,val}.json. Each split is replaced
-atomically; the same arguments always give the same files.
+atomically, and only where this script wrote it; the same arguments always give the same files.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from segment.data.errors import DatasetError
-from segment.data.synthetic import CLASS_NAMES, write_coco_split
+from segment.data.synthetic import CLASS_NAMES, check_replaceable, write_coco_split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"shape classes to use (default all: {' '.join(CLASS_NAMES)})")
     parser.add_argument("--max-objects", type=int, default=6, help="most objects per image")
     args = parser.parse_args(argv)
+    splits = (("train", args.train), ("val", args.val))
     try:
-        for split, count in (("train", args.train), ("val", args.val)):
+        for split, _ in splits:  # before minutes of generation, and before train replaces anything
+            check_replaceable(args.out, split)
+        for split, count in splits:
             path = write_coco_split(args.out, split, count, args.size, args.seed, classes=args.classes,
                                     max_objects=args.max_objects)
             coco = json.loads(path.read_text())

@@ -5,7 +5,7 @@ Nothing is downloaded: every loader takes a local path and says which file to pa
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +99,27 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
         "class_names": list(model.config.class_names),
         "model": {k: _stored(v, weights_dtype) for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = _new_file_beside(path)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _new_file_beside(path: Path) -> tuple[int, Path]:
+    """A new temp file in `path`'s folder, open for writing. Created with mode 0666 so that the umask gives it
+    the permissions of any other new file (mkstemp's 0600 hid checkpoints from the rest of a team), and with
+    O_EXCL so that it never opens someone else's file."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

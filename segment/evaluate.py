@@ -115,11 +115,13 @@ def evaluate(
     """Runs `model.predict` on the dataset's images at their file resolution (the dataset's own transforms are
     not used) and scores them with COCOeval. Labels map to category ids by `label_to_category_id`, else by
     `category_map(model.class_names, dataset)`. Returns {"bbox_AP", "bbox_AP50", ..., "segm_AP", ...}."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if count < 1:  # COCOeval would score nothing as zeros, which reads like a result
+        raise DatasetError(f"no images to evaluate ({len(dataset)} in the dataset, max_images={max_images})")
     if device is not None:
         model = model.to(device)
     if label_to_category_id is None:
         label_to_category_id = category_map(model.class_names, dataset)
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
     loader = torch.utils.data.DataLoader(
         _Images(dataset), batch_size=batch_size, sampler=range(count), num_workers=num_workers,
         collate_fn=_unzip,
@@ -166,6 +168,34 @@ def format_table(stats: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _at_least(minimum: int):
+    """argparse type: a whole number >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: auto, cpu, cuda or cuda:N of a GPU this machine has (CUDA's absence is resolve_device's)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"this machine has {torch.cuda.device_count()} CUDA device(s), no {text}")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from segment.config import PRECISIONS
 
@@ -173,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="our segmenter checkpoint or a torchvision state_dict")
     parser.add_argument("--images", required=True, help="folder of the dataset's images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON file")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=_at_least(1), default=4)
+    parser.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--max-images", type=_at_least(1), default=None, help="evaluate only the first N images")
+    parser.add_argument("--num-workers", type=_at_least(0), default=2)
     parser.add_argument("--score-threshold", type=float, default=None, help="override the checkpoint's threshold")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="override the checkpoint's inference precision (auto: bf16 where the device has it natively)")

@@ -234,3 +234,51 @@ def test_collate_keeps_sizes(tiny_coco):
     images, targets = collate([dataset[0], dataset[1]])
     assert [tuple(i.shape) for i in images] == [(3, 40, 60), (3, 60, 40)]
     assert [t["image_id"] for t in targets] == [1, 2]
+
+
+def _rewrite(ann_file, edit) -> None:
+    coco = json.loads(ann_file.read_text())
+    edit(coco)
+    ann_file.write_text(json.dumps(coco))
+
+
+@pytest.mark.parametrize("section, entry, key", [("annotations", 2, "bbox"), ("annotations", 5, "area"),
+                                                 ("annotations", 3, "segmentation"), ("images", 2, "height")])
+def test_malformed_entries_are_named_on_load(tiny_coco, section, entry, key):
+    """Found on load, before training or evaluation reads the entry (they were KeyError tracebacks then)."""
+    images_dir, ann_file = tiny_coco
+    _rewrite(ann_file, lambda coco: next(e for e in coco[section] if e["id"] == entry).pop(key))
+    kind = section[:-1]
+    with pytest.raises(DatasetError, match=rf"instances.json: {kind} {entry} has no '{key}'$") as error:
+        CocoDetection(images_dir, ann_file)
+    assert "\n" not in str(error.value)
+
+
+def test_empty_files_and_selections_say_what_is_missing(tiny_coco, tmp_path):
+    """Each of these became 'the training set has 0 images, fewer than the 1 processes' in training."""
+    images_dir, ann_file = tiny_coco
+    with pytest.raises(DatasetError, match=r"category_ids is an empty list: .* list at least one of \[3, 7, 12\]"):
+        CocoDetection(images_dir, ann_file, category_ids=[])
+    _rewrite(ann_file, lambda coco: coco["categories"].append({"id": 20, "name": "unused"}))
+    with pytest.raises(DatasetError, match="none of the 2 images of .*instances.json has an annotation"):
+        CocoDetection(images_dir, ann_file, category_ids=[20], drop_empty=True)
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(DatasetError, match="empty.json has no images"):
+        CocoDetection(images_dir, empty)
+    _rewrite(ann_file, lambda coco: coco.pop("categories"))
+    with pytest.raises(DatasetError, match="instances.json has no categories"):
+        CocoDetection(images_dir, ann_file)
+
+
+def test_error_in_a_loader_worker_keeps_its_one_line_message(tiny_coco):
+    """DataLoader re-raises a worker's error around the worker's whole traceback; training and evaluation print
+    the message, which was then 17 lines long."""
+    images_dir, ann_file = tiny_coco
+    (images_dir / "b.png").unlink()
+    loader = torch.utils.data.DataLoader(CocoDetection(images_dir, ann_file), batch_size=2, num_workers=1,
+                                         collate_fn=collate)
+    with pytest.raises(DatasetError) as error:
+        next(iter(loader))
+    assert str(error.value) == f"image file not found: {images_dir / 'b.png'}"
+    assert "Traceback" in error.value.worker_traceback

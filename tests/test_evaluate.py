@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from segment.data import CocoDetection
+from segment.data import CocoDetection, DatasetError
 from segment.data.synthetic import CLASS_NAMES, write_coco_split
 from segment.evaluate import STAT_NAMES, category_map, coco_eval, evaluate, main, to_coco_results
 from segment.structures import Instances
@@ -177,3 +177,39 @@ def test_cli_precision_overrides_the_checkpoints(dataset, tmp_path, monkeypatch)
     for extra in ([], ["--precision", "bf16"], ["--precision", "auto"]):
         assert main([*args, *extra]) == 0
     assert seen == ["fp32", "bf16", "auto"]  # the tiny checkpoint was saved with the config default, fp32
+
+
+@pytest.mark.parametrize("setting", [["--max-images", "0"], ["--max-images", "-1"], ["--batch-size", "0"],
+                                     ["--num-workers", "-1"], ["--device", "tpu"], ["--device", "cpu:x"]])
+def test_cli_refuses_bad_settings_before_loading(setting, tmp_path, capsys):
+    """Zero images printed a table of zeros and exited 0; the others were tracebacks."""
+    args = ["--checkpoint", str(tmp_path / "unused.pt"), "--images", str(tmp_path), "--annotations",
+            str(tmp_path / "unused.json"), *setting]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert f"argument {setting[0]}: " in capsys.readouterr().err
+
+
+def test_cli_nothing_to_evaluate_and_worker_errors_are_one_line(dataset, tmp_path, capsys):
+    import json
+    import shutil
+
+    checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    images = tmp_path / "images"
+    shutil.copytree(dataset.image_dir, images)
+    args = ["--checkpoint", str(checkpoint), "--images", str(images), "--device", "cpu", "--max-images", "2"]
+    no_images = tmp_path / "no_images.json"
+    no_images.write_text(json.dumps({k: v for k, v in dataset.coco.dataset.items() if k != "images"}))
+    assert main([*args, "--annotations", str(no_images)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "has no images" in err and "\n" not in err
+
+    # raised in a DataLoader worker, which wraps it in the worker's whole traceback
+    (images / dataset.coco.imgs[dataset.image_ids[1]]["file_name"]).unlink()
+    assert main([*args, "--annotations", str(dataset.annotation_file), "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()  # the progress bar's lines, then the error
+    assert err.splitlines()[-1].startswith("error: image file not found: ") and "Traceback" not in err
+
+    with pytest.raises(DatasetError, match="no images to evaluate"):
+        evaluate(_Oracle(dataset, ["__background__", *dataset.class_names]), dataset, max_images=0, progress=False)

@@ -155,3 +155,33 @@ def test_loaded_model_is_whole_and_trains_like_a_built_one(tmp_path):
     for name, value in built.state_dict().items():
         want = torch.zeros_like(value) if name.endswith("num_batches_tracked") else value
         assert torch.equal(loaded.state_dict()[name], want), name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_saved_files_follow_the_umask(tmp_path, small_model, umask):
+    """They were 0600 (mkstemp's mode) whatever the umask: a team's shared run folder could not read them."""
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(small_model, tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_export_into_an_unwritable_place_is_one_line(tmp_path, small_model, capsys):
+    from scripts.export_segmenter import main
+
+    source = save_checkpoint(small_model, tmp_path / "source.pt")
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    targets = [tmp_path / "a_file" / "model.pt", tmp_path / "a_folder"]
+    if os.geteuid() != 0:  # root writes into a read-only folder all the same
+        targets.append(read_only / "model.pt")
+    for target in targets:
+        assert main([str(source), str(target)]) == 2, target
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: cannot write {target}: ") and "\n" not in err
+    assert sorted(p.name for p in (tmp_path / "a_folder").iterdir()) == [] and not any(read_only.iterdir())

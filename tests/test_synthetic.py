@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segment.data import CocoDetection, DatasetError, build_dataloader, build_dataset
@@ -38,7 +37,7 @@ def test_generation_is_deterministic(split, tmp_path):
     assert other.read_bytes() != ann_file.read_bytes()
     # regenerating a split replaces it and leaves no temp folders behind
     syn.write_coco_split(tmp_path / "again", "train", 5, size=96, seed=3, progress=False)
-    assert len(list((tmp_path / "again" / "train").iterdir())) == 5
+    assert len(list((tmp_path / "again" / "train").glob("*.jpg"))) == 5
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["annotations", "train"]
 
 
@@ -140,3 +139,49 @@ def test_data_config_generates_on_first_use_and_loads(tmp_path):
     assert [len(images) for images, _ in val_loader] == [2, 1]
     with pytest.raises(DatasetError, match="unknown data split 'test'"):
         build_dataset(cfg, "test")
+
+
+def _synthetic_cfg(root: Path):
+    cfg = OmegaConf.load(CONF)
+    cfg.root = str(root)
+    cfg.generate_if_missing.update(n_train=2, n_val=2, size=32)
+    return cfg
+
+
+def test_generation_never_replaces_files_it_did_not_write(tmp_path):
+    """A split folder of the user's (no annotation file yet) was moved aside and deleted by generation."""
+    root = tmp_path / "mine"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "my_photo.jpg").write_bytes(b"precious")
+    with pytest.raises(DatasetError, match=r"mine/train exists and was not written by .*: refusing") as error:
+        build_dataset(_synthetic_cfg(root), "train")
+    assert "\n" not in str(error.value)
+    assert (root / "train" / "my_photo.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in root.iterdir()) == ["train"]  # no annotations folder or temp folder left
+
+    # an annotation file of the user's under the generated name is not replaced either
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val.json").write_text("{}")
+    with pytest.raises(DatasetError, match="instances_val.json exists and was not written by"):
+        syn.write_coco_split(root, "val", 2, size=32, progress=False)
+    assert (root / "annotations" / "instances_val.json").read_text() == "{}" and not (root / "val").exists()
+
+    # a split it wrote is replaced, unless the user has put files of their own in it since
+    syn.write_coco_split(tmp_path / "ours", "train", 2, size=32, progress=False)
+    syn.write_coco_split(tmp_path / "ours", "train", 3, size=32, progress=False)
+    assert len(list((tmp_path / "ours" / "train").glob("*.jpg"))) == 3
+    (tmp_path / "ours" / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match=r"ours/train holds notes.txt, which the synthetic generator did not write"):
+        syn.write_coco_split(tmp_path / "ours", "train", 2, size=32, progress=False)
+    assert len(list((tmp_path / "ours" / "train").glob("*.jpg"))) == 3
+
+
+def test_script_checks_both_splits_before_writing(tmp_path, capsys):
+    from scripts.make_synthetic_dataset import main
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "keep.png").write_bytes(b"x")
+    assert main(["--out", str(tmp_path), "--train", "2", "--val", "2", "--size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "val exists" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]  # train was not generated either

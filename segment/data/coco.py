@@ -25,18 +25,56 @@ Target = dict[str, object]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
 
 
+# every key that loading, training or COCOeval reads: a missing one was a KeyError deep in training or evaluation
+REQUIRED_KEYS = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "category_id", "segmentation", "area", "bbox"),
+    "categories": ("id", "name"),
+}
+ENTRY_NAMES = {"images": "image", "annotations": "annotation", "categories": "category"}
+
+
 def load_coco(annotation_file: str | os.PathLike) -> COCO:
-    """pycocotools COCO object, without its progress prints; a one-line DatasetError for a missing / broken file."""
+    """pycocotools COCO object, without its progress prints; a one-line DatasetError for a missing, broken or
+    malformed file (naming the entry and the key it lacks)."""
     path = Path(annotation_file)
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
+        with path.open("rb") as file:
+            dataset = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path} is not valid JSON ({e})") from None
-    except (KeyError, TypeError, AssertionError) as e:
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} ({e.strerror or e})") from None
+    check_entries(path, dataset)
+    coco = COCO()  # given no file, it neither reads nor prints
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except TypeError as e:  # e.g. an id that is a list
         raise DatasetError(f"{path} is not a COCO instances file (problem with {e!r})") from None
+    return coco
+
+
+def check_entries(path: Path, dataset: object) -> None:
+    """Each image, annotation and category of a COCO file has the keys REQUIRED_KEYS lists."""
+    if not isinstance(dataset, dict):
+        raise DatasetError(f"{path} is not a COCO instances file (its JSON is not an object)")
+    for section, keys in REQUIRED_KEYS.items():
+        entries = dataset.get(section, [])
+        if not isinstance(entries, list):
+            raise DatasetError(f"{path}: {section!r} is not a list")
+        required = set(keys)
+        for index, entry in enumerate(entries):
+            if isinstance(entry, dict) and entry.keys() >= required:
+                continue
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: {section} entry number {index + 1} is not a JSON object")
+            name = f"{ENTRY_NAMES[section]} {entry['id']}" if "id" in entry else f"{section} entry number {index + 1}"
+            missing = ", ".join(repr(k) for k in keys if k not in entry)
+            raise DatasetError(f"{path}: {name} has no {missing}")
 
 
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
@@ -75,9 +113,17 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file = Path(annotation_file)
         self.coco = load_coco(annotation_file)
         self.transforms = transforms
+        # what is missing, said here: an empty set reached training as "0 images, fewer than the 1 processes"
+        if not self.coco.imgs:
+            raise DatasetError(f"{annotation_file} has no images")
         known = sorted(self.coco.cats)
+        if not known:
+            raise DatasetError(f"{annotation_file} has no categories")
         if category_ids is None:
             category_ids = known
+        if len(category_ids) == 0:
+            raise DatasetError(f"category_ids is an empty list: leave it null for every category of {annotation_file} "
+                               f"or list at least one of {known}")
         unknown = sorted(set(category_ids) - set(known))
         if unknown:
             raise DatasetError(f"{annotation_file} has no categories with ids {unknown} (it has {known})")
@@ -88,6 +134,9 @@ class CocoDetection(torch.utils.data.Dataset):
         image_ids = sorted(self.coco.imgs)
         if drop_empty:
             image_ids = [i for i in image_ids if any(self._is_target(a) for a in self.coco.imgToAnns.get(i, []))]
+            if not image_ids:
+                raise DatasetError(f"none of the {len(self.coco.imgs)} images of {annotation_file} has an annotation "
+                                   f"(not a crowd) of the categories used, {self.category_ids}")
         self.image_ids = image_ids
 
     def __len__(self) -> int:

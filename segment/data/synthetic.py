@@ -5,13 +5,15 @@ CLASS_NAMES, rasterised from its geometry (centre, size, angle), filled with a c
 photo and outlined so it stands out. Objects are painted in list order (later ones on top); each mask is the
 object's *visible* part, so masks never overlap. Everything is deterministic given the seed.
 
-`write_coco_split` writes a COCO instances file (compressed RLE masks) plus JPEG images, atomically.
+`write_coco_split` writes a COCO instances file (compressed RLE masks) plus JPEG images, atomically, and replaces
+only a split it wrote itself (`check_replaceable`).
 """
 from __future__ import annotations
 
 import colorsys
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -40,6 +42,12 @@ TEXTURE_SIZE = 128
 TEXTURES_PER_PHOTO = 4
 RING_INNER = 0.55   # inner / outer radius
 STAR_INNER = 0.45   # inner / outer radius of the 5-pointed star
+# What tells a split of ours from a user's folder, which regenerating must never delete: a marker file in the split
+# folder, beside nothing but our NNNNNN.jpg images (splits from before the marker: an annotation file of ours).
+MARKER = ".instyle-synthetic"
+IMAGE_NAME = re.compile(r"\d{6}\.jpg")
+DESCRIPTION = "instyle synthetic shapes"
+ANNOTATION_HEAD = json.dumps({"info": {"description": DESCRIPTION}})[:-2].encode()  # how our JSON files begin
 
 
 @dataclass
@@ -238,7 +246,8 @@ def write_coco_split(
 ) -> Path:
     """Writes out_dir/<split>/NNNNNN.jpg and out_dir/annotations/instances_<split>.json (COCO, compressed RLE,
     category id k = CLASS_NAMES[k-1]) and returns the annotation path. Both land by rename, the JSON last, so a
-    half-written split is never visible. Image i of a split depends only on (seed, split, i)."""
+    half-written split is never visible. Image i of a split depends only on (seed, split, i). A split folder or
+    annotation file it did not write is never replaced (`check_replaceable`: DatasetError)."""
     classes = list(classes) if classes else list(CLASS_NAMES)
     unknown = [c for c in classes if c not in CLASS_NAMES]
     if unknown:
@@ -248,12 +257,15 @@ def write_coco_split(
                            f"(got {n_images}, {size}, {max_objects})")
     labels = sorted(CLASS_NAMES.index(c) + 1 for c in set(classes))
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, split)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     textures, backgrounds = load_textures(seed), load_backgrounds()
     split_key = zlib.crc32(split.encode())
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=out_dir))
     try:
         (tmp / "images").mkdir()
+        (tmp / "images" / MARKER).write_text("written by segment.data.synthetic, which replaces this folder when it "
+                                             "regenerates the split: keep nothing else here\n")
         images, annotations = [], []
         for i in tqdm(range(n_images), desc=f"synthetic {split}", disable=not progress):
             rng = np.random.default_rng([seed, split_key, i])
@@ -264,7 +276,7 @@ def write_coco_split(
             for obj, mask in zip(objects, masks):
                 annotations.append(_annotation(len(annotations) + 1, i + 1, obj.label, mask))
         coco = {
-            "info": {"description": "instyle synthetic shapes", "split": split, "seed": seed, "size": size},
+            "info": {"description": DESCRIPTION, "split": split, "seed": seed, "size": size},
             "images": images,
             "annotations": annotations,
             "categories": [{"id": k, "name": CLASS_NAMES[k - 1], "supercategory": "shape"} for k in labels],
@@ -279,6 +291,33 @@ def write_coco_split(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return annotation_file
+
+
+def check_replaceable(out_dir: str | os.PathLike, split: str) -> None:
+    """A DatasetError unless writing `split` into out_dir replaces only what this generator wrote: no split folder
+    and annotation file yet, or ours (see MARKER) with nothing of the user's added."""
+    out_dir = Path(out_dir)
+    folder, annotation_file = out_dir / split, out_dir / "annotations" / f"instances_{split}.json"
+    refusal = "refusing to replace it (move it away or generate into another folder)"
+    our_annotations = annotation_file.is_file() and _begins_with(annotation_file, ANNOTATION_HEAD)
+    if annotation_file.exists() and not our_annotations:
+        raise DatasetError(f"{annotation_file} exists and was not written by the synthetic generator: {refusal}")
+    if not folder.exists():
+        return
+    if not folder.is_dir() or not ((folder / MARKER).is_file() or our_annotations):
+        raise DatasetError(f"{folder} exists and was not written by the synthetic generator: {refusal}")
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name != MARKER and not (IMAGE_NAME.fullmatch(p.name) and p.is_file()))
+    if foreign:
+        raise DatasetError(f"{folder} holds {foreign[0]}, which the synthetic generator did not write: {refusal}")
+
+
+def _begins_with(path: Path, head: bytes) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(len(head)) == head
+    except OSError:  # unreadable: not known to be ours
+        return False
 
 
 def _annotation(ann_id: int, image_id: int, label: int, mask: np.ndarray) -> dict:
