@@ -40,7 +40,7 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
 
 
-def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike) -> MaskRCNN:
+def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike, what: str = "") -> MaskRCNN:
     own = model.state_dict()
     # BatchNorm bookkeeping that FrozenBatchNorm has no use for is tolerated (FrozenBatchNorm drops it itself)
     ignorable = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
@@ -55,7 +55,8 @@ def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike) ->
             f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
         ]
-        raise CheckpointError(f"{path} does not fit the {model.config.backbone} model: {'; '.join(parts)}")
+        what = what or f"the {model.config.backbone} model"
+        raise CheckpointError(f"{path} does not fit {what}: {'; '.join(parts)}")
     # every tensor of the model comes from the file (as the model's dtype: fp16 files are cast back), but for
     # BatchNorm's step counter, which older files may lack
     tensors = {k: state_dict[k].to(v.dtype) if k in state_dict else torch.zeros(v.shape, dtype=v.dtype)
@@ -78,7 +79,10 @@ def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> Ma
     state = _read(path)
     if not _is_state_dict(state):
         raise CheckpointError(f"{path} is not a torchvision Mask R-CNN state_dict (expected a dict of tensors)")
-    return _load_weights(_empty_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides})), state, path)
+    model = _empty_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides}))
+    # a bare state_dict says nothing of its model: it is read as torchvision's, and a mismatch should say so
+    return _load_weights(model, state, path, "torchvision's maskrcnn_resnet50_fpn, as which a file of bare weights "
+                                            "is read (our own checkpoints carry their config)")
 
 
 def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None,
