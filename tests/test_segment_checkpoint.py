@@ -71,9 +71,9 @@ def test_mismatched_keys_and_shapes_are_listed(tmp_path, small_model):
     assert "missing roi_heads.mask_head.0.0.weight" in message
     assert "unexpected rpn.head.extra.weight" in message
     assert "roi_heads.box_predictor.cls_score.bias (7,) vs model (3,)" in message
-    # bare weights are read as torchvision's R50 model: the message says so (it named resnet50 while the user
-    # trained a resnet18, with no reason given)
-    assert "does not fit torchvision's maskrcnn_resnet50_fpn, as which a file of bare weights is read" in message
+    # bare weights carry no config: the message says what they were read into and why (it named resnet50 to a
+    # user training a resnet18, with no reason given)
+    assert "does not fit the resnet18 model it was read into (a file of bare weights carries no config" in message
 
 
 def test_torchvision_file_for_a_different_class_count(tmp_path):
