@@ -80,9 +80,9 @@ def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> Ma
     if not _is_state_dict(state):
         raise CheckpointError(f"{path} is not a torchvision Mask R-CNN state_dict (expected a dict of tensors)")
     model = _empty_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides}))
-    return _load_weights(model, state, path, f"the {model.config.backbone} model it was read into (a file of bare "
-                                            "weights carries no config: torchvision's R50 unless segment settings say "
-                                            "otherwise)")
+    what = (f"the {model.config.backbone} model it was read into (a file of bare weights carries no config: "
+            "torchvision's R50 unless segment settings say otherwise)")
+    return _load_weights(model, state, path, what)
 
 
 def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None,
