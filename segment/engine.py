@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -64,6 +65,41 @@ class TrainSettings:
 
 def _due(iteration: int, every: int) -> bool:
     return every > 0 and iteration % every == 0
+
+
+def _fixed_settings(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run settings a checkpoint's optimizer and scheduler state hold (learning rate, momentum, decay, warm-up,
+    steps; the batch size the learning rate was scaled for), by dotted key. max_iters is not among them: running
+    a stopped training further is what resume is for."""
+    flat = {f"schedule.{key}": value for key, value in (run_config.get("schedule") or {}).items()}
+    flat.pop("schedule.max_iters", None)
+    if "batch_size" in run_config:
+        flat["batch_size"] = run_config["batch_size"]
+    return flat
+
+
+def changed_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each `_fixed_settings` key that a resume would change (of those both runs record), as "key old -> new"."""
+    before, after = _fixed_settings(saved), _fixed_settings(current)
+    return [f"{key} {before[key]} -> {after[key]}" for key in sorted(before.keys() & after.keys())
+            if before[key] != after[key]]
+
+
+def _drop_metrics_after(path: Path, iteration: int) -> None:
+    """Cuts metrics.jsonl back to `iteration`: a run resumed from there logs the iterations after it again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run was killed
+            continue
+        if isinstance(entry, dict) and entry.get("iter", 0) <= iteration:
+            kept.append(line + "\n")
+    part = path.with_name(f".{path.name}.tmp")
+    part.write_text("".join(kept), encoding="utf-8")
+    os.replace(part, path)
 
 
 # ---- RNG state as tensors and plain values (weights_only-loadable) ----
@@ -197,10 +233,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                     window_sum, window_iters, window_start = None, 0, time.perf_counter()
                 paused = time.perf_counter()
-                if _due(self.iteration, s.eval_every) or (last and s.eval_every > 0):
-                    self.evaluate()
+                # saving first: an evaluation that fails must not take the checkpoint due with it
                 if _due(self.iteration, s.checkpoint_every) or last:
                     self.save(s.output_dir / LAST)
+                if _due(self.iteration, s.eval_every) or (last and s.eval_every > 0):
+                    self.evaluate()
                 window_start += time.perf_counter() - paused  # evaluating and saving are not training throughput
         finally:
             bar.close()
@@ -275,7 +312,8 @@ class Trainer:
         save_checkpoint(self.model, path, extra={"iteration": self.iteration, "training_state": training_state})
 
     def resume(self, path: Path) -> None:
-        """Restores weights, optimizer, scheduler, scaler, RNGs, iteration and data position from `last.pt`."""
+        """Restores weights, optimizer, scheduler, scaler, RNGs, iteration and data position from `last.pt`, once it
+        is known to fit this run (architecture, schedule, batch size), and cuts metrics.jsonl back to its iteration."""
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, ValueError) as e:
@@ -287,12 +325,19 @@ class Trainer:
             raise TrainingError(f"{path} was trained with other segment settings ({', '.join(changed)}); "
                                 "resume with the same segment config or use another output_dir")
         state = checkpoint["training_state"]
+        changed = changed_run_settings(state.get("run_config") or {}, self.run_config)
+        if changed:
+            raise TrainingError(f"{path} was trained with other settings ({'; '.join(changed)}); its optimizer and "
+                                "schedule would carry on as they were: resume with the same ones or use another "
+                                "output_dir")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
         self.iteration = int(state["iteration"])
+        if self.info.is_main:
+            _drop_metrics_after(self.settings.output_dir / METRICS, self.iteration)
         if state["world_size"] == self.info.world_size:
             set_rng_state(state["rng"][self.info.rank], self.device)
         else:  # a different process count cannot replay the same sampling; keep going reproducibly anyway

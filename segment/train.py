@@ -2,37 +2,135 @@
 
 Several GPUs (or CPU processes): `torchrun --nproc_per_node=N -m segment.train ...`; batch_size is per process
 and the learning rate follows the images per iteration over all processes (see segment/optim.py).
-Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt.
+Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt
+(with the same schedule and batch size), `overwrite=true` first removes those files of an earlier run.
+Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segment.checkpoint import load_checkpoint
 from segment.config import SegmenterConfig
 from segment.distributed import DistInfo, barrier, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
-from segment.errors import CheckpointError, SegmentError
+from segment.errors import CheckpointError, ConfigError, SegmentError
 from segment.loader import BatchStream
 from segment.model import MaskRCNN, build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 
 # keys of the shared `segment` group that belong to the render app, not to the architecture
 _RENDER_KEYS = ("checkpoint", "device")
+CONFIG = "config.yaml"
+RUN_FILES = (LAST, FINAL, METRICS, CONFIG)  # what a run writes into output_dir (and overwrite=true removes)
+
+
+# ---- settings, checked before anything is built ----
+
+def _whole(cfg: DictConfig, key: str, low: float = -math.inf, *, nullable: bool = False) -> None:
+    """A whole number >= low: 1.5, true and text are errors, not rounded or read as 1."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        span = "" if low == -math.inf else f" >= {low}"
+        raise ConfigError(f"{key} must be a whole number{span}{' or null' if nullable else ''}, got {value!r}")
+
+
+def _number(cfg: DictConfig, key: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+            nullable: bool = False) -> None:
+    """A finite number from low (excluded with low_open) to high."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or value < low or value > high or (low_open and value == low):
+        lower = "" if low == -math.inf else f" {'>' if low_open else '>='} {low}"
+        upper = "" if high == math.inf else f" and <= {high}"
+        raise ConfigError(f"{key} must be a number{lower}{upper}{' or null' if nullable else ''}, got {value!r}")
+
+
+def _sizes(cfg: DictConfig, key: str, *, nullable: bool = False) -> None:
+    """An image side in pixels (>= 1), or a list of them (one picked per image)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return
+    sizes = list(value) if isinstance(value, (ListConfig, list)) else [value]
+    if not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ConfigError(f"{key} must be a whole number of pixels >= 1 or a list of them"
+                          f"{' or null' if nullable else ''}, got {value!r}")
+
+
+def _flag(cfg: DictConfig, key: str) -> None:
+    """true or false: `resume=no` is text, which Python would take as true."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def check_settings(cfg: DictConfig) -> TrainSettings:
+    """Every setting's type and range, so that a bad value is one line before any work, not a traceback from
+    torch minutes later; -> the loop's settings."""
+    _whole(cfg, "data.num_workers", 0, nullable=True)  # first: num_workers is ${data.num_workers} unless set itself
+    for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("num_workers", 0),
+                     ("checkpoint_every", -math.inf), ("eval_every", -math.inf), ("seed", -math.inf),
+                     ("schedule.max_iters", 1), ("schedule.warmup_iters", 0)):
+        _whole(cfg, key, low)
+    _whole(cfg, "cpu_threads", 1, nullable=True)
+    for step in range(len(OmegaConf.select(cfg, "schedule.steps") or [])):
+        _whole(cfg, f"schedule.steps.{step}", 0)
+    _number(cfg, "schedule.base_lr", 0, low_open=True)
+    _number(cfg, "schedule.gamma", 0, low_open=True)
+    _number(cfg, "schedule.warmup_factor", 0, 1, low_open=True)
+    for key in ("schedule.momentum", "schedule.weight_decay"):
+        _number(cfg, key, 0)
+    for key in ("schedule.norm_weight_decay", "schedule.bias_weight_decay"):
+        _number(cfg, key, 0, nullable=True)
+    _number(cfg, "clip_grad_norm", nullable=True)
+    _number(cfg, "data.hflip_prob", 0, 1, nullable=True)
+    _sizes(cfg, "data.resize.min_size", nullable=True)
+    _sizes(cfg, "data.resize.max_size", nullable=True)
+    _sizes(cfg, "segment.min_size")
+    _sizes(cfg, "segment.max_size")
+    for key in ("resume", "overwrite"):
+        _flag(cfg, key)
+    return TrainSettings(
+        output_dir=Path(cfg.output_dir), max_iters=int(cfg.schedule.max_iters), amp=str(cfg.amp),
+        clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
+        checkpoint_every=int(cfg.checkpoint_every), eval_every=int(cfg.eval_every),
+    )
+
+
+def check_writable_folder(path: Path) -> None:
+    """Makes output_dir and writes a file in it: a folder that cannot hold the run fails now, in one line, not at
+    the first checkpoint."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir={path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir={path} cannot be written to ({e.strerror or e})") from None
 
 
 def segmenter_config(segment_cfg: Any, class_names: list[str] | None) -> tuple[SegmenterConfig, str | None]:
     """The `segment` group -> (architecture config with the dataset's classes, optional initial-weights path)."""
-    values = OmegaConf.to_container(segment_cfg, resolve=True) if isinstance(segment_cfg, DictConfig) else dict(segment_cfg)
+    values = (OmegaConf.to_container(segment_cfg, resolve=True) if isinstance(segment_cfg, DictConfig)
+              else dict(segment_cfg))
     init_weights = values.get("checkpoint")
     values = {k: v for k, v in values.items() if k not in _RENDER_KEYS}
     if class_names:  # the model predicts the classes of the data it is trained on
@@ -72,7 +170,7 @@ def _batch_sampler_factory(cfg: DictConfig, dataset) -> partial:
     return partial(BatchSampler, batch_size=int(cfg.batch_size), drop_last=True)
 
 
-def build_trainer(cfg: DictConfig, info: DistInfo) -> Trainer:
+def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> Trainer:
     """Everything the loop needs, built from the composed config (model, data stream, optimizer, schedule)."""
     from segment.data import build_dataset, collate
 
@@ -101,11 +199,6 @@ def build_trainer(cfg: DictConfig, info: DistInfo) -> Trainer:
     evaluator = None
     if int(cfg.eval_every) > 0 and info.is_main:
         evaluator = _evaluator(build_dataset(cfg.data, "val"), int(cfg.eval_batch_size))
-    settings = TrainSettings(
-        output_dir=Path(cfg.output_dir), max_iters=int(schedule.max_iters), amp=str(cfg.amp),
-        clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
-        checkpoint_every=int(cfg.checkpoint_every), eval_every=int(cfg.eval_every),
-    )
     return Trainer(model, optimizer, scheduler, stream, settings, info, evaluator=evaluator,
                    run_config=OmegaConf.to_container(cfg, resolve=True), images_per_iteration=images_per_iteration)
 
@@ -113,6 +206,7 @@ def build_trainer(cfg: DictConfig, info: DistInfo) -> Trainer:
 def _check_output_dir(cfg: DictConfig) -> Path | None:
     """-> the checkpoint to resume from, if any; refuses to mix a new run into an old run's folder."""
     out = Path(cfg.output_dir)
+    check_writable_folder(out)
     last = out / LAST
     if cfg.resume:
         return last if last.is_file() else None
@@ -122,31 +216,41 @@ def _check_output_dir(cfg: DictConfig) -> Path | None:
     return None
 
 
+def _remove_previous_run(out: Path) -> None:
+    """A run starting from scratch first removes what an earlier run wrote there (and the temporary files of its
+    atomic writes): a later resume=true would otherwise continue the old run's checkpoint, and its metrics would
+    mix with the new ones."""
+    for name in RUN_FILES:
+        for path in (out / name, *out.glob(f".{name}.*")):
+            path.unlink(missing_ok=True)
+
+
 def train(cfg: DictConfig) -> Path:
     """Runs (or resumes) a training; returns the path of model_final.pt."""
+    settings = check_settings(cfg)
     info = init_distributed(str(cfg.device))
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     try:
         resume_from = _check_output_dir(cfg)
-        trainer = build_trainer(cfg, info)
-        if info.is_main:
-            out = Path(cfg.output_dir)
-            if not cfg.resume:
-                (out / METRICS).unlink(missing_ok=True)
-            OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        out = Path(cfg.output_dir)
+        if resume_from is None and info.is_main:
+            _remove_previous_run(out)
+        trainer = build_trainer(cfg, info, settings)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        if info.is_main:  # the run is settled: its config and banner say what it will do
+            OmegaConf.save(cfg, out / CONFIG, resolve=True)
             print(f"training {trainer.model.config.backbone}/{trainer.model.config.norm} on {info.device} "
                   f"x{info.world_size}: {trainer.images_per_iteration} images/iter, "
                   f"base lr {trainer.scheduler.base_lrs[0]:.4g}, {trainer.settings.max_iters} iterations -> {out}")
-        if resume_from is not None:
-            trainer.resume(resume_from)
-            if info.is_main:
+            if resume_from is not None:
                 print(f"resumed from {resume_from} at iteration {trainer.iteration}, "
                       f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
-        elif cfg.resume and info.is_main:
-            print(f"resume=true but no {LAST} in {cfg.output_dir} yet: starting from scratch")
+            elif cfg.resume:
+                print(f"resume=true but no {LAST} in {out} yet: starting from scratch")
         trainer.fit()
-        return Path(cfg.output_dir) / FINAL
+        return out / FINAL
     finally:
         cleanup(info)
 
@@ -155,15 +259,34 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C
 
 
+def _fail(error: SegmentError) -> NoReturn:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_output_dir_argument(argv: list[str]) -> None:
+    """Hydra makes its run folder, output_dir, before `main` runs: a folder it cannot make (a file's path, a
+    read-only place) would be Hydra's traceback, so an output_dir given on the command line is checked first."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    except OverrideParseException:
+        return  # Hydra says what is wrong with it
+    given = [o.value() for o in overrides if o.key_or_group == "output_dir" and not o.is_delete()]
+    if given and isinstance(given[-1], str) and "${" not in given[-1]:
+        try:
+            check_writable_folder(Path(given[-1]))
+        except ConfigError as error:
+            _fail(error)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         final = train(cfg)
     except SegmentError as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(error)
     except KeyboardInterrupt:
         print(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint",
               file=sys.stderr)
@@ -173,4 +296,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _check_output_dir_argument(sys.argv[1:])
     main()

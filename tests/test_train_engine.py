@@ -3,27 +3,35 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import BatchSampler
 from torchvision.ops import masks_to_boxes
 
+from segment.data import DatasetError, collate
 from segment.data.synthetic import load_backgrounds, load_textures, random_scene
 from segment.engine import LAST, TrainingError, seed_everything
-from segment.errors import ConfigError
+from segment.errors import ConfigError, SegmentError
+from segment.loader import BatchStream
 from segment.model import build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
-from tests.train_fixtures import CLI_OVERRIDES, make_trainer, run_module, synthetic_split, tiny_config, weights
+from segment.train import train
+from tests.train_fixtures import (
+    CLI_OVERRIDES, ROOT, make_trainer, one_thread, run_module, synthetic_split, tiny_config, train_config,  # noqa: F401
+    weights,
+)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are often ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +182,111 @@ def test_cli_trains_writes_and_resumes(tmp_path):
     assert "resumed from" in resumed.stdout
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["iter"] for e in entries if e["type"] == "train"] == [1, 2, 3]
+
+
+def test_dataset_error_in_a_worker_keeps_its_message(tmp_path):
+    """torch re-raises a worker's exception as "Caught DatasetError in DataLoader worker process N." with the
+    worker's traceback; the training loop must still get the one line the dataset said."""
+    dataset = synthetic_split(tmp_path)
+    missing = dataset.image_path(1)
+    missing.unlink()
+    stream = BatchStream(dataset, partial(BatchSampler, batch_size=4, drop_last=True), collate, num_workers=2)
+    with pytest.raises(DatasetError) as caught:
+        next(stream)
+    assert str(caught.value) == f"image file not found: {missing}"
+
+
+BAD_SETTINGS = [
+    ("batch_size=0", "batch_size"), ("batch_size=-2", "batch_size"), ("batch_size=abc", "batch_size"),
+    ("schedule.base_lr=-1", "schedule.base_lr"), ("data.hflip_prob=2", "data.hflip_prob"),
+    ("data.resize.min_size=0", "data.resize.min_size"), ("data.resize.min_size=[64,0]", "data.resize.min_size"),
+    ("segment.min_size=0", "segment.min_size"), ("data.num_workers=-1", "data.num_workers"),
+    ("cpu_threads=-1", "cpu_threads"), ("eval_batch_size=0", "eval_batch_size"),
+    ("schedule.max_iters=0", "schedule.max_iters"), ("amp=fp8", "amp"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, override, key):
+    out = tmp_path / "run"
+    with pytest.raises(SegmentError, match=key) as caught:
+        train(train_config(out, tmp_path / "data", override))
+    assert "\n" not in str(caught.value)
+    assert not out.exists() and not (tmp_path / "data").exists()  # nothing built, generated or written
+
+
+def _unwritable_folders(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    folders = [a_file, a_file / "run", Path("/proc/self/run")]
+    if os.geteuid() != 0:  # root writes into a read-only folder all the same
+        folders.append(read_only)
+    return folders
+
+
+def test_unwritable_output_dir_is_refused_before_anything_runs(tmp_path):
+    for out in _unwritable_folders(tmp_path):
+        with pytest.raises(ConfigError, match="output_dir"):
+            train(train_config(out, tmp_path / "data"))
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_reports_worker_and_output_errors_in_one_line(tmp_path):
+    """Hydra makes output_dir before the app runs, and the data error comes from a DataLoader worker process:
+    both still end in one "error: ..." line and exit status 2."""
+    common = ["-m", "segment.train", "schedule=tiny", *CLI_OVERRIDES]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    done = run_module([*common, f"output_dir={a_file}", f"data.root={tmp_path / 'data'}"])
+    assert done.returncode == 2 and done.stderr.startswith("error: output_dir"), done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1
+
+    missing = synthetic_split(tmp_path / "data").image_path(1)
+    missing.unlink()
+    done = run_module([*common, f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}",
+                       "data.num_workers=2", "batch_size=4"])
+    assert done.returncode == 2 and done.stderr == f"error: image file not found: {missing}\n", done.stderr[-2000:]
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    """Each sample says which process loaded it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return torch.zeros(1), {"pid": os.getpid()}
+
+
+def test_sigterm_from_outside_stops_a_worker_like_ctrl_c():
+    """`kill -TERM -PGID` reaches the workers too: a worker killed by it made the main process raise "DataLoader
+    worker ... is killed by signal" in place of its own interrupt. A worker must end quietly instead."""
+    stream = BatchStream(WorkerPids(), partial(BatchSampler, batch_size=2, drop_last=True), collate, num_workers=2)
+    worker = next(stream)[1][0]["pid"]
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # not from its parent, as a scheduler's signal
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}/stat").is_file() and Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the worker ignored SIGTERM"
+        time.sleep(0.05)
+    time.sleep(0.5)  # torch's SIGCHLD handler raises here if the worker died of the signal
+    del stream
+
+
+def test_sigterm_to_the_process_group_is_a_clean_interrupt(tmp_path):
+    command = [sys.executable, "-m", "segment.train", "schedule=tiny", "schedule.max_iters=1000", *CLI_OVERRIDES,
+               f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.num_workers=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        started = any(line.startswith("iter 3/") for line in process.stdout)  # stops reading there
+        assert started, process.communicate(timeout=60)[1][-2000:]
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "killed by signal" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")

@@ -8,13 +8,16 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import BatchSampler
 
 from segment.config import SegmenterConfig
 from segment.data.coco import CocoDetection
 from segment.data.sampler import collate
 from segment.data.synthetic import CLASS_NAMES, write_coco_split
+from segment.data.transforms import build_transforms
 from segment.engine import Trainer, TrainSettings, seed_everything
 from segment.loader import BatchStream
 from segment.model import build_model
@@ -30,15 +33,16 @@ TINY_MODEL = dict(
 # the same model and a 64-px synthetic data set, as command-line overrides of conf/train.yaml
 CLI_OVERRIDES = [f"segment.{k}={v}".replace(" ", "") for k, v in TINY_MODEL.items()] + [
     "data.generate_if_missing.n_train=4", "data.generate_if_missing.n_val=2", "data.generate_if_missing.size=64",
-    "num_workers=0", "log_every=1", "cpu_threads=1",
+    "data.num_workers=0", "log_every=1", "cpu_threads=1",
 ]
 
 
-def synthetic_split(root: Path, n_images: int = 4, size: int = 64) -> CocoDetection:
+def synthetic_split(root: Path, n_images: int = 4, size: int = 64, hflip_prob: float = 0.0) -> CocoDetection:
+    """The train split under `root` (written on first use); hflip_prob > 0 flips images at random, as training does."""
     annotations = root / "annotations" / "instances_train.json"
     if not annotations.is_file():
         write_coco_split(root, "train", n_images, size=size, seed=0, progress=False)
-    return CocoDetection(root / "train", annotations)
+    return CocoDetection(root / "train", annotations, transforms=build_transforms(True, hflip_prob=hflip_prob))
 
 
 def tiny_config(**overrides) -> SegmenterConfig:
@@ -48,15 +52,30 @@ def tiny_config(**overrides) -> SegmenterConfig:
 
 def make_trainer(dataset, output_dir: Path, max_iters: int, *, lr: float = 0.01, batch_size: int = 2,
                  seed: int = 0, steps=(), warmup_iters: int = 0, config: SegmenterConfig | None = None,
-                 **settings) -> Trainer:
+                 num_workers: int = 0, **settings) -> Trainer:
     seed_everything(seed)
     model = build_model(config or tiny_config())
     optimizer = build_optimizer(model, lr)
     scheduler = WarmupMultiStepLR(optimizer, list(steps), warmup_iters=warmup_iters, warmup_factor=0.1)
-    stream = BatchStream(dataset, partial(BatchSampler, batch_size=batch_size, drop_last=True), collate, seed=seed)
+    stream = BatchStream(dataset, partial(BatchSampler, batch_size=batch_size, drop_last=True), collate, seed=seed,
+                         num_workers=num_workers)
     settings = {"log_every": 1, "checkpoint_every": 0, **settings}
+    # what segment.train records of the run (conf/train.yaml's keys), for resume's checks
+    run_config = {"seed": seed, "batch_size": batch_size, "schedule": {
+        "base_lr": lr, "steps": list(steps), "warmup_iters": warmup_iters, "max_iters": max_iters}}
     return Trainer(model, optimizer, scheduler, stream, TrainSettings(output_dir, max_iters, **settings),
-                   images_per_iteration=batch_size, run_config={"seed": seed})
+                   images_per_iteration=batch_size, run_config=run_config)
+
+
+def train_config(output_dir: Path, data_root: Path, *overrides: str) -> DictConfig:
+    """conf/train.yaml composed as `python -m segment.train` would, with the tiny model and data, for calling
+    `segment.train.train` in-process (no interpreter start-up, unlike `run_module`)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            "schedule=tiny", "device=cpu", f"output_dir={output_dir}", f"data.root={data_root}", *CLI_OVERRIDES,
+            *overrides])
 
 
 def run_module(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -67,3 +86,13 @@ def run_module(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Co
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread (a test module's `pytestmark = pytest.mark.usefixtures("one_thread")`, with this fixture
+    imported): on a shared 2-core machine two threads are often ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,113 @@
+"""Stopping and resuming a training: exact with DataLoader workers, metrics.jsonl without repeats, checkpoints that
+survive a failing evaluation, refused resumes that change nothing, overwrite=true that leaves no old run behind."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from segment.engine import LAST, METRICS, TrainingError
+from segment.train import train
+from tests.train_fixtures import make_trainer, one_thread, synthetic_split, train_config  # noqa: F401
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic_split(root)
+    return root
+
+
+def _iterations(output_dir) -> list[int]:
+    return [json.loads(line)["iter"] for line in (output_dir / METRICS).read_text().splitlines()]
+
+
+def _losses(history) -> list[float]:
+    return [h["loss"] for h in history if h["type"] == "train"]
+
+
+def test_resume_is_exact_with_dataloader_workers(data_root, tmp_path):
+    """Random flips drawn in two worker processes: 6 iterations straight == 2, stop, resume for 4 (3 epochs of 2
+    batches), to the bit."""
+    flipped = synthetic_split(data_root, hflip_prob=0.5)
+    kwargs = dict(lr=0.01, num_workers=2, clip_grad_norm=10.0)
+    expected = _losses(make_trainer(flipped, tmp_path / "straight", 6, **kwargs).fit())
+    make_trainer(flipped, tmp_path / "split", 2, **kwargs).fit()
+    second = make_trainer(flipped, tmp_path / "split", 6, **kwargs)
+    second.resume(tmp_path / "split" / LAST)
+    assert _losses(second.fit()) == expected[2:]
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(data_root, tmp_path):
+    """Interrupted after iteration 6 with last.pt from iteration 4: the resumed run logs 5 and 6 again, once."""
+    first = make_trainer(synthetic_split(data_root), tmp_path, 8, checkpoint_every=4)
+    step = first.train_step
+
+    def interrupted_after_six(*batch):
+        if first.iteration == 6:
+            raise KeyboardInterrupt
+        return step(*batch)
+
+    first.train_step = interrupted_after_six
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert _iterations(tmp_path) == [1, 2, 3, 4, 5, 6]
+    second = make_trainer(synthetic_split(data_root), tmp_path, 8, checkpoint_every=4)
+    second.resume(tmp_path / LAST)
+    second.fit()
+    assert _iterations(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_checkpoint_is_saved_before_a_failing_evaluation(data_root, tmp_path):
+    trainer = make_trainer(synthetic_split(data_root), tmp_path, 6, eval_every=4, checkpoint_every=4)
+
+    def broken_evaluator(model):
+        raise RuntimeError("evaluation failed")
+
+    trainer.evaluator = broken_evaluator
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.fit()
+    assert torch.load(tmp_path / LAST, weights_only=True)["training_state"]["iteration"] == 4
+
+
+@pytest.mark.parametrize("change", [dict(lr=0.02), dict(batch_size=1), dict(steps=[5])])
+def test_resume_refuses_another_schedule_or_batch_size(data_root, tmp_path, change):
+    """The checkpoint's optimizer and scheduler carry the learning rate and its schedule: a resume that asks for
+    others would run with the old ones while its config said otherwise."""
+    make_trainer(synthetic_split(data_root), tmp_path, 1).fit()
+    longer = make_trainer(synthetic_split(data_root), tmp_path, 3)
+    longer.resume(tmp_path / LAST)  # only the number of iterations may change
+    other = make_trainer(synthetic_split(data_root), tmp_path, 3, **change)
+    key = {"lr": "schedule.base_lr", "batch_size": "batch_size", "steps": "schedule.steps"}[next(iter(change))]
+    with pytest.raises(TrainingError, match=key):
+        other.resume(tmp_path / LAST)
+
+
+def test_refused_resume_leaves_config_yaml_alone(data_root, tmp_path):
+    train(train_config(tmp_path, data_root))
+    written = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(TrainingError, match="fpn_channels"):
+        train(train_config(tmp_path, data_root, "resume=true", "segment.fpn_channels=64"))
+    assert (tmp_path / "config.yaml").read_text() == written
+
+
+def test_overwrite_removes_the_previous_run_before_training(data_root, tmp_path, monkeypatch, capsys):
+    """A new run that fails before its first checkpoint must not leave the old run for resume=true to continue."""
+    train(train_config(tmp_path, data_root))
+
+    def failing_step(self, images, targets):
+        raise RuntimeError("step failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("segment.engine.Trainer.train_step", failing_step)
+        with pytest.raises(RuntimeError, match="step failed"):
+            train(train_config(tmp_path, data_root, "overwrite=true"))
+    assert not {LAST, "model_final.pt", METRICS} & {p.name for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    train(train_config(tmp_path, data_root, "resume=true"))
+    assert "starting from scratch" in capsys.readouterr().out
+    assert _iterations(tmp_path) == [1, 2]
