@@ -30,22 +30,13 @@ from pipeline.record import FrameRecord, StylizedRegion
 from segment.roi_masks import RoIMasks, chunks_within
 
 
-def feather(mask: Tensor, feather_px: int) -> Tensor:
-    """(..., h, w) masks in [0, 1] → their edges softened over ±feather_px px (values change only within that
-    chessboard distance of it: the kernel is square).
-
-    The Gaussian's σ is feather_px / 2 and its kernel is cut at ±feather_px; "replicate" borders keep a mask
-    that runs off the frame fully opaque at the frame's edge.
-    """
-    if feather_px <= 0:
-        return mask
-    shape = mask.shape
-    flat = mask.reshape(-1, 1, *shape[-2:])
-    return blur_padded(F.pad(flat, [feather_px] * 4, mode="replicate")[:, 0], feather_px).view(shape)
-
-
 def blur_padded(padded: Tensor, feather_px: int) -> Tensor:
-    """(..., h + 2r, w + 2r) masks already padded by r = feather_px → (..., h, w): `feather`'s separable Gaussian."""
+    """(..., h + 2r, w + 2r) masks already padded by r = feather_px → (..., h, w): their edges softened over
+    ±feather_px px (values change only within that chessboard distance of them: the kernel is square).
+
+    The Gaussian's σ is feather_px / 2 and its kernel is cut at ±feather_px. The padding is the caller's: a
+    replicate pad keeps a mask that runs off the frame fully opaque at the frame's edge.
+    """
     if padded.is_cuda:
         return _separable_by_matmul(padded, _gaussian_kernel(feather_px, padded.device, padded.dtype)[0])
     return _separable_by_shifts(padded, _gaussian_taps(feather_px))
