@@ -62,10 +62,7 @@ class StyleAssigner:
         self.palette = [self._style(s, "style.palette") for s in listed(palette)]
         if policy == "per_instance" and not any(s is not None for s in self.palette):
             raise PipelineConfigError("style.assign=per_instance needs a style.palette with at least one style")
-        if isinstance(palette_memory, bool) or not isinstance(palette_memory, int) or palette_memory < 0:
-            raise PipelineConfigError(f"style.palette_memory must be a whole number of frames >= 0, "
-                                      f"got {palette_memory!r}")
-        self.palette_memory = palette_memory
+        self.palette_memory = whole(palette_memory, "style.palette_memory")
         # The class map is checked against the model only where it is used, so the default config (written for
         # the demo segmenter's classes) still runs per_instance with a COCO model.
         check = self._class if policy == "by_class" else (lambda name, key: str(name))

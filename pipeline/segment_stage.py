@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineConfigError, number
+from pipeline.errors import PipelineConfigError, number, whole
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
@@ -42,8 +42,7 @@ class SegmentStage:
 
     def __init__(self, model, score_threshold: float = 0.5, every: int = 1, scene_cut: float | None = SCENE_CUT):
         number(score_threshold, "segment.score_threshold", 0.0, 1.0)
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise PipelineConfigError(f"segment_every must be a whole number >= 1, got {every!r}")
+        whole(every, "segment_every", 1)
         if scene_cut is not None and (isinstance(scene_cut, bool) or not isinstance(scene_cut, (int, float))
                                       or not 0 <= scene_cut <= 2):
             raise PipelineConfigError(f"scene_cut must be null or a number in [0, 2], got {scene_cut!r}")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from gpu.transfer import row_index
 from pipeline.assign import is_original
-from pipeline.errors import PipelineConfigError, whole
+from pipeline.errors import PipelineConfigError, flag, whole
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from pipeline.style_carry import StyleCarry
@@ -52,9 +52,7 @@ class StylizeStage:
         self.crop_bucket = crop_bucket
         self.background = None if is_original(background) else str(background).strip()
         self.precision = precision
-        if not isinstance(cuda_graphs, bool):
-            raise PipelineConfigError(f"style.cuda_graphs must be true or false, got {cuda_graphs!r}")
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = flag(cuda_graphs, "style.cuda_graphs")
         self.region = region
         if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
             raise PipelineConfigError(f"style.downsample must be a positive integer, got {downsample!r}")
@@ -66,9 +64,7 @@ class StylizeStage:
             raise PipelineConfigError(f"style.max_side must be null or an integer >= {floor} (with margin "
                                       f"{self.margin}), got {max_side!r}")
         self.max_side = max_side
-        if not isinstance(propagate, bool):
-            raise PipelineConfigError(f"style.propagate must be true or false, got {propagate!r}")
-        self.carry = StyleCarry() if propagate else None
+        self.carry = StyleCarry() if flag(propagate, "style.propagate") else None
         self._track_factors: dict[int, tuple[int, int]] = {}  # track id -> (its last factor, the frame it had it on)
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
