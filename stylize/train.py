@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
-from pipeline.errors import OutputError
+from pipeline.errors import RenderError, flag
 from pipeline.outputs import check_output
 from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
 from stylize.content import ContentImages, read_image, resize_shorter
@@ -143,9 +143,9 @@ def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
     without overwrite=true, or its folder cannot be made."""
     default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
                else f"outputs/styles/bank_{len(style_paths)}styles.pt")
-    try:
-        return check_output(cfg.out or default, overwrite=bool(cfg.get("overwrite", False)), suffixes=())
-    except OutputError as exc:
+    try:  # overwrite=no is text, which bool() would take as true
+        return check_output(cfg.out or default, overwrite=flag(cfg.get("overwrite", False), "overwrite"), suffixes=())
+    except RenderError as exc:
         raise StyleError(str(exc)) from None
 
 

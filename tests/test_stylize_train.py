@@ -111,6 +111,7 @@ def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, m
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     cases = [({"out": str(existing)}, "already exists: pass overwrite=true"),
+             ({"out": str(existing), "overwrite": "no"}, "overwrite must be true or false"),
              ({"out": str(tmp_path)}, "is a folder"),
              ({"out": str(blocked / "x.pt")}, "cannot create output folder"),
              ({"log_every": 0}, "log_every=0: must be a whole number >= 1"),
