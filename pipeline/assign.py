@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import PipelineConfigError, check_settings, number, whole
+from common.settings import check_settings, number, whole
+from pipeline.errors import PipelineConfigError
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed

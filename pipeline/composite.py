@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pipeline.errors import check_settings, number, whole
+from common.settings import check_settings, number, whole
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.soft_masks import Frame, SoftMasks

@@ -35,8 +35,6 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import os
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,9 +50,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from common.outputs import AtomicOutput
+from common.settings import whole
 from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, MASK_THRESHOLD, PALETTE,
                                    UNTRACKED, DebugDumpError, track_color)
-from pipeline.errors import whole
 from pipeline.record import FrameRecord
 from segment.roi_masks import RoIMasks
 
@@ -149,14 +148,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicOutput(path, overwrite=True) as temp:
+        temp.write_bytes(data)
 
 
 class DebugDumper:

@@ -18,10 +18,11 @@ from pathlib import Path
 import av
 import torch
 
+from common.settings import check_settings
 from gpu.transfer import to_device
 from pipeline.errors import (
     AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
-    check_settings, ffmpeg_reason,
+    ffmpeg_reason,
 )
 from pipeline.colour import FULL_RANGE, PACKED_420, packed_planes_to_rgb
 from pipeline.record import FrameRecord

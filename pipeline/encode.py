@@ -26,6 +26,7 @@ from pipeline.errors import EncoderError, PipelineConfigError, ffmpeg_reason
 from pipeline.record import FrameRecord
 
 # Encoder settings passed through as codec options when the config sets them.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # the containers an output may be
 _CODEC_OPTIONS = ("crf", "cq", "qp", "preset", "tune", "rc", "profile")
 _AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
 TORCH_YUV_FORMATS = ("yuv420p",)  # what `rgb_to_packed_yuv420` writes; every other format goes through swscale

@@ -27,17 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline.decode import VideoReader
-from pipeline.encode import VideoWriter
-from pipeline.errors import PipelineConfigError, RenderError, check_settings, flag, whole
-from pipeline.outputs import AtomicOutput, check_output
+from pipeline.encode import VIDEO_SUFFIXES, VideoWriter
+from common.device import resolve_device
+from common.errors import UserError, one_line
+from common.outputs import AtomicOutput, check_output
+from common.settings import check_settings, flag, whole
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
 from pipeline.thread_stream import ThreadStream
-from segment.errors import SegmentError
-from stylize.errors import StyleError
 
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
-USER_ERRORS = (RenderError, SegmentError, StyleError)  # expected, user-fixable: one line, exit 2, no traceback
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality", "workers")  # conf/debug
 THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
@@ -67,20 +67,6 @@ class RenderSummary:
                 f"temporal stability {stability} -> {self.output}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise PipelineConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RenderError(f"device={name} asked for, but CUDA is not available here: use device=auto or device=cpu")
-    return device
-
-
 def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], None] | None = None,
            build: Callable[..., ModelStages] | None = None) -> RenderSummary:
     """Renders cfg.input into `output` (already resolved); returns the summary. Raises the project's errors.
@@ -95,7 +81,8 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
         raise PipelineConfigError(f"torch_threads must be auto or a positive integer, got {operator_threads!r}")
     for key in ("batch_size", "queue_size", "segment_every"):
         whole(cfg.get(key, 1), key, 1)
-    target = check_output(output, input=cfg.input, overwrite=flag(cfg.overwrite, "overwrite"))
+    target = check_output(output, input=cfg.input, overwrite=flag(cfg.overwrite, "overwrite"), suffixes=VIDEO_SUFFIXES,
+                          kind="video container")
     dump = dump_dir(cfg, target)
     if dump is not None and dump in (target, Path(str(cfg.input)).expanduser().absolute()):
         raise PipelineConfigError(f"debug.dir {dump} is the {'output' if dump == target else 'input'} file: "
@@ -311,9 +298,8 @@ def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = render(cfg, output_path(cfg))
-    except USER_ERRORS as error:
-        print(f"error: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}",
-              file=sys.stderr)
+    except UserError as error:  # expected, user-fixable: one line, exit 2, no traceback
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted: no output written", file=sys.stderr)

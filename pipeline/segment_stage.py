@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineConfigError, number, whole
+from common.settings import number, whole
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from gpu.transfer import row_index
 from pipeline.assign import is_original
-from pipeline.errors import PipelineConfigError, flag, whole
+from common.settings import flag, whole
+from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from pipeline.style_carry import StyleCarry

@@ -34,7 +34,8 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from gpu.transfer import row_index, to_device
-from pipeline.errors import PipelineConfigError, check_settings, flag, number, whole
+from common.settings import check_settings, flag, number, whole
+from pipeline.errors import PipelineConfigError
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed

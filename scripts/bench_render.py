@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
-from pipeline.render import build_stages, compose_config, render, resolve_device  # noqa: E402
+from common.device import resolve_device  # noqa: E402
+from pipeline.render import build_stages, compose_config, render  # noqa: E402
 from scripts.profiling import operators  # noqa: E402
 from scripts.make_demo_clip import make_clip  # noqa: E402
 

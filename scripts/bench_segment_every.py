@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.decode import VideoReader  # noqa: E402
-from pipeline.render import compose_config, render, resolve_device  # noqa: E402
+from common.device import resolve_device  # noqa: E402
+from pipeline.render import compose_config, render  # noqa: E402
 from pipeline.segment_stage import SegmentStage  # noqa: E402
 from pipeline.track import Tracker, mask_iou  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402

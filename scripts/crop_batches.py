@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
-from pipeline.render import render, resolve_device  # noqa: E402
+from common.device import resolve_device  # noqa: E402
+from pipeline.render import render  # noqa: E402
 from scripts.bench_render import SIZES, clip_config  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402

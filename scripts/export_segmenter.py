@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.errors import UserError  # noqa: E402
 from segment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from segment.errors import SegmentError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.source)
         save_checkpoint(model, args.out, extra={"provenance": args.note or f"exported from {args.source}"},
                         weights_dtype=None if args.fp32 else torch.float16)
-    except SegmentError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only or missing folder, a folder as the output...

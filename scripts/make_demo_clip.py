@@ -24,8 +24,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.errors import RenderError  # noqa: E402
-from pipeline.outputs import AtomicOutput, check_output  # noqa: E402
+from common.errors import OutputError  # noqa: E402
+from common.outputs import AtomicOutput, check_output  # noqa: E402
+from pipeline.encode import VIDEO_SUFFIXES  # noqa: E402
 from segment.data import synthetic  # noqa: E402
 
 AUDIO_RATE = 48000
@@ -112,7 +113,7 @@ def make_clip(out: str | Path, frames: int = 96, size: tuple[int, int] = (256, 2
               audio: bool = False, overwrite: bool = True) -> Path:
     """Writes the demo clip (H.264 yuv420p CRF 18, optional 440 Hz sine track) atomically; returns its path."""
     width, height = size
-    target = check_output(out, overwrite=overwrite)
+    target = check_output(out, overwrite=overwrite, suffixes=VIDEO_SUFFIXES, kind="video container")
     with AtomicOutput(target, overwrite=overwrite) as temp, av.open(str(temp), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames and --fps must be positive")
     try:
         path = make_clip(args.out, args.frames, args.size, args.fps, args.seed, args.audio)
-    except RenderError as error:
+    except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"demo clip: {path} ({args.frames} frames, {args.size[0]}x{args.size[1]}, {args.fps} fps)")

@@ -5,12 +5,13 @@ Nothing is downloaded: every loader takes a local path and says which file to pa
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.device import resolve_device
+from common.outputs import AtomicOutput
 from segment.config import ARCHITECTURE_KEYS, SegmenterConfig
 from segment.errors import CheckpointError
 from segment.model import MaskRCNN, build_model
@@ -103,27 +104,9 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
         "class_names": list(model.config.class_names),
         "model": {k: _stored(v, weights_dtype) for k, v in model.state_dict().items()},
     }
-    fd, tmp = _new_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with AtomicOutput(path, overwrite=True) as temp:
+        torch.save(payload, temp)
     return path
-
-
-def _new_file_beside(path: Path) -> tuple[int, Path]:
-    """A new temp file in `path`'s folder, open for writing. Created with mode 0666 so that the umask gives it
-    the permissions of any other new file (mkstemp's 0600 hid checkpoints from the rest of a team), and with
-    O_EXCL so that it never opens someone else's file."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -149,15 +132,6 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
     raise CheckpointError(f"{path} is neither an {FORMAT} checkpoint nor a Mask R-CNN state_dict")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} requested but CUDA is not available (use segment.device=auto or cpu)")
-    return device
-
-
 def load_segmenter(cfg: Any) -> MaskRCNN:
     """Hydra `segment` group (config fields + `checkpoint` path + `device`: auto | cpu | cuda) -> ready model.
 
@@ -172,7 +146,7 @@ def load_segmenter(cfg: Any) -> MaskRCNN:
         pass
     cfg = dict(cfg)
     path = cfg.pop("checkpoint", None)
-    device = resolve_device(cfg.pop("device", "auto"))
+    device = resolve_device(cfg.pop("device", "auto"), "segment.device")
     if not path:
         hint = TORCHVISION_HINT if cfg.get("backbone", "resnet50") == "resnet50" else "segment.checkpoint=/path/to/segmenter.pt"
         raise CheckpointError(f"no segmenter checkpoint given: pass {hint}")

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from segment.errors import ConfigError
+from common.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,8 @@ class DistInfo:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """auto | cpu | cuda | cuda:N -> device; under torchrun each process takes the GPU of its local rank."""
-    name = str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name} requested but CUDA is not available (use device=auto or cpu)")
-        return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
-    if name != "cpu":
-        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda")
-    return torch.device("cpu")
+    device = resolve_device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:

@@ -1,7 +1,8 @@
 """Errors users can cause (bad files, bad settings); each carries a one-line message naming the culprit."""
+from common.errors import SettingError, UserError
 
 
-class SegmentError(Exception):
+class SegmentError(UserError):
     """Base of the segment package's user-facing errors."""
 
 
@@ -9,5 +10,5 @@ class CheckpointError(SegmentError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-class ConfigError(SegmentError, ValueError):
+class ConfigError(SegmentError, SettingError):
     """A segment setting has an invalid value."""

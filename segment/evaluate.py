@@ -19,6 +19,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from common.device import resolve_device
+from common.errors import SettingError
 from segment.data.coco import CocoDetection
 from segment.data.errors import DatasetError
 from segment.structures import Instances
@@ -181,19 +183,12 @@ def _at_least(minimum: int):
     return parse
 
 
-def _device(text: str) -> str:
-    """argparse type: auto, cpu, cuda or cuda:N of a GPU this machine has (CUDA's absence is resolve_device's)."""
-    if text == "auto":
-        return text
+def _device(text: str) -> torch.device:
+    """argparse type: auto, cpu, cuda or cuda:N of a GPU this machine has."""
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"this machine has {torch.cuda.device_count()} CUDA device(s), no {text}")
-    return text
+        return resolve_device(text, "device")
+    except SettingError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,17 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override the checkpoint's inference precision (auto: bf16 where the device has it natively)")
     args = parser.parse_args(argv)
 
-    from segment.checkpoint import load_checkpoint, resolve_device
-    from segment.errors import SegmentError
+    from common.errors import UserError
+    from segment.checkpoint import load_checkpoint
 
     try:
         overrides = {key: value for key, value in (("score_threshold", args.score_threshold),
                                                     ("precision", args.precision)) if value is not None}
         model = load_checkpoint(args.checkpoint, **overrides)
         dataset = CocoDetection(args.images, args.annotations)
-        stats = evaluate(model, dataset, batch_size=args.batch_size, device=resolve_device(args.device),
+        stats = evaluate(model, dataset, batch_size=args.batch_size, device=args.device,
                          max_images=args.max_images, num_workers=args.num_workers)
-    except SegmentError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(stats))

@@ -23,11 +23,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from common.errors import UserError, one_line
+from common.settings import flag, number, whole
 from segment.checkpoint import load_checkpoint
 from segment.config import SegmenterConfig
 from segment.distributed import DistInfo, barrier, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
-from segment.errors import CheckpointError, ConfigError, SegmentError
+from segment.errors import CheckpointError, ConfigError
 from segment.loader import BatchStream
 from segment.model import MaskRCNN, build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
@@ -40,29 +42,6 @@ RUN_FILES = (LAST, FINAL, METRICS, CONFIG)  # what a run writes into output_dir 
 
 # ---- settings, checked before anything is built ----
 
-def _whole(cfg: DictConfig, key: str, low: float = -math.inf, *, nullable: bool = False) -> None:
-    """A whole number >= low: 1.5, true and text are errors, not rounded or read as 1."""
-    value = OmegaConf.select(cfg, key)
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        span = "" if low == -math.inf else f" >= {low}"
-        raise ConfigError(f"{key} must be a whole number{span}{' or null' if nullable else ''}, got {value!r}")
-
-
-def _number(cfg: DictConfig, key: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-            nullable: bool = False) -> None:
-    """A finite number from low (excluded with low_open) to high."""
-    value = OmegaConf.select(cfg, key)
-    if value is None and nullable:
-        return
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not number or value < low or value > high or (low_open and value == low):
-        lower = "" if low == -math.inf else f" {'>' if low_open else '>='} {low}"
-        upper = "" if high == math.inf else f" and <= {high}"
-        raise ConfigError(f"{key} must be a number{lower}{upper}{' or null' if nullable else ''}, got {value!r}")
-
-
 def _sizes(cfg: DictConfig, key: str, *, nullable: bool = False) -> None:
     """An image side in pixels (>= 1), or a list of them (one picked per image)."""
     value = OmegaConf.select(cfg, key)
@@ -74,39 +53,33 @@ def _sizes(cfg: DictConfig, key: str, *, nullable: bool = False) -> None:
                           f"{' or null' if nullable else ''}, got {value!r}")
 
 
-def _flag(cfg: DictConfig, key: str) -> None:
-    """true or false: `resume=no` is text, which Python would take as true."""
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
 def check_settings(cfg: DictConfig) -> TrainSettings:
     """Every setting's type and range, so that a bad value is one line before any work, not a traceback from
     torch minutes later; -> the loop's settings."""
-    _whole(cfg, "data.num_workers", 0, nullable=True)  # first: num_workers is ${data.num_workers} unless set itself
+    get = partial(OmegaConf.select, cfg)
+    whole(get("data.num_workers"), "data.num_workers", 0, nullable=True)  # first: num_workers is ${data.num_workers}
     for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("num_workers", 0),
                      ("checkpoint_every", -math.inf), ("eval_every", -math.inf), ("seed", -math.inf),
                      ("schedule.max_iters", 1), ("schedule.warmup_iters", 0)):
-        _whole(cfg, key, low)
-    _whole(cfg, "cpu_threads", 1, nullable=True)
-    for step in range(len(OmegaConf.select(cfg, "schedule.steps") or [])):
-        _whole(cfg, f"schedule.steps.{step}", 0)
-    _number(cfg, "schedule.base_lr", 0, low_open=True)
-    _number(cfg, "schedule.gamma", 0, low_open=True)
-    _number(cfg, "schedule.warmup_factor", 0, 1, low_open=True)
+        whole(get(key), key, low)
+    whole(get("cpu_threads"), "cpu_threads", 1, nullable=True)
+    for step in range(len(get("schedule.steps") or [])):
+        whole(get(f"schedule.steps.{step}"), f"schedule.steps.{step}", 0)
+    for key in ("schedule.base_lr", "schedule.gamma"):
+        number(get(key), key, 0, low_open=True)
+    number(get("schedule.warmup_factor"), "schedule.warmup_factor", 0, 1, low_open=True)
     for key in ("schedule.momentum", "schedule.weight_decay"):
-        _number(cfg, key, 0)
+        number(get(key), key, 0)
     for key in ("schedule.norm_weight_decay", "schedule.bias_weight_decay"):
-        _number(cfg, key, 0, nullable=True)
-    _number(cfg, "clip_grad_norm", nullable=True)
-    _number(cfg, "data.hflip_prob", 0, 1, nullable=True)
+        number(get(key), key, 0, nullable=True)
+    number(get("clip_grad_norm"), "clip_grad_norm", nullable=True)
+    number(get("data.hflip_prob"), "data.hflip_prob", 0, 1, nullable=True)
     _sizes(cfg, "data.resize.min_size", nullable=True)
     _sizes(cfg, "data.resize.max_size", nullable=True)
     _sizes(cfg, "segment.min_size")
     _sizes(cfg, "segment.max_size")
     for key in ("resume", "overwrite"):
-        _flag(cfg, key)
+        flag(get(key), key)
     return TrainSettings(
         output_dir=Path(cfg.output_dir), max_iters=int(cfg.schedule.max_iters), amp=str(cfg.amp),
         clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
@@ -259,9 +232,8 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C
 
 
-def _fail(error: SegmentError) -> NoReturn:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"error: {message}", file=sys.stderr)
+def _fail(error: UserError) -> NoReturn:
+    print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -285,7 +257,7 @@ def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         final = train(cfg)
-    except SegmentError as error:
+    except UserError as error:
         _fail(error)
     except KeyboardInterrupt:
         print(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint",

@@ -10,9 +10,7 @@ Style checkpoint (one user-trained style for an existing bank, written by `styli
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.outputs import AtomicOutput
 from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
 
@@ -44,15 +43,8 @@ def atomic_save(obj, path: str | Path) -> Path:
     """torch.save to a temp file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache file should read like any other
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with AtomicOutput(path, overwrite=True) as temp:
+        torch.save(obj, temp)
     return path
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,11 +10,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.errors import OutputError
-from pipeline.outputs import check_output
+from common.errors import UserError
+from common.outputs import AtomicOutput, check_output
 from stylize.apply import stylize_frames
 from stylize.bank import StyleBank, sample_photo
-from stylize.errors import StyleError
 
 LABEL_HEIGHT = 14
 SHEET_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp")
@@ -49,15 +46,8 @@ def contact_sheet(bank: StyleBank, photo: torch.Tensor, tile: int = 128, columns
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, optimize=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with AtomicOutput(path, overwrite=True) as temp:
+        image.save(temp, optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
             save_image_atomic(sheet, args.sheet)
             print(f"wrote {args.sheet}")
-    except (StyleError, OutputError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,7 +8,6 @@ mode=full: every weight of a network for N style images (from scratch, or starti
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
-from pipeline.errors import RenderError, flag
-from pipeline.outputs import check_output
+from common.device import resolve_device
+from common.errors import UserError
+from common.outputs import check_output
+from common.settings import flag, number, whole
 from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
 from stylize.content import ContentImages, read_image, resize_shorter
 from stylize.errors import StyleError
@@ -36,31 +37,13 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # per step: content/style/tv/total
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise StyleError(f"device={name}: use auto, cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise StyleError(f"device={name}: use auto, cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StyleError(f"device={name}, but torch sees no CUDA GPU here: use device=cpu or auto")
-    return device
-
-
 def _check_settings(cfg: DictConfig) -> None:
     """The numbers, before any file is read: one line for a bad one instead of a traceback mid-training."""
     for key in ("steps", "batch_size", "image_size", "style_size", "max_video_frames", "log_every"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise StyleError(f"{key}={value}: must be a whole number >= 1")
-    for key in ("lr", "content_weight", "style_weight", "tv_weight"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                or (key == "lr" and value == 0):
-            raise StyleError(f"{key}={value}: must be a finite number " + ("> 0" if key == "lr" else ">= 0"))
+        whole(cfg[key], key, 1)
+    number(cfg.lr, "lr", 0, low_open=True)
+    for key in ("content_weight", "style_weight", "tv_weight"):
+        number(cfg[key], key, 0)
 
 
 def _style_paths(cfg: DictConfig) -> list[Path]:
@@ -91,7 +74,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if cfg.mode not in ("new_style", "full"):
         raise StyleError(f"mode={cfg.mode}: use new_style or full")
     _check_settings(cfg)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     vgg = VGG16Features.from_file(cfg.vgg)               # first of the files: the one people forget
     style_paths = _style_paths(cfg)
     out = _output(cfg, style_paths)                      # refused now, not after the training
@@ -143,10 +126,7 @@ def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
     without overwrite=true, or its folder cannot be made."""
     default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
                else f"outputs/styles/bank_{len(style_paths)}styles.pt")
-    try:  # overwrite=no is text, which bool() would take as true
-        return check_output(cfg.out or default, overwrite=flag(cfg.get("overwrite", False), "overwrite"), suffixes=())
-    except RenderError as exc:
-        raise StyleError(str(exc)) from None
+    return check_output(cfg.out or default, overwrite=flag(cfg.get("overwrite", False), "overwrite"))
 
 
 def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path], out: Path) -> None:
@@ -166,7 +146,7 @@ def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style
 def main(cfg: DictConfig) -> None:
     try:
         result = train(cfg)
-    except StyleError as exc:
+    except UserError as exc:
         sys.exit(f"error: {exc}")  # SystemExit passes through Hydra: one line on stderr, exit status 1
     except KeyboardInterrupt:
         print("error: interrupted: nothing written", file=sys.stderr)  # the output is written only at the end

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.assign import StyleAssigner
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.track import Tracker
 from segment.roi_masks import RoIMasks
@@ -149,7 +149,7 @@ def test_palette_memory_expiry_and_least_recent_fallback(bank, memory, expected)
 
 @pytest.mark.parametrize("memory", [-1, 2.5, "long", True])
 def test_bad_palette_memory_is_rejected(bank, memory):
-    with pytest.raises(PipelineConfigError, match="palette_memory"):
+    with pytest.raises(SettingError, match="palette_memory"):
         StyleAssigner.from_config(config(assign="per_instance", palette_memory=memory), bank, CLASSES)
 
 
@@ -218,7 +218,7 @@ def test_unknown_style_fails_early_listing_the_bank(bank, key, value):
 
 @pytest.mark.parametrize("key, value", [("class_styles", {"cat": "candy"}), ("exclude_classes", ["horse"])])
 def test_unknown_class_fails_early_listing_the_model_classes(bank, key, value):
-    with pytest.raises(PipelineConfigError, match="the model's classes: person, dog, car$") as error:
+    with pytest.raises(SettingError, match="the model's classes: person, dog, car$") as error:
         StyleAssigner.from_config(config(**{key: value}), bank, CLASSES)
     assert "\n" not in str(error.value)
 
@@ -229,11 +229,11 @@ def test_class_map_is_not_checked_when_unused(bank):
 
 
 def test_bad_settings(bank):
-    with pytest.raises(PipelineConfigError, match="by_class, per_instance"):
+    with pytest.raises(SettingError, match="by_class, per_instance"):
         StyleAssigner.from_config(config(assign="random"), bank, CLASSES)
-    with pytest.raises(PipelineConfigError, match="palette"):
+    with pytest.raises(SettingError, match="palette"):
         StyleAssigner.from_config(config(assign="per_instance", palette=[]), bank, CLASSES)
-    with pytest.raises(PipelineConfigError, match="unknown style setting"):
+    with pytest.raises(SettingError, match="unknown style setting"):
         StyleAssigner.from_config(config(min_scor=0.3), bank, CLASSES)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import OutputError
-from pipeline.outputs import AtomicOutput
+from common.errors import OutputError
+from common.outputs import AtomicOutput
 from pipeline.streaming import run_streaming
 from tests.helpers_video import (
     audio_only_clip, not_a_video, pattern_frames, truncated_clip, write_clip, zero_frame_clip,
@@ -297,7 +297,7 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_error(tmp_path):
             temp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert not (tmp_path / "other.mp4").exists() and not temp_leftovers(tmp_path)
-    with pytest.raises(OutputError, match="appeared during the render"):
+    with pytest.raises(OutputError, match="appeared while it was being written"):
         with AtomicOutput(tmp_path / "race.mp4") as temp:
             (tmp_path / "race.mp4").write_bytes(b"someone else's")
     assert (tmp_path / "race.mp4").read_bytes() == b"someone else's" and not temp_leftovers(tmp_path)

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.colour import coefficients, packed_planes_to_rgb, yuv_to_rgb
 from pipeline.decode import VideoReader, _decode_frames
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from tests.helpers_video import pattern_frames, write_clip
 
 
@@ -130,17 +130,17 @@ def test_nvdec_without_a_gpu_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: NVDEC may work here")
     path = write_clip(tmp_path / "in.mp4", pattern_frames(2, 64, 48))
-    with pytest.raises(PipelineConfigError, match="h264_cuvid cannot start.*NVIDIA GPU"):
+    with pytest.raises(SettingError, match="h264_cuvid cannot start.*NVIDIA GPU"):
         VideoReader(path, decoder="nvdec")   # refused up front, before a render creates anything
 
 
 def test_unknown_decode_settings_are_refused(tmp_path):
     path = write_clip(tmp_path / "in.mp4", pattern_frames(2, 64, 48))
-    with pytest.raises(PipelineConfigError, match="decode.decoder"):
+    with pytest.raises(SettingError, match="decode.decoder"):
         VideoReader(path, decoder="quicksync")
-    with pytest.raises(PipelineConfigError, match="decode.colour"):
+    with pytest.raises(SettingError, match="decode.colour"):
         VideoReader(path, colour="gpu")
-    with pytest.raises(PipelineConfigError, match="unknown decode setting"):
+    with pytest.raises(SettingError, match="unknown decode setting"):
         VideoReader.from_config(path, {"decoder": "software", "threads": 4}, 4, torch.device("cpu"))
 
 

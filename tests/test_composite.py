@@ -14,7 +14,7 @@ from scipy.ndimage import distance_transform_cdt
 
 from pipeline.composite import Compositor
 from pipeline.soft_masks import _separable_by_matmul, blur_padded
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord, StylizedRegion
 from segment.structures import Instances
 from stylize.apply import crop_boxes
@@ -225,9 +225,9 @@ def test_a_batch_reads_its_scores_and_boxes_once(device):
 def test_config():
     compositor = Compositor.from_config(OmegaConf.load("conf/composite/default.yaml"))
     assert compositor.feather_px >= 0
-    with pytest.raises(PipelineConfigError, match="unknown composite setting"):
+    with pytest.raises(SettingError, match="unknown composite setting"):
         Compositor.from_config({"feather": 3})
-    with pytest.raises(PipelineConfigError, match="smooth_masks"):
+    with pytest.raises(SettingError, match="smooth_masks"):
         Compositor.from_config({"smooth_masks": 1.5})
 
 

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.debug import DebugDumper, DebugDumpError
 from pipeline.debug_reader import load_dump
-from pipeline.errors import RenderError
+from common.errors import UserError
 from pipeline.viewer import ViewerServer
 from tests.helpers_process import interruptible_popen
 from tests.debug_fixture import CLASS_NAMES, synthetic_records, write_dump
@@ -114,7 +114,7 @@ def test_default_dir_is_beside_the_output_and_bad_settings_fail(tmp_path):
         DebugDumper.from_config(cfg, CLASS_NAMES)
     for key, value in (("every", 0), ("image_format", "gif"), ("jpeg_quality", 0), ("max_side", 4), ("workers", 0),
                        ("every", "abc"), ("every", 1.5)):
-        with pytest.raises(RenderError, match=f"debug.{key}"):
+        with pytest.raises(UserError, match=f"debug.{key}"):
             DebugDumper.from_config(OmegaConf.merge(cfg, {key: value}), CLASS_NAMES, tmp_path / "x.mp4")
     (tmp_path / "file").write_text("x")
     with pytest.raises(DebugDumpError, match="not a folder"):

@@ -10,7 +10,7 @@ import torch
 from pipeline.colour import packed_planes_to_rgb, rgb_to_packed_yuv420
 from pipeline.decode import probe
 from pipeline.encode import VideoWriter
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from tests.helpers_video import lossless_clip, pattern_frames, psnr
 
@@ -185,7 +185,7 @@ def test_which_frames_convert_in_torch(tmp_path, device):
             assert writer.converts_in_torch(tensor) is expected, (colour, cfg, tensor.device)
         finally:
             writer.abort()
-    with pytest.raises(PipelineConfigError, match="colour"):
+    with pytest.raises(SettingError, match="colour"):
         writer_for(tmp_path, frames, colour="gpu")
 
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.segment_stage import SCENE_CUT, SegmentStage
 from segment.checkpoint import load_checkpoint
@@ -71,10 +71,10 @@ def test_segments_only_every_nth_frame(model, monkeypatch):
 
 @pytest.mark.parametrize("every", [0, 1.5, True, "2"])
 def test_bad_interval(model, every):
-    with pytest.raises(PipelineConfigError, match="segment_every"):
+    with pytest.raises(SettingError, match="segment_every"):
         SegmentStage(model, 0.5, every)
     for bad in (-1, 2.5, True, "0.3"):
-        with pytest.raises(PipelineConfigError, match=r"scene_cut must be null or a number in \[0, 2\]"):
+        with pytest.raises(SettingError, match=r"scene_cut must be null or a number in \[0, 2\]"):
             SegmentStage(model, 0.5, 2, bad)
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import pipeline.stylize_stage
 from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.style_carry import StyleCarry
 from pipeline.stylize_stage import StylizeStage
@@ -179,5 +179,5 @@ def test_sources_outlive_the_batch_and_a_crop_moved_off_the_frame_is_cut():
 
 
 def test_propagate_must_be_a_bool(bank):
-    with pytest.raises(PipelineConfigError, match="style.propagate must be true or false, got 'yes'"):
+    with pytest.raises(SettingError, match="style.propagate must be true or false, got 'yes'"):
         StylizeStage.from_config(style_cfg(propagate="yes"), bank)

@@ -14,7 +14,7 @@ import pipeline.stylize_stage
 import stylize.apply
 from pipeline.assign import StyleAssigner
 from pipeline.composite import Compositor
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.stylize_stage import FACTOR_MEMORY_FRAMES, StylizeStage
 from segment.roi_masks import RoIMasks
@@ -205,19 +205,19 @@ def test_nothing_kept_and_original_background_costs_no_network(bank):
 def test_bad_background_fails_at_construction(bank):
     with pytest.raises(StyleError, match="unknown style 'starry'"):
         StylizeStage.from_config(style_cfg(background="starry"), bank)
-    with pytest.raises(PipelineConfigError, match="style.crop_bucket must be auto or a positive multiple of 4"):
+    with pytest.raises(SettingError, match="style.crop_bucket must be auto or a positive multiple of 4"):
         StylizeStage.from_config(style_cfg(crop_bucket=30), bank)
-    with pytest.raises(PipelineConfigError, match="style.cuda_graphs must be true or false"):
+    with pytest.raises(SettingError, match="style.cuda_graphs must be true or false"):
         StylizeStage.from_config(style_cfg(cuda_graphs="yes"), bank)
-    with pytest.raises(PipelineConfigError, match="style.region must be crop or frame, got 'box'"):
+    with pytest.raises(SettingError, match="style.region must be crop or frame, got 'box'"):
         StylizeStage.from_config(style_cfg(region="box"), bank)
     for bad in (0, 1.5, True):
-        with pytest.raises(PipelineConfigError, match="style.downsample must be a positive integer"):
+        with pytest.raises(SettingError, match="style.downsample must be a positive integer"):
             StylizeStage.from_config(style_cfg(downsample=bad), bank)
     for bad in (47, 64.0, True, "256"):
-        with pytest.raises(PipelineConfigError, match=r"style.max_side must be null or an integer >= 48 \(with margin"):
+        with pytest.raises(SettingError, match=r"style.max_side must be null or an integer >= 48 \(with margin"):
             StylizeStage.from_config(style_cfg(max_side=bad, margin=16), bank)
-    with pytest.raises(PipelineConfigError, match="an integer >= 32 "):
+    with pytest.raises(SettingError, match="an integer >= 32 "):
         StylizeStage.from_config(style_cfg(max_side=16, margin=4), bank)
     assert StylizeStage.from_config(style_cfg(max_side=48, margin=16), bank).max_side == 48
 

@@ -98,11 +98,11 @@ def test_missing_vgg_is_one_line_and_nonzero(files, tmp_path):
 
 
 def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, monkeypatch):
-    """Each a one-line StyleError before any step runs (a step would fail the test): an existing output without
+    """Each a one-line user error before any step runs (a step would fail the test): an existing output without
     overwrite=true, an output that is a folder or whose folder cannot be made, numbers out of range, a GPU that
     is not there. They surfaced after the training, or as tracebacks."""
     from stylize import train as train_module
-    from stylize.errors import StyleError
+    from common.errors import UserError
     from stylize.train import train
 
     monkeypatch.setattr(train_module.PerceptualLoss, "__call__", lambda *args: pytest.fail("a step ran"))
@@ -114,15 +114,15 @@ def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, m
              ({"out": str(existing), "overwrite": "no"}, "overwrite must be true or false"),
              ({"out": str(tmp_path)}, "is a folder"),
              ({"out": str(blocked / "x.pt")}, "cannot create output folder"),
-             ({"log_every": 0}, "log_every=0: must be a whole number >= 1"),
-             ({"steps": -3}, "steps=-3"),
-             ({"lr": float("nan")}, "lr=nan: must be a finite number > 0"),
-             ({"style_weight": -1.0}, "style_weight=-1.0"),
-             ({"device": "gpu"}, "device=gpu: use auto, cpu or cuda")]
+             ({"log_every": 0}, "log_every must be a whole number >= 1, got 0"),
+             ({"steps": -3}, "steps must be a whole number >= 1, got -3"),
+             ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+             ({"style_weight": -1.0}, "style_weight must be a finite number >= 0, got -1.0"),
+             ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'")]
     if not torch.cuda.is_available():
-        cases.append(({"device": "cuda"}, "torch sees no CUDA GPU"))
+        cases.append(({"device": "cuda"}, "device=cuda asked for, but CUDA is not available here"))
     for overrides, message in cases:
-        with pytest.raises(StyleError, match=message.replace("(", r"\(")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
             train(config(files, **overrides))
     assert existing.read_bytes() == b"the user's"
 

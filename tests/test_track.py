@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 from omegaconf import OmegaConf
 
-from pipeline.errors import PipelineConfigError
+from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.track import Tracker, mask_iou, match, shrink_masks, translated
 from segment.roi_masks import RoIMasks
@@ -220,9 +220,9 @@ def test_stage_matches_on_the_host_after_one_copy_per_batch(device):
 
 
 def test_config_errors_are_one_line():
-    with pytest.raises(PipelineConfigError, match="match_on"):
+    with pytest.raises(SettingError, match="match_on"):
         Tracker.from_config({"match_on": "pixels"})
-    with pytest.raises(PipelineConfigError, match="unknown track setting"):
+    with pytest.raises(SettingError, match="unknown track setting"):
         Tracker.from_config({"min_iuo": 0.3})
 
 

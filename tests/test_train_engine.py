@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import BatchSampler
 from torchvision.ops import masks_to_boxes
 
+from common.errors import UserError
 from segment.data import DatasetError, collate
 from segment.data.synthetic import load_backgrounds, load_textures, random_scene
 from segment.engine import LAST, TrainingError, seed_everything
-from segment.errors import ConfigError, SegmentError
+from segment.errors import ConfigError
 from segment.loader import BatchStream
 from segment.model import build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
@@ -209,7 +210,7 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("override, key", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, override, key):
     out = tmp_path / "run"
-    with pytest.raises(SegmentError, match=key) as caught:
+    with pytest.raises(UserError, match=key) as caught:
         train(train_config(out, tmp_path / "data", override))
     assert "\n" not in str(caught.value)
     assert not out.exists() and not (tmp_path / "data").exists()  # nothing built, generated or written

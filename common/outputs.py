@@ -1,20 +1,18 @@
 """Safe output files: refuse dangerous targets up front, write to a temp file beside the target, rename on success.
 
-A failed or interrupted render leaves neither a partial output nor a stray temp file, and never touches the input.
+A failed or interrupted run leaves neither a partial output nor a stray temp file, and never touches the input.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
-from pipeline.errors import OutputError
-
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
+from common.errors import OutputError
 
 
 def check_output(output: str | Path, input: str | Path | None = None, overwrite: bool = False,
-                 suffixes: tuple[str, ...] = VIDEO_SUFFIXES, kind: str = "video container") -> Path:
+                 suffixes: tuple[str, ...] = (), kind: str = "file type") -> Path:
     """The absolute target path, after refusing: the input itself, an existing file without `overwrite`,
     a folder, a suffix not in `suffixes` (a `kind` of file; none: any), and a parent folder that cannot be
     created."""
@@ -22,7 +20,8 @@ def check_output(output: str | Path, input: str | Path | None = None, overwrite:
     if input is not None and _same_file(Path(input).expanduser().absolute(), target):
         raise OutputError(f"output {target} is the input file: choose another output path")
     if target.is_dir():
-        raise OutputError(f"output {target} is a folder: give a file name such as {target / 'out.mp4'}")
+        example = target / ("out" + (suffixes or (".mp4",))[0])
+        raise OutputError(f"output {target} is a folder: give a file name such as {example}")
     if suffixes and target.suffix.lower() not in suffixes:
         raise OutputError(f"output {target.name}: unknown {kind} '{target.suffix}', use one of {', '.join(suffixes)}")
     if target.exists() and not overwrite:
@@ -44,15 +43,10 @@ class AtomicOutput:
         self.temp: Path | None = None
 
     def __enter__(self) -> Path:
-        # Same folder as the target so the final rename is atomic; same suffix so muxers recognise the format.
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.target.stem}.", suffix=f".partial{self.target.suffix}",
-                                        dir=self.target.parent)
+            self.temp = _new_file_beside(self.target)
         except OSError as e:
             raise OutputError(f"cannot write to output folder {self.target.parent} ({e.strerror or e})") from e
-        os.close(fd)
-        self.temp = Path(name)
-        os.chmod(self.temp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any new file
         return self.temp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -69,13 +63,14 @@ class AtomicOutput:
         if self.overwrite:
             os.replace(self.temp, self.target)
             return
-        try:  # link-then-unlink refuses, atomically, a target that appeared while we were rendering
+        appeared = f"output {self.target} appeared while it was being written: pass overwrite=true to replace it"
+        try:  # link-then-unlink refuses, atomically, a target that appeared while we were writing
             os.link(self.temp, self.target)
         except FileExistsError as e:
-            raise OutputError(f"output {self.target} appeared during the render: pass overwrite=true to replace it") from e
+            raise OutputError(appeared) from e
         except OSError:  # file systems without hard links
             if self.target.exists():
-                raise OutputError(f"output {self.target} appeared during the render: pass overwrite=true to replace it")
+                raise OutputError(appeared)
             os.replace(self.temp, self.target)
             return
         self.temp.unlink()
@@ -85,10 +80,17 @@ class AtomicOutput:
             self.temp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file_beside(target: Path) -> Path:
+    """A new empty file in `target`'s folder, so that the final rename is atomic, with `target`'s suffix, so that
+    muxers and image writers recognise the format. Mode 0666 lets the umask give it the permissions of any other
+    new file (mkstemp's 0600 hid results from the rest of a team); O_EXCL never opens someone else's file."""
+    while True:
+        temp = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
 
 
 def _same_file(a: Path, b: Path) -> bool:
