@@ -80,6 +80,12 @@ class AtomicOutput:
             self.temp.unlink(missing_ok=True)
 
 
+def leftover_temp_files(target: str | Path) -> list[Path]:
+    """The temp files of `target`'s AtomicOutput that a killed process left behind (SIGKILL skips the clean-up)."""
+    target = Path(target)
+    return sorted(target.parent.glob(f".{target.stem}.*.partial{target.suffix}"))
+
+
 def _new_file_beside(target: Path) -> Path:
     """A new empty file in `target`'s folder, so that the final rename is atomic, with `target`'s suffix, so that
     muxers and image writers recognise the format. Mode 0666 lets the umask give it the permissions of any other

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -26,6 +25,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common.outputs import AtomicOutput
 from segment.checkpoint import FORMAT, save_checkpoint
 from segment.distributed import DistInfo, barrier, mean_over_processes
 from segment.errors import CheckpointError, SegmentError
@@ -67,20 +67,24 @@ def _due(iteration: int, every: int) -> bool:
     return every > 0 and iteration % every == 0
 
 
-def _fixed_settings(run_config: dict[str, Any]) -> dict[str, Any]:
-    """The run settings a checkpoint's optimizer and scheduler state hold (learning rate, momentum, decay, warm-up,
-    steps; the batch size the learning rate was scaled for), by dotted key. max_iters is not among them: running
-    a stopped training further is what resume is for."""
+def _fixed_settings(run_config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The run settings a checkpoint's state holds, by dotted key: the optimizer's and scheduler's (learning rate,
+    momentum, decay, warm-up, steps; the images per iteration over all processes the learning rate was scaled for)
+    and the data position's (the seed behind the data order and augmentation). max_iters is not among them:
+    running a stopped training further is what resume is for."""
     flat = {f"schedule.{key}": value for key, value in (run_config.get("schedule") or {}).items()}
     flat.pop("schedule.max_iters", None)
+    if "seed" in run_config:
+        flat["seed"] = run_config["seed"]
     if "batch_size" in run_config:
-        flat["batch_size"] = run_config["batch_size"]
+        flat["images per iteration (batch_size x processes)"] = run_config["batch_size"] * world_size
     return flat
 
 
-def changed_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def changed_run_settings(saved: dict[str, Any], saved_world_size: int, current: dict[str, Any],
+                         world_size: int) -> list[str]:
     """Each `_fixed_settings` key that a resume would change (of those both runs record), as "key old -> new"."""
-    before, after = _fixed_settings(saved), _fixed_settings(current)
+    before, after = _fixed_settings(saved, saved_world_size), _fixed_settings(current, world_size)
     return [f"{key} {before[key]} -> {after[key]}" for key in sorted(before.keys() & after.keys())
             if before[key] != after[key]]
 
@@ -97,9 +101,8 @@ def _drop_metrics_after(path: Path, iteration: int) -> None:
             continue
         if isinstance(entry, dict) and entry.get("iter", 0) <= iteration:
             kept.append(line + "\n")
-    part = path.with_name(f".{path.name}.tmp")
-    part.write_text("".join(kept), encoding="utf-8")
-    os.replace(part, path)
+    with AtomicOutput(path, overwrite=True) as temp:
+        temp.write_text("".join(kept), encoding="utf-8")
 
 
 # ---- RNG state as tensors and plain values (weights_only-loadable) ----
@@ -211,6 +214,11 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         s, main = self.settings, self.info.is_main
+        if self.iteration >= s.max_iters and (s.output_dir / FINAL).is_file():
+            if main:  # a finished run started again (a scheduler's retry): its files stay as they are
+                print(f"{s.output_dir} is already trained for schedule.max_iters={s.max_iters} iterations: "
+                      "nothing to do")
+            return self.history
         start_iteration = self.iteration
         bar = tqdm(total=s.max_iters, initial=start_iteration, desc="train", dynamic_ncols=True,
                    disable=None if main else True, file=sys.stderr)
@@ -325,7 +333,8 @@ class Trainer:
             raise TrainingError(f"{path} was trained with other segment settings ({', '.join(changed)}); "
                                 "resume with the same segment config or use another output_dir")
         state = checkpoint["training_state"]
-        changed = changed_run_settings(state.get("run_config") or {}, self.run_config)
+        changed = changed_run_settings(state.get("run_config") or {}, int(state["world_size"]), self.run_config,
+                                       self.info.world_size)
         if changed:
             raise TrainingError(f"{path} was trained with other settings ({'; '.join(changed)}); its optimizer and "
                                 "schedule would carry on as they were: resume with the same ones or use another "
@@ -336,6 +345,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
         self.iteration = int(state["iteration"])
+        if self.iteration > self.settings.max_iters:
+            raise TrainingError(f"{path} is at iteration {self.iteration}, past schedule.max_iters="
+                                f"{self.settings.max_iters}: raise max_iters to train further, or use another "
+                                "output_dir")
         if self.info.is_main:
             _drop_metrics_after(self.settings.output_dir / METRICS, self.iteration)
         if state["world_size"] == self.info.world_size:

@@ -24,6 +24,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError, one_line
+from common.outputs import leftover_temp_files
 from common.settings import flag, number, whole
 from segment.checkpoint import load_checkpoint
 from segment.config import SegmenterConfig
@@ -194,7 +195,7 @@ def _remove_previous_run(out: Path) -> None:
     atomic writes): a later resume=true would otherwise continue the old run's checkpoint, and its metrics would
     mix with the new ones."""
     for name in RUN_FILES:
-        for path in (out / name, *out.glob(f".{name}.*")):
+        for path in (out / name, *leftover_temp_files(out / name)):
             path.unlink(missing_ok=True)
 
 

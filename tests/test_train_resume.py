@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from segment.engine import LAST, METRICS, TrainingError
+from common.outputs import AtomicOutput, leftover_temp_files
+from segment.engine import FINAL, LAST, METRICS, TrainingError
 from segment.train import train
 from tests.train_fixtures import make_trainer, one_thread, synthetic_split, train_config  # noqa: F401
 
@@ -74,17 +75,45 @@ def test_checkpoint_is_saved_before_a_failing_evaluation(data_root, tmp_path):
     assert torch.load(tmp_path / LAST, weights_only=True)["training_state"]["iteration"] == 4
 
 
-@pytest.mark.parametrize("change", [dict(lr=0.02), dict(batch_size=1), dict(steps=[5])])
+@pytest.mark.parametrize("change", [dict(lr=0.02), dict(batch_size=1), dict(steps=[5]), dict(seed=1)])
 def test_resume_refuses_another_schedule_or_batch_size(data_root, tmp_path, change):
     """The checkpoint's optimizer and scheduler carry the learning rate and its schedule: a resume that asks for
-    others would run with the old ones while its config said otherwise."""
+    others would run with the old ones while its config said otherwise. The seed picks the data order and the
+    augmentation, which the checkpoint's data position continues."""
     make_trainer(synthetic_split(data_root), tmp_path, 1).fit()
     longer = make_trainer(synthetic_split(data_root), tmp_path, 3)
     longer.resume(tmp_path / LAST)  # only the number of iterations may change
     other = make_trainer(synthetic_split(data_root), tmp_path, 3, **change)
-    key = {"lr": "schedule.base_lr", "batch_size": "batch_size", "steps": "schedule.steps"}[next(iter(change))]
+    key = {"lr": "schedule.base_lr", "batch_size": "batch_size", "steps": "schedule.steps",
+           "seed": "seed 0 -> 1"}[next(iter(change))]
     with pytest.raises(TrainingError, match=key):
         other.resume(tmp_path / LAST)
+
+
+def test_resume_compares_images_per_iteration_over_all_processes(data_root, tmp_path):
+    """A run of 2 processes x 2 images resumed by 1 process x 2 kept the learning rate scaled for 4 images per
+    iteration; 1 x 4 is the same run's batch."""
+    make_trainer(synthetic_split(data_root), tmp_path, 1, batch_size=2).fit()
+    checkpoint = torch.load(tmp_path / LAST, weights_only=True)
+    checkpoint["training_state"]["world_size"] = 2  # as segment.train under torchrun --nproc_per_node=2 saves it
+    torch.save(checkpoint, tmp_path / LAST)
+    with pytest.raises(TrainingError, match=r"images per iteration \(batch_size x processes\) 4 -> 2"):
+        make_trainer(synthetic_split(data_root), tmp_path, 3, batch_size=2).resume(tmp_path / LAST)
+    make_trainer(synthetic_split(data_root), tmp_path, 3, batch_size=4).resume(tmp_path / LAST)
+
+
+def test_resume_past_max_iters_is_refused_and_a_finished_run_left_alone(data_root, tmp_path, capsys):
+    """A resume whose max_iters was at or below the checkpoint's iteration rewrote model_final.pt without
+    training; one below it now says so, one at it leaves the finished run's files as they are."""
+    make_trainer(synthetic_split(data_root), tmp_path, 3).fit()
+    finished = {name: (tmp_path / name).stat().st_ino for name in (LAST, FINAL)}
+    with pytest.raises(TrainingError, match="at iteration 3, past schedule.max_iters=2"):
+        make_trainer(synthetic_split(data_root), tmp_path, 2).resume(tmp_path / LAST)
+    again = make_trainer(synthetic_split(data_root), tmp_path, 3)
+    again.resume(tmp_path / LAST)
+    assert again.fit() == []
+    assert {name: (tmp_path / name).stat().st_ino for name in (LAST, FINAL)} == finished
+    assert "already trained for schedule.max_iters=3 iterations: nothing to do" in capsys.readouterr().out
 
 
 def test_refused_resume_leaves_config_yaml_alone(data_root, tmp_path):
@@ -96,8 +125,11 @@ def test_refused_resume_leaves_config_yaml_alone(data_root, tmp_path):
 
 
 def test_overwrite_removes_the_previous_run_before_training(data_root, tmp_path, monkeypatch, capsys):
-    """A new run that fails before its first checkpoint must not leave the old run for resume=true to continue."""
+    """A new run that fails before its first checkpoint must not leave the old run for resume=true to continue,
+    nor the temp file of a checkpoint save that a SIGKILL cut short."""
     train(train_config(tmp_path, data_root))
+    AtomicOutput(tmp_path / LAST, overwrite=True).__enter__()  # killed mid-save: no __exit__ removes it
+    assert leftover_temp_files(tmp_path / LAST)
 
     def failing_step(self, images, targets):
         raise RuntimeError("step failed")
@@ -107,6 +139,7 @@ def test_overwrite_removes_the_previous_run_before_training(data_root, tmp_path,
         with pytest.raises(RuntimeError, match="step failed"):
             train(train_config(tmp_path, data_root, "overwrite=true"))
     assert not {LAST, "model_final.pt", METRICS} & {p.name for p in tmp_path.iterdir()}
+    assert not leftover_temp_files(tmp_path / LAST)
     capsys.readouterr()
     train(train_config(tmp_path, data_root, "resume=true"))
     assert "starting from scratch" in capsys.readouterr().out
