@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from common.errors import UserError, one_line
 from common.outputs import leftover_temp_files
 from common.settings import flag, number, whole
-from segment.checkpoint import load_checkpoint
+from segment.checkpoint import load_checkpoint, project_relative
 from segment.config import SegmenterConfig
 from segment.distributed import DistInfo, barrier, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
@@ -74,13 +74,14 @@ def check_settings(cfg: DictConfig) -> TrainSettings:
     for key in ("schedule.norm_weight_decay", "schedule.bias_weight_decay"):
         number(get(key), key, 0, nullable=True)
     number(get("clip_grad_norm"), "clip_grad_norm", nullable=True)
-    number(get("data.hflip_prob"), "data.hflip_prob", 0, 1, nullable=True)
+    number(get("data.hflip_prob"), "data.hflip_prob", 0, 1)
     _sizes(cfg, "data.resize.min_size", nullable=True)
     _sizes(cfg, "data.resize.max_size", nullable=True)
     _sizes(cfg, "segment.min_size")
     _sizes(cfg, "segment.max_size")
     for key in ("resume", "overwrite"):
         flag(get(key), key)
+    _check_from_scratch(*segmenter_config(cfg.segment, None))  # the segment settings too, before any data is made
     return TrainSettings(
         output_dir=Path(cfg.output_dir), max_iters=int(cfg.schedule.max_iters), amp=str(cfg.amp),
         clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
@@ -113,13 +114,22 @@ def segmenter_config(segment_cfg: Any, class_names: list[str] | None) -> tuple[S
     return SegmenterConfig.from_dict(values), init_weights
 
 
+def _check_from_scratch(config: SegmenterConfig, init_weights: str | None) -> None:
+    """From scratch every stage must train, with GroupNorm or trainable BN ("Rethinking ImageNet Pre-training"):
+    frozen stages keep their random weights, and a frozen BN never normalizes (its statistics start at 0 and 1)."""
+    if not init_weights and (config.norm == "frozen_bn" or config.trainable_layers < 5):
+        raise ConfigError(f"segment.norm={config.norm} with segment.trainable_layers={config.trainable_layers} "
+                          "keeps random weights frozen: from scratch use segment.norm=gn (or bn) and "
+                          "segment.trainable_layers=5, or start from weights with segment.checkpoint=PATH")
+
+
 def build_segmenter(config: SegmenterConfig, init_weights: str | None) -> MaskRCNN:
     if not init_weights:
         return build_model(config)
     # starting weights (fine-tuning): their shapes must fit this config, the config itself comes from the yaml
     model = build_model(config)
     try:
-        model.load_state_dict(load_checkpoint(init_weights).state_dict())
+        model.load_state_dict(load_checkpoint(project_relative(init_weights)).state_dict())
     except RuntimeError as e:  # shape / key mismatch
         raise CheckpointError(f"segment.checkpoint={init_weights} does not fit segment config: "
                               f"{str(e).strip().splitlines()[-1][:160]}") from None

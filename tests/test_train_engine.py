@@ -26,8 +26,8 @@ from segment.loader import BatchStream
 from segment.model import build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 from segment.train import train
-from tests.train_fixtures import (
-    CLI_OVERRIDES, ROOT, make_trainer, one_thread, run_module, synthetic_split, tiny_config, train_config,  # noqa: F401
+from tests.train_fixtures import (  # noqa: F401
+    CLI_OVERRIDES, ROOT, TINY_MODEL, make_trainer, one_thread, run_module, synthetic_split, tiny_config, train_config,
     weights,
 )
 
@@ -185,6 +185,23 @@ def test_cli_trains_writes_and_resumes(tmp_path):
     assert [e["iter"] for e in entries if e["type"] == "train"] == [1, 2, 3]
 
 
+def test_starting_weights_at_a_relative_path_are_found_from_any_directory(tmp_path, monkeypatch):
+    """conf/segment/demo.yaml's checkpoint is project-relative, as the render reads it: segment.train run from
+    another directory said 'checkpoint file not found: models/demo_segmenter.pt'."""
+    import segment.checkpoint
+    from segment.checkpoint import save_checkpoint
+    from segment.train import build_segmenter, segmenter_config
+
+    project = tmp_path / "project"
+    config, _ = segmenter_config(TINY_MODEL | {"num_classes": 6}, None)
+    start = build_model(config)
+    save_checkpoint(start, project / "models" / "start.pt")
+    monkeypatch.setattr(segment.checkpoint, "PROJECT_ROOT", project)
+    monkeypatch.chdir(tmp_path)
+    built = build_segmenter(config, "models/start.pt")
+    torch.testing.assert_close(weights(built), weights(start))
+
+
 def test_dataset_error_in_a_worker_keeps_its_message(tmp_path):
     """torch re-raises a worker's exception as "Caught DatasetError in DataLoader worker process N." with the
     worker's traceback; the training loop must still get the one line the dataset said."""
@@ -204,6 +221,9 @@ BAD_SETTINGS = [
     ("segment.min_size=0", "segment.min_size"), ("data.num_workers=-1", "data.num_workers"),
     ("cpu_threads=-1", "cpu_threads"), ("eval_batch_size=0", "eval_batch_size"),
     ("schedule.max_iters=0", "schedule.max_iters"), ("amp=fp8", "amp"),
+    ("data.hflip_prob=null", "data.hflip_prob"),  # was float(None) once the data was built
+    # from scratch, random weights that never train and a norm that never normalizes
+    ("segment.norm=frozen_bn", "segment.norm=frozen_bn"), ("segment.trainable_layers=3", "trainable_layers=3"),
 ]
 
 
