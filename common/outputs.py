@@ -14,8 +14,8 @@ from common.errors import OutputError
 def check_output(output: str | Path, input: str | Path | None = None, overwrite: bool = False,
                  suffixes: tuple[str, ...] = (), kind: str = "file type") -> Path:
     """The absolute target path, after refusing: the input itself, an existing file without `overwrite`,
-    a folder, a suffix not in `suffixes` (a `kind` of file; none: any), and a parent folder that cannot be
-    created."""
+    a folder, a suffix not in `suffixes` (a `kind` of file; none: any), and a folder that cannot be made or
+    written to."""
     target = Path(output).expanduser().absolute()
     if input is not None and _same_file(Path(input).expanduser().absolute(), target):
         raise OutputError(f"output {target} is the input file: choose another output path")
@@ -26,11 +26,19 @@ def check_output(output: str | Path, input: str | Path | None = None, overwrite:
         raise OutputError(f"output {target.name}: unknown {kind} '{target.suffix}', use one of {', '.join(suffixes)}")
     if target.exists() and not overwrite:
         raise OutputError(f"output {target} already exists: pass overwrite=true to replace it")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder {target.parent} ({e.strerror or e})") from e
+    _check_folder_can_be_made(target.parent)
     return target
+
+
+def _check_folder_can_be_made(folder: Path) -> None:
+    """Without making it (AtomicOutput does, when it writes): a run refused later leaves no empty folders."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to output folder {existing} (permission denied)")
 
 
 class AtomicOutput:
@@ -44,6 +52,7 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
             self.temp = _new_file_beside(self.target)
         except OSError as e:
             raise OutputError(f"cannot write to output folder {self.target.parent} ({e.strerror or e})") from e

@@ -42,7 +42,6 @@ class StyleInfo:
 def atomic_save(obj, path: str | Path) -> Path:
     """torch.save to a temp file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicOutput(path, overwrite=True) as temp:
         torch.save(obj, temp)
     return path

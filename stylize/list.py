@@ -45,7 +45,6 @@ def contact_sheet(bank: StyleBank, photo: torch.Tensor, tile: int = 128, columns
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicOutput(path, overwrite=True) as temp:
         image.save(temp, optimize=True)
 

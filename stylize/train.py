@@ -15,11 +15,11 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from common.device import resolve_device
-from common.errors import UserError
+from common.errors import UserError, one_line
 from common.outputs import check_output
 from common.settings import flag, number, whole
 from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
@@ -71,6 +71,9 @@ def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet,
 
 
 def train(cfg: DictConfig) -> TrainResult:
+    for key in ("style_image", "content"):
+        if OmegaConf.is_missing(cfg, key):
+            raise StyleError(f"no {key} given: pass {key}=PATH")
     if cfg.mode not in ("new_style", "full"):
         raise StyleError(f"mode={cfg.mode}: use new_style or full")
     _check_settings(cfg)
@@ -147,7 +150,8 @@ def main(cfg: DictConfig) -> None:
     try:
         result = train(cfg)
     except UserError as exc:
-        sys.exit(f"error: {exc}")  # SystemExit passes through Hydra: one line on stderr, exit status 1
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted: nothing written", file=sys.stderr)  # the output is written only at the end
         sys.exit(130)

@@ -86,15 +86,27 @@ def test_full_mode_writes_a_bank(files):
     assert all(torch.isfinite(torch.tensor(h["total"])) for h in result.history)
 
 
-def test_missing_vgg_is_one_line_and_nonzero(files, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
-         f"bank={files['bank']}", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stylize.train", *args, f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_missing_vgg_is_one_line_and_exit_status_2(files, tmp_path):
+    done = _cli(tmp_path, f"style_image={files['styles'][0]}", f"content={files['content']}", f"bank={files['bank']}")
+    assert done.returncode == 2  # as the render and segment.train (it was 1)
     assert "Traceback" not in done.stderr
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("error: VGG16 weights not given") and "vgg=" in message and "vgg16-397923af.pth" in message
+
+
+@pytest.mark.parametrize("missing", ["style_image", "content"])
+def test_a_missing_input_is_one_line(files, tmp_path, missing):
+    """They were omegaconf's MissingMandatoryValue traceback."""
+    given = {"style_image": files["styles"][0], "content": files["content"]}
+    done = _cli(tmp_path, *(f"{key}={value}" for key, value in given.items() if key != missing),
+                f"vgg={files['vgg']}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: no {missing} given: pass {missing}=PATH"
 
 
 def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, monkeypatch):
