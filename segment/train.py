@@ -250,7 +250,10 @@ def _fail(error: UserError) -> NoReturn:
 
 def _check_output_dir_argument(argv: list[str]) -> None:
     """Hydra makes its run folder, output_dir, before `main` runs: a folder it cannot make (a file's path, a
-    read-only place) would be Hydra's traceback, so an output_dir given on the command line is checked first."""
+    read-only place) would be Hydra's traceback, so an output_dir given on the command line is checked first
+    (not for Hydra's --help, --cfg and the like, which run nothing: they made the folder)."""
+    if set(argv) & {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}:
+        return
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     except OverrideParseException:

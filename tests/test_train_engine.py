@@ -271,6 +271,13 @@ def test_cli_reports_worker_and_output_errors_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr == f"error: image file not found: {missing}\n", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flag", [["--help"], ["--cfg", "job"]])
+def test_cli_help_and_cfg_make_no_output_dir(tmp_path, flag):
+    done = run_module(["-m", "segment.train", f"output_dir={tmp_path / 'run'}", *flag])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 class WorkerPids(torch.utils.data.Dataset):
     """Each sample says which process loaded it."""
 
