@@ -2,7 +2,9 @@
 # The GPU checks, in one run on a lent GPU machine (see docs/benchmarks.md for what they gave):
 #   the device-sensitive tests on CUDA, then the segment / render / train / stylize benchmarks.
 # Usage: bash scripts/device_checks.sh OUT_DIR [STEP...]   (python3 must hold torch with CUDA and our dependencies:
-#        the developers' guide's .gpu-wheels, `pip install -q --no-index .gpu-wheels/*.whl`, and .cache/styles carried)
+#        wheels fetched beforehand with `pip download --only-binary=:all: --python-version 3.12 ... -d .gpu-wheels
+#        av kornia kornia_rs hydra-core omegaconf antlr4-python3-runtime pycocotools`, then on the GPU machine
+#        `pip install -q --no-index .gpu-wheels/*.whl`, with .gpu-wheels and .cache/styles carried there)
 #        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders.
 #        `quick` picks the steps a 15-minute device session has time for (about 7 minutes on an H200): the tests, the
 #        reference R50 weights, and the R50 1080p render with each speed setting not yet measured on a GPU.
