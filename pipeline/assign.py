@@ -23,12 +23,12 @@ from pipeline.errors import PipelineConfigError
 from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
+from segment.config import real_class_names
 from segment.roi_masks import RoIMasks, per_frame
 from segment.structures import mask_areas
 
 POLICIES = ("by_class", "per_instance")
 ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
-BACKGROUND_CLASS = "__background__"
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, region, precision...).
 STYLE_KEYS = ("assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
               "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",
@@ -101,7 +101,7 @@ class StyleAssigner:
         return None if is_original(spec) else str(spec).strip()
 
     def _class(self, name, key: str) -> str:
-        known = [c for c in self.class_names if c != BACKGROUND_CLASS]
+        known = real_class_names(self.class_names)  # COCO's 'N/A' gaps are no classes
         if name not in known:
             raise PipelineConfigError(f"unknown class {name!r} in {key}; the model's classes: {', '.join(known)}")
         return name

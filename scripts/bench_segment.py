@@ -21,14 +21,21 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.device import resolve_device  # noqa: E402
+from common.errors import SettingError  # noqa: E402
+from common.settings import whole  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 from segment.tv_reference import torchvision_reference  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# each whole-number option's lowest value: a timing needs a batch, a timed iteration (0 divided by zero, -2 read
+# outputs never made) and frames and a model size with pixels
+LOWEST = {"--image-size": 1, "--min-size": 1, "--max-size": 1, "--detections": 1, "--batch-sizes": 1,
+          "--iterations": 1, "--warmup": 0}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="input frame size")
     p.add_argument("--min-size", type=int, default=800, help="model resize: shorter side (torchvision default 800)")
@@ -43,7 +50,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-append", action="store_true", help="only print the table")
     p.add_argument("--save-reference", type=Path, default=None,
                    help="also keep the reference weights here (a torchvision-format checkpoint, e.g. for bench_render)")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    try:
+        for option, lowest in LOWEST.items():
+            value = getattr(args, option[2:].replace("-", "_"))
+            for number in value if isinstance(value, (list, tuple)) else [value]:
+                whole(number, option, lowest)
+        # refused here in one line, not by torch's CUDA initialisation once the reference model is built
+        args.devices = [resolve_device(d, "--devices")
+                        for d in args.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]]
+    except SettingError as error:
+        p.error(str(error))
+    return args
 
 
 def photo_frames(count: int, size: tuple[int, int]) -> torch.Tensor:
@@ -115,7 +133,7 @@ def device_name(device: torch.device) -> str:
 def main() -> None:
     args = parse_args()
     load_before = load_average()
-    devices = [torch.device(d) for d in (args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))]
+    devices = args.devices
     settings = dict(min_size=args.min_size, max_size=args.max_size)
     frames_all = photo_frames(max(args.batch_sizes), tuple(args.image_size))
     theirs = torchvision_reference([f.float() / 255 for f in frames_all[:3]], box_detections_per_img=args.detections, **settings)

@@ -2,6 +2,7 @@
 
     python scripts/export_segmenter.py runs/demo_segmenter/model_final.pt models/demo_segmenter.pt [--note "..."]
 
+The source may also be a torchvision Mask R-CNN R50-FPN file (its BatchNorm eps and class count are read from it).
 The file loads like any checkpoint of ours (weights come back as fp32); `--note` is stored under "provenance".
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.errors import UserError  # noqa: E402
 from segment.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from segment.config import real_class_names  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="checkpoint written by segment.train (last.pt / model_final.pt)")
+    parser.add_argument("source", type=Path, help="checkpoint written by segment.train (last.pt / model_final.pt) "
+                        "or a torchvision Mask R-CNN R50-FPN file")
     parser.add_argument("out", type=Path, help="inference file to write")
     parser.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
     parser.add_argument("--note", default="", help="provenance text stored in the file")
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return 2
     size_mb = args.out.stat().st_size / 2**20
-    print(f"{args.out}: {size_mb:.1f} MB, {len(model.class_names) - 1} classes ({', '.join(model.class_names[1:])})")
+    classes = real_class_names(model.class_names)
+    count = f"{len(classes)} class{'' if len(classes) == 1 else 'es'}"
+    print(f"{args.out}: {size_mb:.1f} MB, {count} ({', '.join(classes)})")
     return 0
 
 

@@ -4,7 +4,9 @@ Nothing is downloaded: every loader takes a local path and says which file to pa
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 
 from common.device import resolve_device
 from common.outputs import AtomicOutput
+from segment.backbone import ARCHS
 from segment.config import ARCHITECTURE_KEYS, SegmenterConfig
 from segment.errors import CheckpointError
 from segment.model import MaskRCNN, build_model
@@ -19,11 +22,21 @@ from segment.model import MaskRCNN, build_model
 FORMAT = "instyle-segment-v1"
 TORCHVISION_HINT = "segment.checkpoint=/path/to/maskrcnn_resnet50_fpn_coco.pth"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# torchvision's inference defaults for its COCO v1 weights (which it runs with FrozenBatchNorm eps 0)
+# torchvision's maskrcnn_resnet50_fpn inference defaults; the BatchNorm eps and class count come from the file
 TORCHVISION_DEFAULTS: dict[str, Any] = {
-    "backbone": "resnet50", "norm": "frozen_bn", "bn_eps": 0.0, "num_classes": 91, "min_size": 800, "max_size": 1333,
-    "score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_img": 100,
+    "backbone": "resnet50", "norm": "frozen_bn", "min_size": 800, "max_size": 1333, "score_threshold": 0.05,
+    "nms_threshold": 0.5, "detections_per_img": 100,
 }
+# torchvision runs its COCO v1 weights, and so the models fine-tuned from them, with FrozenBatchNorm eps 0; a model
+# it builds without them (weights=None, weights_backbone=None) has trainable BatchNorm, eps 1e-5, and only that
+# one's state_dict holds BatchNorm's step counters (`num_batches_tracked`)
+COCO_V1_BN_EPS = 0.0
+BUILT_BN_EPS = 1e-5
+CLASS_SCORES = "roi_heads.box_predictor.cls_score.weight"
+# the segment group with the widths of torchvision's detection models for bottleneck (ResNet-50 and up) backbones,
+# and the one for basic-block backbones
+BACKBONE_GROUPS = {True: ("r50_fpn", "resnet50"), False: ("r18_fpn", "resnet18")}
+DDP_PREFIX = "module."
 
 
 def _read(path: str | os.PathLike) -> Any:
@@ -31,14 +44,83 @@ def _read(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torchvision's reference training scripts store their argparse options beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason[:120]})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_unreadable(e)})") from None
+
+
+def _unreadable(error: Exception) -> str:
+    """Why torch.load failed, in one line: torch's messages open with advice on `weights_only` and close with a
+    link, the cause in between (a refused global, an unpickler error) or in a miniz error about the zip's end."""
+    text = str(error)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"Unsupported global: GLOBAL {refused[1]}; a weights-only load reads tensors and plain data only"
+    if isinstance(error, EOFError) or "failed finding central directory" in text:
+        return "not a complete checkpoint: the file is truncated or empty"
+    cause = text.split("WeightsUnpickler error:")[-1].strip()
+    return f"{type(error).__name__}: {cause.splitlines()[0]}" if cause else type(error).__name__
 
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _bare_weights(state: Any) -> dict | None:
+    """The state_dict of a file of bare weights: the file's own dict, or its 'model' entry (torchvision's reference
+    training scripts save {'model', 'optimizer', 'lr_scheduler', 'args', 'epoch'}), with the 'module.' that a
+    DistributedDataParallel or DataParallel model puts before every key taken off; None for anything else."""
+    if isinstance(state, dict) and _is_state_dict(state.get("model")):
+        state = state["model"]
+    if not _is_state_dict(state):
+        return None
+    if all(k.startswith(DDP_PREFIX) for k in state):
+        return {k[len(DDP_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def _file_backbone(state: dict) -> tuple[str, str] | None:
+    """The ResNet (an ARCHS name) a state_dict with torchvision's names was made with, and the evidence: bottleneck
+    blocks have a conv3, the depth shows in layer3's block count, ResNeXt in its grouped conv2's weight shape."""
+    blocks = {int(k.split(".")[3]) for k in state if re.match(r"backbone\.body\.layer3\.\d+\.", k)}
+    conv2 = state.get("backbone.body.layer1.0.conv2.weight")
+    if not blocks or conv2 is None or conv2.dim() != 4:
+        return None
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in state
+    depth, grouped = max(blocks) + 1, conv2.shape[1] != conv2.shape[0]
+    for name, (block, layers, groups, _) in ARCHS.items():
+        if (block.expansion > 1) == bottleneck and layers[2] == depth and (groups > 1) == grouped:
+            return name, f"{depth} {'bottleneck' if bottleneck else 'basic'} blocks in layer3"
+    return None
+
+
+def _torchvision_config(state: dict, path: str | os.PathLike, overrides: dict[str, Any]) -> SegmenterConfig:
+    """What a bare state_dict runs with: torchvision's inference defaults, the BatchNorm eps and class count it was
+    made with, and the caller's settings (null ones left out), unless the file contradicts them."""
+    settings = {**TORCHVISION_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    found = _file_backbone(state)
+    if found and found[0] != settings["backbone"]:
+        name, evidence = found
+        group, group_backbone = BACKBONE_GROUPS[ARCHS[name][0].expansion > 1]
+        extra = "" if name == group_backbone else f" segment.backbone={name}"
+        raise CheckpointError(f"{path} holds a {name} backbone ({evidence}) but the segment config is for "
+                              f"{settings['backbone']}: add segment={group}{extra} to the command (or the segment "
+                              "config it was trained with)")
+    steps = any(k.endswith("num_batches_tracked") for k in state)
+    settings.setdefault("bn_eps", BUILT_BN_EPS if steps else COCO_V1_BN_EPS)
+    scores = state.get(CLASS_SCORES)
+    if scores is not None and scores.dim() == 2:
+        classes, names = scores.shape[0], settings.get("class_names")
+        if settings.setdefault("num_classes", classes) != classes:
+            raise CheckpointError(f"{path} has {classes} classes (background included), not segment.num_classes="
+                                  f"{settings['num_classes']}: set segment.num_classes={classes}, or leave it null "
+                                  "to take the file's")
+        if isinstance(names, (list, tuple)) and len(names) != classes:
+            raise CheckpointError(f"{path} has {classes} classes (background included) but segment.class_names has "
+                                  f"{len(names)} names")
+    return SegmenterConfig.from_dict(settings)
 
 
 def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike, what: str = "") -> MaskRCNN:
@@ -75,15 +157,23 @@ def _empty_model(config: SegmenterConfig) -> MaskRCNN:
 
 
 def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> MaskRCNN:
-    """A torchvision maskrcnn_resnet50_fpn (v1) state_dict file -> our model in eval mode, with torchvision's
-    inference settings (800/1333, score 0.05, NMS 0.5, 100 detections, 91 COCO classes) unless overridden."""
-    state = _read(path)
-    if not _is_state_dict(state):
+    """A torchvision maskrcnn_resnet50_fpn (v1) state_dict file -> our model in eval mode.
+
+    The file may be bare weights, a reference training script's checkpoint or a DDP model's ('module.' keys). It
+    runs with torchvision's inference settings (800/1333, score 0.05, NMS 0.5, 100 detections) and the BatchNorm
+    eps and class count it was made with (names: COCO's for 91 classes, else class_1...), unless overridden.
+    """
+    return _load_torchvision(_read(path), path, overrides)
+
+
+def _load_torchvision(state: Any, path: str | os.PathLike, overrides: dict[str, Any]) -> MaskRCNN:
+    weights = _bare_weights(state)
+    if weights is None:
         raise CheckpointError(f"{path} is not a torchvision Mask R-CNN state_dict (expected a dict of tensors)")
-    model = _empty_model(SegmenterConfig.from_dict({**TORCHVISION_DEFAULTS, **overrides}))
+    model = _empty_model(_torchvision_config(weights, path, overrides))
     what = (f"the {model.config.backbone} model it was read into (a file of bare weights carries no config: "
             "torchvision's R50 unless segment settings say otherwise)")
-    return _load_weights(model, state, path, what)
+    return _load_weights(model, weights, path, what)
 
 
 def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, Any] | None = None,
@@ -115,7 +205,7 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCNN:
-    """Our checkpoint (config stored inside) or a raw torchvision state_dict -> model in eval mode on the CPU.
+    """Our checkpoint (config stored inside) or a torchvision state_dict file -> model in eval mode on the CPU.
 
     Overrides change inference settings (thresholds, sizes, precision...). Our checkpoints carry the
     architecture they were trained with, so overrides of ARCHITECTURE_KEYS apply only to raw torchvision files.
@@ -127,8 +217,8 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
         settings = {k: v for k, v in config_overrides.items() if k not in ARCHITECTURE_KEYS}
         config = SegmenterConfig.from_dict({**state["config"], **settings})
         return _load_weights(_empty_model(config), state["model"], path)
-    if _is_state_dict(state):
-        return load_torchvision_checkpoint(path, **config_overrides)
+    if _bare_weights(state) is not None:
+        return _load_torchvision(state, path, config_overrides)
     raise CheckpointError(f"{path} is neither an {FORMAT} checkpoint nor a Mask R-CNN state_dict")
 
 

@@ -5,9 +5,12 @@ state_dict reproduces torchvision's model. Hydra's `segment` group is turned int
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from common.errors import SettingError
+from common.settings import flag, number, whole
 from segment.errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
@@ -21,11 +24,33 @@ ARCHITECTURE_KEYS = (
 )
 
 
+# settings whose null means "the default" or, loading a bare torchvision file, "as the file was made"
+NULLABLE_KEYS = ("bn_eps", "num_classes", "class_names")
+GAP_CLASS = "N/A"  # an unused index in COCO's category list, not a class
+# whole-number settings: (lowest, highest)
+WHOLE_RANGES = {"trainable_layers": (0, 5), "num_classes": (2, math.inf), **dict.fromkeys((
+    "max_size", "size_divisible", "fpn_channels", "representation_size", "mask_head_channels", "mask_head_layers",
+    "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img", "paste_chunk_size"), (1, math.inf))}
+FRACTIONS = ("rpn_nms_thresh", "rpn_score_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_positive_fraction",
+             "box_fg_iou_thresh", "box_bg_iou_thresh", "box_positive_fraction", "score_threshold", "nms_threshold")
+NON_NEGATIVE = ("bn_eps", "rpn_min_size", "box_min_size")
+# list settings: (values needed, None for one or more; whether each must be > 0, not only finite)
+LISTS = {"image_mean": (3, False), "image_std": (3, True), "anchor_sizes": (5, True), "anchor_ratios": (None, True),
+         "bbox_reg_weights": (4, True)}
+LIST_MEANING = {"image_mean": " (R, G, B)", "image_std": " (R, G, B)", "anchor_sizes": " (one per FPN level P2..P6)"}
+
+
 def coco_class_names() -> list[str]:
     """The 91 COCO category names torchvision's detection weights use (index 0 is background, 'N/A' are gaps)."""
     from torchvision.models._meta import _COCO_CATEGORIES
 
     return list(_COCO_CATEGORIES)
+
+
+def real_class_names(class_names: list[str]) -> list[str]:
+    """The names of the classes a model can detect: neither the background (index 0) nor COCO's 'N/A' gaps."""
+    return [name for name in class_names[1:] if name != GAP_CLASS]
 
 
 @dataclass
@@ -81,31 +106,69 @@ class SegmenterConfig:
     cuda_graphs: bool = True  # on a GPU, predict replays the fixed-shape front (transform → RPN top-k) as a CUDA graph
 
     def __post_init__(self) -> None:
+        try:
+            self._check()
+        except ConfigError:
+            raise
+        except SettingError as error:  # common.settings' checks, named as this package's error
+            raise ConfigError(str(error)) from None
+
+    def _check(self) -> None:
+        """Each setting's type and range, so that a bad value is one line here, not a wrong render or a deep error."""
         self._check_choice("backbone", BACKBONES)
         self._check_choice("norm", NORMS)
         self._check_choice("precision", PRECISIONS)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"segment.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
-        if not 0 <= self.trainable_layers <= 5:
-            raise ConfigError(f"segment.trainable_layers must be in 0..5, got {self.trainable_layers}")
-        if self.num_classes < 2:
-            raise ConfigError(f"segment.num_classes counts background too and must be >= 2, got {self.num_classes}")
+        for name in ("channels_last", "cuda_graphs"):
+            flag(getattr(self, name), f"segment.{name}")
+        for name, (low, high) in WHOLE_RANGES.items():
+            whole(getattr(self, name), f"segment.{name}", low, high)
+        for name in FRACTIONS:
+            setattr(self, name, number(getattr(self, name), f"segment.{name}", 0, 1))
+        for name in NON_NEGATIVE:
+            setattr(self, name, number(getattr(self, name), f"segment.{name}", 0))
+        for name, (count, positive) in LISTS.items():
+            setattr(self, name, self._numbers(name, count, positive))
+        for stage in ("rpn", "box"):
+            low, high = f"{stage}_bg_iou_thresh", f"{stage}_fg_iou_thresh"
+            if getattr(self, low) > getattr(self, high):
+                raise ConfigError(f"segment.{low} ({getattr(self, low)}) must not exceed segment.{high} "
+                                  f"({getattr(self, high)})")
+        self._check_min_size()
+        self._check_class_names()
+        if self.norm == "gn" and (self.fpn_channels % 32 or self.mask_head_channels % 32):
+            raise ConfigError("segment.norm=gn needs fpn_channels and mask_head_channels divisible by 32")
+
+    def _numbers(self, name: str, count: int | None, positive: bool) -> list:
+        values = getattr(self, name)
+        if not isinstance(values, (list, tuple)) or (len(values) != count if count else not values):
+            need = f"{count} values{LIST_MEANING.get(name, '')}" if count else "at least one value"
+            raise ConfigError(f"segment.{name} needs {need}, got {values!r}")
+        for value in values:
+            number(value, f"segment.{name}", 0 if positive else -math.inf, low_open=positive)
+        return list(values)
+
+    def _check_min_size(self) -> None:
+        sizes = self.min_size if isinstance(self.min_size, (list, tuple)) else [self.min_size]
+        if not sizes:
+            raise ConfigError("segment.min_size must be a whole number >= 1 or a non-empty list of them, got []")
+        for size in sizes:
+            whole(size, "segment.min_size", 1)
+        if isinstance(self.min_size, tuple):
+            self.min_size = list(self.min_size)
+
+    def _check_class_names(self) -> None:
         if not self.class_names:
             self.class_names = (
                 coco_class_names() if self.num_classes == 91 else
                 ["__background__"] + [f"class_{i}" for i in range(1, self.num_classes)]
             )
+        if not isinstance(self.class_names, (list, tuple)) or not all(isinstance(n, str) for n in self.class_names):
+            raise ConfigError(f"segment.class_names must be a list of names, got {self.class_names!r}")
         self.class_names = list(self.class_names)
         if len(self.class_names) != self.num_classes:
             raise ConfigError(
                 f"segment.class_names has {len(self.class_names)} names but num_classes is {self.num_classes}"
             )
-        if len(self.anchor_sizes) != 5:
-            raise ConfigError(f"segment.anchor_sizes needs one size per FPN level P2..P6 (5), got {self.anchor_sizes}")
-        if len(self.bbox_reg_weights) != 4:
-            raise ConfigError(f"segment.bbox_reg_weights needs 4 values, got {self.bbox_reg_weights}")
-        if self.norm == "gn" and (self.fpn_channels % 32 or self.mask_head_channels % 32):
-            raise ConfigError("segment.norm=gn needs fpn_channels and mask_head_channels divisible by 32")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -131,7 +194,7 @@ class SegmenterConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown segment config keys: {', '.join(unknown)}")
-        data = {k: v for k, v in data.items() if not (k == "class_names" and v is None)}
+        data = {k: v for k, v in data.items() if not (k in NULLABLE_KEYS and v is None)}
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

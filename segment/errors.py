@@ -12,3 +12,7 @@ class CheckpointError(SegmentError):
 
 class ConfigError(SegmentError, SettingError):
     """A segment setting has an invalid value."""
+
+
+class FrameSizeError(SegmentError, ValueError):
+    """A frame the model cannot read: no pixels, or too thin to keep a row or a column once resized."""

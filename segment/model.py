@@ -197,7 +197,7 @@ def _group_by_size(frames: Tensor | list[Tensor]) -> list[tuple[list[int], Tenso
             frames = frames[None]
         if frames.dim() != 4 or frames.shape[1] != 3:
             raise ValueError(f"predict expects (B, 3, H, W) frames, got shape {tuple(frames.shape)}")
-        return [(list(range(frames.shape[0])), frames)]
+        return [(list(range(frames.shape[0])), frames)] if len(frames) else []
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, frame in enumerate(frames):
         if frame.dim() != 3 or frame.shape[0] != 3:

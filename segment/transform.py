@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segment.config import SegmenterConfig
+from segment.errors import FrameSizeError
 
 
 @dataclass
@@ -26,6 +27,20 @@ class ImageBatch:
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size `ImageTransform` resizes an image to: F.interpolate's with recompute_scale_factor (each side times
+    the scale, rounded down). A frame that would keep no row or column is refused here, as torchvision's transform
+    would fail deep inside F.interpolate (or on a division by zero for a frame without pixels)."""
+    if not height or not width:
+        raise FrameSizeError(f"a {height}x{width} frame has no pixels")
+    scale = resize_scale(height, width, min_size, max_size)
+    size = (math.floor(height * scale), math.floor(width * scale))
+    if not all(size):
+        raise FrameSizeError(f"a {height}x{width} frame is {size[0]}x{size[1]} pixels once resized (min_size "
+                             f"{min_size}, max_size {max_size}): too thin to segment")
+    return size
 
 
 def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
@@ -92,9 +107,8 @@ class ImageTransform:
         a + w·(b - a) instead of a·(1 - w) + b·w)."""
         if frames.device.type != "cpu":
             return self._resize(frames.float(), min_size)
-        height, width = frames.shape[-2:]
-        scale = resize_scale(height, width, min_size, self.max_size)
-        size = (math.floor(height * scale), math.floor(width * scale))  # F.interpolate's, recompute_scale_factor
+        height = frames.shape[-2]
+        size = resized_size(*frames.shape[-2:], min_size, self.max_size)
         rows, weights = _source_rows(height, size[0])
         shrunk = []
         for frame in frames:
@@ -119,6 +133,7 @@ class ImageTransform:
         """(B, 3, H, W) uint8 frames of one size, already on the model's device -> ImageBatch (inference)."""
         original = (frames.shape[-2], frames.shape[-1])
         min_size = self._min_size(False)
+        resized_size(*original, min_size, self.max_size)
         # Normalising is an affine map per channel and bilinear resizing takes convex combinations of pixels, so
         # the two commute up to float rounding: normalise at the smaller resolution. A video frame usually
         # shrinks (480p to the demo model's 256: three full-frame passes fewer); an enlarged one keeps
@@ -139,7 +154,9 @@ class ImageTransform:
             if image.dim() != 3 or not image.is_floating_point():
                 raise TypeError(f"image {index}: expected a float (3, H, W) tensor in [0, 1], got {image.dtype} {tuple(image.shape)}")
             original = (image.shape[-2], image.shape[-1])
-            out = self._resize(self.normalize(image)[None], self._min_size(training))
+            min_size = self._min_size(training)
+            resized_size(*original, min_size, self.max_size)
+            out = self._resize(self.normalize(image)[None], min_size)
             size = (out.shape[-2], out.shape[-1])
             resized.append(out)
             sizes.append(size)

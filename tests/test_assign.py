@@ -223,6 +223,20 @@ def test_unknown_class_fails_early_listing_the_model_classes(bank, key, value):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("key, value", [("class_styles", {"N/A": "candy"}), ("exclude_classes", ["N/A"]),
+                                        ("exclude_classes", ["unicorn"])])
+def test_coco_gaps_are_not_classes(bank, key, value):
+    """torchvision's 91 COCO names hold 11 'N/A' gaps: the list of the model's classes repeated "N/A" 11 times, and
+    'N/A' passed as a class to exclude or style."""
+    from segment.config import coco_class_names
+
+    with pytest.raises(SettingError) as error:
+        StyleAssigner.from_config(config(**{key: value}), bank, coco_class_names())
+    message = str(error.value)
+    assert f"unknown class {next(iter(value))!r} in style.{key}" in message
+    assert "N/A" not in message.split("the model's classes: ")[1] and "person, bicycle, car" in message
+
+
 def test_class_map_is_not_checked_when_unused(bank):
     # per_instance ignores class_styles, so a map for another model's classes must not stop the render.
     StyleAssigner.from_config(config(assign="per_instance", class_styles={"circle": "candy"}), bank, CLASSES)

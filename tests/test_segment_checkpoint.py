@@ -47,6 +47,32 @@ def test_not_a_checkpoint_is_named(tmp_path, content):
         assert str(path) in one_line(error) and "not a readable PyTorch checkpoint" in str(error.value)
 
 
+class RunsACommand:
+    def __reduce__(self):
+        return os.system, ("echo unpickled",)
+
+
+def test_refused_and_truncated_files_say_why(tmp_path, small_model):
+    """The reason was torch's message cut at 120 characters: mid-way through its advice on `weights_only` without
+    naming the refused global, or through "This is an internal miniz error" for a truncated file."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": small_model.state_dict(), "extra": RunsACommand()}, evil)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(evil)
+    assert one_line(error).endswith(f"(Unsupported global: GLOBAL {os.system.__module__}.system; a weights-only load "
+                                    "reads tensors and plain data only)")
+    whole = tmp_path / "whole.pth"
+    torch.save(small_model.state_dict(), whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for path in (truncated, tmp_path / "empty.pth"):
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(path)
+        assert one_line(error) == (f"{path} is not a readable PyTorch checkpoint (not a complete checkpoint: "
+                                   "the file is truncated or empty)")
+
+
 def test_torch_file_of_the_wrong_kind(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
@@ -74,18 +100,6 @@ def test_mismatched_keys_and_shapes_are_listed(tmp_path, small_model):
     # bare weights carry no config: the message says what they were read into and why (it named resnet50 to a
     # user training a resnet18, with no reason given)
     assert "does not fit the resnet18 model it was read into (a file of bare weights carries no config" in message
-
-
-def test_torchvision_file_for_a_different_class_count(tmp_path):
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
-    path = tmp_path / "tv_3_classes.pth"
-    torch.save(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).state_dict(), path)
-    with pytest.raises(CheckpointError, match="shape mismatch roi_heads.box_predictor.cls_score.weight"):
-        load_torchvision_checkpoint(path)
-    model = load_torchvision_checkpoint(path, num_classes=3, min_size=320)
-    assert not model.training and model.config.num_classes == 3 and model.config.min_size == 320
-    assert model.config.bn_eps == 0.0 and model.config.score_threshold == 0.05 and model.config.max_size == 1333
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, small_model, real_photos):
@@ -188,3 +202,15 @@ def test_export_into_an_unwritable_place_is_one_line(tmp_path, small_model, caps
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: cannot write {target}: ") and "\n" not in err
     assert sorted(p.name for p in (tmp_path / "a_folder").iterdir()) == [] and not any(read_only.iterdir())
+
+
+def test_export_counts_only_real_classes(tmp_path, capsys):
+    """COCO's 91 names hold 11 'N/A' gaps: "90 classes (..., N/A, ...)"."""
+    from scripts.export_segmenter import main
+
+    names = ["__background__", "cat", "N/A", "cup"]
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(**{**SMALL, "num_classes": 4, "class_names": names}))
+    source = save_checkpoint(model, tmp_path / "gaps.pt")
+    assert main([str(source), str(tmp_path / "out.pt")]) == 0
+    assert capsys.readouterr().out.strip().endswith(", 2 classes (cat, cup)")

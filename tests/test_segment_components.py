@@ -327,6 +327,25 @@ def test_folded_model_refuses_training_and_saving(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_predict_without_frames_or_pixels():
+    """An empty batch tensor was a reshape RuntimeError (an empty list gave [] already), a frame without rows a
+    ZeroDivisionError, and one that resizing leaves without rows an F.interpolate RuntimeError (torchvision's too)."""
+    from segment.errors import FrameSizeError
+    from segment.model import build_model
+
+    model = build_model(dict(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
+                             mask_head_channels=32, num_classes=2, min_size=192, max_size=288)).eval()
+    assert model.predict(torch.zeros(0, 3, 64, 64, dtype=torch.uint8)) == [] and model.predict([]) == []
+    cases = [((0, 64), "a 0x64 frame has no pixels"),
+             ((1, 320), "a 1x320 frame is 0x288 pixels once resized (min_size 192, max_size 288): too thin to segment")]
+    for (height, width), fragment in cases:
+        frame = torch.zeros(3, height, width, dtype=torch.uint8)
+        for run in (lambda: model.predict(frame), lambda: model.predict([frame]), lambda: model([frame / 255])):
+            with pytest.raises(FrameSizeError) as error:
+                run()
+            assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("threads", [1, 4, 8])
 def test_multilevel_roi_align_training_equals_torchvision(threads):
     # CPU training pools on the thread pool too (RoI chunks forward; backward an image per thread, 8 threads over 3
