@@ -27,7 +27,7 @@ from common.errors import UserError, one_line
 from common.outputs import leftover_temp_files
 from common.settings import flag, number, whole
 from segment.checkpoint import load_checkpoint, project_relative
-from segment.config import SegmenterConfig
+from segment.config import SegmenterConfig, real_class_names
 from segment.distributed import DistInfo, barrier, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
 from segment.errors import CheckpointError, ConfigError
@@ -38,6 +38,9 @@ from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 # keys of the shared `segment` group that belong to the render app, not to the architecture
 _RENDER_KEYS = ("checkpoint", "device")
 CONFIG = "config.yaml"
+# the layers with a row per class (background included): fine-tuning on other classes starts them fresh
+CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") for layer in (
+    "box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits"))
 RUN_FILES = (LAST, FINAL, METRICS, CONFIG)  # what a run writes into output_dir (and overwrite=true removes)
 
 
@@ -102,8 +105,11 @@ def check_writable_folder(path: Path) -> None:
         raise ConfigError(f"output_dir={path} cannot be written to ({e.strerror or e})") from None
 
 
-def segmenter_config(segment_cfg: Any, class_names: list[str] | None) -> tuple[SegmenterConfig, str | None]:
-    """The `segment` group -> (architecture config with the dataset's classes, optional initial-weights path)."""
+def segmenter_config(segment_cfg: Any, class_names: list[str] | None,
+                     start: SegmenterConfig | None = None) -> tuple[SegmenterConfig, str | None]:
+    """The `segment` group -> (architecture config with the dataset's classes, optional initial-weights path).
+    A null bn_eps is the starting weights' (`start`): r50_fpn.yaml leaves it to the file, 0 for torchvision's COCO
+    weights, which run wrong with any other."""
     values = (OmegaConf.to_container(segment_cfg, resolve=True) if isinstance(segment_cfg, DictConfig)
               else dict(segment_cfg))
     init_weights = values.get("checkpoint")
@@ -111,6 +117,8 @@ def segmenter_config(segment_cfg: Any, class_names: list[str] | None) -> tuple[S
     if class_names:  # the model predicts the classes of the data it is trained on
         values["num_classes"] = len(class_names) + 1
         values["class_names"] = ["__background__", *class_names]
+    if start is not None and values.get("bn_eps") is None:
+        values["bn_eps"] = start.bn_eps
     return SegmenterConfig.from_dict(values), init_weights
 
 
@@ -123,16 +131,28 @@ def _check_from_scratch(config: SegmenterConfig, init_weights: str | None) -> No
                           "segment.trainable_layers=5, or start from weights with segment.checkpoint=PATH")
 
 
-def build_segmenter(config: SegmenterConfig, init_weights: str | None) -> MaskRCNN:
-    if not init_weights:
-        return build_model(config)
-    # starting weights (fine-tuning): their shapes must fit this config, the config itself comes from the yaml
+def load_start(init_weights: str | None) -> MaskRCNN | None:
+    """The starting weights (segment.checkpoint: ours or a torchvision file), found as the render finds them."""
+    return load_checkpoint(project_relative(init_weights)) if init_weights else None
+
+
+def build_segmenter(config: SegmenterConfig, start: MaskRCNN | None, name: str | None = None) -> MaskRCNN:
+    """A new model, with `start`'s weights where given (fine-tuning). Their shapes must fit `config`, except the
+    layers with a row per class, which start fresh when the data has other classes (COCO weights fine-tuned on
+    one's own classes, as in torchvision's fine-tuning tutorial)."""
     model = build_model(config)
+    if start is None:
+        return model
+    own, weights = model.state_dict(), start.state_dict()
+    fresh = [k for k in CLASS_LAYERS if k in weights and k in own and weights[k].shape != own[k].shape]
     try:
-        model.load_state_dict(load_checkpoint(project_relative(init_weights)).state_dict())
+        model.load_state_dict({**weights, **{k: own[k] for k in fresh}})
     except RuntimeError as e:  # shape / key mismatch
-        raise CheckpointError(f"segment.checkpoint={init_weights} does not fit segment config: "
+        raise CheckpointError(f"segment.checkpoint={name} does not fit segment config: "
                               f"{str(e).strip().splitlines()[-1][:160]}") from None
+    if fresh:
+        print(f"note: segment.checkpoint={name} has {len(real_class_names(start.config.class_names))} classes, the "
+              f"data {len(real_class_names(config.class_names))}: its class score, box and mask layers start fresh")
     return model
 
 
@@ -164,8 +184,10 @@ def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> T
     train_set = build_dataset(cfg.data, "train")
     if info.is_main:
         barrier(info)
-    config, init_weights = segmenter_config(cfg.segment, getattr(train_set, "class_names", None))
-    model = build_segmenter(config, init_weights).to(info.device)
+    start = load_start(cfg.segment.get("checkpoint"))
+    config, init_weights = segmenter_config(cfg.segment, getattr(train_set, "class_names", None),
+                                            start.config if start is not None else None)
+    model = build_segmenter(config, start, init_weights).to(info.device)
 
     schedule = cfg.schedule
     images_per_iteration = int(cfg.batch_size) * info.world_size

@@ -190,7 +190,7 @@ def test_starting_weights_at_a_relative_path_are_found_from_any_directory(tmp_pa
     another directory said 'checkpoint file not found: models/demo_segmenter.pt'."""
     import segment.checkpoint
     from segment.checkpoint import save_checkpoint
-    from segment.train import build_segmenter, segmenter_config
+    from segment.train import build_segmenter, load_start, segmenter_config
 
     project = tmp_path / "project"
     config, _ = segmenter_config(TINY_MODEL | {"num_classes": 6}, None)
@@ -198,8 +198,29 @@ def test_starting_weights_at_a_relative_path_are_found_from_any_directory(tmp_pa
     save_checkpoint(start, project / "models" / "start.pt")
     monkeypatch.setattr(segment.checkpoint, "PROJECT_ROOT", project)
     monkeypatch.chdir(tmp_path)
-    built = build_segmenter(config, "models/start.pt")
+    built = build_segmenter(config, load_start("models/start.pt"))
     torch.testing.assert_close(weights(built), weights(start))
+
+
+def test_fine_tuning_on_other_classes_keeps_the_starting_bn_eps_and_starts_the_class_layers_fresh(tmp_path, capsys):
+    """COCO weights (91 classes, BatchNorm eps 0) fine-tuned on 5 classes, with r50_fpn.yaml's bn_eps null: the
+    model was built with eps 1e-5 (the weights run wrong with it) and the class layers were a shape mismatch."""
+    from segment.checkpoint import save_checkpoint
+    from segment.train import CLASS_LAYERS, build_segmenter, load_start, segmenter_config
+
+    coco, _ = segmenter_config(TINY_MODEL | {"norm": "bn", "num_classes": 91, "bn_eps": 0.0}, None)
+    start = build_model(coco)
+    save_checkpoint(start, tmp_path / "coco.pt")
+    group = TINY_MODEL | {"norm": "bn", "bn_eps": None, "checkpoint": str(tmp_path / "coco.pt")}
+    loaded = load_start(group["checkpoint"])
+    config, name = segmenter_config(group, ["circle", "square", "triangle", "star", "ring"], loaded.config)
+    model = build_segmenter(config, loaded, name)
+    assert config.bn_eps == 0.0 and config.num_classes == 6
+    ours, theirs = weights(model), weights(start)
+    assert all(ours[k].shape[0] in (6, 6 * 4) for k in CLASS_LAYERS)
+    torch.testing.assert_close({k: v for k, v in ours.items() if k not in CLASS_LAYERS},
+                               {k: v for k, v in theirs.items() if k not in CLASS_LAYERS})
+    assert "has 80 classes, the data 5: its class score, box and mask layers start fresh" in capsys.readouterr().out
 
 
 def test_dataset_error_in_a_worker_keeps_its_message(tmp_path):
