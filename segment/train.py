@@ -36,7 +36,7 @@ from segment.model import MaskRCNN, build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 
 # keys of the shared `segment` group that belong to the render app, not to the architecture
-_RENDER_KEYS = ("checkpoint", "device")
+_RENDER_KEYS = ("checkpoint",)
 CONFIG = "config.yaml"
 # the layers with a row per class (background included): fine-tuning on other classes starts them fresh
 CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") for layer in (
