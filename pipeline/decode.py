@@ -1,7 +1,8 @@
 """Streaming video decode with PyAV: upright RGB uint8 frames, batched as FrameRecords on the working device.
 
-Frames keep their own presentation timestamps (variable frame rate survives), rotation side data is applied
-so frames come out upright, and any pixel format (10-bit, 4:2:2, odd sizes) is converted to rgb24 by swscale.
+The video is FFmpeg's choice of video stream, never a cover picture (`video_stream`). Frames keep their own
+presentation timestamps (variable frame rate survives), rotation side data is applied so frames come out upright,
+and any pixel format (10-bit, 4:2:2, odd sizes) is converted to rgb24 by swscale.
 With `colour=device` (the default on a GPU) 8-bit 4:2:0 frames travel to the device as their YUV planes and
 become RGB there (pipeline/colour.py); `decoder=nvdec` decodes on the GPU's NVDEC unit (FFmpeg's *_cuvid
 decoders, which hand back NV12 frames). Only one batch at a time lives in memory; the caller decides how far
@@ -30,6 +31,13 @@ from pipeline.thread_stream import ThreadStream
 
 DECODERS = ("software", "nvdec")
 COLOUR = ("auto", "cpu", "device")
+# A stream may end this much before the end its container declares without counting as truncated: timestamp
+# rounding (Matroska keeps milliseconds) and a few dropped frames at the very end (AVI's empty chunks).
+TRUNCATION_SLACK_S = 0.25
+TRUNCATION_SLACK_FRAMES = 3
+# Formats whose durations are no declaration: raw streams (a guess from the bitrate at best) and MPEG-TS / PS
+# (read from the last timestamps in the file: they end where the data does).
+_NO_DECLARED_END = av.format.Flags.no_timestamps.value | av.format.Flags.ts_discont.value
 
 
 @dataclass(frozen=True)
@@ -42,12 +50,14 @@ class VideoInfo:
     time_base: Fraction
     average_rate: Fraction | None   # frames per second (nominal; VFR streams keep per-frame pts anyway)
     frame_count: int                # the container's count when it has one, else estimated from duration
-    declared_frames: int            # the container's own count (0 = none given)
+    declared_frames: int            # the container's own count (0 = none given; an edit list may show fewer)
     duration: float | None          # seconds
     codec: str
     pix_fmt: str
     rotation: int                   # degrees counter-clockwise applied to decoded frames (0/90/180/270)
     has_audio: bool
+    stream_index: int = 0           # the video stream's index in the container (`video_stream`)
+    declared_end: float | None = None  # seconds: where the container says the stream ends (None: it does not say)
 
     def describe(self) -> str:
         rate = f"{float(self.average_rate):.3g} fps" if self.average_rate else "unknown fps"
@@ -60,7 +70,7 @@ def probe(path: str | Path) -> VideoInfo:
     path = Path(path)
     container = open_input(path)
     try:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         first = next(_decode_frames(container, stream, path), None)
         if first is None:
             raise EmptyVideoError(f"{path}: the video stream has zero frames")
@@ -74,14 +84,15 @@ def probe(path: str | Path) -> VideoInfo:
             path=path, width=width, height=height, time_base=stream.time_base or Fraction(1, 90000),
             average_rate=Fraction(rate) if rate else None, frame_count=int(estimate), declared_frames=declared,
             duration=duration, codec=stream.codec_context.name, pix_fmt=first.format.name,
-            rotation=rotation, has_audio=bool(container.streams.audio),
+            rotation=rotation, has_audio=bool(container.streams.audio), stream_index=stream.index,
+            declared_end=_declared_end(container, stream),
         )
     finally:
         container.close()
 
 
 def open_input(path: Path) -> av.container.InputContainer:
-    """av.open with the failure modes turned into one-line errors; the result has at least one video stream."""
+    """av.open with the failure modes turned into one-line errors; the result holds a video (`video_stream`)."""
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
@@ -92,19 +103,32 @@ def open_input(path: Path) -> av.container.InputContainer:
         raise InputError(f"cannot read input {path}: permission denied") from e
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise NotAVideoError(f"{path} is not a readable video file ({ffmpeg_reason(e)})") from e
-    if not container.streams.video:
+    if video_stream(container) is None:
         has_audio = bool(container.streams.audio)
+        cover = " and a cover picture" if container.streams.video else ""
         container.close()
         if has_audio:
-            raise AudioOnlyError(f"{path} holds only audio, no video stream")
-        raise NotAVideoError(f"{path} holds no video stream")
+            raise AudioOnlyError(f"{path} holds only audio{cover}, no video stream")
+        raise NotAVideoError(f"{path} holds no video stream" + (" (only a cover picture)" if cover else ""))
     return container
+
+
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The input's video: FFmpeg's best video stream (its own pick, av_find_best_stream) that is not an attached
+    picture (cover art); None when the container holds only such pictures. Every reader of the input (probe,
+    decode, the NVDEC check) takes this one, so they all see the same frames."""
+    moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not moving:
+        return None
+    best = container.streams.best("video")
+    return next((s for s in moving if best is not None and s.index == best.index), moving[0])
 
 
 class VideoReader:
     """Iterates over the video of `path` in batches of `batch_size` FrameRecords with images on `device`.
 
-    Raises TruncatedVideoError at the end when the stream broke off, so a render never ends silently short.
+    Raises TruncatedVideoError at the end when the stream broke off (a decoder error, or its last frame ends well
+    before the end its container declares), so a render never ends silently short.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 4, device: torch.device | str = "cpu",
@@ -120,10 +144,11 @@ class VideoReader:
         self.device = torch.device(device)
         self.decoder_name = _hardware_decoder(self.info) if decoder == "nvdec" else None
         if self.decoder_name:  # fail before any output exists, not in the decode thread
-            with open_input(self.info.path) as container:
-                _open_decoder(container.streams.video[0], self.decoder_name, self.info.path)  # freed when dropped
+            with open_input(self.info.path) as container:  # the decoder is freed when dropped
+                _open_decoder(container.streams[self.info.stream_index], self.decoder_name, self.info.path)
         self.colour_on_device = colour == "device" or (colour == "auto" and self.device.type == "cuda")
         self.frames_read = 0
+        self._end_pts: int | None = None  # the latest end (pts + duration) of a decoded frame with a timestamp
         self._stream = ThreadStream(self.device)  # uploads and colour conversion overlap the model stages' work
 
     @classmethod
@@ -136,7 +161,7 @@ class VideoReader:
         info = self.info
         container = open_input(info.path)
         try:
-            stream = container.streams.video[0]
+            stream = container.streams[info.stream_index]
             stream.thread_type = "AUTO"  # frame + slice threads inside libavcodec
             batch: list[FrameRecord] = []
             fallback_step = _pts_step(info)
@@ -146,6 +171,9 @@ class VideoReader:
                 pts = frame.pts
                 if pts is None:  # raw streams carry no timestamps: space frames by the nominal rate
                     pts = 0 if last_pts is None else last_pts + fallback_step
+                else:  # the latest end, not the last frame's: with B-frames those differ
+                    end = pts + (frame.duration or fallback_step)
+                    self._end_pts = end if self._end_pts is None else max(self._end_pts, end)
                 last_pts = pts
                 batch.append(FrameRecord(index=index, pts=pts, time_base=info.time_base, image=self._to_tensor(frame)))
                 self.frames_read = index + 1
@@ -179,13 +207,20 @@ class VideoReader:
         return rgb.contiguous()
 
     def _check_complete(self) -> None:
-        declared, got = self.info.declared_frames, self.frames_read
+        """Judged by time, not by the container's frame count: an edit list (a cut made without re-encoding) shows
+        fewer frames than the container stores, and an AVI counts its dropped frames. The declared end holds in
+        both cases: an edit list shortens the duration with the frames, dropped frames keep the later ones' pts."""
+        info, got = self.info, self.frames_read
         if got == 0:
-            raise EmptyVideoError(f"{self.info.path}: the video stream has zero frames")
-        # Containers with an index (mp4, mov) state an exact count; allow a frame of slack for edit lists.
-        if declared and got < declared - max(1, declared // 100):
+            raise EmptyVideoError(f"{info.path}: the video stream has zero frames")
+        if info.declared_end is None or self._end_pts is None:
+            return
+        stopped = float(self._end_pts * info.time_base)
+        slack = max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRAMES * float(_pts_step(info) * info.time_base))
+        if stopped < info.declared_end - slack:
             raise TruncatedVideoError(
-                f"{self.info.path} is truncated: decoded {got} of the {declared} frames its container declares")
+                f"{info.path} is truncated: its video stops at {stopped:.2f} s of the {info.declared_end:.2f} s its "
+                f"container declares ({got} frames decoded)")
 
 
 def _hardware_decoder(info: VideoInfo) -> str:
@@ -239,6 +274,37 @@ def _rotation_of(frame: av.VideoFrame, stream) -> int:
         except ValueError:
             degrees = 0
     return int(round(degrees / 90.0)) % 4 * 90
+
+
+def _declared_end(container, stream) -> float | None:
+    """Where the container says the video stream ends, in seconds (its start time included), from what the file
+    itself states; None where it states nothing for this stream."""
+    if container.format.flags & _NO_DECLARED_END:
+        return None
+    # A stream without a start time of its own got its duration copied from the container's: that may be the
+    # audio's, longer than the video.
+    if stream.duration and stream.time_base and stream.start_time is not None:
+        return float((stream.start_time + stream.duration) * stream.time_base)
+    tagged = _tagged_end(stream.metadata)
+    if tagged is not None:
+        return tagged
+    if len(container.streams) == 1 and container.duration:
+        return ((container.start_time or 0) + container.duration) / av.time_base
+    return None
+
+
+def _tagged_end(metadata: dict) -> float | None:
+    """Matroska's per-stream DURATION tag ("HH:MM:SS.nnnnnnnnn"; mkvmerge's carries a language: "DURATION-eng"),
+    which FFmpeg's muxer writes as the stream's end time. Taken as the end either way: were it a length counted
+    from a later start, the real end would lie later still."""
+    for key, value in metadata.items():
+        if key.upper() == "DURATION" or key.upper().startswith("DURATION-"):
+            try:
+                hours, minutes, seconds = str(value).split(":")
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            except ValueError:
+                return None
+    return None
 
 
 def _duration_seconds(container, stream) -> float | None:

@@ -1,5 +1,10 @@
 """Streaming video encode with PyAV: input timestamps kept frame by frame, audio carried over, odd sizes handled.
 
+Every audio track of the input comes along, in order, with its language: copied packet by packet where the output
+container holds its codec, re-encoded to AAC (from its own start time) where it does not, and PCM too in the mp4
+family (.mp4, .m4v, .mov), where few players play it. Where the output's clock is coarser than the input's
+(Matroska keeps milliseconds), frames that would share a tick are moved one tick apart.
+
 Default is libx264 CRF 18 yuv420p (conf/encode/x264.yaml); h264_nvenc (conf/encode/nvenc.yaml) when the machine
 has it. 4:2:0 / 4:2:2 encoders need even sizes, so odd frames are padded by one edge-replicated pixel (with a
 note); 4:4:4 and RGB formats keep the exact size. Output is BT.709, tagged, so players show the right colours.
@@ -11,15 +16,18 @@ longer runs swscale.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
+from common.settings import check_settings
 from pipeline.colour import rgb_to_packed_yuv420
 from pipeline.decode import COLOUR, VideoInfo
 from pipeline.errors import EncoderError, PipelineConfigError, ffmpeg_reason
@@ -28,7 +36,11 @@ from pipeline.record import FrameRecord
 # Encoder settings passed through as codec options when the config sets them.
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # the containers an output may be
 _CODEC_OPTIONS = ("crf", "cq", "qp", "preset", "tune", "rc", "profile")
+ENCODE_KEYS = ("codec", "pix_fmt", "audio", "options", "colour", *_CODEC_OPTIONS)  # conf/encode
 _AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
+_PCM_SHY_FORMATS = ("mp4", "ipod", "mov")  # they hold PCM (mp4 as "ipcm"), which browsers and many players skip
+_AAC_RATES = av.Codec("aac", "w").audio_rates
+_AAC_FALLBACK_RATE = 48000  # for sample rates AAC has no table for (e.g. 192 kHz)
 TORCH_YUV_FORMATS = ("yuv420p",)  # what `rgb_to_packed_yuv420` writes; every other format goes through swscale
 
 
@@ -36,14 +48,17 @@ class VideoWriter:
     """`VideoWriter(path, info, cfg)`, `.write(batch)` per batch of records, `.close()` once at the end.
 
     Writes `record.output` (or `record.image` when a frame was never composited) at the record's own pts.
-    `cfg` keys: codec, pix_fmt, crf / cq / qp, preset, tune, rc, profile, options (dict), audio ("copy" / "none").
-    `colour`: where RGB → yuv420p happens: "auto" (in torch for frames on a CUDA device, swscale otherwise),
-    "device" (in torch on whatever device the frame is on, CPU included), "cpu" (always swscale).
+    `cfg` keys: codec, pix_fmt, crf / cq / qp, preset, tune, rc, profile, options (dict), audio ("copy" / "none":
+    every audio track, copied or re-encoded as the container needs / no audio).
+    `colour` (else cfg's): where RGB → yuv420p happens: "auto" (in torch for frames on a CUDA device, swscale
+    otherwise), "device" (in torch on whatever device the frame is on, CPU included), "cpu" (always swscale).
     """
 
-    def __init__(self, path: str | Path, info: VideoInfo, cfg: Mapping, colour: str = "auto"):
+    def __init__(self, path: str | Path, info: VideoInfo, cfg: Mapping, colour: str | None = None):
+        check_settings(cfg, ENCODE_KEYS, "encode")
+        colour = cfg.get("colour", "auto") if colour is None else colour
         if colour not in COLOUR:
-            raise PipelineConfigError(f"encode colour must be one of {', '.join(COLOUR)}, got {colour!r}")
+            raise PipelineConfigError(f"encode.colour must be one of {', '.join(COLOUR)}, got {colour!r}")
         self.path = Path(path)
         self.info = info
         self.colour = colour
@@ -51,7 +66,8 @@ class VideoWriter:
         self.pix_fmt = str(cfg.get("pix_fmt", "yuv420p"))
         self.width, self.height = _encodable_size(info.width, info.height, self.pix_fmt)
         self.frames_written = 0
-        self._last_pts: int | None = None
+        self._last_tick: int | None = None  # the last frame's pts on the output stream's clock
+        self._ticks_moved = 0
         self._audio: _AudioCarrier | None = None
         audio = cfg.get("audio", "copy")
         if audio not in ("copy", "none"):
@@ -61,25 +77,39 @@ class VideoWriter:
             print(f"note: {self.codec} with {self.pix_fmt} needs even sizes: padding {info.width}x{info.height} "
                   f"to {self.width}x{self.height} by repeating the edge pixels", file=sys.stderr)
         self.container = av.open(str(self.path), mode="w")
-        try:
+        try:  # every encoder opens now, each failure named, so a bad setting fails before any work
             self.stream = self._add_video_stream(cfg)
+            self._open_video_encoder(cfg)
             if info.has_audio and audio == "copy":
-                self._audio = _AudioCarrier(info.path, self.container)
-            self.container.start_encoding()  # opens the encoder now, so a bad codec fails before any work
-        except av.FFmpegError as e:
+                self._audio = _AudioCarrier(info.path, self.container, self.path.suffix)
+            self._start()
+        except BaseException:
             self._abort()
+            raise
+
+    def _open_video_encoder(self, cfg: Mapping) -> None:
+        try:
+            self.stream.codec_context.open()
+        except av.FFmpegError as e:
             # e.g. "unsupported device" on an H100 or A100: data-centre chips without the NVENC unit
             if "nvenc" in self.codec:
                 hint = (" - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver: "
                         "try encode=x264")
-            else:  # the codec is there (_check_codec): one of its settings is what it refused
-                settings = [f"encode.{key}={cfg[key]}" for key in _CODEC_OPTIONS if cfg.get(key) is not None]
+            else:  # the codec is there (_check_codec): what it refused is among what it was given
+                settings = [f"encode.pix_fmt={self.pix_fmt}"]
+                settings += [f"encode.{key}={cfg[key]}" for key in _CODEC_OPTIONS if cfg.get(key) is not None]
                 settings += [f"encode.options.{k}={v}" for k, v in (cfg.get("options") or {}).items()]
-                hint = f": check its settings ({', '.join(settings) or 'none given'})"
+                hint = f": check its settings ({', '.join(settings)})"
             raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){hint}") from e
-        except BaseException:
-            self._abort()
-            raise
+
+    def _start(self) -> None:
+        """Writes the header; the muxer may then put the video on a clock of its own (Matroska: milliseconds)."""
+        try:
+            self.container.start_encoding()
+        except av.FFmpegError as e:
+            raise EncoderError(f"cannot start writing {self.path.suffix} output ({ffmpeg_reason(e)})") from e
+        self._output_clock = Fraction(self.stream.time_base)
+        self._input_per_tick = self._output_clock / self.info.time_base
 
     def _add_video_stream(self, cfg: Mapping) -> av.video.stream.VideoStream:
         rate = self.info.average_rate or 25
@@ -115,7 +145,7 @@ class VideoWriter:
             raise EncoderError(f"frame {record.index} is {w}x{h}, the video is {self.info.width}x{self.info.height}")
         image = _edge_padded(image, self.height, self.width)
         frame = self._torch_frame(image) if self.converts_in_torch(image) else self._swscale_frame(image)
-        frame.pts = self._monotonic(record.pts)
+        frame.pts = self._increasing(record.pts)
         frame.time_base = self.info.time_base
         return frame
 
@@ -141,13 +171,27 @@ class VideoWriter:
                 frame = frame.reformat(format=self.pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
         return frame
 
-    def _monotonic(self, pts: int | None) -> int:
-        """Encoders need strictly increasing pts; damaged inputs sometimes repeat one, so nudge it by a tick."""
+    def _increasing(self, pts: int | None) -> int:
+        """`pts` (on the input's clock), moved where needed so that it is later than the last frame's on the output
+        stream's clock too: encoders and players need strictly increasing timestamps, and damaged inputs sometimes
+        repeat one, or frames lie closer together than the output's clock tells apart (Matroska: 1 ms). A frame is
+        moved to the next tick of the output's clock."""
         if pts is None:
-            pts = 0 if self._last_pts is None else self._last_pts + 1
-        if self._last_pts is not None and pts <= self._last_pts:
-            pts = self._last_pts + 1
-        self._last_pts = pts
+            return self._after_last()
+        tick = _nearest(pts / self._input_per_tick)  # what the muxer's rescaling makes of it
+        if self._last_tick is not None and tick <= self._last_tick:
+            self._ticks_moved += 1
+            return self._after_last()
+        self._last_tick = tick
+        return pts
+
+    def _after_last(self) -> int:
+        """The first input pts that the muxer puts on a later tick than the last frame's (0 for the first frame)."""
+        if self._last_tick is None:
+            pts = 0
+        else:
+            pts = math.ceil((self._last_tick + Fraction(1, 2)) * self._input_per_tick)
+        self._last_tick = _nearest(pts / self._input_per_tick)
         return pts
 
     def close(self) -> None:
@@ -159,6 +203,10 @@ class VideoWriter:
                 self._audio.copy_until(float("inf"))
         finally:
             self._abort()
+        if self._ticks_moved:
+            count = f"{self._ticks_moved} frame{'s' if self._ticks_moved > 1 else ''}"
+            print(f"note: {count} would have shared a timestamp with the frame before on the {self.path.suffix} "
+                  f"output's clock ({self._output_clock} s): moved one tick later", file=sys.stderr)
 
     def _abort(self) -> None:
         """Closes everything without flushing (the temp file is deleted by the caller)."""
@@ -179,52 +227,114 @@ class VideoWriter:
 
 
 class _AudioCarrier:
-    """Copies the input's first audio stream into the output packet by packet (no re-encode), reading the input
-    on its own demuxer so the decode thread never has to hand audio over. Codecs the output container cannot
-    hold are re-encoded to AAC."""
+    """Carries every audio track of the input into the output, in order (`_AudioTrack`), reading the input on a
+    demuxer of its own so the decode thread never has to hand audio over."""
 
-    def __init__(self, source: Path, output: av.container.OutputContainer):
+    def __init__(self, source: Path, output: av.container.OutputContainer, suffix: str):
         self.input = av.open(str(source), mode="r")
-        source_stream = self.input.streams.audio[0]
-        self.copy = source_stream.codec_context.name in output.supported_codecs
-        if self.copy:
-            self.stream = output.add_stream_from_template(source_stream)
-        else:
-            print(f"note: {source_stream.codec_context.name} audio cannot go into {output.format.name}: "
-                  f"re-encoding it as AAC", file=sys.stderr)
-            self.stream = output.add_stream("aac", rate=source_stream.codec_context.sample_rate)
-            self.stream.layout = source_stream.codec_context.layout
-        self.output = output
-        self._packets: Iterator[av.Packet] = self.input.demux(source_stream)
+        try:
+            streams = list(self.input.streams.audio)
+            self.tracks = {stream.index: _AudioTrack(number, stream, output, suffix)
+                           for number, stream in enumerate(streams, 1)}
+        except BaseException:
+            self.input.close()
+            raise
+        self._packets: Iterator[av.Packet] = self.input.demux(streams)
         self._pending: av.Packet | None = None
+        self._finished = False
 
     def copy_until(self, seconds: float) -> None:
-        while True:
+        """Carries the packets up to `seconds` (of every track: the demuxer hands them over in file order)."""
+        while not self._finished:
             packet = self._pending or next(self._packets, None)
             self._pending = None
             if packet is None:
-                if not self.copy:
-                    self._mux_all(self.stream.encode(None))
+                self._finished = True  # the encoders take one flush each
+                for track in self.tracks.values():
+                    track.finish()
                 return
             if packet.dts is None or packet.size == 0:
                 continue
             if packet.pts is not None and float(packet.pts * packet.time_base) > seconds:
                 self._pending = packet
                 return
-            if self.copy:
-                packet.stream = self.stream
-                self.output.mux(packet)
-            else:
-                for frame in packet.decode():
-                    frame.pts = None  # let the AAC encoder count samples itself
-                    self._mux_all(self.stream.encode(frame))
-
-    def _mux_all(self, packets) -> None:
-        for packet in packets:
-            self.output.mux(packet)
+            self.tracks[packet.stream.index].carry(packet)
 
     def close(self) -> None:
         self.input.close()
+
+
+class _AudioTrack:
+    """One input audio stream in the output, as the `number`th audio track, with its language tag: its packets
+    copied where the container holds the codec and players play it there, else decoded and re-encoded to AAC."""
+
+    def __init__(self, number: int, source: av.audio.stream.AudioStream, output: av.container.OutputContainer,
+                 suffix: str):
+        self.source, self.output = source, output
+        context = source.codec_context
+        name = context.codec.canonical_name  # "mp3", where the decoder's name is "mp3float"
+        pcm_shy = name.startswith("pcm_") and output.format.name in _PCM_SHY_FORMATS
+        self.copy = context.name in output.supported_codecs and not pcm_shy
+        if self.copy:
+            self.stream = output.add_stream_from_template(source)
+        else:
+            why = f"would go into {suffix} as PCM, which few players play" if pcm_shy else f"cannot go into {suffix}"
+            print(f"note: audio track {number} ({name}) {why}: re-encoding it as AAC", file=sys.stderr)
+            self.stream = output.add_stream(
+                "aac", rate=context.sample_rate if context.sample_rate in _AAC_RATES else _AAC_FALLBACK_RATE)
+            # the standard layout of its channel count: AVI, WAV and Matroska PCM often name none ("2 channels"),
+            # which the AAC encoder refuses
+            self.stream.layout = av.AudioLayout(f"{context.channels}c")
+            self._open_encoder(number, name)
+        language = source.metadata.get("language")
+        if language:
+            self.stream.metadata["language"] = language
+        self._next_pts: int | None = None  # of the next frame to encode, in samples at its own rate
+        self._finished = False
+
+    def _open_encoder(self, number: int, name: str) -> None:
+        context = self.source.codec_context
+        try:
+            self.stream.codec_context.open()
+        except av.FFmpegError as e:
+            raise EncoderError(
+                f"cannot open the AAC encoder for audio track {number} ({name}, {context.channels} channels, "
+                f"{context.sample_rate} Hz): {ffmpeg_reason(e)} - encode.audio=none leaves the audio out") from e
+
+    def carry(self, packet: av.Packet) -> None:
+        if self.copy:
+            packet.stream = self.stream
+            self.output.mux(packet)
+        else:
+            for frame in packet.decode():
+                self._encode(frame)
+
+    def _encode(self, frame: av.AudioFrame) -> None:
+        """The first frame keeps its own time, the rest follow it sample by sample: decoded timestamps carry the
+        container's rounding (Matroska's milliseconds are ±22 samples at 44.1 kHz), which the encoder's
+        regrouping into 1024-sample frames cannot take."""
+        rate = frame.sample_rate
+        if self._next_pts is None:
+            self._next_pts = 0 if frame.pts is None else _nearest(frame.pts * frame.time_base * rate)
+        frame.pts, frame.time_base = self._next_pts, Fraction(1, rate)
+        self._next_pts += frame.samples
+        for packet in self.stream.encode(frame):
+            self.output.mux(packet)
+
+    def finish(self) -> None:
+        """Drains the decoder and the encoder, once."""
+        if self.copy or self._finished:
+            return
+        self._finished = True
+        for frame in self.source.codec_context.decode(None):
+            self._encode(frame)
+        for packet in self.stream.encode(None):
+            self.output.mux(packet)
+
+
+def _nearest(value: Fraction) -> int:
+    """`value` rounded to the nearest whole number, halves away from zero: av_rescale_q's rounding."""
+    return math.floor(value + Fraction(1, 2)) if value >= 0 else -math.floor(Fraction(1, 2) - value)
 
 
 def _encodable_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:

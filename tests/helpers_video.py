@@ -1,6 +1,8 @@
 """Builds small test videos with PyAV (good and deliberately broken ones) and reads them back as an oracle."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -8,6 +10,20 @@ import av
 import numpy as np
 
 AUDIO_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Tone:
+    """One audio track for `write_clip`: a sine of `freq` Hz in `codec`, `seconds` long (None: as long as the
+    video) from `start` seconds on, tagged with `language` when one is given."""
+
+    codec: str = "aac"
+    rate: int = AUDIO_RATE
+    layout: str = "mono"
+    seconds: float | None = None
+    start: float = 0.0
+    freq: float = 440.0
+    language: str | None = None
 
 
 def pattern_frames(n: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
@@ -30,9 +46,10 @@ def pattern_frames(n: int, width: int, height: int, seed: int = 0) -> list[np.nd
 
 def write_clip(path: str | Path, frames: list[np.ndarray], *, fps: int = 24, codec: str = "libx264",
                pix_fmt: str = "yuv420p", options: dict | None = None, pts: list[int] | None = None,
-               time_base: Fraction | None = None, audio: bool = False, rotation: int = 0,
+               time_base: Fraction | None = None, audio: bool | Sequence[Tone] = False, rotation: int = 0,
                container_options: dict | None = None) -> Path:
-    """Encodes RGB frames (H, W, 3) into `path`; optional explicit pts (VFR), display rotation and a sine track."""
+    """Encodes RGB frames (H, W, 3) into `path`; optional explicit pts (VFR), display rotation and audio tracks
+    (`audio=True`: one mono AAC sine, else one track per `Tone`)."""
     path = Path(path)
     height, width = frames[0].shape[:2] if frames else (48, 64)
     time_base = time_base or Fraction(1, fps)
@@ -43,34 +60,48 @@ def write_clip(path: str | Path, frames: list[np.ndarray], *, fps: int = 24, cod
         stream.codec_context.options = {k: str(v) for k, v in (options or {}).items()}
         if rotation:
             stream.set_display_rotation(rotation)
-        audio_stream = _add_sine(out) if audio else None
+        tracks = _add_tones(out, audio)
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = pts[i] if pts is not None else round(i / fps / time_base)
             frame.time_base = time_base
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
-        if audio_stream is not None:
-            duration = max(len(frames), 1) / fps if pts is None else float((pts[-1] + 1) * time_base)
-            _write_sine(out, audio_stream, duration)
+        _write_tones(out, tracks, max(len(frames), 1) / fps if pts is None else float((pts[-1] + 1) * time_base))
     return path
 
 
-def _add_sine(out):
-    stream = out.add_stream("aac", rate=AUDIO_RATE)
-    stream.layout = "mono"
+def _add_tones(out, audio: bool | Sequence[Tone]) -> list[tuple[Tone, av.audio.stream.AudioStream]]:
+    """`audio=True`: one mono AAC sine; else a track per `Tone`."""
+    return [(tone, _add_tone(out, tone)) for tone in ([Tone()] if audio is True else list(audio or []))]
+
+
+def _write_tones(out, tracks: list[tuple[Tone, av.audio.stream.AudioStream]], video_seconds: float) -> None:
+    for tone, stream in tracks:
+        _write_tone(out, stream, tone, video_seconds if tone.seconds is None else tone.seconds)
+
+
+def _add_tone(out, tone: Tone):
+    stream = out.add_stream(tone.codec, rate=tone.rate)
+    stream.layout = tone.layout
+    if tone.language:
+        stream.metadata["language"] = tone.language
     return stream
 
 
-def _write_sine(out, stream, seconds: float) -> None:
-    total = int(seconds * AUDIO_RATE)
-    t = np.arange(total, dtype=np.float32) / AUDIO_RATE
-    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+def _write_tone(out, stream, tone: Tone, seconds: float) -> None:
+    """The same sine on every channel, interleaved (PyAV fills at most 8 planes); the encoder converts it to its
+    own sample format and frame size."""
+    total = int(seconds * tone.rate)
+    t = np.arange(total, dtype=np.float32) / tone.rate
+    wave = (0.3 * np.sin(2 * np.pi * tone.freq * t)).astype(np.float32)
+    channels = av.AudioLayout(tone.layout).nb_channels
+    first = round(tone.start * tone.rate)
     for start in range(0, total, 1024):
-        chunk = wave[start:start + 1024][None, :]
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
-        frame.sample_rate = AUDIO_RATE
-        frame.pts = start
+        chunk = np.repeat(wave[start:start + 1024], channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout=tone.layout)
+        frame.sample_rate = tone.rate
+        frame.pts, frame.time_base = first + start, Fraction(1, tone.rate)
         out.mux(stream.encode(frame))
     out.mux(stream.encode(None))
 
@@ -84,14 +115,67 @@ def ten_bit_clip(path, frames, **kw) -> Path:
     return write_clip(path, frames, pix_fmt="yuv420p10le", **kw)
 
 
-def truncated_clip(path, frames, keep: float = 0.6) -> Path:
-    """A clip whose index (moved to the front) declares every frame but whose sample data stops after `keep`
-    of its bytes, as a copy cut short leaves it."""
+def truncated_clip(path, frames, keep: float = 0.6, **kw) -> Path:
+    """A clip cut short as an interrupted copy leaves it. mp4: the index (moved to the front) declares every frame
+    but the sample data stops after `keep` of its bytes; mkv / webm: the first `keep` of the file, its header
+    (with the stream's duration) intact. `kw` goes to `write_clip`."""
     path = Path(path)
-    write_clip(path, frames, container_options={"movflags": "+faststart"})
+    if path.suffix in (".mkv", ".webm"):
+        write_clip(path, frames, **kw)
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+        return path
+    write_clip(path, frames, container_options={"movflags": "+faststart"}, **kw)
     data = path.read_bytes()
     media = data.find(b"mdat")
     path.write_bytes(data[: media + int((len(data) - media) * keep)])
+    return path
+
+
+def edit_list_clip(path, frames, skip: int, fps: int = 24) -> Path:
+    """An mp4 as `ffmpeg -ss T -c copy` cuts one: every sample from the keyframe before T is kept (the container
+    counts them all), and an edit list hides the first `skip` frames, which decoders then drop."""
+    path = Path(path)
+    whole = write_clip(path.with_name(f"{path.stem}_whole.mp4"), frames, fps=fps)
+    with av.open(str(whole)) as source, av.open(str(path), mode="w") as out:
+        stream = source.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        shift = round(Fraction(skip, fps) / stream.time_base)
+        for packet in source.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts, packet.dts = packet.pts - shift, packet.dts - shift  # negative: before the cut
+            packet.stream = copy
+            out.mux(packet)
+    whole.unlink()
+    return path
+
+
+def cover_clip(path, frames, *, attached: bool, audio: bool | Sequence[Tone] = False) -> Path:
+    """A still picture as the first video stream, then `frames` as H.264 (none: an audio-only file with cover
+    art). `attached`: flagged as an attached picture (cover art); otherwise an ordinary one-frame mjpeg stream."""
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        still = out.add_stream("mjpeg", rate=1)
+        still.width, still.height, still.pix_fmt = 32, 32, "yuvj420p"
+        if attached:
+            still.disposition = av.stream.Disposition.attached_pic
+        video = None
+        if frames:
+            video = out.add_stream("libx264", rate=24)
+            video.height, video.width = frames[0].shape[:2]
+            video.pix_fmt = "yuv420p"
+        tracks = _add_tones(out, audio)
+        picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+        picture.pts = 0
+        out.mux(still.encode(picture) + still.encode(None))
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        if video is not None:
+            out.mux(video.encode(None))
+        _write_tones(out, tracks, len(frames) / 24)
     return path
 
 
@@ -106,7 +190,7 @@ def zero_frame_clip(path) -> Path:
 
 def audio_only_clip(path, seconds: float = 0.5) -> Path:
     with av.open(str(path), mode="w") as out:
-        _write_sine(out, _add_sine(out), seconds)
+        _write_tone(out, _add_tone(out, Tone()), Tone(), seconds)
     return Path(path)
 
 
@@ -115,11 +199,12 @@ def not_a_video(path) -> Path:
     return Path(path)
 
 
-def read_frames(path) -> tuple[list[np.ndarray], list[Fraction]]:
-    """Plain PyAV decode (no project code): RGB frames and their presentation times in seconds."""
+def read_frames(path, stream_index: int | None = None) -> tuple[list[np.ndarray], list[Fraction]]:
+    """Plain PyAV decode (no project code): RGB frames and their presentation times in seconds, of the first video
+    stream or of the stream `stream_index`."""
     images, times = [], []
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[0] if stream_index is None else container.streams[stream_index]
         for frame in container.decode(stream):
             images.append(frame.to_ndarray(format="rgb24"))
             times.append(Fraction(frame.pts) * stream.time_base)
@@ -136,6 +221,53 @@ def audio_summary(path) -> tuple[int, float]:
         end = max(float((p.pts + (p.duration or 0)) * p.time_base) for p in packets)
         start = min(float(p.pts * p.time_base) for p in packets)
         return len(packets), end - start
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """What PyAV decodes of one audio stream: codec (its canonical name: "mp3", not the decoder's "mp3float"),
+    channels, rate, language tag, when its sound starts and ends (seconds: decoded frames, so encoder priming that
+    the container marks for skipping does not count), and its samples (channels x samples, float)."""
+
+    codec: str
+    channels: int
+    rate: int
+    language: str | None
+    start: float
+    end: float
+    samples: np.ndarray
+
+
+def audio_tracks(path) -> list[AudioTrack]:
+    """Every audio stream of `path`, in order, read and decoded by plain PyAV."""
+    with av.open(str(path)) as container:
+        indices = [stream.index for stream in container.streams.audio]
+    return [_audio_track(path, index) for index in indices]
+
+
+def _audio_track(path, index: int) -> AudioTrack:
+    with av.open(str(path)) as container:  # a container of its own: each track decoded from the file's start
+        return _decoded_track(container, container.streams[index])
+
+
+def _decoded_track(container, stream) -> AudioTrack:
+    channels = stream.codec_context.channels
+    chunks, start, end = [], None, None
+    for frame in container.decode(stream):
+        data = frame.to_ndarray().astype(np.float64)
+        chunks.append(data if frame.format.is_planar else data.reshape(-1, channels).T)
+        time = float(frame.pts * frame.time_base)
+        start = time if start is None else start
+        end = time + frame.samples / frame.sample_rate
+    return AudioTrack(stream.codec_context.codec.canonical_name, channels, stream.sample_rate,
+                      stream.metadata.get("language"), start, end, np.concatenate(chunks, axis=1))
+
+
+def tone_frequency(samples: np.ndarray, rate: int) -> float:
+    """The strongest frequency (Hz) of the first channel: which sine a track carries."""
+    wave = samples[0] - samples[0].mean()  # unsigned PCM sits around its mid-level, not zero
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
+    return float(np.fft.rfftfreq(samples.shape[1], 1 / rate)[int(np.argmax(spectrum))])
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

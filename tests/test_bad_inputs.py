@@ -63,11 +63,13 @@ def test_bad_input_files_are_refused(tmp_path, models, make_input, words):
     assert not output.exists()
 
 
-def test_truncated_video_fails_instead_of_writing_a_short_output(tmp_path, models):
-    source = truncated_clip(tmp_path / "cut.mp4", pattern_frames(20, 64, 48))
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_truncated_video_fails_instead_of_writing_a_short_output(tmp_path, models, suffix):
+    """mkv: no frame count to compare with, only the stream's duration; it rendered 5 of 20 frames, exit 0."""
+    source = truncated_clip(tmp_path / f"cut{suffix}", pattern_frames(20, 64, 48))
     output = tmp_path / "out.mp4"
     result = run_render([f"input={source}", f"output={output}", *models], cwd=tmp_path)
-    assert_refused(result, output, {source: sha256(source)}, "cut.mp4", "truncated")
+    assert_refused(result, output, {source: sha256(source)}, f"cut{suffix}", "truncated")
     assert not output.exists()
 
 
@@ -137,6 +139,7 @@ def test_existing_output_is_kept_unless_overwrite_is_true_itself(tmp_path, model
     ("debug.dump=maybe", ["debug.dump"]), ("+debug.typo=1", ["unknown debug setting", "typo"]),
     ("debug.workers=0", ["debug.workers"]), ("encode.audio=bogus", ["encode.audio must be copy or none"]),
     ("encode.crf=abc", ["libx264", "encode.crf=abc"]),
+    ("encode.pix_fmt=rgb24", ["cannot open encoder libx264", "encode.pix_fmt=rgb24"]),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, models, clip, override, words):
     """Text where a number belongs was a traceback; 1.5, true and "maybe" were rounded or taken as true; unknown

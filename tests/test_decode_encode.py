@@ -135,3 +135,48 @@ def test_writer_uses_composited_output_when_present(tmp_path):
     written, _ = reencode(tmp_path / "out.mkv", reader, records, LOSSLESS_RGB)
     for out, frame in zip(written, frames):
         np.testing.assert_array_equal(out, 255 - frame)
+
+
+def test_frames_closer_than_the_output_clock_still_get_distinct_timestamps(tmp_path, capfd):
+    """Matroska keeps milliseconds: 3750 and 3760 at 1/90000 both became 42 ms, two frames at one time."""
+    pts = [0, 3750, 3760, 7500, 11250]
+    source = write_clip(tmp_path / "close.mp4", pattern_frames(5, 64, 48), pts=pts, time_base=Fraction(1, 90000))
+    reader, _, records = decode_all(source)
+    assert [r.pts for r in records] == pts
+    capfd.readouterr()
+    written, out_times = reencode(tmp_path / "out.mkv", reader, records, X264)
+    assert len(written) == 5
+    assert all(a < b for a, b in zip(out_times, out_times[1:])), out_times
+    assert out_times == [Fraction(0), Fraction(42, 1000), Fraction(43, 1000), Fraction(83, 1000), Fraction(125, 1000)]
+    err = capfd.readouterr().err
+    assert err.count("note:") == 1 and "1 frame" in err and ".mkv" in err
+    reencode(tmp_path / "out.mp4", reader, records, X264)  # the input's own clock: nothing to move, nothing to say
+    assert "note:" not in capfd.readouterr().err
+
+
+def _encode_config(*overrides: str):
+    from pipeline.render import compose_config
+
+    return compose_config(["input=x.mp4", "output=y.mp4", *overrides]).encode
+
+
+def test_every_encode_setting_in_the_config_reaches_the_encoder(tmp_path):
+    """tune, profile and qp were read but had no config entry (`encode.tune=...` was refused by Hydra), and
+    encode.colour did not exist: the render never passed one. x264 records its settings in the stream."""
+    frames = pattern_frames(4, 64, 48)
+    reader, _, records = decode_all(lossless_clip(tmp_path / "in.mp4", frames))
+    reencode(tmp_path / "plain.mp4", reader, records, _encode_config())
+    reencode(tmp_path / "tuned.mp4", reader, records, _encode_config("encode.tune=zerolatency"))
+    assert b"bframes=3" in (tmp_path / "plain.mp4").read_bytes()
+    assert b"bframes=0" in (tmp_path / "tuned.mp4").read_bytes()  # what zerolatency sets
+    assert VideoWriter(tmp_path / "c.mp4", reader.info, _encode_config("encode.colour=cpu")).colour == "cpu"
+
+
+def test_an_unknown_encode_setting_is_refused(tmp_path):
+    """`+encode.crff=30` rendered with crf 18, silently."""
+    from common.errors import SettingError
+
+    reader, _, _ = decode_all(lossless_clip(tmp_path / "in.mp4", pattern_frames(2, 64, 48)))
+    with pytest.raises(SettingError, match="unknown encode setting.s. crff"):
+        VideoWriter(tmp_path / "out.mp4", reader.info, _encode_config("+encode.crff=30"))
+    assert not (tmp_path / "out.mp4").exists()
