@@ -11,6 +11,7 @@ In multirun mode (`-m`) each run writes its output into its own sweep folder.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,8 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -35,6 +37,7 @@ from common.settings import check_settings, flag, whole
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
+from pipeline.sweep import failed, in_sweep
 from pipeline.thread_stream import ThreadStream
 
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
@@ -256,7 +259,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def output_path(cfg: DictConfig) -> Path:
     """cfg.output against the user's cwd; in multirun mode, the same file name inside this run's sweep folder."""
     output = Path(str(cfg.output)).expanduser()
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_sweep():
         return Path(HydraConfig.get().runtime.output_dir) / output.name
     return output.absolute()
 
@@ -273,7 +276,7 @@ def dump_dir(cfg: DictConfig, target: Path) -> Path | None:
     if debug.get("dir") is None:
         return target.with_name(f"{target.stem}_debug")
     directory = Path(str(debug.dir)).expanduser()
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_sweep():
         return Path(HydraConfig.get().runtime.output_dir) / directory.name
     return directory.absolute()
 
@@ -289,8 +292,41 @@ def _tracks(value: object) -> str:
     return f"tracks: {'n/a' if value is None else value}"
 
 
+PATH_KEYS = ("input", "output", "debug.dir")  # settings whose values are file names, spelt as the user's files are
+
+
+def hydra_readable(args: list[str]) -> list[str]:
+    """Command-line overrides with the file-name values that Hydra's grammar cannot read unquoted (non-ASCII letters,
+    quotes, brackets, `=`, `~`...) quoted, so such paths need no quoting by hand. Values it reads (already quoted
+    ones, and `a.mp4,b.mp4`: a sweep in multirun mode) are left as they are."""
+    parser = OverridesParser.create()
+    readable = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if equals and key.lstrip("+") in PATH_KEYS:
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                arg = f"{key}={_quoted(value)}"
+        readable.append(arg)
+    return readable
+
+
+def _quoted(value: str) -> str:
+    """`value` as a single-quoted Hydra string: a backslash escapes a quote, `${` (an interpolation) and itself
+    where it stands before those or at the end; elsewhere it is a plain character."""
+    value = re.sub(r"(\\+)(?='|\$\{|$)", lambda run: run.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def main() -> None:
+    """The `python -m pipeline.render` entry: Hydra parses sys.argv once paths it cannot read are quoted."""
+    sys.argv[1:] = hydra_readable(sys.argv[1:])
+    _main()
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="render", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key):
             print(f"error: no {key} given: pass {key}=PATH (e.g. input=clip.mp4 output=out.mp4)", file=sys.stderr)
@@ -299,6 +335,9 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = render(cfg, output_path(cfg))
     except UserError as error:  # expected, user-fixable: one line, exit 2, no traceback
+        if in_sweep():  # the other jobs still run; the sweep exits 2 at its end
+            failed(one_line(error))
+            return
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

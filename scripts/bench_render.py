@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
+from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from pipeline.render import build_stages, compose_config, render  # noqa: E402
@@ -50,7 +51,8 @@ STAGES = ("decode", "segment", "track", "assign", "stylize", "composite", "encod
 MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # between decode and encode (stage_threads)
 
 
-def clip_config(workdir: Path, name: str, size: str, frames: int, device: str, overrides: list[str]):
+def clip_config(workdir: Path, name: str, size: str, frames: int, device: torch.device | str,
+                overrides: list[str]):
     """The render config for the benchmark's generated clip (`frames` at `size`, written into `workdir` as
     `name`), output beside it."""
     clip = make_clip(workdir / f"{name}_{size}.mp4", frames=frames, size=SIZES[size], fps=24, seed=0)
@@ -58,8 +60,8 @@ def clip_config(workdir: Path, name: str, size: str, frames: int, device: str, o
                            f"device={device}", *overrides])
 
 
-def bench_one(size: str, frames: int, device: str, overrides: list[str], workdir: Path, warmup_frames: int,
-              count_operators: bool = False, kernel_frames: int = 0) -> dict:
+def bench_one(size: str, frames: int, device: torch.device | str, overrides: list[str], workdir: Path,
+              warmup_frames: int, count_operators: bool = False, kernel_frames: int = 0) -> dict:
     width, height = SIZES[size]
 
     def config(clip_frames: int, name: str):
@@ -185,31 +187,32 @@ def table(rows: list[dict]) -> str:
         for r in rows])
 
 
-def device_name(device: str) -> str:
-    if torch.cuda.is_available() and device != "cpu":
-        return torch.cuda.get_device_name()
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores"
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["480p"], choices=sorted(SIZES))
-    parser.add_argument("--frames", type=int, default=48)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup-frames", type=int, default=8, help="an untimed render of this many frames first")
+    parser.add_argument("--frames", type=whole_number(1), default=48)
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--warmup-frames", type=whole_number(0), default=8,
+                        help="an untimed render of this many frames first")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--operators", action="store_true",
                         help="also count each stage's tensor operators per frame (one more, untimed render)")
     parser.add_argument("--kernel-time", action="store_true",
                         help="also measure each stage's GPU kernel time per frame (CUDA; one more, profiled render)")
-    parser.add_argument("--kernel-frames", type=int, default=16, help="frames of the profiled render's clip")
+    parser.add_argument("--kernel-frames", type=whole_number(1), default=16,
+                        help="frames of the profiled render's clip")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment.checkpoint=...")
     args = parser.parse_args(argv)
-    if args.kernel_time and (args.device == "cpu" or not torch.cuda.is_available()):
+    if args.kernel_time and args.device.type != "cuda":
         parser.error("--kernel-time needs a CUDA GPU")
-    if args.kernel_frames < 1:
-        parser.error("--kernel-frames must be at least 1")
     with tempfile.TemporaryDirectory(prefix="bench_render_") as tmp:
         rows = []
         for size in args.sizes:

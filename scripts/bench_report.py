@@ -1,6 +1,10 @@
-"""What every benchmark script does with its results: a markdown table, printed and appended to docs/benchmarks.md."""
+"""What every benchmark script does with its results: a markdown table, printed and appended to docs/benchmarks.md.
+
+A library of the benchmark scripts (bench_*.py, crop_batches.py): running it only says so.
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -21,3 +25,11 @@ def publish(text: str, path: Path = RESULTS, append: bool = True) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(("# Benchmarks\n\n" if fresh else "\n") + text.strip("\n") + "\n")
     print(f"appended to {path}")
+
+
+if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.arguments import library_main
+
+    sys.exit(library_main(sys.argv[1:], "scripts/bench_report.py", __doc__,
+                          "the benchmark scripts (scripts/bench_*.py, scripts/crop_batches.py)"))

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.decode import VideoReader  # noqa: E402
-from common.device import resolve_device  # noqa: E402
 from pipeline.render import compose_config, render  # noqa: E402
 from pipeline.segment_stage import SegmentStage  # noqa: E402
 from pipeline.track import Tracker, mask_iou  # noqa: E402
+from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from segment.checkpoint import load_segmenter  # noqa: E402
 from segment.structures import Instances  # noqa: E402
@@ -149,27 +149,27 @@ def psnr_by_frame_kind(path: Path, reference: Path, skipped: set[int], device: t
     return tuple(10 * math.log10(255 ** 2 * n / total) if total else math.inf for total, n in zip(squared, count))
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=DEMO_CLIP, help="the clip (default: make demo's)")
-    parser.add_argument("--every", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--every", type=whole_number(2), nargs="+", default=[2, 3, 4],
+                        help="segment every Nth frame (1, segmenting every frame, is the peer each is compared with)")
     parser.add_argument("--propagate", action="store_true", help="each N > 1 also with style.propagate=true")
-    parser.add_argument("--repeats", type=int, default=3, help="renders of each N (0: mask quality only)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=whole_number(0), default=3, help="renders of each N (0: mask quality only)")
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
     args = parser.parse_args(argv)
     if not args.input.is_file():
         parser.error(f"no clip at {args.input} (`make demo` writes the default one)")
-    if any(every < 2 for every in args.every) or args.repeats < 0:
-        parser.error("--every takes whole numbers >= 2 and --repeats one >= 0")
     everies = list(dict.fromkeys(args.every))
     variants = [Variant(1)] + [Variant(every, propagate) for every in everies
                                for propagate in ((False, True) if args.propagate else (False,))]
     overrides = [f"input={args.input.resolve()}", "output=unused.mp4", "overwrite=true", f"device={args.device}",
                  *args.overrides]
     cfgs = {variant: compose_config([*overrides, *variant.overrides()]) for variant in variants}
-    device = resolve_device(args.device)
+    device = args.device
     quality = agreements(args.input, everies, cfgs[variants[0]], device)
     timed: dict[Variant, Timed] = {}
     with tempfile.TemporaryDirectory(prefix="bench_every_") as tmp:

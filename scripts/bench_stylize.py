@@ -34,6 +34,7 @@ from stylize.apply import default_channels_last, stylize_frames, stylize_regions
 from stylize.inference import GRAPH_AFTER_CALLS, StyleRunner, instance_norm  # noqa: E402
 from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
+from scripts.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
@@ -143,19 +144,22 @@ def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list
     return rows
 
 
-def main() -> int:
+@reports_user_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bank", type=Path, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bank", type=existing_file, default=None,
+                        help="style bank file (default .cache/styles/multistyle26.pt)")
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--repeats", type=whole_number(1), default=3, help="timed runs of each, after warm-up")
     parser.add_argument("--no-append", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--layers", action="store_true",
                         help="also time each layer's resample, conv and norm on a 480p frame, in both layouts")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, profile the runner on a 480p frame (which kernels the GPU spends it in)")
-    args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    args = parser.parse_args(argv)
+    device = args.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     precision = resolve_precision("auto", device) + (" + channels_last" if auto_channels_last(device) else "")
     bank = StyleBank.load(args.bank)
     rows = bench(bank, device, args.repeats)

@@ -34,33 +34,36 @@ from segment.loader import BatchStream  # noqa: E402
 from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
 from segment.tv_reference import torchvision_twin  # noqa: E402
+from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--size", type=int, default=128, help="square synthetic images; also the model's min/max size")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
+    # 32: the least the synthetic scenes are drawn at (segment.data.synthetic.write_coco_split)
+    p.add_argument("--size", type=whole_number(32), default=128,
+                   help="square synthetic images; also the model's min/max size")
+    p.add_argument("--batch", type=whole_number(1), default=2)
     p.add_argument("--amp", default="none", choices=["none", *AMP_DTYPES])
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--norm", default="gn", choices=["gn", "bn", "frozen_bn"])
-    p.add_argument("--fpn-channels", type=int, default=128)
-    p.add_argument("--representation-size", type=int, default=512)
-    p.add_argument("--mask-head-channels", type=int, default=128)
-    p.add_argument("--iterations", type=int, default=6, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fpn-channels", type=whole_number(1), default=128)
+    p.add_argument("--representation-size", type=whole_number(1), default=512)
+    p.add_argument("--mask-head-channels", type=whole_number(1), default=128)
+    p.add_argument("--iterations", type=whole_number(1), default=6, help="timed steps per model")
+    p.add_argument("--warmup", type=whole_number(0), default=2)
     p.add_argument("--channels-last", action="store_true", help="our model in channels_last memory layout")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--no-append", action="store_true")
-    p.add_argument("--mask-batch-bucket", type=int, default=None,
+    p.add_argument("--mask-batch-bucket", type=whole_number(1), default=None,
                    help="diagnosis: the multiple of RoIs our mask head runs on this device (1: unpadded; default: "
                         "segment.roi_heads.MASK_BATCH_BUCKETS), to measure what the padding saves")
     p.add_argument("--profile", action="store_true",
                    help="afterwards, profile 3 steps of each (host syncs, launches, top operators)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def pinned(batch):
@@ -69,11 +72,12 @@ def pinned(batch):
     return [i.pin_memory() for i in images], [{k: t[k].pin_memory() for k in TARGET_KEYS} for t in targets]
 
 
-def main() -> None:
-    args = parse_args()
+@reports_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_device(str(args.device))  # as training picks it: cuda is cuda:0 (the device of local rank 0)
     if args.mask_batch_bucket is not None:
         segment.roi_heads.MASK_BATCH_BUCKETS[device.type] = args.mask_batch_bucket
     load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -150,14 +154,16 @@ def main() -> None:
         f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout, mask head on multiples of "
         f"{segment.roi_heads.MASK_BATCH_BUCKETS.get(device.type, 1)} RoIs; "
         f"same starting weights and synthetic batches (on a GPU ours get them pinned, as our loader hands them over, "
-        f"torchvision's loop pageable, as its detection reference loads them); {args.iterations} timed steps each after {args.warmup} "
-        f"warm-up, alternating; SGD step included; 1/5/15-min load average before: {load_before}.\n\n{table}\n"
+        f"torchvision's loop pageable, as its detection reference loads them); {args.iterations} timed steps each "
+        f"after {args.warmup} warm-up, alternating; SGD step included; 1/5/15-min load average before: "
+        f"{load_before}.\n\n{table}\n"
     )
     publish(text, args.output, append=not args.no_append)
     if args.profile:
         for name, run in (("torchvision", their_step), ("ours", our_step)):
             print_profile(lambda: run(inputs[name][0]), 3, device.type == "cuda", f"{name} training step")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
-from common.device import resolve_device  # noqa: E402
 from pipeline.render import render  # noqa: E402
+from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_render import SIZES, clip_config  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402
@@ -65,18 +65,18 @@ def replay(calls: list[Sizes], frames: int, bucket: int) -> dict:
             "padding": padded_pixels / max(1, crop_pixels), "pixels": padded_pixels / max(1, frames)}
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1080p", choices=sorted(SIZES))
-    parser.add_argument("--frames", type=int, default=160)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--buckets", type=int, nargs="+", default=[64, 128, 192, 256, 384, 512])
+    parser.add_argument("--frames", type=whole_number(1), default=160)
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
+    # multiples of 4: what `style.crop_bucket` takes (pipeline/stylize_stage.py), so each replays a real setting
+    parser.add_argument("--buckets", type=whole_number(4, multiple_of=4), nargs="+",
+                        default=[64, 128, 192, 256, 384, 512])
     parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
     args = parser.parse_args(argv)
-    bad = [b for b in args.buckets if b < 4 or b % 4]
-    if bad:
-        parser.error(f"buckets must be positive multiples of 4, got {bad}")
     with tempfile.TemporaryDirectory(prefix="crop_batches_") as tmp:
         calls, frames = recorded_crops(clip_config(Path(tmp), "clip", args.size, args.frames, args.device,
                                                    args.overrides))
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [replay(calls, frames, bucket) for bucket in args.buckets]
     text = (f"\n## Crop batches on a GPU ({time.strftime('%Y-%m-%d %H:%M')}, scripts/crop_batches.py)\n\n"
             f"{args.size} generated clip, {frames} frames, {crops} stylized crops ({crops / max(1, frames):.2f} per "
-            f"frame), detections computed on {platform.machine()} ({resolve_device(args.device)}), torch "
+            f"frame), detections computed on {platform.machine()} ({args.device}), torch "
             f"{torch.__version__}, Python {platform.python_version()}; overrides: {' '.join(args.overrides) or 'none'}"
             "\n\n" + markdown_table(
                 ["crop bucket", "network calls / frame", "distinct input shapes", "shapes with CUDA graphs",

@@ -13,6 +13,9 @@ import av
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.arguments import existing_file, whole_number  # noqa: E402
+
 
 def frames_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
     """RGB arrays of the frames at these 0-based decode positions."""
@@ -29,17 +32,14 @@ def frames_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--render", type=Path, required=True)
-    p.add_argument("--frames", type=int, nargs="+", default=[10, 70])
-    p.add_argument("--gap", type=int, default=4, help="white pixels between tiles")
+    p.add_argument("--input", type=existing_file, required=True)
+    p.add_argument("--render", type=existing_file, required=True)
+    p.add_argument("--frames", type=whole_number(0), nargs="+", default=[10, 70], help="0-based frame numbers")
+    p.add_argument("--gap", type=whole_number(0), default=4, help="white pixels between tiles")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
-    for path in (args.input, args.render):
-        if not path.is_file():
-            sys.exit(f"error: {path} does not exist")
+    args = p.parse_args(argv)
     wanted = set(args.frames)
     before, after = frames_at(args.input, wanted), frames_at(args.render, wanted)
     rows = []

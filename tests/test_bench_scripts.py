@@ -78,3 +78,78 @@ def test_psnr_by_frame_kind_equals_skimage_on_the_decoded_frames(tmp_path):
     assert skipped == pytest.approx(psnr([1, 3, 5]), abs=1e-9) and skipped < 30
     skipped, segmented = psnr_by_frame_kind(a, b, {1, 5}, torch.device("cpu"))
     assert (skipped, segmented) == (pytest.approx(psnr([1, 5]), abs=1e-9), pytest.approx(psnr([0, 2, 3, 4]), abs=1e-9))
+
+
+# Each script refuses a bad argument in one line (argparse's usage, then `error: ...`, exit status 2) before any
+# work: found by hand as tracebacks (NotAVideoError for 0 frames, StatisticsError for 0 repeats, torch's for a
+# device it has no name for, ...). `{file}` stands for a file that exists, where the script wants one given.
+BAD_ARGUMENTS = [
+    ("bench_render", ["--frames", "0"], "argument --frames: must be a whole number >= 1, got 0"),
+    ("bench_render", ["--frames", "2", "--warmup-frames", "0", "--device", "banana"],
+     "argument --device: --device must be auto, cpu, cuda or cuda:N, got 'banana'"),
+    ("bench_render", ["--warmup-frames", "-1"], "argument --warmup-frames: must be a whole number >= 0, got -1"),
+    ("bench_render", ["--kernel-frames", "0"], "argument --kernel-frames: must be a whole number >= 1, got 0"),
+    ("bench_segment_every", ["--input", "{file}", "--repeats", "0", "--device", "banana"],
+     "argument --device: --device must be auto"),
+    ("bench_segment_every", ["--every", "2", "1"], "argument --every: must be a whole number >= 2, got 1"),
+    ("bench_segment_every", ["--repeats", "-1"], "argument --repeats: must be a whole number >= 0, got -1"),
+    ("bench_stylize", ["--repeats", "0"], "argument --repeats: must be a whole number >= 1, got 0"),
+    ("bench_stylize", ["--bank", "/nonexist.pt"], "argument --bank: no such file: /nonexist.pt"),
+    ("bench_stylize", ["--device", "banana"], "argument --device: --device must be auto"),
+    ("bench_train", ["--device", "banana"], "argument --device: --device must be auto"),
+    ("bench_train", ["--size", "0"], "argument --size: must be a whole number >= 32, got 0"),
+    ("bench_train", ["--iterations", "0"], "argument --iterations: must be a whole number >= 1, got 0"),
+    ("bench_train", ["--batch", "x"], "argument --batch: must be a whole number >= 1, got 'x'"),
+    ("bench_train", ["--threads", "0"], "argument --threads: must be a whole number >= 1, got 0"),
+    ("crop_batches", ["--frames", "0"], "argument --frames: must be a whole number >= 1, got 0"),
+    ("crop_batches", ["--size", "240p", "--frames", "1", "--device", "banana"], "argument --device: --device must"),
+    ("crop_batches", ["--buckets", "64", "6"], "argument --buckets: must be a whole number >= 4 and a multiple of 4"),
+    ("memory_soak", ["--frames", "0"], "argument --frames: must be a whole number >= 1, got 0"),
+    ("memory_soak", ["--frames", "16", "--every", "4", "--size", "3"],
+     "argument --size: must be a whole number >= 2 and a multiple of 2, got 3"),
+    ("memory_soak", ["--frames", "11", "--batch-size", "8", "--every", "4"],
+     "--frames must be at least --batch-size + --every (12)"),
+    ("memory_soak", ["--frames", "16", "--every", "4", "--checkpoint", "/nonexist.pt"],
+     "argument --checkpoint: no such file: /nonexist.pt"),
+    ("memory_soak", ["--frames", "16", "--every", "4", "--max-growth-mb", "nan"],
+     "argument --max-growth-mb: must be a finite number >= 0, got 'nan'"),
+    ("profile_segment", ["--checkpoint", "/nonexist.pt"], "argument --checkpoint: no such file: /nonexist.pt"),
+    ("profile_segment", ["--batch", "0"], "argument --batch: must be a whole number >= 1, got 0"),
+    ("profile_segment", ["--checkpoint", "{file}", "--device", "banana"], "argument --device: --device must"),
+    ("make_readme_figure", ["--input", "/nonexist.mp4", "--render", "{file}", "--out", "x.png"],
+     "argument --input: no such file: /nonexist.mp4"),
+    ("make_readme_figure", ["--gap", "-1"], "argument --gap: must be a whole number >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("script, argv, fragment", BAD_ARGUMENTS)
+def test_bad_arguments_are_one_line_before_any_work(script, argv, fragment, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"scripts.{script}").main
+    given = tmp_path / "given.bin"
+    given.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(given) if arg == "{file}" else arg for arg in argv])
+    assert exit_.value.code == 2
+    usage, *middle, error = capsys.readouterr().err.strip().splitlines()  # argparse's usage, then one line
+    assert usage.startswith("usage: ") and ": error: " in error and fragment in error, error
+    assert "Traceback" not in "\n".join(middle)
+
+
+# A file that is there but is no checkpoint or style bank: the loader's UserError, raised inside the work
+@pytest.mark.parametrize("script, argv, fragment", [
+    ("bench_stylize", ["--device", "cpu", "--bank", "{file}"], "{file} is not a file of format"),
+    ("profile_segment", ["--device", "cpu", "--checkpoint", "{file}"], "{file}"),
+    ("bench_train", ["--device", "cpu", "--norm", "gn", "--fpn-channels", "40"], "divisible by 32"),
+])
+def test_user_errors_of_the_work_are_one_line(script, argv, fragment, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"scripts.{script}").main
+    given = tmp_path / "given.pt"
+    given.write_bytes(b"not a torch file")
+    assert main([str(given) if arg == "{file}" else arg for arg in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert fragment.replace("{file}", str(given)) in err, err
