@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
-from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from pipeline.render import build_stages, compose_config, render  # noqa: E402

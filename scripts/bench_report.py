@@ -29,7 +29,7 @@ def publish(text: str, path: Path = RESULTS, append: bool = True) -> None:
 
 if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.arguments import library_main
+    from common.arguments import library_main
 
     sys.exit(library_main(sys.argv[1:], "scripts/bench_report.py", __doc__,
                           "the benchmark scripts (scripts/bench_*.py, scripts/crop_batches.py)"))

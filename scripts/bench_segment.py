@@ -21,46 +21,34 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.device import resolve_device  # noqa: E402
-from common.errors import SettingError  # noqa: E402
-from common.settings import whole  # noqa: E402
+from common.arguments import torch_device, whole_number  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 from segment.tv_reference import torchvision_reference  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# each whole-number option's lowest value: a timing needs a batch, a timed iteration (0 divided by zero, -2 read
-# outputs never made) and frames and a model size with pixels
-LOWEST = {"--image-size": 1, "--min-size": 1, "--max-size": 1, "--detections": 1, "--batch-sizes": 1,
-          "--iterations": 1, "--warmup": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="input frame size")
-    p.add_argument("--min-size", type=int, default=800, help="model resize: shorter side (torchvision default 800)")
-    p.add_argument("--max-size", type=int, default=1333, help="model resize: longer side cap")
-    p.add_argument("--detections", type=int, default=100, help="detections per image (the mask head runs on each)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--image-size", type=whole_number(1), nargs=2, default=(480, 640), metavar=("H", "W"),
+                   help="input frame size")
+    p.add_argument("--min-size", type=whole_number(1), default=800,
+                   help="model resize: shorter side (torchvision default 800)")
+    p.add_argument("--max-size", type=whole_number(1), default=1333, help="model resize: longer side cap")
+    p.add_argument("--detections", type=whole_number(1), default=100, help="detections per image (the mask head runs on each)")
+    p.add_argument("--batch-sizes", type=whole_number(1), nargs="+", default=[1, 8])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
-    p.add_argument("--iterations", type=int, default=5, help="timed batches per setting")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches per setting")
+    p.add_argument("--devices", type=torch_device, nargs="+", default=None,
+                   help="default: cpu, plus cuda when available")
+    p.add_argument("--iterations", type=whole_number(1), default=5, help="timed batches per setting")
+    p.add_argument("--warmup", type=whole_number(0), default=1, help="untimed batches per setting")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"), help="markdown file the table is appended to")
     p.add_argument("--no-append", action="store_true", help="only print the table")
     p.add_argument("--save-reference", type=Path, default=None,
                    help="also keep the reference weights here (a torchvision-format checkpoint, e.g. for bench_render)")
     args = p.parse_args(argv)
-    try:
-        for option, lowest in LOWEST.items():
-            value = getattr(args, option[2:].replace("-", "_"))
-            for number in value if isinstance(value, (list, tuple)) else [value]:
-                whole(number, option, lowest)
-        # refused here in one line, not by torch's CUDA initialisation once the reference model is built
-        args.devices = [resolve_device(d, "--devices")
-                        for d in args.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]]
-    except SettingError as error:
-        p.error(str(error))
+    args.devices = args.devices or [torch.device(d) for d in ("cpu", "cuda")[:1 + torch.cuda.is_available()]]
     return args
 
 

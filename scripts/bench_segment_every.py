@@ -35,7 +35,7 @@ from pipeline.decode import VideoReader  # noqa: E402
 from pipeline.render import compose_config, render  # noqa: E402
 from pipeline.segment_stage import SegmentStage  # noqa: E402
 from pipeline.track import Tracker, mask_iou  # noqa: E402
-from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from segment.checkpoint import load_segmenter  # noqa: E402
 from segment.structures import Instances  # noqa: E402

@@ -34,7 +34,7 @@ from stylize.apply import default_channels_last, stylize_frames, stylize_regions
 from stylize.inference import GRAPH_AFTER_CALLS, StyleRunner, instance_norm  # noqa: E402
 from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
-from scripts.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 

@@ -34,7 +34,7 @@ from segment.loader import BatchStream  # noqa: E402
 from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
 from segment.tv_reference import torchvision_twin  # noqa: E402
-from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from pipeline.render import render  # noqa: E402
-from scripts.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_render import SIZES, clip_config  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.arguments import existing_file, whole_number  # noqa: E402
+from common.arguments import existing_file, whole_number  # noqa: E402
 
 
 def frames_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.render import ModelStages, compose_config, render  # noqa: E402
-from scripts.arguments import existing_file, finite_number, reports_user_errors, whole_number  # noqa: E402
+from common.arguments import existing_file, finite_number, reports_user_errors, whole_number  # noqa: E402
 from tests.helpers_video import pattern_frames, write_clip  # noqa: E402
 from tests.render_cli import tiny_model_overrides  # noqa: E402
 

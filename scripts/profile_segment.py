@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_segment import photo_frames  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402

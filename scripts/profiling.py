@@ -74,7 +74,7 @@ def print_profile(call: Callable[[], object], runs: int, cuda: bool, label: str,
 
 if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.arguments import library_main
+    from common.arguments import library_main
 
     sys.exit(library_main(sys.argv[1:], "scripts/profiling.py", __doc__,
                           "scripts/profile_segment.py, bench_train.py and bench_stylize.py (--profile) and "

@@ -19,8 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from common.device import resolve_device
-from common.errors import SettingError
+from common.arguments import torch_device, whole_number
 from segment.data.coco import CocoDetection
 from segment.data.errors import DatasetError
 from segment.structures import Instances
@@ -170,27 +169,6 @@ def format_table(stats: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _at_least(minimum: int):
-    """argparse type: a whole number >= minimum."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-    return parse
-
-
-def _device(text: str) -> torch.device:
-    """argparse type: auto, cpu, cuda or cuda:N of a GPU this machine has."""
-    try:
-        return resolve_device(text, "device")
-    except SettingError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from segment.config import PRECISIONS
 
@@ -198,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="our segmenter checkpoint or a torchvision state_dict")
     parser.add_argument("--images", required=True, help="folder of the dataset's images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON file")
-    parser.add_argument("--batch-size", type=_at_least(1), default=4)
-    parser.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--max-images", type=_at_least(1), default=None, help="evaluate only the first N images")
-    parser.add_argument("--num-workers", type=_at_least(0), default=2)
+    parser.add_argument("--batch-size", type=whole_number(1), default=4)
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--max-images", type=whole_number(1), default=None, help="evaluate only the first N images")
+    parser.add_argument("--num-workers", type=whole_number(0), default=2)
     parser.add_argument("--score-threshold", type=float, default=None, help="override the checkpoint's threshold")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="override the checkpoint's inference precision (auto: bf16 where the device has it natively)")

@@ -9,15 +9,15 @@ from scripts.bench_segment import parse_args
 
 @pytest.mark.parametrize("argv, fragment", [
     # found by hand: ZeroDivisionError, KeyError, a RuntimeError from the model, torch's _cuda_init traceback
-    (["--iterations", "0"], "--iterations must be a whole number >= 1, got 0"),
-    (["--iterations", "-2"], "--iterations must be a whole number >= 1, got -2"),
-    (["--batch-sizes", "1", "0"], "--batch-sizes must be a whole number >= 1, got 0"),
-    (["--warmup", "-1"], "--warmup must be a whole number >= 0, got -1"),
-    (["--image-size", "0", "640"], "--image-size must be a whole number >= 1, got 0"),
-    (["--min-size", "0"], "--min-size must be a whole number >= 1, got 0"),
-    (["--detections", "0"], "--detections must be a whole number >= 1, got 0"),
-    (["--devices", "cpu", "gpu"], "--devices must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    (["--devices", f"cuda:{torch.cuda.device_count()}"], "--devices=cuda:"),
+    (["--iterations", "0"], "argument --iterations: must be a whole number >= 1, got 0"),
+    (["--iterations", "-2"], "argument --iterations: must be a whole number >= 1, got -2"),
+    (["--batch-sizes", "1", "0"], "argument --batch-sizes: must be a whole number >= 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be a whole number >= 0, got -1"),
+    (["--image-size", "0", "640"], "argument --image-size: must be a whole number >= 1, got 0"),
+    (["--min-size", "0"], "argument --min-size: must be a whole number >= 1, got 0"),
+    (["--detections", "0"], "argument --detections: must be a whole number >= 1, got 0"),
+    (["--devices", "cpu", "gpu"], "argument --devices: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--devices", f"cuda:{torch.cuda.device_count()}"], "argument --devices: device=cuda:"),
 ])
 def test_bad_arguments_are_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,5 +1,5 @@
-"""What the scripts' command lines share: argparse types that refuse a bad value in one line before any work, and
-the one-line report of an expected error raised during the work.
+"""What the argparse command lines share (segment.evaluate's, the scripts'): types that refuse a bad value in one
+line before any work, and the one-line report of an expected error raised during the work.
 
 A value argparse refuses ends as argparse's usage and `error: argument --frames: ...`, exit status 2; a `UserError`
 raised later (a file that is no style bank, a setting the model refuses) as `error: <one line>`, exit status 2.
@@ -58,7 +58,7 @@ def torch_device(text: str) -> torch.device:
     from common.device import resolve_device  # here: the helper modules' --help (library_main) need not load torch
 
     try:
-        return resolve_device(text, "--device")
+        return resolve_device(text, "device")
     except SettingError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
