@@ -145,14 +145,17 @@ class StyleAssigner:
         return [(labels, scored) for (labels, _), scored in zip(frames, passes)]
 
     def _assign(self, record: FrameRecord, labels: list[int], passes: list[bool]) -> None:
-        styles = self._styles(labels, record) if labels else []
-        record.styles = [s if k and s is not None and self.class_names[lab] not in self.excluded else None
-                         for s, k, lab in zip(styles, passes, labels)]
+        shown = [k and self.class_names[lab] not in self.excluded for k, lab in zip(passes, labels)]
+        styles = self._styles(labels, record, shown) if labels else []
+        record.styles = [s if k else None for s, k in zip(styles, shown)]
         # on the host, as its readers want it (a list each)
         record.keep = torch.tensor([s is not None for s in record.styles], dtype=torch.bool)
         self.styles_used.update(s for s in record.styles if s is not None)
 
-    def _styles(self, labels: list[int], record: FrameRecord) -> list[str | None]:
+    def _styles(self, labels: list[int], record: FrameRecord, shown: list[bool]) -> list[str | None]:
+        """Per instance, its style; a track takes a palette style on the first frame it is `shown` (drawn: its
+        class not excluded, its score and area enough): one never drawn would hold a style that none shows, and
+        the drawn ones would share the rest."""
         if self.policy == "by_class":
             return [self.class_styles.get(self.class_names[lab], self.default_style) for lab in labels]
         if record.track_ids is None:
@@ -161,7 +164,8 @@ class StyleAssigner:
         tracked = set(ids) - {-1}
         self._forget(record.index)
         self._last_seen.update((track_id, record.index) for track_id in tracked & self._track_styles.keys())
-        for track_id in sorted(tracked - self._track_styles.keys()):  # new tracks, in birth order
+        drawn = {track_id for track_id, k in zip(ids, shown) if k} - {-1}
+        for track_id in sorted(drawn - self._track_styles.keys()):  # new tracks, in birth order
             self._track_styles[track_id] = self._palette_style_for_new_track(record.index)
             self._last_seen[track_id] = record.index
         # Untracked instances (too weak to start a track) have no stable identity, so no stable style.

@@ -283,3 +283,17 @@ def test_one_item_given_for_a_list_is_that_item(bank):
                                              bank, CLASSES)
         assigner(frames)
         assert frames[0].styles == ["mosaic", None]
+
+
+def test_only_shown_tracks_take_palette_styles(bank):
+    """A track of an excluded class, or one below min_score or min_area, took the next palette style although it
+    was never drawn, so the objects drawn shared one: palette [candy, mosaic], an excluded dog between two people
+    gave both people candy. A track takes its style on the first frame it is drawn, and keeps it."""
+    assigner = StyleAssigner.from_config(config(assign="per_instance", exclude_classes=["dog"]), bank, CLASSES)
+    first = record([(0, 0, 10, 1, 0.9), (20, 0, 10, 2, 0.9), (40, 0, 4, 3, 0.9), (0, 20, 10, 3, 0.3),
+                    (40, 20, 10, 1, 0.9)], track_ids=[1, 2, 3, 4, 5])
+    assigner([first])
+    assert first.styles == ["candy", None, None, None, "mosaic"]  # the dog, the tiny car, the weak car: not drawn
+    later = record([(0, 20, 10, 3, 0.9), (0, 0, 10, 1, 0.9)], track_ids=[4, 1], index=1)
+    assigner([later])
+    assert later.styles == ["mosaic", "candy"]  # the car, drawn now, takes a palette style; the person keeps his
