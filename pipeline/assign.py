@@ -48,7 +48,8 @@ def listed(value) -> list:
 
 
 class StyleAssigner:
-    """Sets `record.keep` ((N,) bool on the CPU) and `record.styles` (per instance: a style spec, None = original)."""
+    """Sets `record.keep` ((N,) bool on the CPU: the instances that are objects, score and area enough) and
+    `record.styles` (per instance: a style spec, None = original)."""
 
     name = "assign"
 
@@ -148,8 +149,9 @@ class StyleAssigner:
         shown = [k and self.class_names[lab] not in self.excluded for k, lab in zip(passes, labels)]
         styles = self._styles(labels, record, shown) if labels else []
         record.styles = [s if k else None for s, k in zip(styles, shown)]
-        # on the host, as its readers want it (a list each)
-        record.keep = torch.tensor([s is not None for s in record.styles], dtype=torch.bool)
+        # on the host, as its readers want it (a list each); an object left original is kept too: under a
+        # background style the stylize stage keeps it as it is
+        record.keep = torch.tensor(passes, dtype=torch.bool)
         self.styles_used.update(s for s in record.styles if s is not None)
 
     def _styles(self, labels: list[int], record: FrameRecord, shown: list[bool]) -> list[str | None]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from gpu.transfer import row_index
-from pipeline.assign import is_original
 from common.settings import flag, whole
+from gpu.transfer import row_index
+from pipeline.assign import ORIGINAL, is_original
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
@@ -130,6 +130,19 @@ class StylizeStage:
                 known = {**known, **self._whole(frames, self.background, missing)}
             for b, record in enumerate(batch):
                 record.background = known[b]
+                record.stylized += self._left_original(record)
+
+    def _left_original(self, record: FrameRecord) -> list[StylizedRegion]:
+        """Under a background style, the objects that assign kept but left original (an excluded class, a class
+        styled `original`): their own pixels, composited like a stylized crop, so that the background's texture
+        does not cover them."""
+        rows = [i for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is None and keep]
+        if not rows:
+            return []
+        crops = crop_boxes(record.instances.boxes[rows], *record.image.shape[-2:], self.margin)
+        return [StylizedRegion(instance=i, style=ORIGINAL, box=(x1, y1, x2, y2),
+                               pixels=record.image[:, y1:y2, x1:x2].float() / 255)
+                for i, (x1, y1, x2, y2) in zip(rows, crops)]
 
     def _regions(self, batch: list[FrameRecord], frames: torch.Tensor, jobs: list, styled_frames: dict) -> list:
         """Per job, its crop box, stylized pixels and whether they were carried over (None: carried out of view). Jobs

@@ -91,7 +91,7 @@ def test_default_style_original_leaves_unmapped_classes(bank):
     assigner = StyleAssigner.from_config(config(default_style="original"), bank, CLASSES)
     r = record([(0, 0, 10, 1, 0.9), (40, 0, 10, 3, 0.9)])
     assigner([r])
-    assert r.styles == ["candy", None] and r.keep.tolist() == [True, False]
+    assert r.styles == ["candy", None] and r.keep.tolist() == [True, True]  # kept: an object, left original
 
 
 def test_excluded_classes_and_thresholds(bank):
@@ -102,7 +102,7 @@ def test_excluded_classes_and_thresholds(bank):
                 (40, 20, 8, 1, 0.6)])  # 64 px, score at the threshold: kept
     assigner([r])
     assert r.styles == [None, None, None, "candy"]
-    assert r.keep.tolist() == [False, False, False, True]
+    assert r.keep.tolist() == [True, False, False, True]  # the dog is an object, left original
     assert assigner.styles_used == {"candy"}
 
 

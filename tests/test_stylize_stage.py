@@ -187,6 +187,23 @@ def test_background_style_fills_the_rest(bank):
     assert torch.equal(inside, (crop.pixels[:, 10 - y1:30 - y1, 10 - x1:30 - x1] * 255).round().to(torch.uint8))
 
 
+@pytest.mark.parametrize("left_original", [dict(exclude_classes=["dog"]), dict(class_styles={"person": "candy"})])
+def test_objects_left_original_stay_original_over_a_styled_background(bank, left_original):
+    """conf/style: exclude_classes are "always left original", a class styled `original` is "left as it is"; under a
+    background style they took the background's texture (the demo's excluded circle: 43 levels off its input). An
+    object below min_score is no object: the background covers it."""
+    cfg = style_cfg(background="udnie", **left_original)
+    batch = [frame(0, [(8, 8, 20, 2, 0.9), (40, 8, 20, 1, 0.9), (8, 34, 20, 2, 0.3)])]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    StylizeStage.from_config(cfg, bank)(batch)
+    Compositor(feather_px=0)(batch)
+    out, image, background = batch[0].output.int(), batch[0].image.int(), batch[0].background
+    assert torch.equal(out[:, 8:28, 8:28], image[:, 8:28, 8:28])  # the dog, left original
+    assert (out[:, 8:28, 40:60] - image[:, 8:28, 40:60]).abs().float().mean() > 10  # the person, candy
+    weak = (background[:, 34:54, 8:28] * 255).round().int()
+    assert (out[:, 34:54, 8:28] - weak).abs().max() <= 1  # the weak dog: under the background
+
+
 def test_nothing_kept_and_original_background_costs_no_network(bank):
     class Untouchable:
         def __getattr__(self, name):
