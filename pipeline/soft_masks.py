@@ -2,9 +2,9 @@
 largest crop.
 
 A region's alpha is its instance's mask over the region's crop, binarized at `threshold`, averaged with the same
-track's soft mask of the frame before (moved by the shift of the detection box's centre, weight `smooth`: it calms
-the boundary flicker of per-frame masks), then blurred by a Gaussian that fades the edge over `feather_px` pixels,
-with replicate borders at the crop's edges (a mask running off the frame stays opaque at the frame's edge).
+track's soft mask of the frame before (moved by the shift of the detection box's centre, or of its unclipped side
+at the frame's edge, weight `smooth`: it calms the boundary flicker of per-frame masks), then blurred by a
+Gaussian that fades the edge over `feather_px` pixels, with replicate borders at the crop's edges (a mask running off the frame stays opaque at the frame's edge).
 
 Made region by region, that was a dozen small tensor operations per region, each a kernel launch on a GPU, where
 launches bound the stylize thread. Here every region is taken at the pixels of its crop grown by the feather's
@@ -98,6 +98,9 @@ class Frame:
     tracks: list[int]
 
 
+EDGE_PX = 0.5  # a box side this close to the frame's edge was clipped there (torchvision clips boxes to the image)
+
+
 @dataclass(frozen=True)
 class _Kept:
     """A track's soft mask for the next frame: row `row` of its frame's part `part`, over its crop there."""
@@ -106,7 +109,7 @@ class _Kept:
     row: int
     corner: tuple[int, int]       # the crop's top-left pixel (x, y)
     size: tuple[int, int]         # the crop's height and width
-    centre: tuple[float, float]   # the detection box's centre (x, y)
+    box: tuple[float, ...]        # the detection box (x1, y1, x2, y2)
 
 
 @dataclass
@@ -227,18 +230,19 @@ class SoftMasks:
             for p, part in enumerate(parts):
                 pixel_y, pixel_x = (axis[part.start:part.start + len(part.regions)] for axis in pixels[part.chunk])
                 self._sources(part, [kept.get(frame.tracks[region.instance]) for region in part.regions],
-                              [frame.boxes[region.instance] for region in part.regions], pixel_y, pixel_x, shapes)
+                              [frame.boxes[region.instance] for region in part.regions], pixel_y, pixel_x, shapes,
+                              tuple(frame.record.image.shape[-2:]))
                 for j, region in enumerate(part.regions):
                     track = frame.tracks[region.instance]
                     if track >= 0:
                         x1, y1, x2, y2 = region.box
-                        now[track] = _Kept(p, j, (x1, y1), (y2 - y1, x2 - x1), _centre(frame.boxes[region.instance]))
+                        now[track] = _Kept(p, j, (x1, y1), (y2 - y1, x2 - x1), tuple(frame.boxes[region.instance]))
             kept = now
             shapes = [(h + 1, w + 1) for h, w in (part.shape for part in parts)]
         return kept if self.smooth > 0 else {}
 
     def _sources(self, part: _Part, sources: list[_Kept | None], boxes: list[list[float]], pixel_y: np.ndarray,
-                 pixel_x: np.ndarray, shapes: list[tuple[int, int]]) -> None:
+                 pixel_x: np.ndarray, shapes: list[tuple[int, int]], size: tuple[int, int]) -> None:
         """Sets `part.sources`: per region whether it has a previous soft mask, its row in its stored part, the rows
         and columns there at which the region's pixels read it, moved by the box's shift (the stored part's
         appended zeros where the moved mask does not reach), and that part (-1: none); and `part.previous`, the
@@ -255,7 +259,7 @@ class SoftMasks:
             if source is None:
                 continue
             height, width = shapes[source.part]
-            shift = _shift(source, box)
+            shift = _shift(source.box, box, size)
             # pixel p of this crop lies at p - (corner + shift) in the source's crop, r further on in its part
             for out, axis_pixels, axis, zeros in ((rows, pixel_y, 1, height - 1), (columns, pixel_x, 0, width - 1)):
                 inside = axis_pixels[k] - source.corner[axis] - shift[axis]
@@ -326,12 +330,21 @@ def _clamped(start: np.ndarray, end: np.ndarray, length: int, r: int) -> np.ndar
     return np.minimum(np.maximum(pixels, start[:, None]), end[:, None] - 1)
 
 
-def _centre(box: list[float]) -> tuple[float, float]:
-    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+def _shift(before: tuple[float, ...], box: list[float], size: tuple[int, int]) -> tuple[int, int]:
+    """Whole pixels (x, y) the object moved since its box was `before`, in a frame of `size` (height, width): the
+    mask follows the object and keeps its outline."""
+    return (_axis_shift(before[0], before[2], box[0], box[2], size[1]),
+            _axis_shift(before[1], before[3], box[1], box[3], size[0]))
 
 
-def _shift(source: _Kept, box: list[float]) -> tuple[int, int]:
-    """Whole pixels the object moved since `source`: its box centre's shift, rounded (the mask follows the object
-    and keeps its outline)."""
-    cx, cy = _centre(box)
-    return round(cx - source.centre[0]), round(cy - source.centre[1])
+def _axis_shift(low_before: float, high_before: float, low: float, high: float, extent: int) -> int:
+    """Along one axis, the box centre's shift, rounded; where the box meets the frame's edge in either frame, the
+    other side's: there the clipping, not the object, placed that side, and the centre moves at half the object's
+    speed (an object leaving the frame left its old mask behind, a ghost up to its speed per frame wide)."""
+    clipped_low = min(low_before, low) <= EDGE_PX
+    clipped_high = max(high_before, high) >= extent - EDGE_PX
+    if clipped_high and not clipped_low:
+        return round(low - low_before)
+    if clipped_low and not clipped_high:
+        return round(high - high_before)
+    return round((low + high - low_before - high_before) / 2)
