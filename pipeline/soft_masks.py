@@ -3,7 +3,8 @@ largest crop.
 
 A region's alpha is its instance's mask over the region's crop, binarized at `threshold`, averaged with the same
 track's soft mask of the frame before (moved by the shift of the detection box's centre, or of its unclipped side
-at the frame's edge, weight `smooth`: it calms the boundary flicker of per-frame masks), then blurred by a
+at the frame's edge, and only within SMOOTH_REACH_PX of the current mask; weight `smooth`: it calms the boundary
+flicker of per-frame masks), then blurred by a
 Gaussian that fades the edge over `feather_px` pixels, with replicate borders at the crop's edges (a mask running off the frame stays opaque at the frame's edge).
 
 Made region by region, that was a dozen small tensor operations per region, each a kernel launch on a GPU, where
@@ -98,6 +99,7 @@ class Frame:
     tracks: list[int]
 
 
+SMOOTH_REACH_PX = 2  # the previous soft mask counts only this close to the current mask (`_near`)
 EDGE_PX = 0.5  # a box side this close to the frame's edge was clipped there (torchvision clips boxes to the image)
 
 
@@ -180,7 +182,7 @@ class SoftMasks:
                 binary = soft[:, r:, r:].bool()
                 if part.sources:
                     has, row, rows, columns, origin = (next(device) for _ in part.sources)
-                    before = self._gather(part.previous, origin, row, rows, columns)
+                    before = torch.minimum(self._gather(part.previous, origin, row, rows, columns), _near(soft))
                     soft = torch.where(has.bool()[:, None, None], torch.lerp(soft, before, self.smooth), soft)
                 if self.smooth > 0:
                     stored.append(F.pad(soft, (0, 1, 0, 1)))
@@ -328,6 +330,13 @@ def _clamped(start: np.ndarray, end: np.ndarray, length: int, r: int) -> np.ndar
     """(k, length): pixels start - r, start - r + 1, ... of each of k crops [start, end), clamped into it."""
     pixels = start[:, None] - r + np.arange(length)
     return np.minimum(np.maximum(pixels, start[:, None]), end[:, None] - 1)
+
+
+def _near(hard: Tensor) -> Tensor:
+    """1 within SMOOTH_REACH_PX of each mask (k, h, w), else 0: how far the previous soft mask may reach past the
+    current one. Mask flicker is a pixel or two; an object that shrank or changed shape faster left its old
+    outline around it, faded by `smooth` each frame, out to the crop's edge (a ring 19 px wide on the demo clip)."""
+    return F.max_pool2d(hard[:, None], 2 * SMOOTH_REACH_PX + 1, stride=1, padding=SMOOTH_REACH_PX)[:, 0]
 
 
 def _shift(before: tuple[float, ...], box: list[float], size: tuple[int, int]) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 import pipeline.soft_masks as soft_masks
 import segment.roi_masks as roi_masks
 from pipeline.record import FrameRecord, StylizedRegion
-from pipeline.soft_masks import Frame, SoftMasks
+from pipeline.soft_masks import SMOOTH_REACH_PX, Frame, SoftMasks
 from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from stylize.apply import crop_boxes
@@ -96,7 +96,8 @@ def reference(frames: list[Frame], feather_px: int, smooth: float, threshold: fl
             if smooth > 0 and track in kept:
                 previous, (px, py), (cx, cy) = kept[track]
                 moved = (px + round(centre[0] - cx), py + round(centre[1] - cy))
-                soft = torch.lerp(hard, paste(previous, moved, region.box), smooth)
+                reach = torch.nn.functional.max_pool2d(hard[None], 2 * SMOOTH_REACH_PX + 1, 1, SMOOTH_REACH_PX)[0]
+                soft = torch.lerp(hard, torch.minimum(paste(previous, moved, region.box), reach), smooth)
             if smooth > 0 and track >= 0:
                 now[track] = (soft, (x1, y1), centre)
             alpha = soft
