@@ -164,6 +164,12 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))
     compositor = Compositor.from_config(cfg.composite)
+    stylizer = StylizeStage.from_config(cfg.style, bank)
+    reach = stylizer.margin * stylizer.downsample  # the crop's margin in the frame's pixels
+    if compositor.feather_px > reach:  # the stylized pixels end there: a seam, or with margin 0 no feather at all
+        raise PipelineConfigError(f"composite.feather_px={compositor.feather_px} reaches past the crops' margin "
+                                  f"({reach} px: style.margin x style.downsample): raise style.margin or lower "
+                                  "composite.feather_px")
     if cfg.style.get("propagate", False) is True and cfg.get("segment_every", 1) == 1:
         print("note: style.propagate acts only on frames the segmenter skips: with segment_every=1 there are none",
               file=sys.stderr)
@@ -172,7 +178,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
                                  cfg.get("scene_cut"))),
         ("track", tracker),
         ("assign", assigner),
-        ("stylize", StylizeStage.from_config(cfg.style, bank)),
+        ("stylize", stylizer),
         ("composite", compositor),
     ]
     dumper = None

@@ -140,6 +140,7 @@ def test_existing_output_is_kept_unless_overwrite_is_true_itself(tmp_path, model
     ("debug.workers=0", ["debug.workers"]), ("encode.audio=bogus", ["encode.audio must be copy or none"]),
     ("encode.crf=abc", ["libx264", "encode.crf=abc"]),
     ("encode.pix_fmt=rgb24", ["cannot open encoder libx264", "encode.pix_fmt=rgb24"]),
+    ("style.margin=0", ["composite.feather_px=3 reaches past the crops' margin (0 px"]),  # a hard edge, silently
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, models, clip, override, words):
     """Text where a number belongs was a traceback; 1.5, true and "maybe" were rounded or taken as true; unknown
