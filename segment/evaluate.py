@@ -10,6 +10,7 @@ import contextlib
 import copy
 import io
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -90,16 +91,45 @@ def coco_eval(
 
 
 def category_map(class_names: Sequence[str], dataset: CocoDetection) -> dict[int, int]:
-    """Model label -> dataset category id, matched by class name (model class_names[0] is background); a model
-    with generic names but as many classes as the dataset maps by position."""
-    by_name = dict(zip(dataset.class_names, dataset.category_ids))
-    mapping = {label: by_name[name] for label, name in enumerate(class_names) if label > 0 and name in by_name}
+    """Model label -> dataset category id (model class_names[0] is background). A model whose classes are the
+    dataset's, in order (what segment.train makes of a dataset), maps label k to the dataset's label k: by id,
+    even where two categories share a name. Another model maps by class name, and a name that several of the
+    dataset's categories share is refused as ambiguous; a model with generic names but as many classes as the
+    dataset maps by position."""
+    if list(class_names[1:]) == list(dataset.class_names):
+        return dict(dataset.label_to_category_id)
+    ids_by_name = defaultdict(list)
+    for name, category_id in zip(dataset.class_names, dataset.category_ids):
+        ids_by_name[name].append(category_id)
+    mapping = {}
+    for label, name in enumerate(class_names):
+        if label == 0 or name not in ids_by_name:
+            continue
+        if len(ids_by_name[name]) > 1:
+            raise DatasetError(f"{dataset.annotation_file}: categories {ids_by_name[name]} share the name {name!r}, "
+                               f"so which of them the model's label {label} is cannot be told by name")
+        mapping[label] = ids_by_name[name][0]
     if mapping:
         return mapping
     if len(class_names) - 1 == len(dataset.category_ids):
         return dict(dataset.label_to_category_id)
     raise DatasetError(f"the model's classes {list(class_names[1:6])}... share no names with the dataset's "
                        f"categories {dataset.class_names[:5]}... and their counts differ")
+
+
+def ground_truth(dataset: CocoDetection, count: int) -> COCO:
+    """COCOeval's ground truth for the dataset's first `count` images: the objects and crowd regions the dataset
+    reads (`CocoDetection.annotations`: what training uses), not the raw file, whose annotations with no usable
+    mask and without 'iscrowd' pycocotools cannot score. Reading them all checks them before any image is run."""
+    coco = COCO()  # given no file, it neither reads nor prints
+    coco.dataset = {
+        "images": [dataset.coco.imgs[i] for i in dataset.image_ids[:count]],
+        "annotations": [ann for index in range(count) for ann in dataset.annotations(index)],
+        "categories": [dataset.coco.cats[c] for c in dataset.category_ids],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 @torch.inference_mode()
@@ -114,11 +144,13 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, float]:
     """Runs `model.predict` on the dataset's images at their file resolution (the dataset's own transforms are
-    not used) and scores them with COCOeval. Labels map to category ids by `label_to_category_id`, else by
-    `category_map(model.class_names, dataset)`. Returns {"bbox_AP", "bbox_AP50", ..., "segm_AP", ...}."""
+    not used) and scores them with COCOeval against `ground_truth(dataset, ...)`, checked before the model runs.
+    Labels map to category ids by `label_to_category_id`, else by `category_map(model.class_names, dataset)`.
+    Returns {"bbox_AP", "bbox_AP50", ..., "segm_AP", ...}."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     if count < 1:  # COCOeval would score nothing as zeros, which reads like a result
         raise DatasetError(f"no images to evaluate ({len(dataset)} in the dataset, max_images={max_images})")
+    coco_gt = ground_truth(dataset, count)
     if device is not None:
         model = model.to(device)
     if label_to_category_id is None:
@@ -141,7 +173,7 @@ def evaluate(
     finally:
         if graphs:
             model.set_inference_options(cuda_graphs=graphs)
-    return coco_eval(dataset.coco, results, image_ids, dataset.category_ids)
+    return coco_eval(coco_gt, results, image_ids, dataset.category_ids)
 
 
 def _unzip(batch: list[tuple]) -> tuple:
@@ -182,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=whole_number(0), default=2)
     parser.add_argument("--score-threshold", type=float, default=None, help="override the checkpoint's threshold")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="override the checkpoint's inference precision (auto: bf16 where the device has it natively)")
+                        help="override the checkpoint's inference precision "
+                             "(auto: bf16 where the device has it natively)")
     args = parser.parse_args(argv)
 
     from common.errors import UserError

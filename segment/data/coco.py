@@ -1,15 +1,19 @@
 """COCO-format instance segmentation dataset (pycocotools): images + polygon / RLE masks -> training targets.
 
 Crowd annotations (iscrowd=1) are never training targets; their boxes travel in `target["crowd_boxes"]` so a
-loss could ignore detections on them. Annotations whose box or mask is empty are dropped.
+loss could ignore detections on them. Annotations whose box or mask is empty are dropped. What is left
+(`CocoDetection.annotations`) is also the ground truth `segment.evaluate` scores against, so training and COCOeval
+see the same objects.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,9 @@ REQUIRED_KEYS = {
     "categories": ("id", "name"),
 }
 ENTRY_NAMES = {"images": "image", "annotations": "annotation", "categories": "category"}
+ORIENTATION = 0x0112  # the EXIF tag
+TURNED = range(2, 9)  # EXIF orientations other than 1, "as stored"
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def load_coco(annotation_file: str | os.PathLike) -> COCO:
@@ -48,13 +55,11 @@ def load_coco(annotation_file: str | os.PathLike) -> COCO:
     except OSError as e:
         raise DatasetError(f"cannot read {path} ({e.strerror or e})") from None
     check_entries(path, dataset)
+    check_values(path, dataset)
     coco = COCO()  # given no file, it neither reads nor prints
     coco.dataset = dataset
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-    except TypeError as e:  # e.g. an id that is a list
-        raise DatasetError(f"{path} is not a COCO instances file (problem with {e!r})") from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     return coco
 
 
@@ -77,6 +82,86 @@ def check_entries(path: Path, dataset: object) -> None:
             raise DatasetError(f"{path}: {name} has no {missing}")
 
 
+def whole_number(value: object) -> int | None:
+    """An id as an int: ints, integral floats and strings of digits ("7") are numbers; anything else is None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+ID_KEYS = {"images": ("id",), "categories": ("id",), "annotations": ("id", "image_id", "category_id")}
+
+
+def check_values(path: Path, dataset: dict) -> None:
+    """Checks and normalises, in place, what training and COCOeval would read differently or not at all; a
+    DatasetError names the first entry at fault.
+
+    Ids become ints: pycocotools indexes by value, so "7" and 7 were different images to COCOeval while training
+    read both as 7. Ids are unique: pycocotools' index keeps the last entry of an id, so duplicate annotation ids
+    were one object to COCOeval and two to training, duplicate image or category ids merged images or classes.
+    iscrowd becomes 0 or 1 (0 when missing, as pycocotools' COCO tools and training read it): "0" is a true
+    string, a crowd to training but not to COCOeval. Boxes are 4 numbers, areas a number, and an RLE has its
+    image's size: another size decoded to a mask of that size, unlike the image's."""
+    for section, keys in ID_KEYS.items():
+        name, seen = ENTRY_NAMES[section], set()
+        for entry in dataset.get(section, []):
+            for key in keys:
+                number = whole_number(entry[key])
+                if number is None and key == "id":
+                    raise DatasetError(f"{path}: {name} {entry['id']!r} has an id that is not a whole number")
+                if number is None:  # its own id, checked first, is one
+                    raise DatasetError(f"{path}: {name} {entry['id']} has {key} {entry[key]!r}, not a whole number")
+                entry[key] = number
+            if entry["id"] in seen:
+                raise DatasetError(f"{path}: {name} id {entry['id']} is used twice")
+            seen.add(entry["id"])
+    images = {image["id"]: image for image in dataset.get("images", [])}
+    for ann in dataset.get("annotations", []):
+        check_annotation(path, ann, images.get(ann["image_id"]))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value: object, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_number(v) for v in value)
+
+
+def check_annotation(path: Path, ann: dict, image: dict | None) -> None:
+    """One annotation's iscrowd (normalised to 0 / 1), bbox, area and segmentation type; an RLE's size against
+    its image's (`image`: None when the file has no image of its image_id, which nothing reads then)."""
+    name = f"{path}: annotation {ann['id']}"
+    iscrowd = ann.get("iscrowd", 0)
+    if isinstance(iscrowd, str) or iscrowd not in (0, 1):
+        raise DatasetError(f"{name} has iscrowd {iscrowd!r} (not 0 or 1)")
+    ann["iscrowd"] = int(iscrowd)
+    if not _numbers(ann["bbox"], 4):
+        raise DatasetError(f"{name} has bbox {ann['bbox']!r}, not 4 numbers (x, y, width, height)")
+    if not _number(ann["area"]):
+        raise DatasetError(f"{name} has area {ann['area']!r}, not a number")
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, list):
+        return  # polygons: their points are read when they are rasterised (`CocoDetection.annotations`)
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, list))
+            and _numbers(segmentation.get("size"), 2)):
+        raise DatasetError(f"{name} has a segmentation that is neither polygons nor an RLE (size and counts)")
+    size, counts = segmentation["size"], segmentation["counts"]
+    if image is not None and size != [image["height"], image["width"]]:
+        raise DatasetError(f"{name} has an RLE of size {size} on image {image['id']}, which is "
+                           f"[{image['height']}, {image['width']}] (height, width)")
+    # uncompressed runs that overrun the size would be decoded past the end of the mask
+    runs = isinstance(counts, list) and all(_number(c) and c >= 0 for c in counts)
+    if isinstance(counts, list) and not (runs and sum(counts) == size[0] * size[1]):
+        raise DatasetError(f"{name} has an RLE whose counts are not run lengths adding up to its size {size}")
+
+
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
     """Polygon list, uncompressed RLE (counts list) or compressed RLE -> one compressed RLE (pycocotools)."""
     if isinstance(segmentation, list):
@@ -96,7 +181,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
     category_ids: which COCO categories to use and in which order (label k = category_ids[k-1]); default all,
     sorted by id. Annotations of other categories are ignored.
-    drop_empty: leave out images with no usable (non-crowd) annotation, as training usually does.
+    drop_empty: leave out images with no usable annotation (not a crowd, box and mask not empty: an image that
+    would have no target), as training usually does.
+
+    Pixels are read as stored, whatever EXIF orientation a file has (as torchvision and pycocotools read them);
+    the first image with a non-identity orientation gets a warning (once per dataset and process).
     """
 
     def __init__(
@@ -113,6 +202,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file = Path(annotation_file)
         self.coco = load_coco(annotation_file)
         self.transforms = transforms
+        self._warned_orientation = False
         # what is missing, said here: an empty set reached training as "0 images, fewer than the 1 processes"
         if not self.coco.imgs:
             raise DatasetError(f"{annotation_file} has no images")
@@ -132,8 +222,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_to_category_id = {k: cid for cid, k in self.category_id_to_label.items()}
         self.class_names = [self.coco.cats[cid]["name"] for cid in self.category_ids]
         image_ids = sorted(self.coco.imgs)
-        if drop_empty:
-            image_ids = [i for i in image_ids if any(self._is_target(a) for a in self.coco.imgToAnns.get(i, []))]
+        if drop_empty:  # rasterises every annotation of the categories used: what makes a target is decided once
+            image_ids = [i for i in image_ids if any(not a["iscrowd"] for a in self._annotations(i))]
             if not image_ids:
                 raise DatasetError(f"none of the {len(self.coco.imgs)} images of {annotation_file} has an annotation "
                                    f"(not a crowd) of the categories used, {self.category_ids}")
@@ -151,52 +241,74 @@ class CocoDetection(torch.utils.data.Dataset):
         return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
 
     def load_image(self, index: int) -> Tensor:
-        """uint8 (3, H, W) RGB (grey, palette and RGBA files converted), checked against the annotated size."""
+        """uint8 (3, H, W) RGB (grey, 16-bit grey, palette and RGBA files converted), checked against the annotated
+        size."""
         path = self.image_path(index)
         if not path.is_file():
             raise DatasetError(f"image file not found: {path}")
         try:
             with Image.open(path) as file:
-                pixels = np.array(file.convert("RGB"))
+                orientation = file.getexif().get(ORIENTATION, 1)
+                pixels = _rgb(file)
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"cannot decode image {path} ({str(e).strip().splitlines()[0][:100]})") from None
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         expected = self.get_height_and_width(index)
+        turned = orientation in TURNED
         if tuple(image.shape[1:]) != expected:
-            raise DatasetError(f"{path} is {tuple(image.shape[1:])} (H, W) but its annotation says {expected}")
+            # annotation tools record the size viewers show, turned by the EXIF orientation: say why they differ
+            why = (f"; its EXIF orientation {orientation} turns it on display, but its pixels are read as stored "
+                   "(see docs/data.md)") if turned else ""
+            raise DatasetError(f"{path} is {tuple(image.shape[1:])} (H, W) but its annotation says {expected}{why}")
+        if turned and not self._warned_orientation:
+            self._warned_orientation = True
+            warnings.warn(f"{path} (and maybe other images of {self.annotation_file}) has EXIF orientation "
+                          f"{orientation}: its pixels are read as stored, not turned as viewers show them, so "
+                          "annotations drawn on the turned picture do not fit it (see docs/data.md)", stacklevel=2)
         return image
 
-    def _is_target(self, ann: dict) -> bool:
-        return not ann.get("iscrowd", 0) and ann["category_id"] in self.category_id_to_label
+    def annotations(self, index: int) -> list[dict]:
+        """The image's annotations of the categories used, as training and evaluation read them, in file order:
+        copies with `segmentation` as one compressed RLE of the image's size and `iscrowd` 0 or 1. Crowd regions
+        are all kept; other annotations only where their box (clamped to the image) and mask are not empty."""
+        return list(self._annotations(self.image_ids[index]))
+
+    def _annotations(self, image_id: int) -> Iterator[dict]:
+        # a generator: drop_empty stops at an image's first target instead of rasterising all its annotations
+        info = self.coco.imgs[image_id]
+        height, width = int(info["height"]), int(info["width"])
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann["category_id"] not in self.category_id_to_label:
+                continue
+            ann = {**ann, "segmentation": self._rle(ann, height, width)}
+            box = _xyxy(ann["bbox"], height, width)
+            if ann["iscrowd"] or (box[2] > box[0] and box[3] > box[1] and mask_utils.area(ann["segmentation"]) > 0):
+                yield ann
+
+    def _rle(self, ann: dict, height: int, width: int) -> dict:
+        try:
+            return segmentation_to_rle(ann["segmentation"], height, width)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DatasetError(f"{self.annotation_file}: annotation {ann['id']} has a malformed segmentation "
+                               f"({str(e).strip()[:100]})") from None
 
     def load_target(self, index: int) -> Target:
-        image_id = self.image_ids[index]
         height, width = self.get_height_and_width(index)
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["category_id"] in self.category_id_to_label]
-        targets = [a for a in anns if not a.get("iscrowd", 0)]
-        crowds = [a for a in anns if a.get("iscrowd", 0)]
-        boxes = _xywh_to_xyxy([a["bbox"] for a in targets], height, width)
-        masks = self._masks(targets, image_id, height, width)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & masks.flatten(1).amax(1).bool()
-        labels = torch.tensor([self.category_id_to_label[a["category_id"]] for a in targets], dtype=torch.int64)
+        annotations = self.annotations(index)
+        objects = [a for a in annotations if not a["iscrowd"]]
+        if objects:
+            masks = mask_utils.decode([a["segmentation"] for a in objects])  # (H, W, G) Fortran order
+            masks = torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+        else:
+            masks = torch.zeros((0, height, width), dtype=torch.uint8)
         return {
-            "boxes": boxes[keep],
-            "labels": labels[keep],
-            "masks": masks[keep],
-            "crowd_boxes": _xywh_to_xyxy([a["bbox"] for a in crowds], height, width),
-            "image_id": int(image_id),
+            "boxes": _boxes(objects, height, width),
+            "labels": torch.tensor([self.category_id_to_label[a["category_id"]] for a in objects], dtype=torch.int64),
+            "masks": masks,
+            "crowd_boxes": _boxes([a for a in annotations if a["iscrowd"]], height, width),
+            "image_id": self.image_ids[index],
             "orig_size": (height, width),
         }
-
-    def _masks(self, anns: list[dict], image_id: int, height: int, width: int) -> Tensor:
-        if not anns:
-            return torch.zeros((0, height, width), dtype=torch.uint8)
-        try:
-            rles = [segmentation_to_rle(a["segmentation"], height, width) for a in anns]
-            masks = mask_utils.decode(rles)  # (H, W, G) Fortran order
-        except (KeyError, TypeError, ValueError) as e:
-            raise DatasetError(f"image {image_id}: malformed segmentation in an annotation ({e!r})") from None
-        return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         image = self.load_image(index).float().div_(255)
@@ -206,9 +318,23 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def _xywh_to_xyxy(boxes: list, height: int, width: int) -> Tensor:
-    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    b[:, 2:] += b[:, :2]
-    b[:, 0::2] = b[:, 0::2].clamp(0, width)
-    b[:, 1::2] = b[:, 1::2].clamp(0, height)
-    return b
+def _rgb(file: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8. 16-bit greyscale is scaled to 8 bits: convert("RGB") clips each value at 255, which turns
+    all but the darkest pixels white. ("I" is how older Pillow opens 16-bit PNGs.)"""
+    if file.mode in SIXTEEN_BIT_GREY:
+        grey = np.rint(np.asarray(file) / 257).clip(0, 255).astype(np.uint8)  # 257 * v, v's 16-bit form, -> v
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(file.convert("RGB"))
+
+
+def _xyxy(bbox: list, height: int, width: int) -> np.ndarray:
+    """COCO xywh -> xyxy clamped to the image, in float32 like the targets' boxes (so the test for an empty box
+    and the boxes trained on agree to the bit)."""
+    box = np.array(bbox, dtype=np.float32)
+    box[2:] += box[:2]
+    return box.clip(0, np.array([width, height, width, height], dtype=np.float32))
+
+
+def _boxes(annotations: list[dict], height: int, width: int) -> Tensor:
+    return torch.from_numpy(np.array([_xyxy(a["bbox"], height, width) for a in annotations],
+                                     dtype=np.float32).reshape(-1, 4))
