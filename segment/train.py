@@ -157,8 +157,9 @@ def build_segmenter(config: SegmenterConfig, start: MaskRCNN | None, name: str |
 
 
 def _evaluator(dataset, batch_size: int):
-    from segment.evaluate import evaluate
+    from segment.evaluate import evaluate, ground_truth
 
+    ground_truth(dataset, len(dataset))  # a malformed validation annotation fails now, not at the first evaluation
     return lambda model: evaluate(model, dataset, batch_size=batch_size, progress=False)
 
 

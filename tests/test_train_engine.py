@@ -339,3 +339,21 @@ def test_sigterm_to_the_process_group_is_a_clean_interrupt(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130 and "killed by signal" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+
+
+def test_a_malformed_validation_annotation_fails_before_training(tmp_path):
+    """It failed at the first evaluation, after the training up to it."""
+    import json
+
+    from segment.data import DatasetError
+
+    data = tmp_path / "data"
+    synthetic_split(data)
+    train(train_config(tmp_path / "first", data, "eval_every=2"))  # generates the val split too
+    annotations = data / "annotations" / "instances_val.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"][0]["segmentation"] = [["a", "b", "c", "d", "e", "f"]]
+    annotations.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError):
+        train(train_config(tmp_path / "run", data, "eval_every=100"))
+    assert not (tmp_path / "run" / "last.pt").exists()
