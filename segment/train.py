@@ -57,7 +57,7 @@ def _sizes(cfg: DictConfig, key: str, *, nullable: bool = False) -> None:
                           f"{' or null' if nullable else ''}, got {value!r}")
 
 
-def check_settings(cfg: DictConfig) -> TrainSettings:
+def checked_train_settings(cfg: DictConfig) -> TrainSettings:
     """Every setting's type and range, so that a bad value is one line before any work, not a traceback from
     torch minutes later; -> the loop's settings."""
     get = partial(OmegaConf.select, cfg)
@@ -234,7 +234,7 @@ def _remove_previous_run(out: Path) -> None:
 
 def train(cfg: DictConfig) -> Path:
     """Runs (or resumes) a training; returns the path of model_final.pt."""
-    settings = check_settings(cfg)
+    settings = checked_train_settings(cfg)
     info = init_distributed(str(cfg.device))
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
