@@ -39,7 +39,8 @@ BACKBONE_GROUPS = {True: ("r50_fpn", "resnet50"), False: ("r18_fpn", "resnet18")
 DDP_PREFIX = "module."
 
 
-def _read(path: str | os.PathLike) -> Any:
+def read_file(path: str | os.PathLike) -> Any:
+    """A checkpoint file's contents, loaded weights-only on the CPU; a missing or unreadable file is one line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -163,7 +164,7 @@ def load_torchvision_checkpoint(path: str | os.PathLike, **overrides: Any) -> Ma
     runs with torchvision's inference settings (800/1333, score 0.05, NMS 0.5, 100 detections) and the BatchNorm
     eps and class count it was made with (names: COCO's for 91 classes, else class_1...), unless overridden.
     """
-    return _load_torchvision(_read(path), path, overrides)
+    return _load_torchvision(read_file(path), path, overrides)
 
 
 def _load_torchvision(state: Any, path: str | os.PathLike, overrides: dict[str, Any]) -> MaskRCNN:
@@ -210,7 +211,7 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
     Overrides change inference settings (thresholds, sizes, precision...). Our checkpoints carry the
     architecture they were trained with, so overrides of ARCHITECTURE_KEYS apply only to raw torchvision files.
     """
-    state = _read(path)
+    state = read_file(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if not isinstance(state.get("config"), dict) or not _is_state_dict(state.get("model")):
             raise CheckpointError(f"{path} is an {FORMAT} file without a valid config / model entry")

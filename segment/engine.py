@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.outputs import AtomicOutput
-from segment.checkpoint import FORMAT, save_checkpoint
+from segment.checkpoint import FORMAT, read_file, save_checkpoint
 from segment.distributed import DistInfo, barrier, mean_over_processes
 from segment.errors import CheckpointError, SegmentError
 from segment.loader import BatchStream
@@ -322,10 +322,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Restores weights, optimizer, scheduler, scaler, RNGs, iteration and data position from `last.pt`, once it
         is known to fit this run (architecture, schedule, batch size), and cuts metrics.jsonl back to its iteration."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {path}: {str(e).strip().splitlines()[0][:120]}") from None
+        checkpoint = read_file(path)
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "training_state" not in checkpoint:
             raise CheckpointError(f"{path} is not a training checkpoint written by segment.train")
         if checkpoint["config"] != self.model.config.to_dict():

@@ -35,8 +35,8 @@ from segment.loader import BatchStream
 from segment.model import MaskRCNN, build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 
-# keys of the shared `segment` group that belong to the render app, not to the architecture
-_RENDER_KEYS = ("checkpoint",)
+# keys of the shared `segment` group that are no architecture setting: the weights to start from
+_WEIGHTS_KEYS = ("checkpoint",)
 CONFIG = "config.yaml"
 # the layers with a row per class (background included): fine-tuning on other classes starts them fresh
 CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") for layer in (
@@ -80,11 +80,10 @@ def checked_train_settings(cfg: DictConfig) -> TrainSettings:
     number(get("data.hflip_prob"), "data.hflip_prob", 0, 1)
     _sizes(cfg, "data.resize.min_size", nullable=True)
     _sizes(cfg, "data.resize.max_size", nullable=True)
-    _sizes(cfg, "segment.min_size")
-    _sizes(cfg, "segment.max_size")
     for key in ("resume", "overwrite"):
         flag(get(key), key)
-    _check_from_scratch(*segmenter_config(cfg.segment, None))  # the segment settings too, before any data is made
+    # the segment settings (segment.min_size, max_size... in SegmenterConfig's checks) too, before any data is made
+    _check_from_scratch(*segmenter_config(cfg.segment, None))
     return TrainSettings(
         output_dir=Path(cfg.output_dir), max_iters=int(cfg.schedule.max_iters), amp=str(cfg.amp),
         clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
@@ -113,7 +112,7 @@ def segmenter_config(segment_cfg: Any, class_names: list[str] | None,
     values = (OmegaConf.to_container(segment_cfg, resolve=True) if isinstance(segment_cfg, DictConfig)
               else dict(segment_cfg))
     init_weights = values.get("checkpoint")
-    values = {k: v for k, v in values.items() if k not in _RENDER_KEYS}
+    values = {k: v for k, v in values.items() if k not in _WEIGHTS_KEYS}
     if class_names:  # the model predicts the classes of the data it is trained on
         values["num_classes"] = len(class_names) + 1
         values["class_names"] = ["__background__", *class_names]
