@@ -26,9 +26,9 @@ from pipeline.stage_timing import timed
 from segment.config import real_class_names
 from segment.roi_masks import RoIMasks, per_frame
 from segment.structures import mask_areas
+from stylize.bank import ORIGINAL
 
 POLICIES = ("by_class", "per_instance")
-ORIGINAL = "original"   # the style spec that means "leave these pixels as they are"
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, region, precision...).
 STYLE_KEYS = ("assign", "palette", "palette_memory", "class_styles", "default_style", "background", "exclude_classes",
               "min_score", "min_area", "margin", "region", "downsample", "max_side", "propagate", "crop_bucket",

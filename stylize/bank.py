@@ -28,6 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = PROJECT_ROOT / ".cache" / "styles"
 DEFAULT_BANK = DEFAULT_CACHE / "multistyle26.pt"
 PREVIEW_SIZE = 96
+ORIGINAL = "original"  # the style spec that leaves an object unstyled (pipeline.assign)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _TERM = re.compile(r"^(?:(?P<w>\d*\.?\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<key>[A-Za-z0-9_\-]+)$")
 
@@ -37,6 +38,20 @@ class StyleInfo:
     name: str
     source: str
     preview: Tensor | None = None      # uint8 3×96×96: the style applied to a sample photo
+
+
+def check_style_names(names: list[str]) -> None:
+    """The names of one bank's styles: each spelt as a render's style spec can name it (not `original`, which a
+    spec reads as "leave unstyled"), and no two alike (the second could never be picked)."""
+    seen = set()
+    for name in names:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise StyleError(f"style name {name!r} must start with a letter or _ and hold only letters, digits, _ or -")
+        if name.lower() == ORIGINAL:
+            raise StyleError(f"style name {name!r} is reserved: a style spec {ORIGINAL!r} means \"leave unstyled\"")
+        if name in seen:
+            raise StyleError(f"two styles are named {name!r}: the bank could only ever pick the first")
+        seen.add(name)
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -185,10 +200,9 @@ class StyleBank:
     # -- user styles -------------------------------------------------------------------------------
 
     def check_new_name(self, name: str) -> None:
-        if not _NAME.match(name):
-            raise StyleError(f"style name {name!r} must start with a letter or _ and hold only letters, digits, _ or -")
         if name in self.names:
             raise StyleError(f"the bank already has a style named {name!r}")
+        check_style_names([name])
 
     def add_style(self, name: str, params: dict[str, Tensor], source: str, preview: Tensor | None = None) -> int:
         self.check_new_name(name)
