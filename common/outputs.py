@@ -1,11 +1,14 @@
 """Safe output files: refuse dangerous targets up front, write to a temp file beside the target, rename on success.
 
-A failed or interrupted run leaves neither a partial output nor a stray temp file, and never touches the input.
+A failed or interrupted run leaves neither a partial output, nor a stray temp file, nor the folders made for them,
+and never touches the input.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 from pathlib import Path
 
 from common.errors import OutputError
@@ -17,14 +20,14 @@ def check_output(output: str | Path, input: str | Path | None = None, overwrite:
     a folder, a suffix not in `suffixes` (a `kind` of file; none: any), and a folder that cannot be made or
     written to."""
     target = Path(output).expanduser().absolute()
-    if input is not None and _same_file(Path(input).expanduser().absolute(), target):
+    if input is not None and same_file(input, target):
         raise OutputError(f"output {target} is the input file: choose another output path")
     if target.is_dir():
         example = target / ("out" + (suffixes or (".mp4",))[0])
         raise OutputError(f"output {target} is a folder: give a file name such as {example}")
     if suffixes and target.suffix.lower() not in suffixes:
         raise OutputError(f"output {target.name}: unknown {kind} '{target.suffix}', use one of {', '.join(suffixes)}")
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:  # a dangling link too: the final link would fail on it
         raise OutputError(f"output {target} already exists: pass overwrite=true to replace it")
     _check_folder_can_be_made(target.parent)
     return target
@@ -41,21 +44,32 @@ def _check_folder_can_be_made(folder: Path) -> None:
         raise OutputError(f"cannot write to output folder {existing} (permission denied)")
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class AtomicOutput:
     """`with AtomicOutput(target) as tmp:` write to `tmp`; on a clean exit it is renamed to `target`,
-    on any exception (Ctrl-C included) it is deleted."""
+    on any exception (Ctrl-C included) it is deleted, with the folders it made for it.
+
+    `committed` turns true with the rename, with no interrupt between them (on the main thread): a program that
+    is stopped right after the rename can tell that its output is in place."""
 
     def __init__(self, target: str | Path, overwrite: bool = False):
         self.target = Path(target).absolute()
         self.overwrite = overwrite
         self.temp: Path | None = None
+        self.committed = False
+        self._made: list[Path] = []  # the folders __enter__ made, deepest first
 
     def __enter__(self) -> Path:
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(self.target.parent, self._made)
             self.temp = _new_file_beside(self.target)
-        except OSError as e:
-            raise OutputError(f"cannot write to output folder {self.target.parent} ({e.strerror or e})") from e
+        except BaseException as e:  # Ctrl-C too: no __exit__ follows a failed __enter__
+            self._discard()
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write to output folder {self.target.parent} ({e.strerror or e})") from e
+            raise
         return self.temp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -69,7 +83,13 @@ class AtomicOutput:
         self._discard()
 
     def _commit(self) -> None:
-        if self.overwrite:
+        with _HeldSignals():
+            self._place()
+            self.committed = True
+            self._made = []
+
+    def _place(self) -> None:
+        if self.overwrite:  # a link at the target is replaced itself, never written through
             os.replace(self.temp, self.target)
             return
         appeared = f"output {self.target} appeared while it was being written: pass overwrite=true to replace it"
@@ -78,7 +98,7 @@ class AtomicOutput:
         except FileExistsError as e:
             raise OutputError(appeared) from e
         except OSError:  # file systems without hard links
-            if self.target.exists():
+            if os.path.lexists(self.target):
                 raise OutputError(appeared)
             os.replace(self.temp, self.target)
             return
@@ -87,6 +107,66 @@ class AtomicOutput:
     def _discard(self) -> None:
         if self.temp is not None:
             self.temp.unlink(missing_ok=True)
+        self._remove_folders()
+
+    def _remove_folders(self) -> None:
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
+                break
+        self._made = []
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    """Makes `folder` and its missing parents, putting each one made here at the front of `made` as it is made (one
+    that another process made at the same time is not ours to remove; those made before an error are listed)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        made.insert(0, folder)
+
+
+class _HeldSignals:
+    """Holds back the Python handlers of the stop signals for a block (on the main thread, the only one that runs
+    them; elsewhere it does nothing), then runs them for the signals that came meanwhile. Swapping the handlers, not
+    blocking the signals with pthread_sigmask: a signal blocked in the main thread is taken by any other thread
+    (torch's, tqdm's), and the main thread still runs its handler at once. A signal whose handler is the
+    operating system's (SIG_DFL, SIG_IGN) is left to it."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.pending: list[int] = []
+        self.previous: dict[int, object] = {}
+        self.handler = self._handle  # one bound method, so that `getsignal(...) is self.handler` can find it
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.held:
+            self.pending.append(signum)
+        else:  # came while the handlers were being put back
+            self.previous[signum](signum, frame)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.held = True
+        for signum in STOP_SIGNALS:
+            if callable(signal.getsignal(signum)):
+                self.previous[signum] = signal.signal(signum, self.handler)
+
+    def __exit__(self, *_) -> None:
+        self.held = False
+        for signum, handler in self.previous.items():
+            if signal.getsignal(signum) is self.handler:
+                signal.signal(signum, handler)
+        for signum in dict.fromkeys(self.pending):
+            self.previous[signum](signum, None)
 
 
 def leftover_temp_files(target: str | Path) -> list[Path]:
@@ -108,7 +188,9 @@ def _new_file_beside(target: Path) -> Path:
             continue
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """The same file by resolved path (symlinks) or by identity (hard links, bind mounts)."""
+    a, b = Path(a).expanduser().absolute(), Path(b).expanduser().absolute()
     if a.resolve() == b.resolve():
         return True
     try:

@@ -32,12 +32,18 @@ def _scores_and_boxes(batch: list[FrameRecord]) -> list[tuple[list[float], list[
     return [([row[0] for row in frame], [row[1:] for row in frame]) for frame in rows]
 
 
+def depth_order(regions: list, scores: list[float]) -> list:
+    """Stylized regions in the order they are blended, bottom first: lowest score first; among equal scores the
+    later instance ends on top (a stable sort). The debug dump's stylized layer stacks its crops the same way."""
+    return sorted(regions, key=lambda r: scores[r.instance])
+
+
 def _frame(record: FrameRecord, scores: list[float], boxes: list[list[float]]) -> Frame:
-    """What the soft masks and the blend need of a record: its regions in depth order (lowest score first; among
-    equal scores the later instance ends on top: a stable sort), its instances' boxes and track ids."""
+    """What the soft masks and the blend need of a record: its regions in depth order, its instances' boxes and
+    track ids."""
     n = 0 if record.instances is None else len(record.instances)
     tracks = record.track_ids.tolist() if n and record.track_ids is not None else [-1] * n
-    return Frame(record, sorted(record.stylized, key=lambda r: scores[r.instance]), boxes, tracks)
+    return Frame(record, depth_order(record.stylized, scores), boxes, tracks)
 
 
 def _summed_change(now: Tensor, before: Tensor, inside: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 Layout of a dump folder (`python -m pipeline.viewer DIR` shows it):
 
-    DIR/manifest.json   format, video info, class names, layers, palette, frame count, `complete`
+    DIR/manifest.json   format, video info, class names, layers, palette, frame count, `complete`, the
+                        composite's mask_threshold / feather_px / smooth_masks, area_threshold, background_style
     DIR/frames.jsonl    one JSON object per frame, appended as frames arrive (memory stays flat)
     DIR/images/{index:06d}_{layer}.{jpg|png}   every `every`-th frame only
 
@@ -12,29 +13,38 @@ One frame record (every frame, whatever `every` is):
     so the longer side is <= max_side; boxes stay in original pixels: to draw one, multiply x by
     w / W and y by h / H, which equal `scale` up to the rounding of dump_size),
     instances: [{track_id (-1 untracked), label, class, score, box xyxy (original px), area (mask
-    pixels at original size), style (null = left original), keep, mask}], where mask is COCO RLE
-    ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at 0.5 and
-    downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
+    pixels at p >= 0.5 at original size: what style.min_area and the tracker count, whatever
+    composite.mask_threshold is), style (null: not styled), keep, mask}], where mask is COCO RLE
+    ({"size": [h, w], "counts": str}, pycocotools.mask.encode) of the mask binarized at the composite's
+    mask_threshold (the manifest's `mask_threshold`: the mask the composite blended through, before its
+    feather and smoothing) and downscaled to dump_size by majority vote (area-average of the binary mask >= 0.5),
     propagated: whether the segmenter skipped the frame (`segment_every`), its instances moved by the tracker,
     cut: whether a new shot starts there (`scene_cut`: the tracker ended every track, the objects get new ids),
     regions: [{instance, style, box, carried}] the stylized crops (carried: the last segmented frame's, moved:
-    `style.propagate`), background: whether a background style ran,
+    `style.propagate`), background: whether a background style ran, background_style: its spec (null: none ran;
+    it paints every pixel no region covers, so the objects assign did not keep as well),
     timings: {stage: seconds} as the stages recorded them (stages up to composite),
     images: {layer: path relative to DIR} for frames with images, else {}.
 
 Layers: `original`; `masks` (masks coloured by track, with "#id class" labels on their boxes);
 `stylized` (the stylized-only layer: the background style's frame if one ran, black otherwise, with
-every stylized crop pasted whole over its box, so margins the compositor feathers away stay visible);
+every stylized crop pasted whole over its box in the composite's depth order, so margins the compositor
+feathers away stay visible);
 `composite` (the frame the encoder gets).
 
+Numbers that are not finite (a NaN score, an infinite timing) are written as null: the browser's JSON.parse
+rejects bare NaN, which would blank the whole page.
+
 Safety: images are written to a temp file and renamed; manifest.json says complete=false until
-`close()` rewrites it with complete=true, so an interrupted dump is detectable.
+`close()` rewrites it with complete=true, so an interrupted dump is detectable. An existing folder is
+replaced only with `overwrite` (the render's), and never when it holds anything a dump does not write.
 """
 from __future__ import annotations
 
 import inspect
 import io
 import json
+import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,10 +60,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import AtomicOutput
-from common.settings import whole
-from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, MASK_THRESHOLD, PALETTE,
-                                   UNTRACKED, DebugDumpError, track_color)
+from common.outputs import AtomicOutput, leftover_temp_files
+from common.settings import number, whole
+from pipeline.composite import depth_order
+from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGE_TEMP_NAME, IMAGES, LAYERS,
+                                   MANIFEST, MANIFEST_TEMP_NAME, MASK_THRESHOLD, PALETTE, UNTRACKED, DebugDumpError,
+                                   track_color)
 from pipeline.record import FrameRecord
 from segment.roi_masks import RoIMasks
 
@@ -70,14 +82,16 @@ def dump_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def downscale_masks(masks: torch.Tensor | RoIMasks, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) probabilities or bool, or RoIMasks → (N, h, w) bool: binarize at 0.5, then majority vote per output
-    pixel. RoIMasks are pasted a few at a time: a hundred full-frame masks at once would be most of a GB at 1080p."""
+def downscale_masks(masks: torch.Tensor | RoIMasks, size: tuple[int, int],
+                    threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """(N, H, W) probabilities or bool, or RoIMasks → (N, h, w) bool: binarize at `threshold` (p >= threshold, as
+    the composite does), then majority vote per output pixel. RoIMasks are pasted a few at a time: a hundred
+    full-frame masks at once would be most of a GB at 1080p."""
     if isinstance(masks, RoIMasks):
         return torch.cat([torch.zeros((0, *size), dtype=torch.bool, device=masks.device),
-                          *(downscale_masks(masks[i:i + PASTE_CHUNK].paste(), size)
+                          *(downscale_masks(masks[i:i + PASTE_CHUNK].paste(), size, threshold)
                             for i in range(0, len(masks), PASTE_CHUNK))])
-    binary = masks >= MASK_THRESHOLD if masks.dtype != torch.bool else masks
+    binary = masks >= threshold if masks.dtype != torch.bool else masks
     if binary.shape[0] == 0:
         return torch.zeros((0, *size), dtype=torch.bool, device=binary.device)
     if tuple(binary.shape[-2:]) == tuple(size):
@@ -109,6 +123,14 @@ def _axis_scales(size: tuple[int, int], small: tuple[int, int]) -> tuple[float, 
     return small[1] / size[1], small[0] / size[0]
 
 
+def _depth_order(record: FrameRecord) -> list:
+    """The record's stylized regions in the order the composite blends them (bottom first), from the composite's
+    own ordering: overlapping crops must stack as they do in the video."""
+    if not record.stylized:
+        return []
+    return depth_order(record.stylized, record.instances.scores.float().tolist())
+
+
 def _stylized_layer(record: FrameRecord, size: tuple[int, int]) -> torch.Tensor:
     """Background style (or black) with every stylized crop pasted whole over its box, at dump size."""
     h, w = size
@@ -117,7 +139,7 @@ def _stylized_layer(record: FrameRecord, size: tuple[int, int]) -> torch.Tensor:
         canvas = _resize_image(record.background.float(), size).clamp(0, 1)
     else:
         canvas = torch.zeros((3, h, w), dtype=torch.float32, device=record.image.device)
-    for region in record.stylized:
+    for region in _depth_order(record):
         x1, y1, x2, y2 = region.box
         bx1, by1 = max(0, round(x1 * sx)), max(0, round(y1 * sy))
         bx2, by2 = min(w, max(bx1 + 1, round(x2 * sx))), min(h, max(by1 + 1, round(y2 * sy)))
@@ -147,6 +169,80 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _finite(value: Any) -> Any:
+    """`value` (JSON-ready) with every NaN and ±Infinity as None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **options) -> str:
+    """Strict JSON (what the browser's JSON.parse reads): not-finite numbers become null."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
+def _dump_entries(directory: Path) -> tuple[list[str], list[str]]:
+    """(ours, foreign): the folder's entries a dump writes (manifest, frames, images and their temp files), and
+    the rest, as paths relative to the folder. A manifest.json of another format, or a frames.jsonl without our
+    manifest that does not start as our frame records do, is foreign."""
+    ours, foreign = [], []
+    manifest_ours = False
+    manifest = directory / MANIFEST
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            manifest_ours = json.loads(manifest.read_bytes()).get("format") == FORMAT
+        except (ValueError, AttributeError, OSError):
+            manifest_ours = False
+    for entry in sorted(directory.iterdir()):
+        name, plain = entry.name, entry.is_file() and not entry.is_symlink()
+        if name == MANIFEST and plain:
+            (ours if manifest_ours else foreign).append(name)
+        elif name == FRAMES and plain:
+            (ours if manifest_ours or _looks_like_frames(entry) else foreign).append(name)
+        elif MANIFEST_TEMP_NAME.match(name) and plain:
+            ours.append(name)
+        elif name == IMAGES and entry.is_dir() and not entry.is_symlink():
+            for image in sorted(entry.iterdir()):
+                plain_image = image.is_file() and not image.is_symlink()
+                mine = plain_image and (IMAGE_NAME.match(image.name) or IMAGE_TEMP_NAME.match(image.name))
+                (ours if mine else foreign).append(f"{IMAGES}/{image.name}")
+        else:
+            foreign.append(name + ("/" if entry.is_dir() else ""))
+    return ours, foreign
+
+
+def _looks_like_frames(path: Path) -> bool:
+    """frames.jsonl as the writer starts it: empty, or a compact record whose first key is the index (a killed
+    render can leave the first line cut short, so it is not parsed)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head == b"" or head.startswith(b'{"index":')
+
+
+def check_dump_dir(directory: Path, overwrite: bool) -> None:
+    """Refuses, before anything is written, a dump folder that is a file, one holding what a dump does not write
+    (always: someone else's files), and one holding an earlier dump without `overwrite` (the render's)."""
+    if directory.exists() and not directory.is_dir():
+        raise DebugDumpError(f"debug dir {directory} exists and is not a folder")
+    if not directory.is_dir():
+        return
+    try:
+        ours, foreign = _dump_entries(directory)
+    except OSError as e:
+        raise DebugDumpError(f"cannot read debug dir {directory}: {e.strerror or e}") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DebugDumpError(f"debug dir {directory} holds files that are not a debug dump's ({shown}): "
+                             "give the dump a folder of its own (debug.dir=PATH)")
+    if ours and not overwrite:
+        raise DebugDumpError(f"debug dir {directory} already holds a debug dump: pass overwrite=true to "
+                             "replace it, or choose another debug.dir")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with AtomicOutput(path, overwrite=True) as temp:
         temp.write_bytes(data)
@@ -156,11 +252,19 @@ class DebugDumper:
     """Writes the dump for a stream of frame batches; `write` after composite, `close` at the end."""
 
     def __init__(self, directory: str | Path, class_names: list[str], every: int = 1, max_side: int = 640,
-                 image_format: str = "jpg", jpeg_quality: int = 90, workers: int = 2, video_info: Any = None):
+                 image_format: str = "jpg", jpeg_quality: int = 90, workers: int = 2, video_info: Any = None,
+                 overwrite: bool = False, mask_threshold: float = MASK_THRESHOLD, feather_px: int | None = None,
+                 smooth_masks: float | None = None, background_style: str | None = None):
+        """`overwrite`: replace an earlier dump in `directory` (the render's own overwrite); `mask_threshold`,
+        `feather_px`, `smooth_masks`: the composite's settings (the masks are binarized at its threshold, the
+        others are recorded); `background_style`: the background style spec, None when there is none."""
         every, max_side = whole(every, "debug.every", 1), whole(max_side, "debug.max_side", 16)
         jpeg_quality, workers = whole(jpeg_quality, "debug.jpeg_quality", 1, 100), whole(workers, "debug.workers", 1)
         if image_format not in ("jpg", "png"):
             raise DebugDumpError(f"debug.image_format must be jpg or png, got {image_format!r}")
+        self.mask_threshold = number(mask_threshold, "composite.mask_threshold", 0.0, 1.0, low_open=True)
+        self.feather_px, self.smooth_masks = feather_px, smooth_masks
+        self.background_style = background_style
         self.dir = Path(directory)
         self.class_names = list(class_names)
         self.every, self.max_side = int(every), int(max_side)
@@ -169,7 +273,7 @@ class DebugDumper:
         self.frame_count = 0
         self.image_frames = 0
         self._first: dict[str, Any] | None = None
-        self._prepare_dir()
+        self._prepare_dir(overwrite)
         self._frames = open(self.dir / FRAMES, "w", encoding="utf-8")
         # A few encoder threads overlap PNG/JPEG encoding with the render; the bound keeps memory flat.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="debug-dump")
@@ -180,8 +284,9 @@ class DebugDumper:
 
     @classmethod
     def from_config(cls, cfg: Any, class_names: list[str], output_path: str | Path | None = None,
-                    video_info: Any = None) -> DebugDumper:
-        """`cfg` is the `debug` config group; the folder is `cfg.dir`, else `<output stem>_debug/` beside the output."""
+                    **settings: Any) -> DebugDumper:
+        """`cfg` is the `debug` config group; the folder is `cfg.dir`, else `<output stem>_debug/` beside the output.
+        `settings`: the constructor's keywords that come from elsewhere (video_info, overwrite, the composite's)."""
         get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
         directory = get("dir", None)
         if directory is None:
@@ -191,20 +296,20 @@ class DebugDumper:
             directory = out.with_name(f"{out.stem}_debug")
         return cls(directory, class_names, every=get("every", 1), max_side=get("max_side", 640),
                    image_format=str(get("image_format", "jpg")), jpeg_quality=get("jpeg_quality", 90),
-                   workers=get("workers", 2), video_info=video_info)
+                   workers=get("workers", 2), **settings)
 
-    def _prepare_dir(self) -> None:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise DebugDumpError(f"debug dir {self.dir} exists and is not a folder")
+    def _prepare_dir(self, overwrite: bool) -> None:
+        """`check_dump_dir`, then (with `overwrite`) deletes the earlier dump's files, a killed render's temp files
+        included."""
+        check_dump_dir(self.dir, overwrite)
         try:
             (self.dir / IMAGES).mkdir(parents=True, exist_ok=True)
+            (self.dir / MANIFEST).unlink(missing_ok=True)
+            for old in [*(self.dir / IMAGES).iterdir(), *leftover_temp_files(self.dir / MANIFEST)]:
+                if IMAGE_NAME.match(old.name) or IMAGE_TEMP_NAME.match(old.name) or MANIFEST_TEMP_NAME.match(old.name):
+                    old.unlink()
         except OSError as e:
-            raise DebugDumpError(f"cannot create debug dir {self.dir}: {e.strerror}") from None
-        # A re-run replaces an earlier dump in place: drop only files this module wrote.
-        (self.dir / MANIFEST).unlink(missing_ok=True)
-        for old in (self.dir / IMAGES).iterdir():
-            if IMAGE_NAME.match(old.name) or old.name.endswith(".tmp"):
-                old.unlink()
+            raise DebugDumpError(f"cannot prepare debug dir {self.dir}: {e.strerror or e}") from None
 
     def write(self, batch: list[FrameRecord]) -> None:
         if self._closed:
@@ -232,13 +337,14 @@ class DebugDumper:
             "regions": [{"instance": r.instance, "style": r.style, "box": list(r.box), "carried": r.carried}
                         for r in record.stylized],
             "background": record.background is not None,
+            "background_style": self.background_style if record.background is not None else None,
             "timings": {k: round(float(v), 6) for k, v in record.timings.items()},
             "images": images,
         }
         if self._first is None:
             self._first = {"size": list(size), "dump_size": list(small), "scale": scale,
                            "time_base": str(record.time_base)}
-        self._frames.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._frames.write(to_json(line, separators=(",", ":")) + "\n")
         self.frame_count += 1
 
     def _instances_json(self, record: FrameRecord, small: tuple[int, int]) -> tuple[list[dict], np.ndarray | None]:
@@ -250,8 +356,8 @@ class DebugDumper:
         # Device work (threshold, downscale) happens here; only small CPU arrays reach the threads.
         masks_small, areas, rles = None, [None] * n, [None] * n
         if inst.masks is not None:
-            areas = inst.mask_areas(MASK_THRESHOLD).tolist()
-            masks_small = downscale_masks(inst.masks, small).cpu().numpy()
+            areas = inst.mask_areas(AREA_THRESHOLD).tolist()
+            masks_small = downscale_masks(inst.masks, small, self.mask_threshold).cpu().numpy()
             rles = encode_rle(masks_small)
         track_ids = [-1] * n if record.track_ids is None else [int(t) for t in record.track_ids.tolist()]
         styles = list(record.styles) if len(record.styles) == n else [None] * n
@@ -304,9 +410,10 @@ class DebugDumper:
             "frame_count": self.frame_count, "image_frames": self.image_frames,
             "every": self.every, "max_side": self.max_side, "image_format": self.image_format,
             "layers": list(LAYERS), "palette": [list(c) for c in PALETTE], "untracked_color": list(UNTRACKED),
-            "mask_threshold": MASK_THRESHOLD,
+            "mask_threshold": self.mask_threshold, "feather_px": self.feather_px, "smooth_masks": self.smooth_masks,
+            "area_threshold": AREA_THRESHOLD, "background_style": self.background_style,
         }
-        atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+        atomic_write_bytes(self.dir / MANIFEST, to_json(manifest, indent=2).encode("utf-8"))
 
     def close(self) -> None:
         """Waits for the image threads, then marks the dump complete. Safe to call twice."""
@@ -355,11 +462,14 @@ def _overlay(image: torch.Tensor, masks: np.ndarray | None, boxes: torch.Tensor,
     out = image
     if masks is not None and len(masks):
         out = draw_segmentation_masks(out, torch.from_numpy(masks), alpha=0.55, colors=colors)
-    if len(boxes):
+    drawn = [i for i, box in enumerate(boxes.tolist()) if all(map(math.isfinite, box))]  # a NaN box has no place
+    if drawn:
         width = max(1, image.shape[-1] // 320)
-        out = draw_bounding_boxes(out, boxes, labels=labels, colors=colors, width=width,
+        colors = [colors[i] for i in drawn]
+        out = draw_bounding_boxes(out, boxes[drawn], labels=[labels[i] for i in drawn], colors=colors, width=width,
                                   **_label_style(colors, image.shape[-1]))
     return out
 
 
-__all__ = ["DebugDumper", "DebugDumpError", "dump_size", "downscale_masks", "encode_rle", "track_color"]
+__all__ = ["DebugDumper", "DebugDumpError", "check_dump_dir", "dump_size", "downscale_masks", "encode_rle",
+           "track_color"]

@@ -20,6 +20,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.outputs import STOP_SIGNALS  # light: what follows it is not
+
+
+def _leaving(message: bytes) -> Callable[[int, object], None]:
+    """A stop signal's handler for a time when nothing needs cleaning up: `message`, then the signal's exit status
+    (128 + its number). Not through sys.stderr: the signal may have come in the middle of a write to it."""
+    def leave(signum: int, frame) -> None:
+        os.write(2, message)
+        os._exit(128 + signum)
+    return leave
+
+
+def _on_stop_signals(handler: Callable[[int, object], None]) -> None:
+    """`handler` for Ctrl-C, SIGTERM and SIGHUP; an ignored one (nohup, a background job) stays ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
+if __name__ == "__main__":  # `python -m pipeline.render`; modules importing this one keep their handlers
+    # Ctrl-C while torch and Hydra load and Hydra composes the config: nothing is written yet, so one line, not a
+    # traceback from inside an import
+    _on_stop_signals(_leaving(b"error: interrupted: no output written\n"))
+
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -42,6 +66,9 @@ from pipeline.thread_stream import ThreadStream
 
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# conf/render.yaml's hydra.output_subdir: `value` in a sweep (hydra.mode MULTIRUN), else null (nothing written)
+OmegaConf.register_new_resolver("sweep_only", lambda value, mode: value if getattr(mode, "name", mode) == "MULTIRUN"
+                                else None, replace=True)
 DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality", "workers")  # conf/debug
 THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
 
@@ -57,6 +84,12 @@ class RenderSummary:
     stability: float | None = None
     input_change: float | None = None  # the stability figure on the input: what motion alone explains
     timings: dict[str, float] = field(default_factory=dict)  # stage -> total seconds over all frames
+    output_file: AtomicOutput | None = field(default=None, repr=False)  # writes `output`, once it is opened
+
+    @property
+    def written(self) -> bool:
+        """The output is in place: an interrupt from here on stops nothing, and must not say it did."""
+        return self.output_file is not None and self.output_file.committed
 
     @property
     def fps(self) -> float:
@@ -71,11 +104,12 @@ class RenderSummary:
 
 
 def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], None] | None = None,
-           build: Callable[..., ModelStages] | None = None) -> RenderSummary:
+           build: Callable[..., ModelStages] | None = None, summary: RenderSummary | None = None) -> RenderSummary:
     """Renders cfg.input into `output` (already resolved); returns the summary. Raises the project's errors.
 
     `on_batch(summary)` runs on the encode thread after each written batch (benchmarks sample memory there);
-    `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone.
+    `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone; `summary`, where given,
+    is the one filled and returned (the CLI's signal handler reads it while the render runs).
     """
     threads = whole(cfg.get("stage_threads", 2), "stage_threads", 1, 3)
     operator_threads = cfg.get("torch_threads", "auto")
@@ -84,15 +118,19 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
         raise PipelineConfigError(f"torch_threads must be auto or a positive integer, got {operator_threads!r}")
     for key in ("batch_size", "queue_size", "segment_every"):
         whole(cfg.get(key, 1), key, 1)
-    target = check_output(output, input=cfg.input, overwrite=flag(cfg.overwrite, "overwrite"), suffixes=VIDEO_SUFFIXES,
+    source = Path(str(cfg.input)).expanduser().absolute()
+    target = check_output(output, input=source, overwrite=flag(cfg.overwrite, "overwrite"), suffixes=VIDEO_SUFFIXES,
                           kind="video container")
     dump = dump_dir(cfg, target)
-    if dump is not None and dump in (target, Path(str(cfg.input)).expanduser().absolute()):
+    if dump is not None and dump in (target, source):
         raise PipelineConfigError(f"debug.dir {dump} is the {'output' if dump == target else 'input'} file: "
                                   "give the dump a folder of its own")
     device = resolve_device(str(cfg.device))
+    if summary is None:
+        summary = RenderSummary(output=target)
+    summary.output = target
     with _torch_threads(operator_threads, device):
-        return _render(cfg, target, device, threads, on_batch, build)
+        return _render(cfg, source, target, device, threads, on_batch, build, summary)
 
 
 @contextmanager
@@ -112,25 +150,30 @@ def _torch_threads(setting: int | str, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _render(cfg: DictConfig, target: Path, device: torch.device, threads: int,
-            on_batch: Callable[[RenderSummary], None] | None, build: Callable[..., ModelStages] | None
-            ) -> RenderSummary:
-    reader = VideoReader.from_config(Path(cfg.input).absolute(), cfg.decode, int(cfg.batch_size), device)
+def _render(cfg: DictConfig, source: Path, target: Path, device: torch.device, threads: int,
+            on_batch: Callable[[RenderSummary], None] | None, build: Callable[..., ModelStages] | None,
+            summary: RenderSummary) -> RenderSummary:
+    reader = VideoReader.from_config(source, cfg.decode, int(cfg.batch_size), device)
     print(f"input: {reader.info.path} ({reader.info.describe()})", file=sys.stderr)
-    summary = RenderSummary(output=target)
-    with AtomicOutput(target, overwrite=bool(cfg.overwrite)) as temp:
-        writer = VideoWriter(temp, reader.info, cfg.encode)  # opens the encoder first: a bad codec fails fast
-        stages = None
-        try:
-            stages = (build or build_stages)(cfg, device, reader, target)
-            _stream(reader, split_stages(stages.run, threads), writer, summary, int(cfg.queue_size), on_batch)
-            writer.close()
-            stages.finish(summary)
-        except BaseException:
-            writer.abort()
-            if stages is not None:
-                stages.abort()
-            raise
+    # The stages check their settings (a style name, a checkpoint) before the output's folders and temp file exist
+    stages = (build or build_stages)(cfg, device, reader, target)
+    finished = False
+    try:
+        summary.output_file = AtomicOutput(target, overwrite=bool(cfg.overwrite))
+        with summary.output_file as temp:
+            writer = VideoWriter(temp, reader.info, cfg.encode)  # opens the encoder before any frame: fails fast
+            try:
+                _stream(reader, split_stages(stages.run, threads), writer, summary, int(cfg.queue_size), on_batch)
+                writer.close()
+                stages.finish(summary)
+                finished = True
+            except BaseException:
+                writer.abort()
+                raise
+    except BaseException:
+        if not finished:
+            stages.abort()
+        raise
     return summary
 
 
@@ -157,9 +200,10 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     # The render's device wins over the segment group's own `device` setting.
     model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
     class_names = list(model.config.class_names)
-    bank = StyleBank.load(cfg.style.get("bank"))
+    bank_file = cfg.style.get("bank")  # ~ is the user's home here as in input, output and segment.checkpoint
+    bank = StyleBank.load(None if bank_file is None else Path(str(bank_file)).expanduser())
     for extra in listed(cfg.style.get("extra_styles")):  # stylize.train mode=new_style checkpoints
-        bank.add_from_checkpoint(extra)
+        bank.add_from_checkpoint(Path(str(extra)).expanduser())
     bank.network.to(device)
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))
@@ -186,7 +230,11 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     if dump is not None:
         from pipeline.debug import DebugDumper
 
-        dumper = DebugDumper.from_config({**cfg.debug, "dir": str(dump)}, class_names, video_info=reader.info)
+        # the dump shows what the composite blended (its threshold) and what painted each object (the background)
+        dumper = DebugDumper.from_config({**cfg.debug, "dir": str(dump)}, class_names, video_info=reader.info,
+                                         overwrite=flag(cfg.overwrite, "overwrite"),
+                                         mask_threshold=compositor.threshold, feather_px=compositor.feather_px,
+                                         smooth_masks=compositor.smooth, background_style=stylizer.background)
         run.append(("debug", _writes(dumper)))
 
     def finish(summary: RenderSummary) -> None:
@@ -287,8 +335,26 @@ def dump_dir(cfg: DictConfig, target: Path) -> Path | None:
     return directory.absolute()
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp file removed, threads stopped
+class _Stopped(KeyboardInterrupt):
+    """A stop signal, raised where the render is, as Ctrl-C is: every clean-up runs (temp file removed, threads
+    stopped); `signum` gives the exit status, 128 + its number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signals(summary: RenderSummary, late: list[int]) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed, the ssh link dropped) stop the render. One that comes once
+    the output is in place stops nothing: its number goes into `late`. An ignored signal (nohup) stays ignored.
+    SIGQUIT keeps its core dump: it is how a hung process is examined."""
+    def stop(signum: int, frame) -> None:
+        if summary.written:
+            late.append(signum)
+        else:
+            raise _Stopped(signum)
+
+    _on_stop_signals(stop)
 
 
 def _tracks(value: object) -> str:
@@ -298,24 +364,36 @@ def _tracks(value: object) -> str:
     return f"tracks: {'n/a' if value is None else value}"
 
 
-PATH_KEYS = ("input", "output", "debug.dir")  # settings whose values are file names, spelt as the user's files are
+# settings whose values are file names, spelt as the user's files are
+PATH_KEYS = ("input", "output", "debug.dir", "style.bank", "segment.checkpoint")
 
 
 def hydra_readable(args: list[str]) -> list[str]:
     """Command-line overrides with the file-name values that Hydra's grammar cannot read unquoted (non-ASCII letters,
-    quotes, brackets, `=`, `~`...) quoted, so such paths need no quoting by hand. Values it reads (already quoted
-    ones, and `a.mp4,b.mp4`: a sweep in multirun mode) are left as they are."""
+    quotes, brackets, `=`, `~`...) quoted, so such paths need no quoting by hand. Values it reads are left as they
+    are (already quoted ones; `a.mp4,b.mp4` in multirun mode, a sweep): without -m such a sweep is a file name with
+    a comma in it (take1,final.mp4), which Hydra would refuse as an ambiguous value."""
     parser = OverridesParser.create()
+    sweeping = _multirun(args)
     readable = []
     for arg in args:
         key, equals, value = arg.partition("=")
         if equals and key.lstrip("+") in PATH_KEYS:
             try:
-                parser.parse_override(arg)
+                as_is = sweeping or not parser.parse_override(arg).is_sweep_override()
             except HydraException:
+                as_is = False
+            if not as_is:
                 arg = f"{key}={_quoted(value)}"
         readable.append(arg)
     return readable
+
+
+def _multirun(args: list[str]) -> bool:
+    """Whether Hydra runs these arguments as a sweep: -m, --multirun (or a prefix argparse takes for it), or
+    hydra.mode=MULTIRUN."""
+    return any(arg == "-m" or (len(arg) > 2 and "--multirun".startswith(arg))
+               or arg.lstrip("+") == "hydra.mode=MULTIRUN" for arg in args)
 
 
 def _quoted(value: str) -> str:
@@ -333,26 +411,46 @@ def main() -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="render", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    late: list[int] = []  # the stop signals that came once the output was complete
+    try:
+        _job(cfg, late)
+    finally:
+        if in_sweep():  # until the next job's render: the jobs so far are done, their outputs complete
+            _on_stop_signals(_LEAVE_SWEEP)
+    if late:  # none can come in after this in a sweep, and outside one they change nothing
+        print(f"note: {signal.Signals(late[0]).name} came once the output was complete: it is kept", file=sys.stderr)
+        if in_sweep():  # the sweep stops after this job
+            sys.stdout.flush()
+            _LEAVE_SWEEP(late[0], None)
+
+
+_LEAVE_SWEEP = _leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
+
+
+def _job(cfg: DictConfig, late: list[int]) -> None:
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key):
             print(f"error: no {key} given: pass {key}=PATH (e.g. input=clip.mp4 output=out.mp4)", file=sys.stderr)
             sys.exit(2)
-    signal.signal(signal.SIGTERM, _interrupt)
+    summary = RenderSummary(output=Path(str(cfg.output)))
     try:
-        summary = render(cfg, output_path(cfg))
+        _stop_on_signals(summary, late)  # in place of the start-up's handlers, which only leave
+        render(cfg, output_path(cfg), summary=summary)
     except UserError as error:  # expected, user-fixable: one line, exit 2, no traceback
         if in_sweep():  # the other jobs still run; the sweep exits 2 at its end
             failed(one_line(error))
             return
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted: no output written", file=sys.stderr)
-        sys.stderr.flush()
-        # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes
-        # ended as "killed by SIGINT" (-2): CPython re-raises SIGINT at exit when it counts the interrupt as
-        # unhandled. Leave with the status we mean.
-        os._exit(130)
+    except KeyboardInterrupt as interrupt:
+        if not summary.written:
+            print("error: interrupted: no output written", file=sys.stderr)
+            sys.stderr.flush()
+            # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes
+            # ended as "killed by SIGINT" (-2): CPython re-raises SIGINT at exit when it counts the interrupt as
+            # unhandled. Leave with the status we mean.
+            os._exit(128 + getattr(interrupt, "signum", signal.SIGINT))
+        late.append(getattr(interrupt, "signum", signal.SIGINT))
     print(summary.line())
     print(f"output: {summary.output}")
 

@@ -4,10 +4,15 @@ Serves, on 127.0.0.1 only, the page in pipeline/viewer_static/ and the dump behi
     GET /                   the page            GET /static/<file>   its JS/CSS
     GET /api/manifest       manifest + warnings GET /api/frames?offset=&limit=   frame records, paged
     GET /images/<file>      dumped images (plain names inside DIR/images only; no path traversal)
+
+Images are revalidated on every use (an ETag and Last-Modified from the file's mtime and size, 304 when they still
+match): a render into the same folder rewrites them under the same names, and a cached copy would then show the
+old render's picture beside the new render's records.
 """
 from __future__ import annotations
 
 import argparse
+import email.utils
 import json
 import os
 import signal
@@ -19,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from common.errors import one_line
 from pipeline.debug_format import IMAGE_NAME, IMAGES, DebugDumpError
 from pipeline.debug_reader import Dump, load_dump
 
@@ -72,30 +78,56 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if not path.is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "image missing")
             return
-        self._send_file(path, IMAGE_TYPES[path.suffix], cache=True)
+        self._send_file(path, IMAGE_TYPES[path.suffix], validate=True)
 
     def _send_json(self, value: object) -> None:
-        self._send(json.dumps(value).encode("utf-8"), "application/json")
+        self._send(json.dumps(value, allow_nan=False).encode("utf-8"), "application/json")
 
-    def _send_file(self, path: Path, content_type: str, cache: bool = False) -> None:
+    def _send_file(self, path: Path, content_type: str, validate: bool = False) -> None:
+        """`validate`: cacheable, but only after asking whether the file changed (see the module's docstring)."""
         try:
-            body = path.read_bytes()
+            with open(path, "rb") as f:
+                # the open file's own stat: the validator belongs to the bytes sent, even while a render renames a
+                # new image into place
+                stat = os.fstat(f.fileno())
+                tag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+                tags = _entity_tags(self.headers.get("If-None-Match")) if validate else set()
+                body = None if tag in tags or "*" in tags else f.read()
         except OSError:
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return
-        self._send(body, content_type, cache)
+        if not validate:
+            self._send(body, content_type)
+            return
+        headers = {"ETag": tag, "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
+        if body is None:
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            for key, value in {**headers, "Cache-Control": "no-cache"}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return
+        self._send(body, content_type, headers)
 
-    def _send(self, body: bytes, content_type: str, cache: bool = False) -> None:
+    def _send(self, body: bytes, content_type: str, validators: dict[str, str] | None = None) -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type + ("; charset=utf-8" if not content_type.startswith("image") else ""))
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("Cache-Control", "no-cache" if validators else "no-store")
+        for key, value in (validators or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         if self.server.verbose:
             super().log_message(format, *args)
+
+
+def _entity_tags(header: str | None) -> set[str]:
+    """The tags of an If-None-Match header (weak ones as their strong form: a GET compares weakly)."""
+    if not header:
+        return set()
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
 
 
 class ViewerServer(ThreadingHTTPServer):
@@ -143,12 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         dump = load_dump(args.dir)
-        server = ViewerServer(dump, args.port, args.verbose)
     except DebugDumpError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:   # the reader names the files it reads; this is for whatever else the disk refuses
+        print(f"error: cannot read debug dump {e.filename or args.dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        server = ViewerServer(dump, args.port, args.verbose)
     except OSError as e:
-        print(f"error: cannot listen on 127.0.0.1:{args.port}: {e.strerror} (try --port 0)", file=sys.stderr)
+        print(f"error: cannot listen on 127.0.0.1:{args.port}: {e.strerror or e} (try --port 0)", file=sys.stderr)
         return 2
     for warning in dump.warnings:
         print(f"warning: {warning}", file=sys.stderr)

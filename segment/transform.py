@@ -34,11 +34,11 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     the scale, rounded down). A frame that would keep no row or column is refused here, as torchvision's transform
     would fail deep inside F.interpolate (or on a division by zero for a frame without pixels)."""
     if not height or not width:
-        raise FrameSizeError(f"a {height}x{width} frame has no pixels")
+        raise FrameSizeError(f"a {width}x{height} frame has no pixels")
     scale = resize_scale(height, width, min_size, max_size)
     size = (math.floor(height * scale), math.floor(width * scale))
     if not all(size):
-        raise FrameSizeError(f"a {height}x{width} frame is {size[0]}x{size[1]} pixels once resized (min_size "
+        raise FrameSizeError(f"a {width}x{height} frame is {size[1]}x{size[0]} pixels once resized (min_size "
                              f"{min_size}, max_size {max_size}): too thin to segment")
     return size
 

@@ -14,11 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_render(args: list[str], cwd: Path, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
-    """Runs the render CLI from `cwd` (Hydra's outputs/ and multirun/ folders land there)."""
+    """Runs the render CLI from `cwd` (a sweep's multirun/ folder lands there)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.render", *args], cwd=cwd, env=cli_env(), text=True,
+                          capture_output=True, timeout=timeout, **popen)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment the CLI tests run `python -m pipeline.render` in: this project importable, Hydra's errors as
+    a user sees them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.render", *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout, **popen)
+    return env
 
 
 def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -27,7 +33,8 @@ def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     from pipeline import render
 
     out, err = io.StringIO(), io.StringIO()
-    argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    argv, handlers = sys.argv, {signum: signal.getsignal(signum) for signum in stops}  # main() sets its own
     code = 0
     sys.argv = ["pipeline.render", *args]
     try:
@@ -38,7 +45,8 @@ def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                 code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
-        signal.signal(signal.SIGTERM, sigterm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 

@@ -17,10 +17,10 @@ from common.errors import OutputError
 from common.outputs import AtomicOutput
 from pipeline.streaming import run_streaming
 from tests.helpers_video import (
-    audio_only_clip, not_a_video, pattern_frames, truncated_clip, write_clip, zero_frame_clip,
+    audio_only_clip, not_a_video, pattern_frames, read_frames, truncated_clip, write_clip, zero_frame_clip,
 )
 from tests.helpers_process import interruptible_popen
-from tests.render_cli import ROOT, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
+from tests.render_cli import cli_env, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,26 @@ def test_corrupt_and_missing_checkpoint(tmp_path, models, clip):
     assert not output.exists()
 
 
+@pytest.mark.parametrize("override, words", [("style.palette=[bogus_style]", ["unknown style 'bogus_style'"]),
+                                             ("encode.crf=abc", ["encode.crf=abc"])], ids=["style", "encoder"])
+def test_a_refused_render_leaves_no_folders_behind(tmp_path, models, clip, override, words):
+    """The output's missing folders were made before the stages were built, and stayed when the render failed: a
+    bad style name now fails before they are made, and an encoder that cannot open takes them away again."""
+    output = tmp_path / "newtree" / "a" / "b" / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models, override], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_a_frame_too_thin_to_segment_is_named_width_first(tmp_path, models):
+    """The message gave the size height first ("a 4x2048 frame is 0x128 pixels"), unlike every other message."""
+    source = write_clip(tmp_path / "thin.mp4", pattern_frames(3, 2048, 4))
+    output = tmp_path / "out.mp4"
+    result = run_in_process([f"input={source}", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, output, {source: sha256(source)}, "a 2048x4 frame is 128x0 pixels once resized")
+    assert not output.exists()
+
+
 def test_unknown_style_name(tmp_path, models, clip):
     output = tmp_path / "out.mp4"
     result = run_in_process([f"input={clip}", f"output={output}", *models, "style.background=no_such_style"],
@@ -186,6 +206,7 @@ def test_missing_input_argument(tmp_path, models):
     result = run_render([f"output={tmp_path / 'out.mp4'}", *models], cwd=tmp_path)  # a real process: exit code
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: no input given" in result.stderr
+    assert not list(tmp_path.iterdir()), "a refused run wrote Hydra's outputs/<date>/<time>/ folder"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="NVENC / NVDEC may work on a GPU machine")
@@ -198,28 +219,90 @@ def test_nvidia_video_engines_without_gpu_are_a_clear_error(tmp_path, models, cl
     assert not output.exists()
 
 
-def test_interrupt_leaves_nothing_behind(tmp_path, models):
-    source = write_clip(tmp_path / "long.mp4", pattern_frames(400, 64, 48))
-    digest = sha256(source)
-    output = tmp_path / "out.mp4"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = interruptible_popen([sys.executable, "-m", "pipeline.render", f"input={source}", f"output={output}",
-                             *models], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+STOPS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]  # a signal's exit status: 128 + it
+
+
+def _stopped(proc: subprocess.Popen, signum: int) -> str:
+    """Sends `signum` to a running `proc` (kills it if it has not ended a minute later); its stderr."""
     try:
-        deadline = time.monotonic() + 120
-        while not temp_leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "render ended before it could be interrupted"
-        time.sleep(1.0)  # let frames flow through all three threads
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        return proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "error: interrupted" in err and "Traceback" not in err
-    assert not output.exists() and not temp_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("signum, status", STOPS, ids=[s.name for s, _ in STOPS])
+def test_interrupt_leaves_nothing_behind(tmp_path, models, signum, status):
+    """SIGHUP (the terminal closed) killed the render outright, leaving its temp file; SIGTERM exited 130."""
+    source = write_clip(tmp_path / "long.mp4", pattern_frames(400, 64, 48))
+    digest = sha256(source)
+    output = tmp_path / "new" / "out.mp4"  # a folder the render makes, and must take away again
+    proc = interruptible_popen([sys.executable, "-m", "pipeline.render", f"input={source}", f"output={output}",
+                                *models], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output.parent.is_dir() and temp_leftovers(output.parent)) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "render ended before it could be interrupted"
+        time.sleep(1.0)  # let frames flow through all three threads
+    finally:
+        err = _stopped(proc, signum)
+    assert proc.returncode == status, err
+    assert err.rstrip().endswith("error: interrupted: no output written") and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]  # no output, temp file, folder or outputs/
     assert sha256(source) == digest
+
+
+@pytest.mark.parametrize("signum, status", STOPS[:2], ids=[s.name for s, _ in STOPS[:2]])
+def test_interrupt_while_starting_up_is_one_line(tmp_path, signum, status):
+    """Ctrl-C while the modules load (torch, Hydra) was a traceback from inside an import and exit -2; SIGTERM
+    ended the process without a word (-15)."""
+    proc = interruptible_popen([sys.executable, "-m", "pipeline.render", "input=in.mp4", "output=out.mp4"],
+                               cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, "the render started up too fast to be interrupted doing so"
+    finally:
+        err = _stopped(proc, signum)
+    assert proc.returncode == status, err
+    assert err.strip() == "error: interrupted: no output written", err
+    assert not list(tmp_path.iterdir())
+
+
+# Runs the CLI with the rename (overwrite=true) or link (false) that puts the output in place followed at once by
+# SIGTERM, as if it came then.
+LATE_SIGNAL = """
+import os, signal, sys
+for name in ("replace", "link"):
+    def put_then_stop(source, target, put=getattr(os, name)):
+        put(source, target)
+        if os.path.basename(target) == "out.mp4":
+            os.kill(os.getpid(), signal.SIGTERM)
+    setattr(os, name, put_then_stop)
+from pipeline import render
+render.main()  # sys.argv[1:]: the overrides
+"""
+
+
+@pytest.mark.parametrize("overwrite", ["true", "false"])
+def test_a_signal_once_the_output_is_in_place_says_so(tmp_path, models, clip, overwrite):
+    """SIGTERM right after the rename said "interrupted: no output written" and exited 130, with the output
+    replaced. A signal then stops nothing: the render reports the output it wrote, and exits 0."""
+    output = tmp_path / "out.mp4"
+    if overwrite == "true":
+        output.write_bytes(b"PREVIOUS")
+    result = subprocess.run([sys.executable, "-c", LATE_SIGNAL, f"input={clip}", f"output={output}", *models,
+                             f"overwrite={overwrite}"], cwd=tmp_path, env=cli_env(), text=True, capture_output=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "no output written" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "note: SIGTERM came once the output was complete: it is kept" in result.stderr
+    assert f"output: {output}" in result.stdout
+    assert len(read_frames(output)[0]) == 6 and not temp_leftovers(tmp_path)
 
 
 # -- the building blocks on their own -------------------------------------------------------------------------

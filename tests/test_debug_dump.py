@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.debug import DebugDumper, DebugDumpError
 from pipeline.debug_reader import load_dump
+from pipeline.record import StylizedRegion
 from common.errors import UserError
 from pipeline.viewer import ViewerServer
 from tests.helpers_process import interruptible_popen
@@ -121,13 +122,218 @@ def test_default_dir_is_beside_the_output_and_bad_settings_fail(tmp_path):
         DebugDumper(tmp_path / "file", CLASS_NAMES)
 
 
-def test_a_rerun_replaces_the_earlier_dump(tmp_path):
+def test_a_rerun_replaces_the_earlier_dump_only_with_overwrite(tmp_path):
+    """A rerun silently replaced an existing dump whatever the render's overwrite said."""
     d = tmp_path / "d"
     write_dump(d, n=6, every=1, max_side=64)
-    (d / "notes.txt").write_text("mine")
-    write_dump(d, n=6, every=5, max_side=64)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    with pytest.raises(DebugDumpError, match="already holds a debug dump: pass overwrite=true"):
+        write_dump(d, n=6, every=5, max_side=64)
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before      # nothing touched
+    write_dump(d, n=6, every=5, max_side=64, overwrite=True)
     assert {p.name[:6] for p in (d / "images").iterdir()} == {"000000", "000005"}
-    assert len(read_lines(d)) == 6 and (d / "notes.txt").read_text() == "mine"
+    assert len(read_lines(d)) == 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_dump(empty, n=1, max_side=32)                  # an empty folder holds nothing to lose
+    assert len(read_lines(empty)) == 1
+
+
+def test_a_rerun_removes_the_temp_images_a_killed_render_left(tmp_path):
+    """AtomicOutput's temps are `.{stem}.{hex}.partial{suffix}`; the clean-up looked for *.tmp and kept them."""
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=32)
+    leftovers = [d / "images" / ".000001_masks.0a1b2c3d.partial.jpg", d / ".manifest.12ab34cd.partial.json",
+                 d / "images" / ".000000_original.ff00.partial.png"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half written")
+    write_dump(d, n=2, max_side=32, overwrite=True)
+    assert not [p for p in leftovers if p.exists()]
+    assert sorted(p.name for p in (d / "images").iterdir()) == sorted(
+        f"{i:06d}_{layer}.jpg" for i in (0, 1) for layer in ("original", "masks", "stylized", "composite"))
+
+
+@pytest.mark.parametrize("case", ["notes", "manifest", "frames", "image", "folder"])
+def test_a_folder_with_files_a_dump_does_not_write_is_always_refused(tmp_path, case):
+    """A dump folder's foreign files (someone's manifest.json, notes beside the dump) were replaced or kept at
+    random; now nothing is written there, overwrite or not."""
+    d = tmp_path / "d"
+    if case == "manifest":
+        d.mkdir()
+        (d / "manifest.json").write_text('{"format": "someone-elses", "version": 3}')
+    elif case == "frames":
+        d.mkdir()
+        (d / "frames.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    else:
+        write_dump(d, n=1, max_side=32)
+        if case == "notes":
+            (d / "notes.txt").write_text("mine")
+        elif case == "image":
+            (d / "images" / "holiday.png").write_bytes(b"png")
+        else:
+            (d / "runs").mkdir()
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(DebugDumpError, match="not a debug dump's") as error:
+            write_dump(d, n=1, max_side=32, overwrite=overwrite)
+        assert len(str(error.value).splitlines()) == 1 and str(d) in str(error.value)
+        assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_a_render_refuses_an_existing_dump_without_overwrite_and_records_the_composite(tmp_path):
+    """The render passed neither its overwrite nor composite.mask_threshold to the dump: a rerun replaced the
+    dump with overwrite=false, and the masks were binarized at 0.5 whatever the composite used."""
+    from tests.helpers_video import pattern_frames, write_clip
+    from tests.render_cli import run_in_process, tiny_model_overrides
+
+    clip = write_clip(tmp_path / "clip.mp4", pattern_frames(3, 64, 48))
+    dump = tmp_path / "dump"
+    args = [f"input={clip}", *tiny_model_overrides(tmp_path / "models"), "debug.dump=true", f"debug.dir={dump}",
+            "composite.mask_threshold=0.9", "composite.feather_px=2", "composite.smooth_masks=0.25"]
+    first = run_in_process([*args, f"output={tmp_path / 'a.mp4'}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert (manifest["mask_threshold"], manifest["feather_px"], manifest["smooth_masks"]) == (0.9, 2, 0.25)
+    assert manifest["area_threshold"] == 0.5 and manifest["background_style"] is None
+    before = {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()}
+    second = run_in_process([*args, f"output={tmp_path / 'b.mp4'}"], cwd=tmp_path)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: debug dir {dump} ") and "overwrite=true" in errors[0]
+    assert "render:" not in second.stderr                      # refused before the first frame: no progress bar
+    assert not (tmp_path / "b.mp4").exists() and not list(tmp_path.glob(".b.*"))
+    assert {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()} == before
+    third = run_in_process([*args, f"output={tmp_path / 'b.mp4'}", "overwrite=true"], cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+
+
+def test_masks_are_binarized_at_the_composites_threshold_and_area_is_what_min_area_counts(tmp_path):
+    """With composite.mask_threshold=0.95 the dumped masks were those at 0.5: 20-46% bigger than what was
+    composited, and the manifest said 0.5."""
+    d = tmp_path / "d"
+    records = write_dump(d, n=3, max_side=640, mask_threshold=0.95, feather_px=3, smooth_masks=0.4)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert (manifest["mask_threshold"], manifest["feather_px"], manifest["smooth_masks"]) == (0.95, 3, 0.4)
+    assert manifest["area_threshold"] == 0.5
+    shrunk = 0
+    for record, line in zip(records, read_lines(d)):
+        for i, d_ in enumerate(line["instances"]):
+            decoded = mask_utils.decode({"size": d_["mask"]["size"], "counts": d_["mask"]["counts"].encode()})
+            np.testing.assert_array_equal(decoded.astype(bool), (record.instances.masks[i] >= 0.95).numpy())
+            assert d_["area"] == int((record.instances.masks[i] >= 0.5).sum())
+            shrunk += d_["area"] > decoded.sum()
+    assert shrunk > 0                                  # the soft discs: 0.95 keeps fewer pixels than 0.5
+    with pytest.raises(UserError, match="composite.mask_threshold"):
+        DebugDumper(tmp_path / "e", CLASS_NAMES, mask_threshold=0)
+
+
+def test_the_background_style_is_named_in_every_frame_record(tmp_path):
+    """Frame records said only "background": true: the viewer could not tell what painted the objects assign
+    did not keep, and labelled them "(original)"."""
+    d = tmp_path / "d"
+    write_dump(d, n=6, max_side=64, background=True, background_style="style_12")
+    lines = read_lines(d)
+    assert all(line["background"] is True and line["background_style"] == "style_12" for line in lines)
+    assert json.loads((d / "manifest.json").read_text())["background_style"] == "style_12"
+    dog = [i for i in lines[5]["instances"] if i["track_id"] == 1][0]
+    assert (dog["style"], dog["keep"]) == (None, True)            # left original: its own pixels
+    assert {r["style"] for r in lines[5]["regions"]} == {"candy", "original"}
+    write_dump(tmp_path / "plain", n=2, max_side=64, background_style="style_12")   # no background ran
+    assert [line["background_style"] for line in read_lines(tmp_path / "plain")] == [None, None]
+
+
+def test_the_stylized_layer_stacks_overlapping_crops_as_the_composite_does(tmp_path):
+    """The layer pasted crops in record.stylized order; the composite blends lower scores first, so where crops
+    overlapped the layer showed the other object on top."""
+    record = synthetic_records(3)[2]
+    solid = lambda color, h, w: torch.tensor(color)[:, None, None].expand(3, h, w).clone()  # noqa: E731
+    person, dog = 0, 1
+    assert float(record.instances.scores[person]) > float(record.instances.scores[dog])
+    record.stylized = [StylizedRegion(person, "candy", (20, 20, 60, 60), solid((1.0, 0.0, 0.0), 40, 40)),
+                       StylizedRegion(dog, "mosaic", (40, 40, 80, 80), solid((0.0, 1.0, 0.0), 40, 40))]
+    d = tmp_path / "d"
+    write_dump(d, records=[record], max_side=640, image_format="png")
+    layer = np.asarray(Image.open(d / read_lines(d)[0]["images"]["stylized"]))
+    np.testing.assert_array_equal(layer[40:60, 40:60], np.broadcast_to([255, 0, 0], (20, 20, 3)))  # person on top
+    np.testing.assert_array_equal(layer[60:80, 60:80], np.broadcast_to([0, 255, 0], (20, 20, 3)))
+
+
+def test_not_finite_numbers_are_written_as_null(tmp_path):
+    """A NaN score or an infinite timing went out as bare NaN / Infinity, which JSON.parse rejects: the
+    browser showed no frame at all."""
+    records = synthetic_records(2)
+    records[0].instances.scores[0] = float("nan")
+    records[0].instances.boxes[0, 2] = float("inf")
+    records[1].timings["segment"] = float("-inf")
+    d = tmp_path / "d"
+    write_dump(d, records=records, max_side=64)
+    text = (d / "frames.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    first, second = (json.loads(line) for line in text.splitlines())
+    assert first["instances"][0]["score"] is None and first["instances"][0]["box"][2] is None
+    assert second["timings"]["segment"] is None
+    dump = load_dump(d)
+    assert len(dump.frames) == 2 and dump.warnings == []
+
+
+def test_malformed_and_not_json_records_are_skipped_with_one_warning(tmp_path):
+    """A record whose images is a list raised AttributeError; NaN / Infinity (Python's JSON, not the browser's)
+    and records without instances were served and stopped the page."""
+    d = tmp_path / "d"
+    write_dump(d, n=3, max_side=64)
+    good = read_lines(d)
+    bad = [{**good[0], "images": ["images/000000_original.jpg"]}, {"index": 1000},
+           {**good[1], "instances": [{**good[1]["instances"][0], "box": "0,0,1,1"}]},
+           {**good[1], "instances": [{**good[1]["instances"][0], "mask": {"size": [1, 1], "counts": "1"}}]},
+           {**good[2], "dump_size": None}, [1, 2], {**good[2], "timings": {"segment": "slow"}}]
+    text = (d / "frames.jsonl").read_text()
+    text += "".join(json.dumps(record) + "\n" for record in bad)
+    text += json.dumps(good[0]).replace('"score": 0.9', '"score": NaN') + "\n"
+    text += json.dumps(good[0]).replace('"time": 0.0', '"time": -Infinity') + "\n"
+    (d / "frames.jsonl").write_text(text)
+    dump = load_dump(d)
+    assert [json.loads(f)["index"] for f in dump.frames] == [0, 1, 2]
+    assert dump.warnings == ["frames.jsonl: 9 unreadable or malformed lines skipped"]
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable"])
+def test_a_missing_or_unreadable_manifest_is_one_warning(tmp_path, case):
+    """Without a manifest that could be read, the reader also said "manifest.json has complete=false"."""
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=32)
+    if case == "missing":
+        (d / "manifest.json").unlink()
+    else:
+        (d / "manifest.json").write_text('{"format": "instyle-debug-v1", "comp')
+    dump = load_dump(d)
+    assert len(dump.warnings) == 1 and f"manifest.json is {case}" in dump.warnings[0], dump.warnings
+    assert len(dump.frames) == 2
+
+
+def test_images_are_served_with_validators_and_revalidated(tmp_path):
+    """Images went out with max-age=3600 and no validator: after a render into the same folder the browser kept
+    showing the old render's pictures beside the new records."""
+    d = tmp_path / "d"
+    write_dump(d, n=1, max_side=64)
+    server = ViewerServer(load_dump(d), port=0)
+    server.start_in_thread()
+    url = server.url + "images/000000_composite.jpg"
+    def get(headers: dict | None = None):
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10)
+    try:
+        first = get()
+        tag, body = first.headers["ETag"], first.read()
+        assert first.headers["Cache-Control"] == "no-cache" and tag and first.headers["Last-Modified"]
+        with pytest.raises(urllib.error.HTTPError) as unchanged:
+            get({"If-None-Match": tag})
+        assert unchanged.value.code == 304 and unchanged.value.headers["ETag"] == tag
+        (d / "images" / "000000_composite.jpg").write_bytes(body + b"\0")     # a new render's image
+        again = get({"If-None-Match": tag})
+        assert again.status == 200 and again.headers["ETag"] != tag and again.read() == body + b"\0"
+        assert get().headers["Cache-Control"] == "no-cache"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_interrupted_dump_stays_marked_incomplete(tmp_path):

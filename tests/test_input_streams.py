@@ -105,7 +105,7 @@ def test_paths_hydra_cannot_read_are_quoted_and_arrive_unchanged(name):
 
 
 def test_readable_values_and_sweeps_are_left_alone():
-    args = ["input=/tmp/plain.mp4", "output='/tmp/quoted é.mp4'", "input=a.mp4,b.mp4", "debug.dir=${output}_x"]
+    args = ["-m", "input=/tmp/plain.mp4", "output='/tmp/quoted é.mp4'", "input=a.mp4,b.mp4", "debug.dir=${output}_x"]
     assert render.hydra_readable(args) == args
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from common.errors import OutputError
+from common import outputs
 from common.outputs import AtomicOutput, check_output, leftover_temp_files
 
 
@@ -32,3 +34,54 @@ def test_a_read_only_folder_is_refused_up_front(tmp_path):
     locked.mkdir(mode=0o555)
     with pytest.raises(OutputError, match="permission denied"):
         check_output(locked / "new" / "out.mp4")
+
+
+def test_a_dangling_link_at_the_output_is_an_existing_output(tmp_path):
+    """A link to nowhere passed as no output at all: the whole render ran, then failed on it ("appeared while it was
+    being written"). It is refused up front; with overwrite the link itself is replaced, nothing written through it."""
+    link = tmp_path / "out.mp4"
+    link.symlink_to(tmp_path / "elsewhere" / "target.mp4")
+    with pytest.raises(OutputError, match=f"output {link} already exists: pass overwrite=true"):
+        check_output(link)
+    with AtomicOutput(check_output(link, overwrite=True), overwrite=True) as temp:
+        temp.write_bytes(b"frames")
+    assert not link.is_symlink() and link.read_bytes() == b"frames" and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_failed_write_takes_away_the_folders_it_made(tmp_path):
+    """Only the empty ones it made: an existing folder stays, and so does one that something else wrote into."""
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "out.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(target) as temp:
+            temp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list((tmp_path / "kept").iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with AtomicOutput(target):
+            (tmp_path / "kept" / "new" / "notes.txt").write_text("someone else's")
+            raise RuntimeError("encoder failed")
+    assert sorted(p.name for p in (tmp_path / "kept" / "new").iterdir()) == ["notes.txt"]
+
+
+def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch):
+    """Ctrl-C right after the rename raised between it and the record of it, so the program could not tell that the
+    output was in place ("no output written"). It is held back until the rename is recorded, then raised."""
+    replace = os.replace
+
+    def replace_then_interrupt(source, target):
+        replace(source, target)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background ignores it
+    try:
+        output = AtomicOutput(tmp_path / "out.mp4", overwrite=True)
+        with pytest.raises(KeyboardInterrupt):
+            with output as temp:
+                temp.write_bytes(b"frames")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert output.committed and (tmp_path / "out.mp4").read_bytes() == b"frames"
+    assert not leftover_temp_files(tmp_path / "out.mp4")

@@ -3,6 +3,7 @@ survive; untouched pixels stay the input's; sweeps write one output per run in t
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_render_keeps_frames_timestamps_size_and_audio(tmp_path, models, vfr_cli
     assert out_frames[0].shape == in_frames[0].shape
     assert audio_summary(output) == pytest.approx(audio_summary(source))
     assert sha256(source) == digest and not temp_leftovers(output.parent)
-    assert list((tmp_path / "outputs").glob("*/*/.hydra")), "Hydra's run folder belongs under ./outputs"
+    # only the output: Hydra's ./outputs/<date>/<time>/ (.hydra/*.yaml, an empty render.log) came with every run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "renders"]
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools vs numpy 2
@@ -103,6 +105,7 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
         dumped = (output.parent / "shared" / "frames.jsonl").read_text().splitlines()
         assert len(dumped) == len(PTS_MS)
     assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "dumps").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]
     overrides = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in outputs]
     assert "style.assign=by_class" in overrides[0] and "style.assign=per_instance" in overrides[1]
 
@@ -117,6 +120,41 @@ def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path, models, vfr_clip
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors[0].startswith("error: job 0 (style.default_style=style_99): ") and "style_99" in errors[0][40:]
     assert errors[-1] == "error: 1 sweep job(s) failed: job 0 (style.default_style=style_99)"
+
+
+def test_paths_that_start_with_a_tilde_are_in_the_home_folder(tmp_path, models, vfr_clip, monkeypatch):
+    """input=~/clip.mp4 was looked for as ./~/clip.mp4 (output=~/... was expanded), and style.bank=~/... and
+    segment.checkpoint=~/... were Hydra grammar errors (a shell expands ~ only after `name=`, not `style.bank=`)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.copy(vfr_clip, home / "clip.mp4")
+    files = {"style.bank=": "bank.pt", "segment.checkpoint=": "segmenter.pt"}
+    for arg in models:
+        for key, name in files.items():
+            if arg.startswith(key):
+                shutil.copy(arg[len(key):], home / name)
+    others = [arg for arg in models if not arg.startswith(tuple(files))]
+    result = run_in_process(["input=~/clip.mp4", "output=~/renders/out.mp4", *others, "style.bank=~/bank.pt",
+                             "segment.checkpoint=~/segmenter.pt", "debug.dump=true", "debug.dir=~/dump"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_frames(home / "renders" / "out.mp4")[0]) == len(PTS_MS)
+    assert (home / "dump" / "frames.jsonl").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_a_comma_in_a_file_name_is_part_of_it_outside_a_sweep(tmp_path, models, vfr_clip):
+    """input=take1,final.mp4 was Hydra's multi-line "Ambiguous value" error: read as a sweep of take1 and
+    final.mp4, which only -m runs. With -m it still is one."""
+    from pipeline.render import hydra_readable
+
+    shutil.copy(vfr_clip, tmp_path / "take1,final.mp4")
+    result = run_in_process(["input=take1,final.mp4", "output=out,v2.mp4", *models], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(read_frames(tmp_path / "out,v2.mp4")[0]) == len(PTS_MS)
+    sweep = ["input=a.mp4,b.mp4", "output=out.mp4"]
+    for flag in ("-m", "--multirun", "--multi", "hydra.mode=MULTIRUN"):
+        assert hydra_readable([flag, *sweep]) == [flag, *sweep]
+    assert hydra_readable(sweep) == ["input='a.mp4,b.mp4'", "output=out.mp4"]
 
 
 def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, monkeypatch):

@@ -336,8 +336,8 @@ def test_predict_without_frames_or_pixels():
     model = build_model(dict(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
                              mask_head_channels=32, num_classes=2, min_size=192, max_size=288)).eval()
     assert model.predict(torch.zeros(0, 3, 64, 64, dtype=torch.uint8)) == [] and model.predict([]) == []
-    cases = [((0, 64), "a 0x64 frame has no pixels"),
-             ((1, 320), "a 1x320 frame is 0x288 pixels once resized (min_size 192, max_size 288): too thin to segment")]
+    cases = [((0, 64), "a 64x0 frame has no pixels"),  # width x height, as every other message
+             ((1, 320), "a 320x1 frame is 288x0 pixels once resized (min_size 192, max_size 288): too thin to segment")]
     for (height, width), fragment in cases:
         frame = torch.zeros(3, height, width, dtype=torch.uint8)
         for run in (lambda: model.predict(frame), lambda: model.predict([frame]), lambda: model([frame / 255])):

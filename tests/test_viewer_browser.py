@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.debug_reader import load_dump
 from pipeline.viewer import ViewerServer
-from tests.debug_fixture import write_dump
+from tests.debug_fixture import synthetic_records, write_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -330,3 +331,86 @@ def test_arrow_keys_step_while_a_checkbox_has_focus(open_page, every3_dump):
                   " document.body.appendChild(i); i.focus(); }")
     page.keyboard.press("ArrowRight")
     assert frame() == 21
+
+
+def test_instances_the_background_style_painted_say_so(open_page, tmp_path):
+    """Under style.background=style_12 the instances assign did not keep were labelled "(original)", though the
+    background painted them; only the kept ones left original keep their pixels."""
+    d = tmp_path / "bg_debug"
+    write_dump(d, n=8, every=1, max_side=160, background=True, background_style="style_12")
+    frames = frames_of(d)
+    page, _ = open_page(d)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    seek(page, 6)                # the person styled, the dog kept but left original, the car not kept
+    styles = {(row[0], row[1]): row[3] for row in table_rows(page)}
+    assert styles == {("#0", "person"): "candy", ("#1", "dog"): "(original)", ("–", "car"): "(background: style_12)"}
+    assert [(i["keep"], i["style"]) for i in frames[6]["instances"]] == [(True, "candy"), (True, None), (False, None)]
+    legend = page.locator("#style-legend").inner_text()
+    assert "(left original)" in legend and "candy" in legend and "mosaic" in legend
+    # the timeline rows are tracks: none of them was painted by the background here
+    assert "(background" not in legend
+    tips = page.locator("#timeline rect.segment title").evaluate_all("ts => ts.map(t => t.textContent)")
+    assert any(tip.startswith("track 1:") and tip.endswith("style (original)") for tip in tips)
+
+
+def test_a_tracked_object_the_background_painted_is_so_on_the_timeline(open_page, tmp_path):
+    records = synthetic_records(6, background=True)
+    for record in records[3:]:            # the person drops below min_score: assign no longer keeps it
+        record.keep[0], record.styles[0] = False, None
+        record.stylized = [r for r in record.stylized if r.instance != 0]
+    d = tmp_path / "bg_debug"
+    write_dump(d, records=records, max_side=160, background_style="style_12")
+    page, _ = open_page(d)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    person = page.locator('#timeline g.track[data-track="0"] rect.segment')
+    assert person.evaluate_all("rs => rs.map(r => r.dataset.style)") == ["candy", "(background: style_12)"]
+    assert "(background: style_12)" in page.locator("#style-legend").inner_text()
+    seek(page, 4)
+    assert table_rows(page)[0][3] == "(background: style_12)"
+
+
+def test_a_reload_after_a_new_render_shows_its_images(open_page, tmp_path):
+    """Images were served with max-age=3600 and no validator: a render into the same folder, then a reload,
+    showed the old render's pictures beside the new records."""
+    d = tmp_path / "clip_debug"
+    write_dump(d, n=2, every=1, max_side=160)
+    page, _ = open_page(d)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    pixel = ("async () => { const img = document.querySelector('.panel[data-layer=composite] img'); await img.decode();"
+             " const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;"
+             " const x = c.getContext('2d'); x.drawImage(img, 0, 0); return [...x.getImageData(5, 5, 1, 1).data]; }")
+    before = page.evaluate(pixel)
+    # the new render's composite: one flat colour, the same name
+    Image.new("RGB", (160, 90), (250, 10, 10)).save(d / "images" / "000000_composite.jpg", quality=95)
+    page.reload()
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    after = page.evaluate(pixel)
+    assert before != after and abs(after[0] - 250) < 12 and after[1] < 20 and after[2] < 20, (before, after)
+
+
+def test_corrupt_records_are_skipped_and_the_page_still_opens(open_page, tmp_path):
+    """Bare NaN in one line made JSON.parse reject every frame (a blank page); {"index": 1000} threw
+    `f.instances is not iterable`; "images" as a list broke the reader."""
+    d = tmp_path / "corrupt_debug"
+    records = synthetic_records(4)
+    records[3].instances.scores[0] = float("nan")          # written as null: shown as "–", nothing thrown
+    records[3].instances.boxes[0, 0] = float("inf")
+    write_dump(d, records=records, every=1, max_side=160)
+    good = frames_of(d)
+    lines = (d / "frames.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"score":0.9,', '"score":NaN,')
+    lines.insert(2, json.dumps({"index": 1000}))
+    lines.insert(3, json.dumps({**good[2], "images": ["images/000002_original.jpg"]}))
+    (d / "frames.jsonl").write_text("\n".join(lines) + "\n")
+    page, errors = open_page(d)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    assert "3 unreadable or malformed lines skipped" in page.locator("#banner").text_content()
+    assert page.locator("#slider").get_attribute("max") == "2"
+    for pos, index in enumerate((0, 2, 3)):
+        seek(page, pos)
+        assert page.locator("#frame-index").text_content() == str(index)
+    row = table_rows(page)[0]
+    assert row[2] == "–" and row[4].startswith("–, ")
+    page.locator('#instances tbody tr[data-track="0"]').click()     # the highlight skips the box it cannot place
+    assert page.locator("#selection").get_attribute("data-track") == "0"
+    assert errors == []

@@ -79,6 +79,16 @@ function styleColor(style) {
   return state.styleColors.get(style);
 }
 const current = () => state.frames[state.pos];
+
+// What painted an instance, when not a style of its own: null for its own pixels. Under a background style the
+// instances assign did not keep (score or area too low) are painted by the background like the rest of the frame;
+// a kept one left original (an excluded class) keeps its pixels.
+function shownStyle(d, f) {
+  if (d.style !== null && d.style !== undefined) return d.style;
+  if (d.keep !== false || !f.background) return null;
+  return f.background_style ? `(background: ${f.background_style})` : "(background)";
+}
+const number = (v, digits) => (v === null || v === undefined ? "–" : v.toFixed(digits));
 function showMessage(text) { const m = $("#message"); m.textContent = text; m.hidden = false; }
 
 // ---------- loading ----------
@@ -196,8 +206,9 @@ function collectTracks() {
       if (inst.track_id < 0) continue;
       if (!byId.has(inst.track_id)) byId.set(inst.track_id, { id: inst.track_id, cls: inst.class, segments: [] });
       const segs = byId.get(inst.track_id).segments, last = segs[segs.length - 1];
-      if (last && last.end === pos - 1 && last.style === inst.style) last.end = pos;
-      else segs.push({ start: pos, end: pos, style: inst.style });
+      const style = shownStyle(inst, f);
+      if (last && last.end === pos - 1 && last.style === style) last.end = pos;
+      else segs.push({ start: pos, end: pos, style });
     }
   });
   return [...byId.values()].sort((a, b) => a.id - b.id);
@@ -404,8 +415,9 @@ function showInstances(f) {
     const tr = el("tr", { "data-instance": i, "data-track": d.track_id });
     const track = el("td");
     track.append(el("span", { class: "swatch", style: `background:${rgb(trackColor(d.track_id))}` }), d.track_id >= 0 ? `#${d.track_id}` : "–");
-    const box = d.box.map((v) => Math.round(v)).join(", ");
-    tr.append(track, el("td", {}, d.class), el("td", {}, d.score.toFixed(3)), el("td", {}, (d.style ?? "(original)") + (carried.has(i) ? " (carried)" : "")),
+    const box = d.box.map((v) => (v === null ? "–" : Math.round(v))).join(", ");
+    const style = (shownStyle(d, f) ?? "(original)") + (carried.has(i) ? " (carried)" : "");
+    tr.append(track, el("td", {}, d.class), el("td", {}, number(d.score, 3)), el("td", {}, style),
               el("td", {}, box), el("td", {}, d.area ?? "–"), el("td", {}, d.keep === null ? "–" : d.keep ? "yes" : "no"));
     if (i === chosen) tr.classList.add("selected");
     tr.addEventListener("click", () => select(f, i));
@@ -473,6 +485,7 @@ function drawHighlight() {
     if (i < 0) continue;
     if (pixels) ctx.putImageData(pixels, 0, 0);
     const sx = w / f.size[1], sy = h / f.size[0], box = f.instances[i].box;
+    if (box.some((v) => v === null)) continue;   // a coordinate the render could not give (written as null)
     const [x1, y1, x2, y2] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy];
     ctx.strokeStyle = rgb(HIGHLIGHT); ctx.lineWidth = Math.max(2, w / 320); ctx.setLineDash([6, 4]);
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
