@@ -2,11 +2,14 @@
 
 The video is FFmpeg's choice of video stream, never a cover picture (`video_stream`). Frames keep their own
 presentation timestamps (variable frame rate survives), rotation side data is applied so frames come out upright,
-and any pixel format (10-bit, 4:2:2, odd sizes) is converted to rgb24 by swscale.
+and any pixel format (10-bit, 4:2:2, odd sizes) becomes 8-bit RGB: planar YUV of 8 to 12 bits and NV12 by
+`pipeline.colour.host_yuv_to_rgb` (the exact conversion, rounded: swscale's fast path truncates, a level dark),
+every other format (RGB, grey, alpha, big-endian, 16-bit) by swscale.
 With `colour=device` (the default on a GPU) 8-bit 4:2:0 frames travel to the device as their YUV planes and
 become RGB there (pipeline/colour.py); `decoder=nvdec` decodes on the GPU's NVDEC unit (FFmpeg's *_cuvid
-decoders, which hand back NV12 frames). Only one batch at a time lives in memory; the caller decides how far
-decode runs ahead.
+decoders, which hand back NV12 frames). The input's colour tags (primaries, transfer, matrix) are kept in
+`VideoInfo` for the encoder: RGB values pass through unchanged, so an HDR input's stay HDR-coded. Only one batch
+at a time lives in memory; the caller decides how far decode runs ahead.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
 
 from common.settings import check_settings
@@ -25,7 +29,7 @@ from pipeline.errors import (
     AudioOnlyError, EmptyVideoError, InputError, NotAVideoError, PipelineConfigError, TruncatedVideoError,
     ffmpeg_reason,
 )
-from pipeline.colour import FULL_RANGE, PACKED_420, packed_planes_to_rgb
+from pipeline.colour import FULL_RANGE, HOST_MAX_BITS, KNOWN_MATRICES, PACKED_420, host_yuv_to_rgb, packed_planes_to_rgb
 from pipeline.record import FrameRecord
 from pipeline.thread_stream import ThreadStream
 
@@ -38,6 +42,13 @@ TRUNCATION_SLACK_FRAMES = 3
 # Formats whose durations are no declaration: raw streams (a guess from the bitrate at best) and MPEG-TS / PS
 # (read from the last timestamps in the file: they end where the data does).
 _NO_DECLARED_END = av.format.Flags.no_timestamps.value | av.format.Flags.ts_discont.value
+# The layouts `host_yuv_to_rgb` converts: planar Y'CbCr (yuvj: full range) of 8 to HOST_MAX_BITS bits, and the
+# semi-planar NV12 / NV21 (the chroma plane's U and V interleaved, in that order / the other way round).
+_PLANAR_YUV = frozenset(f"yuv{sub}p{depth}" for sub in ("420", "422", "444", "440", "411", "410")
+                        for depth in ("", "9le", "10le", "12le")) | {f"yuvj{s}p" for s in ("420", "422", "444", "440")}
+_SEMI_PLANAR = {"nv12": (0, 1), "nv21": (1, 0)}
+UNSPECIFIED = 2         # AVCOL_PRI / AVCOL_TRC / AVCOL_SPC_UNSPECIFIED
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # AVCOL_TRC_SMPTE2084, AVCOL_TRC_ARIB_STD_B67
 
 
 @dataclass(frozen=True)
@@ -58,11 +69,27 @@ class VideoInfo:
     has_audio: bool
     stream_index: int = 0           # the video stream's index in the container (`video_stream`)
     declared_end: float | None = None  # seconds: where the container says the stream ends (None: it does not say)
+    # The input's colour tags (FFmpeg's AVColorPrimaries / AVColorTransferCharacteristic / AVColorSpace; 2 =
+    # unspecified) and bits per sample: decoded RGB keeps the input's primaries and transfer, which the output
+    # must then name too.
+    color_primaries: int = UNSPECIFIED
+    color_trc: int = UNSPECIFIED
+    colorspace: int = UNSPECIFIED
+    bit_depth: int = 8
+
+    @property
+    def hdr(self) -> str | None:
+        """The HDR transfer ("PQ", "HLG") the input is coded with, None for SDR."""
+        return HDR_TRANSFERS.get(self.color_trc)
 
     def describe(self) -> str:
         rate = f"{float(self.average_rate):.3g} fps" if self.average_rate else "unknown fps"
+        # without the container's count, duration x nominal rate: a variable rate makes that a guess (Matroska
+        # states no average rate, only its nominal one)
+        frames = f"{self.frame_count} frames" if self.declared_frames else f"about {self.frame_count} frames"
         turn = f", rotated {self.rotation}°" if self.rotation else ""
-        return f"{self.width}x{self.height} {self.codec}/{self.pix_fmt}, {rate}, ~{self.frame_count} frames{turn}"
+        hdr = f", HDR ({self.hdr})" if self.hdr else ""
+        return f"{self.width}x{self.height} {self.codec}/{self.pix_fmt}{hdr}, {rate}, {frames}{turn}"
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -80,12 +107,17 @@ def probe(path: str | Path) -> VideoInfo:
         duration = _duration_seconds(container, stream)
         declared = int(stream.frames or 0)
         estimate = declared or (round(duration * rate) if duration and rate else 0)
+        context = stream.codec_context
         return VideoInfo(
             path=path, width=width, height=height, time_base=stream.time_base or Fraction(1, 90000),
             average_rate=Fraction(rate) if rate else None, frame_count=int(estimate), declared_frames=declared,
-            duration=duration, codec=stream.codec_context.name, pix_fmt=first.format.name,
+            duration=duration, codec=context.name, pix_fmt=first.format.name,
             rotation=rotation, has_audio=bool(container.streams.audio), stream_index=stream.index,
             declared_end=_declared_end(container, stream),
+            # the decoded frame's tags (the bitstream's), else the container's (an mp4 colr box, Matroska's Colour)
+            color_primaries=_tag(first.color_primaries, context.color_primaries),
+            color_trc=_tag(first.color_trc, context.color_trc), colorspace=_tag(first.colorspace, context.colorspace),
+            bit_depth=max((c.bits for c in first.format.components), default=8),
         )
     finally:
         container.close()
@@ -201,7 +233,7 @@ class VideoReader:
             planes = to_device(torch.from_numpy(frame.to_ndarray()), self.device)
             rgb = packed_planes_to_rgb(planes, layout, frame.colorspace, frame.color_range == FULL_RANGE)
         else:
-            rgb = to_device(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1), self.device)
+            rgb = to_device(host_rgb(frame), self.device)
         if self.info.rotation:
             rgb = torch.rot90(rgb, self.info.rotation // 90, dims=(1, 2))  # counter-clockwise, like the matrix
         return rgb.contiguous()
@@ -221,6 +253,43 @@ class VideoReader:
             raise TruncatedVideoError(
                 f"{info.path} is truncated: its video stops at {stopped:.2f} s of the {info.declared_end:.2f} s its "
                 f"container declares ({got} frames decoded)")
+
+
+def host_rgb(frame: av.VideoFrame) -> torch.Tensor:
+    """`frame` as a (3, H, W) uint8 RGB tensor on the host: YUV the exact conversion rounded (`host_yuv_to_rgb`),
+    what that does not read through swscale."""
+    planes = yuv_planes(frame)
+    if planes is not None:
+        y, u, v, bits = planes
+        full = frame.color_range == FULL_RANGE or frame.format.name.startswith("yuvj")
+        return torch.from_numpy(host_yuv_to_rgb(y, u, v, bits, frame.colorspace, full))
+    return torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).contiguous()
+
+
+def yuv_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """Y, U and V of `frame` as numpy views of its planes (no copy), and their bits per sample; None for a layout
+    or matrix that `host_yuv_to_rgb` does not handle (RGB in YUV planes, YCgCo, ...)."""
+    name = frame.format.name
+    if name not in _PLANAR_YUV and name not in _SEMI_PLANAR or frame.colorspace not in KNOWN_MATRICES:
+        return None
+    bits = frame.format.components[0].bits
+    if bits > HOST_MAX_BITS:
+        return None
+    dtype = np.dtype(np.uint8) if bits == 8 else np.dtype("<u2")
+    arrays = [np.frombuffer(plane, dtype).reshape(plane.height, -1) for plane in frame.planes]
+    if name in _SEMI_PLANAR:
+        luma, chroma = arrays
+        first, second = _SEMI_PLANAR[name]
+        width = frame.planes[1].width
+        return luma[:, :frame.width], chroma[:, first:2 * width:2], chroma[:, second:2 * width:2], bits
+    y, u, v = (array[:, :plane.width] for array, plane in zip(arrays, frame.planes))
+    return y, u, v, bits
+
+
+def _tag(frame_value, stream_value) -> int:
+    """A colour tag: the frame's where it states one, else the stream's."""
+    value = int(frame_value or UNSPECIFIED)
+    return value if value != UNSPECIFIED else int(stream_value or UNSPECIFIED)
 
 
 def _hardware_decoder(info: VideoInfo) -> str:

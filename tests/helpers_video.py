@@ -115,6 +115,27 @@ def ten_bit_clip(path, frames, **kw) -> Path:
     return write_clip(path, frames, pix_fmt="yuv420p10le", **kw)
 
 
+def hdr_clip(path, frames, transfer: int = 18, codec: str = "libx264") -> Path:
+    """A 10-bit BT.2020 clip tagged HDR (`transfer` 18: HLG, 16: PQ), primaries and matrix BT.2020 (9), limited
+    range, as cameras and phones write them. The RGB frames are coded as they are (no transfer function is
+    applied): only the tags make it HDR."""
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=24)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p10le"
+        context = stream.codec_context
+        context.color_primaries, context.color_trc, context.colorspace, context.color_range = 9, transfer, 9, 1
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p10le", dst_colorspace=9, dst_color_range=1)
+            frame.color_primaries, frame.color_trc = 9, transfer
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
 def truncated_clip(path, frames, keep: float = 0.6, **kw) -> Path:
     """A clip cut short as an interrupted copy leaves it. mp4: the index (moved to the front) declares every frame
     but the sample data stops after `keep` of its bytes; mkv / webm: the first `keep` of the file, its header
@@ -268,6 +289,33 @@ def tone_frequency(samples: np.ndarray, rate: int) -> float:
     wave = samples[0] - samples[0].mean()  # unsigned PCM sits around its mid-level, not zero
     spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
     return float(np.fft.rfftfreq(samples.shape[1], 1 / rate)[int(np.argmax(spectrum))])
+
+
+# The standard's Kr, Kb per AVColorSpace, written out here rather than taken from pipeline.colour: the oracle.
+STANDARD_MATRICES = {1: (0.2126, 0.0722), 2: (0.299, 0.114), 5: (0.299, 0.114), 6: (0.299, 0.114),
+                     9: (0.2627, 0.0593)}
+
+
+def exact_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) float64 RGB of a planar YUV frame by the standard's formula, unrounded and unclipped but for the
+    0..255 range, each chroma sample covering its block (FFmpeg's ranges: limited 16..235 / 16..240 scaled by
+    2^(bits-8), full 0..2^bits-1 around 2^(bits-1))."""
+    bits = frame.format.components[0].bits
+    y, u, v = (np.frombuffer(p, np.uint8 if bits == 8 else "<u2").reshape(p.height, -1)[:, :p.width].astype(float)
+               for p in frame.planes)
+    height, width = y.shape
+    u, v = (c.repeat(-(-height // c.shape[0]), 0).repeat(-(-width // c.shape[1]), 1)[:height, :width]
+            for c in (u, v))
+    if frame.color_range == 2 or frame.format.name.startswith("yuvj"):
+        top = 2 ** bits - 1
+        luma, cb, cr = y / top, (u - 2 ** (bits - 1)) / top, (v - 2 ** (bits - 1)) / top
+    else:
+        scale = 2 ** (bits - 8)
+        luma, cb, cr = (y / scale - 16) / 219, (u / scale - 128) / 224, (v / scale - 128) / 224
+    kr, kb = STANDARD_MATRICES[frame.colorspace]
+    red, blue = luma + 2 * (1 - kr) * cr, luma + 2 * (1 - kb) * cb
+    green = (luma - kr * red - kb * blue) / (1 - kr - kb)
+    return np.clip(np.stack([red, green, blue], axis=-1) * 255, 0, 255)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,17 +1,22 @@
 """VideoReader / VideoWriter against plain PyAV as the oracle: exact pixels through lossless codecs, timestamps,
-rotation, odd sizes, 10-bit input and audio."""
+rotation, odd sizes, 10-bit and HDR input, audio, write failures and an interrupted flush."""
 from __future__ import annotations
 
+import errno
+import signal
 from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 import torch
 
-from pipeline.decode import VideoReader
+from pipeline.decode import VideoReader, probe
 from pipeline.encode import VideoWriter
+from pipeline.errors import EncoderError
+from pipeline.record import FrameRecord
 from tests.helpers_video import (
-    audio_summary, lossless_clip, pattern_frames, psnr, read_frames, ten_bit_clip, write_clip,
+    audio_summary, exact_rgb, hdr_clip, lossless_clip, pattern_frames, psnr, read_frames, ten_bit_clip, write_clip,
 )
 
 X264 = {"codec": "libx264", "crf": 18, "preset": "veryfast", "pix_fmt": "yuv420p"}
@@ -180,3 +185,165 @@ def test_an_unknown_encode_setting_is_refused(tmp_path):
     with pytest.raises(SettingError, match="unknown encode setting.s. crff"):
         VideoWriter(tmp_path / "out.mp4", reader.info, _encode_config("+encode.crff=30"))
     assert not (tmp_path / "out.mp4").exists()
+
+
+def output_tags(path) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(primaries, transfer, matrix) of the output's stream and of its first decoded frame."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frame = next(container.decode(stream))
+        context = stream.codec_context
+        return ((context.color_primaries, context.color_trc, context.colorspace),
+                (frame.color_primaries, frame.color_trc, frame.colorspace))
+
+
+@pytest.mark.parametrize("transfer, name", [(18, "HLG"), (16, "PQ")])
+@pytest.mark.parametrize("colour", ["cpu", "device"])   # swscale's RGB -> YUV, and the torch one the GPU uses
+def test_hdr_input_keeps_its_colour_tags(tmp_path, capfd, transfer, name, colour):
+    """An HLG phone clip came out tagged BT.709 with its HLG-coded values unchanged: players showed it washed out.
+    The output names the input's primaries and transfer, and the matrix its YUV was converted with."""
+    frames = pattern_frames(4, 64, 48)
+    reader, _, records = decode_all(hdr_clip(tmp_path / "hdr.mp4", frames, transfer=transfer))
+    info = reader.info
+    tags = (info.color_primaries, info.color_trc, info.colorspace, info.bit_depth)
+    assert info.hdr == name and tags == (9, transfer, 9, 10)
+    assert f"HDR ({name})" in info.describe()
+    capfd.readouterr()
+    writer = VideoWriter(tmp_path / "out.mp4", info, {**X264, "crf": 0}, colour=colour)
+    writer.write(records)
+    writer.close()
+    err = capfd.readouterr().err
+    assert err.count("note:") == 1 and f"HDR ({name})" in err and "8-bit output (yuv420p) of this 10-bit" in err, err
+    assert output_tags(tmp_path / "out.mp4") == ((9, transfer, 9), (9, transfer, 9))
+    # the planes were converted with the matrix they are tagged with: read by their tags they are the decoded
+    # input's values but for 4:2:0 (measured 49.4 dB; read with the other matrix, 38.2 dB)
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        written = [exact_rgb(frame).round() for frame in container.decode(video=0)]
+    assert min(psnr(out, hwc(record)) for out, record in zip(written, records)) > 45
+
+
+def test_hdr_note_for_a_ten_bit_output(tmp_path, capfd):
+    reader, _, records = decode_all(hdr_clip(tmp_path / "hdr.mp4", pattern_frames(2, 64, 48)))
+    capfd.readouterr()
+    writer = VideoWriter(tmp_path / "out.mkv", reader.info, {**X264, "pix_fmt": "yuv420p10le"})
+    writer.write(records)
+    writer.close()
+    err = capfd.readouterr().err
+    assert err.count("note:") == 1 and "HDR (HLG)" in err and "the render works on 8-bit RGB" in err, err
+    assert output_tags(tmp_path / "out.mkv")[0] == (9, 18, 9)
+
+
+@pytest.mark.parametrize("tags, expected", [
+    (None, (1, 1, 1)),             # untagged: BT.709, as before
+    ((6, 6, 6), (6, 6, 1)),        # SD (SMPTE 170M): its primaries and transfer; the YUV is converted as BT.709
+])
+def test_sdr_output_tags(tmp_path, capfd, tags, expected):
+    frames = pattern_frames(2, 64, 48)
+    source = write_clip(tmp_path / "in.mp4", frames)
+    if tags is not None:
+        with av.open(str(source)) as container, av.open(str(tmp_path / "tagged.mp4"), "w") as out:
+            stream = out.add_stream_from_template(container.streams.video[0])
+            stream.codec_context.color_primaries, stream.codec_context.color_trc = tags[:2]
+            stream.codec_context.colorspace = tags[2]
+            for packet in container.demux(container.streams.video[0]):
+                if packet.dts is not None:
+                    packet.stream = stream
+                    out.mux(packet)
+        source = tmp_path / "tagged.mp4"
+    reader, _, records = decode_all(source)
+    assert reader.info.hdr is None
+    capfd.readouterr()
+    reencode(tmp_path / "out.mp4", reader, records, X264)
+    assert "note:" not in capfd.readouterr().err
+    assert output_tags(tmp_path / "out.mp4")[0] == expected
+
+
+def test_estimated_frame_counts_say_about(tmp_path):
+    """Matroska states no frame count: the estimate is duration x nominal rate, 41 for a variable-rate clip of 10
+    frames. It read "~41 frames"; now "about", and a counted clip states its count plainly."""
+    pts = [0, 1, 3, 4, 10, 11, 12, 30, 31, 40]
+    frames = pattern_frames(10, 64, 48)
+    mkv = probe(write_clip(tmp_path / "vfr.mkv", frames, pts=pts, time_base=Fraction(1, 24)))
+    mp4 = probe(write_clip(tmp_path / "vfr.mp4", frames, pts=pts, time_base=Fraction(1, 24)))
+    assert mkv.declared_frames == 0 and f"about {mkv.frame_count} frames" in mkv.describe()
+    assert mp4.declared_frames == 10 and ", 10 frames" in mp4.describe() and "about" not in mp4.describe()
+
+
+class _FullDisk:
+    """An output container whose muxer fails as on a full disk, and whose close fails again (writing the trailer)."""
+
+    def __init__(self, container):
+        self._container = container
+
+    def mux(self, packet):
+        raise av.error.OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self._container.close()
+        raise av.error.OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+
+@pytest.mark.parametrize("frames", [3, 40])   # all held by x264 until the flush / muxed while writing
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, frames):
+    """A full disk gave a traceback: av.error.OSError from the muxer, chained with a second one from the clean-up's
+    close. It is an EncoderError naming the output (the one the user gave, not the temp file beside it)."""
+    reader, _, records = decode_all(lossless_clip(tmp_path / "in.mkv", pattern_frames(frames, 64, 48)))
+    writer = VideoWriter(tmp_path / ".out.0123abcd.partial.mp4", reader.info, X264)  # as AtomicOutput names it
+    writer.container = _FullDisk(writer.container)
+    with pytest.raises(EncoderError) as caught:
+        writer.write(records)
+        writer.close()
+    assert str(caught.value) == f"cannot write {tmp_path / 'out.mp4'}: No space left on device"
+    assert isinstance(caught.value.__cause__, av.error.OSError)
+    writer.abort()   # what the render does next (after a failed close: nothing left to close)
+    assert writer.container is None
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def test_ctrl_c_lands_between_the_flushed_packets(tmp_path):
+    """The flush drained the encoder in one C call (3.9 s at 1080p, preset medium), which a signal cannot
+    interrupt: Ctrl-C waited for it. Here x264 holds all 24 frames (lookahead 24, one thread, preset veryslow:
+    1.6 s of flushing on a 2-core machine); an alarm 50 ms after the first flushed packet is muxed must stop
+    the flush with packets still to come, and leave the writer closed."""
+    count = 24
+    info = probe(lossless_clip(tmp_path / "in.mkv", pattern_frames(1, 160, 120)))
+    noise = np.random.default_rng(0).integers(0, 256, (count, 3, 120, 160), dtype=np.uint8)
+    cfg = {**X264, "preset": "veryslow", "options": {"threads": "1", "x264-params": f"rc-lookahead={count}"}}
+    writer = VideoWriter(tmp_path / "out.mp4", info, cfg)
+    muxed = []
+
+    class Counting:
+        def __init__(self, container):
+            self._container = container
+
+        def mux(self, packet):
+            if not muxed:
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+            muxed.append(packet.pts)
+            self._container.mux(packet)
+
+        def __getattr__(self, name):
+            return getattr(self._container, name)
+
+    writer.write([FrameRecord(index=i, pts=i, time_base=info.time_base, image=torch.from_numpy(image))
+                  for i, image in enumerate(noise)])
+    assert not muxed   # all held for the lookahead
+    writer.container = Counting(writer.container)
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(_Interrupted):
+            writer.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert 0 < len(muxed) < count and writer.container is None, len(muxed)
