@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from common.device import resolve_device
-from common.outputs import AtomicOutput
+from common.torch_save import atomic_save
 from segment.backbone import ARCHS
 from segment.config import ARCHITECTURE_KEYS, SegmenterConfig
 from segment.errors import CheckpointError
@@ -186,8 +186,6 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
     if model.folded:
         raise CheckpointError("cannot save a model whose frozen BatchNorm is folded into its convs: save the "
                               "model as loaded, before fold_frozen_norms()")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         **(extra or {}),
         "format": FORMAT,
@@ -195,9 +193,7 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike, extra: dict[str, A
         "class_names": list(model.config.class_names),
         "model": {k: _stored(v, weights_dtype) for k, v in model.state_dict().items()},
     }
-    with AtomicOutput(path, overwrite=True) as temp:
-        torch.save(payload, temp)
-    return path
+    return atomic_save(payload, path)
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

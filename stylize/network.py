@@ -62,6 +62,36 @@ class ResidualBlock(nn.ModuleList):
         super().__init__([ConvNorm(channels, channels, 3, num_styles), ConvNorm(channels, channels, 3, num_styles)])
 
 
+HPARAM_KEYS = ("num_styles", "channels", "num_residual", "expand_channels")
+
+
+def _describe(value) -> str:
+    return f"a tensor of {value.dtype}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_hparams(hparams) -> dict:
+    """`hparams` as MultiStyleNet's keyword arguments, or a one-line ValueError: a file's own dict would otherwise
+    end as a TypeError from __init__, or as a network too large to build."""
+    if not isinstance(hparams, dict):
+        raise ValueError(f"network hyper-parameters must be a dict, not {type(hparams).__name__}")
+    if set(hparams) != set(HPARAM_KEYS):
+        missing, unexpected = sorted(set(HPARAM_KEYS) - set(hparams)), sorted(set(hparams) - set(HPARAM_KEYS), key=str)
+        raise ValueError(f"network hyper-parameters must be {', '.join(HPARAM_KEYS)}"
+                         + (f"; missing {', '.join(missing)}" if missing else "")
+                         + (f"; unexpected {', '.join(map(repr, unexpected))}" if unexpected else ""))
+    for key in HPARAM_KEYS[:3]:
+        if not _positive_int(hparams[key]):
+            raise ValueError(f"network hyper-parameter {key} must be a whole number >= 1, not {hparams[key]!r}")
+    expand = hparams["expand_channels"]
+    if not isinstance(expand, (list, tuple)) or len(expand) != 2 or not all(map(_positive_int, expand)):
+        raise ValueError(f"network hyper-parameter expand_channels must be two whole numbers >= 1, not {expand!r}")
+    return {**hparams, "expand_channels": list(expand)}
+
+
 class MultiStyleNet(nn.Module):
     """Image → stylized image for any mix of `num_styles` styles.
 
@@ -87,7 +117,7 @@ class MultiStyleNet(nn.Module):
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "MultiStyleNet":
-        return cls(**hparams)
+        return cls(**check_hparams(hparams))
 
     @property
     def num_styles(self) -> int:
@@ -139,20 +169,41 @@ class MultiStyleNet(nn.Module):
             out[f"{name}.shift"] = norm.shift.detach()[index].clone()
         return out
 
-    @torch.no_grad()
-    def append_style(self, params: dict[str, Tensor]) -> int:
-        """Add one style (as returned by `style_params`) as a new last row; returns its index."""
+    def check_style_params(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`params` (one style, as `style_params` returns it) as rows to append, or a one-line ValueError: every key,
+        type, shape and value is checked before `append_style` touches a norm, which would otherwise be left with one
+        row more than the others."""
+        if not isinstance(params, dict):
+            raise ValueError(f"style parameters must be a dict of tensors, not {type(params).__name__}")
         norms = self.norms()
         expected = {f"{n}.{p}" for n in norms for p in ("scale", "shift")}
         if set(params) != expected:
-            raise ValueError(f"style parameters do not fit this network: missing {sorted(expected - set(params))[:3]}, "
-                             f"unexpected {sorted(set(params) - expected)[:3]}")
+            missing, unexpected = sorted(expected - set(params)), sorted(set(params) - expected, key=str)
+            raise ValueError(f"style parameters do not fit this network: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        rows = {}
         for name, norm in norms.items():
             for attr in ("scale", "shift"):
-                old = getattr(norm, attr)
-                row = params[f"{name}.{attr}"].to(old)
+                key, old = f"{name}.{attr}", getattr(norm, attr)
+                row = params[key]
+                if not isinstance(row, Tensor) or not row.is_floating_point():
+                    raise ValueError(f"{key} is {_describe(row)}, not a floating-point tensor")
                 if row.shape != old.shape[1:]:
-                    raise ValueError(f"{name}.{attr}: shape {tuple(row.shape)} != {tuple(old.shape[1:])}")
+                    raise ValueError(f"{key}: shape {tuple(row.shape)} != {tuple(old.shape[1:])}")
+                if not torch.isfinite(row).all():  # one NaN turns every pixel the style touches NaN
+                    raise ValueError(f"{key} holds non-finite values (nan or inf)")
+                rows[key] = row.detach().to(old)
+        return rows
+
+    @torch.no_grad()
+    def append_style(self, params: dict[str, Tensor]) -> int:
+        """Add one style (as returned by `style_params`) as a new last row; returns its index. A ValueError (from
+        `check_style_params`) leaves the network as it was."""
+        rows = self.check_style_params(params)
+        for name, norm in self.norms().items():
+            for attr in ("scale", "shift"):
+                old = getattr(norm, attr)
+                row = rows[f"{name}.{attr}"]
                 setattr(norm, attr, nn.Parameter(torch.cat([old, row[None]]), requires_grad=old.requires_grad))
         self.hparams["num_styles"] = self.num_styles
         return self.num_styles - 1
@@ -162,7 +213,8 @@ class MultiStyleNet(nn.Module):
         return [p for name, p in self.named_parameters() if ".norm." not in name]
 
     def conv_fingerprint(self) -> str:
-        """sha256 of the shared convolutions: a style's scales/shifts only make sense with the convs it was trained on."""
+        """sha256 of the shared convolutions: a style's scales/shifts only make sense with the convs it was trained
+        on."""
         digest = hashlib.sha256()
         for name, p in self.named_parameters():
             if ".norm." not in name:

