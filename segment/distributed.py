@@ -37,8 +37,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
-    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; joins the process group (nccl on CUDA, gloo on CPU)."""
+def init_distributed(device: str = "auto", timeout_minutes: float = 180.0) -> DistInfo:
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; joins the process group (nccl on CUDA, gloo on CPU).
+
+    `timeout_minutes` (conf/train.yaml's dist_timeout_min) is how long a collective waits for the other processes:
+    the other ranks wait at a barrier for rank 0's whole evaluation, which on COCO val can outlast torch's
+    default 30 minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,7 +52,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
             torch.cuda.set_device(chosen)
         dist.init_process_group(
             backend="nccl" if chosen.type == "cuda" else "gloo",
-            timeout=timedelta(minutes=timeout_minutes),  # rank 0 evaluates while the others wait at a barrier
+            timeout=timedelta(minutes=timeout_minutes),
             **({"device_id": chosen} if chosen.type == "cuda" else {}),
         )
     return DistInfo(rank, world_size, local_rank, chosen)

@@ -8,12 +8,14 @@ loads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,13 @@ HEADLINE_METRICS = ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")  # printed; 
 Evaluator = Callable[[MaskRCNN], dict[str, float]]
 
 
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name: a FutureWarning from every
+# process at every launch). The new one still copies rank 0's buffers once at the start, as it does the parameters:
+# harmless, the processes build the same ones
+_DDP_ARGUMENTS = inspect.signature(DistributedDataParallel).parameters
+_SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGUMENTS else "broadcast_buffers"
+
+
 class TrainingError(SegmentError):
     """Training cannot go on (the loss diverged, a checkpoint does not belong to this run)."""
 
@@ -61,6 +70,10 @@ class TrainSettings:
             raise TrainingError(f"amp={self.amp!r} is not one of none, bf16, fp16")
         if self.max_iters < 1 or self.log_every < 1:
             raise TrainingError(f"max_iters and log_every must be >= 1, got {self.max_iters}, {self.log_every}")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def _due(iteration: int, every: int) -> bool:
@@ -138,6 +151,18 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@contextmanager
+def _rng_kept(device: torch.device) -> Iterator[None]:
+    """Every RNG the training draws from (torch's CPU and this device's, Python's, numpy's) as it was before."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -171,7 +196,7 @@ class Trainer:
         updated_buffers = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.network = (
             DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                    broadcast_buffers=updated_buffers)
+                                    **{_SYNC_BUFFERS: updated_buffers})
             if info.distributed else model
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
@@ -277,7 +302,11 @@ class Trainer:
         if self.info.is_main and self.evaluator is not None:
             self.model.eval()
             try:
-                metrics = self.evaluator(self.model)
+                # an evaluator's draws (a DataLoader's seed, say) would shift the sampling of every later step: the
+                # training would depend on eval_every, and a resume from the checkpoint saved just before an
+                # evaluation would go another way than the run it continues
+                with _rng_kept(self.device):
+                    metrics = self.evaluator(self.model)
             finally:
                 self.model.train()
             headline = [k for k in HEADLINE_METRICS if k in metrics] or list(metrics)
@@ -332,6 +361,13 @@ class Trainer:
         state = checkpoint["training_state"]
         changed = changed_run_settings(state.get("run_config") or {}, int(state["world_size"]), self.run_config,
                                        self.info.world_size)
+        # the counts the scheduler runs by, as scaled for the images per iteration: a checkpoint from before
+        # schedule.reference_images_per_iter scaled them records the same schedule settings with other counts
+        saved_scheduler = state.get("scheduler") or {}
+        changed += [f"lr schedule's {key} {saved_scheduler[key]} -> {getattr(self.scheduler, key)}"
+                    for key in ("milestones", "warmup_iters")
+                    if key in saved_scheduler and hasattr(self.scheduler, key)
+                    and saved_scheduler[key] != getattr(self.scheduler, key)]
         if changed:
             raise TrainingError(f"{path} was trained with other settings ({'; '.join(changed)}); its optimizer and "
                                 "schedule would carry on as they were: resume with the same ones or use another "
@@ -353,5 +389,6 @@ class Trainer:
         else:  # a different process count cannot replay the same sampling; keep going reproducibly anyway
             seed_everything(int(self.run_config.get("seed", 0)) + 1000 * self.iteration + self.info.rank)
             if self.info.is_main:
-                tqdm.write(f"note: {path} was written by {state['world_size']} processes, now {self.info.world_size}: "
-                           "the data order and sampling differ from an uninterrupted run", file=sys.stdout)
+                tqdm.write(f"note: {path} was written by {_processes(int(state['world_size']))}, now "
+                           f"{self.info.world_size}: the data order and sampling differ from an uninterrupted run",
+                           file=sys.stdout)

@@ -155,9 +155,11 @@ def evaluate(
         model = model.to(device)
     if label_to_category_id is None:
         label_to_category_id = category_map(model.class_names, dataset)
+    # a generator of its own: without one, iterating the loader draws its workers' base seed from the global RNG
+    # (with no workers too), which a training that evaluates on the way goes on sampling from
     loader = torch.utils.data.DataLoader(
         _Images(dataset), batch_size=batch_size, sampler=range(count), num_workers=num_workers,
-        collate_fn=_unzip,
+        collate_fn=_unzip, generator=torch.Generator().manual_seed(0),
     )
     # A dataset's images come in many sizes: CUDA graphs of the model's front would be captured (memory, time)
     # for sizes that seldom come back, so evaluation runs without them.

@@ -3,16 +3,21 @@
 Several GPUs (or CPU processes): `torchrun --nproc_per_node=N -m segment.train ...`; batch_size is per process
 and the learning rate follows the images per iteration over all processes (see segment/optim.py).
 Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt
-(with the same schedule and batch size), `overwrite=true` first removes those files of an earlier run.
+(with the same schedule and batch size), `overwrite=true` first removes those files of an earlier run. A run holds
+output_dir/.lock while it runs: a second training into the same folder stops at once. A schedule with
+reference_images_per_iter (paper_1x) scales its iteration counts to the images per iteration (effective_schedule).
 Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2.
 """
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import signal
 import sys
 import tempfile
+from dataclasses import replace
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,7 +33,7 @@ from common.outputs import leftover_temp_files
 from common.settings import flag, number, whole
 from segment.checkpoint import load_checkpoint, project_relative
 from segment.config import SegmenterConfig, real_class_names
-from segment.distributed import DistInfo, barrier, cleanup, init_distributed
+from segment.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
 from segment.errors import CheckpointError, ConfigError
 from segment.loader import BatchStream
@@ -38,6 +43,7 @@ from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 # keys of the shared `segment` group that are no architecture setting: the weights to start from
 _WEIGHTS_KEYS = ("checkpoint",)
 CONFIG = "config.yaml"
+LOCK = ".lock"  # flock-ed by rank 0 for the whole run (holding its pid); not a run file: resume and overwrite ignore it
 # the layers with a row per class (background included): fine-tuning on other classes starts them fresh
 CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") for layer in (
     "box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits"))
@@ -66,6 +72,8 @@ def checked_train_settings(cfg: DictConfig) -> TrainSettings:
                      ("checkpoint_every", -math.inf), ("eval_every", -math.inf), ("seed", -math.inf),
                      ("schedule.max_iters", 1), ("schedule.warmup_iters", 0)):
         whole(get(key), key, low)
+    whole(get("schedule.reference_images_per_iter"), "schedule.reference_images_per_iter", 1, nullable=True)
+    number(get("dist_timeout_min"), "dist_timeout_min", 0, low_open=True)
     whole(get("cpu_threads"), "cpu_threads", 1, nullable=True)
     for step in range(len(get("schedule.steps") or [])):
         whole(get(f"schedule.steps.{step}"), f"schedule.steps.{step}", 0)
@@ -89,6 +97,38 @@ def checked_train_settings(cfg: DictConfig) -> TrainSettings:
         clip_grad_norm=float(cfg.clip_grad_norm or 0), log_every=int(cfg.log_every),
         checkpoint_every=int(cfg.checkpoint_every), eval_every=int(cfg.eval_every),
     )
+
+
+def effective_schedule(schedule: Any, images_per_iteration: int) -> dict[str, Any]:
+    """The schedule's iteration counts for this run's images per iteration (over all processes): max_iters, steps,
+    warmup_iters, and the factor they were scaled by. A schedule quoted for `reference_images_per_iter` images
+    (paper_1x: the paper's 16) keeps its epochs at any batch, its counts times reference / images per iteration,
+    rounded (the linear scaling rule of Goyal et al. 2017 for the iterations as well as the lr; Detectron2's
+    REFERENCE_WORLD_SIZE): 2 images per iteration train 8x the iterations at 1/8 the lr, not 1/8 of the recipe.
+    Null keeps the counts as written (tiny, demo: made for their own batch). checkpoint_every and eval_every are
+    this run's own iterations, never scaled: how much a crash loses, how often a curve gets a point."""
+    reference = schedule.get("reference_images_per_iter")
+    factor = Fraction(int(reference), images_per_iteration) if reference else Fraction(1)
+
+    def scaled(iterations: Any) -> int:
+        return round(int(iterations) * factor)
+
+    return {"max_iters": max(1, scaled(schedule.max_iters)), "steps": [scaled(step) for step in schedule.steps],
+            "warmup_iters": scaled(schedule.warmup_iters), "factor": factor}
+
+
+def describe_schedule(schedule: Any, images_per_iteration: int) -> str:
+    """The start-up banner's line: the iteration counts this run follows, and where they came from."""
+    run = effective_schedule(schedule, images_per_iteration)
+    warmup = f"warm-up {run['warmup_iters']}" if run["warmup_iters"] else "no warm-up"
+    steps = ", ".join(str(step) for step in run["steps"])
+    decay = f"lr x{float(schedule.gamma):g} at iterations {steps}" if steps else "no lr steps"
+    line = f"schedule: {run['max_iters']} iterations, {warmup}, {decay}"
+    reference = schedule.get("reference_images_per_iter")
+    if reference and run["factor"] != 1:
+        line += (f" (schedule.reference_images_per_iter={reference}: its counts x{run['factor']} for "
+                 f"{images_per_iteration} images/iter, the same epochs)")
+    return line
 
 
 def check_writable_folder(path: Path) -> None:
@@ -191,12 +231,14 @@ def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> T
 
     schedule = cfg.schedule
     images_per_iteration = int(cfg.batch_size) * info.world_size
+    run = effective_schedule(schedule, images_per_iteration)
+    settings = replace(settings, max_iters=run["max_iters"])
     optimizer = build_optimizer(
         model, scaled_lr(float(schedule.base_lr), images_per_iteration), float(schedule.momentum),
         float(schedule.weight_decay), schedule.get("norm_weight_decay"), schedule.get("bias_weight_decay"),
     )
-    scheduler = WarmupMultiStepLR(optimizer, list(schedule.steps), float(schedule.gamma),
-                                  int(schedule.warmup_iters), float(schedule.warmup_factor))
+    scheduler = WarmupMultiStepLR(optimizer, run["steps"], float(schedule.gamma), run["warmup_iters"],
+                                  float(schedule.warmup_factor))
     stream = BatchStream(
         train_set, _batch_sampler_factory(cfg, train_set), collate,
         seed=int(cfg.seed), rank=info.rank, world_size=info.world_size, num_workers=int(cfg.num_workers),
@@ -210,16 +252,94 @@ def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> T
 
 
 def _check_output_dir(cfg: DictConfig) -> Path | None:
-    """-> the checkpoint to resume from, if any; refuses to mix a new run into an old run's folder."""
+    """-> the checkpoint to resume from, if any; refuses to mix a new run into an old run's folder. Any file a run
+    writes counts, not only last.pt: that comes at the first checkpoint, and config.yaml or metrics.jsonl may be a
+    stopped run's, or the user's own."""
     out = Path(cfg.output_dir)
-    check_writable_folder(out)
     last = out / LAST
     if cfg.resume:
         return last if last.is_file() else None
-    if last.is_file() and not cfg.overwrite:
-        raise TrainingError(f"{out} already holds a run ({LAST}); pass resume=true to continue it, "
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg.overwrite:
+        raise TrainingError(f"{out} already holds a run ({', '.join(found)}); pass resume=true to continue it, "
                             "overwrite=true to start over, or another output_dir")
     return None
+
+
+_held_locks: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): the lock stays the training's alone, released when it ends, not
+    when its last worker does."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def lock_output_dir(out: Path) -> int | None:
+    """-> the open descriptor of output_dir/.lock, exclusively flock-ed: a second training into the same folder
+    would mix its metrics and checkpoints into this one's. The kernel releases the lock when the process dies
+    however it ends, so a lock file that a killed run left is no obstacle. None where the file system has no locks
+    (said in a note: the run goes on unguarded)."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise TrainingError(f"output_dir={out} is in use by another training (pid {holder or '?'})") from None
+        except OSError as e:
+            os.close(fd)
+            print(f"note: cannot lock {path} ({e.strerror or e}): nothing stops a second training into {out}")
+            return None
+        # a run that ends removes the file while it still holds it: a lock taken on the removed file guards nothing
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for the message of a run refused meanwhile
+    _held_locks.add(fd)
+    return fd
+
+
+def unlock_output_dir(out: Path, fd: int) -> None:
+    """Removed before it is released, so that a run that opened this file meanwhile finds it gone and makes anew."""
+    try:
+        (out / LOCK).unlink(missing_ok=True)
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)
+
+
+def _settle_output_dir(cfg: DictConfig, info: DistInfo) -> tuple[int | None, Path | None]:
+    """Rank 0 takes output_dir (lock, then the earlier run's files) for the whole run -> (its lock, the checkpoint to
+    resume from); every rank stops with it when it refuses."""
+    out = Path(cfg.output_dir)
+    lock = resume_from = error = None
+    if info.is_main:
+        try:
+            check_writable_folder(out)
+            lock = lock_output_dir(out)
+            resume_from = _check_output_dir(cfg)
+        except UserError as e:
+            error = e
+    if not broadcast_flag(error is None, info):
+        if lock is not None:
+            unlock_output_dir(out, lock)
+        raise error if error is not None else TrainingError(f"rank 0 refused output_dir={out}")
+    resumes = broadcast_flag(resume_from is not None, info)  # the others read the same last.pt
+    return lock, resume_from if info.is_main or not resumes else out / LAST
 
 
 def _remove_previous_run(out: Path) -> None:
@@ -234,12 +354,13 @@ def _remove_previous_run(out: Path) -> None:
 def train(cfg: DictConfig) -> Path:
     """Runs (or resumes) a training; returns the path of model_final.pt."""
     settings = checked_train_settings(cfg)
-    info = init_distributed(str(cfg.device))
+    info = init_distributed(str(cfg.device), float(cfg.dist_timeout_min))
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
+    out = Path(cfg.output_dir)
+    lock = None
     try:
-        resume_from = _check_output_dir(cfg)
-        out = Path(cfg.output_dir)
+        lock, resume_from = _settle_output_dir(cfg, info)
         if resume_from is None and info.is_main:
             _remove_previous_run(out)
         trainer = build_trainer(cfg, info, settings)
@@ -250,6 +371,7 @@ def train(cfg: DictConfig) -> Path:
             print(f"training {trainer.model.config.backbone}/{trainer.model.config.norm} on {info.device} "
                   f"x{info.world_size}: {trainer.images_per_iteration} images/iter, "
                   f"base lr {trainer.scheduler.base_lrs[0]:.4g}, {trainer.settings.max_iters} iterations -> {out}")
+            print(describe_schedule(cfg.schedule, trainer.images_per_iteration))
             if resume_from is not None:
                 print(f"resumed from {resume_from} at iteration {trainer.iteration}, "
                       f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
@@ -258,6 +380,8 @@ def train(cfg: DictConfig) -> Path:
         trainer.fit()
         return out / FINAL
     finally:
+        if lock is not None:
+            unlock_output_dir(out, lock)
         cleanup(info)
 
 
@@ -265,8 +389,19 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C
 
 
+def _is_rank0() -> bool:
+    """From torchrun's environment: also where no process group was (or could be) joined."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report(line: str) -> None:
+    """A message for the user, once: under torchrun every process meets the same error or Ctrl-C."""
+    if _is_rank0():
+        print(line, file=sys.stderr)
+
+
 def _fail(error: UserError) -> NoReturn:
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    _report(f"error: {one_line(error)}")
     sys.exit(2)
 
 
@@ -296,10 +431,9 @@ def main(cfg: DictConfig) -> None:
     except UserError as error:
         _fail(error)
     except KeyboardInterrupt:
-        print(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint",
-              file=sys.stderr)
+        _report(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint")
         sys.exit(130)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank0():
         print(f"wrote {final}")
 
 

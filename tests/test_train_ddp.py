@@ -67,10 +67,21 @@ def test_two_process_ddp_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
 
 def test_torchrun_launch(tmp_path):
     out = tmp_path / "run"
-    done = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-                       "-m", "segment.train", "schedule=tiny", f"output_dir={out}", f"data.root={tmp_path / 'data'}",
-                       "device=cpu", "eval_every=2", *CLI_OVERRIDES])
+
+    def launch():
+        # warnings shown: torch 2.14's DDP warned "broadcast_buffers is deprecated" from each process
+        return run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                           "-m", "segment.train", "schedule=tiny", f"output_dir={out}",
+                           f"data.root={tmp_path / 'data'}", "device=cpu", "eval_every=2", *CLI_OVERRIDES],
+                          env={"PYTHONWARNINGS": "default"})
+
+    done = launch()
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("iter 2/2") == 1  # rank 0 alone prints
     assert done.stdout.count("eval @ iter 2") == 1  # rank 0 evaluated while rank 1 waited
     assert (out / "model_final.pt").is_file() and (out / "last.pt").is_file()
+    assert "broadcast_buffers" not in done.stderr, done.stderr[-3000:]
+
+    again = launch()  # every process stops with a user error: the user reads it once
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+    assert again.returncode != 0 and len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]

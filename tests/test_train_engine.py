@@ -357,3 +357,111 @@ def test_a_malformed_validation_annotation_fails_before_training(tmp_path):
     with pytest.raises(DatasetError):
         train(train_config(tmp_path / "run", data, "eval_every=100"))
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("batch_size, factor", [(2, 8), (16, 1)])
+def test_paper_schedule_scales_its_iterations_with_the_images_per_iteration(tmp_path, batch_size, factor):
+    """paper_1x scaled only the lr with the batch: at 2 images per iteration it trained 1/8 of the paper's
+    schedule (160k iterations of 2 images) while its yaml called it the paper's recipe."""
+    from segment.distributed import DistInfo
+    from segment.train import build_trainer, checked_train_settings
+
+    cfg = train_config(tmp_path / "run", tmp_path / "data", "schedule=paper_1x", f"batch_size={batch_size}",
+                       f"data.generate_if_missing.n_train={batch_size}")
+    trainer = build_trainer(cfg, DistInfo(), checked_train_settings(cfg))
+    assert trainer.settings.max_iters == 160000 * factor
+    assert trainer.scheduler.milestones == [120000 * factor, 160000 * factor]
+    assert trainer.scheduler.warmup_iters == 1000 * factor
+    assert trainer.scheduler.base_lrs[0] == pytest.approx(0.02 * batch_size / 16)
+
+
+def test_schedule_scaling_rounds_and_leaves_unreferenced_schedules_alone():
+    from fractions import Fraction
+
+    from omegaconf import OmegaConf
+
+    from segment.train import describe_schedule, effective_schedule
+
+    paper = OmegaConf.create({"reference_images_per_iter": 16, "max_iters": 160000, "steps": [120000, 160000],
+                              "warmup_iters": 1000, "gamma": 0.1})
+    assert effective_schedule(paper, 3) == {"max_iters": 853333, "steps": [640000, 853333], "warmup_iters": 5333,
+                                            "factor": Fraction(16, 3)}
+    assert effective_schedule(paper, 32)["steps"] == [60000, 80000]
+    assert describe_schedule(paper, 2) == (
+        "schedule: 1280000 iterations, warm-up 8000, lr x0.1 at iterations 960000, 1280000 "
+        "(schedule.reference_images_per_iter=16: its counts x8 for 2 images/iter, the same epochs)")
+    demo = OmegaConf.merge(paper, {"reference_images_per_iter": None})
+    assert effective_schedule(demo, 2)["steps"] == [120000, 160000]
+
+
+def test_scaled_schedule_trains_resumes_and_says_so(tmp_path, capsys):
+    """tiny's 2 iterations quoted for 4 images per iteration: 4 iterations of 2 images, and a resume to 3 of its
+    iterations continues to 6."""
+    scaled = ("schedule.reference_images_per_iter=4", "schedule.steps=[1]", "schedule.warmup_iters=1",
+              "schedule.warmup_factor=0.5")
+    train(train_config(tmp_path / "run", tmp_path / "data", *scaled))
+    out = capsys.readouterr().out
+    assert "schedule: 4 iterations, warm-up 2, lr x0.1 at iterations 2 (schedule.reference" in out
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0025 * 0.5, 0.0025 * 0.75, 0.00025, 0.00025])
+    train(train_config(tmp_path / "run", tmp_path / "data", *scaled, "resume=true", "schedule.max_iters=3"))
+    assert "resumed from" in capsys.readouterr().out
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_whose_scheduler_ran_other_iteration_counts(dataset, tmp_path):
+    """A paper_1x checkpoint from before its counts were scaled records the same schedule settings: its scheduler's
+    milestones (loaded over this run's) are what tell."""
+    make_trainer(dataset, tmp_path, 1, steps=[4]).fit()
+    checkpoint = torch.load(tmp_path / LAST, weights_only=True)
+    checkpoint["training_state"]["scheduler"]["milestones"] = [1]
+    torch.save(checkpoint, tmp_path / LAST)
+    with pytest.raises(TrainingError, match=r"lr schedule's milestones \[1\] -> \[4\]"):
+        make_trainer(dataset, tmp_path, 3, steps=[4]).resume(tmp_path / LAST)
+
+
+def test_process_group_timeout_outlasts_an_evaluation(tmp_path, monkeypatch):
+    """The other ranks wait at a barrier while rank 0 evaluates: torch's default 30 minutes is shorter than a COCO
+    val evaluation can take."""
+    import segment.train
+
+    timeouts = []
+
+    def init_distributed(device, timeout_minutes=30.0):
+        timeouts.append(timeout_minutes)
+        raise KeyboardInterrupt  # nothing further is needed
+
+    monkeypatch.setattr(segment.train, "init_distributed", init_distributed)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_config(tmp_path / "run", tmp_path / "data"))
+    with pytest.raises(KeyboardInterrupt):
+        train(train_config(tmp_path / "run", tmp_path / "data", "dist_timeout_min=600"))
+    assert timeouts == [180.0, 600.0]
+    with pytest.raises(UserError, match="dist_timeout_min must be a finite number > 0"):
+        train(train_config(tmp_path / "run", tmp_path / "data", "dist_timeout_min=0"))
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_a_user_error_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, shown):
+    """Under torchrun every process met the same error (or Ctrl-C) and printed its own `error: ...` line."""
+    from segment.train import _fail
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exited:
+        _fail(ConfigError("batch_size must be a whole number >= 1, got 0"))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("error: batch_size must be a whole number >= 1, got 0\n" if shown else "")
+
+
+def test_resume_note_counts_one_process_in_the_singular(dataset, tmp_path, capsys):
+    """"written by 1 processes, now 2"."""
+    from segment.distributed import DistInfo
+
+    make_trainer(dataset, tmp_path, 1, batch_size=2).fit()
+    two = make_trainer(dataset, tmp_path, 2, batch_size=1)  # 1 x 2 images per iteration, as 2 processes x 1
+    two.info = DistInfo(world_size=2)
+    capsys.readouterr()
+    two.resume(tmp_path / LAST)
+    assert "written by 1 process, now 2: " in capsys.readouterr().out

@@ -144,3 +144,93 @@ def test_overwrite_removes_the_previous_run_before_training(data_root, tmp_path,
     train(train_config(tmp_path, data_root, "resume=true"))
     assert "starting from scratch" in capsys.readouterr().out
     assert _iterations(tmp_path) == [1, 2]
+
+
+def test_evaluating_during_training_leaves_its_random_sampling_alone(data_root, tmp_path):
+    """The evaluation's DataLoader drew its base seed from the global torch RNG (with no workers too): every RPN and
+    RoI sampling after an evaluation changed, so eval_every changed the training, and a resume from the checkpoint
+    saved just before the evaluation went another way than the run it continued."""
+    from segment.evaluate import evaluate
+
+    dataset = synthetic_split(data_root)
+    kwargs = dict(lr=0.01, clip_grad_norm=10.0)
+    plain = _losses(make_trainer(dataset, tmp_path / "plain", 4, **kwargs).fit())
+
+    def evaluated(output_dir, max_iters):
+        trainer = make_trainer(dataset, output_dir, max_iters, eval_every=2, **kwargs)
+        trainer.evaluator = lambda model: evaluate(model, dataset, batch_size=2, progress=False)
+        return trainer
+
+    straight = _losses(evaluated(tmp_path / "straight", 4).fit())
+    evaluated(tmp_path / "split", 2).fit()  # last.pt at iteration 2, then the evaluation
+    resumed = evaluated(tmp_path / "split", 4)
+    resumed.resume(tmp_path / "split" / LAST)
+    assert straight == plain and _losses(resumed.fit()) == straight[2:]
+
+
+def test_trainer_evaluate_restores_every_rng(data_root, tmp_path):
+    """Whatever an evaluator draws (torch, Python's random, numpy), training continues from the same RNG states."""
+    import random
+
+    import numpy as np
+
+    trainer = make_trainer(synthetic_split(data_root), tmp_path, 1)
+
+    def drawing_evaluator(model):
+        torch.rand(3), random.random(), np.random.rand(2)
+        return {"bbox_AP": 0.5}
+
+    trainer.evaluator = drawing_evaluator
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    assert trainer.evaluate() == {"bbox_AP": 0.5}
+    torch.testing.assert_close(torch.get_rng_state(), before[0], rtol=0, atol=0)
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
+
+
+def test_evaluate_draws_nothing_from_the_global_rng(data_root):
+    from segment.evaluate import evaluate
+    from segment.model import build_model
+    from tests.train_fixtures import tiny_config
+
+    model = build_model(tiny_config()).eval()
+    before = torch.get_rng_state()
+    evaluate(model, synthetic_split(data_root), batch_size=2, max_images=2, progress=False)
+    torch.testing.assert_close(torch.get_rng_state(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", METRICS, FINAL])
+def test_a_folder_holding_any_run_file_is_not_replaced_without_overwrite(data_root, tmp_path, name):
+    """Only last.pt counted as an earlier run, and it comes at the first checkpoint: a folder with the user's own
+    config.yaml or metrics.jsonl, or a run stopped before its first checkpoint, was silently replaced."""
+    (tmp_path / name).write_text("mine\n")
+    with pytest.raises(TrainingError, match=rf"already holds a run \({name}\); pass resume=true.*overwrite=true"):
+        train(train_config(tmp_path, data_root))
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == "mine\n"
+
+
+def test_a_second_training_into_the_same_output_dir_stops_while_the_first_runs(data_root, tmp_path, monkeypatch):
+    """Two runs into one output_dir both went on: metrics.jsonl interleaved, model_final.pt the last writer's. A run
+    holds output_dir/.lock (flock) from start to end; a second one, overwrite=true or not, stops at once."""
+    import os
+
+    from segment.engine import Trainer
+
+    refusals = []
+    step = Trainer.train_step
+
+    def start_another_run_first(self, images, targets):
+        if not refusals:
+            refusals.append("tried")
+            with pytest.raises(TrainingError, match=rf"^output_dir={tmp_path} is in use by another training "
+                                                    rf"\(pid {os.getpid()}\)$"):
+                train(train_config(tmp_path, data_root, "overwrite=true"))
+        return step(self, images, targets)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", start_another_run_first)
+        train(train_config(tmp_path, data_root))
+    assert refusals and _iterations(tmp_path) == [1, 2]
+    assert not (tmp_path / ".lock").exists()  # released and removed at the end
+    (tmp_path / ".lock").write_text("4242\n")  # what a killed run leaves: the kernel released its lock
+    train(train_config(tmp_path, data_root, "resume=true", "schedule.max_iters=3"))
+    assert _iterations(tmp_path) == [1, 2, 3]

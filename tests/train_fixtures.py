@@ -78,8 +78,10 @@ def train_config(output_dir: Path, data_root: Path, *overrides: str) -> DictConf
             *overrides])
 
 
-def run_module(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run_module(args: list[str], timeout: float = 300, env: dict[str, str] | None = None,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS` from the project root, warnings off unless `env` (added to the environment) says otherwise."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 
