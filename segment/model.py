@@ -217,6 +217,17 @@ def _check_targets(targets: list[dict[str, Tensor]] | None, num_images: int) -> 
             raise TypeError(f"target {i}: boxes must be float, got {t['boxes'].dtype}")
         if t["labels"].dtype != torch.int64:
             raise TypeError(f"target {i}: labels must be int64, got {t['labels'].dtype}")
+        if t["boxes"].dim() != 2 or t["boxes"].shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must be (N, 4), got shape {tuple(t['boxes'].shape)}")
+    # A box without width or height matches no anchor, so the low-quality rule would make every anchor its
+    # positive (torchvision refuses them too). One check of all targets: one host sync per step.
+    boxes = torch.cat([t["boxes"] for t in targets])
+    if (boxes[:, 2:] <= boxes[:, :2]).any():
+        for i, t in enumerate(targets):
+            bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(1).nonzero()
+            if len(bad):
+                raise ValueError(f"target {i}: box {t['boxes'][int(bad[0])].tolist()} has no width or height "
+                                 "(x1 < x2 and y1 < y2 needed)")
 
 
 def build_model(config: SegmenterConfig | dict) -> MaskRCNN:

@@ -284,3 +284,24 @@ def test_mask_head_padding_changes_no_loss_gradient_or_mask(monkeypatch, real_ph
     assert sum(len(p) for p in want_pred) > 0
     for a, b in zip(got_pred, want_pred):
         torch.testing.assert_close(a.masks, b.masks, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("box, message", [([10., 10., 10., 30.], "has no width or height"),
+                                          ([50., 60., 40., 80.], "has no width or height")])
+def test_a_box_without_width_or_height_is_refused(box, message):
+    """It matched no anchor, so the low-quality match made every anchor its positive: rpn box loss x600, silently
+    (torchvision refuses such boxes)."""
+    torch.manual_seed(0)
+    config = SegmenterConfig(backbone="resnet18", norm="gn", trainable_layers=5, num_classes=4, fpn_channels=32,
+                             representation_size=32, mask_head_channels=32, min_size=64, max_size=64)
+    model = build_model(config).train()
+    images = [torch.rand(3, 64, 64)]
+    targets = _toy_targets(images)
+    targets[0]["boxes"] = torch.cat([targets[0]["boxes"], torch.tensor([box])])
+    targets[0]["labels"] = torch.cat([targets[0]["labels"], torch.tensor([1])])
+    targets[0]["masks"] = torch.cat([targets[0]["masks"], targets[0]["masks"][:1]])
+    with pytest.raises(ValueError, match=f"target 0: box .* {message}"):
+        model(images, targets)
+    targets[0]["boxes"] = targets[0]["boxes"][0]  # (4,), not (1, 4): was an IndexError deep in the transform
+    with pytest.raises(ValueError, match=r"boxes must be \(N, 4\)"):
+        model(images, targets)
