@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.settings import flag, whole
+from gpu.precision import PRECISIONS
 from gpu.transfer import row_index
 from pipeline.assign import ORIGINAL, is_original
 from pipeline.errors import PipelineConfigError
@@ -33,6 +34,9 @@ GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rou
 REGIONS = ("crop", "frame")
 FACTOR_MEMORY_FRAMES = 48  # a track unseen this many frames forgets its max_side factor
 MIN_MAX_SIDE = 32  # style.max_side's least value (the net's inputs are at least stylize.apply.MIN_SIDE px anyway)
+# style.crop_bucket's largest value: auto reaches 512 at 4K, and padding stops at the frame's side anyway
+# (stylize.apply.batch_plan), so a larger bucket only merges crops of very different sizes
+MAX_CROP_BUCKET = 1024
 
 
 class StylizeStage:
@@ -46,8 +50,14 @@ class StylizeStage:
                  propagate: bool = False):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
-        if crop_bucket != "auto" and (not isinstance(crop_bucket, int) or crop_bucket < 4 or crop_bucket % 4):
-            raise PipelineConfigError(f"style.crop_bucket must be auto or a positive multiple of 4, got {crop_bucket}")
+        if crop_bucket != "auto" and (isinstance(crop_bucket, bool) or not isinstance(crop_bucket, int)
+                                      or not 4 <= crop_bucket <= MAX_CROP_BUCKET or crop_bucket % 4):
+            raise PipelineConfigError(f"style.crop_bucket must be auto or a positive multiple of 4 up to "
+                                      f"{MAX_CROP_BUCKET}, got {crop_bucket}")
+        # here, not at the first network call: that comes only once something is detected, frames into the render
+        if precision not in PRECISIONS:
+            raise PipelineConfigError(f"style.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                                      f"got {precision!r}")
         self.bank = bank
         self.margin = whole(margin, "style.margin")
         self.crop_bucket = crop_bucket
@@ -114,6 +124,10 @@ class StylizeStage:
         for record in batch:
             record.stylized = []
         styled_frames: dict[str, dict[int, torch.Tensor]] = {}  # style -> frame in batch -> that frame in it
+        if not jobs and self.carry is not None:
+            # a segmented frame with nothing to stylize still ends its tracks' sources: skipped frames after it must
+            # not carry a crop from a segmented frame before it
+            self.carry.place(self.carry.plan(batch, [], [], []), [], tuple(frames.shape[-2:]))
         if jobs:
             for (b, i, style), result in zip(jobs, self._regions(batch, frames, jobs, styled_frames)):
                 if result is not None:  # None: a carried crop moved out of view
@@ -139,7 +153,9 @@ class StylizeStage:
         rows = [i for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is None and keep]
         if not rows:
             return []
-        crops = crop_boxes(record.instances.boxes[rows], *record.image.shape[-2:], self.margin)
+        # margin x downsample frame px, as a styled crop gets: composite.feather_px may reach that far (the render's
+        # check), and a feather cut at the crop's edge is a seam
+        crops = crop_boxes(record.instances.boxes[rows], *record.image.shape[-2:], self.margin * self.downsample)
         return [StylizedRegion(instance=i, style=ORIGINAL, box=(x1, y1, x2, y2),
                                pixels=record.image[:, y1:y2, x1:x2].float() / 255)
                 for i, (x1, y1, x2, y2) in zip(rows, crops)]
@@ -155,13 +171,12 @@ class StylizeStage:
             boxes = torch.cat([boxes, self.carry.paste_boxes(batch, jobs)], 1)
         table = boxes.cpu()
         boxes = table[:, :4]
-        if self.region == "crop":
-            factors = [self.downsample] * len(jobs)
-            if self.max_side is not None:
-                factors = self._factors(batch, jobs, boxes, size)
-            crops = crops_at(boxes, *size, self.margin, factors)
-        else:
-            crops = crop_boxes(boxes, *size, self.margin)
+        factors = [self.downsample] * len(jobs)
+        if self.region == "crop" and self.max_side is not None:
+            factors = self._factors(batch, jobs, boxes, size)
+        # region=frame too: its crops only cut the styled frame, but composite.feather_px may reach margin x downsample
+        # frame px (the render's check), and an alpha cut at the crop's edge is a seam; the same boxes as region=crop
+        crops = crops_at(boxes, *size, self.margin, factors)
         plan = self.carry.plan(batch, jobs, crops, table[:, 4:].tolist()) if self.carry is not None else None
         fresh = [k for k in range(len(jobs)) if plan is None or k not in plan.carried]
         results: list = [None] * len(jobs)

@@ -32,16 +32,18 @@ from scripts.bench_report import markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402
 
 Sizes = list[tuple[int, int]]
+Call = tuple[Sizes, list | None]  # one stylize call's crop sizes, and the limits its padding stops at (batch_plan)
 
 
-def recorded_crops(cfg) -> tuple[list[Sizes], int]:
-    """Each stylize call's crop sizes at the net's resolution, and the frames rendered, from one render of `cfg`
-    whose style network returns grey instead of running."""
-    calls: list[Sizes] = []
+def recorded_crops(cfg) -> tuple[list[Call], int]:
+    """Each stylize call's crop sizes at the net's resolution (with the frame's and max_side's limits on their
+    padding), and the frames rendered, from one render of `cfg` whose style network returns grey instead of
+    running."""
+    calls: list[Call] = []
 
-    def record(sizes, *args, **kwargs):
-        calls.append(list(sizes))
-        return batch_plan(sizes, *args, **kwargs)
+    def record(sizes, bucket, max_batch, cpu, limits=None):
+        calls.append((list(sizes), limits))
+        return batch_plan(sizes, bucket, max_batch, cpu, limits)
 
     def grey(network, x, *args, **kwargs):
         return torch.full_like(x, 0.5, dtype=torch.float32)
@@ -51,12 +53,12 @@ def recorded_crops(cfg) -> tuple[list[Sizes], int]:
     return calls, summary.frames
 
 
-def replay(calls: list[Sizes], frames: int, bucket: int) -> dict:
+def replay(calls: list[Call], frames: int, bucket: int) -> dict:
     """A GPU's network calls for the recorded crops at `bucket`."""
     shapes, graph_shapes, crop_pixels, padded_pixels, count = set(), set(), 0, 0, 0
-    for sizes in calls:
+    for sizes, limits in calls:
         crop_pixels += sum(h * w for h, w in sizes)
-        for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, MAX_CROP_BATCH, cpu=False):
+        for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, MAX_CROP_BATCH, False, limits):
             count += 1
             padded_pixels += len(chunk) * h_pad * w_pad
             shapes.add((len(chunk), h_pad, w_pad))
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="crop_batches_") as tmp:
         calls, frames = recorded_crops(clip_config(Path(tmp), "clip", args.size, args.frames, args.device,
                                                    args.overrides))
-    crops = sum(len(sizes) for sizes in calls)
+    crops = sum(len(sizes) for sizes, _ in calls)
     rows = [replay(calls, frames, bucket) for bucket in args.buckets]
     text = (f"\n## Crop batches on a GPU ({time.strftime('%Y-%m-%d %H:%M')}, scripts/crop_batches.py)\n\n"
             f"{args.size} generated clip, {frames} frames, {crops} stylized crops ({crops / max(1, frames):.2f} per "

@@ -1,9 +1,10 @@
 """Fast inference: stylize only the regions that need it, many crops and styles per batch.
 
 Crops (box + margin, clipped to the frame) of similar size share a batch: each is reflect-padded on the
-bottom/right to its size bucket (a multiple of `bucket` ≥ 4, which the two stride-2 convs need), every
-crop carries its own style weights, and the padded outputs are cut back to the crop. The margin keeps the
-network's border artefacts (reflect padding, instance-norm statistics) away from the instance's mask edge.
+bottom/right to its size bucket (a multiple of `bucket` ≥ 4, which the two stride-2 convs need; at most the frame's
+side at the net's resolution, and `max_side`, rounded up to 4), every crop carries its own style weights, and the
+padded outputs are cut back to the crop. The margin keeps the network's border artefacts (reflect padding,
+instance-norm statistics) away from the instance's mask edge.
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     style_weights: (K, S), best on the host: each call's rows then reach a GPU without the host waiting for it.
     Returns, per box in input order, (crop box int xyxy with x2/y2 exclusive, float 3×h×w stylized crop in [0, 1]
     on the frames' device). Crops whose sizes round up to the same multiple of `bucket` run together, up to
-    `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS): `batch_plan`.
+    `max_batch` at a time (on CPU, up to CPU_BATCH_PIXELS): `batch_plan`. No side is padded past the frame's side at
+    the crop's factor, nor past `max_side`, each rounded up to 4.
     `downsample` N > 1 runs each crop through the net at 1/N of its size (`shrink`) and scales the result back
     (`enlarge`); `margin` and `bucket` count the net's pixels (a margin of N·margin frame pixels keeps the net's
     border artefacts as far from the object, in the net's pixels, as at N = 1). `max_side` caps the net's input:
@@ -168,8 +170,12 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
         crops = crops_at(boxes, height, width, margin, factors)
     index = frame_index.tolist()
     sizes = [(net_side(y2 - y1, factor), net_side(x2 - x1, factor)) for (x1, y1, x2, y2), factor in zip(crops, factors)]
+    # a bucket past the frame (or past max_side) would pad a crop with nothing but more work: bucket 1024 on a 256²
+    # frame made every input 1024², and max_side 100 at bucket 64 made inputs of 128
+    cap = math.inf if max_side is None else max_side
+    limits = [(min(net_side(height, factor), cap), min(net_side(width, factor), cap)) for factor in factors]
     results: list[Tensor | None] = [None] * len(crops)
-    for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, max_batch, frames.device.type == "cpu"):
+    for (h_pad, w_pad), chunk in batch_plan(sizes, bucket, max_batch, frames.device.type == "cpu", limits):
         batch = torch.cat([
             pad_bottom_right(shrink(frames[index[k], :, y1:y2, x1:x2][None].float() / 255, factors[k]), h_pad, w_pad)
             for k in chunk for (x1, y1, x2, y2) in [crops[k]]])
@@ -181,14 +187,19 @@ def stylize_regions(network: MultiStyleNet, frames: Tensor, frame_index: Tensor,
     return list(zip(crops, results))
 
 
-def batch_plan(sizes: list[tuple[int, int]], bucket: int, max_batch: int, cpu: bool
-               ) -> list[tuple[tuple[int, int], list[int]]]:
+def batch_plan(sizes: list[tuple[int, int]], bucket: int, max_batch: int, cpu: bool,
+               limits: list[tuple[float, float]] | None = None) -> list[tuple[tuple[int, int], list[int]]]:
     """The network calls for crops of `sizes` ((h, w) at the net's resolution): (padded size, the crops' positions)
     per call. Sizes rounding up to the same multiple of `bucket` share calls of up to `max_batch` crops; on a CPU
-    of up to CPU_BATCH_PIXELS padded pixels."""
+    of up to CPU_BATCH_PIXELS padded pixels. `limits` (per crop, (h, w)) caps each padded side at that side rounded
+    up to 4 (the frame the net sees, `max_side`), never below what the crop itself needs."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, (h, w) in enumerate(sizes):
-        groups[(_round_up(h, bucket), _round_up(w, bucket))].append(k)
+        padded = (_round_up(h, bucket), _round_up(w, bucket))
+        if limits is not None:
+            padded = tuple(max(min(side, _round_up(limit, 4)), _round_up(need, 4))
+                           for side, limit, need in zip(padded, limits[k], (h, w)))
+        groups[padded].append(k)
     plan = []
     for (h_pad, w_pad), members in groups.items():
         step = max(1, min(max_batch, CPU_BATCH_PIXELS // (h_pad * w_pad))) if cpu else max_batch
@@ -233,3 +244,13 @@ def enlarge(out: Tensor, height: int, width: int, downsample: int) -> Tensor:
     if downsample == 1:
         return out
     return F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+
+
+if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
+    import sys
+
+    from common.arguments import library_main
+
+    sys.exit(library_main(sys.argv[1:], "python -m stylize.apply", __doc__,
+                          "pipeline/stylize_stage.py, stylize/bank.py and list.py, and scripts/bench_stylize.py, "
+                          "bench_render.py and crop_batches.py"))

@@ -21,7 +21,7 @@ def test_second_half_fps_counts_from_the_first_batch_past_half():
 
 def test_replay_counts_a_gpus_calls_shapes_and_padding():
     # two batches over 4 frames; bucket 64: (30, 64), (64, 20), (10, 10) pad to 64², (65, 64) to 128 x 64
-    calls = [[(30, 64), (64, 20), (65, 64)], [(10, 10), (65, 64)]]
+    calls = [([(30, 64), (64, 20), (65, 64)], None), ([(10, 10), (65, 64)], None)]
     row = replay(calls, frames=4, bucket=64)
     assert row["calls"] == pytest.approx(4 / 4)  # (64², 2 crops), (128x64, 1), then (64², 1), (128x64, 1)
     assert row["shapes"] == 3                    # (2, 64, 64), (1, 128, 64), (1, 64, 64)
@@ -30,8 +30,11 @@ def test_replay_counts_a_gpus_calls_shapes_and_padding():
     assert row["padding"] == pytest.approx((3 * 64 * 64 + 2 * 128 * 64) / crop)
     assert row["pixels"] == pytest.approx((3 * 64 * 64 + 2 * 128 * 64) / 4)
     # three crops of one padded size: a batch of 3, which CUDA graphs pad to 4
-    row = replay([[(60, 60)] * 3, [(60, 60)] * 4], frames=2, bucket=64)
+    row = replay([([(60, 60)] * 3, None), ([(60, 60)] * 4, None)], frames=2, bucket=64)
     assert (row["calls"], row["shapes"], row["graph_shapes"]) == (1.0, 2, 1)
+    # the recorded limits (a 48-px frame) stop the padding as the stage's own calls do: 48², not 64²
+    row = replay([([(30, 40)], [(48, 48)])], frames=1, bucket=64)
+    assert row["pixels"] == pytest.approx(48 * 48)
 
 
 def test_agreement_matches_within_a_class_and_counts_the_misses():

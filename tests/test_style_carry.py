@@ -181,3 +181,22 @@ def test_sources_outlive_the_batch_and_a_crop_moved_off_the_frame_is_cut():
 def test_propagate_must_be_a_bool(bank):
     with pytest.raises(SettingError, match="style.propagate must be true or false, got 'yes'"):
         StylizeStage.from_config(style_cfg(propagate="yes"), bank)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 6])
+def test_a_segmented_frame_with_nothing_stylized_ends_what_is_carried(bank, batch_size):
+    """Segmented frames 0 and 3: the object is stylized on frame 0, not kept on frame 3, kept again on the skipped
+    frame 4. Frame 4 must not carry frame 0's crop (4 frames old): in a batch with no job at all (batch size 1)
+    the segmented frame did not reach StyleCarry, which kept frame 0's sources; batches of 3 or 6 restyled it."""
+    def record(index, x, keep, propagated):
+        image = torch.randint(0, 256, (3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+        return FrameRecord(index=index, pts=index, time_base=Fraction(1, 24), image=image,
+                           instances=instances([[x, 20, x + SIDE, 20 + SIDE]], [1]), track_ids=torch.tensor([1]),
+                           styles=["candy"], keep=torch.tensor([keep]), propagated=propagated)
+
+    records = [record(i, 20 + i, keep=i != 3, propagated=i % 3 != 0) for i in range(6)]
+    stage = StylizeStage.from_config(style_cfg(propagate=True), bank)
+    for start in range(0, len(records), batch_size):
+        stage(records[start:start + batch_size])
+    assert [[region.carried for region in r.stylized] for r in records] == [[False], [True], [True], [], [False],
+                                                                             [False]]

@@ -1,6 +1,9 @@
 """stylize.apply: crop boxes, batched/padded crops vs one crop alone, whole frames, one-hot styles."""
 import copy
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +294,37 @@ def test_runner_follows_weight_changes(bank):
     index = network.append_style(network.style_params(2))  # new Parameter objects
     assert torch.allclose(run_network(network, x, torch.eye(27)[[index]], precision="fp32"),
                           run_network(network, x, torch.eye(27)[[2]], precision="fp32"), atol=1e-6)
+
+
+def test_padding_stops_at_the_frame_and_at_max_side(bank, frames, monkeypatch):
+    """A bucket past the frame padded each crop past it (bucket 1024 on a 256² frame: 1024² inputs), and the
+    bucket's round-up came after max_side's cap (max_side 100, bucket 64: 128² inputs). Each padded side stops at
+    the frame's side at the crop's factor, and at max_side, rounded up to 4, never below what the crop needs."""
+    assert batch_plan([(100, 100)], 1024, 16, cpu=False, limits=[(256, 256)]) == [((256, 256), [0])]
+    assert batch_plan([(100, 100), (30, 30)], 64, 16, cpu=False, limits=[(102, 101)] * 2) == [
+        ((104, 104), [0]), ((64, 64), [1])]
+    assert batch_plan([(100, 100)], 64, 16, cpu=False, limits=[(50, 50)]) == [((100, 100), [0])]
+    shapes = []
+    run = stylize.apply.run_network
+    monkeypatch.setattr(stylize.apply, "run_network", lambda network, x, *a, **k: shapes.append(x.shape[-2:]) or
+                        run(network, x, *a, **k))
+    weights = torch.eye(26)[STYLES]
+    for bucket, downsample, max_side, frame_cap in ((1024, 1, None, (120, 180)), (1024, 2, None, (60, 92)),
+                                                    (64, 1, 50, (52, 52)), (64, 2, 34, (36, 36))):
+        shapes.clear()
+        results = stylize_regions(bank.network, frames, INDEX, BOXES, weights, margin=8, bucket=bucket,
+                                  precision="fp32", downsample=downsample, max_side=max_side)
+        assert shapes and all(h <= frame_cap[0] and w <= frame_cap[1] for h, w in shapes), (bucket, shapes)
+        assert all(pixels.shape[-2:] == (y2 - y1, x2 - x1) for (x1, y1, x2, y2), pixels in results)
+
+
+def test_running_the_module_says_it_is_a_library():
+    # `python -m stylize.apply --help` printed nothing and exited 0
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "-m", "stylize.apply", "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=root)
+    assert shown.returncode == 0 and "A library, not a command" in shown.stdout, shown
+    assert "pipeline/stylize_stage.py" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "stylize.apply"], capture_output=True, text=True, timeout=120,
+                             cwd=root)
+    assert refused.returncode == 2 and "error: nothing to run: this is a library" in refused.stderr, refused

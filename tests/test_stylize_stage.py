@@ -299,3 +299,53 @@ def test_downsample_reaches_the_network_with_the_bucket_of_the_frame_it_sees(ban
     assert seen["frame_options"]["downsample"] == downsample and seen["frame_options"]["max_side"] == 96
     assert seen["net frame"] == (math.ceil(1080 / downsample), math.ceil(1920 / downsample))
     assert StylizeStage.from_config(style_cfg(), bank).bucket(torch.device("cuda"), 540, 960) == 128
+
+
+@pytest.mark.parametrize("setting", [dict(region="frame"), dict(background="udnie", exclude_classes=["dog"])],
+                         ids=["region=frame", "left original under a background"])
+def test_the_feather_fades_out_inside_every_crop_when_downsampled(bank, setting):
+    """The render lets composite.feather_px reach style.margin x style.downsample frame px. region=frame's crops and
+    those of objects left original under a background style took style.margin px only: the feathered alpha was cut
+    at the crop's edge, 0.22 one pixel inside (a seam). Every crop leaves the feather its room, as a styled crop
+    does. A 16 px square 2 px off the 4 px grid on every side: margin 2 alone would end each crop there."""
+    cfg = style_cfg(margin=2, downsample=2, **setting)
+    batch = [frame(0, [(30, 22, 16, 1 if setting.get("region") else 2, 0.9)])]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    StylizeStage.from_config(cfg, bank)(batch)
+    record = batch[0]
+    region, = record.stylized
+    assert region.style == ("candy" if setting.get("region") else "original")
+    # white regions over black: the output is the alpha, in 0..255
+    record.image = torch.zeros_like(record.image)
+    record.background = None if record.background is None else torch.zeros_like(record.background)
+    region.pixels = torch.ones_like(region.pixels)
+    Compositor(feather_px=4)(batch)
+    alpha = record.output[0].float() / 255
+    x1, y1, x2, y2 = region.box
+    assert 0 < x1 and 0 < y1 and x2 < W and y2 < H
+    ring = torch.cat([alpha[y1, x1:x2], alpha[y2 - 1, x1:x2], alpha[y1:y2, x1], alpha[y1:y2, x2 - 1]])
+    assert ring.max() < 0.01, (region.box, ring.max())
+    assert alpha[30, 38] == 1  # the object's middle: fully its region's
+
+
+def test_precision_is_checked_at_construction(bank):
+    """style.precision=fp16 was refused only at the first network call: a render with nothing detected went
+    through, one with objects failed frames in."""
+    with pytest.raises(SettingError, match=r"^style.precision must be auto, fp32 or bf16, got 'fp16'$"):
+        StylizeStage.from_config(style_cfg(precision="fp16"), bank)
+    assert StylizeStage.from_config(style_cfg(precision="bf16"), bank).precision == "bf16"
+
+
+def test_crop_bucket_is_bounded_and_padding_stops_at_the_frame(bank, monkeypatch):
+    """A crop bucket larger than the frame padded every crop to it (1024² inputs on a 256² frame: 40x slower), and
+    any bucket was taken (4000 did not finish): each padded side stops at the frame's, rounded up to 4."""
+    with pytest.raises(SettingError, match=r"style.crop_bucket must be auto or a positive multiple of 4 up to 1024"):
+        StylizeStage.from_config(style_cfg(crop_bucket=1028), bank)
+    shapes = []
+    monkeypatch.setattr(stylize.apply, "run_network",
+                        lambda net, x, *args: shapes.append(tuple(x.shape[-2:])) or run_network(net, x, *args))
+    cfg = style_cfg(crop_bucket=1024)
+    batch = [frame(0, [(4, 4, 20, 1, 0.9), (40, 30, 20, 2, 0.8)])]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
+    StylizeStage.from_config(cfg, bank)(batch)
+    assert shapes and all(h <= H and w <= W for h, w in shapes), shapes
