@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from common.errors import OutputError
+from common.signals import STOP_SIGNALS
 
 
 def check_output(output: str | Path, input: str | Path | None = None, overwrite: bool = False,
@@ -42,9 +43,6 @@ def _check_folder_can_be_made(folder: Path) -> None:
         raise OutputError(f"cannot create output folder {folder}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to output folder {existing} (permission denied)")
-
-
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class AtomicOutput:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.outputs import STOP_SIGNALS  # light: what follows it is not
+from common.signals import Stopped, exit_status, on_stop_signals  # light: what follows it is not
 
 
 def _leaving(message: bytes) -> Callable[[int, object], None]:
@@ -32,17 +32,10 @@ def _leaving(message: bytes) -> Callable[[int, object], None]:
     return leave
 
 
-def _on_stop_signals(handler: Callable[[int, object], None]) -> None:
-    """`handler` for Ctrl-C, SIGTERM and SIGHUP; an ignored one (nohup, a background job) stays ignored."""
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, handler)
-
-
 if __name__ == "__main__":  # `python -m pipeline.render`; modules importing this one keep their handlers
     # Ctrl-C while torch and Hydra load and Hydra composes the config: nothing is written yet, so one line, not a
     # traceback from inside an import
-    _on_stop_signals(_leaving(b"error: interrupted: no output written\n"))
+    on_stop_signals(_leaving(b"error: interrupted: no output written\n"))
 
 import hydra
 import torch
@@ -335,15 +328,6 @@ def dump_dir(cfg: DictConfig, target: Path) -> Path | None:
     return directory.absolute()
 
 
-class _Stopped(KeyboardInterrupt):
-    """A stop signal, raised where the render is, as Ctrl-C is: every clean-up runs (temp file removed, threads
-    stopped); `signum` gives the exit status, 128 + its number, as a shell reports a process the signal ended."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _stop_on_signals(summary: RenderSummary, late: list[int]) -> None:
     """Ctrl-C, SIGTERM and SIGHUP (the terminal closed, the ssh link dropped) stop the render. One that comes once
     the output is in place stops nothing: its number goes into `late`. An ignored signal (nohup) stays ignored.
@@ -352,9 +336,9 @@ def _stop_on_signals(summary: RenderSummary, late: list[int]) -> None:
         if summary.written:
             late.append(signum)
         else:
-            raise _Stopped(signum)
+            raise Stopped(signum)
 
-    _on_stop_signals(stop)
+    on_stop_signals(stop)
 
 
 def _tracks(value: object) -> str:
@@ -416,7 +400,7 @@ def _main(cfg: DictConfig) -> None:
         _job(cfg, late)
     finally:
         if in_sweep():  # until the next job's render: the jobs so far are done, their outputs complete
-            _on_stop_signals(_LEAVE_SWEEP)
+            on_stop_signals(_LEAVE_SWEEP)
     if late:  # none can come in after this in a sweep, and outside one they change nothing
         print(f"note: {signal.Signals(late[0]).name} came once the output was complete: it is kept", file=sys.stderr)
         if in_sweep():  # the sweep stops after this job
@@ -449,8 +433,8 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
             # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes
             # ended as "killed by SIGINT" (-2): CPython re-raises SIGINT at exit when it counts the interrupt as
             # unhandled. Leave with the status we mean.
-            os._exit(128 + getattr(interrupt, "signum", signal.SIGINT))
-        late.append(getattr(interrupt, "signum", signal.SIGINT))
+            os._exit(exit_status(interrupt))
+        late.append(exit_status(interrupt) - 128)
     print(summary.line())
     print(f"output: {summary.output}")
 

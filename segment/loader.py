@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from common.signals import STOP_SIGNALS
 from segment.errors import ConfigError
 
 BatchSamplerFactory = Callable[[Sampler], Iterable[list[int]]]
 SampleKey = tuple[int, int]  # (index into the dataset, seed of the sample's augmentation)
-# blocked while workers start, so that a SIGTERM cannot reach one before `_stop_on_sigterm` has set its handler
-_WORKER_START_SIGNALS = {signal.SIGTERM}
+# blocked while workers start, so that a SIGTERM or SIGHUP cannot reach one before `_stop_on_sigterm` has set its
+# handler (Ctrl-C's SIGINT a worker takes as KeyboardInterrupt already)
+_WORKER_START_SIGNALS = {s for s in STOP_SIGNALS if s != signal.SIGINT}
 
 
 @contextlib.contextmanager
@@ -65,8 +67,10 @@ def _stop_on_sigterm(worker_id: int) -> None:
     """A worker's SIGTERM ends it as Ctrl-C does, quietly (torch's worker loop returns on KeyboardInterrupt), and
     leaves the interrupt to the training process. `timeout` and job schedulers signal the whole process group,
     and torch's own handler lets a worker die of any SIGTERM its parent did not send: the training process then
-    raised "DataLoader worker ... is killed by signal" in place of its clean interrupt."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    raised "DataLoader worker ... is killed by signal" in place of its clean interrupt. SIGHUP (the terminal
+    closed) reaches the whole foreground process group the same way."""
+    for signum in _WORKER_START_SIGNALS:
+        signal.signal(signum, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_START_SIGNALS)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import math
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import replace
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from common.errors import UserError, one_line
 from common.outputs import leftover_temp_files
 from common.settings import flag, number, whole
+from common.signals import exit_status, on_stop_signals
 from segment.checkpoint import load_checkpoint, project_relative
 from segment.config import SegmenterConfig, real_class_names
 from segment.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
@@ -385,10 +385,6 @@ def train(cfg: DictConfig) -> Path:
         cleanup(info)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C
-
-
 def _is_rank0() -> bool:
     """From torchrun's environment: also where no process group was (or could be) joined."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -425,14 +421,14 @@ def _check_output_dir_argument(argv: list[str]) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    on_stop_signals()  # SIGTERM (a scheduler's preemption), SIGHUP (the terminal closed) stop like Ctrl-C
     try:
         final = train(cfg)
     except UserError as error:
         _fail(error)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         _report(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint")
-        sys.exit(130)
+        sys.exit(exit_status(interrupt))
     if _is_rank0():
         print(f"wrote {final}")
 

@@ -12,7 +12,6 @@ Every `checkpoint_every` steps the training state (network, optimizer, data RNG,
 from __future__ import annotations
 
 import math
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
 from common.outputs import check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
+from common.signals import exit_status, on_stop_signals
 from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
                           make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
@@ -54,7 +54,11 @@ class TrainResult:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during training; its message says what is left to continue from."""
+    """A stop signal during training; its message says what is left to continue from."""
+
+    def __init__(self, message: str, interrupt: BaseException):
+        super().__init__(message)
+        self.signum = exit_status(interrupt) - 128  # the exit status stays the signal's
 
 
 def _check_settings(cfg: DictConfig) -> None:
@@ -220,11 +224,11 @@ def train(cfg: DictConfig) -> TrainResult:
         _check_finite(cfg, state_path, trainable, steps - 1)
         network.eval().cpu()
         _save(cfg, network, bank, style_paths, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if not saved:
-            raise Interrupted("interrupted: nothing written") from None
+            raise Interrupted("interrupted: nothing written", interrupt) from None
         raise Interrupted(f"interrupted: the state of step {saved} of {steps} is in {state_path}; "
-                          "the same command with resume=true continues from it") from None
+                          "the same command with resume=true continues from it", interrupt) from None
     state_path.unlink(missing_ok=True)  # done: a later resume=true must not start this training again
     return TrainResult(out, network, history)
 
@@ -329,13 +333,9 @@ def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style
     StyleBank(network, styles, licence="trained with stylize.train").save(out)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C, keeping the resume state
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")
 def main(cfg: DictConfig) -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    on_stop_signals()  # SIGTERM (a scheduler's preemption), SIGHUP (the terminal closed) stop like Ctrl-C
     try:
         result = train(cfg)
     except UserError as exc:
@@ -343,7 +343,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt as exc:  # the output is written only at the end
         print(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted: nothing written'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_status(exc))
     print(f"wrote {result.out}")
 
 

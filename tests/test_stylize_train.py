@@ -381,8 +381,10 @@ def test_resume_refuses_what_would_not_continue_the_same_training(files, tmp_pat
     assert out.is_file() and not state.exists()
 
 
-def test_interrupt_names_the_resume_state(files, tmp_path):
-    """Ctrl-C once a resume state is written: the one line says where it is and how to continue."""
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGHUP", 129)])
+def test_interrupt_names_the_resume_state(files, tmp_path, signame, status):
+    """Ctrl-C once a resume state is written: the one line says where it is and how to continue. SIGHUP (the
+    terminal closed) killed the training outright; the exit status is the signal's."""
     import signal
     import time
 
@@ -396,9 +398,9 @@ def test_interrupt_names_the_resume_state(files, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not state.exists():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("error: interrupted: the state of step ")
     assert last.endswith(f" of 100000 is in {state}; the same command with resume=true continues from it")

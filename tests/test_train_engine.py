@@ -323,7 +323,10 @@ def test_sigterm_from_outside_stops_a_worker_like_ctrl_c():
     del stream
 
 
-def test_sigterm_to_the_process_group_is_a_clean_interrupt(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_the_process_group_is_a_clean_interrupt(tmp_path, signum, status):
+    """SIGHUP (the terminal closed) reaches the workers too: they died of it, and so did the training. The exit
+    status is the signal's (SIGTERM was 130, Ctrl-C's)."""
     command = [sys.executable, "-m", "segment.train", "schedule=tiny", "schedule.max_iters=1000", *CLI_OVERRIDES,
                f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.num_workers=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
@@ -332,12 +335,12 @@ def test_sigterm_to_the_process_group_is_a_clean_interrupt(tmp_path):
     try:
         started = any(line.startswith("iter 3/") for line in process.stdout)  # stops reading there
         assert started, process.communicate(timeout=60)[1][-2000:]
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130 and "killed by signal" not in stderr, stderr[-2000:]
+    assert process.returncode == status and "killed by signal" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
 
 
