@@ -36,7 +36,8 @@ step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/
     tests/test_decode_encode.py tests/test_encode_colour.py tests/test_composite.py tests/test_track.py \
     tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py \
     tests/test_roi_masks.py tests/test_stylize_stage.py tests/test_transfer.py tests/test_style_carry.py \
-    tests/test_segment_stage.py
+    tests/test_segment_stage.py tests/test_train_resume.py::test_rngs_kept_on_the_device_under_test \
+    tests/test_stylize_train.py::test_new_style_keeps_other_rows_frozen_after_the_network_moves
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
     --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth

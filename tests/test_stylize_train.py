@@ -187,15 +187,16 @@ def no_step(monkeypatch):
     monkeypatch.setattr(train_module.PerceptualLoss, "__call__", lambda *args: pytest.fail("a step ran"))
 
 
-def test_new_style_keeps_other_rows_frozen_after_the_network_moves(files):
+def test_new_style_keeps_other_rows_frozen_after_the_network_moves(files, device):
     """The gradient mask was made (`.to(p)`) while the network was still on the CPU in fp32: after `network.to(cuda)`
-    the hook mixed devices at the first backward. A move to bf16 here fails the same way on a CPU."""
+    the hook mixed devices at the first backward. A move to bf16 here fails the same way on a CPU; `pytest --device
+    cuda` moves it to the GPU as well."""
     from stylize.train import _new_style_network
 
     network, index = _new_style_network(OmegaConf.create({"init_style": None}), StyleBank.load(files["bank"]))
-    network.to(torch.bfloat16)
-    x = torch.rand(1, 3, 16, 16, dtype=torch.bfloat16)
-    network(x, torch.eye(4, dtype=torch.bfloat16)[[index]]).square().mean().backward()
+    network.to(device, torch.bfloat16)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.bfloat16, device=device)
+    network(x, torch.eye(4, dtype=torch.bfloat16, device=device)[[index]]).square().mean().backward()
     for name, p in network.named_parameters():
         if ".norm." in name:
             assert p.grad.dtype == torch.bfloat16 and not p.grad[:index].any() and p.grad[index].any(), name

@@ -187,6 +187,30 @@ def test_trainer_evaluate_restores_every_rng(data_root, tmp_path):
     assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
 
 
+def test_rngs_kept_on_the_device_under_test(device):
+    """What Trainer.evaluate wraps the evaluator in: on CUDA the device's RNG is kept too (`pytest --device cuda`:
+    a CUDA evaluator's draws would shift the proposal and RoI sampling of the training steps after it)."""
+    import random
+
+    import numpy as np
+
+    from segment.engine import _rng_kept
+
+    def states():
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()[1].copy()
+
+    before = states()
+    with _rng_kept(device):
+        torch.rand(3), torch.rand(3, device=device), random.random(), np.random.rand(2)
+        assert not torch.equal(torch.get_rng_state(), before[0])
+    after = states()
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    if device.type == "cuda":
+        torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
+    assert after[2] == before[2] and (after[3] == before[3]).all()
+
+
 def test_evaluate_draws_nothing_from_the_global_rng(data_root):
     from segment.evaluate import evaluate
     from segment.model import build_model
