@@ -6,6 +6,7 @@ and never touches the input.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import threading
@@ -171,6 +172,18 @@ def leftover_temp_files(target: str | Path) -> list[Path]:
     """The temp files of `target`'s AtomicOutput that a killed process left behind (SIGKILL skips the clean-up)."""
     target = Path(target)
     return sorted(target.parent.glob(f".{target.stem}.*.partial{target.suffix}"))
+
+
+# `_new_file_beside`'s names: .{target's stem}.{hex}.partial{target's suffix}
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]+\.partial(?P<suffix>(\.[^.]*)?)$")
+
+
+def temp_target(path: str | Path) -> Path | None:
+    """The target that `path`, a temp file of AtomicOutput, is written for (what a user named, for messages; what
+    a killed run's leftover belongs to); None where `path` is no such temp file."""
+    path = Path(path)
+    match = _TEMP_NAME.match(path.name)
+    return path.with_name(match["stem"] + match["suffix"]) if match else None
 
 
 def _new_file_beside(target: Path) -> Path:

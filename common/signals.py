@@ -29,6 +29,11 @@ def on_stop_signals(handler: Callable[[int, object], None] = raise_stopped) -> N
             signal.signal(signum, handler)
 
 
+def stop_signal(interrupt: BaseException) -> int:
+    """The number of the signal that raised `interrupt`; a plain KeyboardInterrupt's is Ctrl-C's."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
 def exit_status(interrupt: BaseException) -> int:
-    """128 + the stop signal's number; a plain KeyboardInterrupt is Ctrl-C's (130)."""
-    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+    """128 + the stop signal's number (Ctrl-C: 130), as a shell reports a process the signal ended."""
+    return 128 + stop_signal(interrupt)

@@ -60,11 +60,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import AtomicOutput, leftover_temp_files
+from common.outputs import AtomicOutput, leftover_temp_files, temp_target
 from common.settings import number, whole
 from pipeline.composite import depth_order
-from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGE_TEMP_NAME, IMAGES, LAYERS,
-                                   MANIFEST, MANIFEST_TEMP_NAME, MASK_THRESHOLD, PALETTE, UNTRACKED, DebugDumpError,
+from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
+                                   MANIFEST, MASK_THRESHOLD, PALETTE, UNTRACKED, DebugDumpError,
                                    track_color)
 from pipeline.record import FrameRecord
 from segment.roi_masks import RoIMasks
@@ -203,16 +203,23 @@ def _dump_entries(directory: Path) -> tuple[list[str], list[str]]:
             (ours if manifest_ours else foreign).append(name)
         elif name == FRAMES and plain:
             (ours if manifest_ours or _looks_like_frames(entry) else foreign).append(name)
-        elif MANIFEST_TEMP_NAME.match(name) and plain:
+        elif _temp_of(name) == MANIFEST and plain:
             ours.append(name)
         elif name == IMAGES and entry.is_dir() and not entry.is_symlink():
             for image in sorted(entry.iterdir()):
                 plain_image = image.is_file() and not image.is_symlink()
-                mine = plain_image and (IMAGE_NAME.match(image.name) or IMAGE_TEMP_NAME.match(image.name))
+                mine = plain_image and (IMAGE_NAME.match(image.name) or IMAGE_NAME.match(_temp_of(image.name)))
                 (ours if mine else foreign).append(f"{IMAGES}/{image.name}")
         else:
             foreign.append(name + ("/" if entry.is_dir() else ""))
     return ours, foreign
+
+
+def _temp_of(name: str) -> str:
+    """The name of the file an AtomicOutput temp file `name` (a killed render's leftover) was written for; "" where
+    it is none."""
+    target = temp_target(name)
+    return "" if target is None else target.name
 
 
 def _looks_like_frames(path: Path) -> bool:
@@ -306,7 +313,7 @@ class DebugDumper:
             (self.dir / IMAGES).mkdir(parents=True, exist_ok=True)
             (self.dir / MANIFEST).unlink(missing_ok=True)
             for old in [*(self.dir / IMAGES).iterdir(), *leftover_temp_files(self.dir / MANIFEST)]:
-                if IMAGE_NAME.match(old.name) or IMAGE_TEMP_NAME.match(old.name) or MANIFEST_TEMP_NAME.match(old.name):
+                if IMAGE_NAME.match(old.name) or IMAGE_NAME.match(_temp_of(old.name)) or _temp_of(old.name) == MANIFEST:
                     old.unlink()
         except OSError as e:
             raise DebugDumpError(f"cannot prepare debug dir {self.dir}: {e.strerror or e}") from None

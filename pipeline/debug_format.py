@@ -11,10 +11,6 @@ FRAMES = "frames.jsonl"
 IMAGES = "images"
 LAYERS = ("original", "masks", "stylized", "composite")
 IMAGE_NAME = re.compile(r"^\d{6}_(original|masks|stylized|composite)\.(jpg|png)$")
-# common.outputs.AtomicOutput's temp files (`.{stem}.{hex}.partial{suffix}`) of the files above: what a killed
-# render leaves behind
-IMAGE_TEMP_NAME = re.compile(r"^\.\d{6}_(original|masks|stylized|composite)\.[0-9a-f]+\.partial\.(jpg|png)$")
-MANIFEST_TEMP_NAME = re.compile(r"^\.manifest\.[0-9a-f]+\.partial\.json$")
 MASK_THRESHOLD = 0.5   # the composite's default (composite.mask_threshold); a dump records the one it ran with
 AREA_THRESHOLD = 0.5   # `area` counts pixels at p >= this: what style.min_area and the tracker count
 # Track colours (tab10); the viewer reads them from the manifest so both sides agree.

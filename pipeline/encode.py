@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from av.video.reformatter import Interpolation
 
+from common.outputs import temp_target
 from common.settings import check_settings
 from pipeline.colour import rgb_to_packed_yuv420
 from pipeline.decode import COLOUR, VideoInfo
@@ -164,7 +165,7 @@ class VideoWriter:
         try:
             yield
         except av.FFmpegError as e:
-            raise EncoderError(f"cannot write {shown_path(self.path)}: {ffmpeg_reason(e)}") from e
+            raise EncoderError(f"cannot write {temp_target(self.path) or self.path}: {ffmpeg_reason(e)}") from e
 
     def _to_frame(self, record: FrameRecord) -> av.VideoFrame:
         image = record.output if record.output is not None else record.image
@@ -392,15 +393,6 @@ def hdr_note(info: VideoInfo, pix_fmt: str) -> str:
         depth = "the render works on 8-bit RGB, so smooth gradients may band"
     return (f"the input is HDR ({info.hdr}): the styles are applied to its {info.hdr}-coded values, and the output "
             f"keeps its colour tags; {depth}")
-
-
-def shown_path(path: Path) -> Path:
-    """The output's own name where `path` is the temp file that common.outputs.AtomicOutput writes beside it
-    (".NAME.HEX.partial.SUFFIX"): what a user named, in messages."""
-    parts = path.name.split(".")
-    if len(parts) >= 5 and parts[0] == "" and parts[-2] == "partial" and len(parts[-3]) == 8:
-        return path.with_name(".".join(parts[1:-3]) + "." + parts[-1])
-    return path
 
 
 def _nearest(value: Fraction) -> int:

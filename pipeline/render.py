@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.signals import Stopped, exit_status, on_stop_signals  # light: what follows it is not
+from common.signals import Stopped, exit_status, on_stop_signals, stop_signal  # light: what follows it is not
 
 
 def _leaving(message: bytes) -> Callable[[int, object], None]:
@@ -434,7 +434,7 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
             # ended as "killed by SIGINT" (-2): CPython re-raises SIGINT at exit when it counts the interrupt as
             # unhandled. Leave with the status we mean.
             os._exit(exit_status(interrupt))
-        late.append(exit_status(interrupt) - 128)
+        late.append(stop_signal(interrupt))
     print(summary.line())
     print(f"output: {summary.output}")
 

@@ -26,7 +26,7 @@ from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
 from common.outputs import check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
-from common.signals import exit_status, on_stop_signals
+from common.signals import exit_status, on_stop_signals, stop_signal
 from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
                           make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
@@ -58,7 +58,7 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, message: str, interrupt: BaseException):
         super().__init__(message)
-        self.signum = exit_status(interrupt) - 128  # the exit status stays the signal's
+        self.signum = stop_signal(interrupt)  # the exit status stays the signal's
 
 
 def _check_settings(cfg: DictConfig) -> None:
@@ -98,25 +98,12 @@ def _check_style_names(cfg: DictConfig, style_paths: list[Path]) -> None:
             fix = "pass another name=" if cfg.name is not None else f"rename {style_paths[0]} or pass name=NAME"
             raise StyleError(f"{exc}; {fix}") from None
         return
-    try:
-        check_style_names([p.stem for p in style_paths])
-    except StyleError as exc:
-        seen: set[str] = set()
-        culprit = style_paths[0]
-        for path in style_paths:  # the file the bank's rule stopped at: alone it fails, or its name came before
-            culprit = path
-            if path.stem in seen or not _passes(path.stem):
-                break
-            seen.add(path.stem)
-        raise StyleError(f"{exc}; mode=full names each style after its file: rename {culprit}") from None
-
-
-def _passes(name: str) -> bool:
-    try:
-        check_style_names([name])
-    except StyleError:
-        return False
-    return True
+    stems = [p.stem for p in style_paths]
+    for count, path in enumerate(style_paths, 1):  # the first file whose name the bank's rules refuse
+        try:
+            check_style_names(stems[:count])
+        except StyleError as exc:
+            raise StyleError(f"{exc}; mode=full names each style after its file: rename {path}") from None
 
 
 def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet, int]:
