@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.arguments import torch_device, whole_number  # noqa: E402
+from common.torch_save import atomic_save  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
 from segment.tv_reference import torchvision_reference  # noqa: E402
 from scripts.bench_report import markdown_table, publish  # noqa: E402
@@ -127,8 +128,7 @@ def main() -> None:
     theirs = torchvision_reference([f.float() / 255 for f in frames_all[:3]], box_detections_per_img=args.detections, **settings)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.save_reference or Path(tmp) / "maskrcnn_resnet50_fpn.pth"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(theirs.state_dict(), path)
+        atomic_save(theirs.state_dict(), path)
         # what the render runs: loaded, then FrozenBatchNorm folded into the convs (segment/fold.py)
         ours = load_torchvision_checkpoint(path, detections_per_img=args.detections, **settings).fold_frozen_norms()
 

@@ -28,7 +28,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError, one_line
-from common.outputs import leftover_temp_files
+from common.outputs import AtomicOutput, leftover_temp_files
 from common.settings import flag, number, whole
 from common.signals import exit_status, on_stop_signals
 from segment.checkpoint import load_checkpoint, project_relative
@@ -367,7 +367,8 @@ def train(cfg: DictConfig) -> Path:
         if resume_from is not None:
             trainer.resume(resume_from)
         if info.is_main:  # the run is settled: its config and banner say what it will do
-            OmegaConf.save(cfg, out / CONFIG, resolve=True)
+            with AtomicOutput(out / CONFIG, overwrite=True) as temp:  # a resume reads it: never half a file
+                OmegaConf.save(cfg, temp, resolve=True)
             print(f"training {trainer.model.config.backbone}/{trainer.model.config.norm} on {info.device} "
                   f"x{info.world_size}: {trainer.images_per_iteration} images/iter, "
                   f"base lr {trainer.scheduler.base_lrs[0]:.4g}, {trainer.settings.max_iters} iterations -> {out}")
