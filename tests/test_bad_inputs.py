@@ -2,7 +2,7 @@
 no temp file, and the input byte-for-byte untouched. Plus the thread runner and atomic output on their own."""
 from __future__ import annotations
 
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +21,7 @@ from tests.helpers_video import (
 )
 from tests.helpers_process import interruptible_popen
 from tests.render_cli import cli_env, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
+from tests.test_outputs import as_unprivileged, unprivileged_folder
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +101,19 @@ def test_unwritable_output_folder(tmp_path, models, clip):
     assert_refused(result, tmp_path / "x", {clip: sha256(clip)}, "cannot create output folder")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
-def test_read_only_output_folder(tmp_path, models, clip):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        result = run_in_process([f"input={clip}", f"output={folder / 'out.mp4'}", *models], cwd=tmp_path)
-        assert_refused(result, folder / "out.mp4", {clip: sha256(clip)}, "cannot write")
-    finally:
-        folder.chmod(0o755)
+def test_read_only_output_folder(models, clip):
+    """Run by a user whom the folder's permissions bind (under root, a child that has dropped to nobody), from a
+    folder that user can reach, with an input it can read."""
+    import pipeline.render  # noqa: F401  (before the fork: see as_unprivileged)
+
+    with unprivileged_folder() as shared:
+        source = Path(shutil.copy(clip, shared / "in.mp4"))
+        folder = shared / "ro"
+        folder.mkdir(mode=0o555)
+        result = as_unprivileged(
+            lambda: run_in_process([f"input={source}", f"output={folder / 'out.mp4'}", *models], cwd=shared))
+        assert_refused(result, folder / "out.mp4", {source: sha256(source)}, "cannot write to output folder",
+                       str(folder))
 
 
 def test_unknown_output_container(tmp_path, models, clip):

@@ -57,12 +57,13 @@ class _Fixed:
         return [self.answers[int(f[0, 0, 0])] for f in frames]
 
 
-def _detections(boxes, labels, scores) -> Instances:
+def _detections(boxes, labels, scores, mask_boxes=None, size=(H, W)) -> Instances:
+    """Detections whose masks fill `mask_boxes` (by default their own boxes) on an image of `size` (H, W)."""
     boxes = torch.tensor(boxes, dtype=torch.float32)
-    masks = torch.zeros(len(boxes), H, W)
-    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+    masks = torch.zeros(len(boxes), *size)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist() if mask_boxes is None else mask_boxes):
         mask[y0:y1, x0:x1] = 1
-    return Instances((H, W), boxes, torch.tensor(scores), torch.tensor(labels), masks)
+    return Instances(size, boxes, torch.tensor(scores), torch.tensor(labels), masks)
 
 
 def _cocoeval(gt_file, results, image_ids) -> dict[str, float]:
@@ -115,6 +116,35 @@ def test_evaluation_ground_truth_is_what_the_dataset_reads(tmp_path):
     expected = _cocoeval(clean_file, results, [1, 2])
     assert stats == pytest.approx(expected, abs=1e-12)
     assert 0 < stats["bbox_AP"] < 1  # neither the crowd detection nor the missed annotations made it 0 or 1
+
+
+def test_segm_files_a_detection_under_small_medium_large_by_its_mask_not_its_box(tmp_path):
+    """COCO's segm protocol sizes a detection by its mask's area; pycocotools' loadRes takes the box's area instead
+    whenever a result keeps its 'bbox'. A false positive with a small mask in a loose, medium box then cost APm
+    instead of APs. The expected values are worked out by hand from COCO's definitions, not by pycocotools."""
+    size = (64, 100)
+    small, medium = [4, 4, 24, 24], [40, 4, 80, 44]  # x0 y0 x1 y1: 20x20 = 400 px < 32², 40x40 = 1600 px < 96²
+    false_mask, false_box = [4, 40, 24, 60], [0, 30, 40, 64]  # 400 px (small) in a 40x34 = 1360 px box (medium)
+    annotations = []
+    for ann_id, (x0, y0, x1, y1) in enumerate((small, medium), 1):
+        mask = np.zeros(size, np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        annotations.append(_ann(ann_id, 1, 1, _rle(mask), [x0, y0, x1 - x0, y1 - y0], iscrowd=0))
+    image = {"id": 1, "file_name": "1.png", "height": size[0], "width": size[1]}
+    folder, ann_file = _write(tmp_path, annotations, [image])
+    # the false positive scores highest, then the two exact hits; nothing overlaps anything else
+    answer = _detections([false_box, small, medium], [1, 1, 1], [0.9, 0.8, 0.7],
+                         mask_boxes=[false_mask, small, medium], size=size)
+    stats = evaluate(_Fixed(["__background__", "one", "two"], {40: answer}), CocoDetection(folder, ann_file),
+                     progress=False)
+
+    # Over all sizes: a miss, then two hits: precision 0, 1/2, 2/3 at recall 0, 1/2, 1, so 2/3 at every recall.
+    # Within a size range a detection of another size that matches nothing is ignored, and so is one matched to an
+    # object of another size: in its own range the false positive comes first and halves the precision, elsewhere
+    # the range's one object is found with nothing before it.
+    assert stats["segm_AP"] == pytest.approx(2 / 3) and stats["bbox_AP"] == pytest.approx(2 / 3)
+    assert (stats["segm_APs"], stats["segm_APm"]) == pytest.approx((0.5, 1.0))  # its mask: small
+    assert (stats["bbox_APs"], stats["bbox_APm"]) == pytest.approx((1.0, 0.5))  # its box: medium
 
 
 def test_evaluation_checks_the_ground_truth_before_running_the_model(tmp_path):

@@ -72,13 +72,19 @@ def test_original_pixels_outside_instances_are_exact(feather_px):
     assert torch.equal(out[:, torch.from_numpy(far)], image[:, torch.from_numpy(far)])
 
 
-def test_hard_mask_without_feather_gives_the_stylized_pixels():
+@pytest.mark.parametrize("probability, mask_threshold, stylized_inside", [
+    (1.0, 0.5, True),
+    (0.7, 0.5, True),
+    (0.7, 0.9, False),  # composite.mask_threshold: a mask below it is not the object, whose pixels stay the input's
+])
+def test_hard_mask_without_feather_gives_the_stylized_pixels(probability, mask_threshold, stylized_inside):
     image = random_image()
     mask = disc(30, 24, 12)
     stylized = torch.rand(3, H, W, generator=torch.Generator().manual_seed(2))
-    out = Compositor(feather_px=0).composite(make_record(image, [mask], [stylized]))
+    compositor = Compositor(feather_px=0, mask_threshold=mask_threshold)
+    out = compositor.composite(make_record(image, [probability * mask], [stylized]))
     inside = mask.bool()
-    expected = (stylized * 255).round().to(torch.uint8)
+    expected = (stylized * 255).round().to(torch.uint8) if stylized_inside else image
     assert torch.equal(out[:, inside], expected[:, inside])
     assert torch.equal(out[:, ~inside], image[:, ~inside])
 
@@ -245,18 +251,29 @@ def test_no_regions_returns_the_frame():
 
 def test_a_batch_reads_its_scores_and_boxes_once(device):
     """The stage reads the batch's instance scores and boxes back in one copy (on a GPU one wait per batch) and
-    composites on the frames' device what the CPU composites."""
+    composites on the frames' device what the CPU composites, which is the input beyond the feather around the
+    objects and each object's stylized value deeper inside it than the feather."""
+    feather_px, values = 3, (0.25, 0.75)
+
+    def masks(i):
+        return [disc(20 + 2 * i, 20, 9), disc(45, 28, 7)]  # apart in every frame
+
     def batch(on):
-        records = [make_record(random_image(i), [disc(20 + 2 * i, 20, 9), disc(45, 28, 7)], [0.25, 0.75],
-                               scores=[0.6, 0.9], index=i) for i in range(3)]
+        records = [make_record(random_image(i), masks(i), list(values), scores=[0.6, 0.9], index=i) for i in range(3)]
         for r in records:
             r.image, r.instances = r.image.to(on), r.instances.to(on)
             r.stylized = [dataclasses.replace(region, pixels=region.pixels.to(on)) for region in r.stylized]
         return records
 
-    want = [r.output for r in Compositor()(batch(torch.device("cpu")))]
-    Compositor()(batch(device))  # the feather's kernel is built and moved to the device once per process
-    records, compositor = batch(device), Compositor()
+    want = [r.output for r in Compositor(feather_px)(batch(torch.device("cpu")))]
+    for i, expected in enumerate(want):  # the batch's CPU composite against what no blending can change
+        far = torch.from_numpy(distance_outside(sum(masks(i))) > feather_px)
+        assert torch.equal(expected[:, far], random_image(i)[:, far])
+        for mask, value in zip(masks(i), values):
+            deep = torch.from_numpy(distance_transform_cdt(mask.bool().numpy(), metric="chessboard") > feather_px)
+            assert deep.sum() > 20 and (expected[:, deep] == round(value * 255)).all(), (i, value)
+    Compositor(feather_px)(batch(device))  # the feather's kernel is built and moved to the device once per process
+    records, compositor = batch(device), Compositor(feather_px)
     _, waits = gpu_waits(device, lambda: compositor(records))
     for record, expected in zip(records, want):
         assert (record.output.cpu().int() - expected.int()).abs().max() <= 1  # GPU feather: matmul rounding
@@ -264,8 +281,15 @@ def test_a_batch_reads_its_scores_and_boxes_once(device):
 
 
 def test_config():
-    compositor = Compositor.from_config(OmegaConf.load("conf/composite/default.yaml"))
-    assert compositor.feather_px >= 0
+    """Every setting of the config file reaches the compositor and its soft masks: the file's values, and values
+    that are no setting's default (a setting dropped on the way would leave its default)."""
+    where = {"feather_px": "feather_px", "smooth_masks": "smooth", "mask_threshold": "threshold"}
+    default = OmegaConf.to_container(OmegaConf.load("conf/composite/default.yaml"))
+    assert default.keys() == where.keys()  # a new setting needs its attribute here
+    for settings in (default, {"feather_px": 5, "smooth_masks": 0.25, "mask_threshold": 0.8}):
+        compositor = Compositor.from_config(settings)
+        for owner in (compositor, compositor.soft_masks):
+            assert {key: getattr(owner, name) for key, name in where.items()} == settings, owner
     with pytest.raises(SettingError, match="unknown composite setting"):
         Compositor.from_config({"feather": 3})
     with pytest.raises(SettingError, match="smooth_masks"):

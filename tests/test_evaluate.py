@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from segment.data import CocoDetection, DatasetError
 from segment.data.synthetic import CLASS_NAMES, write_coco_split
-from segment.evaluate import STAT_NAMES, category_map, coco_eval, evaluate, main, to_coco_results
+from segment.evaluate import STAT_NAMES, category_map, coco_eval, evaluate, format_table, main, to_coco_results
 from segment.structures import Instances
 
 
@@ -164,6 +165,20 @@ def test_cli_prints_the_table_and_fails_cleanly(dataset, tmp_path, capsys):
     assert main([*args, "--annotations", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: annotation file not found") and "\n" not in err
+
+
+def test_table_prints_each_value_under_its_own_column():
+    """The CLI's test only sees a header and numbers in range: values printed under the wrong column passed it.
+    Every stat here has a value of its own, and each must end where its column's name ends (right-aligned)."""
+    stats = {f"{t}_{name}": round(offset + i / 100, 2) for offset, t in ((0.1, "bbox"), (0.5, "segm"))
+             for i, name in enumerate(STAT_NAMES)}
+    header, *rows = [{word.end(): word.group() for word in re.finditer(r"\S+", line)}  # column end -> word
+                     for line in format_table(stats).splitlines()]
+    assert list(header.values()) == list(STAT_NAMES)
+    assert [row.pop(min(row)) for row in rows] == ["bbox", "segm"]  # each row's name, in front of its values
+    for row, iou_type in zip(rows, ("bbox", "segm")):
+        assert {header.get(end): value for end, value in row.items()} == {
+            name: f"{stats[f'{iou_type}_{name}']:.3f}" for name in STAT_NAMES}, iou_type
 
 
 def test_cli_precision_overrides_the_checkpoints(dataset, tmp_path, monkeypatch):
