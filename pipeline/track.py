@@ -1,14 +1,15 @@
 """Track stage: stable integer ids for the instances of consecutive frames.
 
 Each frame's detections are matched to the live tracks by Hungarian assignment (scipy) on mask IoU
-(masks shrunk to `mask_size` for speed) or box IoU, optionally only within one class. Matching runs in two
-rounds, as in ByteTrack: confident detections (score >= `birth_score`) first, then the weak ones against the
-tracks still unmatched, so a weak duplicate or fragment can never take a track from the confident detection
-of the same object, yet a briefly weak detection still continues its track. A track's last box
-(and mask) is moved forward by its constant-velocity estimate before matching, so fast objects still
-overlap their track. A track found once has no estimate yet: matching on masks, the confident detections and such
-young tracks left unmatched get a third round on box IoU, so a fast or thin object (a ring moved off its own mask)
-keeps its new track, and its style. A track that finds no detection keeps its last box and mask for up to `max_misses`
+(masks shrunk to `mask_size` for speed; a pair where either mask is only a few shrunk cells, an object too small
+for that grid, on box IoU) or box IoU, optionally only within one class. As in ByteTrack, confident detections
+(score >= `birth_score`) are matched first, the weak ones only then against the tracks still unmatched, so a
+weak duplicate or fragment can never take a track from the confident detection of the same object, yet a briefly
+weak detection still continues its track. A track's last box (and mask) is moved forward by its constant-velocity
+estimate before matching, so fast objects still overlap their track. A track found once has no estimate yet:
+matching on masks, the confident detections and such young tracks left unmatched get a second round on box IoU
+(before the weak detections' round), so a fast or thin object (a ring moved off its own mask) keeps its new
+track, and its style. A track that finds no detection keeps its last box and mask for up to `max_misses`
 frames, so a short occlusion or a missed detection does not change the object's id (or its style).
 
 On a frame the segmenter skipped (`segment_every` > 1, `FrameRecord.propagated`), the tracker supplies the
@@ -43,6 +44,9 @@ from segment.roi_masks import per_frame
 from segment.structures import Instances
 
 MATCH_ON = ("mask", "box")
+# A shrunk mask of fewer cells is matched on its box (`Tracker._iou`): below 4x4 cells a one-cell step on the grid,
+# which a pixel's motion can make, may take the IoU under the default min_iou (3x3 moved diagonally: 4/14 = 0.29).
+COARSE_CELLS = 16
 
 
 def match(iou: Tensor, min_iou: float) -> list[tuple[int, int]]:
@@ -56,23 +60,17 @@ def match(iou: Tensor, min_iou: float) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols) if weights[r, c] > 0]
 
 
-def match_confident_first(iou: Tensor, confident: list[bool], min_iou: float) -> list[tuple[int, int]]:
-    """match() over the confident detections, then over the others and the tracks left unmatched."""
-    strong = [d for d, c in enumerate(confident) if c]
-    weak = [d for d, c in enumerate(confident) if not c]
-    pairs = [(strong[r], t) for r, t in match(iou[strong], min_iou)]
-    free = sorted(set(range(iou.shape[1])) - {t for _, t in pairs})
-    if weak and free:
-        pairs += [(weak[r], free[c]) for r, c in match(iou[weak][:, free], min_iou)]
-    return pairs
-
-
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of every mask in a (D, h, w) with every one in b (T, h, w), bool or 0/1 float → (D, T)."""
     a, b = a.flatten(1).float(), b.flatten(1).float()
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return inter / union.clamp(min=1)
+
+
+def _cells(masks: Tensor) -> Tensor:
+    """(N,) cells in each of the (N, h, w) 0/1 shrunk masks."""
+    return masks.flatten(1).sum(1)
 
 
 def shrink_masks(masks: Tensor, size: tuple[int, int], threshold: float = 0.5) -> Tensor:
@@ -129,6 +127,7 @@ class _Tracks:
     misses: list[int] = field(default_factory=list)   # segmented frames since last matched
     gaps: list[int] = field(default_factory=list)     # frames since last matched, skipped ones included
     hits: list[int] = field(default_factory=list)     # frames matched so far
+    shown: list[int] = field(default_factory=list)    # frames with its id: its hits, skipped frames it was moved onto
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,7 +137,7 @@ class _Tracks:
                        labels=torch.cat([self.labels, other.labels]),
                        masks=None if self.masks is None else torch.cat([self.masks, other.masks]),
                        ids=self.ids + other.ids, misses=self.misses + other.misses, gaps=self.gaps + other.gaps,
-                       hits=self.hits + other.hits)
+                       hits=self.hits + other.hits, shown=self.shown + other.shown)
 
     def keep(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long)
@@ -148,6 +147,7 @@ class _Tracks:
         self.misses = [self.misses[r] for r in rows]
         self.gaps = [self.gaps[r] for r in rows]
         self.hits = [self.hits[r] for r in rows]
+        self.shown = [self.shown[r] for r in rows]
 
 
 class Tracker:
@@ -181,7 +181,7 @@ class Tracker:
         self._last: Instances | None = None
         self._last_ids: list[int] = []
         self._next_id = 1
-        self._finished, self._finished_hits, self._longest = 0, 0, 0
+        self._finished, self._finished_frames, self._longest = 0, 0, 0
         self._cuts = 0  # new shots, where every track ended
 
     # -- stage -------------------------------------------------------------------------------------
@@ -244,13 +244,7 @@ class Tracker:
         if len(detections) and tracks is not None and (tracks.masks is None) == (detections.masks is not None):
             self._end_all()  # the model lost (or gained) its mask branch: start over
             tracks = None
-        pairs = []
-        if tracks and len(detections):
-            confident = (detections.scores >= self.birth_score).tolist()
-            pairs = match_confident_first(self._iou(detections), confident, self.min_iou)
-            if detections.masks is not None:
-                pairs += self._young_by_box(detections, tracks, pairs, confident)
-
+        pairs = self._match(detections, tracks) if tracks and len(detections) else []
         ids = torch.full((len(detections),), -1, dtype=torch.long)
         if tracks is not None:
             self._update_matched(tracks, detections, pairs)
@@ -277,6 +271,8 @@ class Tracker:
             inside = (boxes[:, 2] > 0) & (boxes[:, 0] < width) & (boxes[:, 3] > 0) & (boxes[:, 1] < height)
             pairs = [pair for pair, keep in zip(pairs, inside.tolist()) if keep]  # gone from the frame: not drawn
             boxes = boxes[inside]
+            for row, _ in pairs:
+                tracks.shown[row] += 1
         if tracks is not None:
             tracks.gaps = [gap + 1 for gap in tracks.gaps]
         ids = torch.tensor([tracks.ids[row] for row, _ in pairs], dtype=torch.long)
@@ -287,6 +283,22 @@ class Tracker:
 
     # -- matching ----------------------------------------------------------------------------------
 
+    def _match(self, detections: _Detections, tracks: _Tracks) -> list[tuple[int, int]]:
+        """(detection, track) pairs: the confident detections first, on `_iou` and then (matching on masks) on box IoU
+        with the young tracks (`_young_by_box`), before the weak ones get the tracks still free; so a weak fragment
+        left where a young track's object was cannot take the track its object's box round would give it."""
+        iou = self._iou(detections)
+        confident = (detections.scores >= self.birth_score).tolist()
+        strong = [d for d, sure in enumerate(confident) if sure]
+        weak = [d for d, sure in enumerate(confident) if not sure]
+        pairs = [(strong[r], t) for r, t in match(iou[strong], self.min_iou)]
+        if detections.masks is not None:
+            pairs += self._young_by_box(detections, tracks, pairs, confident)
+        free = sorted(set(range(len(tracks))) - {t for _, t in pairs})
+        if weak and free:
+            pairs += [(weak[r], free[c]) for r, c in match(iou[weak][:, free], self.min_iou)]
+        return pairs
+
     def _small_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = image_size
         scale = min(1.0, self.mask_size / max(h, w))
@@ -296,10 +308,14 @@ class Tracker:
         tracks = self._tracks
         steps = torch.tensor(tracks.gaps, dtype=torch.float32)[:, None] + 1
         shift = tracks.velocity * steps if self.motion else torch.zeros_like(tracks.velocity)
-        if detections.masks is None:
-            iou = box_iou(detections.boxes, tracks.boxes + shift)
-        else:
-            iou = mask_iou(detections.masks, self._moved_masks(tracks.masks, shift))
+        iou = box_iou(detections.boxes, tracks.boxes + shift)
+        if detections.masks is not None:
+            moved = self._moved_masks(tracks.masks, shift)
+            # An object of a few shrunk cells (at 1080p one is 30 px square) has none, or gains and loses whole
+            # cells as it moves a pixel: its mask IoU is noise, so such pairs keep the box IoU.
+            coarse = _cells(detections.masks)[:, None] < COARSE_CELLS
+            coarse = coarse | (_cells(moved)[None, :] < COARSE_CELLS)
+            iou = torch.where(coarse, iou, mask_iou(detections.masks, moved))
         return self._same_class(iou, detections.labels, tracks.labels)
 
     def _same_class(self, iou: Tensor, detection_labels: Tensor, track_labels: Tensor) -> Tensor:
@@ -348,6 +364,7 @@ class Tracker:
         for _, row in pairs:
             tracks.misses[row] = tracks.gaps[row] = 0
             tracks.hits[row] += 1
+            tracks.shown[row] += 1
 
     def _age_unmatched(self, tracks: _Tracks, matched: set[int]) -> None:
         alive = []
@@ -358,7 +375,7 @@ class Tracker:
             if tracks.misses[row] <= self.max_misses:
                 alive.append(row)
             else:
-                self._finish(tracks.hits[row])
+                self._finish(tracks.shown[row])
         if len(alive) < len(tracks):
             tracks.keep(alive)
 
@@ -372,21 +389,21 @@ class Tracker:
         new = _Tracks(boxes=detections.boxes[index], velocity=torch.zeros((len(born), 4)),
                       labels=detections.labels[index], masks=masks,
                       ids=list(range(self._next_id, self._next_id + len(born))),
-                      misses=[0] * len(born), gaps=[0] * len(born), hits=[1] * len(born))
+                      misses=[0] * len(born), gaps=[0] * len(born), hits=[1] * len(born), shown=[1] * len(born))
         self._next_id += len(born)
         for d, track_id in zip(born, new.ids):
             ids[d] = track_id
         self._tracks = new if not self._tracks else self._tracks.extended(new)
 
-    def _finish(self, hits: int) -> None:
+    def _finish(self, shown: int) -> None:
         self._finished += 1
-        self._finished_hits += hits
-        self._longest = max(self._longest, hits)
+        self._finished_frames += shown
+        self._longest = max(self._longest, shown)
 
     def _end_all(self) -> None:
         if self._tracks is not None:
-            for hits in self._tracks.hits:
-                self._finish(hits)
+            for shown in self._tracks.shown:
+                self._finish(shown)
         self._tracks = None
 
     # -- report ------------------------------------------------------------------------------------
@@ -401,10 +418,11 @@ class Tracker:
         return [] if self._tracks is None else list(self._tracks.ids)
 
     def summary(self) -> dict[str, float | int]:
-        """tracks started, tracks still alive, mean and longest track length in matched frames, cuts to a new shot
-        (where every track ended)."""
-        live = [] if self._tracks is None else self._tracks.hits
+        """tracks started, tracks still alive, mean and longest track length in video frames shown with the track's
+        id (with `segment_every` > 1 the skipped frames it was moved onto count too), cuts to a new shot (where every
+        track ended)."""
+        live = [] if self._tracks is None else self._tracks.shown
         count = self._finished + len(live)
-        total = self._finished_hits + sum(live)
+        total = self._finished_frames + sum(live)
         return {"tracks": count, "active": len(live), "mean_length": round(total / count, 1) if count else 0.0,
                 "longest": max([self._longest, *live]), "cuts": self._cuts}

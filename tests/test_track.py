@@ -2,6 +2,7 @@
 the Hungarian matching equals brute force; mask IoU equals pycocotools'."""
 from __future__ import annotations
 
+import inspect
 import itertools
 from fractions import Fraction
 
@@ -20,6 +21,7 @@ from segment.structures import Instances
 from tests.helpers_cuda import gpu_waits
 
 SIZE = (64, 96)
+HD = (1080, 1920)  # at the default mask_size (64) a shrunk mask's cell is 30 px square
 
 
 def disc_instances(objects: list[tuple[float, float, float, int, float]], size=SIZE) -> Instances:
@@ -143,6 +145,30 @@ def test_a_young_track_keeps_a_thin_object_that_moved_off_its_mask(motion):
     assert weak.update(ring_instances([(29, 32, 15, 1, 0.3)]), SIZE).tolist() == [-1]  # a weak one starts nothing
 
 
+@pytest.mark.parametrize("side", [20, 30, 45])
+def test_objects_too_small_for_the_shrunk_grid_keep_their_ids(side):
+    """At 1080p a small object's shrunk mask has a cell or two or none, gained and lost as it moves a pixel, so its
+    mask IoU with its track was often 0: a new id (and style) every other frame. Matched on boxes, an object moving
+    1 px a frame keeps its id over 40 frames, and so do two of them side by side, 4 px apart, moving together."""
+    objects = lambda i: [(500 + i, 500, side, 1, 0.9), (504 + side + i, 500, side, 1, 0.9)]  # noqa: E731
+    for count in (1, 2):
+        tracker = Tracker()
+        ids = [tracker.update(square_instances(objects(i)[:count], size=HD), HD).tolist() for i in range(40)]
+        assert ids == [list(range(1, count + 1))] * 40
+
+
+@pytest.mark.parametrize("mask_size, ids", [(64, [1] * 6), (1920, [1, 1, 2, 2, 3, 3])])
+def test_mask_size_sets_the_grid_masks_are_compared_on(mask_size, ids):
+    """A ring 200 px across and 7 px wide at 1080p moves 14 px a frame (no motion term). On the default grid
+    (mask_size 64: 30-px cells) it fills no cell, so it is matched on its box (IoU 0.87); on the frame's own grid
+    (mask_size 1920) its masks are compared, and a ring moved twice its width overlaps its last mask too little: a
+    new track every other frame (each young track's second frame is its box round)."""
+    tracker = Tracker(motion=False, mask_size=mask_size)
+    got = [tracker.update(square_instances([(300 + 14 * i, 300, 200, 1, 0.9)], size=HD, grid=RING), HD).tolist()
+           for i in range(6)]
+    assert got == [[i] for i in ids]
+
+
 def test_one_frame_miss_is_bridged_and_long_miss_ends_the_track():
     present = [(30, 30, 10, 2, 0.9)]
     frames = [present] * 4 + [[]] + [present] * 3
@@ -183,6 +209,28 @@ def test_confident_detection_keeps_its_track_over_a_weak_fragment_that_overlaps_
     # One Hungarian round over both would hand the track to the fragment and start a new id for the object.
     frames = [[(40, 30, 10, 1, 0.95)], [(46, 30, 10, 1, 0.95), (40, 30, 9, 1, 0.2)], [(50, 30, 10, 1, 0.95)]]
     assert run(Tracker(min_iou=0.3), frames) == [[1], [1, -1], [1]]
+
+
+def mask_instances(masks: list[torch.Tensor], scores: list[float]) -> Instances:
+    """SIZE masks (class 1) with their tight boxes."""
+    boxes = []
+    for mask in masks:
+        ys, xs = mask.nonzero(as_tuple=True)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return Instances(image_size=SIZE, boxes=torch.tensor(boxes, dtype=torch.float32), scores=torch.tensor(scores),
+                     labels=torch.ones(len(masks), dtype=torch.long), masks=torch.stack(masks))
+
+
+def test_a_weak_fragment_does_not_take_a_young_track_from_its_object():
+    """Frame 1: a thin ring found once (its track has no motion estimate) moved 7 px, off its own mask, and a weak
+    half-arc of it is left where it was. The arc overlaps the track's mask, the ring only its box: the confident
+    ring's box round comes before the weak detections' round, so the ring keeps its id and the arc gets none (it
+    took the track, and the ring a new id and style)."""
+    ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(96) + 0.5, indexing="ij")
+    ring = lambda cx: ((((xs - cx) ** 2 + (ys - 30) ** 2).sqrt() - 11.25).abs() <= 1.25).float()  # noqa: E731
+    tracker = Tracker(min_iou=0.3)
+    assert tracker.update(mask_instances([ring(40)], [0.9]), SIZE).tolist() == [1]
+    assert tracker.update(mask_instances([ring(47), ring(40) * (xs < 40)], [0.9, 0.2]), SIZE).tolist() == [1, -1]
 
 
 def test_weak_detection_continues_a_track_the_confident_ones_left_free():
@@ -226,22 +274,42 @@ def test_config_errors_are_one_line():
         Tracker.from_config({"min_iuo": 0.3})
 
 
-def test_default_config_loads():
+def _another(value):
+    """A valid track setting other than `value`, of its type."""
+    if isinstance(value, str):
+        return "box" if value == "mask" else "mask"
+    if isinstance(value, bool):
+        return not value
+    return value + 1 if isinstance(value, int) else value / 2
+
+
+def test_default_config_sets_every_tracker_setting():
+    """conf/track/default.yaml names every Tracker setting, and each reaches the tracker: at its value, and at
+    another one (not the constructor's default by chance)."""
     cfg = OmegaConf.load("conf/track/default.yaml")
-    tracker = Tracker.from_config(cfg)
-    assert tracker.match_on in ("mask", "box")
+    assert set(cfg) == set(inspect.signature(Tracker).parameters)
+    attribute = {"velocity_momentum": "momentum"}
+    for key, value in cfg.items():
+        for setting in (value, _another(value)):
+            tracker = Tracker.from_config(OmegaConf.merge(cfg, {key: setting}))
+            assert getattr(tracker, attribute.get(key, key)) == setting, key
 
 
-def square_instances(objects: list[tuple[float, float, float, int, float]], device="cpu") -> Instances:
-    """objects: (x1, y1, side, label, score) → Instances with RoIMasks masks (a disc's probabilities)."""
+_CELL_RADII = ((torch.arange(28, dtype=torch.float32) - 13.5)[:, None] ** 2
+               + (torch.arange(28, dtype=torch.float32) - 13.5)[None, :] ** 2).sqrt()
+DISC = (1.6 - _CELL_RADII / 10).clamp(0, 1)  # a mask head's 28x28 probabilities: >= 0.5 within 11 cells
+RING = ((_CELL_RADII - 12).abs() <= 0.5).float()  # one cell wide
+
+
+def square_instances(objects: list[tuple[float, float, float, int, float]], device="cpu", size=SIZE,
+                     grid=DISC) -> Instances:
+    """objects: (x1, y1, side, label, score) → Instances with RoIMasks masks (`grid`'s probabilities)."""
     boxes = torch.tensor([[x, y, x + side, y + side] for x, y, side, _, _ in objects], dtype=torch.float32)
     boxes = boxes.reshape(-1, 4)
-    centre = torch.arange(28, dtype=torch.float32) - 13.5
-    disc = (1.6 - (centre[:, None] ** 2 + centre[None, :] ** 2).sqrt() / 10).clamp(0, 1)  # >= 0.5 within 11 cells
-    probs = disc.expand(len(objects), -1, -1)
-    return Instances(image_size=SIZE, boxes=boxes, scores=torch.tensor([o[4] for o in objects]),
+    probs = grid.expand(len(objects), -1, -1)
+    return Instances(image_size=size, boxes=boxes, scores=torch.tensor([o[4] for o in objects]),
                      labels=torch.tensor([o[3] for o in objects], dtype=torch.long),
-                     masks=RoIMasks.from_probs(probs, boxes, SIZE)).to(device)
+                     masks=RoIMasks.from_probs(probs, boxes, size)).to(device)
 
 
 def run_every(tracker: Tracker, frames: list[list[tuple]], every: int, device="cpu", cuts=()) -> list[FrameRecord]:
@@ -300,3 +368,27 @@ def test_a_new_shot_ends_every_track(every):
         if every == 2:
             assert records[5].instances.boxes[0, 0].item() == (26 if cuts else 30)
         assert tracker.summary()["tracks"] == max(ids) and tracker.summary()["cuts"] == len(cuts)
+
+
+@pytest.mark.parametrize("momentum, velocity", [(0.0, 8.0), (0.5, 7.0), (0.9, 4.76)])
+def test_velocity_momentum_weighs_the_last_estimate(momentum, velocity):
+    """segment_every=2: the object steps 4, then 8, then 8 px a frame between its segmented frames (0, 2, 4, 6). The
+    first estimate is the observed step (4); each later one is momentum · the last + (1 - momentum) · the observed:
+    8 / 7 / 4.76 px a frame at momentum 0 / 0.5 / 0.9, which is what frame 7, skipped, moves it on by."""
+    frames = [[(x, 20, 20, 1, 0.9)] for x in (0, 4, 8, 16, 24, 32, 40, 48)]
+    records = run_every(Tracker(match_on="box", velocity_momentum=momentum), frames, every=2)
+    assert [r.track_ids.tolist() for r in records] == [[1]] * 8
+    assert records[7].instances.boxes[0, 0].item() == pytest.approx(40 + velocity, abs=1e-4)
+
+
+@pytest.mark.parametrize("cuts, summary", [((), {"tracks": 2, "active": 2, "mean_length": 8.0, "longest": 10}),
+                                           ((8,), {"tracks": 4, "active": 2, "mean_length": 4.0, "longest": 8})])
+def test_track_lengths_count_the_video_frames_a_track_is_shown_on(cuts, summary):
+    """segment_every=4 over 10 frames: A is found on every segmented frame (0, 4, 8), so shown on all 10; B is
+    missed on frame 4, so not shown on 4-7: 6 frames (not 3 and 2 segmented frames). A cut on frame 8 ends both
+    (8 and 4 frames) and starts two tracks of 2 frames."""
+    a, b = (20, 20, 20, 1, 0.9), (60, 30, 20, 2, 0.9)
+    tracker = Tracker()
+    records = run_every(tracker, [[a, b]] * 4 + [[a]] * 4 + [[a, b]] * 2, every=4, cuts=cuts)
+    assert [len(r.track_ids) for r in records] == [2] * 4 + [1] * 4 + [2] * 2
+    assert tracker.summary() == {**summary, "cuts": len(cuts)}
