@@ -300,7 +300,20 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="render", overrides=list(overrides))
+        try:
+            return compose(config_name="render", overrides=list(overrides))
+        except HydraException as error:  # a script's user typed it: one line, as the render's own command line
+            raise PipelineConfigError(_composition_error(error)) from None
+
+
+def _composition_error(error: HydraException) -> str:
+    """Hydra's message on one line: its first line, with the group's options (or its hint) after it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Available options") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
+        return f"{lines[0]} (options: {', '.join(lines[start:end])})"
+    return " ".join(lines[:2])
 
 
 def output_path(cfg: DictConfig) -> Path:

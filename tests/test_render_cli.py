@@ -342,3 +342,17 @@ def test_a_trained_style_renders_by_name(tmp_path, models, vfr_clip):
         assert result.returncode == 0, result.stderr
         outputs[label] = sha256(out)
     assert outputs["copy"] == outputs["one"] == outputs["bank"] != outputs["other"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bogus=1", "Could not override 'bogus'. To append to your config use +bogus=1"),
+    ("segment=r50fpn", "In 'render': Could not find 'segment/r50fpn' (options: demo, r18_fpn, r50_fpn)"),
+])
+def test_scripts_composing_the_render_config_get_a_bad_override_in_one_line(override, message):
+    """The benchmarks and the soak compose conf/render.yaml in-process: Hydra's error was a 22-frame traceback."""
+    from pipeline.errors import PipelineConfigError
+    from pipeline.render import compose_config
+
+    with pytest.raises(PipelineConfigError) as refused:
+        compose_config(["input=x.mp4", "output=y.mp4", override])
+    assert str(refused.value) == message
