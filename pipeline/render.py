@@ -49,6 +49,7 @@ from pipeline.decode import VideoReader
 from pipeline.encode import VIDEO_SUFFIXES, VideoWriter
 from common.device import resolve_device
 from common.errors import UserError, one_line
+from common.hydra_cli import composition_error, exit_on_bad_overrides, multirun
 from common.outputs import AtomicOutput, check_output
 from common.settings import check_settings, flag, whole
 from pipeline.errors import PipelineConfigError
@@ -303,17 +304,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
         try:
             return compose(config_name="render", overrides=list(overrides))
         except HydraException as error:  # a script's user typed it: one line, as the render's own command line
-            raise PipelineConfigError(_composition_error(error)) from None
+            raise PipelineConfigError(composition_error(error)) from None
 
-
-def _composition_error(error: HydraException) -> str:
-    """Hydra's message on one line: its first line, with the group's options (or its hint) after it."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if any(line.startswith("Available options") for line in lines):
-        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
-        end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
-        return f"{lines[0]} (options: {', '.join(lines[start:end])})"
-    return " ".join(lines[:2])
 
 
 def output_path(cfg: DictConfig) -> Path:
@@ -371,7 +363,7 @@ def hydra_readable(args: list[str]) -> list[str]:
     are (already quoted ones; `a.mp4,b.mp4` in multirun mode, a sweep): without -m such a sweep is a file name with
     a comma in it (take1,final.mp4), which Hydra would refuse as an ambiguous value."""
     parser = OverridesParser.create()
-    sweeping = _multirun(args)
+    sweeping = multirun(args)
     readable = []
     for arg in args:
         key, equals, value = arg.partition("=")
@@ -386,12 +378,6 @@ def hydra_readable(args: list[str]) -> list[str]:
     return readable
 
 
-def _multirun(args: list[str]) -> bool:
-    """Whether Hydra runs these arguments as a sweep: -m, --multirun (or a prefix argparse takes for it), or
-    hydra.mode=MULTIRUN."""
-    return any(arg == "-m" or (len(arg) > 2 and "--multirun".startswith(arg))
-               or arg.lstrip("+") == "hydra.mode=MULTIRUN" for arg in args)
-
 
 def _quoted(value: str) -> str:
     """`value` as a single-quoted Hydra string: a backslash escapes a quote, `${` (an interpolation) and itself
@@ -403,6 +389,7 @@ def _quoted(value: str) -> str:
 def main() -> None:
     """The `python -m pipeline.render` entry: Hydra parses sys.argv once paths it cannot read are quoted."""
     sys.argv[1:] = hydra_readable(sys.argv[1:])
+    exit_on_bad_overrides(CONF_DIR, "render", sys.argv[1:])
     _main()
 
 

@@ -28,6 +28,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError, one_line
+from common.hydra_cli import exit_on_bad_overrides
 from common.outputs import AtomicOutput, leftover_temp_files
 from common.settings import flag, number, whole
 from common.signals import exit_status, on_stop_signals
@@ -435,5 +436,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "train", sys.argv[1:])
     _check_output_dir_argument(sys.argv[1:])
     main()

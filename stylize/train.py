@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
+from common.hydra_cli import exit_on_bad_overrides
 from common.outputs import check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
 from common.signals import exit_status, on_stop_signals, stop_signal
@@ -335,4 +336,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "stylize_train", sys.argv[1:])
     main()

@@ -1,0 +1,43 @@
+"""common/hydra_cli.py: an override that does not compose is one `error:` line and exit 2 in every Hydra app (Hydra
+itself prints a block of six to twelve lines and exits 1)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.errors import SettingError
+from common.hydra_cli import check_overrides
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.mark.parametrize("module, override, message", [
+    ("pipeline.render", "track.min_iuo=0.3", "error: Could not override 'track.min_iuo'. To append to your config "
+                                             "use +track.min_iuo=0.3"),
+    ("pipeline.render", "segment=r50fpn", "error: In 'render': Could not find 'segment/r50fpn' "
+                                          "(options: demo, r18_fpn, r50_fpn)"),
+    ("segment.train", "schedule=tinyy", "error: In 'train': Could not find 'schedule/tinyy' "
+                                        "(options: demo, paper_1x, tiny)"),
+    ("stylize.train", "stepz=3", "error: Could not override 'stepz'. To append to your config use +stepz=3"),
+])
+def test_a_bad_override_is_one_line_and_exit_2(tmp_path, module, override, message):
+    result = subprocess.run([sys.executable, "-m", module, override], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, message + "\n")
+    assert list(tmp_path.iterdir()) == []  # no outputs/ nor multirun/ folder from a refused run
+
+
+def test_a_sweep_is_tried_at_each_swept_settings_first_value():
+    check_overrides(CONF, "render", ["-m", "track.min_iou=0.3,0.5", "style.assign=by_class,per_instance"])
+    with pytest.raises(SettingError, match="Could not find 'segment/r50fpn'"):
+        check_overrides(CONF, "render", ["-m", "segment=r50fpn,r18_fpn"])
+    with pytest.raises(SettingError, match="Ambiguous value"):  # without -m a comma is no sweep: Hydra refuses it
+        check_overrides(CONF, "render", ["track.min_iou=0.3,0.5"])
+
+
+def test_hydras_own_arguments_are_left_to_hydra():
+    for args in (["--help"], ["--cfg", "job", "bogus=1"], ["--info"], ["hydra.run.dir=x", "track.min_iou=0.3"]):
+        check_overrides(CONF, "render", args)
