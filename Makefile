@@ -25,7 +25,7 @@ $(STYLES): $(STAMP)
 styles: $(STYLES)
 
 $(DEMO_CLIP): $(STAMP) scripts/make_demo_clip.py
-	$(PY) scripts/make_demo_clip.py --out $@
+	$(PY) scripts/make_demo_clip.py --out $@ --overwrite
 
 # The embedded default segmenter is committed; docs/demo_model.md has the command that trains it again.
 $(DEMO_MODEL):

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
 from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
-from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from pipeline.render import build_stages, compose_config, render  # noqa: E402
 from scripts.profiling import operators  # noqa: E402
@@ -54,10 +54,12 @@ MODEL_STAGES = ("segment", "track", "assign", "stylize", "composite")  # between
 def clip_config(workdir: Path, name: str, size: str, frames: int, device: torch.device | str,
                 overrides: list[str]):
     """The render config for the benchmark's generated clip (`frames` at `size`, written into `workdir` as
-    `name`), output beside it."""
-    clip = make_clip(workdir / f"{name}_{size}.mp4", frames=frames, size=SIZES[size], fps=24, seed=0)
-    return compose_config([f"input={clip}", f"output={workdir / f'out_{name}_{size}.mp4'}", "overwrite=true",
-                           f"device={device}", *overrides])
+    `name`), output beside it. Composed before the clip is made: a bad override is refused before that work."""
+    clip = workdir / f"{name}_{size}.mp4"
+    cfg = compose_config([f"input={clip}", f"output={workdir / f'out_{name}_{size}.mp4'}", "overwrite=true",
+                          f"device={device}", *overrides])
+    make_clip(clip, frames=frames, size=SIZES[size], fps=24, seed=0)
+    return cfg
 
 
 def bench_one(size: str, frames: int, device: torch.device | str, overrides: list[str], workdir: Path,
@@ -187,12 +189,6 @@ def table(rows: list[dict]) -> str:
         for r in rows])
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores"
-
-
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--warmup-frames", type=whole_number(0), default=8,
                         help="an untimed render of this many frames first")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_report_options(parser, "--results")  # --results: its name before the benchmarks shared --output
     parser.add_argument("--operators", action="store_true",
                         help="also count each stage's tensor operators per frame (one more, untimed render)")
     parser.add_argument("--kernel-time", action="store_true",
@@ -230,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel_time:
         text += ("\nStage wall time per frame and, in brackets, the GPU kernel time inside it (from a profiled render "
                  f"of a {args.kernel_frames}-frame clip of the same scene):\n\n{kernel_table(rows)}\n")
-    publish(text, args.results, append=not args.no_append)
+    publish(text, args.output, append=not args.no_append)
     return 0
 
 

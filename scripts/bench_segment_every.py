@@ -36,7 +36,7 @@ from pipeline.render import compose_config, render  # noqa: E402
 from pipeline.segment_stage import SegmentStage  # noqa: E402
 from pipeline.track import Tracker, mask_iou  # noqa: E402
 from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
-from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from segment.checkpoint import load_segmenter  # noqa: E402
 from segment.structures import Instances  # noqa: E402
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--propagate", action="store_true", help="each N > 1 also with style.propagate=true")
     parser.add_argument("--repeats", type=whole_number(0), default=3, help="renders of each N (0: mask quality only)")
     parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_report_options(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
     args = parser.parse_args(argv)
     if not args.input.is_file():
@@ -192,11 +192,10 @@ def main(argv: list[str] | None = None) -> int:
               "PSNR against the same N restyled, skipped / segmented frames (dB)", "skipped-frame objects",
               "mean mask IoU", "found at IoU >= 0.5", "moved objects matching none"]
     text = (f"\n## segment_every benchmark ({time.strftime('%Y-%m-%d %H:%M')}, scripts/bench_segment_every.py)\n\n"
-            f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
-            f"({torch.get_num_threads()} threads); torch {torch.__version__}, Python {platform.python_version()}; "
+            f"Device: {device_name(device)}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"clip {args.input.name}; {args.repeats} renders of each setting, alternating, medians; "
             f"overrides: {' '.join(args.overrides) or 'none'}\n\n{markdown_table(header, rows)}\n")
-    publish(text, append=not args.no_append)
+    publish(text, args.output, append=not args.no_append)
     return 0
 
 

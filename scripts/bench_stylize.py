@@ -7,14 +7,16 @@ convolution and instance norm, timed alone in channels_last and in NCHW.
 
     python scripts/bench_stylize.py [--bank PATH] [--device auto|cpu|cuda] [--repeats N] [--no-append] [--layers]
 
-Prints a table and appends it (device, versions, date) to docs/benchmarks.md.
+Prints a table and appends it (device, versions, date) to docs/benchmarks.md (--output). The speed ratio is only
+given when ours and the peer compute the same thing: first, once, the runner (and on a GPU its CUDA-graph replay) must
+match the module forward on one batch within OUTPUT_TOLERANCE of the precision they run in; otherwise the script says
+so and exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,11 +37,16 @@ from stylize.inference import GRAPH_AFTER_CALLS, StyleRunner, instance_norm  # n
 from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from common.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
-from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
 CROP_SIZES = (64, 128, 256)
 CROPS = 8
+# The largest and the mean |ours - module| on [0, 1] images that still count as the same computation, per precision.
+# Measured on the imported bank: fp32 at most 3.5e-6; bf16 (8 bits, the two sides rounding their sums in different
+# orders) a mean of 0.002 with single values up to 0.1 depending on the input. A wrong style gave a mean of 0.19 and
+# values up to 0.8; a fault at the borders alone (padding) would show in the largest value only.
+OUTPUT_TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (0.25, 0.01)}
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -106,6 +113,21 @@ def bench(bank: StyleBank, device: torch.device, repeats: int) -> list[tuple[str
     return rows
 
 
+def agreement(network, device: torch.device, styles: torch.Tensor) -> tuple[float, float]:
+    """The largest and the mean |ours - module forward| over one batch of two [0, 1] images in two styles, of the
+    runner's output and on a GPU also of its CUDA graph's replay (the calls before it capture the graph)."""
+    x = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(0)).to(device)
+    weights = styles[:2].to(device)
+    expected = module_forward(network.to(device), x, weights)
+    ours = [stylize.apply.run_network(network, x, weights)]
+    if device.type == "cuda":
+        for _ in range(GRAPH_AFTER_CALLS + 1):
+            replayed = stylize.apply.run_network(network, x, weights, graphs=True)
+        ours.append(replayed)
+    differences = [(output - expected).abs() for output in ours]
+    return max(float(d.max()) for d in differences), max(float(d.mean()) for d in differences)
+
+
 def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list[str]]:
     """Per layer of the runner on one 854x480 frame (852x480: H and W multiples of 4): input size and channels,
     then ms of resample / conv / norm, each timed alone, in channels_last and in NCHW; the last column is the
@@ -151,17 +173,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="style bank file (default .cache/styles/multistyle26.pt)")
     parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--repeats", type=whole_number(1), default=3, help="timed runs of each, after warm-up")
-    parser.add_argument("--no-append", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    add_report_options(parser)
     parser.add_argument("--layers", action="store_true",
                         help="also time each layer's resample, conv and norm on a 480p frame, in both layouts")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, profile the runner on a 480p frame (which kernels the GPU spends it in)")
     args = parser.parse_args(argv)
     device = args.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    precision = resolve_precision("auto", device) + (" + channels_last" if auto_channels_last(device) else "")
+    resolved = resolve_precision("auto", device)
+    precision = resolved + (" + channels_last" if auto_channels_last(device) else "")
     bank = StyleBank.load(args.bank)
+    difference, tolerance = agreement(bank.network, device, torch.eye(len(bank))), OUTPUT_TOLERANCE[resolved]
+    agree = (f"max |Δ| {difference[0]:.2g}, mean {difference[1]:.2g} (at most {tolerance[0]:g} and {tolerance[1]:g} "
+             f"in {resolved})")
+    if not all(value <= limit for value, limit in zip(difference, tolerance)):  # nan too
+        print(f"error: ours and the module forward disagree on one batch: {agree}: they do not compute the same "
+              "thing, no speed ratio", file=sys.stderr)
+        return 1
     rows = bench(bank, device, args.repeats)
     other = "NCHW" if auto_channels_last(device) else "channels_last"
     header = ["input", "mode", "module images/s", "runner images/s", "runner + graphs images/s", "best ours / module",
@@ -172,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         graphed = f"{count / graphs:.2f}" if graphs else "- (CPU)"
         cells.append([what, mode, f"{count / module:.2f}", f"{count / runner:.2f}", graphed, f"{module / best:.2f}x",
                       f"{count / other_layout:.2f}", f"{count / full_size:.2f}"])
-    text = (f"### stylize: MultiStyleNet throughput ({datetime.date.today()}, {name})\n\n"
+    text = (f"## Stylize: MultiStyleNet throughput ({datetime.date.today()}, {device_name(device)})\n\n"
             f"torch {torch.__version__}, {precision}, median of {args.repeats} runs after warm-up, "
             f"load average {os.getloadavg()[0]:.1f} before (others' work skews CPU figures); peer: the nn.Module "
-            "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; "
-            f"`python scripts/bench_stylize.py`\n\n{markdown_table(header, cells)}\n")
+            "forward under autocast; ours: stylize.inference.StyleRunner, with CUDA graphs on a GPU; ours against "
+            f"the peer on one batch of two [0, 1] images: {agree}; `python scripts/bench_stylize.py`"
+            f"\n\n{markdown_table(header, cells)}\n")
     if args.layers:
         head = ["layer", "input", "channels", *(f"{layout} {part} ms" for layout in ("channels_last", "NCHW")
                                                 for part in ("resample", "conv", "norm")), "runner's layout"]
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.repeats}; each resample starts from the input as the runner hands it over, any layout "
                  "change included):"
                  f"\n\n{markdown_table(head, layer_rows(bank, device, args.repeats))}\n")
-    publish(text, append=not args.no_append)
+    publish(text, args.output, append=not args.no_append)
     if args.profile:
         frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
         run = partial(stylize_frames, bank.network.to(device), frame, torch.eye(len(bank))[0])

@@ -5,14 +5,15 @@ training loop around torchvision's MaskRCNN of the same architecture and the sam
     python scripts/bench_train.py --device cuda --size 512 --batch 8 --amp bf16 --iterations 30
 
 Both see the same synthetic batches (segment.data.synthetic scenes); the timed steps alternate between the two
-models so machine load hits both alike. Prints a table with the ratio and appends it to docs/benchmarks.md.
+models so machine load hits both alike. Prints a table with the ratio and appends it to docs/benchmarks.md (--output).
+The ratio is only given when the two compute the same thing: a first, untimed step of each from the same weights and
+the same seed must give the same losses (within LOSS_TOLERANCE); otherwise the script says so and exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,8 +36,15 @@ from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
 from segment.tv_reference import torchvision_twin  # noqa: E402
 from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
-from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
+
+# Largest relative difference of a first-step loss between ours and the twin that still counts as the same
+# computation: on a CPU in fp32 they came out equal (channels_last or the mask head's padding may move the last
+# bits); autocast rounds each side's matmuls to 8 (bf16) or 11 (fp16) bits. Another sampling, loss or layer gives
+# tens of percent.
+LOSS_TOLERANCE = {"none": 1e-3, "bf16": 5e-2, "fp16": 2e-2}
+SEED = 0  # of the agreement step: the RPN's and the box head's samplers draw the same proposals on both sides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=whole_number(0), default=2)
     p.add_argument("--channels-last", action="store_true", help="our model in channels_last memory layout")
     p.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
-    p.add_argument("--no-append", action="store_true")
+    add_report_options(p)
     p.add_argument("--mask-batch-bucket", type=whole_number(1), default=None,
                    help="diagnosis: the multiple of RoIs our mask head runs on this device (1: unpadded; default: "
                         "segment.roi_heads.MASK_BATCH_BUCKETS), to measure what the padding saves")
@@ -70,6 +77,19 @@ def pinned(batch):
     """A collated batch in page-locked memory, as a DataLoader with pin_memory=True hands it over."""
     images, targets = batch
     return [i.pin_memory() for i in images], [{k: t[k].pin_memory() for k in TARGET_KEYS} for t in targets]
+
+
+def loss_difference(steps, inputs: dict[str, list]) -> float:
+    """The largest relative difference between the two models' losses on one step each, from the same weights on
+    the first batch with the same seed (an untimed step: the timed ones then start from the weights it left)."""
+    losses = {}
+    for name, step in steps:
+        torch.manual_seed(SEED)
+        losses[name] = {key: float(value) for key, value in step(inputs[name][0]).items()}
+    ours, theirs = losses["ours"], losses["torchvision"]
+    if set(ours) != set(theirs):
+        return float("inf")
+    return max(abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12) for k in ours)
 
 
 @reports_user_errors
@@ -112,25 +132,36 @@ def main(argv: list[str] | None = None) -> int:
         images, targets = batch
         return [i.to(device) for i in images], [{k: t[k].to(device) for k in TARGET_KEYS} for t in targets]
 
-    def our_step(batch):  # as Trainer.fit runs it: a pinned batch (the loader pins it) copied without blocking
-        trainer.train_step(*trainer._to_device(batch))
+    def our_step(batch) -> dict[str, torch.Tensor]:  # as Trainer.fit runs it: a pinned batch copied without blocking
+        values = trainer.train_step(*trainer._to_device(batch))
+        return dict(zip(trainer.loss_names, values))
 
-    def their_step(batch):  # the loop torchvision's detection reference trains with
+    def their_step(batch) -> dict[str, torch.Tensor]:  # the loop torchvision's detection reference trains with
         images, targets = on_device(batch)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = sum(theirs(images, targets).values())
+            losses = theirs(images, targets)
+            loss = sum(losses.values())
         their_optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(their_optimizer)
         scaler.update()
+        return {name: value.detach() for name, value in losses.items()}
 
     # torchvision's detection reference loads without pin_memory; our train.py pins on a GPU (segment/loader.py)
     inputs = {"torchvision": batches, "ours": [pinned(b) for b in batches] if device.type == "cuda" else batches}
     ours.train()
     theirs.train()
+    steps = (("torchvision", their_step), ("ours", our_step))
+    difference = loss_difference(steps, inputs)
+    tolerance = LOSS_TOLERANCE[args.amp]
+    if not difference <= tolerance:  # nan too
+        print(f"error: the first step's losses of ours and torchvision's differ by up to {difference:.2e} (relative; "
+              f"{tolerance:g} allowed with amp {args.amp}): they do not compute the same thing, no speed ratio",
+              file=sys.stderr)
+        return 1
     seconds = {"ours": 0.0, "torchvision": 0.0}
     for step in range(args.warmup + args.iterations):
-        for name, run in (("torchvision", their_step), ("ours", our_step)):
+        for name, run in steps:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -141,11 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[name] += time.perf_counter() - start
     rate = {k: args.iterations * args.batch / v for k, v in seconds.items()}
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
-    header = ["device", "batch", "images", "amp", "torchvision img/s", "ours img/s", "ours / torchvision"]
-    row = [where, str(args.batch), f"{args.size}x{args.size}", args.amp, f"{rate['torchvision']:.2f}",
-           f"{rate['ours']:.2f}", f"{rate['ours'] / rate['torchvision']:.2f}x"]
+    header = ["device", "batch", "images", "amp", "first-step losses, max relative Δ", "torchvision img/s",
+              "ours img/s", "ours / torchvision"]
+    row = [device_name(device), str(args.batch), f"{args.size}x{args.size}", args.amp, f"{difference:.1e}",
+           f"{rate['torchvision']:.2f}", f"{rate['ours']:.2f}", f"{rate['ours'] / rate['torchvision']:.2f}x"]
     table = markdown_table(header, [row])
     text = (
         f"## Training step: ours vs torchvision Mask R-CNN loop — {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
@@ -154,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         f"ours in {'channels_last' if args.channels_last else 'contiguous'} layout, mask head on multiples of "
         f"{segment.roi_heads.MASK_BATCH_BUCKETS.get(device.type, 1)} RoIs; "
         f"same starting weights and synthetic batches (on a GPU ours get them pinned, as our loader hands them over, "
-        f"torchvision's loop pageable, as its detection reference loads them); {args.iterations} timed steps each "
+        f"torchvision's loop pageable, as its detection reference loads them); first an untimed step of each with "
+        f"seed {SEED}, whose losses must agree within {tolerance:g}; then {args.iterations} timed steps each "
         f"after {args.warmup} warm-up, alternating; SGD step included; 1/5/15-min load average before: "
         f"{load_before}.\n\n{table}\n"
     )
     publish(text, args.output, append=not args.no_append)
     if args.profile:
-        for name, run in (("torchvision", their_step), ("ours", our_step)):
+        for name, run in steps:
             print_profile(lambda: run(inputs[name][0]), 3, device.type == "cuda", f"{name} training step")
     return 0
 

@@ -28,7 +28,7 @@ import stylize.apply  # noqa: E402
 from pipeline.render import render  # noqa: E402
 from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
 from scripts.bench_render import SIZES, clip_config  # noqa: E402
-from scripts.bench_report import markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402
 
 Sizes = list[tuple[int, int]]
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # multiples of 4: what `style.crop_bucket` takes (pipeline/stylize_stage.py), so each replays a real setting
     parser.add_argument("--buckets", type=whole_number(4, multiple_of=4), nargs="+",
                         default=[64, 128, 192, 256, 384, 512])
-    parser.add_argument("--no-append", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_report_options(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render, e.g. segment=r50_fpn ...")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="crop_batches_") as tmp:
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [replay(calls, frames, bucket) for bucket in args.buckets]
     text = (f"\n## Crop batches on a GPU ({time.strftime('%Y-%m-%d %H:%M')}, scripts/crop_batches.py)\n\n"
             f"{args.size} generated clip, {frames} frames, {crops} stylized crops ({crops / max(1, frames):.2f} per "
-            f"frame), detections computed on {platform.machine()} ({args.device}), torch "
+            f"frame), detections computed on {device_name(args.device)}, torch "
             f"{torch.__version__}, Python {platform.python_version()}; overrides: {' '.join(args.overrides) or 'none'}"
             "\n\n" + markdown_table(
                 ["crop bucket", "network calls / frame", "distinct input shapes", "shapes with CUDA graphs",
                  "padded / crop pixels", "net input px / frame"],
                 [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}",
                   f"{r['pixels'] / 1e3:.0f}k"] for r in rows]) + "\n")
-    publish(text, append=not args.no_append)
+    publish(text, args.output, append=not args.no_append)
     return 0
 
 

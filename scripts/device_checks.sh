@@ -40,12 +40,12 @@ step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/
     tests/test_stylize_train.py::test_new_style_keeps_other_rows_frozen_after_the_network_moves
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
-    --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth
+    --precisions ${PRECISIONS:-fp32 bf16} --iterations 5 --warmup 2 --save-reference /tmp/r50_reference.pth --overwrite
 # the steps from here on that name /tmp/r50_reference.pth need bench_segment or r50_reference in the same run: both
 # write that file, the same seeded weights (calibrated on the same three photos at 480x640) as GPU sessions 4-6 used;
 # r50_reference is the short one, one setting
 step 60 r50_reference python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 8 \
-    --precisions bf16 --iterations 3 --warmup 2 --save-reference /tmp/r50_reference.pth
+    --precisions bf16 --iterations 3 --warmup 2 --save-reference /tmp/r50_reference.pth --overwrite
 step 60 profile_segment python3 scripts/profile_segment.py --checkpoint /tmp/r50_reference.pth
 # the same at the R50 render's batch (four 1080p frames, 10 detections): the segmenter's 13.9-15.5 ms per frame
 # in the render (GPU sessions 4-6) split into its front and the rest, and with cuDNN's algorithm timing

@@ -2,10 +2,11 @@
 crossing (and overlapping) each other while they turn and breathe a little.
 
     python scripts/make_demo_clip.py --out .cache/demo/demo_clip.mp4 [--frames 96 --size 256x256 --fps 24
-                                     --seed 0 --audio]
+                                     --seed 0 --audio --overwrite]
 
 Scenes come from the synthetic scene API of segment/data/synthetic.py (the demo segmenter's training data), so
-the demo model sees the kind of objects it learned. Written with PyAV to a temp file beside --out, then renamed.
+the demo model sees the kind of objects it learned. Written with PyAV to a temp file beside --out, then renamed;
+an existing --out is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.errors import OutputError  # noqa: E402
+from common.arguments import reports_user_errors, whole_number  # noqa: E402
 from common.outputs import AtomicOutput, check_output  # noqa: E402
 from pipeline.encode import VIDEO_SUFFIXES  # noqa: E402
+from scripts.script_outputs import checked_output  # noqa: E402
 from segment.data import synthetic  # noqa: E402
 
 AUDIO_RATE = 48000
@@ -91,7 +93,8 @@ def demo_frames(frames: int, width: int, height: int, seed: int = 0) -> Iterator
         objects = []
         for path, label, texture in zip(paths, labels, texture_ids):
             centre, angle, size = path.at(t)
-            objects.append(synthetic.SceneObject(label=label, center=(float(centre[0] * width), float(centre[1] * height)),
+            objects.append(synthetic.SceneObject(label=label, center=(float(centre[0] * width),
+                                                                      float(centre[1] * height)),
                                                  size=float(size * side), angle=float(angle), texture=int(texture)))
         image, _ = synthetic.render_scene(background, objects, textures)
         yield np.ascontiguousarray(image[..., :3], dtype=np.uint8)
@@ -110,18 +113,20 @@ def _colour_photo(photos: list[np.ndarray], rng: np.random.Generator) -> np.ndar
 
 
 def make_clip(out: str | Path, frames: int = 96, size: tuple[int, int] = (256, 256), fps: int = 24, seed: int = 0,
-              audio: bool = False, overwrite: bool = True) -> Path:
-    """Writes the demo clip (H.264 yuv420p CRF 18, optional 440 Hz sine track) atomically; returns its path."""
+              audio: bool = False, overwrite: bool = False) -> Path:
+    """Writes the demo clip (H.264 yuv420p CRF 18, optional 440 Hz sine track) atomically; returns its path.
+    An existing `out` is replaced only with `overwrite`; `size` (width, height) must be even (yuv420p)."""
     width, height = size
+    if width % 2 or height % 2:  # padded, the file would hold another size than the one asked for and reported
+        raise ValueError(f"yuv420p needs an even width and height, got {width}x{height}")
     target = check_output(out, overwrite=overwrite, suffixes=VIDEO_SUFFIXES, kind="video container")
     with AtomicOutput(target, overwrite=overwrite) as temp, av.open(str(temp), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.options = {"crf": "18", "preset": "medium"}
         sound = container.add_stream("aac", rate=AUDIO_RATE) if audio else None
         for i, image in enumerate(tqdm(demo_frames(frames, width, height, seed), total=frames, unit="frame",
                                        desc="demo clip")):
-            image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
@@ -150,28 +155,27 @@ def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 256x256, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like 256x256, got {text!r}") from None
     if width < 16 or height < 16:
-        raise argparse.ArgumentTypeError(f"--size must be at least 16x16, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be at least 16x16, got {text!r}")
+    if width % 2 or height % 2:  # H.264 yuv420p halves each side for its chroma: the encoder stores even sizes only
+        raise argparse.ArgumentTypeError(f"must be even on both sides (H.264 yuv420p), got {text!r}")
     return width, height
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "demo" / "demo_clip.mp4")
-    parser.add_argument("--frames", type=int, default=96)
-    parser.add_argument("--size", type=_size, default=(256, 256), help="WxH (default 256x256, the model's size)")
-    parser.add_argument("--fps", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--frames", type=whole_number(1), default=96)
+    parser.add_argument("--size", type=_size, default=(256, 256), help="WxH, even (default 256x256, the model's size)")
+    parser.add_argument("--fps", type=whole_number(1), default=24)
+    parser.add_argument("--seed", type=whole_number(0), default=0)
     parser.add_argument("--audio", action="store_true", help="add a 440 Hz tone track")
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.fps < 1:
-        parser.error("--frames and --fps must be positive")
-    try:
-        path = make_clip(args.out, args.frames, args.size, args.fps, args.seed, args.audio)
-    except OutputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    target = checked_output(args.out, args.overwrite, suffixes=VIDEO_SUFFIXES, kind="video container")
+    path = make_clip(target, args.frames, args.size, args.fps, args.seed, args.audio, overwrite=args.overwrite)
     print(f"demo clip: {path} ({args.frames} frames, {args.size[0]}x{args.size[1]}, {args.fps} fps)")
     return 0
 

@@ -12,21 +12,27 @@ import json
 import sys
 from pathlib import Path
 
-from segment.data.errors import DatasetError
-from segment.data.synthetic import CLASS_NAMES, check_replaceable, write_coco_split
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.arguments import whole_number  # noqa: E402
+from segment.data.errors import DatasetError  # noqa: E402
+from segment.data.synthetic import CLASS_NAMES, check_replaceable, write_coco_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="dataset folder")
-    parser.add_argument("--train", type=int, default=2000, help="training images")
-    parser.add_argument("--val", type=int, default=200, help="validation images")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (square images)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classes", nargs="+", default=CLASS_NAMES, metavar="NAME",
+    # every value write_coco_split would refuse is refused here, for both splits, before either is written: a bad
+    # --val used to fail only after the train split had been written (or replaced)
+    parser.add_argument("--train", type=whole_number(0), default=2000, help="training images")
+    parser.add_argument("--val", type=whole_number(0), default=200, help="validation images")
+    parser.add_argument("--size", type=whole_number(32), default=256, help="image side in pixels (square images)")
+    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--classes", nargs="+", default=CLASS_NAMES, choices=CLASS_NAMES, metavar="NAME",
                         help=f"shape classes to use (default all: {' '.join(CLASS_NAMES)})")
-    parser.add_argument("--max-objects", type=int, default=6, help="most objects per image")
+    parser.add_argument("--max-objects", type=whole_number(1), default=6, help="most objects per image")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
     splits = (("train", args.train), ("val", args.val))
     try:
         for split, _ in splits:  # before minutes of generation, and before train replaces anything

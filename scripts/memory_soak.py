@@ -3,12 +3,15 @@
     python scripts/memory_soak.py --frames 3000 --size 64 [--stages full|io] [--checkpoint SEG.pt --bank BANK.pt]
         [render overrides, e.g. segment_every=2 style.propagate=true]
 
-`--stages full` runs every stage on the CPU with tiny random models (--checkpoint: a ResNet-18 GN checkpoint, run
-through conf/segment/r18_fpn.yaml at a small input size); `--stages io` runs decode → encode alone. RSS is sampled
-every `--every` frames; prints the first and last RSS, the least-squares slope and the growth from the first to the
-last quarter, and exits 1 when that growth exceeds `--max-growth-mb`. It also prints each
-stage's ms per frame over the first and the last quarter of the frames: a stage whose work grows with the video (state
-kept per object ever seen, say) shows there long before it shows in RSS.
+The clip is make_demo_clip.py's scene (one shot: the same objects glide across it from the first frame to the last)
+at --size x --size. `--stages full` runs every stage on the CPU: the committed demo segmenter (--checkpoint: another
+checkpoint of ours), which finds those objects on every frame, at the clip's own size, and a tiny random style bank
+(--bank: a real one); `--stages io` runs decode → encode alone. RSS is sampled every `--every` frames and after the
+last batch; prints the first and last RSS, the least-squares slope and the growth from the first to the last quarter,
+and exits 1 when that growth exceeds `--max-growth-mb`. It also prints each stage's ms per frame over the first and
+the last quarter of the frames: a stage whose work grows with the video (state kept per object ever seen, or per
+frame of a track) shows there long before it shows in RSS. The tracker's longest track and scene-cut count say
+whether the soak held objects long enough for that (a clip of short tracks, cut every few frames, cannot).
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.render import ModelStages, compose_config, render  # noqa: E402
 from common.arguments import existing_file, finite_number, reports_user_errors, whole_number  # noqa: E402
-from tests.helpers_video import pattern_frames, write_clip  # noqa: E402
-from tests.render_cli import tiny_model_overrides  # noqa: E402
+from scripts.make_demo_clip import make_clip  # noqa: E402
+from tests.tiny_models import tiny_bank  # noqa: E402
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SoakResult:
     frames: np.ndarray     # frame counts at the samples
     rss_mb: np.ndarray     # RSS in MiB at the samples
     stage_seconds: list[dict[str, float]] = field(default_factory=list)  # each stage's seconds so far, per sample
+    tracks: dict | None = None  # Tracker.summary() at the end (None: no tracker ran)
 
     def stage_ms(self) -> dict[str, tuple[float, float]]:
         """stage -> ms per frame over the first and the last quarter of the samples."""
@@ -60,6 +64,12 @@ class SoakResult:
                 f"slope {self.slope_mb_per_1000:+.2f} MiB/1000 frames, "
                 f"first→last quarter {self.quarter_growth_mb:+.2f} MiB")
 
+    def tracks_line(self) -> str:
+        if not self.tracks:
+            return "tracks: none (no tracker ran)"
+        return (f"tracks: {self.tracks['tracks']} started, longest {self.tracks['longest']} frames, "
+                f"{self.tracks['cuts']} scene cuts")
+
     def stages_line(self) -> str:
         return "ms per frame, first → last quarter: " + ", ".join(
             f"{stage} {first:.2f} → {last:.2f}" for stage, (first, last) in self.stage_ms().items())
@@ -70,37 +80,36 @@ def soak(frames: int = 3000, size: int = 64, stages: str = "full", every: int = 
          render_overrides: tuple[str, ...] = ()) -> SoakResult:
     with tempfile.TemporaryDirectory(prefix="memory_soak_", dir=workdir) as tmp:
         tmp = Path(tmp)
-        clip = _looping_clip(tmp / "soak.mp4", frames, size)
-        overrides = [f"input={clip}", f"output={tmp / 'out.mp4'}", f"batch_size={batch_size}",
-                     *tiny_model_overrides(tmp / "models")]
-        if checkpoint is not None:
-            overrides.append(f"segment.checkpoint={checkpoint}")
-        if bank is not None:
-            overrides.append(f"style.bank={bank}")
-        cfg = compose_config([*overrides, *render_overrides])
+        clip, random_bank = tmp / "soak.mp4", tmp / "tiny_bank.pt"
+        # the segmenter at the clip's size: its cost then follows --size, as every other stage's does
+        overrides = [f"input={clip}", f"output={tmp / 'out.mp4'}", f"batch_size={batch_size}", "device=cpu",
+                     "encode.preset=ultrafast", f"style.bank={bank or random_bank}", f"segment.min_size={size}",
+                     f"segment.max_size={size}", *([f"segment.checkpoint={checkpoint}"] if checkpoint else [])]
+        cfg = compose_config([*overrides, *render_overrides])  # before the clip is made: a bad override costs nothing
+        make_clip(clip, frames, (size, size))
+        if stages == "full" and bank is None:
+            tiny_bank(random_bank)
         samples: list[tuple[int, float, dict[str, float]]] = []
+        last: tuple[int, float, dict[str, float]] | None = None  # each batch's, kept until the next
         process = psutil.Process()
 
         def sample(summary) -> None:
+            nonlocal last
+            last = (summary.frames, process.memory_info().rss / 2**20, dict(summary.timings))
             if not samples or summary.frames - samples[-1][0] >= every:
-                samples.append((summary.frames, process.memory_info().rss / 2**20, dict(summary.timings)))
+                samples.append(last)
 
         gc.collect()
-        render(cfg, Path(cfg.output), on_batch=sample, build=None if stages == "full" else _no_model_stages)
+        summary = render(cfg, Path(cfg.output), on_batch=sample, build=None if stages == "full" else _no_model_stages)
+    if last is not None and samples[-1] is not last:  # the last batch, whatever --every: the soak ends with the clip
+        samples.append(last)
     warm = samples[len(samples) // 10:] or samples  # allocator and codec buffers settle in the first frames
     return SoakResult(np.array([f for f, _, _ in warm], float), np.array([r for _, r, _ in warm], float),
-                      [t for _, _, t in warm])
+                      [t for _, _, t in warm], summary.tracks)
 
 
 def _no_model_stages(cfg, device, reader, target) -> ModelStages:
     return ModelStages(run=[])
-
-
-def _looping_clip(path: Path, frames: int, size: int) -> Path:
-    """A long clip built from a short loop of distinct frames (cheap to generate, still real decode work)."""
-    loop = pattern_frames(24, size, size)
-    return write_clip(path, [loop[i % len(loop)] for i in range(frames)],
-                      options={"preset": "ultrafast", "crf": 23})
 
 
 @reports_user_errors
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", choices=("full", "io"), default="full")
     parser.add_argument("--every", type=whole_number(1), default=50, help="sample RSS every N frames")
     parser.add_argument("--batch-size", type=whole_number(1), default=8)
-    parser.add_argument("--checkpoint", type=existing_file, help="segmenter checkpoint (default: a tiny random one)")
+    parser.add_argument("--checkpoint", type=existing_file,
+                        help="segmenter checkpoint of ours (default: the committed demo segmenter)")
     parser.add_argument("--bank", type=existing_file, help="style bank (default: a tiny random one)")
     parser.add_argument("--max-growth-mb", type=finite_number(0), default=50.0)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the render")
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(args.frames, args.size, args.stages, args.every, checkpoint=args.checkpoint, bank=args.bank,
                   batch_size=args.batch_size, render_overrides=tuple(args.overrides))
     print(result.line())
+    print(result.tracks_line())
     print(result.stages_line())
     if result.quarter_growth_mb > args.max_growth_mb:
         print(f"error: RSS grew {result.quarter_growth_mb:.1f} MiB (> {args.max_growth_mb} MiB)", file=sys.stderr)

@@ -1,5 +1,12 @@
-"""The arithmetic of the benchmark scripts' derived figures, on hand-made inputs."""
+"""The arithmetic of the benchmark scripts' derived figures, on hand-made inputs; the scripts' refusals of bad
+arguments and outputs before any work; what their reports say and where they go."""
 from __future__ import annotations
+
+import importlib
+import sys
+from collections import Counter
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -88,7 +95,9 @@ def test_psnr_by_frame_kind_equals_skimage_on_the_decoded_frames(tmp_path):
 
 # Each script refuses a bad argument in one line (argparse's usage, then `error: ...`, exit status 2) before any
 # work: found by hand as tracebacks (NotAVideoError for 0 frames, StatisticsError for 0 repeats, torch's for a
-# device it has no name for, ...). `{file}` stands for a file that exists, where the script wants one given.
+# device it has no name for, ...). `{file}` stands for a file that exists, where the script wants one given (a .pt),
+# `{dir}` for a folder that exists: a report or a reference checkpoint pointed at a folder was a traceback after
+# the whole benchmark had run (IsADirectoryError), an existing reference was replaced without a word.
 BAD_ARGUMENTS = [
     ("bench_render", ["--frames", "0"], "argument --frames: must be a whole number >= 1, got 0"),
     ("bench_render", ["--frames", "2", "--warmup-frames", "0", "--device", "banana"],
@@ -125,22 +134,42 @@ BAD_ARGUMENTS = [
     ("make_readme_figure", ["--input", "/nonexist.mp4", "--render", "{file}", "--out", "x.png"],
      "argument --input: no such file: /nonexist.mp4"),
     ("make_readme_figure", ["--gap", "-1"], "argument --gap: must be a whole number >= 0, got -1"),
+    *((script, ["--output", "{dir}"], "output {dir} is a folder: give a file name such as {dir}/out.md")
+      for script in ("bench_segment", "bench_train", "bench_stylize", "bench_segment_every", "crop_batches",
+                     "bench_render")),
+    ("bench_render", ["--results", "{dir}"], "argument --output/--results: output {dir} is a folder"),
+    ("bench_stylize", ["--output", "report.txt"], "argument --output: output report.txt: unknown report file '.txt'"),
+    ("bench_segment", ["--save-reference", "{dir}"], "argument --save-reference: output {dir} is a folder"),
+    ("bench_segment", ["--save-reference", "{file}"],
+     "argument --save-reference: output {file} already exists: pass --overwrite to replace it"),
+    # yuv420p stores even sizes only: 33x17 was written as 34x18 and reported as 33x17
+    ("make_demo_clip", ["--out", "{dir}/clip.mp4", "--frames", "1", "--size", "33x17"],
+     "argument --size: must be even on both sides (H.264 yuv420p), got '33x17'"),
+    ("make_demo_clip", ["--out", "{dir}/clip.mp4", "--frames", "0"], "argument --frames: must be a whole number >= 1"),
+    ("make_synthetic_dataset", ["--out", "{dir}/data", "--max-objects", "0"],
+     "argument --max-objects: must be a whole number >= 1, got 0"),
 ]
+
+
+def placed(args: list[str], tmp_path: Path) -> list[str]:
+    """`args` with `{file}` (an existing file, given.pt) and `{dir}` (tmp_path) filled in."""
+    given = tmp_path / "given.pt"
+    if not given.exists():
+        given.write_bytes(b"")
+    return [arg.replace("{file}", str(given)).replace("{dir}", str(tmp_path)) for arg in args]
 
 
 @pytest.mark.parametrize("script, argv, fragment", BAD_ARGUMENTS)
 def test_bad_arguments_are_one_line_before_any_work(script, argv, fragment, tmp_path, capsys):
-    import importlib
-
     main = importlib.import_module(f"scripts.{script}").main
-    given = tmp_path / "given.bin"
-    given.write_bytes(b"")
     with pytest.raises(SystemExit) as exit_:
-        main([str(given) if arg == "{file}" else arg for arg in argv])
+        main(placed(argv, tmp_path))
     assert exit_.value.code == 2
     usage, *middle, error = capsys.readouterr().err.strip().splitlines()  # argparse's usage, then one line
+    (fragment,) = placed([fragment], tmp_path)
     assert usage.startswith("usage: ") and ": error: " in error and fragment in error, error
     assert "Traceback" not in "\n".join(middle)
+    assert {p.name for p in tmp_path.iterdir()} <= {"given.pt"}  # nothing written
 
 
 # A file that is there but is no checkpoint or style bank: the loader's UserError, raised inside the work
@@ -159,3 +188,252 @@ def test_user_errors_of_the_work_are_one_line(script, argv, fragment, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert fragment.replace("{file}", str(given)) in err, err
+
+
+# ---- outputs: refused in one line before any work, nothing lost ----
+
+def clip(path: Path, width: int = 32, height: int = 32, frames: int = 2) -> Path:
+    from tests.helpers_video import pattern_frames, write_clip
+
+    return write_clip(path, pattern_frames(frames, width, height))
+
+
+@pytest.mark.parametrize("script, argv, fragment", [
+    # replaced without a word: make_demo_clip's overwrite defaulted to true, export_segmenter never asked
+    ("make_demo_clip", ["--out", "{old}.mp4", "--frames", "1", "--size", "16x16"],
+     "output {old}.mp4 already exists: pass --overwrite to replace it"),
+    ("export_segmenter", ["{file}", "{old}.pt"], "output {old}.pt already exists: pass --overwrite to replace it"),
+    ("export_segmenter", ["{file}", "{dir}/model.onnx"], "unknown checkpoint file '.onnx', use one of .pt, .pth"),
+    ("make_readme_figure", ["--input", "{file}", "--render", "{file}", "--out", "{old}.png"],
+     "output {old}.png already exists: pass --overwrite to replace it"),
+    # a folder was an IsADirectoryError traceback once the frames were decoded, beside a stray `.d.png.tmp.png`
+    ("make_readme_figure", ["--input", "{file}", "--render", "{file}", "--out", "{dir}"],
+     "output {dir} is a folder: give a file name such as {dir}/out.png"),
+    ("make_readme_figure", ["--input", "{file}", "--render", "{file}", "--out", "{dir}/figure.gif"],
+     "output figure.gif: unknown image type '.gif', use one of .png, .jpg, .jpeg"),
+])
+def test_outputs_are_refused_before_any_work_and_nothing_is_lost(script, argv, fragment, tmp_path, capsys):
+    old = tmp_path / "old"
+    for arg in argv:
+        if arg.startswith("{old}"):
+            old.with_name(arg.replace("{old}", "old")).write_bytes(b"precious")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    main = importlib.import_module(f"scripts.{script}").main
+    assert main([arg.replace("{old}", str(old)) for arg in placed(argv, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    (fragment,) = placed([fragment.replace("{old}", str(old))], tmp_path)
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and fragment in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"given.pt": b"", **before}
+
+
+def test_readme_figure_refuses_videos_of_two_sizes_and_writes_its_suffixs_format(tmp_path, capsys):
+    # two sizes were a ValueError traceback from numpy; `--out e.jpg` held PNG data
+    from PIL import Image
+
+    from scripts.make_readme_figure import main
+
+    small, wide = clip(tmp_path / "small.mp4"), clip(tmp_path / "wide.mp4", width=48)
+    assert main(["--input", str(small), "--render", str(wide), "--frames", "0", "--out", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {small} is 32x32 but {wide} is 48x32: ") and len(err.splitlines()) == 1, err
+    for suffix, format in ((".jpg", "JPEG"), (".png", "PNG")):
+        out = tmp_path / f"figure{suffix}"
+        assert main(["--input", str(small), "--render", str(small), "--frames", "0", "1", "--gap", "2",
+                     "--out", str(out)]) == 0
+        with Image.open(out) as image:
+            assert (image.format, image.size) == (format, (32 + 2 + 32, 32 + 2 + 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.jpg", "figure.png", "small.mp4", "wide.mp4"]
+
+
+def test_demo_clip_is_replaced_when_told_and_holds_the_size_reported(tmp_path, capsys):
+    import av
+
+    from scripts.make_demo_clip import main
+
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"precious")
+    assert main(["--out", str(out), "--frames", "2", "--size", "32x16", "--overwrite"]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height, stream.frames) == (32, 16, 2)
+    assert f"demo clip: {out} (2 frames, 32x16, 24 fps)" in capsys.readouterr().out
+
+
+def test_export_keeps_the_sources_provenance(tmp_path):
+    # an export of an export said only "exported from first.pt": the demo model's own provenance was lost
+    from scripts.export_segmenter import main
+    from tests.tiny_models import tiny_segmenter
+
+    source = tiny_segmenter(tmp_path / "trained.pt")
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    assert main([str(source), str(first), "--note", "tiny random weights"]) == 0
+    assert main([str(first), str(second), "--fp32"]) == 0
+    provenance = {path: torch.load(path, weights_only=True)["provenance"] for path in (first, second)}
+    assert provenance == {first: "tiny random weights", second: f"tiny random weights; exported from {first}"}
+
+
+def test_synthetic_dataset_checks_both_splits_before_writing_either(tmp_path, capsys):
+    # a bad --val used to fail only after the train split had been written (or had replaced an older one)
+    from scripts.make_synthetic_dataset import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "data"), "--train", "1", "--val", "-1", "--size", "32"])
+    assert exit_.value.code == 2
+    assert "argument --val: must be a whole number >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+# ---- the reports: where they go, what they say ----
+
+def test_publish_appends_a_level_two_section_and_names_the_file_in_full(tmp_path, monkeypatch, capsys):
+    # run from elsewhere, bench_segment and bench_train wrote ./docs/benchmarks.md and said "docs/benchmarks.md"
+    from scripts.bench_report import publish
+
+    monkeypatch.chdir(tmp_path)
+    publish("## Section\n\n| a |\n", Path("report.md"))
+    publish("\n## Another\n", Path("report.md"))
+    assert (tmp_path / "report.md").read_text() == "# Benchmarks\n\n## Section\n\n| a |\n\n## Another\n"
+    assert capsys.readouterr().out.count(f"appended to {tmp_path / 'report.md'}\n") == 2
+    with pytest.raises(ValueError, match="starts with a '## ' heading"):  # bench_stylize's was `### stylize: ...`
+        publish("### stylize: throughput\n", Path("report.md"), append=False)
+
+
+@pytest.mark.parametrize("module", ["bench_segment", "bench_train"])
+def test_reports_default_to_the_projects_results_file_from_any_folder(module, tmp_path, monkeypatch):
+    from scripts.bench_report import RESULTS
+
+    monkeypatch.chdir(tmp_path)
+    assert importlib.import_module(f"scripts.{module}").parse_args([]).output == RESULTS
+    assert RESULTS.is_absolute() and RESULTS.parent.name == "docs"
+
+
+@pytest.mark.parametrize("script, argv, maker", [  # maker: the module whose make_clip the script's clip comes from
+    ("crop_batches", ["--size", "240p", "--frames", "2", "--device", "cpu", "--no-append", "no_such_key=1"],
+     "bench_render"),
+    ("bench_render", ["--sizes", "240p", "--frames", "2", "--warmup-frames", "2", "--device", "cpu", "--no-append",
+                      "no_such_key=1"], "bench_render"),
+    ("memory_soak", ["--frames", "16", "--every", "4", "--batch-size", "4", "no_such_key=1"], "memory_soak"),
+])
+def test_a_bad_override_fails_before_any_clip_is_made(script, argv, maker):
+    module, maker = (importlib.import_module(f"scripts.{name}") for name in (script, maker))
+    outcome = None
+    with mock.patch.object(maker, "make_clip", wraps=maker.make_clip) as make_clip:
+        try:
+            outcome = module.main(argv)
+        except Exception as error:  # Hydra's own, until pipeline/render.py words it in one line
+            outcome = error
+    assert outcome not in (0, None) and not make_clip.called, outcome
+
+
+def test_bench_segment_warms_each_setting_past_the_cuda_graph_capture(tmp_path):
+    """GraphCache captures a frame shape's graph on its `after_calls`-th call: with --warmup 1 (the old default)
+    that capture landed in ours' first timed batch on a GPU. Counted on a CPU: the calls each (batch, precision)
+    row makes before its timed ones, here with --warmup 0."""
+    import inspect
+
+    import scripts.bench_segment as bench
+    from gpu.cuda_graph import GraphCache
+
+    after_calls = inspect.signature(GraphCache).parameters["after_calls"].default  # as segment/model.py builds it
+    untimed, real = [], bench.time_pair
+
+    def counted(runs, device, iterations, warmup):
+        calls = Counter()
+
+        def counting(name, run):
+            return lambda: calls.update([name]) or run()
+
+        result = real({name: counting(name, run) for name, run in runs.items()}, device, iterations, warmup)
+        untimed.append(calls["ours"] - iterations)
+        return result
+
+    report = tmp_path / "report.md"
+    argv = ["bench_segment.py", "--devices", "cpu", "--image-size", "64", "64", "--min-size", "64", "--max-size", "64",
+            "--detections", "2", "--batch-sizes", "1", "2", "--precisions", "fp32", "--iterations", "1",
+            "--warmup", "0", "--output", str(report)]
+    with mock.patch.object(bench, "time_pair", counted), mock.patch.object(sys, "argv", argv):
+        bench.main()
+    assert untimed == [after_calls, after_calls]
+    assert f"1 timed iterations after {after_calls} warm-up (--warmup 0, " in report.read_text()
+    assert bench.parse_args([]).warmup >= after_calls  # the default asks for no less
+
+
+TINY_TRAIN = ["--device", "cpu", "--size", "64", "--batch", "1", "--iterations", "1", "--warmup", "0",
+              "--fpn-channels", "32", "--representation-size", "32", "--mask-head-channels", "32"]
+
+
+def last_table_row(text: str) -> dict[str, str]:
+    header, _, row = (line.strip("| ").split(" | ") for line in text.strip().splitlines()[-3:])
+    return dict(zip(header, row))
+
+
+def test_bench_train_gives_a_ratio_only_when_the_first_step_losses_agree(tmp_path, capsys):
+    # the ratio was printed whatever the two computed
+    import scripts.bench_train as bench
+
+    report = tmp_path / "report.md"
+    assert bench.main([*TINY_TRAIN, "--output", str(report)]) == 0
+    row = last_table_row(report.read_text())
+    assert float(row["first-step losses, max relative Δ"]) <= bench.LOSS_TOLERANCE["none"], row
+    assert row["ours / torchvision"].endswith("x"), row
+    real_twin = bench.torchvision_twin
+
+    def skewed(config):  # the twin with its losses half as large again
+        twin = real_twin(config)
+        forward = twin.forward
+        twin.forward = lambda images, targets=None: {k: 1.5 * v for k, v in forward(images, targets).items()}
+        return twin
+
+    capsys.readouterr()
+    with mock.patch.object(bench, "torchvision_twin", skewed):
+        assert bench.main([*TINY_TRAIN, "--output", str(tmp_path / "skewed.md")]) == 1
+    out, err = capsys.readouterr()
+    assert "error: the first step's losses of ours and torchvision's differ by up to 3.33e-01 " in err, err
+    assert "no speed ratio" in err and "ours / torchvision" not in out and not (tmp_path / "skewed.md").exists()
+
+
+def test_bench_stylize_gives_a_ratio_only_when_ours_and_the_module_agree(tmp_path, capsys):
+    # the ratio was printed whatever the two computed; the section was a `### stylize:` under the others' `##`
+    import re
+
+    import scripts.bench_stylize as bench
+    from scripts.bench_report import device_name
+    from tests.tiny_models import tiny_bank
+
+    bank, report = tiny_bank(tmp_path / "bank.pt"), tmp_path / "report.md"
+    seconds = (2.0, 1.0, None, 1.6, 1.25)  # per call: module, runner, runner + graphs (none: CPU), NCHW, full size
+    real_forward = bench.module_forward
+    with mock.patch.object(bench, "bench", return_value=[("frame 854x480", "one by one", 1, seconds)]) as timed:
+        assert bench.main(["--device", "cpu", "--bank", str(bank), "--output", str(report)]) == 0
+        text = report.read_text()
+        assert text.startswith("# Benchmarks\n\n## Stylize: MultiStyleNet throughput (") and "###" not in text
+        assert f", {device_name(torch.device('cpu'))})\n" in text
+        assert re.search(r"the peer on one batch of two \[0, 1\] images: max \|Δ\| [\d.e-]+, mean [\d.e-]+ \(at most",
+                         text), text
+        assert "| frame 854x480 | one by one | 0.50 | 1.00 | - (CPU) | 2.00x | 0.62 | 0.80 |" in text
+        capsys.readouterr()
+        with mock.patch.object(bench, "module_forward", lambda *a, **k: real_forward(*a, **k) + 0.5):
+            assert bench.main(["--device", "cpu", "--bank", str(bank), "--output", str(tmp_path / "skewed.md")]) == 1
+        assert timed.call_count == 1  # the benchmark did not run for the skewed peer
+    out, err = capsys.readouterr()
+    assert "error: ours and the module forward disagree on one batch: max |Δ| 0.5" in err and "no speed ratio" in err
+    assert "|" not in out and not (tmp_path / "skewed.md").exists()
+
+
+@pytest.mark.parametrize("script, argv, device_line", [
+    ("bench_segment_every", ["--input", "{clip}", "--every", "2", "--repeats", "0", "--device", "cpu"],
+     "Device: {cpu};"),
+    ("crop_batches", ["--size", "240p", "--frames", "2", "--buckets", "64", "--device", "cpu"],
+     "detections computed on {cpu},"),
+])
+def test_sections_go_to_output_and_name_the_cpu_model(script, argv, device_line, tmp_path):
+    # both lacked --output; bench_segment_every named the device "CPU (2 threads)", crop_batches "x86_64 (cpu)"
+    from scripts.bench_report import cpu_model, device_name
+    from tests.render_cli import tiny_model_overrides
+
+    video, report = clip(tmp_path / "clip.mp4", 64, 48, 4), tmp_path / "report.md"
+    main = importlib.import_module(f"scripts.{script}").main
+    argv = [arg.replace("{clip}", str(video)) for arg in argv]
+    assert main([*argv, "--output", str(report), *tiny_model_overrides(tmp_path / "models")]) == 0
+    text = report.read_text()
+    assert device_line.replace("{cpu}", device_name(torch.device("cpu"))) in text and cpu_model() in text, text

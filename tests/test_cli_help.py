@@ -70,7 +70,7 @@ def test_module_tools_name_themselves_as_run(module, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
 
 
-@pytest.mark.parametrize("script", ["bench_report.py", "profiling.py"])
+@pytest.mark.parametrize("script", ["bench_report.py", "profiling.py", "script_outputs.py"])
 def test_helper_modules_say_they_are_libraries(script):
     # both printed nothing and exited 0, for --help and for nothing at all
     def run(*args: str) -> subprocess.CompletedProcess:
