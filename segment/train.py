@@ -3,14 +3,17 @@
 Several GPUs (or CPU processes): `torchrun --nproc_per_node=N -m segment.train ...`; batch_size is per process
 and the learning rate follows the images per iteration over all processes (see segment/optim.py).
 Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt
-(with the same schedule and batch size), `overwrite=true` first removes those files of an earlier run. A run holds
-output_dir/.lock while it runs: a second training into the same folder stops at once. A schedule with
-reference_images_per_iter (paper_1x) scales its iteration counts to the images per iteration (effective_schedule).
-Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2.
+(with the same schedule and batch size), `overwrite=true` removes those files of an earlier run once the new run's
+model and data are built. A run holds output_dir/.lock while it runs: a second training into the same folder stops
+at once. A sweep (`-m seed=0,1 ...`) trains job N into output_dir/N. A schedule with reference_images_per_iter
+(paper_1x) scales its iteration counts to the images per iteration (effective_schedule).
+Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2, and a
+refused run leaves no folder of its own making.
 """
 from __future__ import annotations
 
 import fcntl
+import itertools
 import math
 import os
 import sys
@@ -23,17 +26,20 @@ from typing import Any, NoReturn
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError, one_line
-from common.hydra_cli import exit_on_bad_overrides
+from common.hydra_cli import exit_on_bad_overrides, multirun
 from common.outputs import AtomicOutput, leftover_temp_files
 from common.settings import flag, number, whole
 from common.signals import exit_status, on_stop_signals
 from segment.checkpoint import load_checkpoint, project_relative
 from segment.config import SegmenterConfig, real_class_names
+from segment.data import build_dataset, check_data_settings, collate, data_flag
 from segment.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
 from segment.errors import CheckpointError, ConfigError
@@ -88,7 +94,8 @@ def checked_train_settings(cfg: DictConfig) -> TrainSettings:
     number(get("clip_grad_norm"), "clip_grad_norm", nullable=True)
     number(get("data.hflip_prob"), "data.hflip_prob", 0, 1)
     _sizes(cfg, "data.resize.min_size", nullable=True)
-    _sizes(cfg, "data.resize.max_size", nullable=True)
+    whole(get("data.resize.max_size"), "data.resize.max_size", 1, nullable=True)  # one cap, never a list
+    check_data_settings(cfg.data)
     for key in ("resume", "overwrite"):
         flag(get(key), key)
     # the segment settings (segment.min_size, max_size... in SegmenterConfig's checks) too, before any data is made
@@ -133,16 +140,38 @@ def describe_schedule(schedule: Any, images_per_iteration: int) -> str:
 
 
 def check_writable_folder(path: Path) -> None:
-    """Makes output_dir and writes a file in it: a folder that cannot hold the run fails now, in one line, not at
-    the first checkpoint."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir={path} is a file, not a folder")
+    """Writes (and removes) a file in output_dir, or in the nearest folder above it that exists, making nothing: a
+    folder that cannot hold the run fails now, in one line, not at the first checkpoint."""
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={path} is a file, not a folder" if existing == path else
+                          f"output_dir={path} cannot be made: {existing} is a file")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test."):
             pass
     except OSError as e:
         raise ConfigError(f"output_dir={path} cannot be written to ({e.strerror or e})") from None
+
+
+def make_output_dir(path: Path, made: list[Path]) -> None:
+    """Makes output_dir once it is known to be writable, putting the folders made for it into `made`, deepest first:
+    a run that ends without writing into them removes them again (remove_empty_folders)."""
+    check_writable_folder(path)
+    made[:0] = itertools.takewhile(lambda folder: not folder.exists(), (path, *path.parents))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # made meanwhile as a file, or taken away from under us
+        raise ConfigError(f"output_dir={path} cannot be made ({e.strerror or e})") from None
+
+
+def remove_empty_folders(made: list[Path]) -> None:
+    """The folders this run made, deepest first, as long as each is empty: a refused or stopped run leaves none."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # holds the run's files (or the user's): it stays, and so do the folders above it
+            break
+    made.clear()
 
 
 def segmenter_config(segment_cfg: Any, class_names: list[str] | None,
@@ -210,15 +239,13 @@ def _batch_sampler_factory(cfg: DictConfig, dataset) -> partial:
 
     from segment.data.sampler import GroupedBatchSampler, aspect_ratio_groups
 
-    if cfg.data.get("aspect_grouping", True):
+    if data_flag(cfg.data, "aspect_grouping", True):
         return partial(GroupedBatchSampler, group_ids=aspect_ratio_groups(dataset), batch_size=int(cfg.batch_size))
     return partial(BatchSampler, batch_size=int(cfg.batch_size), drop_last=True)
 
 
 def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> Trainer:
     """Everything the loop needs, built from the composed config (model, data stream, optimizer, schedule)."""
-    from segment.data import build_dataset, collate
-
     seed_everything(int(cfg.seed) + info.rank)
     if not info.is_main:
         barrier(info)  # rank 0 generates missing synthetic data first; the others then read it
@@ -323,14 +350,14 @@ def unlock_output_dir(out: Path, fd: int) -> None:
         os.close(fd)
 
 
-def _settle_output_dir(cfg: DictConfig, info: DistInfo) -> tuple[int | None, Path | None]:
-    """Rank 0 takes output_dir (lock, then the earlier run's files) for the whole run -> (its lock, the checkpoint to
-    resume from); every rank stops with it when it refuses."""
+def _settle_output_dir(cfg: DictConfig, info: DistInfo, made: list[Path]) -> tuple[int | None, Path | None]:
+    """Rank 0 makes output_dir (the folders it made into `made`) and takes it (lock, then the earlier run's files)
+    for the whole run -> (its lock, the checkpoint to resume from); every rank stops with it when it refuses."""
     out = Path(cfg.output_dir)
     lock = resume_from = error = None
     if info.is_main:
         try:
-            check_writable_folder(out)
+            make_output_dir(out, made)
             lock = lock_output_dir(out)
             resume_from = _check_output_dir(cfg)
         except UserError as e:
@@ -344,9 +371,9 @@ def _settle_output_dir(cfg: DictConfig, info: DistInfo) -> tuple[int | None, Pat
 
 
 def _remove_previous_run(out: Path) -> None:
-    """A run starting from scratch first removes what an earlier run wrote there (and the temporary files of its
-    atomic writes): a later resume=true would otherwise continue the old run's checkpoint, and its metrics would
-    mix with the new ones."""
+    """A run starting from scratch removes what an earlier run wrote there (and the temporary files of its atomic
+    writes) before it writes anything: a later resume=true would otherwise continue the old run's checkpoint, and
+    its metrics would mix with the new ones."""
     for name in RUN_FILES:
         for path in (out / name, *leftover_temp_files(out / name)):
             path.unlink(missing_ok=True)
@@ -360,13 +387,14 @@ def train(cfg: DictConfig) -> Path:
         torch.set_num_threads(int(cfg.cpu_threads))
     out = Path(cfg.output_dir)
     lock = None
+    made: list[Path] = []
     try:
-        lock, resume_from = _settle_output_dir(cfg, info)
-        if resume_from is None and info.is_main:
-            _remove_previous_run(out)
+        lock, resume_from = _settle_output_dir(cfg, info, made)
         trainer = build_trainer(cfg, info, settings)
         if resume_from is not None:
             trainer.resume(resume_from)
+        elif info.is_main:  # only now: starting weights and data that fail to load leave the earlier run as it was
+            _remove_previous_run(out)
         if info.is_main:  # the run is settled: its config and banner say what it will do
             with AtomicOutput(out / CONFIG, overwrite=True) as temp:  # a resume reads it: never half a file
                 OmegaConf.save(cfg, temp, resolve=True)
@@ -384,6 +412,7 @@ def train(cfg: DictConfig) -> Path:
     finally:
         if lock is not None:
             unlock_output_dir(out, lock)
+        remove_empty_folders(made)
         cleanup(info)
 
 
@@ -403,20 +432,29 @@ def _fail(error: UserError) -> NoReturn:
     sys.exit(2)
 
 
-def _check_output_dir_argument(argv: list[str]) -> None:
-    """Hydra makes its run folder, output_dir, before `main` runs: a folder it cannot make (a file's path, a
-    read-only place) would be Hydra's traceback, so an output_dir given on the command line is checked first
-    (not for Hydra's --help, --cfg and the like, which run nothing: they made the folder)."""
-    if set(argv) & {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}:
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _check_sweep_output_dir(argv: list[str]) -> None:
+    """A sweep's output_dir is Hydra's sweep folder (conf/train.yaml), made by Hydra, with its multirun.yaml, before
+    `main` runs: a folder it cannot make (a file's path, a read-only place) would be Hydra's traceback, so an
+    output_dir given on the command line is checked first, without making it (not for Hydra's --help, --cfg and the
+    like, which run nothing). Swept itself it would be no one folder (Hydra's basic sweeper runs every combination,
+    each job in a numbered folder of its own anyway): refused. A single run makes output_dir itself, in `train`."""
+    if not multirun(argv) or set(argv) & {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
+                                          "--shell-completion", "-sc"}:
         return
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     except OverrideParseException:
         return  # Hydra says what is wrong with it
-    given = [o.value() for o in overrides if o.key_or_group == "output_dir" and not o.is_delete()]
-    if given and isinstance(given[-1], str) and "${" not in given[-1]:
+    given = [o for o in overrides if o.key_or_group == "output_dir" and not o.is_delete()]
+    if given and given[-1].is_sweep_override():
+        _fail(ConfigError("output_dir cannot be swept: a sweep trains job N into output_dir/N, give one output_dir"))
+    if given and isinstance(given[-1].value(), str) and "${" not in given[-1].value():
         try:
-            check_writable_folder(Path(given[-1]))
+            check_writable_folder(Path(given[-1].value()))
         except ConfigError as error:
             _fail(error)
 
@@ -424,6 +462,8 @@ def _check_output_dir_argument(argv: list[str]) -> None:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     on_stop_signals()  # SIGTERM (a scheduler's preemption), SIGHUP (the terminal closed) stop like Ctrl-C
+    if _in_sweep():  # each job a run of its own: one shared folder would refuse every job after the first
+        cfg.output_dir = str(Path(cfg.output_dir) / str(HydraConfig.get().job.num))
     try:
         final = train(cfg)
     except UserError as error:
@@ -437,5 +477,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "train", sys.argv[1:])
-    _check_output_dir_argument(sys.argv[1:])
+    _check_sweep_output_dir(sys.argv[1:])
     main()

@@ -6,11 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from segment.data import CocoDetection, DatasetError, GroupedBatchSampler, build_transforms, collate
+from common.errors import UserError
+from segment.data import (
+    CocoDetection, DatasetError, GroupedBatchSampler, build_dataloader, build_dataset, build_transforms, collate,
+)
 from segment.data.sampler import aspect_ratio_groups
 
 
@@ -125,6 +129,32 @@ def test_category_subset_and_drop_empty(tiny_coco):
     assert dataset.image_ids == [1]  # image 2 only has a 'seven' and a crowd
     _, target = dataset[0]
     assert target["labels"].tolist() == [2, 1]
+
+
+def _data_config(tiny_coco, **settings):
+    """A `data` group (conf/data/*.yaml) over the tiny COCO files."""
+    images_dir, ann_file = tiny_coco
+    return OmegaConf.create({"train": {"images": str(images_dir), "annotations": str(ann_file)}, **settings})
+
+
+def test_data_config_reads_category_ids_and_drop_empty(tiny_coco):
+    dataset = build_dataset(_data_config(tiny_coco, category_ids=[12, 3], drop_empty=True), "train")
+    assert dataset.class_names == ["twelve", "three"] and dataset.image_ids == [1]
+    assert build_dataset(_data_config(tiny_coco, category_ids=[12, 3], drop_empty=False), "train").image_ids == [1, 2]
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("category_ids", "abc", "data.category_ids must be null or a list of category ids"),  # ids 'a', 'b' and 'c'
+    ("category_ids", [3, "7"], "data.category_ids.1 must be a whole number"),
+    ("drop_empty", "no", "data.drop_empty must be true or false"),  # text: read as true
+    ("aspect_grouping", "off", "data.aspect_grouping must be true or false"),
+    ("generate_if_missing", {"n_train": "abc", "n_val": 2, "size": 64, "seed": 0},
+     "data.generate_if_missing.n_train must be a whole number"),  # int('abc'): a ValueError traceback
+])
+def test_data_settings_of_the_wrong_type_are_refused_in_one_line(tiny_coco, setting, value, message):
+    with pytest.raises(UserError, match=message) as caught:
+        build_dataloader(_data_config(tiny_coco, **{setting: value}), "train", batch_size=1)
+    assert "\n" not in str(caught.value)
 
 
 def test_missing_files_give_one_line_errors(tiny_coco, tmp_path):

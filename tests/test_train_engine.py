@@ -245,6 +245,19 @@ BAD_SETTINGS = [
     ("data.hflip_prob=null", "data.hflip_prob"),  # was float(None) once the data was built
     # from scratch, random weights that never train and a norm that never normalizes
     ("segment.norm=frozen_bn", "segment.norm=frozen_bn"), ("segment.trainable_layers=3", "trainable_layers=3"),
+    # the synthetic generator's settings: int('abc') was a traceback once output_dir was taken, 64.9 was cut to 64,
+    # 1.5 refused as "(got 4, 1, 6)", naming no setting, and a negative seed was numpy's error
+    ("data.generate_if_missing.n_train=abc", "data.generate_if_missing.n_train must be a whole number >= 0"),
+    ("data.generate_if_missing.n_val=-1", "data.generate_if_missing.n_val"),
+    ("data.generate_if_missing.size=64.9", "data.generate_if_missing.size must be a whole number >= 32"),
+    ("data.generate_if_missing.size=1.5", "data.generate_if_missing.size"),
+    ("data.generate_if_missing.size=16", "data.generate_if_missing.size"),
+    ("data.generate_if_missing.seed=-1", "data.generate_if_missing.seed"),
+    ("+data.generate_if_missing.count=5", "unknown data.generate_if_missing setting"),
+    ("data.generate_if_missing=abc", "data.generate_if_missing must be null or hold"),
+    ("data.resize.max_size=[100,200]", "data.resize.max_size"),  # one cap: a TypeError once training had begun
+    ("data.aspect_grouping=no", "data.aspect_grouping"), ("data.drop_empty=maybe", "data.drop_empty"),  # were on
+    ("data.category_ids=abc", "data.category_ids must be null or a list"),  # was read as the ids 'a', 'b', 'c'
 ]
 
 

@@ -10,17 +10,10 @@ import torch
 from common.outputs import AtomicOutput, leftover_temp_files
 from segment.engine import FINAL, LAST, METRICS, TrainingError
 from segment.train import train
-from tests.train_fixtures import make_trainer, one_thread, synthetic_split, train_config  # noqa: F401
+from tests.train_fixtures import data_root, make_trainer, one_thread, synthetic_split, train_config  # noqa: F401
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic_split(root)
-    return root
 
 
 def _iterations(output_dir) -> list[int]:

@@ -45,6 +45,14 @@ def synthetic_split(root: Path, n_images: int = 4, size: int = 64, hflip_prob: f
     return CocoDetection(root / "train", annotations, transforms=build_transforms(True, hflip_prob=hflip_prob))
 
 
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A module's tiny synthetic train split (synthetic_split), made once."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic_split(root)
+    return root
+
 def tiny_config(**overrides) -> SegmenterConfig:
     names = ["__background__", *CLASS_NAMES]
     return SegmenterConfig(**{**TINY_MODEL, "num_classes": len(names), "class_names": names, **overrides})
