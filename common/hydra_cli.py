@@ -22,7 +22,7 @@ def multirun(args: list[str]) -> bool:
                or arg.lstrip("+") == "hydra.mode=MULTIRUN" for arg in args)
 
 
-def composition_error(error: HydraException) -> str:
+def composition_error(error: Exception) -> str:
     """Hydra's message on one line: its first line, with the group's options (or its hint) after it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
@@ -60,6 +60,8 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
             compose(config_name=config_name, overrides=trial)
         except HydraException as error:
             raise SettingError(composition_error(error)) from None
+        except ValueError as error:  # what Hydra raises for some (`group=null`: "must be a string or a list")
+            raise SettingError(f"{composition_error(error)} ({', '.join(trial)})") from None
 
 
 def exit_on_bad_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:

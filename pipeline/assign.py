@@ -8,16 +8,17 @@ Instances of `exclude_classes`, below `min_score`, or with fewer than `min_area`
 A track unseen for longer than the tracker keeps a missed track (`track_horizon`) has ended: its style is
 forgotten, so what the assigner holds, and its work per frame, stay flat over a long video however many objects
 come and go (a COCO model's busy scene starts several tracks a frame).
-Every style spec and class name is checked against the bank and the model when the assigner is built, so a
-typo fails before the first frame is decoded.
+Every style spec and class name the policy uses is checked against the bank and the model when the assigner is
+built, so a typo fails before the first frame is decoded.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import one_line
 from common.settings import check_settings, number, whole
 from pipeline.errors import PipelineConfigError
 from pipeline.host_copy import to_host
@@ -27,6 +28,7 @@ from segment.config import real_class_names
 from segment.roi_masks import RoIMasks, per_frame
 from segment.structures import mask_areas
 from stylize.bank import ORIGINAL
+from stylize.errors import StyleError
 
 POLICIES = ("by_class", "per_instance")
 # conf/style keys: the assigner's, plus those the stylize stage and the render read (bank, margin, region, precision...).
@@ -68,8 +70,12 @@ class StyleAssigner:
         # The class map is checked against the model only where it is used, so the default config (written for
         # the demo segmenter's classes) still runs per_instance with a COCO model.
         check = self._class if policy == "by_class" else (lambda name, key: str(name))
+        class_styles = {} if class_styles is None else class_styles
+        if not isinstance(class_styles, Mapping):  # style.class_styles=abc: text, which has no classes
+            raise PipelineConfigError("style.class_styles must be a map of class to style (style.class_styles.CLASS="
+                                      f"STYLE), got {class_styles!r}")
         self.class_styles = {check(c, "style.class_styles"): self._style(s, f"style.class_styles.{c}")
-                             for c, s in (class_styles or {}).items()}
+                             for c, s in class_styles.items()}
         self.default_style = self._style(default_style, "style.default_style")
         self.background = self._style(background, "style.background")
         self.excluded = {self._class(c, "style.exclude_classes") for c in listed(exclude_classes)}
@@ -108,9 +114,22 @@ class StyleAssigner:
         return name
 
     def _validate_specs(self, bank) -> None:
-        specs = {*self.palette, *self.class_styles.values(), self.default_style, self.background} - {None}
-        for spec in sorted(specs):
-            bank.weights_for(spec)  # raises StyleError naming the bad style and the available ones
+        """Each style spec the policy uses must name styles of the bank; the error names the setting. The class map
+        and default style are by_class's alone: under per_instance the defaults (names of the 26 imported styles)
+        stopped every render with a bank of other names."""
+        settings = [*(("style.palette", spec) for spec in self.palette), ("style.background", self.background)]
+        if self.policy == "by_class":
+            settings += [(f"style.class_styles.{name}", spec) for name, spec in self.class_styles.items()]
+            settings.append(("style.default_style", self.default_style))
+        checked: set[str] = set()
+        for key, spec in settings:
+            if spec is None or spec in checked:
+                continue
+            checked.add(spec)
+            try:
+                bank.weights_for(spec)
+            except StyleError as error:  # it names the bad style and the bank's; the setting is what to fix
+                raise StyleError(f"{key}: {one_line(error)}") from None
 
     # -- stage -------------------------------------------------------------------------------------
 

@@ -43,6 +43,13 @@ from pipeline.record import FrameRecord
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")  # the containers an output may be
 _CODEC_OPTIONS = ("crf", "cq", "qp", "preset", "tune", "rc", "profile")
 ENCODE_KEYS = ("codec", "pix_fmt", "audio", "options", "colour", *_CODEC_OPTIONS)  # conf/encode
+# x264 clamps its quality settings without a word (crf=100 encoded byte for byte as crf=51), so they are checked
+# here. crf: 0 (lossless at 8 bits) to 51 at any bit depth: x264 would go down to -12 at 10 bits, but FFmpeg refuses
+# a crf below -1 and takes -1 to 0 as unset (its default, 23). qp: 0 (lossless) to x264's QP_MAX, 69 at 8 bits and 6
+# more per extra bit (81 at 10 bits); measured on this FFmpeg build: each value past these encoded as the end.
+X264_CODECS = ("libx264", "libx264rgb")
+X264_CRF_MAX = 51
+X264_QP_MAX_8BIT = 69
 _AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
 _PCM_SHY_FORMATS = ("mp4", "ipod", "mov")  # they hold PCM (mp4 as "ipcm"), which browsers and many players skip
 _AAC_RATES = av.Codec("aac", "w").audio_rates
@@ -79,6 +86,7 @@ class VideoWriter:
         self.colour = colour
         self.codec = str(cfg.get("codec", "libx264"))
         self.pix_fmt = str(cfg.get("pix_fmt", "yuv420p"))
+        self._settings = _codec_settings(cfg)
         self.width, self.height = _encodable_size(info.width, info.height, self.pix_fmt)
         self.primaries, self.transfer, self.matrix = output_colour(info)
         self.frames_written = 0
@@ -89,6 +97,11 @@ class VideoWriter:
         if audio not in ("copy", "none"):
             raise PipelineConfigError(f"encode.audio must be copy or none, got {audio!r}")
         _check_codec(self.codec)
+        if self.codec in X264_CODECS:
+            _check_x264_quality(self.codec, self._settings, self.pix_fmt)
+        if colour == "device" and self.pix_fmt not in TORCH_YUV_FORMATS:
+            print(f"note: encode.colour=device converts to {', '.join(TORCH_YUV_FORMATS)} only: {self.pix_fmt} "
+                  "goes through swscale", file=sys.stderr)
         if (self.width, self.height) != (info.width, info.height):
             print(f"note: {self.codec} with {self.pix_fmt} needs even sizes: padding {info.width}x{info.height} "
                   f"to {self.width}x{self.height} by repeating the edge pixels", file=sys.stderr)
@@ -96,8 +109,8 @@ class VideoWriter:
             print(f"note: {hdr_note(info, self.pix_fmt)}", file=sys.stderr)
         self.container = av.open(str(self.path), mode="w")
         try:  # every encoder opens now, each failure named, so a bad setting fails before any work
-            self.stream = self._add_video_stream(cfg)
-            self._open_video_encoder(cfg)
+            self.stream = self._add_video_stream()
+            self._open_video_encoder()
             if info.has_audio and audio == "copy":
                 self._audio = _AudioCarrier(info.path, self.container, self.path.suffix)
             self._start()
@@ -105,7 +118,7 @@ class VideoWriter:
             self.abort()
             raise
 
-    def _open_video_encoder(self, cfg: Mapping) -> None:
+    def _open_video_encoder(self) -> None:
         try:
             self.stream.codec_context.open()
         except av.FFmpegError as e:
@@ -114,11 +127,17 @@ class VideoWriter:
                 hint = (" - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver: "
                         "try encode=x264")
             else:  # the codec is there (_check_codec): what it refused is among what it was given
-                settings = [f"encode.pix_fmt={self.pix_fmt}"]
-                settings += [f"encode.{key}={cfg[key]}" for key in _CODEC_OPTIONS if cfg.get(key) is not None]
-                settings += [f"encode.options.{k}={v}" for k, v in (cfg.get("options") or {}).items()]
+                settings = [f"encode.pix_fmt={self.pix_fmt}", *(f"{name}={value}"
+                                                                for name, value in self._settings.values())]
                 hint = f": check its settings ({', '.join(settings)})"
             raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){hint}") from e
+        # FFmpeg hands back the options that neither the codec nor the generic encoder settings know, and encodes
+        # without them: x264 given nvenc's cq or rc, or a typo in encode.options, made the same file as without
+        unused = self.stream.codec_context.options
+        if unused:
+            names = [name for option, (name, _) in self._settings.items() if option in unused] or sorted(unused)
+            raise EncoderError(f"{self.codec} does not take {', '.join(names)}: it would encode as without "
+                               f"{'them' if len(names) > 1 else 'it'}; leave {'them' if len(names) > 1 else 'it'} out")
 
     def _start(self) -> None:
         """Writes the header; the muxer may then put the video on a clock of its own (Matroska: milliseconds)."""
@@ -129,16 +148,14 @@ class VideoWriter:
         self._output_clock = Fraction(self.stream.time_base)
         self._input_per_tick = self._output_clock / self.info.time_base
 
-    def _add_video_stream(self, cfg: Mapping) -> av.video.stream.VideoStream:
+    def _add_video_stream(self) -> av.video.stream.VideoStream:
         rate = self.info.average_rate or 25
         stream = self.container.add_stream(self.codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.pix_fmt
         stream.time_base = self.info.time_base
         stream.codec_context.time_base = self.info.time_base  # frames keep the input's own pts
         stream.thread_type = "AUTO"
-        options = {key: str(cfg[key]) for key in _CODEC_OPTIONS if cfg.get(key) is not None}
-        options.update({str(k): str(v) for k, v in (cfg.get("options") or {}).items()})
-        stream.codec_context.options = options
+        stream.codec_context.options = {option: str(value) for option, (_, value) in self._settings.items()}
         ctx = stream.codec_context
         ctx.color_primaries, ctx.color_trc = self.primaries, self.transfer
         if not av.VideoFormat(self.pix_fmt).is_rgb:
@@ -420,6 +437,41 @@ def _edge_padded(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if h != height:
         image = torch.cat([image, image[:, -1:].expand(-1, height - h, -1)], dim=1)
     return image
+
+
+def _codec_settings(cfg: Mapping) -> dict[str, tuple[str, object]]:
+    """The codec options the settings give, each as (the setting that gives it, its value): the named settings
+    (crf, preset...), then encode.options, which win over a named one of the same option; null ones are unset."""
+    options = cfg.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):  # encode.options=abc: text, which names no option
+        raise PipelineConfigError("encode.options must be a map of codec options (+encode.options.NAME=VALUE), "
+                                  f"got {options!r}")
+    settings = {key: (f"encode.{key}", cfg[key]) for key in _CODEC_OPTIONS if cfg.get(key) is not None}
+    settings.update({str(k): (f"encode.options.{k}", v) for k, v in options.items() if v is not None})
+    return settings
+
+
+def _check_x264_quality(codec: str, settings: dict[str, tuple[str, object]], pix_fmt: str) -> None:
+    """crf and qp within x264's ranges (X264_CRF_MAX), and not both: given crf, x264 ignores qp."""
+    bits = max((c.bits for c in av.VideoFormat(pix_fmt).components), default=8)
+    for option, high in (("crf", X264_CRF_MAX), ("qp", X264_QP_MAX_8BIT + 6 * (bits - 8))):
+        if option not in settings:
+            continue
+        name, value = settings[option]
+        try:  # a number, or its text (codec options are text: encode.options.crf="20")
+            quality = float(str(value))
+        except ValueError:
+            quality = math.nan
+        whole = option == "qp"
+        if not 0 <= quality <= high or (whole and not quality.is_integer()):
+            kind = "a whole number" if whole else "a number"
+            raise PipelineConfigError(f"{name}={value}: {codec} takes {kind} from 0 to {high} with {pix_fmt}")
+    if "crf" in settings and "qp" in settings:
+        (crf, crf_value), (qp, qp_value) = settings["crf"], settings["qp"]
+        raise PipelineConfigError(f"{crf}={crf_value} and {qp}={qp_value}: {codec} steers by one, and given crf "
+                                  f"ignores qp; pass {crf}=null to steer by qp")
 
 
 def _check_codec(name: str) -> None:

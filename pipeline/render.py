@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 OmegaConf.register_new_resolver("sweep_only", lambda value, mode: value if getattr(mode, "name", mode) == "MULTIRUN"
                                 else None, replace=True)
 DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality", "workers")  # conf/debug
+# What `render` reads without a default; `~track` or `~input` on the command line deletes one (Hydra composes that
+# without a word), which was an omegaconf traceback mid-way through the set-up
+REQUIRED_KEYS = ("input", "overwrite", "device", "batch_size", "queue_size")
+REQUIRED_GROUPS = ("decode", "segment", "style", "track", "composite", "encode")
 THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
 
 
@@ -105,6 +109,7 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     `build` replaces `build_stages` (same signature), e.g. to measure decode → encode alone; `summary`, where given,
     is the one filled and returned (the CLI's signal handler reads it while the render runs).
     """
+    _check_present(cfg)
     threads = whole(cfg.get("stage_threads", 2), "stage_threads", 1, 3)
     operator_threads = cfg.get("torch_threads", "auto")
     if operator_threads != "auto" and (isinstance(operator_threads, bool) or not isinstance(operator_threads, int)
@@ -125,6 +130,17 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     summary.output = target
     with _torch_threads(operator_threads, device):
         return _render(cfg, source, target, device, threads, on_batch, build, summary)
+
+
+def _check_present(cfg: DictConfig) -> None:
+    """Every key and group the render reads is in `cfg`, each group a group of settings."""
+    for key in (*REQUIRED_KEYS, *REQUIRED_GROUPS):
+        if key not in cfg:
+            what = f"{key} group" if key in REQUIRED_GROUPS else key
+            raise PipelineConfigError(f"no {what} in the config: the render needs it (drop ~{key} from the command)")
+    for group in REQUIRED_GROUPS:
+        if not isinstance(cfg[group], Mapping):
+            raise PipelineConfigError(f"{group} must be a group of settings ({group}.KEY=VALUE), got {cfg[group]!r}")
 
 
 @contextmanager
@@ -190,6 +206,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     from pipeline.track import Tracker
     from segment.checkpoint import load_segmenter
     from stylize.bank import StyleBank
+    from stylize.errors import StyleError
 
     # The render's device wins over the segment group's own `device` setting.
     model = load_segmenter({**OmegaConf.to_container(cfg.segment, resolve=True), "device": str(device)})
@@ -197,7 +214,10 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     bank_file = cfg.style.get("bank")  # ~ is the user's home here as in input, output and segment.checkpoint
     bank = StyleBank.load(None if bank_file is None else Path(str(bank_file)).expanduser())
     for extra in listed(cfg.style.get("extra_styles")):  # stylize.train mode=new_style checkpoints
-        bank.add_from_checkpoint(Path(str(extra)).expanduser())
+        try:
+            bank.add_from_checkpoint(Path(str(extra)).expanduser())
+        except StyleError as error:  # it names the file; the setting that gave it is what to fix
+            raise StyleError(f"style.extra_styles: {one_line(error)}") from None
     bank.network.to(device)
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))
@@ -413,7 +433,7 @@ _LEAVE_SWEEP = _leaving(b"error: interrupted between two sweep jobs: the later o
 
 def _job(cfg: DictConfig, late: list[int]) -> None:
     for key in ("input", "output"):
-        if OmegaConf.is_missing(cfg, key):
+        if key not in cfg or OmegaConf.is_missing(cfg, key):  # not given, or deleted (~input)
             print(f"error: no {key} given: pass {key}=PATH (e.g. input=clip.mp4 output=out.mp4)", file=sys.stderr)
             sys.exit(2)
     summary = RenderSummary(output=Path(str(cfg.output)))

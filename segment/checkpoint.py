@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,8 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
     """Our checkpoint (config stored inside) or a torchvision state_dict file -> model in eval mode on the CPU.
 
     Overrides change inference settings (thresholds, sizes, precision...). Our checkpoints carry the
-    architecture they were trained with, so overrides of ARCHITECTURE_KEYS apply only to raw torchvision files.
+    architecture they were trained with, so overrides of ARCHITECTURE_KEYS apply only to raw torchvision files: on
+    ours they are still checked, and those that differ from the file's are named in a note.
     """
     state = read_file(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
@@ -213,10 +215,37 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides: Any) -> MaskRCN
             raise CheckpointError(f"{path} is an {FORMAT} file without a valid config / model entry")
         settings = {k: v for k, v in config_overrides.items() if k not in ARCHITECTURE_KEYS}
         config = SegmenterConfig.from_dict({**state["config"], **settings})
+        # the settings as given, the file's inference ones where none is: a bad architecture value (backbone=foo,
+        # bn_eps=-1) is an error even where the file's stands
+        given = SegmenterConfig.from_dict({**{k: v for k, v in config.to_dict().items() if k not in ARCHITECTURE_KEYS},
+                                           **config_overrides})
+        _note_ignored(path, given, config, [k for k in ARCHITECTURE_KEYS if config_overrides.get(k) is not None])
         return _load_weights(_empty_model(config), state["model"], path)
     if _bare_weights(state) is not None:
         return _load_torchvision(state, path, config_overrides)
     raise CheckpointError(f"{path} is neither an {FORMAT} checkpoint nor a Mask R-CNN state_dict")
+
+
+def _note_ignored(path: str | os.PathLike, given: SegmenterConfig, stored: SegmenterConfig, keys: list[str]) -> None:
+    """One note naming the architecture settings given that differ from the checkpoint's, which it runs with.
+
+    A note, not an error: the segment groups set every architecture key (for training), and a checkpoint is often
+    rendered under a group it was not trained with (the default, demo); refusing would make each such render list
+    segment.KEY=null for all of them. Only a setting that differs is named: the demo group's values are the demo
+    checkpoint's own, so the default render says nothing."""
+    ignored = [f"segment.{k}={_shown(getattr(given, k))} (the checkpoint's: {_shown(getattr(stored, k))})"
+               for k in keys if getattr(given, k) != getattr(stored, k)]
+    if ignored:
+        print(f"note: {path} runs with the architecture it was trained with: {'; '.join(ignored)} ignored",
+              file=sys.stderr)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value for a note: a long list (91 COCO class names) by its first items and length."""
+    if not isinstance(value, list):
+        return str(value)
+    items = value if len(value) <= 6 else [*value[:3], f"... ({len(value)} values)"]
+    return f"[{', '.join(map(str, items))}]"
 
 
 def load_segmenter(cfg: Any) -> MaskRCNN:

@@ -38,6 +38,9 @@ from stylize.vgg import VGG16Features
 
 RESUME_FORMAT = "instyle-stylize-resume-v1"
 RESUME_SUFFIX = ".resume.pt"
+# what `out` may end in: a torch.save file (the style checkpoint or bank), as export_segmenter's output; out=a.txt
+# wrote one under a name that passes it off as text
+OUT_SUFFIXES = (".pt", ".pth")
 # The least image_size / style_size: two stride-2 convs leave the net a 4x4 map, VGG's three poolings relu4_3 a
 # 2x2 one (a Gram matrix over fewer pixels says little about a style).
 MIN_SIZE = 16
@@ -236,8 +239,8 @@ def _check_finite(cfg: DictConfig, state_path: Path, params: list[torch.Tensor],
 
 def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
     """The file the training will write (`out`, or its default), refused up front where it is a folder, exists
-    without overwrite=true, its folder cannot be made, or it (or the resume state beside it) is one of the
-    training's own inputs, which overwrite=true would otherwise replace."""
+    without overwrite=true, its folder cannot be made, it (or the resume state beside it) is one of the training's
+    own inputs, which overwrite=true would otherwise replace, or its name does not end in an OUT_SUFFIXES suffix."""
     default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
                else f"outputs/styles/bank_{len(style_paths)}styles.pt")
     out = check_output(str(cfg.out or default), overwrite=flag(cfg.get("overwrite", False), "overwrite"))
@@ -254,6 +257,10 @@ def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
                 and target.exists():
             raise OutputError(f"{what}{target} is one of the content images: it would replace the training's own "
                               "input; choose another out")
+    if out.suffix.lower() not in OUT_SUFFIXES:  # after the inputs: replacing one of them is the graver mistake
+        written = "style checkpoint" if cfg.mode == "new_style" else "style bank"
+        raise OutputError(f"out={out.name}: the {written} is a PyTorch file: end its name in "
+                          f"{' or '.join(OUT_SUFFIXES)}")
     return out
 
 

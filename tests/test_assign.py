@@ -17,7 +17,7 @@ from segment.structures import Instances
 from stylize.bank import StyleBank
 from stylize.errors import StyleError
 from tests.helpers_cuda import gpu_waits
-from tests.tiny_models import tiny_bank
+from tests.tiny_models import CLASS_NAMES, tiny_bank
 
 CLASSES = ["__background__", "person", "dog", "car"]
 H, W = 40, 60
@@ -209,11 +209,41 @@ def test_empty_frame(bank):
     assert r.styles == [] and r.keep.shape == (0,)
 
 
-@pytest.mark.parametrize("key, value", [("palette", ["candy", "van_gogh"]), ("default_style", "nope"),
-                                        ("background", "0.5*candy+0.5*nope"), ("class_styles", {"dog": "x"})])
-def test_unknown_style_fails_early_listing_the_bank(bank, key, value):
-    with pytest.raises(StyleError, match="available: candy, mosaic, udnie"):
+@pytest.mark.parametrize("key, value, setting", [
+    ("palette", ["candy", "van_gogh"], "style.palette"), ("default_style", "nope", "style.default_style"),
+    ("background", "0.5*candy+0.5*nope", "style.background"), ("class_styles", {"dog": "x"}, "style.class_styles.dog"),
+])
+def test_unknown_style_fails_early_naming_the_setting_and_listing_the_bank(bank, key, value, setting):
+    """The message named the style and the bank's, not the setting that gave it."""
+    with pytest.raises(StyleError, match="available: candy, mosaic, udnie$") as error:
         StyleAssigner.from_config(config(**{key: value}), bank, CLASSES)
+    assert str(error.value).startswith(f"{setting}: unknown style ")
+
+
+def test_a_bank_of_other_names_runs_per_instance_with_the_default_style_group(tmp_path):
+    """style.bank=<a bank holding 'paint'> style.palette=[paint] stopped every per_instance render with "unknown
+    style 'style_01'": the default group's class_styles and default_style, which only by_class uses, were checked
+    against the bank under every policy."""
+    from pipeline.render import compose_config
+
+    paint = tiny_bank(tmp_path / "paint.pt", names=("paint",))
+    cfg = compose_config(["input=x.mp4", "output=y.mp4", f"style.bank={paint}", "style.palette=[paint]"]).style
+    assert cfg.class_styles and cfg.default_style == "style_19"  # the group's, naming the 26 imported styles
+    assigner = StyleAssigner.from_config(cfg, StyleBank.load(paint), CLASS_NAMES)
+    frame = record([(0, 0, 10, 1, 0.9)], track_ids=[1])
+    assigner([frame])
+    assert frame.styles == ["paint"]
+    cfg.assign = "by_class"  # the policy that reads them: refused, naming the setting
+    with pytest.raises(StyleError, match=r"^style\.class_styles\.\w+: unknown style 'style_\d\d'; available: paint$"):
+        StyleAssigner.from_config(cfg, StyleBank.load(paint), CLASS_NAMES)
+
+
+@pytest.mark.parametrize("policy", ["by_class", "per_instance"])
+@pytest.mark.parametrize("value", ["abc", ["candy"], 3])
+def test_a_class_map_that_is_no_map_is_one_line(bank, policy, value):
+    """style.class_styles=abc was AttributeError: 'str' object has no attribute 'items'."""
+    with pytest.raises(SettingError, match=r"^style\.class_styles must be a map of class to style \("):
+        StyleAssigner.from_config(config(assign=policy, class_styles=value), bank, CLASSES)
 
 
 @pytest.mark.parametrize("key, value", [("class_styles", {"cat": "candy"}), ("exclude_classes", ["horse"])])

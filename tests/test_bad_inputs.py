@@ -145,10 +145,20 @@ def test_existing_output_is_kept_unless_overwrite_is_true_itself(tmp_path, model
     ("encode.crf=abc", ["libx264", "encode.crf=abc"]),
     ("encode.pix_fmt=rgb24", ["cannot open encoder libx264", "encode.pix_fmt=rgb24"]),
     ("style.margin=0", ["composite.feather_px=3 reaches past the crops' margin (0 px"]),  # a hard edge, silently
+    ("encode.options=abc", ["encode.options must be a map"]), ("style.class_styles=abc", ["style.class_styles must"]),
+    ("+encode.cq=19", ["libx264 does not take encode.cq:"]), ("+encode.rc=vbr", ["libx264 does not take encode.rc:"]),
+    ("+encode.options.foo=1", ["libx264 does not take encode.options.foo:"]),
+    ("encode.crf=100", ["encode.crf=100: libx264 takes a number from 0 to 51"]),
+    ("style.extra_styles=[/nonexist.pt]", ["style.extra_styles: file not found: /nonexist.pt"]),
+    ("segment.backbone=foo", ["segment.backbone='foo' is not one of"]), ("segment.norm=foo", ["segment.norm="]),
+    ("segment.bn_eps=-1", ["segment.bn_eps must be"]), ("segment.class_names=abc", ["segment.class_names must be"]),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, models, clip, override, words):
     """Text where a number belongs was a traceback; 1.5, true and "maybe" were rounded or taken as true; unknown
-    debug keys, a bad audio mode and debug.workers=0 were accepted; a bad x264 setting said to try x264."""
+    debug keys, a bad audio mode and debug.workers=0 were accepted; a bad x264 setting said to try x264. A class map
+    or encoder options that were no map were tracebacks; encoder settings libx264 does not take, or a crf it clamps,
+    and the segmenter's architecture keys (which our checkpoints keep as trained), bad values included, were
+    ignored, exit 0; a missing style checkpoint did not name the setting."""
     output = tmp_path / "out.mp4"
     extra = ["debug.dump=true"] if override.startswith(("debug.workers", "+debug")) else []
     result = run_in_process([f"input={clip}", f"output={output}", *models, override, *extra], cwd=tmp_path)
@@ -179,12 +189,29 @@ def test_corrupt_and_missing_checkpoint(tmp_path, models, clip):
 
 
 @pytest.mark.parametrize("override, words", [("style.palette=[bogus_style]", ["unknown style 'bogus_style'"]),
-                                             ("encode.crf=abc", ["encode.crf=abc"])], ids=["style", "encoder"])
+                                             ("encode.preset=bogus", ["encode.preset=bogus"]),
+                                             ("+encode.cq=19", ["does not take encode.cq"])],
+                         ids=["style", "encoder", "encoder-opened"])
 def test_a_refused_render_leaves_no_folders_behind(tmp_path, models, clip, override, words):
     """The output's missing folders were made before the stages were built, and stayed when the render failed: a
-    bad style name now fails before they are made, and an encoder that cannot open takes them away again."""
+    bad style name now fails before they are made, and an encoder that cannot open, or opens without taking every
+    setting, takes them away again."""
     output = tmp_path / "newtree" / "a" / "b" / "out.mp4"
     result = run_in_process([f"input={clip}", f"output={output}", *models, override], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+@pytest.mark.parametrize("deleted, words", [("track", ["no track group in the config", "~track"]),
+                                             ("encode", ["no encode group in the config", "~encode"]),
+                                             ("style", ["no style group in the config", "~style"]),
+                                             ("input", ["no input given: pass input=PATH"]),
+                                             ("output", ["no output given: pass output=PATH"])])
+def test_a_deleted_group_or_setting_is_one_line(tmp_path, models, clip, deleted, words):
+    """~track, ~encode, ~style, ~input and ~output were omegaconf's ConfigAttributeError tracebacks, exit 1."""
+    output = tmp_path / "out.mp4"
+    kept = [arg for arg in models if not arg.startswith(f"{deleted}.")]  # Hydra refuses a setting of a deleted group
+    result = run_in_process([f"input={clip}", f"output={output}", *kept, f"~{deleted}"], cwd=tmp_path)
     assert_refused(result, output, {clip: sha256(clip)}, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 

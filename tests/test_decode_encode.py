@@ -13,7 +13,7 @@ import torch
 
 from pipeline.decode import VideoReader, probe
 from pipeline.encode import VideoWriter
-from pipeline.errors import EncoderError
+from pipeline.errors import EncoderError, PipelineConfigError
 from pipeline.record import FrameRecord
 from tests.helpers_video import (
     audio_summary, exact_rgb, hdr_clip, lossless_clip, pattern_frames, psnr, read_frames, ten_bit_clip, write_clip,
@@ -185,6 +185,88 @@ def test_an_unknown_encode_setting_is_refused(tmp_path):
     with pytest.raises(SettingError, match="unknown encode setting.s. crff"):
         VideoWriter(tmp_path / "out.mp4", reader.info, _encode_config("+encode.crff=30"))
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_info(tmp_path_factory):
+    return probe(lossless_clip(tmp_path_factory.mktemp("clip") / "in.mp4", pattern_frames(2, 64, 48)))
+
+
+@pytest.mark.parametrize("overrides, unused", [
+    (["+encode.options.foo=1"], "encode.options.foo"),
+    (["+encode.cq=19"], "encode.cq"),
+    (["+encode.options.foo=1", "+encode.rc=vbr", "+encode.cq=19"], "encode.cq, encode.rc, encode.options.foo"),
+], ids=["typo", "nvenc-cq", "three"])
+def test_settings_the_encoder_does_not_take_are_refused_before_any_frame(tmp_path, clip_info, overrides, unused):
+    """nvenc's cq and rc, or a typo in encode.options: libx264 opened without them and the render wrote the same
+    file as without them, exit 0."""
+    with pytest.raises(EncoderError) as error:
+        VideoWriter(tmp_path / "out.mp4", clip_info, _encode_config(*overrides))
+    assert str(error.value).startswith(f"libx264 does not take {unused}: it would encode as without ")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("settings", [
+    {"crf": 20.5, "tune": "film", "profile": "high", "options": {"x264-params": "keyint=12", "threads": 2, "g": 12}},
+    {"crf": None, "qp": 0, "options": {"x264opts": "bframes=0", "bf": 0, "crf": None}},
+    {"crf": 51, "pix_fmt": "yuv444p", "profile": "high444"},
+    {"crf": None, "qp": 81, "pix_fmt": "yuv420p10le"},
+], ids=["crf", "qp", "444", "10-bit"])
+def test_every_setting_libx264_takes_opens_it(tmp_path, clip_info, settings):
+    """x264's own options, FFmpeg's generic encoder ones (threads, g, bf) and x264-params are taken; a null one is
+    none."""
+    writer = VideoWriter(tmp_path / "out.mkv", clip_info, {**X264, **settings})
+    writer.abort()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"crf": 100}, "encode.crf=100: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"crf": 1000}, "encode.crf=1000: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"crf": -0.5}, "encode.crf=-0.5: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"crf": "abc"}, "encode.crf=abc: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"crf": True}, "encode.crf=True: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"crf": None, "qp": 70}, "encode.qp=70: libx264 takes a whole number from 0 to 69 with yuv420p"),
+    ({"crf": None, "qp": 20.5}, "encode.qp=20.5: libx264 takes a whole number from 0 to 69 with yuv420p"),
+    ({"crf": None, "qp": 82, "pix_fmt": "yuv420p10le"},
+     "encode.qp=82: libx264 takes a whole number from 0 to 81 with yuv420p10le"),
+    ({"options": {"crf": "60"}}, "encode.options.crf=60: libx264 takes a number from 0 to 51 with yuv420p"),
+    ({"qp": 20}, "encode.crf=18 and encode.qp=20: libx264 steers by one, and given crf ignores qp; pass "
+                 "encode.crf=null to steer by qp"),
+], ids=["crf100", "crf1000", "crf-0.5", "crf-text", "crf-true", "qp70", "qp-fraction", "qp82-10bit", "options-crf",
+        "crf-and-qp"])
+def test_quality_that_x264_would_not_use_as_given_is_refused(tmp_path, clip_info, settings, message):
+    """x264 clamps: crf=100 and crf=1000 wrote the file crf=51 writes, exit 0; FFmpeg takes a crf from -1 to 0 as
+    unset (crf 23); and a qp beside the config's crf 18 was ignored."""
+    with pytest.raises(PipelineConfigError) as error:
+        VideoWriter(tmp_path / "out.mp4", clip_info, {**X264, **settings})
+    assert str(error.value) == message
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("pix_fmt, option, end", [("yuv420p", "crf", 51), ("yuv420p", "qp", 69),
+                                                   ("yuv420p10le", "qp", 81), ("yuv420p10le", "crf", 51)])
+def test_the_ranges_end_where_x264_starts_clamping(pix_fmt, option, end):
+    """The ends checked above are this FFmpeg build's x264's: one past an end encodes as the end, one short of it
+    does not."""
+    def encoded(value) -> bytes:
+        stream = av.CodecContext.create("libx264", "w")
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 48, pix_fmt, Fraction(1, 25)
+        stream.options = {option: str(value), "preset": "ultrafast"}
+        frames = [av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
+                  for image in pattern_frames(3, 64, 48)]
+        for pts, frame in enumerate(frames):
+            frame.pts = pts
+        return b"".join(bytes(packet) for frame in [*frames, None] for packet in stream.encode(frame))
+
+    assert encoded(end + 1) == encoded(end) != encoded(end - 1)
+
+
+@pytest.mark.parametrize("options", ["abc", ["threads=2"]])
+def test_options_that_are_no_map_are_one_line(tmp_path, clip_info, options):
+    """encode.options=abc was AttributeError: 'str' object has no attribute 'items'."""
+    with pytest.raises(PipelineConfigError, match=r"^encode\.options must be a map of codec options \(\+encode"):
+        VideoWriter(tmp_path / "out.mp4", clip_info, {**X264, "options": options})
+    assert not any(tmp_path.iterdir())
 
 
 def output_tags(path) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

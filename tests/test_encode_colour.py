@@ -191,6 +191,19 @@ def test_which_frames_convert_in_torch(tmp_path, device):
         writer_for(tmp_path, frames, colour="gpu")
 
 
+def test_colour_device_says_which_formats_it_leaves_to_swscale(tmp_path, capfd):
+    """encode.colour=device with encode.pix_fmt=yuv444p went through swscale without a word."""
+    frames = pattern_frames(1, 64, 48)
+    yuv444 = {**LOSSLESS_420, "pix_fmt": "yuv444p"}
+    for i, (colour, cfg, said) in enumerate([("device", yuv444, True), ("device", LOSSLESS_420, False),
+                                             ("auto", yuv444, False), ("cpu", yuv444, False)]):
+        writer = writer_for(tmp_path, frames, cfg, colour, name=f"{i}.mkv")
+        writer.abort()
+        notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note:")]
+        expected = ["note: encode.colour=device converts to yuv420p only: yuv444p goes through swscale"]
+        assert notes == (expected if said else []), (colour, cfg)
+
+
 def test_writer_on_the_device_matches_the_torch_path_on_cpu(tmp_path, device):
     if device.type != "cuda":
         pytest.skip("needs `pytest --device cuda`: on the CPU the test above covers the same code")

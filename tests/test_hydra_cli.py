@@ -41,3 +41,10 @@ def test_a_sweep_is_tried_at_each_swept_settings_first_value():
 def test_hydras_own_arguments_are_left_to_hydra():
     for args in (["--help"], ["--cfg", "job", "bogus=1"], ["--info"], ["hydra.run.dir=x", "track.min_iou=0.3"]):
         check_overrides(CONF, "render", args)
+
+
+def test_a_group_set_to_null_is_one_line():
+    """Hydra raises a plain ValueError for it, which was a traceback."""
+    with pytest.raises(SettingError, match=r"^Config group override must be a string or a list. Got NoneType "
+                                           r"\(encode=null\)$"):
+        check_overrides(CONF, "render", ["encode=null"])

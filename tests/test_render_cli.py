@@ -112,14 +112,14 @@ def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
 
 def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path, models, vfr_clip):
     """The first job's unknown style ended the whole sweep: the second job never ran."""
-    result = run_render(["-m", "style.default_style=style_99,style_01", f"input={vfr_clip}", "output=out.mp4",
+    result = run_render(["-m", "style.background=style_99,style_01", f"input={vfr_clip}", "output=out.mp4",
                          *models], cwd=tmp_path)
     assert result.returncode == 2
     outputs = sorted((tmp_path / "multirun").glob("*/*/*/out.mp4"))
     assert [p.parent.name for p in outputs] == ["1"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors[0].startswith("error: job 0 (style.default_style=style_99): ") and "style_99" in errors[0][40:]
-    assert errors[-1] == "error: 1 sweep job(s) failed: job 0 (style.default_style=style_99)"
+    assert errors[0].startswith("error: job 0 (style.background=style_99): ") and "style_99" in errors[0][40:]
+    assert errors[-1] == "error: 1 sweep job(s) failed: job 0 (style.background=style_99)"
 
 
 def test_paths_that_start_with_a_tilde_are_in_the_home_folder(tmp_path, models, vfr_clip, monkeypatch):

@@ -130,8 +130,9 @@ def test_load_segmenter_from_hydra_group(tmp_path, small_model):
         load_segmenter({"checkpoint": str(path), "device": "cpu", "colour": "red"})
 
 
-def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path, small_model):
-    """segment=r18_fpn says num_classes 91 and other widths; our checkpoint knows what it was trained as."""
+def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path, small_model, capsys):
+    """segment=r18_fpn says num_classes 91 and other widths; our checkpoint knows what it was trained as, and a
+    note says which of the group's values it does not take (it said nothing)."""
     path = save_checkpoint(small_model, tmp_path / "small.pt")
     group = OmegaConf.load("conf/segment/r18_fpn.yaml")
     group.checkpoint, group.device, group.score_threshold = str(path), "cpu", 0.25
@@ -139,6 +140,51 @@ def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path,
     assert model.class_names == small_model.class_names and model.config.num_classes == small_model.config.num_classes
     assert model.config.fpn_channels == small_model.config.fpn_channels
     assert model.config.score_threshold == 0.25 and model.config.min_size == group.min_size
+    assert capsys.readouterr().err == (
+        f"note: {path} runs with the architecture it was trained with: segment.num_classes=91 (the checkpoint's: 3); "
+        "segment.fpn_channels=128 (the checkpoint's: 64); segment.representation_size=512 (the checkpoint's: 128); "
+        "segment.mask_head_channels=128 (the checkpoint's: 64) ignored\n")
+
+
+def test_architecture_settings_our_checkpoint_does_not_take_are_named(tmp_path, small_model, capsys):
+    """segment.backbone=resnet50 or segment.num_classes=5 on the command line rendered our checkpoint as trained,
+    without a word. A value it has already, or a bare state_dict (no architecture of its own), is no news."""
+    path = save_checkpoint(small_model, tmp_path / "small.pt")
+    bare = tmp_path / "bare.pth"
+    torch.save(small_model.state_dict(), bare)
+    given = {"checkpoint": str(path), "device": "cpu", **SMALL}
+    model = load_segmenter({**given, "backbone": "resnet50", "num_classes": 5, "class_names": None})
+    assert model.config == small_model.config
+    assert capsys.readouterr().err == (
+        f"note: {path} runs with the architecture it was trained with: segment.backbone=resnet50 (the checkpoint's: "
+        "resnet18); segment.num_classes=5 (the checkpoint's: 3) ignored\n")
+    assert load_segmenter(given).config == small_model.config
+    assert load_segmenter({**given, "checkpoint": str(bare)}).config.fpn_channels == SMALL["fpn_channels"]
+    assert capsys.readouterr().err == ""
+
+
+def test_the_demo_group_says_nothing_of_its_own_checkpoint(capsys):
+    from pipeline.render import compose_config
+
+    group = OmegaConf.to_container(compose_config(["input=x.mp4", "output=y.mp4"]).segment)
+    assert load_segmenter({**group, "device": "cpu"}).config.fpn_channels == group["fpn_channels"]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"backbone": "foo"}, "segment.backbone='foo' is not one of resnet18, "),
+    ({"norm": "foo"}, "segment.norm='foo' is not one of frozen_bn, bn, gn"),
+    ({"bn_eps": -1}, "segment.bn_eps must be a finite number >= 0, got -1"),
+    ({"class_names": "abc"}, "segment.class_names must be a list of names, got 'abc'"),
+    ({"num_classes": 1, "class_names": None}, "segment.num_classes must be a whole number >= 2, got 1"),
+    ({"num_classes": 4}, "segment.class_names has 3 names but num_classes is 4"),
+], ids=["backbone", "norm", "bn_eps", "class_names", "num_classes", "mismatch"])
+def test_bad_architecture_values_are_refused_where_the_checkpoints_stand(tmp_path, small_model, setting, message):
+    """They were dropped unread: segment.backbone=foo rendered, exit 0."""
+    path = save_checkpoint(small_model, tmp_path / "small.pt")
+    with pytest.raises(ConfigError) as error:
+        load_segmenter({"checkpoint": str(path), "device": "cpu", **SMALL, **setting})
+    assert one_line(error).startswith(message)
 
 
 def test_fp16_file_is_half_the_size_and_loads_as_fp32(tmp_path, small_model):
@@ -194,13 +240,14 @@ def test_export_into_an_unwritable_place_is_one_line(tmp_path, small_model, caps
     (tmp_path / "a_folder").mkdir()
     read_only = tmp_path / "read_only"
     read_only.mkdir(mode=0o555)
-    targets = [tmp_path / "a_file" / "model.pt", tmp_path / "a_folder"]
+    refusals = {tmp_path / "a_file" / "model.pt": f"cannot create output folder {tmp_path / 'a_file'}",
+                tmp_path / "a_folder": f"output {tmp_path / 'a_folder'} is a folder"}
     if os.geteuid() != 0:  # root writes into a read-only folder all the same
-        targets.append(read_only / "model.pt")
-    for target in targets:
+        refusals[read_only / "model.pt"] = f"cannot write to output folder {read_only}"
+    for target, refusal in refusals.items():
         assert main([str(source), str(target)]) == 2, target
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: cannot write ") and str(target.parent) in err and "\n" not in err, err
+        assert err.startswith(f"error: {refusal}") and "\n" not in err, err
     assert sorted(p.name for p in (tmp_path / "a_folder").iterdir()) == [] and not any(read_only.iterdir())
 
 

@@ -45,7 +45,8 @@ def files(tmp_path_factory):
 
 def config(files, **overrides):
     cfg = OmegaConf.load(ROOT / "conf" / "stylize_train.yaml")
-    del cfg["hydra"]
+    for hydra_key in ("hydra", "defaults"):  # Hydra's own: what the app composes them into
+        cfg.pop(hydra_key, None)
     cfg.merge_with({"style_image": str(files["styles"][0]), "content": str(files["content"]), "vgg": str(files["vgg"]),
                     "bank": str(files["bank"]), "steps": 12, "batch_size": 4, "image_size": 48, "style_size": 48,
                     "lr": 0.02, "log_every": 1, "device": "cpu", **overrides})
@@ -131,13 +132,42 @@ def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, m
              ({"steps": -3}, "steps must be a whole number >= 1, got -3"),
              ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
              ({"style_weight": -1.0}, "style_weight must be a finite number >= 0, got -1.0"),
-             ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'")]
+             ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+             ({"out": str(tmp_path / "a.txt")},   # it wrote a style checkpoint named a.txt
+              "out=a.txt: the style checkpoint is a PyTorch file: end its name in .pt or .pth")]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "device=cuda asked for, but CUDA is not available here"))
     for overrides, message in cases:
         with pytest.raises(UserError, match=message.replace("(", r"\(")):
             train(config(files, **overrides))
     assert existing.read_bytes() == b"the user's"
+
+
+def test_out_is_a_pytorch_file(files, tmp_path):
+    """out=a.txt is refused (above); .pth, torchvision's suffix and export_segmenter's other one, is one too."""
+    from stylize.train import _output
+
+    for name in ("a.pt", "a.pth", "A.PT"):
+        assert _output(small(files, out=str(tmp_path / name)), files["styles"][:1]) == tmp_path / name
+
+
+def test_a_run_writes_nothing_but_its_output(files, tmp_path):
+    """Every run, a refused one too, left ./outputs/stylize_train/<date_time>/ with Hydra's .hydra/ and an empty
+    train.log in the folder it ran in."""
+    from tests.render_cli import cli_env
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}",
+                               f"content={files['content']}", f"bank={files['bank']}", *args], cwd=tmp_path,
+                              env=cli_env(), capture_output=True, text=True, timeout=300)
+
+    refused = run()
+    assert refused.returncode == 2 and refused.stderr.startswith("error: VGG16 weights not given"), refused.stderr
+    assert not any(tmp_path.iterdir())
+    done = run(f"vgg={files['vgg']}", "out=coffee.pt", "steps=1", "batch_size=1", "image_size=32", "style_size=32",
+               "device=cpu")
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["coffee.pt"]
 
 
 def test_overwrite_replaces_an_existing_output(files, tmp_path):
@@ -162,7 +192,7 @@ def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
          "style_size=48", "device=cpu", "checkpoint_every=0", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "run").glob("*.log")):
+    while time.time() < deadline and not (tmp_path / "run").is_dir():  # Hydra makes it as it starts the job
         time.sleep(0.2)
     time.sleep(3)  # into the training loop
     proc.send_signal(signal.SIGINT)
