@@ -91,9 +91,13 @@ class MaskRCNN(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if isinstance(images, Tensor):  # list() would split it into its images, or one image into its channels
+            raise TypeError(f"pass a list of float (3, H, W) images in [0, 1], got a tensor of shape "
+                            f"{tuple(images.shape)}")
         if not self.training:
-            batch, _ = self.transform.float_batch(list(images))
-            return self._detect(batch)
+            with torch.inference_mode():  # as torchvision's eval forward, without the caller's no_grad
+                batch, _ = self.transform.float_batch(list(images))
+                return self._detect(batch)
         _check_targets(targets, len(images))
         batch, targets = self.transform.float_batch(list(images), targets, training=True)
         features = self.backbone(self._layout(batch.tensors))
@@ -107,11 +111,14 @@ class MaskRCNN(nn.Module):
         `full_masks=False` leaves each frame's masks as `RoIMasks` (segment/roi_masks.py), pasted only where read:
         what the render wants, where a frame may have a hundred detections and full masks of 8 MB each at 1080p.
 
-        Images of the same size run as one batch; different sizes run as separate batches so an image's result
-        never depends on what it was batched with.
+        Images of the same size run as one batch; different sizes run as separate batches, so an image's result
+        does not depend on what it was batched with, up to float rounding (in bf16 on a CPU, where oneDNN's
+        channels_last convolutions take another path for a batch of one, boxes move by up to about 2 px).
         """
         was_training = self.training
         self.eval()
+        if isinstance(frames, Tensor) and frames.dim() == 3:  # one frame: one result (len(frames) is its channels)
+            frames = frames[None]
         try:
             results: list[Instances | None] = [None] * len(frames)
             for indices, stack in _group_by_size(frames):

@@ -346,6 +346,26 @@ def test_predict_without_frames_or_pixels():
             assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
+def test_one_frame_gives_one_result_and_eval_forward_needs_no_no_grad():
+    """predict(frame) sized its results by the frame's channels ([result, None, None]); the eval forward, which
+    torchvision callers use, raised an autograd error outside no_grad; a tensor where a list goes was split into its
+    channels and refused as 'expected a float tensor, got torch.float32'."""
+    from segment.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
+                             mask_head_channels=32, num_classes=2, min_size=64, max_size=96)).eval()
+    frame = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    (alone,) = model.predict(frame)
+    (listed,) = model.predict([frame])
+    assert len(alone) > 0 and torch.equal(alone.boxes, listed.boxes) and torch.equal(alone.scores, listed.scores)
+    (forward,) = model([frame / 255])  # grad mode on, as a caller's plain script has it
+    assert torch.is_grad_enabled() and torch.equal(forward.labels, listed.labels)
+    assert (forward.boxes - listed.boxes).abs().max() < 1e-3  # 0-255 vs 0-1 input: the same pixels up to rounding
+    with pytest.raises(TypeError, match=r"pass a list of float \(3, H, W\) images in \[0, 1\], got a tensor of "
+                                        r"shape \(3, 48, 64\)"):
+        model(frame / 255)
+
 @pytest.mark.parametrize("threads", [1, 4, 8])
 def test_multilevel_roi_align_training_equals_torchvision(threads):
     # CPU training pools on the thread pool too (RoI chunks forward; backward an image per thread, 8 threads over 3
