@@ -54,7 +54,8 @@ RESUME_KEYS = ("mode", "init", "init_style", "bank", "style_image", "content", "
 class TrainResult:
     out: Path
     network: MultiStyleNet
-    history: list[dict[str, float]] = field(default_factory=list)   # per step: content/style/tv/total
+    # per step: the content/style/tv losses unweighted, the total weighted (the bar shows the terms weighted)
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -78,8 +79,17 @@ def _check_settings(cfg: DictConfig) -> None:
     for key in ("overwrite", "resume"):
         flag(cfg.get(key, False), key)
     number(cfg.lr, "lr", 0, low_open=True)
-    for key in ("content_weight", "style_weight", "tv_weight"):
-        number(cfg[key], key, 0)
+    weights = {key: number(cfg[key], key, 0) for key in ("content_weight", "style_weight", "tv_weight")}
+    # With neither the content nor the style term the run trained for hours and wrote a "trained" style that was its
+    # starting row (tv alone only smooths it). mode=full may train on the content alone: an auto-encoder whose
+    # convolutions another run can start from (init=bank); in new_style only the style's row trains, so without the
+    # style term it would learn nothing of its style image.
+    if not weights["content_weight"] and not weights["style_weight"]:
+        raise SettingError("content_weight and style_weight are both 0: nothing but tv_weight's smoothing would "
+                           "train; give style_weight (and content_weight) a value > 0")
+    if cfg.mode == "new_style" and not weights["style_weight"]:
+        raise SettingError("style_weight=0 in mode=new_style: nothing would learn the style image's style (the new "
+                           "style would only redo its content); give style_weight a value > 0")
 
 
 def _style_paths(cfg: DictConfig) -> list[Path]:
@@ -207,7 +217,7 @@ def train(cfg: DictConfig) -> TrainResult:
             losses["total"].backward()
             optimizer.step()
             if step % int(cfg.log_every) == 0:
-                bar.set_postfix(style=f"{history[-1]['style']:.3g}", content=f"{history[-1]['content']:.3g}")
+                bar.set_postfix_str(_progress(history[-1], criterion.weights))
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 _check_finite(cfg, state_path, trainable, step)
                 _save_state(state_path, settings, step + 1, network, optimizer, generator, history)
@@ -222,6 +232,13 @@ def train(cfg: DictConfig) -> TrainResult:
                           "the same command with resume=true continues from it", interrupt) from None
     state_path.unlink(missing_ok=True)  # done: a later resume=true must not start this training again
     return TrainResult(out, network, history)
+
+
+def _progress(losses: dict[str, float], weights: dict[str, float]) -> str:
+    """The bar's losses as they enter the total. Unweighted, the style term read 5e-7 against the content's 0.02
+    while, weighted, it was 3x the content's: people raised style_weight for a style that already dominated."""
+    terms = " ".join(f"{key}={weight * losses[key]:.3g}" for key, weight in weights.items())
+    return f"weighted: {terms} total={losses['total']:.3g}"
 
 
 def _diverged(cfg: DictConfig, state_path: Path, what: str) -> StyleError:

@@ -1,4 +1,6 @@
-"""stylize.train on tiny data: a random VGG16 file stands in for torchvision's, 48 px images, a few steps."""
+"""stylize.train on tiny data: a VGG16 file of torchvision's randomly initialised vgg16 stands in for its ImageNet
+one, 48 px images, a few steps."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +25,22 @@ def _png(image: torch.Tensor, size: tuple[int, int], path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stylize_train")
+def torchvision_vgg() -> torch.nn.Sequential:
+    """torchvision's vgg16().features with its own random initialisation (Kaiming, fan-out), which keeps the
+    activations' scale with depth: every style layer's Gram term counts. PyTorch's default conv init (what the VGG
+    file was) left relu4_3's Grams ~1e-8, and relu1_2 was in effect the whole style loss."""
+    import torchvision
+
     torch.manual_seed(0)
-    vgg = VGG16Features()  # random weights, saved under torchvision's key names
-    torch.save({f"features.{k}": v for k, v in vgg.features.state_dict().items()}, root / "vgg16.pth")
+    return torchvision.models.vgg16(weights=None).features.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, torchvision_vgg):
+    root = tmp_path_factory.mktemp("stylize_train")
+    # under torchvision's key names, as its vgg16 file; without the classifier, which the losses never read (0.5 GB)
+    torch.save({f"features.{k}": v for k, v in torchvision_vgg.state_dict().items()}, root / "vgg16.pth")
+    torch.manual_seed(0)
     content = root / "content"
     content.mkdir()
     photo = sample_photo("astronaut")
@@ -436,3 +449,143 @@ def test_interrupt_names_the_resume_state(files, tmp_path, signame, status):
     assert "Traceback" not in err and last.startswith("error: interrupted: the state of step ")
     assert last.endswith(f" of 100000 is in {state}; the same command with resume=true continues from it")
     assert state.is_file() and not out.exists()
+
+
+# -- the loss math audit's findings ------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _relu_names(features: torch.nn.Sequential) -> dict[int, str]:
+    """Index in vgg16().features → VGG's own name for each ReLU (relu<block>_<conv>), counted from the layers, not
+    taken from stylize.vgg."""
+    names, block, conv = {}, 1, 0
+    for index, layer in enumerate(features):
+        if isinstance(layer, torch.nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(layer, torch.nn.ReLU):
+            conv += 1
+            names[index] = f"relu{block}_{conv}"
+    return names
+
+
+def _fast_neural_style(features: torch.nn.Sequential, stylized, content, styles, style_index):
+    """The oracle: pytorch/examples fast_neural_style's losses, its formulas written out here (utils.gram_matrix,
+    utils.normalize_batch, vgg.Vgg16's slices, neural_style.train's content 1e5 / style 1e10). Its images are in
+    [0,255]: ours go in ×255. Returns (content, [style term per layer, weighted])."""
+    def normalize_batch(batch):
+        mean, std = batch.new_tensor(IMAGENET_MEAN).view(-1, 1, 1), batch.new_tensor(IMAGENET_STD).view(-1, 1, 1)
+        return (batch / 255.0 - mean) / std
+
+    def vgg16(x):  # relu1_2, relu2_2, relu3_3, relu4_3
+        out = []
+        for start, end in ((0, 4), (4, 9), (9, 16), (16, 23)):
+            x = features[start:end](x)
+            out.append(x)
+        return out
+
+    def gram_matrix(y):
+        b, ch, h, w = y.size()
+        f = y.view(b, ch, w * h)
+        return f.bmm(f.transpose(1, 2)) / (ch * h * w)
+
+    gram_style = [[gram_matrix(f) for f in vgg16(normalize_batch(style[None] * 255))] for style in styles]
+    features_y, features_x = vgg16(normalize_batch(stylized * 255)), vgg16(normalize_batch(content * 255))
+    content_loss = 1e5 * F.mse_loss(features_y[1], features_x[1])
+    style_terms = [1e10 * F.mse_loss(gram_matrix(f), torch.cat([gram_style[i][n] for i in style_index.tolist()]))
+                   for n, f in enumerate(features_y)]
+    return content_loss, style_terms
+
+
+def test_vgg_and_losses_equal_torchvision_and_fast_neural_style(files, torchvision_vgg):
+    """No test compared the loss math with a reference. Our VGG's layers equal torchvision's vgg16().features at
+    VGG's relu1_2/2_2/3_3/4_3 on ImageNet-normalised input, given the same weights, and our losses ×1e5 equal
+    pytorch/examples fast_neural_style's (content 1e5, style 1e10): a dropped normalisation, a wrong layer index or
+    another Gram divisor fails here. The fixture's VGG makes every style layer count (it was relu1_2 alone)."""
+    from stylize.losses import PerceptualLoss
+
+    ours = VGG16Features.from_file(files["vgg"])
+    generator = torch.Generator().manual_seed(1)
+    content, stylized = torch.rand(2, 3, 32, 32, generator=generator), torch.rand(2, 3, 32, 32, generator=generator)
+    styles = [torch.rand(3, 40, 48, generator=generator), torch.rand(3, 32, 36, generator=generator)]
+    style_index = torch.tensor([1, 0])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = ours(content)
+        x, expected, names = (content - mean) / std, {}, _relu_names(torchvision_vgg)
+        for index, layer in enumerate(torchvision_vgg):
+            x = layer(x)
+            if index in names:
+                expected[names[index]] = x
+        for name in ("relu1_2", "relu2_2", "relu3_3", "relu4_3"):   # the style layers; relu2_2 the content's too
+            torch.testing.assert_close(features[name], expected[name], rtol=0, atol=2e-6,
+                                       msg=lambda text, name=name: f"{name}: {text}")
+
+        weights = {"content_weight": 1.0, "style_weight": 1e5, "tv_weight": 0.5}
+        losses = PerceptualLoss(ours, styles, **weights)(stylized, content, style_index)
+        content_loss, style_terms = _fast_neural_style(torchvision_vgg, stylized, content, styles, style_index)
+    tv = ((stylized[..., 1:, :] - stylized[..., :-1, :]).abs().mean()
+          + (stylized[..., :, 1:] - stylized[..., :, :-1]).abs().mean())
+    reference = {"content": content_loss, "style": sum(style_terms),
+                 "total": content_loss + sum(style_terms) + 1e5 * weights["tv_weight"] * tv}
+    ours_scaled = {"content": 1e5 * weights["content_weight"] * losses["content"],
+                   "style": 1e5 * weights["style_weight"] * losses["style"], "total": 1e5 * losses["total"]}
+    for key, value in reference.items():
+        torch.testing.assert_close(ours_scaled[key], value, rtol=1e-5, atol=0,
+                                   msg=lambda text, key=key: f"{key}: {text}")
+    # PyTorch's default conv init gave relu3_3 5e-7 and relu4_3 2e-8 of it
+    assert all(term > 1e-3 * sum(style_terms) for term in style_terms), [float(t) for t in style_terms]
+
+
+def test_the_progress_bar_shows_the_weighted_losses(files, tmp_path, capsys):
+    """The bar showed the unweighted terms (content=0.0173 style=5.4e-07 while the weighted style term was 3x the
+    content's), and users raised style_weight. It shows each term as it enters the total, and the total."""
+    from stylize.train import train
+
+    weights = {"content": 2.0, "style": 3e5, "tv": 0.5}
+    result = train(small(files, out=str(tmp_path / "x.pt"), steps=2, content_weight=weights["content"],
+                         style_weight=weights["style"], tv_weight=weights["tv"]))
+    bar = capsys.readouterr().err
+    shown = re.findall(r"weighted: content=(\S+) style=(\S+) tv=(\S+) total=([-+.e\d]+)", bar)
+    assert shown, bar
+    last = result.history[-1]   # the unweighted terms and the weighted total of the last step
+    expected = [weights[key] * last[key] for key in ("content", "style", "tv")] + [last["total"]]
+    assert [float(v) for v in shown[-1]] == pytest.approx(expected, rel=5e-3)
+    assert sum(expected[:3]) == pytest.approx(expected[3], rel=1e-5)
+
+
+def test_weights_that_would_train_nothing_are_refused_before_any_work(files, tmp_path, monkeypatch):
+    """content_weight=0 style_weight=0 trained for the whole run and wrote its starting row as a "trained" style;
+    so did style_weight=0 in mode=new_style, where only the new style's row trains. mode=full may train on the
+    content alone (an auto-encoder's convolutions for init=bank), and either mode on the style alone."""
+    from common.errors import UserError
+    from stylize import train as train_module
+    from stylize.train import train
+
+    class Started(Exception):
+        """The first step began: the settings were accepted."""
+
+    def started(*args):
+        raise Started
+
+    monkeypatch.setattr(train_module.PerceptualLoss, "__call__", started)
+    both = "content_weight and style_weight are both 0: nothing but tv_weight's smoothing would train; give " \
+           r"style_weight \(and content_weight\) a value > 0$"
+    new_style = r"style_weight=0 in mode=new_style: nothing would learn the style image's style \(the new style " \
+                r"would only redo its content\); give style_weight a value > 0$"
+    full = {"mode": "full", "init": "scratch"}
+    no_vgg = str(tmp_path / "missing_vgg.pth")   # the VGG file is the first read: the refusals come before it
+    for overrides, message in [({"content_weight": 0, "style_weight": 0}, both),
+                               ({"content_weight": 0.0, "style_weight": 0.0, "tv_weight": 1.0, **full}, both),
+                               ({"style_weight": 0}, new_style), ({"style_weight": 0.0, "tv_weight": 0}, new_style)]:
+        with pytest.raises(UserError, match=f"^{message}"):
+            train(small(files, vgg=no_vgg, out=str(tmp_path / "x.pt"), **overrides))
+    for overrides in ({"content_weight": 0}, {"content_weight": 0, **full}, {"style_weight": 0, **full}):
+        with pytest.raises(Started):
+            train(small(files, out=str(tmp_path / "x.pt"), **overrides))
+    assert not list(tmp_path.iterdir())
+
+    done = _cli(tmp_path, f"style_image={files['styles'][0]}", f"content={files['content']}", f"vgg={no_vgg}",
+                "style_weight=0")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert re.fullmatch(f"error: {new_style}", done.stderr.strip()), done.stderr
