@@ -325,7 +325,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
             return compose(config_name="render", overrides=list(overrides))
         except HydraException as error:  # a script's user typed it: one line, as the render's own command line
             raise PipelineConfigError(composition_error(error)) from None
-
+        except ValueError as error:  # what Hydra raises for some (`encode=null`)
+            raise PipelineConfigError(composition_error(error)) from None
 
 
 def output_path(cfg: DictConfig) -> Path:
@@ -396,7 +397,6 @@ def hydra_readable(args: list[str]) -> list[str]:
                 arg = f"{key}={_quoted(value)}"
         readable.append(arg)
     return readable
-
 
 
 def _quoted(value: str) -> str:
