@@ -14,6 +14,7 @@ from PIL import Image
 from stylize.bank import StyleBank, StyleInfo, sample_photo
 from stylize.network import MultiStyleNet
 from stylize.vgg import VGG16Features
+from tests.helpers_process import interruptible_popen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def test_interrupt_is_one_line_and_writes_nothing(files, tmp_path):
     import time
 
     out = tmp_path / "styles" / "coffee.pt"
-    proc = subprocess.Popen(
+    proc = interruptible_popen(
         [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
          f"bank={files['bank']}", f"vgg={files['vgg']}", f"out={out}", "steps=100000", "image_size=48",
          "style_size=48", "device=cpu", "checkpoint_every=0", f"hydra.run.dir={tmp_path / 'run'}"],
@@ -434,7 +435,7 @@ def test_interrupt_names_the_resume_state(files, tmp_path, signame, status):
 
     out = tmp_path / "styles" / "coffee.pt"
     state = out.with_name("coffee.pt.resume.pt")
-    proc = subprocess.Popen(
+    proc = interruptible_popen(
         [sys.executable, "-m", "stylize.train", f"style_image={files['styles'][0]}", f"content={files['content']}",
          f"bank={files['bank']}", f"vgg={files['vgg']}", f"out={out}", "steps=100000", "image_size=32",
          "style_size=32", "batch_size=1", "device=cpu", "checkpoint_every=1", f"hydra.run.dir={tmp_path / 'run'}"],

@@ -26,6 +26,7 @@ from segment.loader import BatchStream
 from segment.model import build_model
 from segment.optim import WarmupMultiStepLR, build_optimizer, scaled_lr
 from segment.train import train
+from tests.helpers_process import interruptible_popen
 from tests.train_fixtures import (  # noqa: F401
     CLI_OVERRIDES, ROOT, TINY_MODEL, make_trainer, one_thread, run_module, synthetic_split, tiny_config, train_config,
     weights,
@@ -343,7 +344,7 @@ def test_a_stop_signal_to_the_process_group_is_a_clean_interrupt(tmp_path, signu
     command = [sys.executable, "-m", "segment.train", "schedule=tiny", "schedule.max_iters=1000", *CLI_OVERRIDES,
                f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.num_workers=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = interruptible_popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         started = any(line.startswith("iter 3/") for line in process.stdout)  # stops reading there
