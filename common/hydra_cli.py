@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
+from omegaconf import DictConfig
 
 from common.errors import SettingError
 
@@ -55,13 +56,20 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
                 continue  # expanded against the group's options only by Hydra's sweeper
             text = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
         trial.append(text)
+    compose_checked(config_dir, config_name, trial)
+
+
+def compose_checked(config_dir: Path, config_name: str, overrides: list[str],
+                    refusal: type[SettingError] = SettingError) -> DictConfig:
+    """`config_name` composed with `overrides`; where they do not compose, `refusal` with Hydra's message on one
+    line (the command lines' check, and the scripts that compose the render's config in-process)."""
     with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), version_base="1.3"):
         try:
-            compose(config_name=config_name, overrides=trial)
+            return compose(config_name=config_name, overrides=list(overrides))
         except HydraException as error:
-            raise SettingError(composition_error(error)) from None
+            raise refusal(composition_error(error)) from None
         except ValueError as error:  # what Hydra raises for some (`group=null`: "must be a string or a list")
-            raise SettingError(f"{composition_error(error)} ({', '.join(trial)})") from None
+            raise refusal(f"{composition_error(error)} ({', '.join(overrides)})") from None
 
 
 def exit_on_bad_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:

@@ -49,7 +49,7 @@ from pipeline.decode import VideoReader
 from pipeline.encode import VIDEO_SUFFIXES, VideoWriter
 from common.device import resolve_device
 from common.errors import UserError, one_line
-from common.hydra_cli import composition_error, exit_on_bad_overrides, multirun
+from common.hydra_cli import compose_checked, exit_on_bad_overrides, multirun
 from common.outputs import AtomicOutput, check_output
 from common.settings import check_settings, flag, whole
 from pipeline.errors import PipelineConfigError
@@ -317,16 +317,9 @@ def _stream(reader: VideoReader, groups: list[list[tuple[str, Stage]]], writer: 
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """conf/render.yaml with command-line style overrides, for scripts that call `render` in-process."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return compose(config_name="render", overrides=list(overrides))
-        except HydraException as error:  # a script's user typed it: one line, as the render's own command line
-            raise PipelineConfigError(composition_error(error)) from None
-        except ValueError as error:  # what Hydra raises for some (`encode=null`)
-            raise PipelineConfigError(composition_error(error)) from None
+    """conf/render.yaml with command-line style overrides, for scripts that call `render` in-process; a bad one is
+    one line, as on the render's own command line."""
+    return compose_checked(CONF_DIR, "render", overrides, PipelineConfigError)
 
 
 def output_path(cfg: DictConfig) -> Path:
