@@ -19,9 +19,8 @@ from pipeline.streaming import run_streaming
 from tests.helpers_video import (
     audio_only_clip, not_a_video, pattern_frames, read_frames, truncated_clip, write_clip, zero_frame_clip,
 )
-from tests.helpers_process import interruptible_popen
+from tests.helpers_process import as_unprivileged, interruptible_popen, unprivileged_folder
 from tests.render_cli import cli_env, run_in_process, run_render, sha256, temp_leftovers, tiny_model_overrides
-from tests.test_outputs import as_unprivileged, unprivileged_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,78 +1,16 @@
 """common/outputs.py on its own: what check_output refuses and what it leaves on disk before anything is written."""
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
 import re
 import signal
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from common.errors import OutputError
 from common import outputs
 from common.outputs import AtomicOutput, check_output, leftover_temp_files
-
-
-NOBODY = 65534  # the unprivileged user (and group) of Debian and most containers
-
-
-@contextlib.contextmanager
-def unprivileged_folder():
-    """A new folder that `as_unprivileged`'s user owns and can reach: pytest's tmp_path lies under a folder only
-    root may enter (0700) when the tests run as root."""
-    with tempfile.TemporaryDirectory(prefix="unprivileged-") as folder:
-        os.chmod(folder, 0o755)
-        if os.geteuid() == 0:
-            os.chown(folder, NOBODY, NOBODY)
-        yield Path(folder)
-
-
-def as_unprivileged(work):
-    """work()'s result (or its exception) as a user whom file permissions bind. Root writes into read-only
-    folders anyway (CI runs the tests as root in a container), so under root `work` runs in a forked child that
-    has dropped to nobody; the result comes back pickled. Skips only where the child cannot drop root. The child
-    cannot import what the parent has not where the interpreter lies in a folder nobody may enter (a venv over
-    root's pyenv): import what `work` needs first."""
-    if os.geteuid() != 0:
-        return work()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: whatever happens, it reports and leaves without running the parent's code on
-        try:
-            os.close(read)
-            try:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            except PermissionError as error:
-                outcome = ("skip", f"cannot drop root to uid {NOBODY}: {error}")
-            else:
-                try:
-                    outcome = ("result", work())
-                except Exception as error:  # raised again in the parent
-                    outcome = ("error", error)
-            try:
-                report = pickle.dumps(outcome)
-            except Exception:  # an unpicklable result or exception: its text at least
-                report = pickle.dumps(("error", RuntimeError(repr(outcome[1]))))
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(report)
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        report = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert report, f"the unprivileged child died without a report (wait status {status})"
-    kind, value = pickle.loads(report)
-    if kind == "skip":
-        pytest.skip(value)
-    if kind == "error":
-        raise value
-    return value
+from tests.helpers_process import as_unprivileged, unprivileged_folder
 
 
 def test_a_refused_run_leaves_no_empty_folders(tmp_path):
