@@ -5,11 +5,18 @@ images: the style network on crops, the segmenter's front at batch 1; docs/bench
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
+
+
+# One capture at a time in the process: torch.cuda.graph synchronizes the whole device as it begins, which CUDA
+# refuses while another thread's capture is open (the render's segment and stylize threads both capture), and a
+# second capture begun beside an open one fails (cudaErrorIllegalState): both seen on an H200, GPU session 7
+_CAPTURE_LOCK = threading.Lock()
 
 
 class CapturedGraph:
@@ -25,7 +32,7 @@ class CapturedGraph:
         self.device = inputs[0].device
         # on the inputs' GPU, which need not be the current one (device=cuda:1): the capture and replay streams
         # are the current device's
-        with torch.cuda.device(self.device):
+        with _CAPTURE_LOCK, torch.cuda.device(self.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # cuDNN picks its algorithms and lazy state is built outside the capture
