@@ -125,8 +125,10 @@ class SegmentStage:
         self._last = (bases[-1], sizes[-1])
         resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
         changes = (1 - correlation.masked_fill(flat_windows, -1.0).amax(1)).masked_fill_(flat, 0.0)
+        # the stream's first frame: no shot before it (compared with itself, float noise). zero_(), not `= 0.0`: a
+        # number set into a CUDA tensor is copied there from the host, a wait (GPU session 7)
         if first:
-            changes[0] = 0.0  # the stream's first frame: no shot before it (compared with itself, float noise)
+            changes[0].zero_()
         return changes, resized
 
     def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
