@@ -2,9 +2,10 @@
 # The GPU checks, in one run on a lent GPU machine (see docs/benchmarks.md for what they gave):
 #   the device-sensitive tests on CUDA, then the segment / render / train / stylize benchmarks.
 # Usage: bash scripts/device_checks.sh OUT_DIR [STEP...]   (python3 must hold torch with CUDA and our dependencies:
-#        wheels fetched beforehand with `pip download --only-binary=:all: --python-version 3.12 ... -d .gpu-wheels
-#        av kornia kornia_rs hydra-core omegaconf antlr4-python3-runtime pycocotools`, then on the GPU machine
-#        `pip install -q --no-index .gpu-wheels/*.whl`, with .gpu-wheels and .cache/styles carried there)
+#        packed here beforehand by scripts/pack_gpu_site.sh, carried there with .cache/styles, and unpacked on the
+#        GPU machine with `mkdir -p /tmp/site && tar xJf .gpu-wheels/site.tar.xz -C /tmp/site && export
+#        PYTHONPATH=/tmp/site`. Every step's whole log goes into OUT_DIR/steps.log, one file: the device tool brings
+#        back at most 8 files from OUT_DIR, and quick's eight logs and benchmarks.md lost one)
 #        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders.
 #        `quick` picks the steps a 15-minute device session has time for (about 7 minutes on an H200): the tests, the
 #        reference R50 weights, and the R50 1080p render with each speed setting not yet measured on a GPU.
@@ -21,10 +22,11 @@ step() {  # step SECONDS NAME COMMAND...
     local limit=$1 name=$2; shift 2
     [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s) $(date +%T)"
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local start=$SECONDS log=$OUT/$name.log
+    timeout "$limit" "$@" > "$log" 2>&1
     echo "--- $name: exit $? in $((SECONDS - start)) s"
-    tail -n 25 "$OUT/$name.log"
+    tail -n 25 "$log"
+    { echo "=== $name"; cat "$log"; } >> "$OUT/steps.log" && rm "$log"
 }
 nvidia-smi -L
 python3 -c "import torch, torchvision, av; print('torch', torch.__version__, 'tv', torchvision.__version__, 'av', av.__version__,
