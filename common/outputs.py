@@ -82,7 +82,7 @@ class AtomicOutput:
         self._discard()
 
     def _commit(self) -> None:
-        with _HeldSignals():
+        with HeldStopSignals():
             self._place()
             self.committed = True
             self._made = []
@@ -132,7 +132,7 @@ def _make_folders(folder: Path, made: list[Path]) -> None:
         made.insert(0, folder)
 
 
-class _HeldSignals:
+class HeldStopSignals:
     """Holds back the Python handlers of the stop signals for a block (on the main thread, the only one that runs
     them; elsewhere it does nothing), then runs them for the signals that came meanwhile. Swapping the handlers, not
     blocking the signals with pthread_sigmask: a signal blocked in the main thread is taken by any other thread

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
 from common.hydra_cli import exit_on_bad_overrides
-from common.outputs import check_output, leftover_temp_files, same_file
+from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
 from common.signals import exit_status, on_stop_signals, stop_signal
 from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
@@ -220,8 +220,11 @@ def train(cfg: DictConfig) -> TrainResult:
                 bar.set_postfix_str(_progress(history[-1], criterion.weights))
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 _check_finite(cfg, state_path, trainable, step)
-                _save_state(state_path, settings, step + 1, network, optimizer, generator, history)
-                saved = step + 1
+                # a stop signal during the write comes after its rename (AtomicOutput holds it back): `saved` must
+                # count that state, or the message names the step before (or "nothing written") beside it
+                with HeldStopSignals():
+                    _save_state(state_path, settings, step + 1, network, optimizer, generator, history)
+                    saved = step + 1
         _check_finite(cfg, state_path, trainable, steps - 1)
         network.eval().cpu()
         _save(cfg, network, bank, style_paths, out)

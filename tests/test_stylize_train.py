@@ -452,6 +452,34 @@ def test_interrupt_names_the_resume_state(files, tmp_path, signame, status):
     assert state.is_file() and not out.exists()
 
 
+@pytest.mark.parametrize("signals_before", [1, 2])
+def test_a_stop_signal_during_a_state_write_names_that_state(files, tmp_path, monkeypatch, signals_before):
+    """Ctrl-C while a resume state is being renamed into place comes once it is there (AtomicOutput holds it back):
+    the message said "nothing written" beside the first state, and named the step before beside a later one."""
+    import os
+    import signal
+
+    from common import outputs
+    from stylize.train import Interrupted, train
+
+    place, placed = outputs.AtomicOutput._place, []
+
+    def place_then_interrupt(self):
+        place(self)
+        placed.append(self.target)
+        if len(placed) == signals_before:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(outputs.AtomicOutput, "_place", place_then_interrupt)
+    out = tmp_path / "coffee.pt"
+    state = out.with_name("coffee.pt.resume.pt")
+    with pytest.raises(Interrupted) as stop:
+        train(small(files, out=str(out), steps=5, checkpoint_every=1))
+    assert str(stop.value) == (f"interrupted: the state of step {signals_before} of 5 is in {state}; "
+                               "the same command with resume=true continues from it")
+    assert torch.load(state, weights_only=True)["step"] == signals_before and not out.exists()
+
+
 # -- the loss math audit's findings ------------------------------------------------------------------------------
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
