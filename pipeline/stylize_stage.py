@@ -24,6 +24,7 @@ from gpu.precision import PRECISIONS
 from gpu.transfer import row_index
 from pipeline.assign import ORIGINAL, is_original
 from pipeline.errors import PipelineConfigError
+from pipeline.host_copy import to_host
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from pipeline.style_carry import StyleCarry
@@ -124,12 +125,14 @@ class StylizeStage:
         for record in batch:
             record.stylized = []
         styled_frames: dict[str, dict[int, torch.Tensor]] = {}  # style -> frame in batch -> that frame in it
+        originals = [_original_rows(record) if self.background is not None else [] for record in batch]
+        table, original_boxes = self._read_boxes(batch, jobs, originals)
         if not jobs and self.carry is not None:
             # a segmented frame with nothing to stylize still ends its tracks' sources: skipped frames after it must
             # not carry a crop from a segmented frame before it
             self.carry.place(self.carry.plan(batch, [], [], []), [], tuple(frames.shape[-2:]))
         if jobs:
-            for (b, i, style), result in zip(jobs, self._regions(batch, frames, jobs, styled_frames)):
+            for (b, i, style), result in zip(jobs, self._regions(batch, frames, jobs, styled_frames, table)):
                 if result is not None:  # None: a carried crop moved out of view
                     box, pixels, carried = result
                     batch[b].stylized.append(StylizedRegion(instance=i, style=style, box=box, pixels=pixels,
@@ -144,32 +147,41 @@ class StylizeStage:
                 known = {**known, **self._whole(frames, self.background, missing)}
             for b, record in enumerate(batch):
                 record.background = known[b]
-                record.stylized += self._left_original(record)
+                record.stylized += self._left_original(record, originals[b], original_boxes[b])
 
-    def _left_original(self, record: FrameRecord) -> list[StylizedRegion]:
+    def _read_boxes(self, batch: list[FrameRecord], jobs: list, originals: list[list[int]]) -> tuple:
+        """The host's copy of the jobs' boxes (then, with style.propagate, their masks' paste boxes) and of each
+        frame's left-original objects' boxes (None: it has none), in the stage's one wait for a GPU: crop boxes,
+        factors and what style.propagate carries are the host's to choose."""
+        table = None
+        if jobs:
+            table = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
+            if self.carry is not None:
+                table = torch.cat([table, self.carry.paste_boxes(batch, jobs)], 1)
+        boxes = [record.instances.boxes[row_index(rows, record.instances.boxes.device)].float() if rows else None
+                 for record, rows in zip(batch, originals)]
+        table, *boxes = to_host([table, *boxes])
+        return table, boxes
+
+    def _left_original(self, record: FrameRecord, rows: list[int], boxes: torch.Tensor | None) -> list[StylizedRegion]:
         """Under a background style, the objects that assign kept but left original (an excluded class, a class
-        styled `original`): their own pixels, composited like a stylized crop, so that the background's texture
-        does not cover them."""
-        rows = [i for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is None and keep]
+        styled `original`; `rows`, their host `boxes`): their own pixels, composited like a stylized crop, so that the
+        background's texture does not cover them."""
         if not rows:
             return []
         # margin x downsample frame px, as a styled crop gets: composite.feather_px may reach that far (the render's
         # check), and a feather cut at the crop's edge is a seam
-        crops = crop_boxes(record.instances.boxes[rows], *record.image.shape[-2:], self.margin * self.downsample)
+        crops = crop_boxes(boxes, *record.image.shape[-2:], self.margin * self.downsample)
         return [StylizedRegion(instance=i, style=ORIGINAL, box=(x1, y1, x2, y2),
                                pixels=record.image[:, y1:y2, x1:x2].float() / 255)
                 for i, (x1, y1, x2, y2) in zip(rows, crops)]
 
-    def _regions(self, batch: list[FrameRecord], frames: torch.Tensor, jobs: list, styled_frames: dict) -> list:
+    def _regions(self, batch: list[FrameRecord], frames: torch.Tensor, jobs: list, styled_frames: dict,
+                 table: torch.Tensor) -> list:
         """Per job, its crop box, stylized pixels and whether they were carried over (None: carried out of view). Jobs
         that `style.propagate` does not carry go through the network: crops, or (region=frame) whole frames, which
-        land in `styled_frames`."""
+        land in `styled_frames`. `table`: the jobs' host boxes (`_read_boxes`)."""
         size = tuple(frames.shape[-2:])
-        boxes = torch.stack([batch[b].instances.boxes[i] for b, i, _ in jobs]).float()
-        # the one wait for a GPU: crop boxes, factors and what style.propagate carries are the host's to choose
-        if self.carry is not None:
-            boxes = torch.cat([boxes, self.carry.paste_boxes(batch, jobs)], 1)
-        table = boxes.cpu()
         boxes = table[:, :4]
         factors = [self.downsample] * len(jobs)
         if self.region == "crop" and self.max_side is not None:
@@ -243,6 +255,11 @@ class StylizeStage:
 
 def _keep_list(record: FrameRecord) -> list[bool]:
     return [True] * len(record.styles) if record.keep is None else record.keep.tolist()
+
+
+def _original_rows(record: FrameRecord) -> list[int]:
+    """The instances that assign kept but left original (no style)."""
+    return [i for i, (style, keep) in enumerate(zip(record.styles, _keep_list(record))) if style is None and keep]
 
 
 def _same_size_groups(batch: list[FrameRecord]) -> list[list[FrameRecord]]:

@@ -23,6 +23,7 @@ from stylize.apply import run_network, stylize_frames, stylize_regions
 from stylize.bank import StyleBank
 from stylize.errors import StyleError
 from tests.helpers_cuda import gpu_waits
+from tests.helpers_host_waits import as_on_gpu, counted_waits
 from tests.tiny_models import distinct_styles, tiny_bank
 
 H, W = 56, 72
@@ -129,6 +130,30 @@ def test_network_calls_do_not_wait_for_the_gpu(bank, device, monkeypatch, region
             torch.testing.assert_close(region.pixels.cpu(), reference.pixels, atol=2e-4, rtol=0)
     assert [r.carried for record in records for r in record.stylized] == [False] * 5 + [propagate]
     assert waits is None or waits <= 2  # the crop boxes (+ the timing's synchronize); was one more per call
+
+
+@pytest.mark.parametrize("left_original", [{"dog": "original"}, {"exclude_classes": ["dog"]}])
+def test_objects_left_original_under_a_background_add_no_gpu_wait(bank, left_original):
+    """Under a background style, the objects left original (a class styled `original`, an excluded class) are
+    composited from their own pixels over their crop boxes: those boxes come to the host in the stage's one read
+    with the styled crops' (CPU stand-in for a GPU, tests/helpers_host_waits.py). Each frame read its own, twice:
+    nine waits for four frames."""
+    styles = {"class_styles": {"person": "mosaic", **left_original}} if "dog" in left_original else left_original
+    cfg = style_cfg(background="candy", crop_bucket=16, **styles)
+    records = [frame(i, [(8 + i, 8, 12, 1, 0.9), (30, 20 + i, 14, 2, 0.9)]) for i in range(4)]
+    StyleAssigner.from_config(cfg, bank, CLASSES)(records)
+    want = StylizeStage.from_config(cfg, bank)([replace(record) for record in records])
+    for record in records:
+        record.image = as_on_gpu(record.image)
+        found = record.instances
+        record.instances = replace(found, boxes=as_on_gpu(found.boxes), scores=as_on_gpu(found.scores),
+                                   labels=as_on_gpu(found.labels), masks=as_on_gpu(found.masks))
+    with counted_waits() as waits:
+        StylizeStage.from_config(cfg, bank)(records)
+    assert [what for what, _ in waits] == ["cpu"], waits
+    assert [[(r.instance, r.style, r.box) for r in record.stylized] for record in records] == [
+        [(r.instance, r.style, r.box) for r in record.stylized] for record in want]
+    assert all(r.style == "original" for record in records for r in record.stylized if r.instance == 1)
 
 
 @pytest.mark.parametrize("background", ["original", "candy", "udnie"])
