@@ -12,6 +12,7 @@ Every `checkpoint_every` steps the training state (network, optimizer, data RNG,
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class TrainResult:
     network: MultiStyleNet
     # per step: the content/style/tv losses unweighted, the total weighted (the bar shows the terms weighted)
     history: list[dict[str, float]] = field(default_factory=list)
+    late_signal: int | None = None  # a stop signal that came once `out` was in place: it stopped nothing
 
 
 class Interrupted(KeyboardInterrupt):
@@ -202,6 +204,7 @@ def train(cfg: DictConfig) -> TrainResult:
         for stale in (state_path, *leftover_temp_files(state_path)):
             stale.unlink(missing_ok=True)
     every = int(cfg.get("checkpoint_every", 0))
+    written, late_signal = False, None
     try:
         bar = tqdm(range(start, steps), desc=f"stylize.train {cfg.mode}", unit="step", initial=start, total=steps)
         for step in bar:
@@ -227,14 +230,19 @@ def train(cfg: DictConfig) -> TrainResult:
                     saved = step + 1
         _check_finite(cfg, state_path, trainable, steps - 1)
         network.eval().cpu()
-        _save(cfg, network, bank, style_paths, out)
+        with HeldStopSignals():  # a signal during the write comes once `out` is in place: `written` must say so
+            _save(cfg, network, bank, style_paths, out)
+            written = True
     except KeyboardInterrupt as interrupt:
-        if not saved:
+        if written:
+            late_signal = stop_signal(interrupt)
+        elif not saved:
             raise Interrupted("interrupted: nothing written", interrupt) from None
-        raise Interrupted(f"interrupted: the state of step {saved} of {steps} is in {state_path}; "
-                          "the same command with resume=true continues from it", interrupt) from None
+        else:
+            raise Interrupted(f"interrupted: the state of step {saved} of {steps} is in {state_path}; "
+                              "the same command with resume=true continues from it", interrupt) from None
     state_path.unlink(missing_ok=True)  # done: a later resume=true must not start this training again
-    return TrainResult(out, network, history)
+    return TrainResult(out, network, history, late_signal)
 
 
 def _progress(losses: dict[str, float], weights: dict[str, float]) -> str:
@@ -359,6 +367,9 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as exc:  # the output is written only at the end
         print(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted: nothing written'}", file=sys.stderr)
         sys.exit(exit_status(exc))
+    if result.late_signal is not None:
+        print(f"note: {signal.Signals(result.late_signal).name} came once the output was complete: it is kept",
+              file=sys.stderr)
     print(f"wrote {result.out}")
 
 

@@ -480,6 +480,30 @@ def test_a_stop_signal_during_a_state_write_names_that_state(files, tmp_path, mo
     assert torch.load(state, weights_only=True)["step"] == signals_before and not out.exists()
 
 
+@pytest.mark.parametrize("checkpoint_every", [0, 1])
+def test_a_stop_signal_during_the_outputs_write_keeps_it_and_says_so(files, tmp_path, monkeypatch, checkpoint_every):
+    """Ctrl-C while `out` is being renamed into place comes once it is there: the training is done (its resume
+    state removed), not "interrupted: nothing written" beside a finished style whose state a resume then refused."""
+    import os
+    import signal
+
+    from common import outputs
+    from stylize.train import train
+
+    place = outputs.AtomicOutput._place
+    out = tmp_path / "coffee.pt"
+
+    def place_then_interrupt(self):
+        place(self)
+        if self.target == out:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(outputs.AtomicOutput, "_place", place_then_interrupt)
+    result = train(small(files, out=str(out), steps=3, checkpoint_every=checkpoint_every))
+    assert result.late_signal == signal.SIGINT and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.pt"]  # no resume state, no temp file
+
+
 # -- the loss math audit's findings ------------------------------------------------------------------------------
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
