@@ -13,7 +13,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 convolutions and matmuls in hardware."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        # compute capability 8 (Ampere) on; torch.cuda.is_bf16_supported answers for the current GPU, not `device`
+        return bool(torch.version.hip) or (torch.cuda.is_available()
+                                           and torch.cuda.get_device_properties(device).major >= 8)
     if device.type == "cpu":
         # private but long-standing (torch >= 2.1): the CPU feature bits oneDNN chooses its bf16 kernels by
         return any(getattr(torch.cpu, probe, lambda: False)()

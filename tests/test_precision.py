@@ -22,6 +22,20 @@ def test_auto_follows_the_cpus_bf16_units(monkeypatch, amx, avx512_bf16, expecte
         assert resolve_precision(explicit, CPU) == explicit
 
 
+def test_auto_on_a_gpu_asks_that_gpu_not_the_current_one(monkeypatch):
+    """A machine with an A100 (cuda:0, current) and a V100 (cuda:1, no bf16 units): device=cuda:1 is fp32.
+    torch.cuda.is_bf16_supported answers for the current GPU whatever the device."""
+    from types import SimpleNamespace
+
+    majors = {0: 8, 1: 7}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=majors[torch.device(device).index or 0]))
+    assert [resolve_precision("auto", torch.device(name)) for name in ("cuda:0", "cuda:1")] == ["bf16", "fp32"]
+
+
 def test_a_torch_without_the_cpu_probes_keeps_fp32(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
