@@ -124,7 +124,9 @@ class MaskRCNN(nn.Module):
             for indices, stack in _group_by_size(frames):
                 if stack.dtype != torch.uint8:
                     raise TypeError(f"predict expects uint8 frames, got {stack.dtype}")
-                batch, features, candidates = self._front_of(stack.to(self.device, non_blocking=True))
+                # a copy to the host is only safe to read once finished: non_blocking only towards a GPU
+                stack = stack.to(self.device, non_blocking=self.device.type == "cuda")
+                batch, features, candidates = self._front_of(stack)
                 for index, instances in zip(indices, self._finish(batch, features, candidates, full_masks)):
                     results[index] = instances
             return results

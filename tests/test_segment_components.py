@@ -416,3 +416,24 @@ def test_multilevel_roi_align_in_threads_equals_torchvision(autocast):
     finally:
         torch.set_num_threads(threads)
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_cpu_model_reads_frames_from_the_device_under_test(device, tmp_path):
+    """predict takes frames on any device. A CPU model given GPU frames copied them to the host with non_blocking,
+    and a copy to the host is not finished when the call returns: the front could read the frame half-copied.
+    The same frames from the host are the oracle (on a GPU, a long matmul queued first keeps the copy late)."""
+    from segment.checkpoint import load_checkpoint
+    from tests.tiny_models import tiny_segmenter
+
+    model = load_checkpoint(tiny_segmenter(tmp_path / "tiny.pt")).eval()
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    want = model.predict(frames)
+    on_device = frames.to(device)
+    if device.type == "cuda":
+        busy = torch.randn(4096, 4096, device=device)
+        for _ in range(8):
+            busy = busy @ busy / 64
+    for got, expected in zip(model.predict(on_device), want):
+        for field in ("boxes", "scores", "labels", "masks"):
+            torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=0)
