@@ -47,9 +47,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 180.0) -> Di
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
+    if chosen.type == "cuda":  # alone too: what names no GPU (the loader's pinned memory, its thread) takes this one
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)
         dist.init_process_group(
             backend="nccl" if chosen.type == "cuda" else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
