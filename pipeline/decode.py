@@ -199,7 +199,8 @@ class VideoReader:
             fallback_step = _pts_step(info)
             last_pts: int | None = None
             started = time.perf_counter()
-            for index, frame in enumerate(_decode_frames(container, stream, info.path, self.decoder_name)):
+            gpu = _decoder_gpu(self.device) if self.decoder_name else None
+            for index, frame in enumerate(_decode_frames(container, stream, info.path, self.decoder_name, gpu)):
                 pts = frame.pts
                 if pts is None:  # raw streams carry no timestamps: space frames by the nominal rate
                     pts = 0 if last_pts is None else last_pts + fallback_step
@@ -300,9 +301,19 @@ def _hardware_decoder(info: VideoInfo) -> str:
     return name
 
 
-def _open_decoder(stream, name: str, path: Path) -> av.CodecContext:
-    """A decoder `name` set up from the stream's own parameters (what libavformat would have given it)."""
+def _decoder_gpu(device: torch.device) -> int | None:
+    """The GPU NVDEC decodes on: the render's (FFmpeg's own pick is GPU 0); None for a CPU render (FFmpeg's pick)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _open_decoder(stream, name: str, path: Path, gpu: int | None = None) -> av.CodecContext:
+    """A decoder `name` set up from the stream's own parameters (what libavformat would have given it); an NVDEC
+    decoder on GPU `gpu` (FFmpeg's h264_cuvid option; None: its default, GPU 0)."""
     context = av.CodecContext.create(name, "r")
+    if gpu is not None:
+        context.options = {"gpu": str(gpu)}
     source = stream.codec_context
     context.extradata = source.extradata
     context.width, context.height = source.width, source.height
@@ -314,11 +325,12 @@ def _open_decoder(stream, name: str, path: Path) -> av.CodecContext:
     return context
 
 
-def _decode_frames(container, stream, path: Path, decoder_name: str | None = None) -> Iterator[av.VideoFrame]:
-    """Decoded frames of `stream` (by the decoder `decoder_name` instead of the stream's own, when given); a
-    decoder failure mid-stream becomes TruncatedVideoError."""
+def _decode_frames(container, stream, path: Path, decoder_name: str | None = None,
+                   gpu: int | None = None) -> Iterator[av.VideoFrame]:
+    """Decoded frames of `stream` (by the decoder `decoder_name` instead of the stream's own, when given, on GPU
+    `gpu`); a decoder failure mid-stream becomes TruncatedVideoError."""
     decoded = 0
-    context = None if decoder_name is None else _open_decoder(stream, decoder_name, path)
+    context = None if decoder_name is None else _open_decoder(stream, decoder_name, path, gpu)
     try:
         for packet in container.demux(stream):
             if context is None:

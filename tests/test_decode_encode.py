@@ -429,3 +429,23 @@ def test_ctrl_c_lands_between_the_flushed_packets(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert 0 < len(muxed) < count and writer.container is None, len(muxed)
+
+
+def test_nvdec_decodes_on_the_renders_gpu(tmp_path, monkeypatch):
+    """decode.decoder=nvdec with device=cuda:1 decoded on GPU 0 (FFmpeg's h264_cuvid default), giving another job's
+    GPU a CUDA context and the decoding work. The decoder is now told the render's GPU (its `gpu` option); a CPU
+    render leaves FFmpeg's pick. Here a software h264 context stands in for h264_cuvid, which needs a GPU to open."""
+    import pipeline.decode as decode
+
+    from tests.helpers_video import write_clip
+
+    path = write_clip(tmp_path / "clip.mp4", [np.full((48, 64, 3), 40 * i, dtype=np.uint8) for i in range(3)])
+    opened = []
+    create = av.CodecContext.create
+    monkeypatch.setattr(decode.av.CodecContext, "create",
+                        lambda name, mode: opened.append(create("h264", mode)) or opened[-1])
+    with av.open(str(path)) as container:
+        frames = list(decode._decode_frames(container, container.streams.video[0], path, "h264_cuvid",
+                                            decode._decoder_gpu(torch.device("cuda:1"))))
+    assert len(frames) == 3 and opened[0].options == {"gpu": "1"}
+    assert decode._decoder_gpu(torch.device("cpu")) is None
