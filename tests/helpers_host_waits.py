@@ -7,17 +7,35 @@ that on a CUDA tensor makes the host wait for the GPU is recorded: a read to the
 `where`), and a host value copied into it from pageable memory (an index given as a Python list or host tensor, a
 Python number or host tensor set into it). A model of torch's behaviour, not torch's own count: it errs towards
 counting (a `.cpu()` already on the host counts).
+
+Its `.device` is `SIMULATED_GPU` ("cpu:0", a CPU device torch accepts everywhere), so that the code's own moves tell
+the GPU from the host: `.to(x.device)` stays on the GPU (no wait), `.to("cpu")` is a read. Inside `counted_waits`,
+`gpu.transfer.to_device` to `SIMULATED_GPU` (and so `row_index` and `to_device_all`) gives a SimulatedGpuTensor
+without a wait: pinned and non_blocking, the host does not wait for it. Tensors the code makes with
+`device=x.device`, or moves there with a plain tensor's `.to(x.device)` (on a GPU a copy from pageable memory, a
+wait), are plain CPU tensors, unseen until they meet a SimulatedGpuTensor (as an index into one they count); checks
+of `is_cuda` or `device.type` still take the CPU's paths. `on_gpu(record)` puts a record's device tensors on it.
 """
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+import gpu.transfer
+from pipeline.record import FrameRecord
+from segment.roi_masks import TENSORS, RoIMasks
+from segment.structures import Instances
+
 ROOT = Path(__file__).resolve().parent.parent
+SIMULATED_GPU = torch.device("cpu", 0)  # a SimulatedGpuTensor's device
+_DEVICE = torch.Tensor.device.__get__
+_TO_DEVICE = gpu.transfer.to_device
 
 READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
          "masked_select", "unique", "unique_consecutive"}
@@ -30,6 +48,8 @@ class SimulatedGpuTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func == _DEVICE:
+            return SIMULATED_GPU
         name = getattr(func, "__name__", str(func))
         on_gpu = any(isinstance(a, cls) for a in _flat([*args, *kwargs.values()]))
         if on_gpu:
@@ -48,15 +68,52 @@ def as_on_gpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.as_subclass(SimulatedGpuTensor)
 
 
+def instances_on_gpu(instances: Instances | None) -> Instances | None:
+    """`instances` with every tensor on the simulated GPU, a RoIMasks' too (its windows unread, as the model gives
+    them)."""
+    if instances is None:
+        return None
+    masks = instances.masks
+    if isinstance(masks, RoIMasks):
+        masks = replace(masks, **{name: as_on_gpu(getattr(masks, name)) for name in TENSORS}, _windows=None)
+    else:
+        masks = as_on_gpu(masks)
+    return replace(instances, boxes=as_on_gpu(instances.boxes), scores=as_on_gpu(instances.scores),
+                   labels=as_on_gpu(instances.labels), masks=masks)
+
+
+def on_gpu(record: FrameRecord) -> FrameRecord:
+    """`record` (changed in place) with the tensors a render holds on its device on the simulated GPU: the image,
+    the instances, the stylized crops, the background and the output. Track ids and `keep` stay: the stages make
+    them on the host, where their readers want them (pipeline/record.py)."""
+    record.image = as_on_gpu(record.image)
+    record.instances = instances_on_gpu(record.instances)
+    record.stylized = [replace(region, pixels=as_on_gpu(region.pixels)) for region in record.stylized]
+    record.background, record.output = as_on_gpu(record.background), as_on_gpu(record.output)
+    return record
+
+
 @contextmanager
 def counted_waits() -> Iterator[list[tuple[str, str]]]:
     """The waits of `SimulatedGpuTensor` operations in the block, in order: (what, file:line of the project's code
-    that asked)."""
+    that asked). In the block `gpu.transfer.to_device` copies to the simulated GPU, wherever it was imported."""
     SimulatedGpuTensor.waits = []
+    patched = [module for module in list(sys.modules.values()) if getattr(module, "to_device", None) is _TO_DEVICE]
+    for module in patched:
+        module.to_device = _to_simulated_gpu
     try:
         yield SimulatedGpuTensor.waits
     finally:
         SimulatedGpuTensor.waits = []
+        for module in patched:
+            module.to_device = _TO_DEVICE
+
+
+def _to_simulated_gpu(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`gpu.transfer.to_device`: a host tensor copied to the simulated GPU from pinned memory, no wait."""
+    if torch.device(device) == SIMULATED_GPU and not isinstance(tensor, SimulatedGpuTensor):
+        return as_on_gpu(tensor.clone())
+    return _TO_DEVICE(tensor, device)
 
 
 def _caller() -> str:
@@ -96,8 +153,9 @@ def _is_host_tensor(value) -> bool:
 
 
 def _to_host(args: tuple, kwargs: dict) -> bool:
+    """A `.to` whose target is the host: "cpu", not the simulated GPU's "cpu:0"."""
     targets = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
-    return bool(targets) and torch.device(targets[0]).type == "cpu"
+    return bool(targets) and torch.device(targets[0]) == torch.device("cpu")
 
 
 def _flat(values):
