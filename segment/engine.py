@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.outputs import AtomicOutput
+from common.outputs import AtomicOutput, HeldStopSignals
 from segment.checkpoint import FORMAT, read_file, save_checkpoint
 from segment.distributed import DistInfo, barrier, mean_over_processes
 from segment.errors import CheckpointError, SegmentError
@@ -202,6 +202,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.iteration = 0
+        # what a stopped run has on disk, for its message: each set in one held block with the file's rename, so
+        # that a stop signal the rename held back finds it set
+        self.saved_iteration: int | None = None  # last.pt's (written by this run, or the one it resumed from)
+        self.finished = False  # this process's outputs are complete (rank 0: model_final.pt is in place)
         self.loss_names: list[str] | None = None
         self.history: list[dict[str, Any]] = []  # what went to metrics.jsonl (rank 0), for callers and tests
         if info.is_main:
@@ -243,6 +247,7 @@ class Trainer:
             if main:  # a finished run started again (a scheduler's retry): its files stay as they are
                 print(f"{s.output_dir} is already trained for schedule.max_iters={s.max_iters} iterations: "
                       "nothing to do")
+            self.finished = True
             return self.history
         start_iteration = self.iteration
         bar = tqdm(total=s.max_iters, initial=start_iteration, desc="train", dynamic_ncols=True,
@@ -274,8 +279,10 @@ class Trainer:
                 window_start += time.perf_counter() - paused  # evaluating and saving are not training throughput
         finally:
             bar.close()
-        if main:
-            save_checkpoint(self.model, s.output_dir / FINAL, extra={"iteration": self.iteration})
+        with HeldStopSignals():
+            if main:
+                save_checkpoint(self.model, s.output_dir / FINAL, extra={"iteration": self.iteration})
+            self.finished = True
         return self.history
 
     def _log(self, mean_losses: Tensor, lr: float, iters: int, seconds: float, elapsed: float) -> dict[str, Any]:
@@ -346,7 +353,9 @@ class Trainer:
             "world_size": self.info.world_size,
             "run_config": self.run_config,
         }
-        save_checkpoint(self.model, path, extra={"iteration": self.iteration, "training_state": training_state})
+        with HeldStopSignals():
+            save_checkpoint(self.model, path, extra={"iteration": self.iteration, "training_state": training_state})
+            self.saved_iteration = self.iteration
 
     def resume(self, path: Path) -> None:
         """Restores weights, optimizer, scheduler, scaler, RNGs, iteration and data position from `last.pt`, once it
@@ -382,6 +391,7 @@ class Trainer:
             raise TrainingError(f"{path} is at iteration {self.iteration}, past schedule.max_iters="
                                 f"{self.settings.max_iters}: raise max_iters to train further, or use another "
                                 "output_dir")
+        self.saved_iteration = self.iteration
         if self.info.is_main:
             _drop_metrics_after(self.settings.output_dir / METRICS, self.iteration)
         if state["world_size"] == self.info.world_size:

@@ -8,17 +8,40 @@ model and data are built. A run holds output_dir/.lock while it runs: a second t
 at once. A sweep (`-m seed=0,1 ...`) trains job N into output_dir/N. A schedule with reference_images_per_iter
 (paper_1x) scales its iteration counts to the images per iteration (effective_schedule).
 Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2, and a
-refused run leaves no folder of its own making.
+refused run leaves no folder of its own making. A stop signal (Ctrl-C, SIGTERM, SIGHUP) is one "error: ..." line
+naming what is left (last.pt's iteration and the resume command; or, a run stopped before its first checkpoint
+removing its files, that the same command starts over) and exit status 128 + its number; one that comes once
+model_final.pt is in place is a note, and the run counts as done.
 """
 from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from common.signals import Stopped, exit_status, on_stop_signals  # light: what follows it is not
+
+
+def _leaving(message: bytes) -> Callable[[int, object], None]:
+    """A stop signal's handler for a time when nothing needs cleaning up: `message`, then the signal's exit status
+    (128 + its number). Not through sys.stderr: the signal may have come in the middle of a write to it."""
+    def leave(signum: int, frame) -> None:
+        os.write(2, message)
+        os._exit(128 + signum)
+    return leave
+
+
+if __name__ == "__main__":  # `python -m segment.train`; modules importing this one keep their handlers
+    # a stop signal while Hydra and our modules load and Hydra composes the config (in a sweep, makes output_dir and
+    # its multirun.yaml): one line, not a traceback from inside an import, nor (SIGTERM, SIGHUP) a silent end
+    on_stop_signals(_leaving(b"error: interrupted before training began: nothing trained\n"))
 
 import fcntl
 import itertools
 import math
-import os
-import sys
+import signal
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -34,9 +57,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.errors import UserError, one_line
 from common.hydra_cli import exit_on_bad_overrides, multirun
-from common.outputs import AtomicOutput, leftover_temp_files
+from common.outputs import AtomicOutput, HeldStopSignals, leftover_temp_files
 from common.settings import flag, number, whole
-from common.signals import exit_status, on_stop_signals
 from segment.checkpoint import load_checkpoint, project_relative
 from segment.config import SegmenterConfig, real_class_names
 from segment.data import build_dataset, check_data_settings, collate, data_flag
@@ -379,8 +401,27 @@ def _remove_previous_run(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def train(cfg: DictConfig) -> Path:
-    """Runs (or resumes) a training; returns the path of model_final.pt."""
+@dataclass
+class TrainingRun:
+    """How far a run has got, for what a stop signal leaves behind and says (`main`): `train` fills it in."""
+    trainer: Trainer | None = None
+    # output_dir cleared of an earlier run's files (a run from scratch): the run files there now are this run's
+    cleared: bool = False
+
+    @property
+    def saved_iteration(self) -> int | None:
+        """The iteration of the last.pt in output_dir that this run wrote or resumed from."""
+        return None if self.trainer is None else self.trainer.saved_iteration
+
+    @property
+    def finished(self) -> bool:
+        return self.trainer is not None and self.trainer.finished
+
+
+def train(cfg: DictConfig, run: TrainingRun | None = None) -> Path:
+    """Runs (or resumes) a training, recording its progress in `run`; returns the path of model_final.pt. Stopped
+    before its first checkpoint, a run from scratch removes the files it wrote: the same command starts over."""
+    run = run if run is not None else TrainingRun()
     settings = checked_train_settings(cfg)
     info = init_distributed(str(cfg.device), float(cfg.dist_timeout_min))
     if cfg.get("cpu_threads"):
@@ -390,11 +431,13 @@ def train(cfg: DictConfig) -> Path:
     made: list[Path] = []
     try:
         lock, resume_from = _settle_output_dir(cfg, info, made)
-        trainer = build_trainer(cfg, info, settings)
+        run.trainer = trainer = build_trainer(cfg, info, settings)
         if resume_from is not None:
             trainer.resume(resume_from)
         elif info.is_main:  # only now: starting weights and data that fail to load leave the earlier run as it was
-            _remove_previous_run(out)
+            with HeldStopSignals():  # what a stop signal says of output_dir depends on whether this happened
+                _remove_previous_run(out)
+                run.cleared = True
         if info.is_main:  # the run is settled: its config and banner say what it will do
             with AtomicOutput(out / CONFIG, overwrite=True) as temp:  # a resume reads it: never half a file
                 OmegaConf.save(cfg, temp, resolve=True)
@@ -409,6 +452,13 @@ def train(cfg: DictConfig) -> Path:
                 print(f"resume=true but no {LAST} in {out} yet: starting from scratch")
         trainer.fit()
         return out / FINAL
+    except KeyboardInterrupt:
+        if run.cleared and run.saved_iteration is None:
+            # a later command would refuse a folder holding its config.yaml and metrics.jsonl, and could resume
+            # nothing from them
+            with HeldStopSignals():
+                _remove_previous_run(out)
+        raise
     finally:
         if lock is not None:
             unlock_output_dir(out, lock)
@@ -459,20 +509,66 @@ def _check_sweep_output_dir(argv: list[str]) -> None:
             _fail(error)
 
 
+def interrupted_message(run: TrainingRun, out: Path, sweep_dir: str | None = None, job: int = 0) -> str:
+    """What a stopped run leaves in output_dir `out`, and how to go on from there. In a sweep (`sweep_dir`: the
+    sweep's output_dir, of which `out` is job `job`'s folder) that is the sweep command: one given `out` itself would
+    train into out/N."""
+    if sweep_dir is None:
+        if run.saved_iteration is not None:
+            return (f"interrupted; last.pt at iteration {run.saved_iteration}: `resume=true output_dir={out}` "
+                    "continues from it")
+        if not any((out / name).exists() for name in RUN_FILES):
+            return "interrupted; no checkpoint was written: the same command starts over"
+        return f"interrupted before training began: {out} is as it was"  # an earlier run's files, untouched
+    again = f"the same sweep command with resume=true (output_dir={sweep_dir})"
+    if run.saved_iteration is not None:
+        return f"interrupted; sweep job {job}'s last.pt at iteration {run.saved_iteration}: {again} continues from it"
+    if not any((out / name).exists() for name in RUN_FILES):
+        return f"interrupted; sweep job {job} wrote no checkpoint: {again} starts it over"
+    return f"interrupted before sweep job {job} began training: {out} is as it was; {again} continues the sweep"
+
+
+def _stop_unless_finished(run: TrainingRun, late: list[int]) -> None:
+    """Ctrl-C, SIGTERM (a scheduler's preemption) and SIGHUP (the terminal closed) stop the run as Ctrl-C does, clean-
+    ups included, until its model_final.pt is in place: one that comes then stops nothing, its number goes into
+    `late`. An ignored one (nohup) stays ignored."""
+    def stop(signum: int, frame) -> None:
+        if run.finished:
+            late.append(signum)
+        else:
+            raise Stopped(signum)
+
+    on_stop_signals(stop)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    on_stop_signals()  # SIGTERM (a scheduler's preemption), SIGHUP (the terminal closed) stop like Ctrl-C
+    run, late = TrainingRun(), []
+    _stop_unless_finished(run, late)  # in place of the start-up's handler, which only leaves
+    sweep_dir, job = None, 0
     if _in_sweep():  # each job a run of its own: one shared folder would refuse every job after the first
-        cfg.output_dir = str(Path(cfg.output_dir) / str(HydraConfig.get().job.num))
+        sweep_dir, job = str(cfg.output_dir), HydraConfig.get().job.num
+        cfg.output_dir = str(Path(cfg.output_dir) / str(job))
     try:
-        final = train(cfg)
+        final = train(cfg, run)
     except UserError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:
-        _report(f"error: interrupted; `resume=true output_dir={cfg.output_dir}` continues from the last checkpoint")
+        _report(f"error: {interrupted_message(run, Path(cfg.output_dir), sweep_dir, job)}")
         sys.exit(exit_status(interrupt))
+    finally:
+        if sweep_dir is not None:  # until the next job's training: the jobs so far are done, their files complete
+            on_stop_signals(_LEAVE_SWEEP)
     if _is_rank0():
         print(f"wrote {final}")
+    if late:  # none can come in after this in a sweep, and outside one they change nothing
+        _report(f"note: {signal.Signals(late[0]).name} came once the training was complete: {final} is kept")
+        if sweep_dir is not None:  # the sweep stops after this job
+            sys.stdout.flush()
+            _LEAVE_SWEEP(late[0], None)
+
+
+_LEAVE_SWEEP = _leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
 
 
 if __name__ == "__main__":

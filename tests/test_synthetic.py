@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,58 @@ def test_script_checks_both_splits_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "val exists" in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]  # train was not generated either
+
+
+def _stop_after(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
+    """`owner.name` calls the real function, then sends this process a SIGINT (once `when(*args)` holds): a stop
+    signal at that phase boundary, as a user's Ctrl-C."""
+    real = getattr(owner, name)
+
+    def then_stop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, name, then_stop)
+
+
+def _split_seed(root: Path) -> tuple[int, list[bytes]]:
+    """The seed the annotation file records, and the split's images."""
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    return coco["info"]["seed"], [p.read_bytes() for p in sorted((root / "train").glob("*.jpg"))]
+
+
+def test_a_stop_signal_as_the_new_images_move_in_never_pairs_them_with_the_old_annotations(tmp_path, monkeypatch):
+    """Ctrl-C right after the new images folder was renamed into place: the clean-up deleted the old images and the
+    new annotation file alike, leaving the new images beside the old annotations."""
+    syn.write_coco_split(tmp_path / "fresh", "train", 2, size=32, seed=1, progress=False)
+    syn.write_coco_split(tmp_path / "data", "train", 2, size=32, seed=0, progress=False)
+    _stop_after(monkeypatch, Path, "rename", lambda source, target: Path(target).name == "train")
+    with pytest.raises(KeyboardInterrupt):
+        syn.write_coco_split(tmp_path / "data", "train", 2, size=32, seed=1, progress=False)
+    assert _split_seed(tmp_path / "data") == _split_seed(tmp_path / "fresh")  # the swap completed first
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["annotations", "train"]
+
+
+def test_a_failed_swap_puts_the_old_split_back(tmp_path, monkeypatch):
+    """The annotation file not replaced (a full disk, say): the old images come back beside the old annotations."""
+    syn.write_coco_split(tmp_path, "train", 2, size=32, seed=0, progress=False)
+    before = _split_seed(tmp_path)
+
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(syn.os, "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        syn.write_coco_split(tmp_path, "train", 2, size=32, seed=1, progress=False)
+    assert _split_seed(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations", "train"]
+
+
+def test_a_stop_signal_during_generation_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """Ctrl-C while the images were drawn left the dataset folder with an empty annotations/ in it."""
+    _stop_after(monkeypatch, syn, "random_scene")
+    with pytest.raises(KeyboardInterrupt):
+        syn.write_coco_split(tmp_path / "new" / "data", "train", 2, size=32, progress=False)
+    assert list(tmp_path.iterdir()) == []

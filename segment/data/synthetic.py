@@ -11,6 +11,7 @@ only a split it wrote itself (`check_replaceable`).
 from __future__ import annotations
 
 import colorsys
+import itertools
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.transform import resize
 from tqdm import tqdm
 
+from common.outputs import HeldStopSignals
 from segment.data.errors import DatasetError
 
 CLASS_NAMES: list[str] = ["circle", "square", "triangle", "star", "ring"]
@@ -258,7 +260,11 @@ def write_coco_split(
     labels = sorted(CLASS_NAMES.index(c) + 1 for c in set(classes))
     out_dir = Path(out_dir)
     check_replaceable(out_dir, split)
-    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    annotation_file = out_dir / "annotations" / f"instances_{split}.json"
+    # the folders made here, deepest first: a split that is not written takes those that stay empty away again
+    made = list(itertools.takewhile(lambda folder: not folder.exists(),
+                                    (annotation_file.parent, *annotation_file.parent.parents)))
+    annotation_file.parent.mkdir(parents=True, exist_ok=True)
     textures, backgrounds = load_textures(seed), load_backgrounds()
     split_key = zlib.crc32(split.encode())
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=out_dir))
@@ -282,15 +288,35 @@ def write_coco_split(
             "categories": [{"id": k, "name": CLASS_NAMES[k - 1], "supercategory": "shape"} for k in labels],
         }
         (tmp / "instances.json").write_text(json.dumps(coco))
-        target_images = out_dir / split
-        if target_images.exists():
-            target_images.rename(tmp / "old")
-        (tmp / "images").rename(target_images)
-        annotation_file = out_dir / "annotations" / f"instances_{split}.json"
-        os.replace(tmp / "instances.json", annotation_file)
+        _swap_in(tmp, out_dir / split, annotation_file)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with HeldStopSignals():  # a second Ctrl-C must not leave half of the temp folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # holds the split (or another's files): it stays, and so do the folders above it
+                    break
     return annotation_file
+
+
+def _swap_in(tmp: Path, target_images: Path, annotation_file: Path) -> None:
+    """tmp/images and tmp/instances.json in place of the split's images folder and annotation file, or, on an error,
+    the old ones back in place: never the new images beside the old annotations. The stop signals wait until either
+    is done (the old images go to tmp/old, which the caller removes)."""
+    old_images = tmp / "old"
+    with HeldStopSignals():
+        if target_images.exists():
+            target_images.rename(old_images)
+        try:
+            (tmp / "images").rename(target_images)
+            os.replace(tmp / "instances.json", annotation_file)
+        except OSError:
+            if not (tmp / "images").exists() and target_images.exists():  # the new images went in: out again
+                target_images.rename(tmp / "images")
+            if old_images.exists():
+                old_images.rename(target_images)
+            raise
 
 
 def check_replaceable(out_dir: str | os.PathLike, split: str) -> None:
