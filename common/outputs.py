@@ -10,6 +10,8 @@ import re
 import secrets
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import OutputError
@@ -51,7 +53,9 @@ class AtomicOutput:
     on any exception (Ctrl-C included) it is deleted, with the folders it made for it.
 
     `committed` turns true with the rename, with no interrupt between them (on the main thread): a program that
-    is stopped right after the rename can tell that its output is in place."""
+    is stopped right after the rename can tell that its output is in place. The stop signals are held back across
+    the set-up and the clean-up too: one that came between a temp file's creation and its record, or a second
+    Ctrl-C during the clean-up, left the temp file behind."""
 
     def __init__(self, target: str | Path, overwrite: bool = False):
         self.target = Path(target).absolute()
@@ -62,8 +66,9 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         try:
-            _make_folders(self.target.parent, self._made)
-            self.temp = _new_file_beside(self.target)
+            with HeldStopSignals():  # one that came meanwhile is raised here, with the temp file known to _discard
+                _make_folders(self.target.parent, self._made)
+                self.temp = _new_file_beside(self.target)
         except BaseException as e:  # Ctrl-C too: no __exit__ follows a failed __enter__
             self._discard()
             if isinstance(e, OSError):
@@ -72,20 +77,19 @@ class AtomicOutput:
         return self.temp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self._commit()
+        # held from the start, not only inside _discard: a second signal as the clean-up begins skipped all of it
+        with HeldStopSignals():
+            if exc_type is not None:
+                self._discard()
                 return
+            try:
+                self._place()
             except BaseException:
                 self._discard()
                 raise
-        self._discard()
-
-    def _commit(self) -> None:
-        with HeldStopSignals():
-            self._place()
             self.committed = True
             self._made = []
+            record_output(self.target)
 
     def _place(self) -> None:
         if self.overwrite:  # a link at the target is replaced itself, never written through
@@ -104,9 +108,10 @@ class AtomicOutput:
         self.temp.unlink()
 
     def _discard(self) -> None:
-        if self.temp is not None:
-            self.temp.unlink(missing_ok=True)
-        self._remove_folders()
+        with HeldStopSignals():  # all of it: a second Ctrl-C half-way left the folders, or the temp file
+            if self.temp is not None:
+                self.temp.unlink(missing_ok=True)
+            self._remove_folders()
 
     def _remove_folders(self) -> None:
         for folder in self._made:
@@ -130,6 +135,29 @@ def _make_folders(folder: Path, made: list[Path]) -> None:
         except FileExistsError:
             continue
         made.insert(0, folder)
+
+
+# The lists that `recording_outputs` blocks fill; any thread records (the debug dump writes on workers)
+_records: list[list[Path]] = []
+
+
+@contextmanager
+def recording_outputs() -> Iterator[list[Path]]:
+    """The list of the targets put in place while the block runs, in order: every AtomicOutput's, and what
+    `record_output` is told of. What a stopped command can truthfully say it wrote (common.arguments)."""
+    record: list[Path] = []
+    _records.append(record)
+    try:
+        yield record
+    finally:
+        _records[:] = [other for other in _records if other is not record]
+
+
+def record_output(path: str | Path) -> None:
+    """`path` is in place, written without AtomicOutput (appended to, a folder renamed into place)."""
+    target = Path(path).absolute()
+    for record in tuple(_records):
+        record.append(target)
 
 
 class HeldStopSignals:

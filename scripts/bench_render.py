@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from gpu.precision import resolve_precision  # noqa: E402
-from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number, writing_in_place  # noqa: E402
 from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from pipeline.render import build_stages, compose_config, render  # noqa: E402
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel_time:
         text += ("\nStage wall time per frame and, in brackets, the GPU kernel time inside it (from a profiled render "
                  f"of a {args.kernel_frames}-frame clip of the same scene):\n\n{kernel_table(rows)}\n")
-    publish(text, args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output):
+        publish(text, args.output, append=not args.no_append)
     return 0
 
 

@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number, writing_in_place  # noqa: E402
 from common.errors import OutputError, one_line  # noqa: E402
 from common.torch_save import atomic_save  # noqa: E402
 from segment.checkpoint import load_torchvision_checkpoint  # noqa: E402
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "channels_last, on a GPU the front replayed as a CUDA graph); differences on the first frame; "
         f"1/5/15-min load average before: {load_before}.\n"
     )
-    publish(title + "\n" + markdown_table(header, rows) + "\n", args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output):
+        publish(title + "\n" + markdown_table(header, rows) + "\n", args.output, append=not args.no_append)
     return 0
 
 

@@ -35,7 +35,7 @@ from pipeline.decode import VideoReader  # noqa: E402
 from pipeline.render import compose_config, render  # noqa: E402
 from pipeline.segment_stage import SegmentStage  # noqa: E402
 from pipeline.track import Tracker, mask_iou  # noqa: E402
-from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number, writing_in_place  # noqa: E402
 from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from segment.checkpoint import load_segmenter  # noqa: E402
 from segment.structures import Instances  # noqa: E402
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Device: {device_name(device)}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"clip {args.input.name}; {args.repeats} renders of each setting, alternating, medians; "
             f"overrides: {' '.join(args.overrides) or 'none'}\n\n{markdown_table(header, rows)}\n")
-    publish(text, args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output):
+        publish(text, args.output, append=not args.no_append)
     return 0
 
 

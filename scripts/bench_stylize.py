@@ -36,7 +36,8 @@ from stylize.apply import default_channels_last, stylize_frames, stylize_regions
 from stylize.inference import GRAPH_AFTER_CALLS, StyleRunner, instance_norm  # noqa: E402
 from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
-from common.arguments import existing_file, reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import (  # noqa: E402
+    existing_file, reports_user_errors, torch_device, whole_number, writing_in_place)
 from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.repeats}; each resample starts from the input as the runner hands it over, any layout "
                  "change included):"
                  f"\n\n{markdown_table(head, layer_rows(bank, device, args.repeats))}\n")
-    publish(text, args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output, last=not args.profile):
+        publish(text, args.output, append=not args.no_append)
     if args.profile:
         frame = torch.randint(0, 256, (1, 3, 480, 854), dtype=torch.uint8, device=device)
         run = partial(stylize_frames, bank.network.to(device), frame, torch.eye(len(bank))[0])

@@ -35,7 +35,7 @@ from segment.loader import BatchStream  # noqa: E402
 from segment.model import build_model  # noqa: E402
 from segment.optim import WarmupMultiStepLR, build_optimizer  # noqa: E402
 from segment.tv_reference import torchvision_twin  # noqa: E402
-from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number, writing_in_place  # noqa: E402
 from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         f"after {args.warmup} warm-up, alternating; SGD step included; 1/5/15-min load average before: "
         f"{load_before}.\n\n{table}\n"
     )
-    publish(text, args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output, last=not args.profile):
+        publish(text, args.output, append=not args.no_append)
     if args.profile:
         for name, run in steps:
             print_profile(lambda: run(inputs[name][0]), 3, device.type == "cuda", f"{name} training step")

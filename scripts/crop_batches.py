@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import stylize.apply  # noqa: E402
 from pipeline.render import render  # noqa: E402
-from common.arguments import reports_user_errors, torch_device, whole_number  # noqa: E402
+from common.arguments import reports_user_errors, torch_device, whole_number, writing_in_place  # noqa: E402
 from scripts.bench_render import SIZES, clip_config  # noqa: E402
 from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
 from stylize.apply import MAX_CROP_BATCH, batch_plan  # noqa: E402
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                  "padded / crop pixels", "net input px / frame"],
                 [[r["bucket"], f"{r['calls']:.2f}", r["shapes"], r["graph_shapes"], f"{r['padding']:.2f}",
                   f"{r['pixels'] / 1e3:.0f}k"] for r in rows]) + "\n")
-    publish(text, args.output, append=not args.no_append)
+    with writing_in_place(None if args.no_append else args.output):
+        publish(text, args.output, append=not args.no_append)
     return 0
 
 

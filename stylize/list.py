@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common.arguments import reports_user_errors
+from common.arguments import last_output, reports_user_errors
 from common.errors import OutputError
 from common.outputs import AtomicOutput, check_output
 from stylize.apply import stylize_frames
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         sheet = contact_sheet(bank, sample_photo(args.photo), args.tile)
         if args.colors and args.sheet.suffix.lower() in PALETTE_SUFFIXES:
             sheet = sheet.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        last_output(args.sheet)
         save_image_atomic(sheet, args.sheet, args.overwrite)
         print(f"wrote {args.sheet}")
     return 0

@@ -69,24 +69,72 @@ def test_a_failed_write_takes_away_the_folders_it_made(tmp_path):
     assert sorted(p.name for p in (tmp_path / "kept" / "new").iterdir()) == ["notes.txt"]
 
 
-def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch):
-    """Ctrl-C right after the rename raised between it and the record of it, so the program could not tell that the
-    output was in place ("no output written"). It is held back until the rename is recorded, then raised."""
-    replace = os.replace
-
-    def replace_then_interrupt(source, target):
-        replace(source, target)
-        signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background ignores it
+@pytest.fixture
+def python_sigint():
+    """Ctrl-C raised as KeyboardInterrupt, as in a program run from a terminal (a runner in the background ignores
+    it, and HeldStopSignals leaves such a signal to the operating system)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        output = AtomicOutput(tmp_path / "out.mp4", overwrite=True)
-        with pytest.raises(KeyboardInterrupt):
-            with output as temp:
-                temp.write_bytes(b"frames")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def interrupting(function):
+    """`function`, then Ctrl-C."""
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+    return call
+
+
+def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch, python_sigint):
+    """Ctrl-C right after the rename raised between it and the record of it, so the program could not tell that the
+    output was in place ("no output written"). It is held back until the rename is recorded, then raised."""
+    monkeypatch.setattr(outputs.os, "replace", interrupting(os.replace))
+    output = AtomicOutput(tmp_path / "out.mp4", overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        with output as temp:
+            temp.write_bytes(b"frames")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert output.committed and (tmp_path / "out.mp4").read_bytes() == b"frames"
     assert not leftover_temp_files(tmp_path / "out.mp4")
+
+
+def test_an_interrupt_as_the_temp_file_is_made_leaves_neither_it_nor_its_folder(tmp_path, monkeypatch, python_sigint):
+    """Ctrl-C between the temp file's creation and its record left new/.out.*.partial.mp4 (and new/) behind a render
+    that said "no output written"."""
+    monkeypatch.setattr(outputs, "_new_file_beside", interrupting(outputs._new_file_beside))
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(tmp_path / "new" / "out.mp4"):
+            pytest.fail("the block ran after the interrupt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("when", ["as it begins", "half-way"])
+def test_a_second_interrupt_during_the_clean_up_waits_for_it(when, tmp_path, monkeypatch, python_sigint):
+    """A second Ctrl-C as the clean-up began left the half-written temp file (2.5 KB for a render, a 91 MB
+    .last.*.partial.pt for segment.train); one after the temp file's removal left the folders made for it."""
+    if when == "as it begins":
+        discard = AtomicOutput._discard
+
+        def interrupted_discard(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            discard(self)
+
+        monkeypatch.setattr(AtomicOutput, "_discard", interrupted_discard)
+    else:
+        unlink = outputs.Path.unlink
+
+        def unlink_then_interrupt(path, **kwargs):
+            unlink(path, **kwargs)
+            if path.name.endswith(".partial.mp4"):
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(outputs.Path, "unlink", unlink_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(tmp_path / "new" / "deeper" / "out.mp4") as temp:
+            temp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
