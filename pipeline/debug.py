@@ -35,9 +35,11 @@ feathers away stay visible);
 Numbers that are not finite (a NaN score, an infinite timing) are written as null: the browser's JSON.parse
 rejects bare NaN, which would blank the whole page.
 
-Safety: images are written to a temp file and renamed; manifest.json says complete=false until
-`close()` rewrites it with complete=true, so an interrupted dump is detectable. An existing folder is
-replaced only with `overwrite` (the render's), and never when it holds anything a dump does not write.
+Safety: the dump is written into a temp folder beside DIR (`.{name}.{hex}.partial`, its manifest saying
+complete=false until `complete()`), and `publish()` renames it to DIR, so DIR only ever holds a complete dump: a
+render puts it in place right after its video, and a stopped or failed render removes it with the folders made for
+it, leaving an earlier dump as it was. An earlier dump is replaced only with `overwrite` (the render's), and a folder
+holding anything a dump does not write never.
 """
 from __future__ import annotations
 
@@ -45,6 +47,10 @@ import inspect
 import io
 import json
 import math
+import os
+import secrets
+import shutil
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +66,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import AtomicOutput, leftover_temp_files, temp_target
+from common.outputs import AtomicOutput, _make_folders, temp_target
 from common.settings import number, whole
 from pipeline.composite import depth_order
 from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
@@ -250,13 +256,19 @@ def check_dump_dir(directory: Path, overwrite: bool) -> None:
                              "replace it, or choose another debug.dir")
 
 
+def _name_beside(target: Path, kind: str) -> Path:
+    """A new name in `target`'s folder, hidden: `.{target's name}.{random hex}.{kind}`."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{kind}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with AtomicOutput(path, overwrite=True) as temp:
         temp.write_bytes(data)
 
 
 class DebugDumper:
-    """Writes the dump for a stream of frame batches; `write` after composite, `close` at the end."""
+    """Writes the dump for a stream of frame batches: `write` after composite, `close` at the end (a render:
+    `complete`, then `publish` once its video is in place), `abort` when the render fails."""
 
     def __init__(self, directory: str | Path, class_names: list[str], every: int = 1, max_side: int = 640,
                  image_format: str = "jpg", jpeg_quality: int = 90, workers: int = 2, video_info: Any = None,
@@ -277,17 +289,27 @@ class DebugDumper:
         self.every, self.max_side = int(every), int(max_side)
         self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
         self.video_info = _jsonable(video_info) if video_info is not None else None
+        self.overwrite = overwrite
         self.frame_count = 0
         self.image_frames = 0
         self._first: dict[str, Any] | None = None
-        self._prepare_dir(overwrite)
-        self._frames = open(self.dir / FRAMES, "w", encoding="utf-8")
+        self._closed = self._completed = self._published = False
         # A few encoder threads overlap PNG/JPEG encoding with the render; the bound keeps memory flat.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="debug-dump")
         self._pending: deque[Future] = deque()
         self._max_pending = 4 * workers
-        self._closed = False
-        self._write_manifest(complete=False)
+        self._made: list[Path] = []  # the folders made for the dump, deepest first: removed with an unpublished one
+        self.temp_dir: Path | None = None  # where the dump is written until it is published
+        self._frames = None
+        try:
+            check_dump_dir(self.dir, overwrite)
+            self._destination = self.dir.resolve()  # a link to a folder is followed: the link stays
+            self._make_temp_dir()
+            self._frames = open(self.temp_dir / FRAMES, "w", encoding="utf-8")
+            self._write_manifest(complete=False)
+        except BaseException:  # Ctrl-C too: no abort() follows a failed constructor
+            self.abort()
+            raise
 
     @classmethod
     def from_config(cls, cfg: Any, class_names: list[str], output_path: str | Path | None = None,
@@ -305,16 +327,18 @@ class DebugDumper:
                    image_format=str(get("image_format", "jpg")), jpeg_quality=get("jpeg_quality", 90),
                    workers=get("workers", 2), **settings)
 
-    def _prepare_dir(self, overwrite: bool) -> None:
-        """`check_dump_dir`, then (with `overwrite`) deletes the earlier dump's files, a killed render's temp files
-        included."""
-        check_dump_dir(self.dir, overwrite)
+    def _make_temp_dir(self) -> None:
+        """A new folder beside the dump's (where its rename is atomic), with the umask's permissions, as any other
+        new folder."""
         try:
-            (self.dir / IMAGES).mkdir(parents=True, exist_ok=True)
-            (self.dir / MANIFEST).unlink(missing_ok=True)
-            for old in [*(self.dir / IMAGES).iterdir(), *leftover_temp_files(self.dir / MANIFEST)]:
-                if IMAGE_NAME.match(old.name) or IMAGE_NAME.match(_temp_of(old.name)) or _temp_of(old.name) == MANIFEST:
-                    old.unlink()
+            _make_folders(self._destination.parent, self._made)
+            while self.temp_dir is None:
+                try:
+                    (temp := _name_beside(self._destination, "partial")).mkdir()
+                    self.temp_dir = temp
+                except FileExistsError:
+                    continue
+            (self.temp_dir / IMAGES).mkdir()
         except OSError as e:
             raise DebugDumpError(f"cannot prepare debug dir {self.dir}: {e.strerror or e}") from None
 
@@ -406,7 +430,7 @@ class DebugDumper:
             buffer = io.BytesIO()
             options = {"quality": self.jpeg_quality} if self.image_format == "jpg" else {"compress_level": 3}
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format=PIL_FORMATS[self.image_format], **options)
-            atomic_write_bytes(self.dir / paths[name], buffer.getvalue())
+            atomic_write_bytes(self.temp_dir / paths[name], buffer.getvalue())
 
     def _write_manifest(self, complete: bool) -> None:
         manifest = {
@@ -420,11 +444,12 @@ class DebugDumper:
             "mask_threshold": self.mask_threshold, "feather_px": self.feather_px, "smooth_masks": self.smooth_masks,
             "area_threshold": AREA_THRESHOLD, "background_style": self.background_style,
         }
-        atomic_write_bytes(self.dir / MANIFEST, to_json(manifest, indent=2).encode("utf-8"))
+        atomic_write_bytes(self.temp_dir / MANIFEST, to_json(manifest, indent=2).encode("utf-8"))
 
-    def close(self) -> None:
-        """Waits for the image threads, then marks the dump complete. Safe to call twice."""
-        if self._closed:
+    def complete(self) -> None:
+        """Waits for the image threads, marks the dump complete, and checks again what its folder holds (another
+        run may have written there meanwhile); the dump is not in place until `publish()`."""
+        if self._completed:
             return
         self._closed = True
         try:
@@ -434,17 +459,67 @@ class DebugDumper:
             self._pool.shutdown(wait=True)
             self._frames.close()
         self._write_manifest(complete=True)
+        check_dump_dir(self.dir, self.overwrite)
+        self._completed = True
+
+    def publish(self) -> None:
+        """Renames the complete dump to its folder, in place of an earlier dump (`overwrite`), which is then deleted.
+        When that fails, the earlier dump stays and this one is deleted. Safe to call twice."""
+        if self._published:
+            return
+        if not self._completed or self.temp_dir is None:
+            raise RuntimeError("DebugDumper.publish of a dump that is not complete")
+        target, replaced = self._destination, None
+        try:
+            check_dump_dir(self.dir, self.overwrite)  # what another run may have written there since complete()
+            if os.path.lexists(target):
+                replaced = _name_beside(target, "replaced")
+                os.rename(target, replaced)
+            os.rename(self.temp_dir, target)
+        except BaseException as e:
+            if replaced is not None and os.path.lexists(replaced):
+                os.rename(replaced, target)
+            self.abort()
+            if isinstance(e, OSError):
+                kept = ": the earlier dump there is kept" if replaced is not None else ""
+                raise DebugDumpError(f"cannot put the debug dump in place at {self.dir} ({e.strerror or e}){kept}"
+                                     ) from None
+            raise
+        self._published = True
+        if replaced is not None:
+            try:
+                shutil.rmtree(replaced)
+            except OSError as e:
+                print(f"note: the earlier debug dump, moved aside to {replaced}, could not be deleted: "
+                      f"{e.strerror or e}", file=sys.stderr)
+
+    def close(self) -> None:
+        """`complete()`, then `publish()`: the dump complete and in place. Safe to call twice."""
+        self.complete()
+        self.publish()
 
     def __enter__(self) -> DebugDumper:
         return self
 
     def abort(self) -> None:
-        """For a failed render: stop the threads and close the file, leaving complete=false for the viewer to flag."""
-        if self._closed:
+        """For a failed render: stops the threads and deletes the dump being written, with the folders made for it;
+        a published one stays. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._frames is not None:
+                self._frames.close()
+        if self._published:
             return
-        self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._frames.close()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+        for folder in self._made:
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
+                break
+        self._made = []
 
     def __exit__(self, exc_type, *_) -> None:
         self.close() if exc_type is None else self.abort()

@@ -4,8 +4,8 @@ decode (thread) → segment → track → assign → stylize → composite (this
 with bounded queues between the threads; `stage_threads=2` runs segment → track → assign on a thread of its own,
 so that one batch's stylize and composite overlap the next batch's segmentation (on a GPU each thread queues its
 kernels on a CUDA stream of its own: pipeline/thread_stream.py). The output is written to a temp
-file beside the target and renamed only when every frame is encoded; errors and Ctrl-C leave nothing behind and
-never touch the input.
+file beside the target and renamed only when every frame is encoded, the debug dump (a temp folder) right after it;
+errors and Ctrl-C leave nothing behind and never touch the input.
 In multirun mode (`-m`) each run writes its output into its own sweep folder.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,12 +50,12 @@ from pipeline.encode import VIDEO_SUFFIXES, VideoWriter
 from common.device import resolve_device
 from common.errors import UserError, one_line
 from common.hydra_cli import compose_checked, exit_on_bad_overrides, multirun
-from common.outputs import AtomicOutput, check_output
+from common.outputs import AtomicOutput, HeldStopSignals, check_output
 from common.settings import check_settings, flag, whole
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
-from pipeline.sweep import failed, in_sweep
+from pipeline.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
 from pipeline.thread_stream import ThreadStream
 
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
@@ -165,23 +165,26 @@ def _render(cfg: DictConfig, source: Path, target: Path, device: torch.device, t
             summary: RenderSummary) -> RenderSummary:
     reader = VideoReader.from_config(source, cfg.decode, int(cfg.batch_size), device)
     print(f"input: {reader.info.path} ({reader.info.describe()})", file=sys.stderr)
-    # The stages check their settings (a style name, a checkpoint) before the output's folders and temp file exist
-    stages = (build or build_stages)(cfg, device, reader, target)
-    finished = False
+    stages = None
     try:
+        # The stages check their settings (a style name, a checkpoint) before the output's folders and temp file exist
+        stages = (build or build_stages)(cfg, device, reader, target)
         summary.output_file = AtomicOutput(target, overwrite=bool(cfg.overwrite))
-        with summary.output_file as temp:
-            writer = VideoWriter(temp, reader.info, cfg.encode)  # opens the encoder before any frame: fails fast
-            try:
-                _stream(reader, split_stages(stages.run, threads), writer, summary, int(cfg.queue_size), on_batch)
-                writer.close()
-                stages.finish(summary)
-                finished = True
-            except BaseException:
-                writer.abort()
-                raise
+        with ExitStack() as placing:
+            with summary.output_file as temp:
+                writer = VideoWriter(temp, reader.info, cfg.encode)  # opens the encoder before any frame: fails fast
+                try:
+                    _stream(reader, split_stages(stages.run, threads), writer, summary, int(cfg.queue_size), on_batch)
+                    writer.close()
+                    stages.finish(summary)
+                except BaseException:
+                    writer.abort()
+                    raise
+                # no stop between the video's rename and its side outputs' (the debug dump): they appear together
+                placing.enter_context(HeldStopSignals())
+            stages.place()
     except BaseException:
-        if not finished:
+        if stages is not None:
             stages.abort()
         raise
     return summary
@@ -192,8 +195,9 @@ class ModelStages:
     """The stages between decode and encode, in order, plus what to do once the stream ends."""
 
     run: list[tuple[str, Stage]]
-    finish: Callable[[RenderSummary], None] = lambda summary: None   # fills the summary, closes side outputs
-    abort: Callable[[], None] = lambda: None                          # releases side outputs after an error
+    finish: Callable[[RenderSummary], None] = lambda summary: None   # fills the summary, completes side outputs
+    abort: Callable[[], None] = lambda: None       # deletes the side outputs not in place, after an error
+    place: Callable[[], None] = lambda: None       # puts the side outputs in place, once the video is
 
 
 def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, target: Path) -> ModelStages:
@@ -201,6 +205,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     # Imported here so the I/O errors (missing input, bad output) answer before any model code loads.
     from pipeline.assign import StyleAssigner, listed
     from pipeline.composite import Compositor
+    from pipeline.debug_format import DebugDumpError
     from pipeline.segment_stage import SegmentStage
     from pipeline.stylize_stage import StylizeStage
     from pipeline.track import Tracker
@@ -253,17 +258,25 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
 
     def finish(summary: RenderSummary) -> None:
         if dumper is not None:
-            dumper.close()
-            print(f"debug dump: {dumper.dir}", file=sys.stderr)
+            dumper.complete()
         summary.tracks = tracker.summary()
         summary.styles_used = sorted(str(s) for s in assigner.styles_used)
         summary.stability, summary.input_change = compositor.stability(), compositor.input_change()
 
-    def abort() -> None:
-        if dumper is not None:  # marks the dump incomplete and stops its writer threads
-            dumper.__exit__(RuntimeError, None, None)
+    def place() -> None:
+        if dumper is None:
+            return
+        try:
+            dumper.publish()
+        except DebugDumpError as error:
+            raise DebugDumpError(f"{one_line(error)}; the video {target} is written, without it") from None
+        print(f"debug dump: {dumper.dir}", file=sys.stderr)
 
-    return ModelStages(run, finish, abort)
+    def abort() -> None:
+        if dumper is not None:
+            dumper.abort()
+
+    return ModelStages(run, finish=finish, abort=abort, place=place)
 
 
 def _writes(dumper) -> Stage:
@@ -413,15 +426,13 @@ def _main(cfg: DictConfig) -> None:
         _job(cfg, late)
     finally:
         if in_sweep():  # until the next job's render: the jobs so far are done, their outputs complete
-            on_stop_signals(_LEAVE_SWEEP)
-    if late:  # none can come in after this in a sweep, and outside one they change nothing
-        print(f"note: {signal.Signals(late[0]).name} came once the output was complete: it is kept", file=sys.stderr)
-        if in_sweep():  # the sweep stops after this job
-            sys.stdout.flush()
-            _LEAVE_SWEEP(late[0], None)
-
-
-_LEAVE_SWEEP = _leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
+            on_stop_signals(stop_later)
+    if late:
+        if in_sweep():  # the sweep stops before its next job, if there is one
+            stop_later(late[0], None)
+        else:  # it changes nothing
+            print(f"note: {signal.Signals(late[0]).name} came once the output was complete: it is kept",
+                  file=sys.stderr)
 
 
 def _job(cfg: DictConfig, late: list[int]) -> None:
@@ -432,6 +443,8 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
     summary = RenderSummary(output=Path(str(cfg.output)))
     try:
         _stop_on_signals(summary, late)  # in place of the start-up's handlers, which only leave
+        if in_sweep() and (signum := pending_stop()) is not None:  # it came as this job started
+            raise Stopped(signum)
         render(cfg, output_path(cfg), summary=summary)
     except UserError as error:  # expected, user-fixable: one line, exit 2, no traceback
         if in_sweep():  # the other jobs still run; the sweep exits 2 at its end
@@ -441,6 +454,8 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         if not summary.written:
+            if in_sweep():
+                leave(stop_signal(interrupt), rendering=True)
             print("error: interrupted: no output written", file=sys.stderr)
             sys.stderr.flush()
             # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes
@@ -448,6 +463,8 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
             # unhandled. Leave with the status we mean.
             os._exit(exit_status(interrupt))
         late.append(stop_signal(interrupt))
+    if in_sweep():
+        completed(summary.output)
     print(summary.line())
     print(f"output: {summary.output}")
 

@@ -3,6 +3,7 @@ the folder is marked complete only at close, and the reader / viewer CLI reject 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -336,17 +337,66 @@ def test_images_are_served_with_validators_and_revalidated(tmp_path):
         server.server_close()
 
 
-def test_an_interrupted_dump_stays_marked_incomplete(tmp_path):
-    d = tmp_path / "d"
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under `folder`, hidden ones included."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_an_interrupted_dump_leaves_nothing_and_an_earlier_dump_as_it_was(tmp_path):
+    """A failed render's dump stayed, marked incomplete, in the folders made for it; with overwrite it had already
+    taken the place of the earlier, complete dump."""
+    d = tmp_path / "out" / "d"
     records = synthetic_records(4)
     with pytest.raises(RuntimeError):
         with DebugDumper(d, CLASS_NAMES, max_side=64) as dumper:
             dumper.write(records[:2])
             raise RuntimeError("render failed")
-    assert json.loads((d / "manifest.json").read_text())["complete"] is False
+    assert not list(tmp_path.iterdir())
+    write_dump(d, n=4, max_side=64)
+    before, earlier = tree(tmp_path), tree(d)
+    with pytest.raises(RuntimeError):
+        with DebugDumper(d, CLASS_NAMES, max_side=64, every=3, overwrite=True) as dumper:
+            dumper.write(records[:2])
+            dumper.complete()             # complete, not yet in place: a render's video failed to commit
+            assert tree(d) == earlier
+            raise RuntimeError("render failed")
+    assert tree(tmp_path) == before
+
+
+def test_a_dump_marked_incomplete_loads_with_a_warning(tmp_path):
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=64)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     dump = load_dump(d)
     assert len(dump.frames) == 2 and "incomplete" in dump.warnings[0]
-    assert not list((d / "images").glob("*.tmp*"))
+
+
+def test_a_dump_that_cannot_replace_the_earlier_one_leaves_it(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=64)
+    before = tree(tmp_path)
+    real_rename = os.rename
+
+    def rename(source, target):
+        if Path(target) == d and ".partial" in Path(source).name:
+            raise OSError(18, "Invalid cross-device link")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(DebugDumpError, match=f"cannot put the debug dump in place at {d} .*: the earlier dump "
+                                             "there is kept"):
+        write_dump(d, n=3, max_side=64, overwrite=True)
+    assert tree(tmp_path) == before
+
+
+def test_a_dump_through_a_link_replaces_the_folder_it_points_to(tmp_path):
+    real = tmp_path / "real"
+    write_dump(real, n=2, max_side=64)
+    (tmp_path / "link").symlink_to(real)
+    write_dump(tmp_path / "link", n=3, max_side=64, overwrite=True)
+    assert (tmp_path / "link").is_symlink() and len(read_lines(real)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
 def test_partly_written_dumps_load_what_is_intact_with_warnings(tmp_path):
