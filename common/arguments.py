@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from common.errors import SettingError, UserError, one_line
 from common.outputs import HeldStopSignals, record_output, recording_outputs
-from common.signals import STOP_SIGNALS, Stopped, exit_status, on_stop_signals
+from common.signals import STOP_SIGNALS, exit_status, on_stop_signals, stop_until
 
 if TYPE_CHECKING:
     import torch
@@ -117,11 +117,8 @@ class _Command:
         self.last: Path | None = None
         self.late: list[int] = []
 
-    def stop(self, signum: int, frame) -> None:
-        if self.last is not None and self.last in self.written:
-            self.late.append(signum)
-        else:
-            raise Stopped(signum)
+    def complete(self) -> bool:
+        return self.last is not None and self.last in self.written
 
     def interrupted(self) -> str:
         kept = [str(path) for path in dict.fromkeys(self.written) if os.path.lexists(path)]  # not a temp folder's
@@ -141,7 +138,7 @@ def _stopped_by_signals(command: _Command) -> Iterator[None]:
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        on_stop_signals(command.stop)
+        on_stop_signals(stop_until(command.complete, command.late))
     _running.append(command)
     try:
         yield

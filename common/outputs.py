@@ -67,7 +67,7 @@ class AtomicOutput:
     def __enter__(self) -> Path:
         try:
             with HeldStopSignals():  # one that came meanwhile is raised here, with the temp file known to _discard
-                _make_folders(self.target.parent, self._made)
+                make_folders(self.target.parent, self._made)
                 self.temp = _new_file_beside(self.target)
         except BaseException as e:  # Ctrl-C too: no __exit__ follows a failed __enter__
             self._discard()
@@ -111,18 +111,20 @@ class AtomicOutput:
         with HeldStopSignals():  # all of it: a second Ctrl-C half-way left the folders, or the temp file
             if self.temp is not None:
                 self.temp.unlink(missing_ok=True)
-            self._remove_folders()
-
-    def _remove_folders(self) -> None:
-        for folder in self._made:
-            try:
-                folder.rmdir()
-            except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
-                break
-        self._made = []
+            remove_made_folders(self._made)
 
 
-def _make_folders(folder: Path, made: list[Path]) -> None:
+def remove_made_folders(made: list[Path]) -> None:
+    """Removes the folders `make_folders` made (deepest first) while they are empty, and empties `made`."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
+            break
+    made.clear()
+
+
+def make_folders(folder: Path, made: list[Path]) -> None:
     """Makes `folder` and its missing parents, putting each one made here at the front of `made` as it is made (one
     that another process made at the same time is not ours to remove; those made before an error are listed)."""
     missing = []

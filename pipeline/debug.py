@@ -66,7 +66,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import AtomicOutput, _make_folders, temp_target
+from common.outputs import AtomicOutput, make_folders, remove_made_folders, temp_target
 from common.settings import number, whole
 from pipeline.composite import depth_order
 from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
@@ -331,7 +331,7 @@ class DebugDumper:
         """A new folder beside the dump's (where its rename is atomic), with the umask's permissions, as any other
         new folder."""
         try:
-            _make_folders(self._destination.parent, self._made)
+            make_folders(self._destination.parent, self._made)
             while self.temp_dir is None:
                 try:
                     (temp := _name_beside(self._destination, "partial")).mkdir()
@@ -514,12 +514,7 @@ class DebugDumper:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
-        for folder in self._made:
-            try:
-                folder.rmdir()
-            except OSError:  # something else was put there meanwhile: it stays, and so do the folders above it
-                break
-        self._made = []
+        remove_made_folders(self._made)
 
     def __exit__(self, exc_type, *_) -> None:
         self.close() if exc_type is None else self.abort()

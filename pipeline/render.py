@@ -20,22 +20,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.signals import Stopped, exit_status, on_stop_signals, stop_signal  # light: what follows it is not
-
-
-def _leaving(message: bytes) -> Callable[[int, object], None]:
-    """A stop signal's handler for a time when nothing needs cleaning up: `message`, then the signal's exit status
-    (128 + its number). Not through sys.stderr: the signal may have come in the middle of a write to it."""
-    def leave(signum: int, frame) -> None:
-        os.write(2, message)
-        os._exit(128 + signum)
-    return leave
+# light, unlike what follows: the start-up's handler is in place while torch and Hydra load
+from common.signals import Stopped, exit_status, leaving, on_stop_signals, stop_signal, stop_until
 
 
 if __name__ == "__main__":  # `python -m pipeline.render`; modules importing this one keep their handlers
     # Ctrl-C while torch and Hydra load and Hydra composes the config: nothing is written yet, so one line, not a
     # traceback from inside an import
-    on_stop_signals(_leaving(b"error: interrupted: no output written\n"))
+    on_stop_signals(leaving(b"error: interrupted: no output written\n"))
 
 import hydra
 import torch
@@ -364,13 +356,7 @@ def _stop_on_signals(summary: RenderSummary, late: list[int]) -> None:
     """Ctrl-C, SIGTERM and SIGHUP (the terminal closed, the ssh link dropped) stop the render. One that comes once
     the output is in place stops nothing: its number goes into `late`. An ignored signal (nohup) stays ignored.
     SIGQUIT keeps its core dump: it is how a hung process is examined."""
-    def stop(signum: int, frame) -> None:
-        if summary.written:
-            late.append(signum)
-        else:
-            raise Stopped(signum)
-
-    on_stop_signals(stop)
+    on_stop_signals(stop_until(lambda: summary.written, late))
 
 
 def _tracks(value: object) -> str:

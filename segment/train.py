@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
-from common.signals import Stopped, exit_status, on_stop_signals  # light: what follows it is not
-
-
-def _leaving(message: bytes) -> Callable[[int, object], None]:
-    """A stop signal's handler for a time when nothing needs cleaning up: `message`, then the signal's exit status
-    (128 + its number). Not through sys.stderr: the signal may have come in the middle of a write to it."""
-    def leave(signum: int, frame) -> None:
-        os.write(2, message)
-        os._exit(128 + signum)
-    return leave
+from common.signals import exit_status, leaving, on_stop_signals, stop_until  # light: what follows them is not
 
 
 if __name__ == "__main__":  # `python -m segment.train`; modules importing this one keep their handlers
     # a stop signal while Hydra and our modules load and Hydra composes the config (in a sweep, makes output_dir and
     # its multirun.yaml): one line, not a traceback from inside an import, nor (SIGTERM, SIGHUP) a silent end
-    on_stop_signals(_leaving(b"error: interrupted before training began: nothing trained\n"))
+    on_stop_signals(leaving(b"error: interrupted before training began: nothing trained\n"))
 
 import fcntl
 import itertools
@@ -532,13 +522,7 @@ def _stop_unless_finished(run: TrainingRun, late: list[int]) -> None:
     """Ctrl-C, SIGTERM (a scheduler's preemption) and SIGHUP (the terminal closed) stop the run as Ctrl-C does, clean-
     ups included, until its model_final.pt is in place: one that comes then stops nothing, its number goes into
     `late`. An ignored one (nohup) stays ignored."""
-    def stop(signum: int, frame) -> None:
-        if run.finished:
-            late.append(signum)
-        else:
-            raise Stopped(signum)
-
-    on_stop_signals(stop)
+    on_stop_signals(stop_until(lambda: run.finished, late))
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -568,7 +552,7 @@ def main(cfg: DictConfig) -> None:
             _LEAVE_SWEEP(late[0], None)
 
 
-_LEAVE_SWEEP = _leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
+_LEAVE_SWEEP = leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
 
 
 if __name__ == "__main__":

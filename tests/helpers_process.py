@@ -1,5 +1,5 @@
 """Child processes for tests: one that Ctrl-C (SIGINT), SIGTERM and SIGHUP reach, whatever the test runner
-inherited, and work run as a user whom file permissions bind."""
+inherited, and work run as a user whom file permissions bind; and a stop signal sent at a phase boundary."""
 from __future__ import annotations
 
 import contextlib
@@ -81,3 +81,17 @@ def as_unprivileged(work):
     if kind == "error":
         raise value
     return value
+
+
+def stop_after(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
+    """`owner.name` calls the real function, then sends this process a SIGINT once `when(*args)` holds: a user's
+    Ctrl-C at that phase boundary, deterministically."""
+    real = getattr(owner, name)
+
+    def then_stop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, name, then_stop)

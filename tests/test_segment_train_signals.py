@@ -19,7 +19,7 @@ from common import outputs
 from segment import engine
 from segment.data import synthetic
 from segment.engine import FINAL, LAST
-from tests.helpers_process import interruptible_popen
+from tests.helpers_process import interruptible_popen, stop_after
 from tests.train_fixtures import CLI_OVERRIDES, ROOT, one_thread, train_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,19 +33,6 @@ def ctrl_c():
     yield
     signal.signal(signal.SIGINT, before)
 
-
-def _stop_after(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
-    """`owner.name` calls the real function, then sends this process a SIGINT once `when(*args)` holds (with the
-    `ctrl_c` fixture: a KeyboardInterrupt there)."""
-    real = getattr(owner, name)
-
-    def then_stop(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if when(*args):
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(owner, name, then_stop)
 
 
 def _stopped_training(cfg):
@@ -75,7 +62,7 @@ def test_stopped_before_the_first_checkpoint_a_run_leaves_nothing_and_says_so(tm
         train(train_config(out, data))
     overrides = ["schedule.max_iters=3", *(["overwrite=true"] if earlier_run else [])]
     with monkeypatch.context() as patches:
-        _stop_after(patches, engine.Trainer, "train_step", _at_iteration(1))
+        stop_after(patches, engine.Trainer, "train_step", _at_iteration(1))
         message = _stopped_training(train_config(out, data, *overrides))
     assert message == "interrupted; no checkpoint was written: the same command starts over"
     assert not out.exists() or list(out.iterdir()) == []  # an earlier run's folder stays, emptied
@@ -86,7 +73,7 @@ def test_a_signal_during_a_checkpoint_commit_names_that_checkpoint(tmp_path, mon
     """AtomicOutput holds a signal back until last.pt is in place: the message must count that checkpoint."""
     out = tmp_path / "run"
     cfg = train_config(out, tmp_path / "data", "schedule.max_iters=3", "checkpoint_every=1")
-    _stop_after(monkeypatch, outputs.AtomicOutput, "_place", lambda output: output.target.name == LAST)
+    stop_after(monkeypatch, outputs.AtomicOutput, "_place", lambda output: output.target.name == LAST)
     message = _stopped_training(cfg)
     assert message == f"interrupted; last.pt at iteration 1: `resume=true output_dir={out}` continues from it"
     assert torch.load(out / LAST, weights_only=True)["iteration"] == 1
@@ -95,7 +82,7 @@ def test_a_signal_during_a_checkpoint_commit_names_that_checkpoint(tmp_path, mon
 def test_a_signal_during_data_generation_leaves_no_folder(tmp_path, monkeypatch, ctrl_c):
     """Stopped while the synthetic data was drawn: an empty annotations/ stayed in the new data folder."""
     cfg = train_config(tmp_path / "run", tmp_path / "new" / "data")
-    _stop_after(monkeypatch, synthetic, "random_scene")
+    stop_after(monkeypatch, synthetic, "random_scene")
     assert _stopped_training(cfg) == "interrupted; no checkpoint was written: the same command starts over"
     assert list(tmp_path.iterdir()) == []
 

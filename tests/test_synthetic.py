@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from pycocotools.coco import COCO
 
 from segment.data import CocoDetection, DatasetError, build_dataloader, build_dataset
 from segment.data import synthetic as syn
+from tests.helpers_process import stop_after
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic.yaml"
 
@@ -189,19 +188,6 @@ def test_script_checks_both_splits_before_writing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]  # train was not generated either
 
 
-def _stop_after(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
-    """`owner.name` calls the real function, then sends this process a SIGINT (once `when(*args)` holds): a stop
-    signal at that phase boundary, as a user's Ctrl-C."""
-    real = getattr(owner, name)
-
-    def then_stop(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if when(*args):
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(owner, name, then_stop)
-
 
 def _split_seed(root: Path) -> tuple[int, list[bytes]]:
     """The seed the annotation file records, and the split's images."""
@@ -214,7 +200,7 @@ def test_a_stop_signal_as_the_new_images_move_in_never_pairs_them_with_the_old_a
     new annotation file alike, leaving the new images beside the old annotations."""
     syn.write_coco_split(tmp_path / "fresh", "train", 2, size=32, seed=1, progress=False)
     syn.write_coco_split(tmp_path / "data", "train", 2, size=32, seed=0, progress=False)
-    _stop_after(monkeypatch, Path, "rename", lambda source, target: Path(target).name == "train")
+    stop_after(monkeypatch, Path, "rename", lambda source, target: Path(target).name == "train")
     with pytest.raises(KeyboardInterrupt):
         syn.write_coco_split(tmp_path / "data", "train", 2, size=32, seed=1, progress=False)
     assert _split_seed(tmp_path / "data") == _split_seed(tmp_path / "fresh")  # the swap completed first
@@ -238,7 +224,7 @@ def test_a_failed_swap_puts_the_old_split_back(tmp_path, monkeypatch):
 
 def test_a_stop_signal_during_generation_leaves_no_folder_it_made(tmp_path, monkeypatch):
     """Ctrl-C while the images were drawn left the dataset folder with an empty annotations/ in it."""
-    _stop_after(monkeypatch, syn, "random_scene")
+    stop_after(monkeypatch, syn, "random_scene")
     with pytest.raises(KeyboardInterrupt):
         syn.write_coco_split(tmp_path / "new" / "data", "train", 2, size=32, progress=False)
     assert list(tmp_path.iterdir()) == []
