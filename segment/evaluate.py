@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from common.arguments import torch_device, whole_number
+from common.arguments import reports_user_errors, torch_device, whole_number
 from segment.data.coco import CocoDetection
 from segment.data.errors import DatasetError
 from segment.structures import Instances
@@ -203,6 +203,7 @@ def format_table(stats: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+@reports_user_errors  # a UserError or a stop signal: one line, exit 2 or 128 + n
 def main(argv: Sequence[str] | None = None) -> int:
     from segment.config import PRECISIONS
 
@@ -220,19 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(auto: bf16 where the device has it natively)")
     args = parser.parse_args(argv)
 
-    from common.errors import UserError
     from segment.checkpoint import load_checkpoint
 
-    try:
-        overrides = {key: value for key, value in (("score_threshold", args.score_threshold),
-                                                    ("precision", args.precision)) if value is not None}
-        model = load_checkpoint(args.checkpoint, **overrides)
-        dataset = CocoDetection(args.images, args.annotations)
-        stats = evaluate(model, dataset, batch_size=args.batch_size, device=args.device,
-                         max_images=args.max_images, num_workers=args.num_workers)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    overrides = {key: value for key, value in (("score_threshold", args.score_threshold),
+                                                ("precision", args.precision)) if value is not None}
+    model = load_checkpoint(args.checkpoint, **overrides)
+    dataset = CocoDetection(args.images, args.annotations)
+    stats = evaluate(model, dataset, batch_size=args.batch_size, device=args.device,
+                     max_images=args.max_images, num_workers=args.num_workers)
     print(format_table(stats))
     return 0
 

@@ -167,6 +167,31 @@ def test_cli_prints_the_table_and_fails_cleanly(dataset, tmp_path, capsys):
     assert err.startswith("error: annotation file not found") and "\n" not in err
 
 
+@pytest.mark.parametrize("signum, status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_cli_stopped_by_a_signal_says_so_in_one_line(dataset, tmp_path, capsys, monkeypatch, signum, status):
+    """A stop signal during an evaluation gave a KeyboardInterrupt traceback (SIGINT) or a silent end (SIGTERM,
+    SIGHUP): it now gives the other command lines' one line and 128 + its number (it writes nothing)."""
+    import os
+    import signal
+
+    import segment.evaluate
+
+    signum = getattr(signal, signum)
+    before = signal.getsignal(signum)
+    signal.signal(signum, lambda *_: pytest.fail("the signal reached no handler of the command"))
+    real_evaluate = segment.evaluate.evaluate
+    monkeypatch.setattr(segment.evaluate, "evaluate",
+                        lambda *args, **kwargs: real_evaluate(*args, **kwargs) and os.kill(os.getpid(), signum))
+    try:
+        checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+        args = ["--checkpoint", str(checkpoint), "--images", str(dataset.image_dir), "--device", "cpu",
+                "--max-images", "1", "--num-workers", "0", "--annotations", str(dataset.annotation_file)]
+        assert main(args) == status
+    finally:
+        signal.signal(signum, before)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted: nothing written"
+
+
 def test_table_prints_each_value_under_its_own_column():
     """The CLI's test only sees a header and numbers in range: values printed under the wrong column passed it.
     Every stat here has a value of its own, and each must end where its column's name ends (right-aligned)."""
