@@ -35,19 +35,23 @@ feathers away stay visible);
 Numbers that are not finite (a NaN score, an infinite timing) are written as null: the browser's JSON.parse
 rejects bare NaN, which would blank the whole page.
 
-Safety: the dump is written into a temp folder beside DIR (`.{name}.{hex}.partial`, its manifest saying
-complete=false until `complete()`), and `publish()` renames it to DIR, so DIR only ever holds a complete dump: a
-render puts it in place right after its video, and a stopped or failed render removes it with the folders made for
-it, leaving an earlier dump as it was. An earlier dump is replaced only with `overwrite` (the render's), and a folder
-holding anything a dump does not write never.
+Safety: the dump is written into a hidden temp folder inside DIR (`.{hex}.partial`, its manifest saying
+complete=false until `complete()`), and `publish()` renames its entries into DIR, the manifest last, so DIR only ever
+shows a complete dump: a render puts it in place right after its video, and a stopped or failed render removes it
+with the folders made for it, leaving an earlier dump as it was. Inside DIR, not beside it: DIR itself (a folder the
+user made, its permissions and group, the current folder) is never replaced, and only DIR needs to be writable. An
+earlier dump is replaced only with `overwrite` (the render's), and a folder holding anything a dump does not write
+never.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -211,6 +215,8 @@ def _dump_entries(directory: Path) -> tuple[list[str], list[str]]:
             (ours if manifest_ours or _looks_like_frames(entry) else foreign).append(name)
         elif _temp_of(name) == MANIFEST and plain:
             ours.append(name)
+        elif _HIDDEN_DIR.match(name) and entry.is_dir() and not entry.is_symlink():
+            continue  # a dump being written (this render's, another's) or a killed render's: no earlier dump
         elif name == IMAGES and entry.is_dir() and not entry.is_symlink():
             for image in sorted(entry.iterdir()):
                 plain_image = image.is_file() and not image.is_symlink()
@@ -256,9 +262,19 @@ def check_dump_dir(directory: Path, overwrite: bool) -> None:
                              "replace it, or choose another debug.dir")
 
 
-def _name_beside(target: Path, kind: str) -> Path:
-    """A new name in `target`'s folder, hidden: `.{target's name}.{random hex}.{kind}`."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{kind}")
+# the dumper's own folders inside DIR: a dump being written (partial), an earlier one being replaced
+_HIDDEN_DIR = re.compile(r"^\.[0-9a-f]{8}\.(partial|replaced)$")
+
+
+def _new_hidden_dir(directory: Path, kind: str) -> Path:
+    """A new folder `.{random hex}.{kind}` in `directory`, with the umask's permissions."""
+    while True:
+        folder = directory / f".{secrets.token_hex(4)}.{kind}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -303,7 +319,6 @@ class DebugDumper:
         self._frames = None
         try:
             check_dump_dir(self.dir, overwrite)
-            self._destination = self.dir.resolve()  # a link to a folder is followed: the link stays
             self._make_temp_dir()
             self._frames = open(self.temp_dir / FRAMES, "w", encoding="utf-8")
             self._write_manifest(complete=False)
@@ -328,16 +343,11 @@ class DebugDumper:
                    workers=get("workers", 2), **settings)
 
     def _make_temp_dir(self) -> None:
-        """A new folder beside the dump's (where its rename is atomic), with the umask's permissions, as any other
-        new folder."""
+        """The dump's folder (made if missing) and the hidden temp folder inside it, where its entries' renames into
+        it are atomic."""
         try:
-            make_folders(self._destination.parent, self._made)
-            while self.temp_dir is None:
-                try:
-                    (temp := _name_beside(self._destination, "partial")).mkdir()
-                    self.temp_dir = temp
-                except FileExistsError:
-                    continue
+            make_folders(self.dir, self._made)
+            self.temp_dir = _new_hidden_dir(self.dir, "partial")
             (self.temp_dir / IMAGES).mkdir()
         except OSError as e:
             raise DebugDumpError(f"cannot prepare debug dir {self.dir}: {e.strerror or e}") from None
@@ -463,35 +473,54 @@ class DebugDumper:
         self._completed = True
 
     def publish(self) -> None:
-        """Renames the complete dump to its folder, in place of an earlier dump (`overwrite`), which is then deleted.
-        When that fails, the earlier dump stays and this one is deleted. Safe to call twice."""
+        """Renames the complete dump's entries into its folder, the manifest last, in place of an earlier dump's
+        (`overwrite`), which are moved aside first and deleted after. When a rename fails, the earlier dump's entries
+        go back and this dump is deleted. Safe to call twice."""
         if self._published:
             return
         if not self._completed or self.temp_dir is None:
             raise RuntimeError("DebugDumper.publish of a dump that is not complete")
-        target, replaced = self._destination, None
+        replaced, moved, placed = None, [], []
         try:
             check_dump_dir(self.dir, self.overwrite)  # what another run may have written there since complete()
-            if os.path.lexists(target):
-                replaced = _name_beside(target, "replaced")
-                os.rename(target, replaced)
-            os.rename(self.temp_dir, target)
+            earlier = [entry.name for entry in sorted(self.dir.iterdir())
+                       if entry.name in (MANIFEST, FRAMES, IMAGES) or _temp_of(entry.name) == MANIFEST]
+            if earlier:
+                replaced = _new_hidden_dir(self.dir, "replaced")
+            for name in earlier:
+                os.rename(self.dir / name, replaced / name)
+                moved.append(name)
+            for name in (IMAGES, FRAMES, MANIFEST):  # the manifest last: it says what the folder holds
+                os.rename(self.temp_dir / name, self.dir / name)
+                placed.append(name)
         except BaseException as e:
-            if replaced is not None and os.path.lexists(replaced):
-                os.rename(replaced, target)
+            self._put_back(placed, moved, replaced)
             self.abort()
             if isinstance(e, OSError):
-                kept = ": the earlier dump there is kept" if replaced is not None else ""
+                kept = ": the earlier dump there is kept" if moved else ""
                 raise DebugDumpError(f"cannot put the debug dump in place at {self.dir} ({e.strerror or e}){kept}"
                                      ) from None
             raise
         self._published = True
+        self.temp_dir.rmdir()
+        self.temp_dir = None
         if replaced is not None:
             try:
                 shutil.rmtree(replaced)
             except OSError as e:
                 print(f"note: the earlier debug dump, moved aside to {replaced}, could not be deleted: "
                       f"{e.strerror or e}", file=sys.stderr)
+
+    def _put_back(self, placed: list[str], moved: list[str], replaced: Path | None) -> None:
+        """Undoes a failed `publish`: this dump's entries back into its temp folder, the earlier dump's into place."""
+        steps = [(self.dir / name, self.temp_dir / name) for name in reversed(placed)]
+        steps += [(replaced / name, self.dir / name) for name in moved]
+        for source, target in steps:
+            with contextlib.suppress(OSError):  # each on its own: one that fails must not keep the others back
+                os.rename(source, target)
+        if replaced is not None:
+            with contextlib.suppress(OSError):
+                replaced.rmdir()
 
     def close(self) -> None:
         """`complete()`, then `publish()`: the dump complete and in place. Safe to call twice."""

@@ -116,6 +116,8 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
     if dump is not None and dump in (target, source):
         raise PipelineConfigError(f"debug.dir {dump} is the {'output' if dump == target else 'input'} file: "
                                   "give the dump a folder of its own")
+    if dump is not None and dump.resolve() in target.resolve().parents:  # its check would find the video there
+        raise PipelineConfigError(f"debug.dir {dump} holds the output {target}: give the dump a folder of its own")
     device = resolve_device(str(cfg.device))
     if summary is None:
         summary = RenderSummary(output=target)
@@ -435,6 +437,8 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
     except UserError as error:  # expected, user-fixable: one line, exit 2, no traceback
         if in_sweep():  # the other jobs still run; the sweep exits 2 at its end
             failed(one_line(error))
+            if summary.written:  # the video is in place, what failed came after it (its debug dump's rename)
+                completed(summary.output)
             return
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

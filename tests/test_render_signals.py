@@ -159,8 +159,8 @@ def test_a_dump_that_cannot_be_put_in_place_says_the_video_is_written(tmp_path, 
     before = earlier_render(tmp_path, clip, models)
     real_rename = os.rename
 
-    def rename(source, target):
-        if ".partial" in Path(source).name:
+    def rename(source, target):  # the dump's last entry, its manifest, cannot be moved in
+        if ".partial" in Path(source).parent.name and Path(source).name == "manifest.json":
             raise PermissionError(13, "Permission denied")
         real_rename(source, target)
 
@@ -187,7 +187,7 @@ def test_a_stop_as_the_dump_is_put_in_place_waits_until_the_video_and_dump_both_
 
     def rename_then_stop(source, target):
         real_rename(source, target)
-        if ".partial" in Path(source).name:
+        if ".partial" in Path(source).parent.name and Path(source).name == "manifest.json":
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "rename", rename_then_stop)
@@ -243,3 +243,27 @@ def test_a_stop_once_every_sweep_job_has_run_keeps_the_sweeps_report(tmp_path, m
     assert "note: SIGINT came once every sweep job had run: it stopped nothing" in result.stderr
     assert errors(result.stderr)[-1] == "error: 1 sweep job(s) failed: job 1 (batch_size=0)", result.stderr
     assert len(read_frames(sweep_folder(tmp_path) / "0" / "out.mp4")[0]) == FRAMES
+
+
+@pytest.mark.parametrize("dump_dir", ["new", "."])
+def test_a_dump_folder_that_holds_the_output_is_refused_before_rendering(tmp_path, models, clip, dump_dir):
+    """debug.dir above the output: the dump's last check found the video (or its temp file) there, after the whole
+    render, and discarded both with a message naming a temp file."""
+    result = run_in_process(dump_args(clip, models, f"debug.dir={dump_dir}"), cwd=tmp_path)
+    assert result.returncode == 2 and "render:" not in result.stderr, result.stderr
+    assert errors(result.stderr) == [f"error: debug.dir {(tmp_path / dump_dir).resolve()} holds the output "
+                                     f"{tmp_path / 'new' / 'out.mp4'}: give the dump a folder of its own"]
+
+
+def test_an_existing_dump_folder_keeps_its_identity_and_permissions(tmp_path, models, clip):
+    """The dump was built beside its folder and renamed in place of it: a folder the user made (setgid, group-only)
+    became a new one with the umask's permissions, and a render with debug.dir=. removed the current folder."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    folder.chmod(0o2770)
+    identity = (folder.stat().st_ino, folder.stat().st_mode)
+    for overwrite in ("overwrite=false", "overwrite=true"):  # into the empty folder, then over its dump
+        result = run_in_process(dump_args(clip, models, f"debug.dir={folder}", overwrite), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (folder.stat().st_ino, folder.stat().st_mode) == identity
+        assert sorted(p.name for p in folder.iterdir()) == ["frames.jsonl", "images", "manifest.json"]
