@@ -15,5 +15,12 @@ def atomic_save(obj, path: str | Path) -> Path:
     (`.bank.1a2b3c4d.partial/data.pkl`), so the same object saved twice differed in its bytes."""
     path = Path(path)
     with AtomicOutput(path, overwrite=True) as temp, open(temp, "wb") as file:
-        torch.save(obj, file)
+        try:
+            torch.save(obj, file)
+        except RuntimeError as error:
+            # a stop signal mid-write: the zip writer's clean-up then fails ("unexpected pos") and its RuntimeError
+            # would hide the KeyboardInterrupt that the command reports in one line
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise error.__context__ from None
+            raise
     return path

@@ -138,3 +138,27 @@ def test_a_second_interrupt_during_the_clean_up_waits_for_it(when, tmp_path, mon
             temp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_during_torch_save_is_a_stop_not_a_zip_error(tmp_path, monkeypatch):
+    """A signal mid-write makes torch's zip writer fail as it closes ("unexpected pos"): that RuntimeError hid the
+    KeyboardInterrupt, so a stopped export printed a traceback and exit 1. Other errors of torch.save stay as they
+    are."""
+    import torch
+
+    from common import torch_save
+
+    def interrupted_save(obj, file):
+        file.write(b"PK\x03\x04 part of a zip")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 200640 vs 200592")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        torch_save.atomic_save({"w": 1}, tmp_path / "out" / "model.pt")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(torch, "save", lambda obj, file: (_ for _ in ()).throw(RuntimeError("disk quirk")))
+    with pytest.raises(RuntimeError, match="disk quirk"):
+        torch_save.atomic_save({"w": 1}, tmp_path / "model.pt")
