@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.arguments import last_output, reports_user_errors, whole_number  # noqa: E402
-from common.outputs import record_output  # noqa: E402
 from segment.data.errors import DatasetError  # noqa: E402
 from segment.data.synthetic import CLASS_NAMES, check_replaceable, write_coco_split  # noqa: E402
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """What changes when a rename puts another file or folder at `path`."""
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 @reports_user_errors
@@ -46,21 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
     splits = (("train", args.train), ("val", args.val))
-    # what each split puts in place, the annotation file last: a stopped run names those it replaced
-    outputs = {split: (args.out / split, args.out / "annotations" / f"instances_{split}.json") for split, _ in splits}
-    last_output(outputs["val"][1])
+    last_output(args.out / "annotations" / "instances_val.json")  # once it is in place, a stop signal is late
     try:
         for split, _ in splits:  # before minutes of generation, and before train replaces anything
             check_replaceable(args.out, split)
         for split, count in splits:
-            before = [_identity(output) for output in outputs[split]]
-            try:
-                path = write_coco_split(args.out, split, count, args.size, args.seed, classes=args.classes,
-                                        max_objects=args.max_objects)
-            finally:  # also where a signal came once the split was renamed into place, as its temp folder went
-                for output, identity in zip(outputs[split], before):
-                    if _identity(output) != identity:
-                        record_output(output)
+            path = write_coco_split(args.out, split, count, args.size, args.seed, classes=args.classes,
+                                    max_objects=args.max_objects)
             coco = json.loads(path.read_text())
             print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} objects -> {path}")
     except (DatasetError, OSError) as e:

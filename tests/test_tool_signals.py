@@ -225,3 +225,24 @@ def test_a_stopped_script_exits_with_the_signals_status(signum, status, tmp_path
     assert proc.returncode == status, err
     assert err.splitlines()[-1] == "error: interrupted: nothing written" and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_signal_as_the_last_split_lands_is_late(tmp_path, monkeypatch, unhandled, capsys):
+    """SIGTERM (`timeout`) right after instances_val.json was renamed into place: the dataset is complete, yet the
+    script said "interrupted" and exited 143, because the split was counted as written only after the held swap."""
+    import segment.data.synthetic as synthetic
+    from scripts.make_synthetic_dataset import main
+
+    real_replace = os.replace
+
+    def replace_then_stop(source, target, *args, **kwargs):
+        real_replace(source, target, *args, **kwargs)
+        if str(target).endswith("instances_val.json"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(synthetic.os, "replace", replace_then_stop)
+    assert main(["--out", str(tmp_path / "ds"), "--train", "1", "--val", "1", "--size", "32"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("note: SIGTERM came once the output was complete: "
+                                                                "it is kept")
+    assert sorted(p.name for p in (tmp_path / "ds" / "annotations").iterdir()) == ["instances_train.json",
+                                                                                    "instances_val.json"]

@@ -31,7 +31,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.transform import resize
 from tqdm import tqdm
 
-from common.outputs import HeldStopSignals
+from common.outputs import HeldStopSignals, record_output
 from segment.data.errors import DatasetError
 
 CLASS_NAMES: list[str] = ["circle", "square", "triangle", "star", "ring"]
@@ -311,6 +311,9 @@ def _swap_in(tmp: Path, target_images: Path, annotation_file: Path) -> None:
         try:
             (tmp / "images").rename(target_images)
             os.replace(tmp / "instances.json", annotation_file)
+            # in the held block: a command stopped once the split is in place says so (common.arguments)
+            record_output(target_images)
+            record_output(annotation_file)
         except OSError:
             if not (tmp / "images").exists() and target_images.exists():  # the new images went in: out again
                 target_images.rename(tmp / "images")
