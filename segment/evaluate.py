@@ -24,6 +24,7 @@ from common.arguments import reports_user_errors, torch_device, whole_number
 from segment.data.coco import CocoDetection
 from segment.data.errors import DatasetError
 from segment.structures import Instances
+from segment.workers import quiet_worker, starting_workers
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -159,7 +160,7 @@ def evaluate(
     # (with no workers too), which a training that evaluates on the way goes on sampling from
     loader = torch.utils.data.DataLoader(
         _Images(dataset), batch_size=batch_size, sampler=range(count), num_workers=num_workers,
-        collate_fn=_unzip, generator=torch.Generator().manual_seed(0),
+        collate_fn=_unzip, generator=torch.Generator().manual_seed(0), worker_init_fn=quiet_worker,
     )
     # A dataset's images come in many sizes: CUDA graphs of the model's front would be captured (memory, time)
     # for sizes that seldom come back, so evaluation runs without them.
@@ -168,7 +169,9 @@ def evaluate(
         model.set_inference_options(cuda_graphs=False)
     results, image_ids = [], []
     try:
-        for images, ids in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        with starting_workers():  # a SIGTERM to the process group is the command's to report (segment/workers.py)
+            batches = iter(loader)
+        for images, ids in tqdm(batches, desc="evaluate", unit="batch", total=len(loader), disable=not progress):
             instances = model.predict(list(images))
             results += to_coco_results(instances, ids, label_to_category_id)
             image_ids += ids

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,14 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from common.signals import STOP_SIGNALS
 from segment.errors import ConfigError
+from segment.workers import quiet_worker, starting_workers
 
 BatchSamplerFactory = Callable[[Sampler], Iterable[list[int]]]
 SampleKey = tuple[int, int]  # (index into the dataset, seed of the sample's augmentation)
-# blocked while workers start, so that a SIGTERM or SIGHUP cannot reach one before `_stop_on_sigterm` has set its
-# handler (Ctrl-C's SIGINT a worker takes as KeyboardInterrupt already)
-_WORKER_START_SIGNALS = {s for s in STOP_SIGNALS if s != signal.SIGINT}
 
 
 @contextlib.contextmanager
@@ -61,17 +57,6 @@ class _SeededSamples(Dataset):
         index, seed = key
         with _rngs_seeded(seed):
             return self.dataset[index]
-
-
-def _stop_on_sigterm(worker_id: int) -> None:
-    """A worker's SIGTERM ends it as Ctrl-C does, quietly (torch's worker loop returns on KeyboardInterrupt), and
-    leaves the interrupt to the training process. `timeout` and job schedulers signal the whole process group,
-    and torch's own handler lets a worker die of any SIGTERM its parent did not send: the training process then
-    raised "DataLoader worker ... is killed by signal" in place of its clean interrupt. SIGHUP (the terminal
-    closed) reaches the whole foreground process group the same way."""
-    for signum in _WORKER_START_SIGNALS:
-        signal.signal(signum, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_START_SIGNALS)
 
 
 class _EpochBatches:
@@ -123,7 +108,7 @@ class BatchStream:
         self._loader = DataLoader(
             _SeededSamples(dataset), batch_sampler=self._batches, collate_fn=collate_fn, num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=self._generator,
-            worker_init_fn=_stop_on_sigterm,
+            worker_init_fn=quiet_worker,
         )
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -136,12 +121,8 @@ class BatchStream:
     def _restart(self) -> None:
         self._batches.epoch, self._batches.start = self.epoch, self.batch_in_epoch
         self._generator.manual_seed(self.seed * 100003 + self.epoch)  # worker seeds depend on the epoch only
-        # workers start here (the first time); they inherit the blocked signal and unblock it once ready for it
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_START_SIGNALS)
-        try:
+        with starting_workers():  # the first time: their stop signals are the training's (segment/workers.py)
             self._iterator = iter(self._loader)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def __iter__(self) -> BatchStream:
         return self

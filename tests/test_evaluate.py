@@ -192,6 +192,39 @@ def test_cli_stopped_by_a_signal_says_so_in_one_line(dataset, tmp_path, capsys, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted: nothing written"
 
 
+def test_a_sigterm_to_the_workers_too_is_one_line(dataset, tmp_path):
+    """`timeout` and job schedulers send SIGTERM to the whole process group: a loader worker died of it, and the
+    evaluation printed "DataLoader worker ... is killed by signal" tracebacks (exit 1 at times) around its line.
+    Here the worker that loads the second image gets it first, and the evaluation half a second later."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.helpers_process import interruptible_popen
+    from tests.train_fixtures import ROOT
+
+    checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    driver = textwrap.dedent(f"""
+        import os, signal, sys, threading
+        import segment.evaluate as evaluate
+        real = evaluate._Images.__getitem__
+        def getitem(self, index):
+            if index == 1:  # in the worker: the evaluation's SIGTERM comes once the worker has had its own
+                threading.Timer(0.5, os.kill, (os.getppid(), signal.SIGTERM)).start()
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, index)
+        evaluate._Images.__getitem__ = getitem
+        sys.exit(evaluate.main(["--checkpoint", {str(checkpoint)!r}, "--images", {str(dataset.image_dir)!r},
+                                "--annotations", {str(dataset.annotation_file)!r}, "--device", "cpu",
+                                "--batch-size", "1", "--num-workers", "1"]))
+        """)
+    child = interruptible_popen([sys.executable, "-c", driver], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    _, err = child.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("evaluate:")]  # its bar
+    assert child.returncode == 143 and lines == ["error: interrupted: nothing written"], err
+
+
 def test_table_prints_each_value_under_its_own_column():
     """The CLI's test only sees a header and numbers in range: values printed under the wrong column passed it.
     Every stat here has a value of its own, and each must end where its column's name ends (right-aligned)."""
