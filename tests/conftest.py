@@ -44,3 +44,37 @@ def device(request) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return device
+
+
+@pytest.fixture()
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt in this process, as in a program run from a terminal, also where the test
+    runner was started in the background with SIGINT ignored (HeldStopSignals leaves an ignored signal ignored)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
+def unhandled():
+    """Every stop signal reaches a handler that fails the test unless the command has put its own in place (a
+    signal the operating system handled would end pytest); the handlers before the test are back after it."""
+    import signal
+
+    from common.signals import STOP_SIGNALS
+
+    def fail(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the command")
+
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, fail)
+    try:
+        yield fail
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

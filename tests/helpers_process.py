@@ -83,15 +83,18 @@ def as_unprivileged(work):
     return value
 
 
-def stop_after(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
-    """`owner.name` calls the real function, then sends this process a SIGINT once `when(*args)` holds: a user's
-    Ctrl-C at that phase boundary, deterministically."""
-    real = getattr(owner, name)
-
-    def then_stop(*args, **kwargs):
-        result = real(*args, **kwargs)
+def then_signal(function, signum: int = signal.SIGINT, when=lambda *args: True):
+    """`function`, which sends this process `signum` once it has returned, where `when(*args)` holds: a stop signal
+    at that phase boundary, deterministically."""
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
         if when(*args):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return result
+    return call
 
-    monkeypatch.setattr(owner, name, then_stop)
+
+def stop_after(monkeypatch, owner, name: str, when=lambda *args: True, signum: int = signal.SIGINT) -> None:
+    """`owner.name` calls the real function, then sends this process `signum` (a user's Ctrl-C) where
+    `when(*args)` holds."""
+    monkeypatch.setattr(owner, name, then_signal(getattr(owner, name), signum, when))

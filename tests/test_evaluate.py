@@ -168,27 +168,20 @@ def test_cli_prints_the_table_and_fails_cleanly(dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum, status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
-def test_cli_stopped_by_a_signal_says_so_in_one_line(dataset, tmp_path, capsys, monkeypatch, signum, status):
+def test_cli_stopped_by_a_signal_says_so_in_one_line(dataset, tmp_path, capsys, monkeypatch, unhandled, signum,
+                                                     status):
     """A stop signal during an evaluation gave a KeyboardInterrupt traceback (SIGINT) or a silent end (SIGTERM,
     SIGHUP): it now gives the other command lines' one line and 128 + its number (it writes nothing)."""
-    import os
     import signal
 
     import segment.evaluate
+    from tests.helpers_process import stop_after
 
-    signum = getattr(signal, signum)
-    before = signal.getsignal(signum)
-    signal.signal(signum, lambda *_: pytest.fail("the signal reached no handler of the command"))
-    real_evaluate = segment.evaluate.evaluate
-    monkeypatch.setattr(segment.evaluate, "evaluate",
-                        lambda *args, **kwargs: real_evaluate(*args, **kwargs) and os.kill(os.getpid(), signum))
-    try:
-        checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
-        args = ["--checkpoint", str(checkpoint), "--images", str(dataset.image_dir), "--device", "cpu",
-                "--max-images", "1", "--num-workers", "0", "--annotations", str(dataset.annotation_file)]
-        assert main(args) == status
-    finally:
-        signal.signal(signum, before)
+    stop_after(monkeypatch, segment.evaluate, "evaluate", signum=getattr(signal, signum))
+    checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    args = ["--checkpoint", str(checkpoint), "--images", str(dataset.image_dir), "--device", "cpu",
+            "--max-images", "1", "--num-workers", "0", "--annotations", str(dataset.annotation_file)]
+    assert main(args) == status
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted: nothing written"
 
 

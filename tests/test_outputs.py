@@ -10,7 +10,7 @@ import pytest
 from common.errors import OutputError
 from common import outputs
 from common.outputs import AtomicOutput, check_output, leftover_temp_files
-from tests.helpers_process import as_unprivileged, unprivileged_folder
+from tests.helpers_process import as_unprivileged, stop_after, then_signal, unprivileged_folder
 
 
 def test_a_refused_run_leaves_no_empty_folders(tmp_path):
@@ -69,30 +69,10 @@ def test_a_failed_write_takes_away_the_folders_it_made(tmp_path):
     assert sorted(p.name for p in (tmp_path / "kept" / "new").iterdir()) == ["notes.txt"]
 
 
-@pytest.fixture
-def python_sigint():
-    """Ctrl-C raised as KeyboardInterrupt, as in a program run from a terminal (a runner in the background ignores
-    it, and HeldStopSignals leaves such a signal to the operating system)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-def interrupting(function):
-    """`function`, then Ctrl-C."""
-    def call(*args, **kwargs):
-        result = function(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)
-        return result
-    return call
-
-
-def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch, python_sigint):
+def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C right after the rename raised between it and the record of it, so the program could not tell that the
     output was in place ("no output written"). It is held back until the rename is recorded, then raised."""
-    monkeypatch.setattr(outputs.os, "replace", interrupting(os.replace))
+    monkeypatch.setattr(outputs.os, "replace", then_signal(os.replace))
     output = AtomicOutput(tmp_path / "out.mp4", overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         with output as temp:
@@ -102,10 +82,10 @@ def test_an_interrupt_at_the_rename_comes_after_it(tmp_path, monkeypatch, python
     assert not leftover_temp_files(tmp_path / "out.mp4")
 
 
-def test_an_interrupt_as_the_temp_file_is_made_leaves_neither_it_nor_its_folder(tmp_path, monkeypatch, python_sigint):
+def test_an_interrupt_as_the_temp_file_is_made_leaves_neither_it_nor_its_folder(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C between the temp file's creation and its record left new/.out.*.partial.mp4 (and new/) behind a render
     that said "no output written"."""
-    monkeypatch.setattr(outputs, "_new_file_beside", interrupting(outputs._new_file_beside))
+    monkeypatch.setattr(outputs, "_new_file_beside", then_signal(outputs._new_file_beside))
     with pytest.raises(KeyboardInterrupt):
         with AtomicOutput(tmp_path / "new" / "out.mp4"):
             pytest.fail("the block ran after the interrupt")
@@ -113,7 +93,7 @@ def test_an_interrupt_as_the_temp_file_is_made_leaves_neither_it_nor_its_folder(
 
 
 @pytest.mark.parametrize("when", ["as it begins", "half-way"])
-def test_a_second_interrupt_during_the_clean_up_waits_for_it(when, tmp_path, monkeypatch, python_sigint):
+def test_a_second_interrupt_during_the_clean_up_waits_for_it(when, tmp_path, monkeypatch, ctrl_c):
     """A second Ctrl-C as the clean-up began left the half-written temp file (2.5 KB for a render, a 91 MB
     .last.*.partial.pt for segment.train); one after the temp file's removal left the folders made for it."""
     if when == "as it begins":
@@ -125,14 +105,7 @@ def test_a_second_interrupt_during_the_clean_up_waits_for_it(when, tmp_path, mon
 
         monkeypatch.setattr(AtomicOutput, "_discard", interrupted_discard)
     else:
-        unlink = outputs.Path.unlink
-
-        def unlink_then_interrupt(path, **kwargs):
-            unlink(path, **kwargs)
-            if path.name.endswith(".partial.mp4"):
-                os.kill(os.getpid(), signal.SIGINT)
-
-        monkeypatch.setattr(outputs.Path, "unlink", unlink_then_interrupt)
+        stop_after(monkeypatch, outputs.Path, "unlink", lambda path: path.name.endswith(".partial.mp4"))
     with pytest.raises(KeyboardInterrupt):
         with AtomicOutput(tmp_path / "new" / "deeper" / "out.mp4") as temp:
             temp.write_bytes(b"half")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers_process import interruptible_popen
+from tests.helpers_process import interruptible_popen, stop_after
 from tests.helpers_video import pattern_frames, read_frames, write_clip
 from tests.render_cli import cli_env, run_in_process, tiny_model_overrides
 
@@ -177,27 +176,17 @@ def test_a_dump_that_cannot_be_put_in_place_says_the_video_is_written(tmp_path, 
 
 
 def test_a_stop_as_the_dump_is_put_in_place_waits_until_the_video_and_dump_both_are(tmp_path, models, clip,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, ctrl_c):
     """In-process callers keep Python's Ctrl-C: it came between the two renames, the video would stay without its
     dump."""
     from pipeline.render import compose_config, render
 
     earlier_render(tmp_path, clip, models)
-    real_rename = os.rename
-
-    def rename_then_stop(source, target):
-        real_rename(source, target)
-        if ".partial" in Path(source).parent.name and Path(source).name == "manifest.json":
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(os, "rename", rename_then_stop)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        cfg = compose_config(dump_args(clip, models, "overwrite=true", "debug.every=2"))
-        with pytest.raises(KeyboardInterrupt):
-            render(cfg, tmp_path / "new" / "out.mp4")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    stop_after(monkeypatch, os, "rename",
+               lambda source, target: ".partial" in Path(source).parent.name and Path(source).name == "manifest.json")
+    cfg = compose_config(dump_args(clip, models, "overwrite=true", "debug.every=2"))
+    with pytest.raises(KeyboardInterrupt):
+        render(cfg, tmp_path / "new" / "out.mp4")
     manifest = json.loads((tmp_path / "new" / "out_debug" / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["image_frames"] == FRAMES // 2
     assert len(read_frames(tmp_path / "new" / "out.mp4")[0]) == FRAMES

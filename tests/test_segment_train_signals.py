@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,15 +22,6 @@ from tests.helpers_process import interruptible_popen, stop_after
 from tests.train_fixtures import CLI_OVERRIDES, ROOT, one_thread, train_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture()
-def ctrl_c():
-    """Ctrl-C raises KeyboardInterrupt in this process, also where the test runner was started with SIGINT ignored
-    (in the background)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
 
 
 

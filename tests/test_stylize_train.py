@@ -14,7 +14,7 @@ from PIL import Image
 from stylize.bank import StyleBank, StyleInfo, sample_photo
 from stylize.network import MultiStyleNet
 from stylize.vgg import VGG16Features
-from tests.helpers_process import interruptible_popen
+from tests.helpers_process import interruptible_popen, stop_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,24 +453,16 @@ def test_interrupt_names_the_resume_state(files, tmp_path, signame, status):
 
 
 @pytest.mark.parametrize("signals_before", [1, 2])
-def test_a_stop_signal_during_a_state_write_names_that_state(files, tmp_path, monkeypatch, signals_before):
+def test_a_stop_signal_during_a_state_write_names_that_state(files, tmp_path, monkeypatch, ctrl_c, signals_before):
     """Ctrl-C while a resume state is being renamed into place comes once it is there (AtomicOutput holds it back):
     the message said "nothing written" beside the first state, and named the step before beside a later one."""
-    import os
-    import signal
+    import itertools
 
     from common import outputs
     from stylize.train import Interrupted, train
 
-    place, placed = outputs.AtomicOutput._place, []
-
-    def place_then_interrupt(self):
-        place(self)
-        placed.append(self.target)
-        if len(placed) == signals_before:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(outputs.AtomicOutput, "_place", place_then_interrupt)
+    placed = itertools.count(1)
+    stop_after(monkeypatch, outputs.AtomicOutput, "_place", lambda output: next(placed) == signals_before)
     out = tmp_path / "coffee.pt"
     state = out.with_name("coffee.pt.resume.pt")
     with pytest.raises(Interrupted) as stop:
@@ -481,24 +473,17 @@ def test_a_stop_signal_during_a_state_write_names_that_state(files, tmp_path, mo
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
-def test_a_stop_signal_during_the_outputs_write_keeps_it_and_says_so(files, tmp_path, monkeypatch, checkpoint_every):
+def test_a_stop_signal_during_the_outputs_write_keeps_it_and_says_so(files, tmp_path, monkeypatch, ctrl_c,
+                                                                      checkpoint_every):
     """Ctrl-C while `out` is being renamed into place comes once it is there: the training is done (its resume
     state removed), not "interrupted: nothing written" beside a finished style whose state a resume then refused."""
-    import os
     import signal
 
     from common import outputs
     from stylize.train import train
 
-    place = outputs.AtomicOutput._place
     out = tmp_path / "coffee.pt"
-
-    def place_then_interrupt(self):
-        place(self)
-        if self.target == out:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(outputs.AtomicOutput, "_place", place_then_interrupt)
+    stop_after(monkeypatch, outputs.AtomicOutput, "_place", lambda output: output.target == out)
     result = train(small(files, out=str(out), steps=3, checkpoint_every=checkpoint_every))
     assert result.late_signal == signal.SIGINT and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.pt"]  # no resume state, no temp file

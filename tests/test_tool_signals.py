@@ -23,23 +23,6 @@ STOPS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
 STOP_IDS = [signum.name for signum, _ in STOPS]
 
 
-@pytest.fixture
-def unhandled():
-    """Every stop signal reaches a handler that fails the test unless the command has put its own in place (a
-    signal the operating system handled would end pytest); the handlers before the test are back after it."""
-    def fail(signum, frame):
-        raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the command")
-
-    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, fail)
-    try:
-        yield fail
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-
-
 def then_stop(function, signum: int):
     """`function`, which sends `signum` to this process once it has returned."""
     def stopping(*args, **kwargs):
