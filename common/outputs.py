@@ -1,17 +1,24 @@
 """Safe output files: refuse dangerous targets up front, write to a temp file beside the target, rename on success.
 
 A failed or interrupted run leaves neither a partial output, nor a stray temp file, nor the folders made for them,
-and never touches the input.
+and never touches the input. A killed one (SIGKILL, the OOM killer, a power loss) cannot clean up: each temp file is
+flock-ed by its maker for its whole life, so a later write of the same target can tell the temp files of dead runs,
+which it removes, from those of live ones.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import secrets
+import shutil
 import signal
+import stat
+import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from common.errors import OutputError
@@ -55,20 +62,27 @@ class AtomicOutput:
     `committed` turns true with the rename, with no interrupt between them (on the main thread): a program that
     is stopped right after the rename can tell that its output is in place. The stop signals are held back across
     the set-up and the clean-up too: one that came between a temp file's creation and its record, or a second
-    Ctrl-C during the clean-up, left the temp file behind."""
+    Ctrl-C during the clean-up, left the temp file behind.
 
-    def __init__(self, target: str | Path, overwrite: bool = False):
+    `clean_leftovers`: first remove the temp files of `target` that dead runs left (`remove_dead`); off where the
+    folder is this run's own and new (the debug dump's images: a listing per image would grow with the dump)."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False, clean_leftovers: bool = True):
         self.target = Path(target).absolute()
         self.overwrite = overwrite
+        self.clean_leftovers = clean_leftovers
         self.temp: Path | None = None
         self.committed = False
         self._made: list[Path] = []  # the folders __enter__ made, deepest first
+        self._hold: int | None = None  # the temp file's flock-ed descriptor, open until the rename or the clean-up
 
     def __enter__(self) -> Path:
         try:
             with HeldStopSignals():  # one that came meanwhile is raised here, with the temp file known to _discard
                 make_folders(self.target.parent, self._made)
-                self.temp = _new_file_beside(self.target)
+                if self.clean_leftovers:
+                    note_removed_leftovers(remove_dead(leftover_temp_files(self.target)))
+                self.temp, self._hold = _new_file_beside(self.target)
         except BaseException as e:  # Ctrl-C too: no __exit__ follows a failed __enter__
             self._discard()
             if isinstance(e, OSError):
@@ -88,6 +102,7 @@ class AtomicOutput:
                 self._discard()
                 raise
             self.committed = True
+            self._release()  # only now: before the rename, a clean-up of another run could take the temp file
             self._made = []
             record_output(self.target)
 
@@ -111,7 +126,13 @@ class AtomicOutput:
         with HeldStopSignals():  # all of it: a second Ctrl-C half-way left the folders, or the temp file
             if self.temp is not None:
                 self.temp.unlink(missing_ok=True)
+            self._release()
             remove_made_folders(self._made)
+
+    def _release(self) -> None:
+        if self._hold is not None:
+            os.close(self._hold)
+            self._hold = None
 
 
 def remove_made_folders(made: list[Path]) -> None:
@@ -199,9 +220,16 @@ class HeldStopSignals:
 
 
 def leftover_temp_files(target: str | Path) -> list[Path]:
-    """The temp files of `target`'s AtomicOutput that a killed process left behind (SIGKILL skips the clean-up)."""
+    """The temp files of `target`'s AtomicOutputs: a killed process's leftovers (SIGKILL skips the clean-up), and
+    those being written (`remove_dead` tells them apart). By name, not by glob: `.{stem}.*` matched the temp files
+    of `{stem}.more.suffix` too, and a `[` in the stem matched nothing."""
     target = Path(target)
-    return sorted(target.parent.glob(f".{target.stem}.*.partial{target.suffix}"))
+    try:
+        names = os.listdir(target.parent)
+    except OSError:  # no folder (yet), or one that cannot be read: no temp file can be found there
+        return []
+    return sorted(target.parent / name for name in names
+                  if (written_for := temp_target(name)) is not None and written_for.name == target.name)
 
 
 # `_new_file_beside`'s names: .{target's stem}.{hex}.partial{target's suffix}
@@ -216,17 +244,122 @@ def temp_target(path: str | Path) -> Path | None:
     return path.with_name(match["stem"] + match["suffix"]) if match else None
 
 
-def _new_file_beside(target: Path) -> Path:
+def _new_file_beside(target: Path) -> tuple[Path, int]:
     """A new empty file in `target`'s folder, so that the final rename is atomic, with `target`'s suffix, so that
-    muxers and image writers recognise the format. Mode 0666 lets the umask give it the permissions of any other
-    new file (mkstemp's 0600 hid results from the rest of a team); O_EXCL never opens someone else's file."""
+    muxers and image writers recognise the format, and its held descriptor (`new_held`). Mode 0666 lets the umask
+    give it the permissions of any other new file (mkstemp's 0600 hid results from the rest of a team); O_EXCL never
+    opens someone else's file."""
+    return new_held(lambda: target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}"),
+                    lambda temp: os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+
+
+def new_held(new_name: Callable[[], Path], make: Callable[[Path], int]) -> tuple[Path, int]:
+    """A new temp file or folder, named by `new_name` (tried again on FileExistsError) and made by `make`, which
+    returns a descriptor of it; that descriptor holds an exclusive flock, which marks it as a live run's for as long
+    as it stays open (close it only once the temp is gone or renamed into place). `remove_dead` may catch it in the
+    instant between its making and its lock: it is then made afresh."""
     while True:
-        temp = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}")
+        path = new_name()
         try:
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return temp
+            fd = make(path)
         except FileExistsError:
             continue
+        try:
+            if _locked_and_still_named(path, fd):
+                return path, fd
+        except BaseException:
+            os.close(fd)
+            with suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+            raise
+        os.close(fd)
+
+
+def _locked_and_still_named(path: Path, fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a clean-up that caught it before the lock, as it removes it
+    except OSError as error:
+        if error.errno not in _NO_LOCKS:
+            raise
+        return True  # a file system without flock: others cannot take the lock either, so they leave it
+    return _names(path, fd)
+
+
+# flock's errors on file systems that do not lock (some network ones)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file or folder that `fd` has open (not removed, nor replaced, since it was
+    opened)."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def remove_dead(leftovers: Iterable[Path]) -> list[tuple[Path, int]]:
+    """Removes each of `leftovers` (temp files and folders held as `new_held` holds them) whose maker has died, and
+    returns them with the bytes they held. A dead maker's lock went with it: the lock taken without waiting means that
+    no live run writes there. One that a live run holds stays, and so, silently, does one that cannot be locked or
+    removed (permissions, a file system without locks): a clean-up, not the user's job."""
+    removed = []
+    for path in leftovers:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # gone meanwhile, a link, unreadable
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _names(path, fd):  # removed by another clean-up since it was listed
+                continue
+            opened = os.fstat(fd)
+            if stat.S_ISREG(opened.st_mode):
+                size = opened.st_size
+                path.unlink()
+            elif stat.S_ISDIR(opened.st_mode):
+                size = _tree_size(path)
+                shutil.rmtree(path)
+            else:
+                continue
+            removed.append((path, size))
+        except OSError:  # a live run's lock (EWOULDBLOCK), or what cannot be removed
+            continue
+        finally:
+            # after the removal: a maker that this caught before its lock waits for it, then finds its temp gone
+            os.close(fd)
+    return removed
+
+
+def _tree_size(folder: Path) -> int:
+    return sum(os.lstat(os.path.join(parent, name)).st_size
+               for parent, _, names in os.walk(folder) for name in names)
+
+
+_leftovers_noted = False  # the note is printed once a process: a user learns what was removed, without repeats
+
+
+def note_removed_leftovers(removed: list[tuple[Path, int]]) -> None:
+    """One `note:` line on stderr naming what `remove_dead` removed (a render's temp file can be gigabytes: freed
+    space the user may wonder about), once a process and only when it removed something."""
+    global _leftovers_noted
+    if not removed or _leftovers_noted:
+        return
+    _leftovers_noted = True
+    more = f" and {len(removed) - 1} more" if len(removed) > 1 else ""
+    print(f"note: removed {removed[0][0]}{more} ({_size_text(sum(size for _, size in removed))}), "
+          "left behind by a killed run", file=sys.stderr)
+
+
+def _size_text(size: int) -> str:
+    scaled, unit = float(size), "bytes"
+    for larger in ("KB", "MB", "GB"):
+        if scaled < 1000:
+            break
+        scaled, unit = scaled / 1000, larger
+    return f"{size} bytes" if unit == "bytes" else f"{scaled:.1f} {unit}"
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -41,7 +41,8 @@ shows a complete dump: a render puts it in place right after its video, and a st
 with the folders made for it, leaving an earlier dump as it was. Inside DIR, not beside it: DIR itself (a folder the
 user made, its permissions and group, the current folder) is never replaced, and only DIR needs to be writable. An
 earlier dump is replaced only with `overwrite` (the render's), and a folder holding anything a dump does not write
-never.
+never. Each hidden folder (`.{hex}.partial`, and `.{hex}.replaced` holding an earlier dump while it is replaced) is
+flock-ed by its render for its whole life: the next dump into DIR removes those of killed renders, never a live one's.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import AtomicOutput, make_folders, remove_made_folders, temp_target
+from common.outputs import (AtomicOutput, make_folders, new_held, note_removed_leftovers, remove_dead,
+                            remove_made_folders, temp_target)
 from common.settings import number, whole
 from pipeline.composite import depth_order
 from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
@@ -266,19 +268,29 @@ def check_dump_dir(directory: Path, overwrite: bool) -> None:
 _HIDDEN_DIR = re.compile(r"^\.[0-9a-f]{8}\.(partial|replaced)$")
 
 
-def _new_hidden_dir(directory: Path, kind: str) -> Path:
-    """A new folder `.{random hex}.{kind}` in `directory`, with the umask's permissions."""
-    while True:
-        folder = directory / f".{secrets.token_hex(4)}.{kind}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
+def _new_hidden_dir(directory: Path, kind: str) -> tuple[Path, int]:
+    """A new folder `.{random hex}.{kind}` in `directory`, with the umask's permissions, and its held descriptor
+    (`common.outputs.new_held`: close it once the folder is gone)."""
+    return new_held(lambda: directory / f".{secrets.token_hex(4)}.{kind}", _made_folder_descriptor)
+
+
+def _made_folder_descriptor(folder: Path) -> int:
+    folder.mkdir()
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except BaseException:
+        folder.rmdir()
+        raise
+
+
+def _release(descriptor: int | None) -> None:
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with AtomicOutput(path, overwrite=True) as temp:
+    # the dump's own new temp folder holds no one's leftovers: no listing of it per image
+    with AtomicOutput(path, overwrite=True, clean_leftovers=False) as temp:
         temp.write_bytes(data)
 
 
@@ -316,6 +328,7 @@ class DebugDumper:
         self._max_pending = 4 * workers
         self._made: list[Path] = []  # the folders made for the dump, deepest first: removed with an unpublished one
         self.temp_dir: Path | None = None  # where the dump is written until it is published
+        self._temp_dir_hold: int | None = None  # its flock-ed descriptor: open while the folder exists
         self._frames = None
         try:
             check_dump_dir(self.dir, overwrite)
@@ -344,10 +357,12 @@ class DebugDumper:
 
     def _make_temp_dir(self) -> None:
         """The dump's folder (made if missing) and the hidden temp folder inside it, where its entries' renames into
-        it are atomic."""
+        it are atomic; first, the hidden folders that killed renders left there are removed (the folder has passed
+        `check_dump_dir`: a refused dump removes nothing)."""
         try:
             make_folders(self.dir, self._made)
-            self.temp_dir = _new_hidden_dir(self.dir, "partial")
+            note_removed_leftovers(remove_dead(entry for entry in self.dir.iterdir() if _HIDDEN_DIR.match(entry.name)))
+            self.temp_dir, self._temp_dir_hold = _new_hidden_dir(self.dir, "partial")
             (self.temp_dir / IMAGES).mkdir()
         except OSError as e:
             raise DebugDumpError(f"cannot prepare debug dir {self.dir}: {e.strerror or e}") from None
@@ -480,13 +495,32 @@ class DebugDumper:
             return
         if not self._completed or self.temp_dir is None:
             raise RuntimeError("DebugDumper.publish of a dump that is not complete")
-        replaced, moved, placed = None, [], []
+        replaced, replaced_hold = self._put_in_place()
+        self._published = True
+        try:
+            self.temp_dir.rmdir()
+            self.temp_dir = None
+            if replaced is not None:
+                try:
+                    shutil.rmtree(replaced)
+                except OSError as e:
+                    print(f"note: the earlier debug dump, moved aside to {replaced}, could not be deleted: "
+                          f"{e.strerror or e}", file=sys.stderr)
+        finally:  # only once they are gone: until then a later dump must not take them for a killed render's
+            _release(self._temp_dir_hold)
+            _release(replaced_hold)
+            self._temp_dir_hold = None
+
+    def _put_in_place(self) -> tuple[Path | None, int | None]:
+        """`publish`'s renames: the folder the earlier dump was moved aside to, and its held descriptor (None, None
+        without an earlier dump). On failure, what was moved is moved back and this dump deleted."""
+        replaced, replaced_hold, moved, placed = None, None, [], []
         try:
             check_dump_dir(self.dir, self.overwrite)  # what another run may have written there since complete()
             earlier = [entry.name for entry in sorted(self.dir.iterdir())
                        if entry.name in (MANIFEST, FRAMES, IMAGES) or _temp_of(entry.name) == MANIFEST]
             if earlier:
-                replaced = _new_hidden_dir(self.dir, "replaced")
+                replaced, replaced_hold = _new_hidden_dir(self.dir, "replaced")
             for name in earlier:
                 os.rename(self.dir / name, replaced / name)
                 moved.append(name)
@@ -495,21 +529,14 @@ class DebugDumper:
                 placed.append(name)
         except BaseException as e:
             self._put_back(placed, moved, replaced)
+            _release(replaced_hold)
             self.abort()
             if isinstance(e, OSError):
                 kept = ": the earlier dump there is kept" if moved else ""
                 raise DebugDumpError(f"cannot put the debug dump in place at {self.dir} ({e.strerror or e}){kept}"
                                      ) from None
             raise
-        self._published = True
-        self.temp_dir.rmdir()
-        self.temp_dir = None
-        if replaced is not None:
-            try:
-                shutil.rmtree(replaced)
-            except OSError as e:
-                print(f"note: the earlier debug dump, moved aside to {replaced}, could not be deleted: "
-                      f"{e.strerror or e}", file=sys.stderr)
+        return replaced, replaced_hold
 
     def _put_back(self, placed: list[str], moved: list[str], replaced: Path | None) -> None:
         """Undoes a failed `publish`: this dump's entries back into its temp folder, the earlier dump's into place."""
@@ -543,6 +570,8 @@ class DebugDumper:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+        _release(self._temp_dir_hold)
+        self._temp_dir_hold = None
         remove_made_folders(self._made)
 
     def __exit__(self, exc_type, *_) -> None:

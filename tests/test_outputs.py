@@ -135,3 +135,15 @@ def test_a_stop_during_torch_save_is_a_stop_not_a_zip_error(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", lambda obj, file: (_ for _ in ()).throw(RuntimeError("disk quirk")))
     with pytest.raises(RuntimeError, match="disk quirk"):
         torch_save.atomic_save({"w": 1}, tmp_path / "model.pt")
+
+
+def test_a_targets_temp_files_are_found_by_name(tmp_path):
+    """The glob `.out.*.partial.mp4` took out.take2.mp4's temp files for out.mp4's (the trainings removed them with
+    their own), and a `[` in a name made it match nothing."""
+    own, another_targets, bracketed = (tmp_path / name for name in (
+        ".out.0123abcd.partial.mp4", ".out.take2.0123abcd.partial.mp4", ".take[1].0123abcd.partial.mp4"))
+    for temp in (own, another_targets, bracketed):
+        temp.write_bytes(b"half")
+    assert leftover_temp_files(tmp_path / "out.mp4") == [own]
+    assert leftover_temp_files(tmp_path / "take[1].mp4") == [bracketed]
+    assert leftover_temp_files(tmp_path / "missing" / "out.mp4") == []
