@@ -170,8 +170,9 @@ class Compositor:
             ix2, iy2 = min(now_box[2], before_box[2]), min(now_box[3], before_box[3])
             if ix1 < ix2 and iy1 < iy2:
                 both = (ix1, iy1, ix2, iy2)
-                inside[iy1 - y1:iy2 - y1, ix1 - x1:ix2 - x1] |= (_window(now_mask, now_box, both)
-                                                                 & _window(before_mask, before_box, both))
+                # in place on the view: `|=` on a slice would copy the result back onto itself
+                inside[iy1 - y1:iy2 - y1, ix1 - x1:ix2 - x1].bitwise_or_(_window(now_mask, now_box, both)
+                                                                         & _window(before_mask, before_box, both))
         changes = torch.stack([_summed_change(now[:, y1:y2, x1:x2], before[:, y1:y2, x1:x2], inside)
                                for now, before in ((output, previous[1]), (image, previous[0]))])
         count = inside.sum()

@@ -99,19 +99,39 @@ class Frame:
     tracks: list[int]
 
 
+# On a CPU a part is blurred at once when padding its regions to its largest crop at most this many times their
+# pixels: its 4r + 2 operators instead of as many per region (14 at feather_px 3; 100 objects in 256x144 frames, one
+# thread: 7.6 -> 1.0 ms a frame)
+CPU_PART_BLUR_PADDING = 2
 SMOOTH_REACH_PX = 2  # the previous soft mask counts only this close to the current mask (`_near`)
 EDGE_PX = 0.5  # a box side this close to the frame's edge was clipped there (torchvision clips boxes to the image)
 
 
 @dataclass(frozen=True)
 class _Kept:
-    """A track's soft mask for the next frame: row `row` of its frame's part `part`, over its crop there."""
+    """The tracks' soft masks for the next frame, per track: its region's row `row` of its frame's part `part`, over
+    the region's crop there. Arrays, so that the next frame's regions find theirs at once."""
 
-    part: int
-    row: int
-    corner: tuple[int, int]       # the crop's top-left pixel (x, y)
-    size: tuple[int, int]         # the crop's height and width
-    box: tuple[float, ...]        # the detection box (x1, y1, x2, y2)
+    entry: dict[int, int]  # track -> its index in the arrays
+    part: np.ndarray       # (T,)
+    row: np.ndarray        # (T,)
+    crop: np.ndarray       # (T, 4) the region's crop box x1 y1 x2 y2
+    box: np.ndarray        # (T, 4) its detection box x1 y1 x2 y2 (float64)
+
+    @staticmethod
+    def tracked(tracks: np.ndarray, part: np.ndarray, row: np.ndarray, crops: np.ndarray, boxes: np.ndarray) -> _Kept:
+        """Those of the regions given that have a track (>= 0); a track given twice (the tracker never does) keeps
+        its last."""
+        keep = tracks >= 0
+        return _Kept(dict(zip(tracks[keep].tolist(), range(int(keep.sum())))), part[keep], row[keep], crops[keep],
+                     boxes[keep])
+
+    def entries(self, tracks: np.ndarray) -> np.ndarray:
+        """Each track's index in the arrays, -1 for none."""
+        return np.array([self.entry.get(track, -1) for track in tracks.tolist()], dtype=np.int64)
+
+
+_NOTHING_KEPT = _Kept({}, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64), np.zeros((0, 4)))
 
 
 @dataclass
@@ -123,6 +143,7 @@ class _Part:
     start: int
     regions: list[StylizedRegion]
     shape: tuple[int, int]                 # the chunk's padded height and width
+    placed: int                            # its first region's position among the group's (a frame's are together)
     sources: list[np.ndarray] | None = None  # smoothing: see `_sources`
     previous: list[int] | None = None        # the parts of the frame before that hold them
 
@@ -136,7 +157,7 @@ class SoftMasks:
         self.reset()
 
     def reset(self) -> None:
-        self._kept: dict[int, _Kept] = {}
+        self._kept = _NOTHING_KEPT
         self._stored: list[Tensor] = []  # the last frame's soft parts, each with a row and a column of zeros added
 
     def __call__(self, frames: list[Frame]) -> list[list[tuple[Tensor, Tensor]]]:
@@ -152,7 +173,7 @@ class SoftMasks:
         r = self.feather_px
         placed = [(f, region) for f, frame in enumerate(frames) for region in frame.regions]
         if not placed:
-            self._kept, self._stored = {}, []
+            self._kept, self._stored = _NOTHING_KEPT, []
             return [[] for _ in frames]
         crops = np.array([region.box for _, region in placed], dtype=np.int64)
         chunks = chunks_within([(x1 - r, y1 - r, x2 + r, y2 + r) for x1, y1, x2, y2 in crops.tolist()])
@@ -162,7 +183,8 @@ class SoftMasks:
                   for c, (h, w) in zip(chunks, extents)]
         parts = _parts(placed, chunks, [(h + 2 * r, w + 2 * r) for h, w in extents])
         by_frame = [[part for part in parts if part.frame == f] for f in range(len(frames))]
-        kept = self._plan_sources(frames, by_frame, pixels)
+        kept = self._plan_sources(frames, by_frame, pixels, crops,
+                                  np.array([region.instance for _, region in placed], dtype=np.int64))
         masks, rows = _joined_masks(frames, placed)
         host = [array for c, (pixel_y, pixel_x) in zip(chunks, pixels) for array in (rows[c], pixel_y, pixel_x)]
         if masks is None:
@@ -208,66 +230,71 @@ class SoftMasks:
         return (probs >= self.threshold).float()
 
     def _blur(self, soft: Tensor, regions: list[StylizedRegion]) -> list[Tensor]:
-        """Each region's alpha (h, w) from its padded soft mask: on a GPU the part in one filter; on a CPU, where
-        the padding to the largest crop would be work, each region over its own crop."""
+        """Each region's alpha (h, w) from its padded soft mask: the part in one filter, each region's alpha its
+        top-left corner, whose filter reads only the region's own padded crop (the same pixels as region by region).
+        On a CPU, where an operator costs its pixels, a part whose padding to its largest crop more than doubles the
+        pixels filters each region over its own crop."""
         r = self.feather_px
         sizes = [(y2 - y1, x2 - x1) for x1, y1, x2, y2 in (region.box for region in regions)]
         if r == 0:
             return [soft[j, :h, :w] for j, (h, w) in enumerate(sizes)]
-        if soft.is_cuda:
+        own_pixels = sum((h + 2 * r) * (w + 2 * r) for h, w in sizes)
+        if soft.is_cuda or soft.numel() <= CPU_PART_BLUR_PADDING * own_pixels:
             alpha = blur_padded(soft, r)
             return [alpha[j, :h, :w] for j, (h, w) in enumerate(sizes)]
         return [blur_padded(soft[j, :h + 2 * r, :w + 2 * r], r) for j, (h, w) in enumerate(sizes)]
 
     def _plan_sources(self, frames: list[Frame], by_frame: list[list[_Part]],
-                      pixels: list[tuple[np.ndarray, np.ndarray]]) -> dict[int, _Kept]:
+                      pixels: list[tuple[np.ndarray, np.ndarray]], crops: np.ndarray, instances: np.ndarray) -> _Kept:
         """With smoothing, frame by frame: where each part's regions read their previous soft masks (`_sources`),
-        and the tracks kept for the frame after; returns those of the last frame."""
+        and the tracks kept for the frame after; returns those of the last frame. `crops` and `instances`: each of
+        the group's regions' crop box and instance, in order."""
+        if self.smooth <= 0:
+            return _NOTHING_KEPT
         kept = self._kept
-        shapes = [tuple(t.shape[1:]) for t in self._stored]  # the frame before's stored parts
+        shapes = np.array([t.shape[1:] for t in self._stored], dtype=np.int64).reshape(-1, 2)  # the stored parts
         for frame, parts in zip(frames, by_frame):
-            if self.smooth <= 0:
+            if not parts:
+                kept = _NOTHING_KEPT
                 continue
-            now = {}
-            for p, part in enumerate(parts):
+            first, count = parts[0].placed, sum(len(part.regions) for part in parts)
+            own = instances[first:first + count]
+            tracks, boxes = np.asarray(frame.tracks, dtype=np.int64)[own], np.asarray(frame.boxes, np.float64)[own]
+            entries = kept.entries(tracks)
+            for part in parts:
+                at = slice(part.placed - first, part.placed - first + len(part.regions))
                 pixel_y, pixel_x = (axis[part.start:part.start + len(part.regions)] for axis in pixels[part.chunk])
-                self._sources(part, [kept.get(frame.tracks[region.instance]) for region in part.regions],
-                              [frame.boxes[region.instance] for region in part.regions], pixel_y, pixel_x, shapes,
+                self._sources(part, kept, entries[at], boxes[at], pixel_y, pixel_x, shapes,
                               tuple(frame.record.image.shape[-2:]))
-                for j, region in enumerate(part.regions):
-                    track = frame.tracks[region.instance]
-                    if track >= 0:
-                        x1, y1, x2, y2 = region.box
-                        now[track] = _Kept(p, j, (x1, y1), (y2 - y1, x2 - x1), tuple(frame.boxes[region.instance]))
-            kept = now
-            shapes = [(h + 1, w + 1) for h, w in (part.shape for part in parts)]
-        return kept if self.smooth > 0 else {}
+            lengths = [len(part.regions) for part in parts]
+            kept = _Kept.tracked(tracks, np.repeat(np.arange(len(parts)), lengths),
+                                 np.concatenate([np.arange(length) for length in lengths]), crops[first:first + count],
+                                 boxes)
+            shapes = np.array([part.shape for part in parts], dtype=np.int64) + 1
+        return kept
 
-    def _sources(self, part: _Part, sources: list[_Kept | None], boxes: list[list[float]], pixel_y: np.ndarray,
-                 pixel_x: np.ndarray, shapes: list[tuple[int, int]], size: tuple[int, int]) -> None:
-        """Sets `part.sources`: per region whether it has a previous soft mask, its row in its stored part, the rows
-        and columns there at which the region's pixels read it, moved by the box's shift (the stored part's
-        appended zeros where the moved mask does not reach), and that part (-1: none); and `part.previous`, the
-        stored parts read. None where no region has one."""
-        used = sorted({source.part for source in sources if source is not None})
-        if not used:
+    def _sources(self, part: _Part, kept: _Kept, entries: np.ndarray, boxes: np.ndarray, pixel_y: np.ndarray,
+                 pixel_x: np.ndarray, shapes: np.ndarray, size: tuple[int, int]) -> None:
+        """Sets `part.sources`: per region whether it has a previous soft mask (its `entries` in `kept`, -1: none),
+        its row in its stored part, the rows and columns there at which the region's pixels read it, moved by the
+        box's shift (the stored part's appended zeros where the moved mask does not reach), and that part (-1: none);
+        and `part.previous`, the stored parts read. None where no region has one. `shapes`: the stored parts'."""
+        has = entries >= 0
+        if not has.any():
             return
-        r = self.feather_px
-        n = len(sources)
-        has, row, origin = np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64)
-        rows = np.full(pixel_y.shape, shapes[used[0]][0] - 1)  # no source: the first part's zeros
-        columns = np.full(pixel_x.shape, shapes[used[0]][1] - 1)
-        for k, (source, box) in enumerate(zip(sources, boxes)):
-            if source is None:
-                continue
-            height, width = shapes[source.part]
-            shift = _shift(source.box, box, size)
-            # pixel p of this crop lies at p - (corner + shift) in the source's crop, r further on in its part
-            for out, axis_pixels, axis, zeros in ((rows, pixel_y, 1, height - 1), (columns, pixel_x, 0, width - 1)):
-                inside = axis_pixels[k] - source.corner[axis] - shift[axis]
-                out[k] = np.where((inside >= 0) & (inside < source.size[1 - axis]), inside + r, zeros)
-            has[k], row[k], origin[k] = 1, source.row, source.part
-        part.sources, part.previous = [has, row, rows, columns, origin], used
+        source = np.where(has, entries, 0)  # the regions without one read nothing: any entry will do
+        origin = np.where(has, kept.part[source], -1)
+        used = np.unique(origin[has])
+        zeros = shapes[np.where(has, origin, used[0])] - 1  # (k, 2); no source: the first part's zeros
+        crop = kept.crop[source]
+        # pixel p of this crop lies at p - (corner + shift) in the source's crop, r further on in its part
+        corner = crop[:, :2] + _shifts(kept.box[source], boxes, size)
+        extent = crop[:, 2:] - crop[:, :2]
+        rows, columns = (np.where(has[:, None] & (inside >= 0) & (inside < extent[:, axis, None]),
+                                  inside + self.feather_px, zeros[:, 1 - axis, None])
+                         for axis, inside in ((1, pixel_y - corner[:, 1, None]), (0, pixel_x - corner[:, 0, None])))
+        part.sources = [has.astype(np.int64), np.where(has, kept.row[source], 0), rows, columns, origin]
+        part.previous = used.tolist()
 
     def _gather(self, used: list[int], origin: Tensor, row: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
         """(k, Ly, Lx): each region's previous soft mask at its `rows` and `columns` of its stored part `origin`
@@ -322,7 +349,7 @@ def _parts(placed: list[tuple[int, StylizedRegion]], chunks: list[list[int]],
             if j and parts[-1].frame == f:
                 parts[-1].regions.append(region)
             else:
-                parts.append(_Part(f, c, j, [region], shapes[c]))
+                parts.append(_Part(f, c, j, [region], shapes[c], k))
     return parts
 
 
@@ -335,25 +362,40 @@ def _clamped(start: np.ndarray, end: np.ndarray, length: int, r: int) -> np.ndar
 def _near(hard: Tensor) -> Tensor:
     """1 within SMOOTH_REACH_PX of each mask (k, h, w), else 0: how far the previous soft mask may reach past the
     current one. Mask flicker is a pixel or two; an object that shrank or changed shape faster left its old
-    outline around it, faded by `smooth` each frame, out to the crop's edge (a ring 19 px wide on the demo clip)."""
-    return F.max_pool2d(hard[:, None], 2 * SMOOTH_REACH_PX + 1, stride=1, padding=SMOOTH_REACH_PX)[:, 0]
+    outline around it, faded by `smooth` each frame, out to the crop's edge (a ring 19 px wide on the demo clip).
+
+    On a CPU max_pool2d is slow (one thread: 4.5 ms for (100, 40, 40), 15 for (8, 200, 300), against 0.8 and 0.7 for
+    shifted maxima); as the masks are 0/1, the zero padding of the shifts is max_pool2d's -inf padding."""
+    if hard.is_cuda:
+        return F.max_pool2d(hard[:, None], 2 * SMOOTH_REACH_PX + 1, stride=1, padding=SMOOTH_REACH_PX)[:, 0]
+    padded = F.pad(hard, (SMOOTH_REACH_PX,) * 4)
+    return _max_along(_max_along(padded, -1, hard.shape[-1]), -2, hard.shape[-2])
 
 
-def _shift(before: tuple[float, ...], box: list[float], size: tuple[int, int]) -> tuple[int, int]:
-    """Whole pixels (x, y) the object moved since its box was `before`, in a frame of `size` (height, width): the
-    mask follows the object and keeps its outline."""
-    return (_axis_shift(before[0], before[2], box[0], box[2], size[1]),
-            _axis_shift(before[1], before[3], box[1], box[3], size[0]))
+def _max_along(x: Tensor, dim: int, length: int) -> Tensor:
+    """The maximum of x shifted by 0, 1, ... along `dim`, `length` long there (a new tensor)."""
+    out = x.narrow(dim, 0, length).clone()
+    for shift in range(1, x.shape[dim] - length + 1):
+        torch.maximum(out, x.narrow(dim, shift, length), out=out)
+    return out
 
 
-def _axis_shift(low_before: float, high_before: float, low: float, high: float, extent: int) -> int:
-    """Along one axis, the box centre's shift, rounded; where the box meets the frame's edge in either frame, the
-    other side's: there the clipping, not the object, placed that side, and the centre moves at half the object's
-    speed (an object leaving the frame left its old mask behind, a ghost up to its speed per frame wide)."""
-    clipped_low = min(low_before, low) <= EDGE_PX
-    clipped_high = max(high_before, high) >= extent - EDGE_PX
-    if clipped_high and not clipped_low:
-        return round(low - low_before)
-    if clipped_low and not clipped_high:
-        return round(high - high_before)
-    return round((low + high - low_before - high_before) / 2)
+def _shifts(before: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(k, 2): whole pixels (x, y) each object moved since its box was `before` (k, 4), now `boxes`, in a frame of
+    `size` (height, width): the mask follows the object and keeps its outline."""
+    return np.stack([_axis_shifts(before[:, 0], before[:, 2], boxes[:, 0], boxes[:, 2], size[1]),
+                     _axis_shifts(before[:, 1], before[:, 3], boxes[:, 1], boxes[:, 3], size[0])], 1)
+
+
+def _axis_shifts(low_before: np.ndarray, high_before: np.ndarray, low: np.ndarray, high: np.ndarray,
+                 extent: int) -> np.ndarray:
+    """Along one axis, each box centre's shift, rounded (half to even); where the box meets the frame's edge in
+    either frame, the other side's: there the clipping, not the object, placed that side, and the centre moves at
+    half the object's speed (an object leaving the frame left its old mask behind, a ghost up to its speed per frame
+    wide)."""
+    clipped_low = np.minimum(low_before, low) <= EDGE_PX
+    clipped_high = np.maximum(high_before, high) >= extent - EDGE_PX
+    shift = np.where(clipped_high & ~clipped_low, low - low_before,
+                     np.where(clipped_low & ~clipped_high, high - high_before,
+                              (low + high - low_before - high_before) / 2))
+    return np.round(shift).astype(np.int64)

@@ -213,8 +213,8 @@ class StylizeStage:
         factors = [0] * len(jobs)
         for b, record in enumerate(batch):
             positions = [k for k, job in enumerate(jobs) if job[0] == b]
-            tracks = [-1] * len(positions) if record.track_ids is None else [
-                int(record.track_ids[jobs[k][1]]) for k in positions]
+            track_ids = None if record.track_ids is None else record.track_ids.tolist()  # not an operator per job
+            tracks = [-1 if track_ids is None else track_ids[jobs[k][1]] for k in positions]
             previous = [self._track_factors.get(track, (None,))[0] for track in tracks]
             _, chosen = crop_factors(boxes[positions], *size, self.margin, self.downsample, self.max_side, previous)
             for k, track, factor in zip(positions, tracks, chosen):

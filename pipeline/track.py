@@ -245,15 +245,15 @@ class Tracker:
             self._end_all()  # the model lost (or gained) its mask branch: start over
             tracks = None
         pairs = self._match(detections, tracks) if tracks and len(detections) else []
-        ids = torch.full((len(detections),), -1, dtype=torch.long)
+        ids = [-1] * len(detections)  # a list, made a tensor once: a tensor's elements are written one operator each
         if tracks is not None:
             self._update_matched(tracks, detections, pairs)
             for d, t in pairs:
                 ids[d] = tracks.ids[t]
             self._age_unmatched(tracks, {t for _, t in pairs})
         self._start_tracks(detections, ids, {d for d, _ in pairs})
-        self._last, self._last_ids = instances, ids.tolist()
-        return ids
+        self._last, self._last_ids = instances, ids
+        return torch.tensor(ids, dtype=torch.long)
 
     def _propagate(self, image_size: tuple[int, int]) -> tuple[Instances, Tensor]:
         """A frame the segmenter skipped: its instances and their track ids (see the module's docstring)."""
@@ -379,7 +379,7 @@ class Tracker:
         if len(alive) < len(tracks):
             tracks.keep(alive)
 
-    def _start_tracks(self, detections: _Detections, ids: Tensor, matched: set[int]) -> None:
+    def _start_tracks(self, detections: _Detections, ids: list[int], matched: set[int]) -> None:
         scores = detections.scores.tolist()
         born = [d for d in range(len(detections)) if d not in matched and scores[d] >= self.birth_score]
         if not born:

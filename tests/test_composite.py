@@ -14,6 +14,7 @@ from scipy.ndimage import distance_transform_cdt
 
 from pipeline.composite import Compositor
 from pipeline.soft_masks import _separable_by_matmul, blur_padded
+from scripts.profiling import operators
 from common.errors import SettingError
 from pipeline.record import FrameRecord, StylizedRegion
 from segment.structures import Instances
@@ -312,3 +313,15 @@ def test_feather_blurs_like_kornias_separable_filter(feather_px, device):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         torch.testing.assert_close(blur_padded(padded, feather_px), want, rtol=0, atol=1e-6)
         torch.testing.assert_close(blur_padded(padded.to(device), feather_px).cpu(), want, rtol=0, atol=1e-6)
+
+
+def test_the_stability_union_takes_two_operators_a_track():
+    """Each track's overlap of its two masks is and-ed, then or-ed into the union in place: `|=` on the union's
+    slice copied the result back onto itself, a third operator per track."""
+    def counted(tracks: int) -> int:
+        compositor, image, output = Compositor(), random_image(), random_image(1)
+        masks = {t: ((4 * t, 2, 4 * t + 8, 10), torch.ones(8, 8, dtype=torch.bool)) for t in range(tracks)}
+        compositor._measure(image, output, masks)
+        return operators(lambda: compositor._measure(image, output, masks))
+
+    assert counted(8) - counted(4) == 2 * 4

@@ -17,6 +17,7 @@ from pipeline.composite import Compositor
 from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.stylize_stage import FACTOR_MEMORY_FRAMES, StylizeStage
+from scripts.profiling import operators
 from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from stylize.apply import run_network, stylize_frames, stylize_regions
@@ -374,3 +375,16 @@ def test_crop_bucket_is_bounded_and_padding_stops_at_the_frame(bank, monkeypatch
     StyleAssigner.from_config(cfg, bank, CLASSES)(batch)
     StylizeStage.from_config(cfg, bank)(batch)
     assert shapes and all(h <= H and w <= W for h, w in shapes), shapes
+
+
+def test_factors_read_a_frames_track_ids_once(bank):
+    """`_factors` reads a frame's track ids as one list: an element of the tensor per job was an operator per object."""
+    stage = StylizeStage.from_config(style_cfg(max_side=40, margin=8), bank)
+
+    def counted(n: int) -> int:
+        record = frame(0, [(2 + 8 * k, 4, 6, 1, 0.9) for k in range(n)])
+        jobs = [(0, k, "candy") for k in range(n)]
+        return operators(lambda: stage._factors([record], jobs, record.instances.boxes, (H, W)))
+
+    assert counted(6) == counted(2)
+    assert sorted(stage._track_factors) == list(range(1, 7))

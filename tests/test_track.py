@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from common.errors import SettingError
 from pipeline.record import FrameRecord
 from pipeline.track import Tracker, mask_iou, match, shrink_masks, translated
+from scripts.profiling import operators
 from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from tests.helpers_cuda import gpu_waits
@@ -392,3 +393,18 @@ def test_track_lengths_count_the_video_frames_a_track_is_shown_on(cuts, summary)
     records = run_every(tracker, [[a, b]] * 4 + [[a]] * 4 + [[a, b]] * 2, every=4, cuts=cuts)
     assert [len(r.track_ids) for r in records] == [2] * 4 + [1] * 4 + [2] * 2
     assert tracker.summary() == {**summary, "cuts": len(cuts)}
+
+
+def test_operators_per_frame_do_not_grow_with_the_detections():
+    """A frame's track ids become a tensor at once: written into one an element at a time, they were an operator per
+    born or matched detection."""
+    def counted(n: int) -> tuple[int, int]:
+        tracker = Tracker()
+        objects = [(10 + 10 * i, 20, 4, 1, 0.9) for i in range(n)]
+        born, matched = (disc_instances([(x + step, y, r, label, score) for x, y, r, label, score in objects])
+                         for step in (0, 1))
+        counts = operators(lambda: tracker.update(born, SIZE)), operators(lambda: tracker.update(matched, SIZE))
+        assert tracker.update(matched, SIZE).tolist() == list(range(1, n + 1))
+        return counts
+
+    assert counted(8) == counted(2)
