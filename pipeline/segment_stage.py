@@ -6,10 +6,14 @@ overlap one of the last shot's is another object, and must take neither its id (
 
 A cut is a change of the picture's structure, not of its light or of where the camera points: the edges (cell-to-cell
 differences of grey and of colour) of the centre of a frame's thumbnail are compared by correlation with the frame
-before's at every shift of up to a sixth of the frame in half-cell steps, and the best match counts. A flash, a light
-switched on or an exposure change leaves a correlation near 1, and so does a pan of up to a sixth of the frame per
-frame; they end no track (every object would change style) and cost no extra segmentation."""
+before's at every shift of up to a sixth of the frame in half-cell steps, and the best match counts; so are those of
+each quarter of the centre, and the frame's change is the lesser of the whole's and the quarters' median. A flash, a
+light switched on or an exposure change leaves a correlation near 1, and so does a pan of up to a sixth of the frame
+per frame; they end no track (every object would change style) and cost no extra segmentation. So does a large object
+moving or turning fast: it spoils the match of the whole centre, not of the quarters it leaves."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +23,19 @@ from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.stage_timing import timed
 
-# A cut: 1 - the best correlation of the edges of a frame's thumbnail's central cells with those of any equal window of
-# the frame before's exceeds this (0: the same picture up to light and a shift; 1: unrelated; 2: inverted). Over
-# skimage.data's photos: at cuts between two unrelated ones 0.59-1.0, 99% over 0.71 (1032 ordered pairs of 26 photos,
-# at 2 or 3 frame sizes); within a shot at most 0.38 (556 clips: pans of 2-15% of the frame a frame 0.26, over fine
-# textures 0.12; a flash of +80 levels 0.36; the demo clip's scene 0.33; two discs crossing on a plain ground 0.38;
-# noise of sigma 20 0.24; zooms 0.17): 0.5 lies between. The 8x8 grey-level measure before scored 22% of those cuts
-# 0.5 or less (0 where a window of the frame before was near uniform), and 14 of those clips over 0.5 (up to 1.04).
+# A cut: a frame's change from the frame before exceeds this (0: the same picture up to light and a shift; 1:
+# unrelated; 2: inverted). The change of a region of the thumbnail's central cells is 1 - the best correlation of its
+# edges with those of the same region of any equal window of the frame before's; the frame's is the lesser of the
+# whole centre's and the median of its quarters' (REGION_SPANS). Within a shot the centre's change stays at most 0.38
+# (556 clips of skimage.data's photos: pans of 2-15% of the frame a frame 0.26, over fine textures 0.12; a flash of
+# +80 levels 0.36; noise of sigma 20 0.24; zooms 0.17; two discs crossing on a plain ground 0.38) unless large
+# objects move or turn fast: the demo scene at 4 to 8 times its speed (scripts/make_demo_clip.py --frames 24 / 12)
+# reached 0.63-0.72, 37 of 300 frames over 0.5, where the quarters they leave still match: the frame's change is at
+# most 0.44 at 4 times, 0.60 at 8 times (4 frames over 0.5). Between unrelated photos (1140 ordered pairs of 20 of
+# them at 3 frame sizes) it is 0.54 or more in 99%; 6 were 0.40-0.49, all a blurred low-contrast retina close-up
+# (microaneurysms) against a page of text or cells, which the centre alone scored 0.69 or more. docs/benchmarks.md,
+# 2026-11-28. A cut missed costs less than one made up: the new shot's objects may take an old id where they overlap
+# one, where a cut in a shot restyles every object on screen.
 SCENE_CUT = 0.5
 # A thumbnail whose central cells spread less than this (grey levels, standard deviation, colour counted in) is near
 # uniform (a black or white frame, a fade's end): its correlation says nothing, so it starts no shot, and the next
@@ -41,6 +51,29 @@ CELLS = 24
 # at every half-cell offset too: edges at a fine scale decorrelate at a shift of half a cell (a pan over gravel or
 # brick), at a quarter they hold.
 SHIFT = 4
+SIDE = CELLS - 1 - 2 * SHIFT  # the centre's cells compared (edges need a cell's neighbour: CELLS - 1 of them a row)
+
+
+# The regions of the centre compared: the whole, then its quarters (the middle row in the upper two, the middle
+# column in the left two), as a range of rows and one of columns, in cells
+SPANS = ((0, SIDE), (0, (SIDE + 1) // 2), ((SIDE + 1) // 2, SIDE))
+REGION_SPANS = ((0, 0), (1, 1), (1, 2), (2, 1), (2, 2))
+
+
+@functools.cache
+def _regions(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On `device`, made there (a copy from the host would wait for the GPU): (R, SIDE * SIDE) 0/1, the cells of each
+    region; and (R, L, K1) twice, each region's rows', then columns', band (`_window_sums`)."""
+    cells = torch.arange(SIDE, device=device)
+    inside = [(cells >= start) & (cells < stop) for start, stop in SPANS]
+    masks = torch.stack([inside[rows][:, None] & inside[columns] for rows, columns in REGION_SPANS]).flatten(1)
+    length = 2 * CELLS - 3  # the half-cell-offset cells of a thumbnail (`_features`)
+    offsets = torch.arange(length, device=device)[:, None] - torch.arange(length - 2 * (SIDE - 1), device=device)
+    bands = [(offsets >= 2 * start) & (offsets < 2 * stop) & (offsets % 2 == 0) for start, stop in SPANS]
+    rows, columns = (torch.stack([bands[span[axis]] for span in REGION_SPANS]).float() for axis in (0, 1))
+    return masks.float(), rows, columns
+
+
 CHANGE_NOISE = 1e-5  # float32 rounding of 1 - correlation between identical thumbnails (up to 2e-6): no change at all
 GREY = (0.299, 0.587, 0.114)
 
@@ -92,39 +125,32 @@ class SegmentStage:
         return batch
 
     def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
-        """Per frame: 1 - the best correlation of its thumbnail's centre with a window that has a picture of the last
-        earlier thumbnail whose centre had one, 0 where its centre is near uniform or every such window is (on the
-        frames' device), and whether its size changed."""
+        """Per frame: the change of its thumbnail's centre against the last earlier thumbnail whose centre had a
+        picture (`_region_correlations`): the lesser of the whole centre's and the median of its quarters', 0 where its
+        centre is near uniform or no window of the one before has a picture (on the frames' device); and whether its
+        size changed."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
         sizes = [record.size for record in batch]
         first = self._last is None
         last = self._last or (thumbnails[0], sizes[0])
-        side = CELLS - 1 - 2 * SHIFT  # the centre's cells (edges need a cell's neighbour: CELLS - 1 of them a row)
         # the current frame's cells: every second row and column of its half-cell-offset cells, from 2 * SHIFT on
-        centre = _features(thumbnails)[..., 2 * SHIFT::2, 2 * SHIFT::2][..., :side, :side]  # (B, 9, side, side)
+        centre = _features(thumbnails)[..., 2 * SHIFT::2, 2 * SHIFT::2][..., :SIDE, :SIDE]  # (B, 9, SIDE, SIDE)
         flat = _spread(centre[:, :3].flatten(2).var(-1, unbiased=False)) < FLAT
         bases = [last[0]]  # what each frame is compared with, chosen on the device: no wait
         for thumbnail, is_flat in zip(thumbnails, flat):
             bases.append(torch.where(is_flat, bases[-1], thumbnail))
-        before = _features(torch.stack(bases[:-1]))
-        before = before - before.mean((-2, -1), keepdim=True)  # less rounding in mean square less squared mean
-        means, squares = _window_means(torch.cat([before, before.square()], 1), side).flatten(2).chunk(2, 1)
-        variances = squares - means.square()  # (B, 9, K): in every window of `before`, K = (4 * SHIFT + 1) ** 2
-        flat_windows = _spread(variances[:, :3].transpose(1, 2)) < FLAT
-        edges = (centre[:, 3:] - centre[:, 3:].mean((-2, -1), keepdim=True)).flatten(1)  # (B, 6n)
-        # each window's edges times the centre's, both less their means (the centre's sum to 0: no need for theirs);
-        # a matrix product of the unfolded windows, not a convolution: cuDNN's may round to TF32, and identical
-        # frames must correlate to within 1e-5
-        windows = F.unfold(before[:, 3:], side, dilation=2)  # (B, 6n, K)
-        products = torch.bmm(edges[:, None], windows)[:, 0]
-        norms = (variances[:, 3:].sum(1) * side * side * edges.square().sum(1, keepdim=True)).sqrt()
-        correlation = products / norms.clamp_min(1e-6)     # (B, K)
-        # no window of `before` with a picture: a near-uniform frame, which only the stream's first can be (a later
-        # one is no base)
-        flat |= flat_windows.all(1)
+        correlations, no_picture = _region_correlations(centre, _features(torch.stack(bases[:-1])))
+        whole = 1 - correlations[:, 0].nan_to_num(-1.0).amax(-1)
+        # each quarter's best shift (a large object moving fast spoils some, a new shot every one), then their median;
+        # a quarter without a picture (plain sky) says nothing, and with none left the whole centre's change counts
+        quarters = correlations[:, 1:].nan_to_num(-2.0).amax(-1)
+        median = 1 - quarters.masked_fill(quarters < -1, float("nan")).nanquantile(0.5, 1, interpolation="midpoint")
+        # no window of the frame before with a picture: a near-uniform frame, which only the stream's first can be (a
+        # later one is no base)
+        flat |= no_picture[:, 0]
         self._last = (bases[-1], sizes[-1])
         resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
-        changes = (1 - correlation.masked_fill(flat_windows, -1.0).amax(1)).masked_fill_(flat, 0.0)
+        changes = torch.minimum(whole, median.nan_to_num(2.0)).masked_fill_(flat, 0.0)
         # the stream's first frame: no shot before it (compared with itself, float noise). zero_(), not `= 0.0`: a
         # number set into a CUDA tensor is copied there from the host, a wait (GPU session 7)
         if first:
@@ -161,11 +187,37 @@ def _features(thumbnails: torch.Tensor) -> torch.Tensor:
                       cells[..., 2:, :-2] - cells[..., :-2, :-2]], 1)
 
 
-def _window_means(cells: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C, L, L) half-cell-offset cells -> (B, C, K, K), K = L - 2 * (side - 1): each channel's mean over the window
-    of side x side cells a cell apart (every second row and column) at each half-cell offset. A box filter's passes
-    along the columns and the rows, as matrix products (cuDNN's convolutions may round to TF32)."""
-    offsets = torch.arange(cells.shape[-1], device=cells.device)[:, None] - torch.arange(
-        cells.shape[-1] - 2 * (side - 1), device=cells.device)
-    band = ((offsets >= 0) & (offsets < 2 * side) & (offsets % 2 == 0)).to(cells.dtype) / side  # (L, K)
-    return band.T @ cells @ band
+def _region_correlations(centre: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`centre` (B, 9, SIDE, SIDE), the current frames' cells, and `before` (B, 9, L, L), the half-cell-offset cells of
+    the frames they are compared with -> per region of the centre (REGION_SPANS: the whole, its quarters), (B, R, K):
+    the correlation of its edges with those of the same region of each window of `before` (K = (4 * SHIFT + 1) ** 2
+    windows of SIDE x SIDE cells a cell apart), NaN where either has no picture (near uniform); and (B, R) whether a
+    region has no picture in the centre or in every window.
+
+    Matrix products of the unfolded windows, not convolutions: cuDNN's may round to TF32, and identical frames must
+    correlate to within 1e-5."""
+    regions, row_bands, column_bands = _regions(centre.device)  # (R, n), n = SIDE * SIDE; (R, L, K1) twice
+    sizes = regions.sum(1, keepdim=True)                       # (R, 1)
+    before = before - before.mean((-2, -1), keepdim=True)      # less rounding in mean square less squared mean
+    means, squares = (_window_sums(values, row_bands, column_bands) / sizes
+                      for values in (before, before.square()))
+    variances = squares - means.square()                       # (B, 9, R, K)
+    cells = centre.flatten(2)                                  # (B, 9, n)
+    centre_means = cells @ regions.T / sizes.T                 # (B, 9, R)
+    centre_variances = cells.square() @ regions.T / sizes.T - centre_means.square()
+    # each region's edges less their means there (the window's means then drop out of the products), 0 elsewhere
+    edges = (cells[:, None, 3:] - centre_means[:, 3:].transpose(1, 2)[..., None]) * regions[:, None]  # (B, R, 6, n)
+    products = torch.bmm(edges.flatten(2), F.unfold(before[:, 3:], SIDE, dilation=2))  # (B, R, K)
+    norms = (variances[:, 3:].sum(1) * sizes * edges.square().sum((2, 3))[..., None]).sqrt()
+    correlation = products / norms.clamp_min(1e-6)
+    flat_windows = _spread(variances[:, :3].permute(0, 2, 3, 1)) < FLAT          # (B, R, K)
+    no_picture = (_spread(centre_variances[:, :3].transpose(1, 2)) < FLAT)[..., None] | flat_windows
+    return correlation.masked_fill(no_picture, float("nan")), no_picture.all(-1)
+
+
+def _window_sums(cells: torch.Tensor, row_bands: torch.Tensor, column_bands: torch.Tensor) -> torch.Tensor:
+    """(B, C, L, L) half-cell-offset cells -> (B, C, R, K): each channel's sum over each region of the window of
+    SIDE x SIDE cells a cell apart (every second row and column) at each half-cell offset, K = K1 * K1 of them
+    (row-major, as F.unfold's). A box filter's passes along the columns and the rows, as matrix products with the
+    regions' bands (`_regions`; cuDNN's convolutions may round to TF32)."""
+    return (row_bands.transpose(1, 2) @ cells[:, :, None] @ column_bands).flatten(-2)
