@@ -44,10 +44,10 @@ from common.errors import UserError, one_line
 from common.hydra_cli import compose_checked, exit_on_bad_overrides, multirun
 from common.outputs import AtomicOutput, HeldStopSignals, check_output
 from common.settings import check_settings, flag, whole
+from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
 from pipeline.errors import PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
-from pipeline.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
 from pipeline.thread_stream import ThreadStream
 
 Stage = Callable[[list[FrameRecord]], list[FrameRecord]]
@@ -60,6 +60,10 @@ DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality"
 # without a word), which was an omegaconf traceback mid-way through the set-up
 REQUIRED_KEYS = ("input", "overwrite", "device", "batch_size", "queue_size")
 REQUIRED_GROUPS = ("decode", "segment", "style", "track", "composite", "encode")
+# conf/render.yaml's own settings, besides its groups (each checked by its stage): any other (`+segment_evry=2`) is
+# refused, not rendered without
+RENDER_KEYS = ("input", "output", "overwrite", "device", "batch_size", "segment_every", "scene_cut", "queue_size",
+               "stage_threads", "torch_threads")
 THREAD_STARTS = ("stylize", "composite")  # the stages that begin the second and third stage thread
 
 
@@ -127,7 +131,9 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
 
 
 def _check_present(cfg: DictConfig) -> None:
-    """Every key and group the render reads is in `cfg`, each group a group of settings."""
+    """Every key and group the render reads is in `cfg`, each group a group of settings, and no key it does not
+    read."""
+    check_settings([key for key in cfg if key not in (*REQUIRED_GROUPS, "debug", "hydra")], RENDER_KEYS, "top-level")
     for key in (*REQUIRED_KEYS, *REQUIRED_GROUPS):
         if key not in cfg:
             what = f"{key} group" if key in REQUIRED_GROUPS else key
@@ -445,7 +451,7 @@ def _job(cfg: DictConfig, late: list[int]) -> None:
     except KeyboardInterrupt as interrupt:
         if not summary.written:
             if in_sweep():
-                leave(stop_signal(interrupt), rendering=True)
+                leave(stop_signal(interrupt), in_job=True)
             print("error: interrupted: no output written", file=sys.stderr)
             sys.stderr.flush()
             # The temp file is gone and the threads are stopped by now. Under load a plain sys.exit(130) sometimes

@@ -5,13 +5,15 @@ and the learning rate follows the images per iteration over all processes (see s
 Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt
 (with the same schedule and batch size), `overwrite=true` removes those files of an earlier run once the new run's
 model and data are built. A run holds output_dir/.lock while it runs: a second training into the same folder stops
-at once. A sweep (`-m seed=0,1 ...`) trains job N into output_dir/N. A schedule with reference_images_per_iter
-(paper_1x) scales its iteration counts to the images per iteration (effective_schedule).
+at once. A sweep (`-m seed=0,1 ...`) trains job N into output_dir/N, every job even when some are refused (the sweep
+then exits 2 naming them: common/sweep.py). A schedule with reference_images_per_iter (paper_1x) scales its
+iteration counts to the images per iteration (effective_schedule).
 Every setting is checked before anything is built: a bad one is one "error: ..." line and exit status 2, and a
 refused run leaves no folder of its own making. A stop signal (Ctrl-C, SIGTERM, SIGHUP) is one "error: ..." line
 naming what is left (last.pt's iteration and the resume command; or, a run stopped before its first checkpoint
 removing its files, that the same command starts over) and exit status 128 + its number; one that comes once
-model_final.pt is in place is a note, and the run counts as done.
+model_final.pt is in place is a note, and the run counts as done. In a sweep one between two jobs stops it before
+the next, and one after the last job is a note.
 """
 from __future__ import annotations
 
@@ -42,14 +44,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
-from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from common.errors import UserError, one_line
 from common.hydra_cli import exit_on_bad_overrides, multirun
 from common.outputs import AtomicOutput, HeldStopSignals, leftover_temp_files
-from common.settings import flag, number, whole
-from segment.checkpoint import load_checkpoint, project_relative
+from common.settings import check_settings, flag, number, whole
+from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
+from segment.checkpoint import _shown, load_checkpoint, project_relative
 from segment.config import SegmenterConfig, real_class_names
 from segment.data import build_dataset, check_data_settings, collate, data_flag
 from segment.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
@@ -67,6 +69,14 @@ LOCK = ".lock"  # flock-ed by rank 0 for the whole run (holding its pid); not a 
 CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") for layer in (
     "box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits"))
 RUN_FILES = (LAST, FINAL, METRICS, CONFIG)  # what a run writes into output_dir (and overwrite=true removes)
+# conf/train.yaml's own settings and groups, and the schedule group's settings: anything else (a `+segment_evry=2`
+# typo) is refused, not trained without
+TRAIN_KEYS = ("output_dir", "resume", "overwrite", "batch_size", "num_workers", "amp", "clip_grad_norm",
+              "checkpoint_every", "log_every", "eval_every", "eval_batch_size", "seed", "device", "cpu_threads",
+              "dist_timeout_min")
+TRAIN_GROUPS = ("segment", "data", "schedule")  # each checked by its own reader
+SCHEDULE_KEYS = ("reference_images_per_iter", "base_lr", "momentum", "weight_decay", "norm_weight_decay",
+                 "bias_weight_decay", "max_iters", "steps", "gamma", "warmup_iters", "warmup_factor")
 
 
 # ---- settings, checked before anything is built ----
@@ -86,6 +96,8 @@ def checked_train_settings(cfg: DictConfig) -> TrainSettings:
     """Every setting's type and range, so that a bad value is one line before any work, not a traceback from
     torch minutes later; -> the loop's settings."""
     get = partial(OmegaConf.select, cfg)
+    check_settings([key for key in cfg if key not in (*TRAIN_GROUPS, "hydra")], TRAIN_KEYS, "top-level")
+    check_settings(cfg.schedule, SCHEDULE_KEYS, "schedule")
     whole(get("data.num_workers"), "data.num_workers", 0, nullable=True)  # first: num_workers is ${data.num_workers}
     for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("num_workers", 0),
                      ("checkpoint_every", -math.inf), ("eval_every", -math.inf), ("seed", -math.inf),
@@ -189,15 +201,21 @@ def remove_empty_folders(made: list[Path]) -> None:
 def segmenter_config(segment_cfg: Any, class_names: list[str] | None,
                      start: SegmenterConfig | None = None) -> tuple[SegmenterConfig, str | None]:
     """The `segment` group -> (architecture config with the dataset's classes, optional initial-weights path).
+    The model learns the classes of the data it is trained on: a num_classes or class_names given that differ are
+    named in a note (they were replaced without a word), and build_trainer records the data's in config.yaml.
     A null bn_eps is the starting weights' (`start`): r50_fpn.yaml leaves it to the file, 0 for torchvision's COCO
     weights, which run wrong with any other."""
     values = (OmegaConf.to_container(segment_cfg, resolve=True) if isinstance(segment_cfg, DictConfig)
               else dict(segment_cfg))
     init_weights = values.get("checkpoint")
     values = {k: v for k, v in values.items() if k not in _WEIGHTS_KEYS}
-    if class_names:  # the model predicts the classes of the data it is trained on
-        values["num_classes"] = len(class_names) + 1
-        values["class_names"] = ["__background__", *class_names]
+    if class_names:
+        data_classes = {"num_classes": len(class_names) + 1, "class_names": ["__background__", *class_names]}
+        ignored = [f"segment.{key}={_shown(values[key])} (the data's: {_shown(value)})"
+                   for key, value in data_classes.items() if values.get(key) is not None and values[key] != value]
+        if ignored and _is_rank0():
+            print(f"note: the model learns the classes of its training data: {'; '.join(ignored)} ignored")
+        values.update(data_classes)
     if start is not None and values.get("bn_eps") is None:
         values["bn_eps"] = start.bn_eps
     return SegmenterConfig.from_dict(values), init_weights
@@ -267,6 +285,8 @@ def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> T
     start = load_start(cfg.segment.get("checkpoint"))
     config, init_weights = segmenter_config(cfg.segment, getattr(train_set, "class_names", None),
                                             start.config if start is not None else None)
+    with open_dict(cfg.segment):  # config.yaml records the classes trained, not the ones the data replaced
+        cfg.segment.num_classes, cfg.segment.class_names = config.num_classes, list(config.class_names)
     model = build_segmenter(config, start, init_weights).to(info.device)
 
     schedule = cfg.schedule
@@ -472,10 +492,6 @@ def _fail(error: UserError) -> NoReturn:
     sys.exit(2)
 
 
-def _in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def _check_sweep_output_dir(argv: list[str]) -> None:
     """A sweep's output_dir is Hydra's sweep folder (conf/train.yaml), made by Hydra, with its multirun.yaml, before
     `main` runs: a folder it cannot make (a file's path, a read-only place) would be Hydra's traceback, so an
@@ -503,19 +519,17 @@ def interrupted_message(run: TrainingRun, out: Path, sweep_dir: str | None = Non
     """What a stopped run leaves in output_dir `out`, and how to go on from there. In a sweep (`sweep_dir`: the
     sweep's output_dir, of which `out` is job `job`'s folder) that is the sweep command: one given `out` itself would
     train into out/N."""
-    if sweep_dir is None:
-        if run.saved_iteration is not None:
-            return (f"interrupted; last.pt at iteration {run.saved_iteration}: `resume=true output_dir={out}` "
-                    "continues from it")
-        if not any((out / name).exists() for name in RUN_FILES):
-            return "interrupted; no checkpoint was written: the same command starts over"
-        return f"interrupted before training began: {out} is as it was"  # an earlier run's files, untouched
-    again = f"the same sweep command with resume=true (output_dir={sweep_dir})"
+    resume, start_over = f"`resume=true output_dir={out}`", "the same command starts over"
+    whose = by = rest = ""
+    if sweep_dir is not None:
+        resume = f"the same sweep command with resume=true (output_dir={sweep_dir})"
+        whose, by, start_over = f"sweep job {job}'s ", f" by sweep job {job}", f"{resume} starts it over"
+        rest = f"; {resume} continues the sweep"
     if run.saved_iteration is not None:
-        return f"interrupted; sweep job {job}'s last.pt at iteration {run.saved_iteration}: {again} continues from it"
+        return f"interrupted; {whose}last.pt at iteration {run.saved_iteration}: {resume} continues from it"
     if not any((out / name).exists() for name in RUN_FILES):
-        return f"interrupted; sweep job {job} wrote no checkpoint: {again} starts it over"
-    return f"interrupted before sweep job {job} began training: {out} is as it was; {again} continues the sweep"
+        return f"interrupted; no checkpoint was written{by}: {start_over}"
+    return f"interrupted before {whose}training began: {out} is as it was{rest}"  # an earlier run's files, untouched
 
 
 def _stop_unless_finished(run: TrainingRun, late: list[int]) -> None:
@@ -528,31 +542,34 @@ def _stop_unless_finished(run: TrainingRun, late: list[int]) -> None:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run, late = TrainingRun(), []
-    _stop_unless_finished(run, late)  # in place of the start-up's handler, which only leaves
+    _stop_unless_finished(run, late)  # in place of the start-up's handler (a sweep's: stop_later): neither stops it
     sweep_dir, job = None, 0
-    if _in_sweep():  # each job a run of its own: one shared folder would refuse every job after the first
+    if in_sweep():  # each job a run of its own: one shared folder would refuse every job after the first
+        if (signum := pending_stop()) is not None:  # it came as this job started
+            leave(signum, in_job=False)
         sweep_dir, job = str(cfg.output_dir), HydraConfig.get().job.num
         cfg.output_dir = str(Path(cfg.output_dir) / str(job))
     try:
         final = train(cfg, run)
     except UserError as error:
-        _fail(error)
+        if sweep_dir is None:
+            _fail(error)
+        failed(one_line(error))  # the other jobs still run; the sweep exits 2 at its end
+        return
     except KeyboardInterrupt as interrupt:
         _report(f"error: {interrupted_message(run, Path(cfg.output_dir), sweep_dir, job)}")
         sys.exit(exit_status(interrupt))
     finally:
         if sweep_dir is not None:  # until the next job's training: the jobs so far are done, their files complete
-            on_stop_signals(_LEAVE_SWEEP)
+            on_stop_signals(stop_later)
     if _is_rank0():
         print(f"wrote {final}")
-    if late:  # none can come in after this in a sweep, and outside one they change nothing
+    if sweep_dir is not None:
+        completed(final)
+        if late:  # the sweep stops before its next job, if there is one
+            stop_later(late[0], None)
+    elif late:  # it changes nothing
         _report(f"note: {signal.Signals(late[0]).name} came once the training was complete: {final} is kept")
-        if sweep_dir is not None:  # the sweep stops after this job
-            sys.stdout.flush()
-            _LEAVE_SWEEP(late[0], None)
-
-
-_LEAVE_SWEEP = leaving(b"error: interrupted between two sweep jobs: the later ones not run\n")
 
 
 if __name__ == "__main__":

@@ -8,27 +8,45 @@ mode=full: every weight of a network for N style images (from scratch, or starti
 
 Every `checkpoint_every` steps the training state (network, optimizer, data RNG, step) goes to `<out>.resume.pt`;
 `resume=true` continues from it as if never stopped, and it is removed once `out` is written.
+
+A stop signal (Ctrl-C, SIGTERM, SIGHUP) is one "error: ..." line naming the resume state in place, or that nothing
+was written, and exit status 128 + its number; one that comes once `out` is in place is a note, the output kept,
+exit 0. A sweep (`-m lr=1e-3,1e-4 ...`) trains job N into Hydra's folder for it, multirun/<date>/<time>/N/, under
+`out`'s file name (SweepJob), every job even when some fail (the sweep then exits 2 naming them: common/sweep.py).
+A stop signal in a job stops the sweep with that job's line and the sweep's resume command; between two jobs it stops
+it before the next, and after the last job it is a note.
 """
 from __future__ import annotations
 
+import sys
+
+from common.signals import exit_status, leaving, on_stop_signals, stop_signal, stop_until  # light: the rest is not
+
+if __name__ == "__main__":  # `python -m stylize.train`; modules importing this one keep their handlers
+    # a stop signal while torch and Hydra load and Hydra composes the config: one line, not a traceback from inside
+    # an import, nor (SIGTERM, SIGHUP) a silent end
+    on_stop_signals(leaving(b"error: interrupted before training began: nothing written\n"))
+
+import contextlib
 import math
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
 from common.hydra_cli import exit_on_bad_overrides
-from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
+from common.outputs import (HeldStopSignals, check_output, leftover_temp_files, note_removed_leftovers, remove_dead,
+                            same_file)
 from common.settings import flag, number, whole
-from common.signals import exit_status, on_stop_signals, stop_signal
+from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
 from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
                           make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
@@ -58,6 +76,62 @@ class TrainResult:
     # per step: the content/style/tv losses unweighted, the total weighted (the bar shows the terms weighted)
     history: list[dict[str, float]] = field(default_factory=list)
     late_signal: int | None = None  # a stop signal that came once `out` was in place: it stopped nothing
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A job of a sweep (`-m`): it trains into Hydra's folder for it (multirun/<date>/<time>/N), under `out`'s file
+    name; one `out` for every job made the second refuse the first's output, or with overwrite=true replace it."""
+    number: int
+    folder: Path
+    sweep_folder: Path
+
+    @classmethod
+    def current(cls) -> SweepJob | None:
+        """The sweep job that runs now; None outside a sweep."""
+        if not in_sweep():
+            return None
+        hydra_config = HydraConfig.get()
+        return cls(int(hydra_config.job.num), Path(hydra_config.runtime.output_dir),
+                   Path(str(hydra_config.sweep.dir)).absolute())
+
+    @property
+    def continuation(self) -> str:
+        return (f"the same sweep command with resume=true hydra.sweep.dir={self.sweep_folder} continues the sweep "
+                "(its complete jobs kept)")
+
+    def finished_earlier(self, cfg: DictConfig) -> Path | None:
+        """With resume=true (and no overwrite=true), this job's `out` where it is in place without a resume state:
+        the sweep's earlier run finished the job, and it is kept, not trained again."""
+        if (not flag(cfg.get("resume", False), "resume") or flag(cfg.get("overwrite", False), "overwrite")
+                or OmegaConf.is_missing(cfg, "style_image")):  # `train` refuses the last
+            return None
+        out = _out_path(cfg, _style_paths(cfg), self.folder)
+        return out if out.is_file() and not out.with_name(out.name + RESUME_SUFFIX).exists() else None
+
+    def remove_folder_if_empty(self) -> None:
+        with contextlib.suppress(OSError):  # it holds something, or is gone: it stays as it is
+            self.folder.rmdir()
+
+
+@dataclass
+class TrainingRun:
+    """What a training has on disk so far, for what a stop signal says (`train` fills it in)."""
+    steps: int = 0
+    state_path: Path | None = None
+    saved: int = 0         # the step of the resume state in place (0: none)
+    written: bool = False  # `out` is in place: the training is done, a stop signal stops nothing
+
+    def interrupted(self, job: SweepJob | None = None) -> str:
+        """The one line for a stop signal that came before `out` was in place."""
+        if job is None:
+            if not self.saved:
+                return "interrupted: nothing written"
+            return (f"interrupted: the state of step {self.saved} of {self.steps} is in {self.state_path}; the same "
+                    "command with resume=true continues from it")
+        left = (f"its state of step {self.saved} of {self.steps} is in {self.state_path}" if self.saved
+                else "nothing written for it")
+        return f"interrupted in sweep job {job.number}: {left}; {job.continuation}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -145,7 +219,10 @@ def _new_style_network(cfg: DictConfig, bank: StyleBank) -> tuple[MultiStyleNet,
     return network, index
 
 
-def train(cfg: DictConfig) -> TrainResult:
+def train(cfg: DictConfig, run: TrainingRun | None = None, folder: Path | None = None) -> TrainResult:
+    """Trains as `cfg` says, into `out` (with `folder`, a sweep job's, `out`'s file name in that folder), filling in
+    `run` as it goes."""
+    run = TrainingRun() if run is None else run
     for key in ("style_image", "content"):
         if OmegaConf.is_missing(cfg, key):
             raise StyleError(f"no {key} given: pass {key}=PATH")
@@ -154,14 +231,17 @@ def train(cfg: DictConfig) -> TrainResult:
     if cfg.mode == "full" and cfg.init not in ("bank", "scratch"):
         raise StyleError(f"init={cfg.init}: use bank or scratch")
     _check_settings(cfg)
+    run.steps = int(cfg.steps)
     device = resolve_device(cfg.device)
     style_paths = _style_paths(cfg)
     _check_style_names(cfg, style_paths)
     vgg = VGG16Features.from_file(cfg.vgg)               # first of the files: the one people forget
-    out = _output(cfg, style_paths)                      # refused now, not after the training
-    state_path = out.with_name(out.name + RESUME_SUFFIX)
+    out = _output(cfg, style_paths, folder)              # refused now, not after the training
+    state_path = run.state_path = out.with_name(out.name + RESUME_SUFFIX)
     settings = _resume_settings(cfg, style_paths)
     resume = _resume_state(cfg, state_path, settings)    # its settings checked before the data is read
+    if resume is not None:  # from here a stop signal's message must name it: it is what a resume continues from
+        run.saved = int(resume["step"])
     bank = None
     if cfg.mode == "new_style":
         bank = StyleBank.load(cfg.bank)
@@ -169,7 +249,7 @@ def train(cfg: DictConfig) -> TrainResult:
             bank.check_new_name(cfg.name or style_paths[0].stem)   # before training, not after
         except StyleError as exc:
             raise StyleError(f"{exc}; pass another name=" if cfg.name else f"{exc}; pass name=NAME") from None
-    steps, seed = int(cfg.steps), int(cfg.seed)
+    steps, seed = run.steps, int(cfg.seed)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     content = ContentImages(str(cfg.content), int(cfg.image_size), int(cfg.max_video_frames))
@@ -191,20 +271,20 @@ def train(cfg: DictConfig) -> TrainResult:
     optimizer = torch.optim.Adam(trainable, lr=float(cfg.lr))
 
     history: list[dict[str, float]] = []
-    start = saved = 0
+    start = run.saved
     if resume is not None:
         network.load_state_dict(resume["network"])
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         history = list(resume["history"])
-        start = saved = int(resume["step"])
         print(f"resumed from {state_path} at step {start}")
     else:  # an earlier run's state (overwrite=true) must not be taken for this run's
-        for stale in (state_path, *leftover_temp_files(state_path)):
-            stale.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+        # a killed run's temp states; not a live one's (another run of this out), which would lose its write
+        note_removed_leftovers(remove_dead(leftover_temp_files(state_path)))
     every = int(cfg.get("checkpoint_every", 0))
-    written, late_signal = False, None
+    late_signal = None
     try:
         bar = tqdm(range(start, steps), desc=f"stylize.train {cfg.mode}", unit="step", initial=start, total=steps)
         for step in bar:
@@ -215,33 +295,32 @@ def train(cfg: DictConfig) -> TrainResult:
             losses = criterion(network(x, weights), x, style_rows.to(device))
             history.append({k: float(v.detach()) for k, v in losses.items()})
             if not math.isfinite(history[-1]["total"]):
-                raise _diverged(cfg, state_path, f"at step {step} the loss became {history[-1]['total']}")
+                raise _diverged(cfg, run, f"at step {step} the loss became {history[-1]['total']}")
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
             if step % int(cfg.log_every) == 0:
                 bar.set_postfix_str(_progress(history[-1], criterion.weights))
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                _check_finite(cfg, state_path, trainable, step)
+                _check_finite(cfg, run, trainable, step)
                 # a stop signal during the write comes after its rename (AtomicOutput holds it back): `saved` must
                 # count that state, or the message names the step before (or "nothing written") beside it
                 with HeldStopSignals():
                     _save_state(state_path, settings, step + 1, network, optimizer, generator, history)
-                    saved = step + 1
-        _check_finite(cfg, state_path, trainable, steps - 1)
+                    run.saved = step + 1
+        _check_finite(cfg, run, trainable, steps - 1)
         network.eval().cpu()
-        with HeldStopSignals():  # a signal during the write comes once `out` is in place: `written` must say so
+        # A signal during the write comes once `out` is in place: `written` must say so. The state goes in the same
+        # block: a signal between the two stopped a finished training as "nothing written", and left a resume state
+        # that a later resume=true would have trained again from.
+        with HeldStopSignals():
             _save(cfg, network, bank, style_paths, out)
-            written = True
+            run.written = True
+            state_path.unlink(missing_ok=True)
     except KeyboardInterrupt as interrupt:
-        if written:
-            late_signal = stop_signal(interrupt)
-        elif not saved:
-            raise Interrupted("interrupted: nothing written", interrupt) from None
-        else:
-            raise Interrupted(f"interrupted: the state of step {saved} of {steps} is in {state_path}; "
-                              "the same command with resume=true continues from it", interrupt) from None
-    state_path.unlink(missing_ok=True)  # done: a later resume=true must not start this training again
+        if not run.written:
+            raise Interrupted(run.interrupted(), interrupt) from None
+        late_signal = stop_signal(interrupt)
     return TrainResult(out, network, history, late_signal)
 
 
@@ -252,26 +331,35 @@ def _progress(losses: dict[str, float], weights: dict[str, float]) -> str:
     return f"weighted: {terms} total={losses['total']:.3g}"
 
 
-def _diverged(cfg: DictConfig, state_path: Path, what: str) -> StyleError:
-    # Its resume state goes too: resumed with the same lr (a resume refuses another) it would diverge again.
-    state_path.unlink(missing_ok=True)
+def _diverged(cfg: DictConfig, run: TrainingRun, what: str) -> StyleError:
+    # Its resume state goes too: resumed with the same lr (a resume refuses another) it would diverge again. Held: a
+    # stop signal right after the removal named the state as the one to continue from.
+    with HeldStopSignals():
+        run.state_path.unlink(missing_ok=True)
+        run.saved = 0
     return StyleError(f"training diverged: {what}; lower lr (now {cfg.lr}), or style_weight / content_weight; "
                       "nothing written")
 
 
-def _check_finite(cfg: DictConfig, state_path: Path, params: list[torch.Tensor], step: int) -> None:
+def _check_finite(cfg: DictConfig, run: TrainingRun, params: list[torch.Tensor], step: int) -> None:
     """A step's update can overflow the weights while its loss was still finite: such weights are never written."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        raise _diverged(cfg, state_path, f"step {step} made the network's weights infinite or NaN")
+        raise _diverged(cfg, run, f"step {step} made the network's weights infinite or NaN")
 
 
-def _output(cfg: DictConfig, style_paths: list[Path]) -> Path:
-    """The file the training will write (`out`, or its default), refused up front where it is a folder, exists
-    without overwrite=true, its folder cannot be made, it (or the resume state beside it) is one of the training's
-    own inputs, which overwrite=true would otherwise replace, or its name does not end in an OUT_SUFFIXES suffix."""
+def _out_path(cfg: DictConfig, style_paths: list[Path], folder: Path | None = None) -> Path:
+    """`out`, or its default; with `folder` (a sweep job's), its file name in that folder."""
     default = (f"outputs/styles/{cfg.name or style_paths[0].stem}.pt" if cfg.mode == "new_style"
                else f"outputs/styles/bank_{len(style_paths)}styles.pt")
-    out = check_output(str(cfg.out or default), overwrite=flag(cfg.get("overwrite", False), "overwrite"))
+    out = Path(str(cfg.out or default)).expanduser()
+    return out if folder is None else folder / out.name
+
+
+def _output(cfg: DictConfig, style_paths: list[Path], folder: Path | None = None) -> Path:
+    """The file the training will write (`_out_path`), refused up front where it is a folder, exists without
+    overwrite=true, its folder cannot be made, it (or the resume state beside it) is one of the training's own
+    inputs, which overwrite=true would otherwise replace, or its name does not end in an OUT_SUFFIXES suffix."""
+    out = check_output(_out_path(cfg, style_paths, folder), overwrite=flag(cfg.get("overwrite", False), "overwrite"))
     inputs = [("vgg", cfg.vgg), *(("style_image", p) for p in style_paths), ("content", cfg.content)]
     if cfg.mode == "new_style" or cfg.init == "bank":
         inputs.append(("bank", cfg.bank or DEFAULT_BANK))
@@ -358,20 +446,42 @@ def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")
 def main(cfg: DictConfig) -> None:
-    on_stop_signals()  # SIGTERM (a scheduler's preemption), SIGHUP (the terminal closed) stop like Ctrl-C
+    run, late, job = TrainingRun(), [], SweepJob.current()
+    # Ctrl-C, SIGTERM (a scheduler's preemption) and SIGHUP (the terminal closed) stop the training until `out` is in
+    # place, and only then: in place of the start-up's handler, which only leaves (in a sweep, common.sweep's
+    # stop_later, which stops nothing)
+    on_stop_signals(stop_until(lambda: run.written, late))
+    if job is not None and (signum := pending_stop()) is not None:  # it came as this job started
+        leave(signum, in_job=False)
     try:
-        result = train(cfg)
+        kept = job.finished_earlier(cfg) if job is not None else None
+        run.written = kept is not None  # in place already: a stop signal from here stops nothing
+        result = None if kept else train(cfg, run, None if job is None else job.folder)
     except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as exc:  # the output is written only at the end
-        print(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted: nothing written'}", file=sys.stderr)
+        if job is None:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            sys.exit(2)
+        job.remove_folder_if_empty()
+        failed(one_line(exc))  # the later jobs still run; the sweep exits 2 at its end
+        return
+    except KeyboardInterrupt as exc:
+        if job is not None:
+            job.remove_folder_if_empty()
+        print(f"error: {run.interrupted(job)}", file=sys.stderr)
         sys.exit(exit_status(exc))
-    if result.late_signal is not None:
-        print(f"note: {signal.Signals(result.late_signal).name} came once the output was complete: it is kept",
+    finally:
+        if job is not None:  # until the next job's main: the sweep stops as that job starts, the jobs so far complete
+            on_stop_signals(stop_later)
+    out = kept or result.out
+    print(f"sweep job {job.number}: {out} was complete already: kept" if kept else f"wrote {out}")
+    late_signal = late[0] if late else (None if result is None else result.late_signal)
+    if job is not None:
+        completed(out)
+        if late_signal is not None:  # the sweep stops before its next job; after its last one it is a note
+            stop_later(late_signal, None)
+    elif late_signal is not None:
+        print(f"note: {signal.Signals(late_signal).name} came once the output was complete: it is kept",
               file=sys.stderr)
-    print(f"wrote {result.out}")
-
 
 if __name__ == "__main__":
     exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "stylize_train", sys.argv[1:])

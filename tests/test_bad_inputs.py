@@ -151,13 +151,15 @@ def test_existing_output_is_kept_unless_overwrite_is_true_itself(tmp_path, model
     ("style.extra_styles=[/nonexist.pt]", ["style.extra_styles: file not found: /nonexist.pt"]),
     ("segment.backbone=foo", ["segment.backbone='foo' is not one of"]), ("segment.norm=foo", ["segment.norm="]),
     ("segment.bn_eps=-1", ["segment.bn_eps must be"]), ("segment.class_names=abc", ["segment.class_names must be"]),
+    ("+segment_evry=2", ["unknown top-level setting(s) segment_evry; known: input, output"]),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, models, clip, override, words):
     """Text where a number belongs was a traceback; 1.5, true and "maybe" were rounded or taken as true; unknown
     debug keys, a bad audio mode and debug.workers=0 were accepted; a bad x264 setting said to try x264. A class map
     or encoder options that were no map were tracebacks; encoder settings libx264 does not take, or a crf it clamps,
     and the segmenter's architecture keys (which our checkpoints keep as trained), bad values included, were
-    ignored, exit 0; a missing style checkpoint did not name the setting."""
+    ignored, exit 0; a missing style checkpoint did not name the setting; a top-level key the render does not read
+    rendered as if it were not there."""
     output = tmp_path / "out.mp4"
     extra = ["debug.dump=true"] if override.startswith(("debug.workers", "+debug")) else []
     result = run_in_process([f"input={clip}", f"output={output}", *models, override, *extra], cwd=tmp_path)

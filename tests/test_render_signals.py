@@ -70,7 +70,7 @@ hydra_utils.run_job = run_job
 """
 
 AS_THE_SWEEP_ENDS = """
-from pipeline import sweep
+from common import sweep
 real_end = sweep.SweepReport.on_multirun_end
 def on_multirun_end(self, config, **kwargs):
     stop()

@@ -131,8 +131,8 @@ def test_load_segmenter_from_hydra_group(tmp_path, small_model):
 
 
 def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path, small_model, capsys):
-    """segment=r18_fpn says num_classes 91 and other widths; our checkpoint knows what it was trained as, and a
-    note says which of the group's values it does not take (it said nothing)."""
+    """segment=r18_fpn says other widths (and leaves the classes to the checkpoint); our checkpoint knows what it
+    was trained as, and a note says which of the group's values it does not take (it said nothing)."""
     path = save_checkpoint(small_model, tmp_path / "small.pt")
     group = OmegaConf.load("conf/segment/r18_fpn.yaml")
     group.checkpoint, group.device, group.score_threshold = str(path), "cpu", 0.25
@@ -141,7 +141,7 @@ def test_our_checkpoint_keeps_its_architecture_under_a_different_group(tmp_path,
     assert model.config.fpn_channels == small_model.config.fpn_channels
     assert model.config.score_threshold == 0.25 and model.config.min_size == group.min_size
     assert capsys.readouterr().err == (
-        f"note: {path} runs with the architecture it was trained with: segment.num_classes=91 (the checkpoint's: 3); "
+        f"note: {path} runs with the architecture it was trained with: "
         "segment.fpn_channels=128 (the checkpoint's: 64); segment.representation_size=512 (the checkpoint's: 128); "
         "segment.mask_head_channels=128 (the checkpoint's: 64) ignored\n")
 

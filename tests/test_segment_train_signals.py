@@ -155,24 +155,44 @@ def test_a_sweep_job_stopped_names_the_sweep_and_its_resume_continues_it(tmp_pat
     assert [entry["iter"] for entry in entries] == [1, 2]
 
 
-@pytest.mark.parametrize("job", [1, 2], ids=["before_job_0", "between_jobs"])
-def test_a_signal_outside_the_sweeps_jobs_is_one_line(tmp_path, job):
+BEFORE_A_JOB = """
+    import hydra.core.utils as hydra_utils
+    run_job, calls = hydra_utils.run_job, []
+    def stop_before_a_job(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == {job}:
+            stop()
+        return run_job(*args, **kwargs)
+    hydra_utils.run_job = stop_before_a_job
+    """
+# after the sweep's callback has looked for a stop, before the job's own handlers are in place
+AS_JOB_1_STARTS = """
+    from common import sweep
+    from hydra.core.hydra_config import HydraConfig
+    on_job_start = sweep.SweepReport.on_job_start
+    def start_then_stop(self, config, **kwargs):
+        on_job_start(self, config, **kwargs)
+        if HydraConfig.get().job.num == 1:
+            stop()
+    sweep.SweepReport.on_job_start = start_then_stop
+    """
+
+
+@pytest.mark.parametrize("patch, job", [(BEFORE_A_JOB.format(job=1), 0), (BEFORE_A_JOB.format(job=2), 1),
+                                        (AS_JOB_1_STARTS, 1)], ids=["before_job_0", "between_jobs", "as_job_1_starts"])
+def test_a_signal_outside_the_sweeps_jobs_is_one_line(tmp_path, patch, job):
     """Between two jobs the handler of the job before raised: a traceback ending in common.signals.Stopped and exit
-    status 1; before the first job SIGTERM killed the sweep without a word."""
-    done = run_stopped(f"""
-        import hydra.core.utils as hydra_utils
-        run_job, calls = hydra_utils.run_job, []
-        def stop_before_a_job(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == {job}:
-                stop()
-            return run_job(*args, **kwargs)
-        hydra_utils.run_job = stop_before_a_job
-        """, ["-m", "seed=0,1", f"output_dir={tmp_path / 'sweep'}", f"data.root={tmp_path / 'data'}"], "SIGTERM")
+    status 1; before the first job SIGTERM killed the sweep without a word. Then the line named no job complete, and
+    the sweep's folder stopped before its first job stayed, holding only Hydra's multirun.yaml."""
+    sweep = tmp_path / "sweep"
+    done = run_stopped(patch, ["-m", "seed=0,1", f"output_dir={sweep}", f"data.root={tmp_path / 'data'}"], "SIGTERM")
     assert done.returncode == 143, done.stderr[-3000:]
-    assert _last_line(done) == ("error: interrupted before training began: nothing trained" if job == 1 else
-                                "error: interrupted between two sweep jobs: the later ones not run")
-    assert (tmp_path / "sweep" / "0").exists() == (job == 2)
+    so_far = f"complete: job 0 (seed=0) -> {sweep / '0' / FINAL}" if job else "no output written"
+    assert _last_line(done) == f"error: interrupted before sweep job {job} (seed={job}): the sweep stopped; {so_far}"
+    if job:
+        assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
+    else:
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGHUP", 129)])

@@ -489,6 +489,123 @@ def test_a_stop_signal_during_the_outputs_write_keeps_it_and_says_so(files, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.pt"]  # no resume state, no temp file
 
 
+def test_a_stop_signal_as_the_finished_trainings_state_goes_keeps_the_output(files, tmp_path, monkeypatch, ctrl_c):
+    """The resume state was removed after `out` was in place, outside the block that holds the stop signals: Ctrl-C
+    there stopped a finished training as "interrupted: nothing written", beside the style and its resume state."""
+    import signal
+
+    from stylize.train import train
+
+    out = tmp_path / "coffee.pt"
+    state = out.with_name("coffee.pt.resume.pt")
+    stop_after(monkeypatch, Path, "unlink", lambda path: path == state and out.exists())
+    try:
+        result = train(small(files, out=str(out), steps=2, checkpoint_every=1))
+    except KeyboardInterrupt as stop:  # uncaught, it would end the test session
+        pytest.fail(f"the finished training was stopped: {stop!r}")
+    assert result.late_signal == signal.SIGINT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.pt"]
+
+
+def test_a_stop_signal_as_a_diverged_trainings_state_goes_names_no_state(files, tmp_path, monkeypatch, ctrl_c):
+    """A diverged training removes its resume state (a resume would diverge again): Ctrl-C right after that named the
+    removed state as the one to continue from."""
+    import itertools
+
+    from stylize.train import Interrupted, train
+
+    state = tmp_path / "coffee.pt.resume.pt"
+    unlinks = itertools.count(1)
+    stop_after(monkeypatch, Path, "unlink", lambda path: path == state and next(unlinks) == 2)  # 1: a stale one's
+    with pytest.raises(Interrupted, match="^interrupted: nothing written$"):
+        train(small(files, out=str(tmp_path / "coffee.pt"), lr=1e30, steps=6, checkpoint_every=1))
+    assert not list(tmp_path.iterdir())
+
+
+
+def test_a_fresh_start_removes_only_dead_runs_temp_states(files, tmp_path):
+    """A training that starts afresh removed every temp file of its resume state: a live run's too (another training
+    of the same out, writing its state), whose rename then failed. Only those of runs that died go."""
+    from common.outputs import AtomicOutput
+    from stylize.train import train
+
+    out = tmp_path / "coffee.pt"
+    with AtomicOutput(out.with_name("coffee.pt.resume.pt")) as live:  # held (flock) by this process as a run's
+        dead = tmp_path / ".coffee.pt.resume.0123abcd.partial.pt"     # a killed run's: no lock held
+        dead.write_bytes(b"half of a state")
+        train(small(files, out=str(out)))
+        assert live.exists() and not dead.exists()
+
+
+# `python -m stylize.train ARGS` with PATCH run first: Python that patches the function at a phase boundary to send
+# the child `signum` (STOP_SIGNAL) once it has returned. RUN=module runs the module as `python -m` does, start-up
+# included; RUN=main patches the module's own functions (`module`) and runs its `main` as Hydra's app.
+DRIVER = """
+import os, runpy, signal, sys
+from tests.helpers_process import then_signal
+signum = signal.Signals[os.environ["STOP_SIGNAL"]]
+sys.argv = ["stylize.train", *sys.argv[1:]]
+if os.environ["RUN"] == "module":
+    exec(os.environ["PATCH"])
+    runpy.run_module("stylize.train", run_name="__main__", alter_sys=True)
+else:
+    import stylize.train as module
+    exec(os.environ["PATCH"])
+    module.main.__wrapped__.__module__ = "__main__"  # Hydra finds conf/ from the file, as under `python -m`
+    module.main()
+"""
+
+
+def run_stopped(patch: str, args: list[str], signame: str, cwd: Path, run: str = "module"
+                ) -> subprocess.CompletedProcess:
+    """The child DRIVER runs, its stop signals at their defaults, its output captured."""
+    import textwrap
+
+    from tests.render_cli import cli_env
+
+    env = {**cli_env(), "PATCH": textwrap.dedent(patch), "STOP_SIGNAL": signame, "RUN": run}
+    process = interruptible_popen([sys.executable, "-c", DRIVER, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def cli_args(files, out: Path | str, *overrides: str) -> list[str]:
+    """The command line of a one-step training of the fewest pixels (`small`'s)."""
+    return [f"style_image={files['styles'][0]}", f"content={files['content']}", f"bank={files['bank']}",
+            f"vgg={files['vgg']}", f"out={out}", "steps=1", "batch_size=1", "image_size=32", "style_size=32",
+            "device=cpu", *overrides]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])  # SIGHUP takes the same handler
+def test_a_stop_signal_once_train_has_returned_is_a_note(files, tmp_path, signame):
+    """Between `train`'s return (the style in place) and main's last line, a stop signal said "interrupted: nothing
+    written", exit 128 + n, beside the finished style."""
+    out = tmp_path / "coffee.pt"
+    done = run_stopped("module.train = then_signal(module.train, signum)", cli_args(files, out), signame, tmp_path,
+                       run="main")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"note: {signame} came once the output was complete: it is kept"
+    assert done.stdout.strip().splitlines()[-1] == f"wrote {out}"
+    assert [p.name for p in tmp_path.iterdir()] == ["coffee.pt"]
+
+
+def test_a_stop_signal_during_start_up_is_one_line(files, tmp_path):
+    """SIGTERM as the command line's overrides were checked, before Hydra ran main, ended the process silently."""
+    done = run_stopped("""
+        import common.hydra_cli as cli
+        cli.exit_on_bad_overrides = then_signal(cli.exit_on_bad_overrides, signum)
+        """, cli_args(files, tmp_path / "coffee.pt"), "SIGTERM", tmp_path)
+    assert done.returncode == 143
+    assert done.stderr == "error: interrupted before training began: nothing written\n"
+    assert not any(tmp_path.iterdir())
+
+
 # -- the loss math audit's findings ------------------------------------------------------------------------------
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

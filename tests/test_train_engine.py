@@ -224,6 +224,27 @@ def test_fine_tuning_on_other_classes_keeps_the_starting_bn_eps_and_starts_the_c
     assert "has 80 classes, the data 5: its class score, box and mask layers start fresh" in capsys.readouterr().out
 
 
+def test_training_takes_names_and_records_the_classes_of_its_data(tmp_path, capsys):
+    """segment.num_classes=3 with three class_names trained the data's 6 classes without a word, and config.yaml
+    said num_classes: 3 for the 6-class model (r18_fpn.yaml's defaults: 91 and null)."""
+    from omegaconf import OmegaConf
+
+    from segment.checkpoint import load_checkpoint
+
+    names = ["__background__", "circle", "square", "triangle", "star", "ring"]
+    given = ("segment.num_classes=3", "segment.class_names=[__background__,a,b]")
+    for run, overrides in (("given", given), ("default", ())):
+        final = train(train_config(tmp_path / run, tmp_path / "data", *overrides))
+        assert load_checkpoint(final).config.class_names == names
+        recorded = OmegaConf.load(tmp_path / run / "config.yaml").segment
+        assert (recorded.num_classes, list(recorded.class_names)) == (6, names)
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+        assert notes == ([] if run == "default" else [
+            "note: the model learns the classes of its training data: segment.num_classes=3 (the data's: 6); "
+            "segment.class_names=[__background__, a, b] (the data's: [__background__, circle, square, triangle, "
+            "star, ring]) ignored"])
+
+
 def test_dataset_error_in_a_worker_keeps_its_message(tmp_path):
     """torch re-raises a worker's exception as "Caught DatasetError in DataLoader worker process N." with the
     worker's traceback; the training loop must still get the one line the dataset said."""
@@ -259,6 +280,10 @@ BAD_SETTINGS = [
     ("data.resize.max_size=[100,200]", "data.resize.max_size"),  # one cap: a TypeError once training had begun
     ("data.aspect_grouping=no", "data.aspect_grouping"), ("data.drop_empty=maybe", "data.drop_empty"),  # were on
     ("data.category_ids=abc", "data.category_ids must be null or a list"),  # was read as the ids 'a', 'b', 'c'
+    # keys no reader knows trained as if they were not there
+    ("+segment_evry=2", "unknown top-level setting.s. segment_evry; known: output_dir"),
+    ("+schedule.foo=1", "unknown schedule setting.s. foo"), ("+data.foo=1", "unknown data setting.s. foo"),
+    ("+data.resize.foo=1", "unknown data.resize setting.s. foo"), ("+data.val.foo=1", "unknown data.val setting"),
 ]
 
 

@@ -23,6 +23,10 @@ from segment.data.transforms import build_transforms
 
 SPLITS = ("train", "val")
 GENERATE_KEYS = ("n_train", "n_val", "size", "seed")  # a generate_if_missing block's settings
+# the data group's settings (conf/data/*.yaml), and those of its blocks but generate_if_missing: any other is a typo
+DATA_KEYS = ("root", *SPLITS, "generate_if_missing", "category_ids", "resize", "hflip_prob", "drop_empty",
+             "aspect_grouping", "num_workers")
+BLOCK_KEYS = {**dict.fromkeys(SPLITS, ("images", "annotations")), "resize": ("min_size", "max_size")}
 SYNTHETIC_MIN_SIZE = 32  # write_coco_split's smallest image side
 
 __all__ = [
@@ -34,7 +38,12 @@ __all__ = [
 def check_data_settings(cfg: Any) -> None:
     """The data group's settings read as whole numbers, flags or lists, each refused in one line naming it: what
     segment.train checks before any work (a text `no` would read as true, `n_train=abc` fail only once the output
-    folder is taken, a text category_ids be iterated by character)."""
+    folder is taken, a text category_ids be iterated by character). A key no reader knows (`+data.hflip=0`) is
+    refused too: it trained as if it were not there."""
+    check_settings(cfg, DATA_KEYS, "data")
+    for block, known in BLOCK_KEYS.items():
+        if isinstance(cfg.get(block), Mapping):
+            check_settings(cfg[block], known, f"data.{block}")
     _generation(cfg)
     _category_ids(cfg)
     for key in ("drop_empty", "aspect_grouping"):

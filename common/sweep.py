@@ -1,13 +1,15 @@
-"""A sweep (`python -m pipeline.render -m ...`) renders every job even when some fail, then exits 2 naming them.
+"""A Hydra sweep (`-m`) of any of our three apps runs every job even when some fail, then exits 2 naming them.
 
 Hydra stops a sweep at the first job that raises or exits, so one bad value in `-m style.default_style=a,b,c`
-lost the jobs after it. The render's `main` reports a job's user error with `failed` instead of exiting, and
-`SweepReport` (registered in conf/render.yaml's hydra.callbacks) exits at the end of the sweep.
+lost the jobs after it. An app's `main` reports a job's user error with `failed` instead of exiting and a job's
+output with `completed`; `SweepReport` (registered in the app's conf/*.yaml hydra.callbacks) exits at the end of the
+sweep.
 
-A stop signal (Ctrl-C, SIGTERM, SIGHUP) stops the sweep: in a job's render as it stops a single render (`leave`),
-between two jobs as the next one starts (`stop_later` records it), and after the last job it stops nothing (a
-note). The job it stopped leaves no folder that holds only Hydra's record of its settings, and a sweep stopped
-before any job left anything leaves no sweep folder; its one line names the jobs complete and their outputs.
+A stop signal (Ctrl-C, SIGTERM, SIGHUP) stops the sweep: in a job as the app stops a single run (the render through
+`leave`), between two jobs as the next one starts (`stop_later` records it; `pending_stop` for one that comes while
+that job puts its own handlers in place), and after the last job it stops nothing (a note). The job it stopped
+leaves no folder that holds only Hydra's record of its settings, and a sweep stopped before any job left anything
+leaves no sweep folder; its one line names the jobs complete and their outputs.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class _Sweep:
     complete: list[str] = field(default_factory=list)  # "job N (settings) -> output"
     swept: set[str] = field(default_factory=set)       # the keys the sweep varies: what tells its jobs apart
     stops: list[int] = field(default_factory=list)     # the stop signals that came between two jobs
-    folder: Path | None = None                         # multirun/<date>/<time>: the record, a folder per job
+    folder: Path | None = None                         # Hydra's sweep folder: its record, a folder per job
     made: list[Path] = field(default_factory=list)     # the folders made for it, deepest first
 
 
@@ -44,6 +46,17 @@ _sweep = _Sweep()
 
 def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _speaks() -> bool:
+    """Under torchrun (segment.train) every process runs the whole sweep and meets the same errors and signals: rank
+    0 alone tells the user."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(line: str) -> None:
+    if _speaks():
+        print(line, file=sys.stderr)
 
 
 def _job_name() -> str:
@@ -57,7 +70,7 @@ def failed(message: str) -> None:
     """A sweep job's user error: said now, one line naming the job, and counted for the exit status."""
     name = _job_name()
     _sweep.failed.append(name)
-    print(f"error: {name}: {message}", file=sys.stderr)
+    _say(f"error: {name}: {message}")
 
 
 def completed(output: Path) -> None:
@@ -75,10 +88,10 @@ def pending_stop() -> int | None:
     return _sweep.stops[0] if _sweep.stops else None
 
 
-def leave(signum: int, rendering: bool) -> NoReturn:
-    """Ends the sweep on a stop signal in the render of the job that runs now, or as it starts: its folder goes if it
-    holds only Hydra's record of its settings, and so does the sweep's if no job has left anything; then one line on
-    what the sweep wrote, and the signal's exit status."""
+def leave(signum: int, in_job: bool) -> NoReturn:
+    """Ends the sweep on a stop signal in the job that runs now (`in_job`: it had begun its work), or as it starts:
+    its folder goes if it holds only Hydra's record of its settings, and so does the sweep's if no job has left
+    anything; then one line on what the sweep wrote, and the signal's exit status."""
     on_stop_signals(stop_later)  # a second Ctrl-C must not cut the clean-up short
     _discard_job_folder()
     _discard_sweep_folder()
@@ -87,14 +100,17 @@ def leave(signum: int, rendering: bool) -> NoReturn:
         so_far += f"; failed: {'; '.join(_sweep.failed)}"
     sys.stdout.flush()
     sys.stderr.flush()
-    where = f"in sweep {_job_name()}: its output not written," if rendering else f"before sweep {_job_name()}:"
-    os.write(2, f"error: interrupted {where} the sweep stopped; {so_far}\n".encode())
+    where = f"in sweep {_job_name()}: its output not written," if in_job else f"before sweep {_job_name()}:"
+    if _speaks():  # not through sys.stderr: the signal may have come in the middle of a write to it
+        os.write(2, f"error: interrupted {where} the sweep stopped; {so_far}\n".encode())
     os._exit(128 + signum)
 
 
 def _discard_job_folder() -> None:
     hydra = HydraConfig.get()
     job = Path(hydra.runtime.output_dir)
+    if _sweep.folder is not None and job == _sweep.folder:  # hydra.sweep.subdir '.' (segment.train): not the job's
+        return
     records = None if hydra.output_subdir is None else job / str(hydra.output_subdir)
     try:
         if records is not None and records.is_dir():
@@ -127,8 +143,9 @@ class SweepReport(Callback):
         global _sweep
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         _sweep = _Sweep(swept={o.key_or_group for o in overrides if o.is_sweep_override()})
-        # resolved once: Hydra's sweeper reads the same ${now:...} from the config's cache when it makes the folder
-        _sweep.folder = Path(str(config.hydra.sweep.dir)).absolute()
+        # resolved once: Hydra's sweeper reads the same ${now:...} from the config's cache when it makes the folder;
+        # normalised as Hydra's job folders are (os.path.abspath), so that a job folder that is the sweep's is seen
+        _sweep.folder = Path(os.path.abspath(str(config.hydra.sweep.dir)))
         missing = _sweep.folder
         while not missing.exists() and missing != missing.parent:
             _sweep.made.append(missing)
@@ -137,13 +154,11 @@ class SweepReport(Callback):
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         if _sweep.stops:
-            leave(_sweep.stops[0], rendering=False)
+            leave(_sweep.stops[0], in_job=False)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         if _sweep.stops:
-            print(f"note: {signal.Signals(_sweep.stops[0]).name} came once every sweep job had run: it stopped nothing",
-                  file=sys.stderr)
+            _say(f"note: {signal.Signals(_sweep.stops[0]).name} came once every sweep job had run: it stopped nothing")
         if _sweep.failed:
-            print(f"error: {len(_sweep.failed)} sweep job(s) failed: {'; '.join(_sweep.failed)}", file=sys.stderr)
+            _say(f"error: {len(_sweep.failed)} sweep job(s) failed: {'; '.join(_sweep.failed)}")
             sys.exit(2)
-
