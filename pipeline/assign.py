@@ -13,7 +13,7 @@ built, so a typo fails before the first frame is decoded.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -87,7 +87,8 @@ class StyleAssigner:
         self._track_styles: dict[int, str | None] = {}
         self._last_seen: dict[int, int] = {}   # track id -> index of the last frame it was in, for every track held
         self._next_palette = 0
-        self.styles_used: set[str] = set()
+        self._bank_names = bank.names
+        self.styles_used: set[str] = set()  # an index spec by the bank's name for it: "styles used: 3" meant nothing
 
     @classmethod
     def from_config(cls, cfg: DictConfig, bank, class_names: list[str], track_horizon: int | None = None
@@ -140,7 +141,7 @@ class StyleAssigner:
             for record, (labels, passes) in zip(batch, self._on_host(batch)):
                 self._assign(record, labels, passes)
             if self.background is not None:
-                self.styles_used.add(self.background)
+                self._count_used([self.background])
         return batch
 
     def _on_host(self, batch: list[FrameRecord]) -> list[tuple[list[int], list[bool]]]:
@@ -171,7 +172,11 @@ class StyleAssigner:
         # on the host, as its readers want it (a list each); an object left original is kept too: under a
         # background style the stylize stage keeps it as it is
         record.keep = torch.tensor(passes, dtype=torch.bool)
-        self.styles_used.update(s for s in record.styles if s is not None)
+        self._count_used(s for s in record.styles if s is not None)
+
+    def _count_used(self, specs: Iterable[str]) -> None:
+        """Into styles_used, each index (checked when built: in the bank's range) by its style's name."""
+        self.styles_used.update(self._bank_names[int(spec)] if spec.isdigit() else spec for spec in specs)
 
     def _styles(self, labels: list[int], record: FrameRecord, shown: list[bool]) -> list[str | None]:
         """Per instance, its style; a track takes a palette style on the first frame it is `shown` (drawn: its

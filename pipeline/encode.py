@@ -20,7 +20,10 @@ longer runs swscale.
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -50,6 +53,7 @@ ENCODE_KEYS = ("codec", "pix_fmt", "audio", "options", "colour", *_CODEC_OPTIONS
 X264_CODECS = ("libx264", "libx264rgb")
 X264_CRF_MAX = 51
 X264_QP_MAX_8BIT = 69
+_X264_LOG_PREFIX = re.compile(r"^x264 \[\w+\]: ")  # a line libx264 prints itself: "x264 [error]: ..."
 _AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
 _PCM_SHY_FORMATS = ("mp4", "ipod", "mov")  # they hold PCM (mp4 as "ipcm"), which browsers and many players skip
 _AAC_RATES = av.Codec("aac", "w").audio_rates
@@ -119,8 +123,10 @@ class VideoWriter:
             raise
 
     def _open_video_encoder(self) -> None:
+        said: list[str] = []
         try:
-            self.stream.codec_context.open()
+            with _stderr_held(said):
+                self.stream.codec_context.open()
         except av.FFmpegError as e:
             # e.g. "unsupported device" on an H100 or A100: data-centre chips without the NVENC unit
             if "nvenc" in self.codec:
@@ -130,7 +136,9 @@ class VideoWriter:
                 settings = [f"encode.pix_fmt={self.pix_fmt}", *(f"{name}={value}"
                                                                 for name, value in self._settings.values())]
                 hint = f": check its settings ({', '.join(settings)})"
-            raise EncoderError(f"cannot open encoder {self.codec} ({ffmpeg_reason(e)}){hint}") from e
+            reason = "; ".join(_X264_LOG_PREFIX.sub("", line) for line in said if line) or ffmpeg_reason(e)
+            raise EncoderError(f"cannot open encoder {self.codec} ({reason}){hint}") from e
+        sys.stderr.write("".join(f"{line}\n" for line in said))  # what the library says of an encoder it opens
         # FFmpeg hands back the options that neither the codec nor the generic encoder settings know, and encodes
         # without them: x264 given nvenc's cq or rc, or a typo in encode.options, made the same file as without
         unused = self.stream.codec_context.options
@@ -481,6 +489,28 @@ def _check_codec(name: str) -> None:
         raise EncoderError(f"encoder {name!r} is not available in this FFmpeg build: try encode=x264") from e
     if codec.type != "video":
         raise EncoderError(f"{name!r} is a {codec.type} encoder, not a video encoder")
+
+
+@contextmanager
+def _stderr_held(said: list[str]) -> Iterator[None]:
+    """What C libraries write straight to the process's stderr while the block runs, held back: its lines go into
+    `said` when it ends. libx264 prints its refusals there itself ("x264 [error]: invalid preset 'foo'"), past
+    FFmpeg's log, which av.logging governs, and PyAV keeps quiet: a second line ahead of ours, saying the same."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to hold back
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            said += held.read().decode(errors="replace").splitlines()
 
 
 def to_numpy_hwc(image: torch.Tensor) -> np.ndarray:

@@ -169,7 +169,7 @@ def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", type=existing_file, default=None,
                         help="style bank file (default .cache/styles/multistyle26.pt)")
     parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")

@@ -69,7 +69,7 @@ def replay(calls: list[Call], frames: int, bucket: int) -> dict:
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1080p", choices=sorted(SIZES))
     parser.add_argument("--frames", type=whole_number(1), default=160)
     parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")

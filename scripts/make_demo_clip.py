@@ -165,7 +165,7 @@ def _size(text: str) -> tuple[int, int]:
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "demo" / "demo_clip.mp4")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--frames", type=whole_number(1), default=96)

@@ -203,6 +203,14 @@ def test_blend_spec_and_background_count_as_used(bank):
     assert assigner.styles_used == {"0.5*candy+0.5*udnie", "mosaic"}
 
 
+def test_an_index_spec_counts_by_its_style_name(bank):
+    """style.palette=[1] (an index, which the docs allow) gave the render's summary "styles used: 1"."""
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=[1], background=2), bank, CLASSES)
+    r = record([(0, 0, 10, 1, 0.9)], track_ids=[0])
+    assigner([r])
+    assert r.styles == ["1"] and assigner.styles_used == {"mosaic", "udnie"}
+
+
 def test_empty_frame(bank):
     r = record([])
     StyleAssigner.from_config(config(), bank, CLASSES)([r])

@@ -84,3 +84,20 @@ def test_helper_modules_say_they_are_libraries(script):
     usage, error = refused.stderr.strip().splitlines()  # argparse's usage, then one line
     assert refused.returncode == 2 and usage.startswith("usage: "), refused
     assert error.startswith(f"scripts/{script}: error: nothing to run: this is a library that "), error
+
+
+@pytest.mark.parametrize("module", [
+    *(f"scripts.{path.stem}" for path in sorted((ROOT / "scripts").glob("*.py"))
+      if path.stem not in ("bench_report", "profiling", "script_outputs")),  # the helper modules: above
+    "segment.evaluate", "stylize.list", "stylize.import_onnx", "pipeline.viewer",
+])
+def test_argparse_help_gives_the_whole_first_paragraph_of_its_docstring(module, capsys):
+    # make_demo_clip, crop_batches and bench_stylize took the first line of a sentence that goes on: "... across a
+    # slowly panning photo background," and the help stopped there
+    command = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["--help"])
+    assert exit_.value.code == 0
+    description = capsys.readouterr().out.split("\n\n")[1]  # after the usage, before the arguments
+    # as argparse wraps it: at spaces, and after hyphens ("COCO-format")
+    assert "".join(description.split()) == "".join(command.__doc__.split("\n\n")[0].split())

@@ -206,6 +206,19 @@ def test_settings_the_encoder_does_not_take_are_refused_before_any_frame(tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("setting, reason", [
+    ("preset=foo", "invalid preset 'foo'"), ("tune=foo", "invalid tune 'foo'"), ("profile=foo", "invalid profile: foo"),
+])
+def test_a_value_libx264_refuses_is_said_once(tmp_path, clip_info, capfd, setting, reason):
+    """libx264 printed its own "x264 [error]: invalid preset 'foo'" ahead of the render's error line: two lines, and
+    ours gave FFmpeg's "Invalid argument" for the reason."""
+    capfd.readouterr()
+    with pytest.raises(EncoderError) as error:
+        VideoWriter(tmp_path / "out.mp4", clip_info, _encode_config(f"encode.{setting}"))
+    assert str(error.value).startswith(f"cannot open encoder libx264 ({reason}): check its settings (")
+    assert f"encode.{setting}" in str(error.value) and capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("settings", [
     {"crf": 20.5, "tune": "film", "profile": "high", "options": {"x264-params": "keyint=12", "threads": 2, "g": 12}},
     {"crf": None, "qp": 0, "options": {"x264opts": "bframes=0", "bf": 0, "crf": None}},

@@ -245,16 +245,31 @@ def test_cli_precision_overrides_the_checkpoints(dataset, tmp_path, monkeypatch)
     assert seen == ["fp32", "bf16", "auto"]  # the tiny checkpoint was saved with the config default, fp32
 
 
-@pytest.mark.parametrize("setting", [["--max-images", "0"], ["--max-images", "-1"], ["--batch-size", "0"],
-                                     ["--num-workers", "-1"], ["--device", "tpu"], ["--device", "cpu:x"]])
-def test_cli_refuses_bad_settings_before_loading(setting, tmp_path, capsys):
+@pytest.mark.parametrize("setting, message", [
+    (["--max-images", "0"], ""), (["--max-images", "-1"], ""), (["--batch-size", "0"], ""),
+    (["--num-workers", "-1"], ""), (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cpu:x"], ""),
+    # were refused by the model's config as "segment.score_threshold must be ...", a key this command has not
+    (["--score-threshold", "1.5"], "must be a number from 0 to 1, got '1.5'"), (["--score-threshold", "nan"], ""),
+])
+def test_cli_refuses_bad_settings_before_loading(setting, message, tmp_path, capsys):
     """Zero images printed a table of zeros and exited 0; the others were tracebacks."""
     args = ["--checkpoint", str(tmp_path / "unused.pt"), "--images", str(tmp_path), "--annotations",
             str(tmp_path / "unused.json"), *setting]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    assert f"argument {setting[0]}: " in capsys.readouterr().err
+    assert f"argument {setting[0]}: {message}" in capsys.readouterr().err
+
+
+def test_cli_without_cuda_names_the_device_option_as_typed(tmp_path, capsys, monkeypatch):
+    """--device cuda on a machine without CUDA said "use device=auto or device=cpu": the render's setting."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "unused.pt"), "--images", str(tmp_path), "--annotations",
+              str(tmp_path / "unused.json"), "--device", "cuda"])
+    assert capsys.readouterr().err.endswith("error: argument --device: --device=cuda asked for, but CUDA is not "
+                                            "available here: use --device=auto or --device=cpu\n")
 
 
 def test_cli_nothing_to_evaluate_and_worker_errors_are_one_line(dataset, tmp_path, capsys):
