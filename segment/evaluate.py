@@ -21,9 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from common.arguments import reports_user_errors, whole_number
-from common.device import resolve_device
-from common.errors import SettingError
+from common.arguments import reports_user_errors, torch_device, whole_number
 from segment.data.coco import CocoDetection
 from segment.data.errors import DatasetError
 from segment.structures import Instances
@@ -209,15 +207,6 @@ def format_table(stats: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _device_option(text: str) -> torch.device:
-    """argparse type of --device: common.arguments.torch_device's check, its hint naming the option as typed here
-    (`use --device=auto`), not the Hydra apps' setting (`use device=auto`)."""
-    try:
-        return resolve_device(text, "--device")
-    except SettingError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _fraction(text: str) -> float:
     """argparse type of --score-threshold: a number from 0 to 1, refused here, not by the model's config as
     segment.score_threshold, a setting this command does not have."""
@@ -239,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", required=True, help="folder of the dataset's images")
     parser.add_argument("--annotations", required=True, help="COCO instances JSON file")
     parser.add_argument("--batch-size", type=whole_number(1), default=4)
-    parser.add_argument("--device", type=_device_option, default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--device", type=torch_device, default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--max-images", type=whole_number(1), default=None, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=whole_number(0), default=2)
     parser.add_argument("--score-threshold", type=_fraction, default=None,

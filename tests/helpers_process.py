@@ -24,6 +24,18 @@ def interruptible_popen(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(args, preexec_fn=_default_stop_signals, **kwargs)
 
 
+def run_interruptible(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`args` run to the end as `interruptible_popen` starts it, its output captured as text (killed if it has not
+    ended after `timeout` seconds)."""
+    process = interruptible_popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 NOBODY = 65534  # the unprivileged user (and group) of Debian and most containers
 
 

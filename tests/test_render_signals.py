@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_process import interruptible_popen, stop_after
+from tests.helpers_process import run_interruptible, stop_after
 from tests.helpers_video import pattern_frames, read_frames, write_clip
 from tests.render_cli import cli_env, run_in_process, tiny_model_overrides
 
@@ -90,14 +90,7 @@ def clip(tmp_path) -> Path:
 
 
 def run_stopped(patch: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = interruptible_popen([sys.executable, "-c", DRIVER.format(patch=patch), *args], cwd=cwd, env=cli_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_interruptible([sys.executable, "-c", DRIVER.format(patch=patch), *args], cwd=cwd, env=cli_env())
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:

@@ -18,7 +18,7 @@ from common import outputs
 from segment import engine
 from segment.data import synthetic
 from segment.engine import FINAL, LAST
-from tests.helpers_process import interruptible_popen, stop_after
+from tests.helpers_process import run_interruptible, stop_after
 from tests.train_fixtures import CLI_OVERRIDES, ROOT, one_thread, train_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,13 +95,7 @@ def run_stopped(patch: str, args: list[str], signame: str = "SIGINT") -> subproc
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT),
            "PATCH": textwrap.dedent(patch), "STOP_SIGNAL": signame}
     command = [sys.executable, "-c", DRIVER, *args, "schedule=tiny", "device=cpu", *CLI_OVERRIDES]  # -m first
-    process = interruptible_popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_interruptible(command, cwd=ROOT, env=env)
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:

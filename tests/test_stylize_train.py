@@ -14,7 +14,7 @@ from PIL import Image
 from stylize.bank import StyleBank, StyleInfo, sample_photo
 from stylize.network import MultiStyleNet
 from stylize.vgg import VGG16Features
-from tests.helpers_process import interruptible_popen, stop_after
+from tests.helpers_process import interruptible_popen, run_interruptible, stop_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -564,14 +564,7 @@ def run_stopped(patch: str, args: list[str], signame: str, cwd: Path, run: str =
     from tests.render_cli import cli_env
 
     env = {**cli_env(), "PATCH": textwrap.dedent(patch), "STOP_SIGNAL": signame, "RUN": run}
-    process = interruptible_popen([sys.executable, "-c", DRIVER, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_interruptible([sys.executable, "-c", DRIVER, *args], cwd=cwd, env=env)
 
 
 def cli_args(files, out: Path | str, *overrides: str) -> list[str]:
