@@ -1,27 +1,22 @@
 """Safe output files: refuse dangerous targets up front, write to a temp file beside the target, rename on success.
 
 A failed or interrupted run leaves neither a partial output, nor a stray temp file, nor the folders made for them,
-and never touches the input. A killed one (SIGKILL, the OOM killer, a power loss) cannot clean up: each temp file is
-flock-ed by its maker for its whole life, so a later write of the same target can tell the temp files of dead runs,
-which it removes, from those of live ones.
+and never touches the input. A killed one (SIGKILL, the OOM killer, a power loss) cannot clean up: a later write of
+the same target removes its temp file, never a live run's (common/leftovers.py).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import secrets
-import shutil
 import signal
-import stat
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import OutputError
+from common.leftovers import new_held, note_removed_leftovers, remove_dead
 from common.signals import STOP_SIGNALS
 
 
@@ -233,7 +228,7 @@ def leftover_temp_files(target: str | Path) -> list[Path]:
 
 
 # `_new_file_beside`'s names: .{target's stem}.{hex}.partial{target's suffix}
-_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]+\.partial(?P<suffix>(\.[^.]*)?)$")
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]{8}\.partial(?P<suffix>(\.[^.]*)?)$")
 
 
 def temp_target(path: str | Path) -> Path | None:
@@ -251,115 +246,6 @@ def _new_file_beside(target: Path) -> tuple[Path, int]:
     opens someone else's file."""
     return new_held(lambda: target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}"),
                     lambda temp: os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
-
-
-def new_held(new_name: Callable[[], Path], make: Callable[[Path], int]) -> tuple[Path, int]:
-    """A new temp file or folder, named by `new_name` (tried again on FileExistsError) and made by `make`, which
-    returns a descriptor of it; that descriptor holds an exclusive flock, which marks it as a live run's for as long
-    as it stays open (close it only once the temp is gone or renamed into place). `remove_dead` may catch it in the
-    instant between its making and its lock: it is then made afresh."""
-    while True:
-        path = new_name()
-        try:
-            fd = make(path)
-        except FileExistsError:
-            continue
-        try:
-            if _locked_and_still_named(path, fd):
-                return path, fd
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                path.rmdir() if path.is_dir() else path.unlink()
-            raise
-        os.close(fd)
-
-
-def _locked_and_still_named(path: Path, fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a clean-up that caught it before the lock, as it removes it
-    except OSError as error:
-        if error.errno not in _NO_LOCKS:
-            raise
-        return True  # a file system without flock: others cannot take the lock either, so they leave it
-    return _names(path, fd)
-
-
-# flock's errors on file systems that do not lock (some network ones)
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
-
-
-def _names(path: Path, fd: int) -> bool:
-    """Whether `path` is still the file or folder that `fd` has open (not removed, nor replaced, since it was
-    opened)."""
-    try:
-        named = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def remove_dead(leftovers: Iterable[Path]) -> list[tuple[Path, int]]:
-    """Removes each of `leftovers` (temp files and folders held as `new_held` holds them) whose maker has died, and
-    returns them with the bytes they held. A dead maker's lock went with it: the lock taken without waiting means that
-    no live run writes there. One that a live run holds stays, and so, silently, does one that cannot be locked or
-    removed (permissions, a file system without locks): a clean-up, not the user's job."""
-    removed = []
-    for path in leftovers:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:  # gone meanwhile, a link, unreadable
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _names(path, fd):  # removed by another clean-up since it was listed
-                continue
-            opened = os.fstat(fd)
-            if stat.S_ISREG(opened.st_mode):
-                size = opened.st_size
-                path.unlink()
-            elif stat.S_ISDIR(opened.st_mode):
-                size = _tree_size(path)
-                shutil.rmtree(path)
-            else:
-                continue
-            removed.append((path, size))
-        except OSError:  # a live run's lock (EWOULDBLOCK), or what cannot be removed
-            continue
-        finally:
-            # after the removal: a maker that this caught before its lock waits for it, then finds its temp gone
-            os.close(fd)
-    return removed
-
-
-def _tree_size(folder: Path) -> int:
-    return sum(os.lstat(os.path.join(parent, name)).st_size
-               for parent, _, names in os.walk(folder) for name in names)
-
-
-_leftovers_noted = False  # the note is printed once a process: a user learns what was removed, without repeats
-
-
-def note_removed_leftovers(removed: list[tuple[Path, int]]) -> None:
-    """One `note:` line on stderr naming what `remove_dead` removed (a render's temp file can be gigabytes: freed
-    space the user may wonder about), once a process and only when it removed something."""
-    global _leftovers_noted
-    if not removed or _leftovers_noted:
-        return
-    _leftovers_noted = True
-    more = f" and {len(removed) - 1} more" if len(removed) > 1 else ""
-    print(f"note: removed {removed[0][0]}{more} ({_size_text(sum(size for _, size in removed))}), "
-          "left behind by a killed run", file=sys.stderr)
-
-
-def _size_text(size: int) -> str:
-    scaled, unit = float(size), "bytes"
-    for larger in ("KB", "MB", "GB"):
-        if scaled < 1000:
-            break
-        scaled, unit = scaled / 1000, larger
-    return f"{size} bytes" if unit == "bytes" else f"{scaled:.1f} {unit}"
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

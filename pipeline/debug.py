@@ -71,8 +71,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from common.outputs import (AtomicOutput, make_folders, new_held, note_removed_leftovers, remove_dead,
-                            remove_made_folders, temp_target)
+from common.leftovers import new_held, note_removed_leftovers, remove_dead
+from common.outputs import AtomicOutput, make_folders, remove_made_folders, temp_target
 from common.settings import number, whole
 from pipeline.composite import depth_order
 from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
@@ -270,7 +270,7 @@ _HIDDEN_DIR = re.compile(r"^\.[0-9a-f]{8}\.(partial|replaced)$")
 
 def _new_hidden_dir(directory: Path, kind: str) -> tuple[Path, int]:
     """A new folder `.{random hex}.{kind}` in `directory`, with the umask's permissions, and its held descriptor
-    (`common.outputs.new_held`: close it once the folder is gone)."""
+    (`common.leftovers.new_held`: close it once the folder is gone)."""
     return new_held(lambda: directory / f".{secrets.token_hex(4)}.{kind}", _made_folder_descriptor)
 
 
@@ -279,7 +279,8 @@ def _made_folder_descriptor(folder: Path) -> int:
     try:
         return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except BaseException:
-        folder.rmdir()
+        with contextlib.suppress(OSError):  # removed meanwhile by another run's clean-up: new_held makes another
+            folder.rmdir()
         raise
 
 
@@ -361,7 +362,8 @@ class DebugDumper:
         `check_dump_dir`: a refused dump removes nothing)."""
         try:
             make_folders(self.dir, self._made)
-            note_removed_leftovers(remove_dead(entry for entry in self.dir.iterdir() if _HIDDEN_DIR.match(entry.name)))
+            hidden = [entry for entry in self.dir.iterdir() if _HIDDEN_DIR.match(entry.name)]
+            note_removed_leftovers(remove_dead(hidden, folders=True))
             self.temp_dir, self._temp_dir_hold = _new_hidden_dir(self.dir, "partial")
             (self.temp_dir / IMAGES).mkdir()
         except OSError as e:

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
 from common.hydra_cli import exit_on_bad_overrides
-from common.outputs import (HeldStopSignals, check_output, leftover_temp_files, note_removed_leftovers, remove_dead,
-                            same_file)
+from common.leftovers import note_removed_leftovers, remove_dead
+from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
 from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,

@@ -145,7 +145,7 @@ def test_a_rerun_removes_the_temp_images_a_killed_render_left(tmp_path):
     d = tmp_path / "d"
     write_dump(d, n=2, max_side=32)
     leftovers = [d / "images" / ".000001_masks.0a1b2c3d.partial.jpg", d / ".manifest.12ab34cd.partial.json",
-                 d / "images" / ".000000_original.ff00.partial.png"]
+                 d / "images" / ".000000_original.0000ff00.partial.png"]
     for leftover in leftovers:
         leftover.write_bytes(b"half written")
     write_dump(d, n=2, max_side=32, overwrite=True)

@@ -4,6 +4,7 @@ same target or debug.dir removes those of dead runs and leaves those of live one
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common import outputs
+from common import leftovers
 from common.outputs import AtomicOutput, leftover_temp_files
 from tests.debug_fixture import write_dump
 from tests.helpers_process import as_unprivileged, interruptible_popen, unprivileged_folder
@@ -81,17 +82,11 @@ def killed_child_leftover(kind: str, where: Path) -> Path:
     return held
 
 
-@pytest.fixture
-def note_unsaid(monkeypatch):
-    """The removal's note is said once a process: each test starts as a new run."""
-    monkeypatch.setattr(outputs, "_leftovers_noted", False, raising=False)
-
-
 def dump_entries(folder: Path) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir())
 
 
-def test_the_temp_file_of_a_killed_run_goes_with_the_next_write_of_its_target(tmp_path, capsys, note_unsaid):
+def test_the_temp_file_of_a_killed_run_goes_with_the_next_write_of_its_target(tmp_path, capsys):
     """A render's temp file (gigabytes, for a long video) stayed beside its output forever after a SIGKILL."""
     target = tmp_path / "out.mp4"
     leftover = killed_child_leftover("file", target)
@@ -104,10 +99,11 @@ def test_the_temp_file_of_a_killed_run_goes_with_the_next_write_of_its_target(tm
     dead_again.write_bytes(b"x")
     with AtomicOutput(target, overwrite=True) as temp:
         temp.write_bytes(b"frames")
-    assert not dead_again.exists() and capsys.readouterr().err == ""  # one note a run
+    # each write says what it removed: a render's note of its dump's small folder hid its video's gigabytes
+    assert capsys.readouterr().err == f"note: removed {dead_again} (1 bytes), left behind by a killed run\n"
 
 
-def test_a_live_runs_temp_file_stays_and_both_writes_complete(tmp_path, capsys, note_unsaid):
+def test_a_live_runs_temp_file_stays_and_both_writes_complete(tmp_path, capsys):
     target = tmp_path / "out.mp4"
     with holding_child("file", target) as (process, live):
         dead = tmp_path / ".out.0123abcd.partial.mp4"  # what a killed run leaves: a temp file no one holds
@@ -125,22 +121,22 @@ def test_a_temp_file_caught_before_its_lock_is_made_afresh(tmp_path, monkeypatch
     """Two runs starting at once: one's clean-up can find the other's temp file in the instant between its creation
     and its lock, and remove it as a dead run's; its maker then writes a new one, not into the removed file."""
     target = tmp_path / "out.mp4"
-    lock = outputs._locked_and_still_named
+    lock = leftovers._locked_and_still_named
     caught = []
 
     def another_run_cleans_first(path, fd):
         if not caught:
-            caught.extend(outputs.remove_dead([path]))
+            caught.extend(leftovers.remove_dead([path]))
         return lock(path, fd)
 
-    monkeypatch.setattr(outputs, "_locked_and_still_named", another_run_cleans_first)
+    monkeypatch.setattr(leftovers, "_locked_and_still_named", another_run_cleans_first)
     with AtomicOutput(target, overwrite=True) as temp:
         temp.write_bytes(b"frames")
         assert len(caught) == 1 and caught[0][0] != temp and temp.exists()
     assert target.read_bytes() == b"frames" and not leftover_temp_files(target)
 
 
-def test_leftovers_that_cannot_be_removed_stay_without_a_word(note_unsaid):
+def test_leftovers_that_cannot_be_removed_stay_without_a_word():
     """A clean-up, not the user's job: a leftover it cannot open, lock or remove is no error and no note."""
     with unprivileged_folder() as folder:
         def write_beside_an_unreadable_leftover():
@@ -156,7 +152,7 @@ def test_leftovers_that_cannot_be_removed_stay_without_a_word(note_unsaid):
 
 
 @pytest.mark.parametrize("kind", ["partial", "replaced"])
-def test_the_hidden_folder_of_a_killed_dump_goes_with_the_next_dump(kind, tmp_path, capsys, note_unsaid):
+def test_the_hidden_folder_of_a_killed_dump_goes_with_the_next_dump(kind, tmp_path, capsys):
     """A killed render's dump folder (`.{hex}.partial`, or `.{hex}.replaced` holding the dump it was replacing)
     stayed in debug.dir forever, hidden."""
     d = tmp_path / "d"
@@ -169,7 +165,7 @@ def test_the_hidden_folder_of_a_killed_dump_goes_with_the_next_dump(kind, tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["partial", "replaced"])
-def test_a_live_dumps_hidden_folder_stays_and_both_dumps_complete(kind, tmp_path, capsys, note_unsaid):
+def test_a_live_dumps_hidden_folder_stays_and_both_dumps_complete(kind, tmp_path, capsys):
     d = tmp_path / "d"
     write_dump(d, n=1, max_side=32)
     with holding_child(kind, d) as (process, live):
@@ -184,3 +180,44 @@ def test_a_live_dumps_hidden_folder_stays_and_both_dumps_complete(kind, tmp_path
     last = {"partial": 2, "replaced": 3}[kind]  # the child's dump is put in place after the parent's, or before
     assert len((d / "frames.jsonl").read_text().splitlines()) == last
     assert capsys.readouterr().err.startswith(f"note: removed {dead} (")
+
+
+def test_only_what_atomic_output_makes_is_taken_for_its_leftover(tmp_path, capsys):
+    """A folder of the user's named like a temp file, with a run of hex digits, went with the whole of its contents
+    (shutil.rmtree), and so did a file with a hex part of another length: AtomicOutput makes files, 8 hex digits."""
+    folder = tmp_path / ".out.2024.partial.mp4"
+    (folder / "notes.txt").parent.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    other = tmp_path / ".out.cafe.partial.mp4"
+    other.write_bytes(b"not ours")
+    with AtomicOutput(tmp_path / "out.mp4") as temp:
+        temp.write_bytes(b"frames")
+    assert (folder / "notes.txt").read_text() == "precious" and other.read_bytes() == b"not ours"
+    assert capsys.readouterr().err == ""
+
+
+def test_off_a_local_file_system_nothing_is_locked_or_removed(tmp_path, monkeypatch, capsys):
+    """Over NFS an exclusive flock on a read-only descriptor fails (EBADF), and since Linux 5.5 a CIFS flock is
+    mandatory, failing the writer's own writes through another descriptor: there temps are made unlocked, and no
+    leftover is removed (it might be a live run's)."""
+    monkeypatch.setattr(leftovers, "_file_system", lambda device: "nfs4")
+    locked = []
+    monkeypatch.setattr(leftovers.fcntl, "flock", lambda fd, how: locked.append(fd))
+    dead = tmp_path / ".out.0123abcd.partial.mp4"
+    dead.write_bytes(b"half")
+    with AtomicOutput(tmp_path / "out.mp4") as temp:
+        temp.write_bytes(b"frames")
+    write_dump(tmp_path / "d", n=1, max_side=32)
+    assert locked == [] and dead.exists() and (tmp_path / "out.mp4").read_bytes() == b"frames"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_lock_refused_for_a_read_only_descriptor_leaves_the_dump_unlocked(tmp_path, monkeypatch):
+    """NFS refuses an exclusive flock on a folder's read-only descriptor with EBADF: the dump failed ("cannot prepare
+    debug dir ...: Bad file descriptor"); without a lock it is written, as on any file system without locks."""
+    def refuse(fd, how):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(leftovers.fcntl, "flock", refuse)
+    write_dump(tmp_path / "d", n=1, max_side=32)
+    assert dump_entries(tmp_path / "d") == ["frames.jsonl", "images", "manifest.json"]
