@@ -62,12 +62,13 @@ def finite_number(low: float = -math.inf) -> Callable[[str], float]:
 
 def torch_device(text: str) -> torch.device:
     """argparse type of --device: auto, cpu, cuda or cuda:N of a GPU this machine has (common.device.resolve_device),
-    so that a bad name is refused here and not by the first tensor moved to it, after the set-up; its hint names the
-    option as typed (`use --device=auto`), not the Hydra apps' setting (`use device=auto`)."""
+    so that a bad name is refused here and not by the first tensor moved to it, after the set-up; argparse names the
+    option in the message ("argument --device: cuda asked for, ...: use auto or cpu"), not the Hydra apps' setting
+    (`use device=auto`)."""
     from common.device import resolve_device  # here: the helper modules' --help (library_main) need not load torch
 
     try:
-        return resolve_device(text, "--device")
+        return resolve_device(text, None)
     except SettingError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -247,7 +247,7 @@ def test_cli_precision_overrides_the_checkpoints(dataset, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("setting, message", [
     (["--max-images", "0"], ""), (["--max-images", "-1"], ""), (["--batch-size", "0"], ""),
-    (["--num-workers", "-1"], ""), (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--num-workers", "-1"], ""), (["--device", "tpu"], "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--device", "cpu:x"], ""),
     # were refused by the model's config as "segment.score_threshold must be ...", a key this command has not
     (["--score-threshold", "1.5"], "must be a number from 0 to 1, got '1.5'"), (["--score-threshold", "nan"], ""),
@@ -268,8 +268,8 @@ def test_cli_without_cuda_names_the_device_option_as_typed(tmp_path, capsys, mon
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "unused.pt"), "--images", str(tmp_path), "--annotations",
               str(tmp_path / "unused.json"), "--device", "cuda"])
-    assert capsys.readouterr().err.endswith("error: argument --device: --device=cuda asked for, but CUDA is not "
-                                            "available here: use --device=auto or --device=cpu\n")
+    assert capsys.readouterr().err.endswith("error: argument --device: cuda asked for, but CUDA is not available "
+                                            "here: use auto or cpu\n")
 
 
 def test_cli_nothing_to_evaluate_and_worker_errors_are_one_line(dataset, tmp_path, capsys):
