@@ -48,15 +48,8 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _speaks() -> bool:
-    """Under torchrun (segment.train) every process runs the whole sweep and meets the same errors and signals: rank
-    0 alone tells the user."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _say(line: str) -> None:
-    if _speaks():
-        print(line, file=sys.stderr)
+    print(line, file=sys.stderr)
 
 
 def _job_name() -> str:
@@ -70,6 +63,7 @@ def failed(message: str) -> None:
     """A sweep job's user error: said now, one line naming the job, and counted for the exit status."""
     name = _job_name()
     _sweep.failed.append(name)
+    _discard_job_folder()  # what Hydra recorded of a job that left nothing
     _say(f"error: {name}: {message}")
 
 
@@ -101,8 +95,8 @@ def leave(signum: int, in_job: bool) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     where = f"in sweep {_job_name()}: its output not written," if in_job else f"before sweep {_job_name()}:"
-    if _speaks():  # not through sys.stderr: the signal may have come in the middle of a write to it
-        os.write(2, f"error: interrupted {where} the sweep stopped; {so_far}\n".encode())
+    # not through sys.stderr: the signal may have come in the middle of a write to it
+    os.write(2, f"error: interrupted {where} the sweep stopped; {so_far}\n".encode())
     os._exit(128 + signum)
 
 
@@ -160,5 +154,7 @@ class SweepReport(Callback):
         if _sweep.stops:
             _say(f"note: {signal.Signals(_sweep.stops[0]).name} came once every sweep job had run: it stopped nothing")
         if _sweep.failed:
+            if not _sweep.complete:  # every job refused: no sweep folder holding only Hydra's record of it
+                _discard_sweep_folder()
             _say(f"error: {len(_sweep.failed)} sweep job(s) failed: {'; '.join(_sweep.failed)}")
             sys.exit(2)

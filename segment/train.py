@@ -497,10 +497,14 @@ def _check_sweep_output_dir(argv: list[str]) -> None:
     `main` runs: a folder it cannot make (a file's path, a read-only place) would be Hydra's traceback, so an
     output_dir given on the command line is checked first, without making it (not for Hydra's --help, --cfg and the
     like, which run nothing). Swept itself it would be no one folder (Hydra's basic sweeper runs every combination,
-    each job in a numbered folder of its own anyway): refused. A single run makes output_dir itself, in `train`."""
+    each job in a numbered folder of its own anyway): refused, as is a sweep under torchrun. A single run makes
+    output_dir itself, in `train`."""
     if not multirun(argv) or set(argv) & {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
                                           "--shell-completion", "-sc"}:
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each job made and destroyed its process group: the second
+        # job's broke on the first's (a gloo "Connection reset by peer" traceback, the other ranks hung)
+        _fail(ConfigError("a sweep (-m) runs in one process: under torchrun give each setting a command of its own"))
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     except OverrideParseException:

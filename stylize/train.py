@@ -47,8 +47,8 @@ from common.leftovers import note_removed_leftovers, remove_dead
 from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
-from stylize.bank import (DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names, load_file,
-                          make_previews)
+from stylize.bank import (BANK_FORMAT, DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names,
+                          load_file, make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
 from stylize.errors import StyleError
 from stylize.losses import PerceptualLoss
@@ -102,12 +102,21 @@ class SweepJob:
 
     def finished_earlier(self, cfg: DictConfig) -> Path | None:
         """With resume=true (and no overwrite=true), this job's `out` where it is in place without a resume state:
-        the sweep's earlier run finished the job, and it is kept, not trained again."""
+        the sweep's earlier run finished the job, and it is kept, not trained again; refused where it was trained
+        with other settings (a resumed sweep of other values kept outputs that its record then misnamed)."""
         if (not flag(cfg.get("resume", False), "resume") or flag(cfg.get("overwrite", False), "overwrite")
                 or OmegaConf.is_missing(cfg, "style_image")):  # `train` refuses the last
             return None
-        out = _out_path(cfg, _style_paths(cfg), self.folder)
-        return out if out.is_file() and not out.with_name(out.name + RESUME_SUFFIX).exists() else None
+        style_paths = _style_paths(cfg)
+        out = _out_path(cfg, style_paths, self.folder)
+        if not out.is_file() or out.with_name(out.name + RESUME_SUFFIX).exists():
+            return None
+        saved = load_file(out, STYLE_FORMAT if cfg.mode == "new_style" else BANK_FORMAT).get("settings", {})
+        changed = _changed(saved, _output_settings(cfg, style_paths), (*RESUME_KEYS, "steps"))
+        if changed:
+            raise StyleError(f"{out} was trained with other settings: {', '.join(changed)}; pass overwrite=true to "
+                             "train it again")
+        return out
 
     def remove_folder_if_empty(self) -> None:
         with contextlib.suppress(OSError):  # it holds something, or is gone: it stays as it is
@@ -397,6 +406,16 @@ def _resume_settings(cfg: DictConfig, style_paths: list[Path]) -> dict:
     return settings
 
 
+def _output_settings(cfg: DictConfig, style_paths: list[Path]) -> dict:
+    """What an output records of its training (`_save`), for a resumed sweep to tell whether it is this job's."""
+    return {**_resume_settings(cfg, style_paths), "steps": int(cfg.steps)}
+
+
+def _changed(saved: dict, settings: dict, keys: tuple[str, ...]) -> list[str]:
+    return [f"{key}={saved.get(key)!r} (now {settings.get(key)!r})" for key in keys
+            if saved.get(key) != settings.get(key)]
+
+
 def _resume_state(cfg: DictConfig, path: Path, settings: dict) -> dict | None:
     """The state to continue from (resume=true), None to start afresh; refused where it would not continue the
     same training, or where a fresh start would silently drop an interrupted run's state."""
@@ -409,9 +428,7 @@ def _resume_state(cfg: DictConfig, path: Path, settings: dict) -> dict | None:
         print(f"resume=true but no {path} yet: starting from step 0")
         return None
     state = load_file(path, RESUME_FORMAT)
-    saved = state["settings"]
-    changed = [f"{key}={saved.get(key)!r} (now {settings.get(key)!r})" for key in RESUME_KEYS
-               if saved.get(key) != settings.get(key)]
+    changed = _changed(state["settings"], settings, RESUME_KEYS)
     if changed:
         raise StyleError(f"{path} was trained with other settings: {', '.join(changed)}; resume with those, or pass "
                          "resume=false overwrite=true to start over")
@@ -432,16 +449,19 @@ def _save_state(path: Path, settings: dict, step: int, network: MultiStyleNet, o
 
 
 def _save(cfg: DictConfig, network: MultiStyleNet, bank: StyleBank | None, style_paths: list[Path], out: Path) -> None:
+    """The style checkpoint (new_style) or bank (full), with the settings it was trained with (`_output_settings`)."""
     sources = [f"stylize.train mode={cfg.mode} style_image={p.name} steps={cfg.steps}" for p in style_paths]
+    settings = _output_settings(cfg, style_paths)
     if bank is not None:
         index = network.num_styles - 1
         atomic_save({"format": STYLE_FORMAT, "name": cfg.name or style_paths[0].stem, "source": sources[0],
                      "conv_fingerprint": network.conv_fingerprint(), "params": network.style_params(index),
-                     "preview": make_previews(network, [index])[0]}, out)
+                     "preview": make_previews(network, [index])[0], "settings": settings}, out)
         return
     previews = make_previews(network, list(range(network.num_styles)))
     styles = [StyleInfo(p.stem, s, previews[i]) for i, (p, s) in enumerate(zip(style_paths, sources))]
-    StyleBank(network, styles, licence="trained with stylize.train").save(out)
+    atomic_save({**StyleBank(network, styles, licence="trained with stylize.train").to_dict(), "settings": settings},
+                out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="stylize_train")

@@ -60,3 +60,13 @@ def test_a_signal_once_the_last_job_is_complete_is_a_note(tmp_path, patch):
     assert "Traceback" not in done.stderr and errors(done.stderr) == [], done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "note: SIGTERM came once every sweep job had run: it stopped nothing"
     assert all((sweep / job / FINAL).is_file() for job in ("0", "1"))
+
+
+def test_a_sweep_under_torchrun_is_refused_up_front(tmp_path, monkeypatch):
+    """Each job made and destroyed its process group: under torchrun the second job's broke on the first's (a gloo
+    "Connection reset by peer" traceback on one rank, the others hung until torchrun killed them)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = run_stopped("", ["-m", "seed=0,1", f"output_dir={tmp_path / 'sweep'}"])
+    assert done.returncode == 2 and errors(done.stderr) == [
+        "error: a sweep (-m) runs in one process: under torchrun give each setting a command of its own"], done.stderr
+    assert not (tmp_path / "sweep").exists()

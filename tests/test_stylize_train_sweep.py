@@ -64,6 +64,14 @@ def test_a_failing_job_does_not_stop_the_sweep(files, tmp_path):
     assert _files(sweep) == ["1", "1/coffee.pt", "multirun.yaml"]   # job 0's empty folder removed
 
 
+def test_a_sweep_of_refused_jobs_leaves_no_folder(files, tmp_path):
+    """Every job refused: the sweep folder stayed, holding only Hydra's multirun.yaml, and the folders above it."""
+    done = _sweep(tmp_path, *cli_args(files, "coffee.pt"), "image_size=30,34")
+    assert done.returncode == 2 and _errors(done)[-1] == "error: 2 sweep job(s) failed: job 0 (image_size=30); job 1 " \
+        "(image_size=34)", done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stopped_job_names_its_state_and_the_resumed_sweep_continues_it(files, tmp_path):
     """Job 1 stopped once its first resume state was in place; the same sweep command with resume=true keeps job 0's
     output as it is and continues job 1 from its state."""
@@ -91,6 +99,13 @@ def test_a_stopped_job_names_its_state_and_the_resumed_sweep_continues_it(files,
     assert resumed.stdout.strip().splitlines()[-1] == f"wrote {sweep / '1' / 'coffee.pt'}"
     assert (sweep / "0" / "coffee.pt").read_bytes() == first
     assert _files(sweep) == ["0", "0/coffee.pt", "1", "1/coffee.pt", "multirun.yaml"]
+    # resumed with other values, the complete jobs are refused, not kept as if they were trained with them
+    other = _sweep(tmp_path, *[arg.replace("lr=1e-3,1e-4", "lr=5e-2,1e-4") for arg in args], "resume=true")
+    assert other.returncode == 2
+    assert _errors(other)[0].startswith(f"error: job 0 (lr=0.05): {sweep / '0' / 'coffee.pt'} was trained with other "
+                                        "settings: lr=0.001 (now 0.05); pass overwrite=true to train it again")
+    assert f"sweep job 1: {sweep / '1' / 'coffee.pt'} was complete already: kept" in other.stdout
+    assert (sweep / "0" / "coffee.pt").read_bytes() == first
 
 
 def _job_complete(number: int) -> dict[str, str]:
