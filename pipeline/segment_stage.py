@@ -144,7 +144,7 @@ class SegmentStage:
         # each quarter's best shift (a large object moving fast spoils some, a new shot every one), then their median;
         # a quarter without a picture (plain sky) says nothing, and with none left the whole centre's change counts
         quarters = correlations[:, 1:].nan_to_num(-2.0).amax(-1)
-        median = 1 - quarters.masked_fill(quarters < -1, float("nan")).nanquantile(0.5, 1, interpolation="midpoint")
+        median = 1 - quarters.masked_fill(quarters < -1.5, float("nan")).nanquantile(0.5, 1, interpolation="midpoint")
         # no window of the frame before with a picture: a near-uniform frame, which only the stream's first can be (a
         # later one is no base)
         flat |= no_picture[:, 0]
