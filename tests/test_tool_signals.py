@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from common.signals import STOP_SIGNALS
-from tests.helpers_process import interruptible_popen
+from tests.helpers_process import interruptible_popen, run_interruptible
 from tests.render_cli import cli_env
 from tests.tiny_models import tiny_bank, tiny_segmenter
 
@@ -229,3 +229,33 @@ def test_a_signal_as_the_last_split_lands_is_late(tmp_path, monkeypatch, unhandl
                                                                 "it is kept")
     assert sorted(p.name for p in (tmp_path / "ds" / "annotations").iterdir()) == ["instances_train.json",
                                                                                     "instances_val.json"]
+
+
+# The child: sends itself Ctrl-C as torch starts to load, then runs the app as `python -m APP` would
+AS_TORCH_LOADS = """
+import builtins, os, runpy, signal, sys
+real_import = builtins.__import__
+def import_then_stop(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = import_then_stop
+app = sys.argv.pop(1)
+sys.argv[0] = app
+runpy.run_module(app, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("app, line", [
+    ("segment.train", "error: interrupted before training began: nothing trained"),
+    ("stylize.train", "error: interrupted before training began: nothing written"),
+    ("pipeline.render", "error: interrupted: no output written"),
+])
+def test_ctrl_c_as_an_app_starts_is_one_line(app, line, tmp_path):
+    """`python -m segment.train` imports the package `segment` before its own first line, where it puts its
+    stop-signal handler in place, and that package imported torch: a Ctrl-C then was a KeyboardInterrupt traceback."""
+    done = run_interruptible([sys.executable, "-c", AS_TORCH_LOADS, app, "input=in.mp4", "output=out.mp4"],
+                             cwd=tmp_path, env=cli_env(), timeout=120)
+    assert done.returncode == 130 and done.stderr == f"{line}\n", done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
