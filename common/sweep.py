@@ -63,7 +63,7 @@ def failed(message: str) -> None:
     """A sweep job's user error: said now, one line naming the job, and counted for the exit status."""
     name = _job_name()
     _sweep.failed.append(name)
-    _discard_job_folder()  # what Hydra recorded of a job that left nothing
+    discard_job_folder()  # what Hydra recorded of a job that left nothing
     _say(f"error: {name}: {message}")
 
 
@@ -87,7 +87,7 @@ def leave(signum: int, in_job: bool) -> NoReturn:
     its folder goes if it holds only Hydra's record of its settings, and so does the sweep's if no job has left
     anything; then one line on what the sweep wrote, and the signal's exit status."""
     on_stop_signals(stop_later)  # a second Ctrl-C must not cut the clean-up short
-    _discard_job_folder()
+    discard_job_folder()
     _discard_sweep_folder()
     so_far = f"complete: {'; '.join(_sweep.complete)}" if _sweep.complete else "no output written"
     if _sweep.failed:
@@ -100,7 +100,8 @@ def leave(signum: int, in_job: bool) -> NoReturn:
     os._exit(128 + signum)
 
 
-def _discard_job_folder() -> None:
+def discard_job_folder() -> None:
+    """The folder of the job that runs now, if it holds nothing but Hydra's record of its settings (or nothing)."""
     hydra = HydraConfig.get()
     job = Path(hydra.runtime.output_dir)
     if _sweep.folder is not None and job == _sweep.folder:  # hydra.sweep.subdir '.' (segment.train): not the job's

@@ -27,7 +27,6 @@ if __name__ == "__main__":  # `python -m stylize.train`; modules importing this 
     # an import, nor (SIGTERM, SIGHUP) a silent end
     on_stop_signals(leaving(b"error: interrupted before training began: nothing written\n"))
 
-import contextlib
 import math
 import signal
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from common.hydra_cli import exit_on_bad_overrides
 from common.leftovers import note_removed_leftovers, remove_dead
 from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
-from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
+from common.sweep import completed, discard_job_folder, failed, in_sweep, leave, pending_stop, stop_later
 from stylize.bank import (BANK_FORMAT, DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names,
                           load_file, make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
@@ -117,10 +116,6 @@ class SweepJob:
             raise StyleError(f"{out} was trained with other settings: {', '.join(changed)}; pass overwrite=true to "
                              "train it again")
         return out
-
-    def remove_folder_if_empty(self) -> None:
-        with contextlib.suppress(OSError):  # it holds something, or is gone: it stays as it is
-            self.folder.rmdir()
 
 
 @dataclass
@@ -481,12 +476,11 @@ def main(cfg: DictConfig) -> None:
         if job is None:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             sys.exit(2)
-        job.remove_folder_if_empty()
         failed(one_line(exc))  # the later jobs still run; the sweep exits 2 at its end
         return
     except KeyboardInterrupt as exc:
         if job is not None:
-            job.remove_folder_if_empty()
+            discard_job_folder()
         print(f"error: {run.interrupted(job)}", file=sys.stderr)
         sys.exit(exit_status(exc))
     finally:
