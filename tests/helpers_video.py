@@ -292,8 +292,9 @@ def tone_frequency(samples: np.ndarray, rate: int) -> float:
 
 
 # The standard's Kr, Kb per AVColorSpace, written out here rather than taken from pipeline.colour: the oracle.
-STANDARD_MATRICES = {1: (0.2126, 0.0722), 2: (0.299, 0.114), 5: (0.299, 0.114), 6: (0.299, 0.114),
-                     9: (0.2627, 0.0593)}
+# 4: FCC (47 CFR 73.682, NTSC 1953); 7: SMPTE 240M (1988 HDTV), its own Kr, Kb, not BT.709's.
+STANDARD_MATRICES = {1: (0.2126, 0.0722), 2: (0.299, 0.114), 4: (0.30, 0.11), 5: (0.299, 0.114),
+                     6: (0.299, 0.114), 7: (0.212, 0.087), 9: (0.2627, 0.0593)}
 
 
 def exact_rgb(frame: av.VideoFrame) -> np.ndarray:

@@ -2,6 +2,7 @@
 output container holds the codec (and plays it), re-encoded to AAC where it does not, with its start time kept."""
 from __future__ import annotations
 
+import av
 import pytest
 
 from pipeline.decode import VideoReader
@@ -152,3 +153,19 @@ def test_a_rate_aac_has_no_table_for_is_resampled(tmp_path):
     (after,) = audio_tracks(tmp_path / "out.mp4")
     assert (after.codec, after.rate) == ("aac", 48000)
     assert_same_sound(before, after)
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_audio_is_interleaved_with_the_video_as_it_is_written(tmp_path, suffix):
+    """Audio muxed only at the end sat behind every video packet the muxer had to let go of: with one stream
+    silent it holds packets back for at most max_interleave_delta (10 s), so on a 12 s clip the video's first
+    seconds were written before any sound. A player reading the file in order (a stream over the network) then
+    has to seek or buffer the whole clip."""
+    source = clip_with(tmp_path, "long.mkv", Tone(), frames=48, fps=4)  # 12 s of video and sound
+    output = tmp_path / f"out{suffix}"
+    render_audio(source, output)
+    with av.open(str(output)) as container:
+        packets = [(p.stream.type, float(p.pts * p.time_base), p.pos) for p in container.demux() if p.size]
+    first_audio = min(pos for kind, _, pos in packets if kind == "audio")
+    video_at_1s = next(pos for kind, time, pos in packets if kind == "video" and time >= 1.0)
+    assert first_audio < video_at_1s

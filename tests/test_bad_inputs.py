@@ -371,6 +371,24 @@ def test_streaming_reraises_the_first_error_and_stops_every_thread(failing):
         assert threading.active_count() == before
 
 
+def test_streaming_reraises_the_root_cause_not_what_followed_from_it():
+    """The encoder fails; a stage that needed it fails after it. The caller must see the encoder's error."""
+    def source():
+        yield from range(100)
+
+    def process(item):
+        if item == 1:  # runs once the sink has failed on item 0: a consequence of that failure
+            next(t for t in threading.enumerate() if t.name == "encode").join(10)
+            raise RuntimeError("no encoder left to take the frame")
+        return item
+
+    def sink(item):
+        raise ValueError("the encoder broke")
+
+    with pytest.raises(ValueError, match="the encoder broke"):
+        run_streaming(source(), process, sink, queue_size=2)
+
+
 def test_streaming_keeps_order_and_bounds_the_queues():
     produced, sunk = [], []
 
@@ -386,6 +404,22 @@ def test_streaming_keeps_order_and_bounds_the_queues():
 
     assert run_streaming(source(), lambda x: x * 10, sink, queue_size=2) == 50
     assert sunk == [10 * i for i in range(50)]
+
+    # two steps at queue_size 8: 8 items may wait after the source and 8 before the sink, but only
+    # STEP_QUEUE_SIZE (2) between the steps, where each waiting item is a batch of frames on the GPU; add one
+    # item held by each of the four threads (the source blocked on a full queue, each step, the sink): 8 + 2 + 8 + 4
+    produced.clear()
+    sunk.clear()
+    peak = 0
+
+    def slow_sink(item):
+        nonlocal peak
+        time.sleep(0.002)
+        peak = max(peak, len(produced) - len(sunk))
+        sunk.append(item)
+
+    assert run_streaming(source(), [lambda x: x + 1, lambda x: x * 10], slow_sink, queue_size=8) == 50
+    assert sunk == [10 * (i + 1) for i in range(50)] and peak <= 22
 
 
 def test_streaming_steps_run_in_turn_each_on_its_own_thread():

@@ -190,6 +190,8 @@ def coded_clip(path, pix_fmt: str, colorspace: int, color_range: int, width: int
     ("yuv444p", 1, 1, 96, 64),
     ("yuv420p10le", 1, 1, 96, 64),  # swscale: about two levels dark
     ("yuv420p10le", 9, 2, 96, 64),  # BT.2020, full range
+    ("yuv420p", 7, 1, 96, 64),      # SMPTE 240M
+    ("yuv420p", 4, 1, 96, 64),      # FCC
 ])
 def test_cpu_decode_is_the_exact_conversion_rounded(tmp_path, pix_fmt, colorspace, color_range, width, height):
     # swscale's yuv420p -> rgb24 truncates: this test measured R, G, B shifts of -0.95, -1.47, -0.98 levels
@@ -205,12 +207,13 @@ def test_cpu_decode_is_the_exact_conversion_rounded(tmp_path, pix_fmt, colorspac
     assert np.abs(shift).max() < 0.1 and np.abs(difference).max() < 0.55, (shift, np.abs(difference).max())
 
 
-def test_nv12_planes_are_read_as_yuv420p(tmp_path):
+@pytest.mark.parametrize("layout", ["nv12", "nv21"])  # swscale interleaves the chroma as U, V / as V, U
+def test_nv12_planes_are_read_as_yuv420p(tmp_path, layout):
     path = coded_clip(tmp_path / "c.mp4", "yuv420p", 1, 1)
     with av.open(str(path)) as container:
         frame = next(container.decode(video=0))
     planar = host_yuv_to_rgb(*yuv_planes(frame)[:3], 8, 1, False)
-    semi = frame.reformat(format="nv12")
+    semi = frame.reformat(format=layout)
     y, u, v, bits = yuv_planes(semi)
     assert bits == 8 and u.shape == v.shape == (32, 48)
     np.testing.assert_array_equal(host_yuv_to_rgb(y, u, v, bits, 1, False), planar)

