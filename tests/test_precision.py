@@ -84,9 +84,38 @@ def test_segmenter_features_of_a_narrow_frame_match_fp32_on_a_cpu():
     for level in fp32:
         assert torch.isfinite(bf16[level]).all()
         assert (bf16[level].float() - fp32[level]).abs().max() <= 0.05 * fp32[level].abs().max(), level
+        # a CPU whose bf16 convs are right passes the bound above in bf16 too: the fp32 run itself is what is asked
+        assert bf16[level].dtype == torch.float32 and torch.equal(bf16[level], fp32[level]), level
     wide = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     width, bf16 = features(wide, "bf16")
     assert width > 32 and bf16["0"].dtype == torch.bfloat16
+
+
+def test_segmenter_runs_proposals_and_roi_heads_in_bf16():
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(
+        backbone="resnet18", norm="gn", fpn_channels=64, representation_size=128, mask_head_channels=64,
+        num_classes=3, min_size=128, max_size=192, score_threshold=0.0)).eval()
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+        return hook
+
+    model.roi_heads.box_head.fc6.register_forward_hook(record("box head"))
+    model.roi_heads.mask_head.register_forward_hook(record("mask head"))
+    frame = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    assert len(model.set_inference_options(precision="bf16").predict(frame)[0]) > 0  # the mask head ran
+    assert seen == {"box head": torch.bfloat16, "mask head": torch.bfloat16}
+
+
+def test_segmenter_refuses_an_unknown_precision():
+    model = build_model(SegmenterConfig(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
+                                        mask_head_channels=32, num_classes=2))
+    with pytest.raises(ValueError, match=r"^precision must be auto, fp32, bf16 or fp16, got 'bf61'$"):
+        model.set_inference_options(precision="bf61")
+    assert model.precision == SegmenterConfig().precision
 
 
 @pytest.mark.parametrize("native", [False, True])

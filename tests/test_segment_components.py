@@ -65,6 +65,7 @@ def test_box_coder_equals_torchvision(weights, device):
         assert torch.equal(image_deltas, theirs.encode_single(image_targets, references.to(device)))
     codes = torch.randn(50, 12, generator=g)
     codes[0, 2] = 50.0  # clamped before exp
+    codes[1, 3] = 50.0  # the height's delta too: unclamped it stays finite (exp(50) px), but is not torchvision's
     decoded = ours.decode(codes, references)
     assert torch.equal(decoded, theirs.decode(codes, [references]))
     assert torch.isfinite(decoded).all()
@@ -78,6 +79,9 @@ def test_level_mapping_and_multilevel_roi_align_equal_torchvision():
     want_levels = initLevelMapper(2, 5)(boxes)
     got_levels = map_levels(torch.cat(boxes))
     assert torch.equal(got_levels, want_levels) and len(got_levels.unique()) == 4
+    # a hair under each level's boundary (sqrt(area) 112, 224, 448): FPN eq. 1's eps keeps them on the upper level
+    near = torch.tensor([[0.0, 0.0, 112.0, 111.9999], [0.0, 0.0, 224.0, 223.9998], [0.0, 0.0, 448.0, 447.9996]])
+    assert torch.equal(map_levels(near), initLevelMapper(2, 5)([near])) and map_levels(near).tolist() == [1, 2, 3]
     names = ["0", "1", "2", "3"]
     features = {n: torch.randn(2, 4, 304 // 2**i // 4, 416 // 2**i // 4, generator=g) for i, n in enumerate(names)}
     want = MultiScaleRoIAlign(names, 7, 2)(features, boxes, [(300, 400), (290, 410)])
@@ -437,3 +441,136 @@ def test_a_cpu_model_reads_frames_from_the_device_under_test(device, tmp_path):
     for got, expected in zip(model.predict(on_device), want):
         for field in ("boxes", "scores", "labels", "masks"):
             torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=0)
+
+
+def test_proposal_filters_equal_torchvision_with_a_score_threshold():
+    from torchvision.models.detection.rpn import RegionProposalNetwork as TvRPN
+    from torchvision.models.detection.rpn import RPNHead as TvRPNHead
+
+    from segment.rpn import Candidates, RegionProposalNetwork
+
+    g = torch.Generator().manual_seed(7)
+    per_level = [300, 120, 40]  # each under pre_nms_top_n: torchvision's top-k keeps every candidate, as given here
+    boxes = torch.stack([boxes_in(460, 200, 180, g, min_side=0.0) - 20 for _ in range(2)])  # some stick out
+    logits = torch.randn(2, 460, generator=g) * 2
+    levels = torch.cat([torch.full((n,), i) for i, n in enumerate(per_level)]).expand(2, -1)
+    sizes = [(150, 170), (160, 160)]
+    got = RegionProposalNetwork(SegmenterConfig(rpn_score_thresh=0.6)).eval().select_proposals(
+        Candidates(boxes, torch.sigmoid(logits), levels), sizes)
+    theirs = TvRPN(TvAnchorGenerator(((32,),), ((1.0,),)), TvRPNHead(8, 1), 0.7, 0.3, 256, 0.5,
+                   dict(training=2000, testing=1000), dict(training=2000, testing=1000), 0.7, score_thresh=0.6).eval()
+    want, _ = theirs.filter_proposals(boxes, logits, sizes, per_level)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    theirs.score_thresh = 0.0
+    unfiltered, _ = theirs.filter_proposals(boxes, logits, sizes, per_level)
+    assert all(len(a) < len(b) for a, b in zip(got, unfiltered))  # the threshold does remove proposals here
+
+
+def test_rpn_inference_keeps_the_test_time_top_k_like_torchvision():
+    """Eval-mode proposals of our RPN (top-k per level, decode, filters) against torchvision's RegionProposalNetwork
+    with the same head weights on the same features: with pre_nms_top_n 50 at test time and 2000 in training, the
+    training value would keep many more candidates on the 3072-anchor first level."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork as TvRPN
+    from torchvision.models.detection.rpn import RPNHead as TvRPNHead
+
+    from segment.rpn import RegionProposalNetwork
+    from segment.transform import ImageBatch
+
+    config = SegmenterConfig(fpn_channels=16, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=1000)
+    ours = RegionProposalNetwork(config).eval()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in ours.head.parameters():  # spread scores and deltas: a freshly initialised head's are nearly flat
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs = TvRPN(TvAnchorGenerator(tuple((s,) for s in SIZES), (tuple(RATIOS),) * 5), TvRPNHead(16, 3),
+                   0.7, 0.3, 256, 0.5, dict(training=2000, testing=50), dict(training=2000, testing=1000), 0.7).eval()
+    theirs.head.load_state_dict(ours.head.state_dict(), strict=True)
+    features = OrderedDict((str(i), torch.randn(2, 16, 32 // 2**i, 48 // 2**i, generator=g)) for i in range(4))
+    features["pool"] = torch.randn(2, 16, 1, 2, generator=g)
+    images, sizes = torch.zeros(2, 3, 128, 192), [(128, 190), (120, 192)]
+    with torch.no_grad():
+        got, losses = ours(ImageBatch(images, sizes, sizes), features)
+        want, _ = theirs(ImageList(images, sizes), features)
+    assert losses == {}
+    assert all(len(b) > 0 and torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_box_min_size_removes_small_detections():
+    from segment.roi_heads import RoIHeads
+
+    torch.manual_seed(0)
+    heads = RoIHeads(SegmenterConfig(fpn_channels=32, representation_size=32, mask_head_channels=32, num_classes=2,
+                                     box_min_size=30.0, score_threshold=0.0)).eval()
+    g = torch.Generator().manual_seed(10)
+    features = {str(i): torch.randn(1, 32, 32 // 2**i, 32 // 2**i, generator=g) for i in range(4)}
+    proposals = [torch.tensor([[10.0, 10.0, 20.0, 20.0], [40.0, 30.0, 52.0, 90.0], [5.0, 5.0, 100.0, 100.0],
+                               [60.0, 50.0, 110.0, 95.0]])]
+
+    def sides():
+        with torch.no_grad():
+            boxes = heads(features, proposals, [(128, 128)])[0][0]
+        return torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+    kept = sides()
+    assert len(kept) > 0 and (kept >= 30.0).all()
+    heads.box_min_size = 1e-2  # torchvision's default: the small proposals' detections are candidates after all
+    assert (sides() < 30.0).any()
+
+
+def test_mask_branch_initialisation_matches_torchvision():
+    """Weights kaiming normal with fan_out, as torchvision's MaskRCNNHeads and MaskRCNNPredictor: each weight's
+    spread against theirs (other seeds: a statistical comparison, under 2 % apart here). fan_in would make the
+    logits layer's 0.089 instead of 0.149 (91 classes from 256 channels). Biases zero (torchvision leaves its
+    predictor's at nn.Conv2d's default)."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    from segment.mask_head import MaskHead, MaskPredictor
+
+    torch.manual_seed(0)
+    ours = dict(MaskHead(64, 256).named_parameters(prefix="head"))
+    ours.update(MaskPredictor(256, 256, 91).named_parameters(prefix="predictor"))
+    torch.manual_seed(1)
+    theirs = dict(MaskRCNNHeads(64, [256] * 4, 1).named_parameters(prefix="head"))
+    theirs.update(MaskRCNNPredictor(256, 256, 91).named_parameters(prefix="predictor"))
+    assert {n: p.shape for n, p in ours.items()} == {n: p.shape for n, p in theirs.items()}
+    for name, param in ours.items():
+        if name.endswith("bias"):
+            assert not param.any(), name
+        else:
+            assert abs(param.std().item() / theirs[name].std().item() - 1) < 0.05, name
+
+
+def test_predict_keeps_the_models_mode():
+    from segment.model import build_model
+
+    model = build_model(dict(backbone="resnet18", norm="bn", trainable_layers=3, fpn_channels=32,
+                             representation_size=32, mask_head_channels=32, num_classes=2, min_size=64, max_size=96))
+    frame = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    for mode in (True, False):
+        model.train(mode)
+        # train() leaves the frozen stages' BN in eval: every module's own flag must come back as it was
+        before = {name: module.training for name, module in model.named_modules()}
+        model.predict(frame)
+        assert {name: module.training for name, module in model.named_modules()} == before
+
+
+def test_predict_refuses_frames_without_three_channels():
+    from segment.model import build_model
+
+    model = build_model(dict(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
+                             mask_head_channels=32, num_classes=2, min_size=64, max_size=96)).eval()
+    for shape in [(1, 48, 64, 3), (1, 4, 48, 64)]:  # channels last, and RGBA
+        with pytest.raises(ValueError, match=rf"predict expects \(B, 3, H, W\) frames, got shape "
+                                             rf"\({', '.join(map(str, shape))}\)"):
+            model.predict(torch.zeros(shape, dtype=torch.uint8))
+
+
+def test_anchor_cache_stays_bounded_over_many_frame_sizes():
+    generator = AnchorGenerator(SIZES, RATIOS)
+    for k in range(40):
+        side = 64 + 32 * k
+        grids = [(side // 2**i, side // 2**i) for i in range(2, 7)]
+        anchors, _ = generator((side, side), grids, torch.float32, "cpu")
+    # emptied once it holds more than 16 sets (anchors.py): a long run over many frame sizes must not keep them all
+    assert len(generator._cache) <= 17
+    assert torch.equal(anchors, AnchorGenerator(SIZES, RATIOS)((side, side), grids, torch.float32, "cpu")[0])

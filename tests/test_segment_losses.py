@@ -305,3 +305,76 @@ def test_a_box_without_width_or_height_is_refused(box, message):
     targets[0]["boxes"] = targets[0]["boxes"][0]  # (4,), not (1, 4): was an IndexError deep in the transform
     with pytest.raises(ValueError, match=r"boxes must be \(N, 4\)"):
         model(images, targets)
+
+
+def test_matcher_refuses_a_low_threshold_above_the_high_one():
+    with pytest.raises(ValueError, match=r"^Matcher: low threshold 0\.7 > high threshold 0\.3$"):
+        Matcher(0.3, 0.7)
+
+
+def test_mask_loss_without_positive_rois_still_reaches_the_mask_branch():
+    """No positive RoI: torchvision's maskrcnn_loss returns the logits' sum times 0, so the loss keeps its graph and
+    every mask-branch parameter gets a zero gradient, not None: SGD's weight decay and momentum then still apply
+    to them, and DDP, which waits for every parameter's gradient, does not hang or fail."""
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    from segment.mask_head import MaskHead, MaskPredictor
+
+    no_rois = ([torch.zeros(0, 4)], [torch.ones(1, 32, 32, dtype=torch.uint8)], [torch.tensor([1])],
+               [torch.zeros(0, dtype=torch.int64)])  # proposals, GT masks, GT labels, matches
+    branches = ((tv_roi_heads.maskrcnn_loss, MaskRCNNHeads(8, [8, 8], 1), MaskRCNNPredictor(8, 8, 3)),
+                (maskrcnn_loss, MaskHead(8, 8, 2), MaskPredictor(8, 8, 3)))
+    for loss_fn, head, predictor in branches:
+        params = [*head.parameters(), *predictor.parameters()]
+        loss = loss_fn(predictor(head(torch.zeros(0, 8, 14, 14))), *no_rois)
+        assert loss.item() == 0.0 and loss.grad_fn is not None, loss_fn
+        loss.backward()
+        assert all(p.grad is not None and not p.grad.any() for p in params), loss_fn
+        before = [p.detach().clone() for p in params]
+        torch.optim.SGD(params, lr=0.1, weight_decay=0.5).step()
+        assert all(not torch.equal(p, b) for p, b in zip(params, before) if b.any()), loss_fn
+
+
+def test_roi_assignment_and_sampling_with_unequal_proposal_counts_equal_torchvision():
+    """Images with different numbers of proposals are matched as one batch padded with NaN boxes: each image's own
+    proposals get torchvision's labels and matches, the padding -1, so the sampler never draws it (as background
+    it would add NaN RoIs to the smaller image's negatives)."""
+    from segment.roi_heads import RoIHeads
+
+    g = torch.Generator().manual_seed(6)
+    gt_boxes = [random_boxes(3, 120, g), random_boxes(2, 120, g)]
+    gt_labels = [torch.tensor([1, 3, 2]), torch.tensor([2, 2])]
+    # the GT boxes shifted, and boxes anywhere: each image has positives and negatives
+    proposals = [torch.cat((gt[torch.arange(60) % len(gt)] + (torch.randn(60, 2, generator=g) * 8).repeat(1, 2),
+                            random_boxes(30, 200, g))) for gt in gt_boxes]
+    proposals[1] = proposals[1][:40]
+    config = SegmenterConfig(fpn_channels=8, representation_size=8, mask_head_channels=8, num_classes=4,
+                             box_batch_size_per_image=64)
+    ours = RoIHeads(config)
+    theirs = tv_roi_heads.RoIHeads(None, None, None, 0.5, 0.5, 64, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100)
+    with_gt = [torch.cat((p, b)) for p, b in zip(proposals, gt_boxes)]
+    matched, labels = ours.assign_targets(with_gt, gt_boxes, gt_labels)
+    want_matched, want_labels = theirs.assign_targets_to_proposals(with_gt, gt_boxes, gt_labels)
+    assert labels.shape[1] == len(with_gt[0]) > len(with_gt[1])
+    for i, p in enumerate(with_gt):
+        assert torch.equal(labels[i, :len(p)], want_labels[i]) and torch.equal(matched[i, :len(p)], want_matched[i])
+        assert (want_labels[i] == 0).any() and (want_labels[i] > 0).any()
+    assert (labels[1, len(with_gt[1]):] == -1).all()
+    targets = [{"boxes": b, "labels": l} for b, l in zip(gt_boxes, gt_labels)]
+    torch.manual_seed(3)
+    got = ours.select_training_samples(proposals, targets)[:4]
+    torch.manual_seed(3)
+    want = theirs.select_training_samples(proposals, targets)
+    for got_part, want_part in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(got_part, want_part))
+
+
+def test_training_refuses_labels_that_are_not_int64():
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(backbone="resnet18", norm="gn", fpn_channels=32, representation_size=32,
+                                        mask_head_channels=32, num_classes=4, min_size=64, max_size=64)).train()
+    images = [torch.rand(3, 64, 64)]
+    targets = _toy_targets(images)
+    targets[0]["labels"] = targets[0]["labels"].to(torch.int32)
+    with pytest.raises(TypeError, match=r"^target 0: labels must be int64, got torch\.int32$"):
+        model(images, targets)
