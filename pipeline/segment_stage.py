@@ -94,11 +94,18 @@ class SegmentStage:
         self.score_threshold = float(score_threshold)
         self.every = every
         self.scene_cut = scene_cut
-        self._last: tuple[torch.Tensor, tuple[int, int]] | None = None  # the last frame's thumbnail and size
+        self._last: torch.Tensor | None = None  # the thumbnail the next frame is compared with
+        self._size: tuple[int, int] | None = None  # the last frame's size
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
-        changes, resized = self._changes(batch) if self.scene_cut is not None and batch else (None, [])
-        if self.every > 1 and changes is not None:  # which frames to segment depends on the cuts: read them now
+        resized = self._resized(batch)
+        changes = self._changes(batch) if self.scene_cut is not None and batch else None
+        if self.scene_cut is None:
+            # no cuts for the picture, but a frame of another size still starts a shot: the tracker starts over there,
+            # so skipping frames, one not segmented would show no object until the next segmented frame
+            for record, new_size in zip(batch, resized):
+                record.cut = new_size
+        elif self.every > 1:  # which frames to segment depends on the cuts: read them now
             self._mark_cuts(batch, changes.tolist(), resized)
             changes = None
         for record in batch:
@@ -124,19 +131,27 @@ class SegmentStage:
                 record.instances = instances[:count]
         return batch
 
-    def _changes(self, batch: list[FrameRecord]) -> tuple[torch.Tensor, list[bool]]:
+    def _resized(self, batch: list[FrameRecord]) -> list[bool]:
+        """Per frame, whether its size differs from the frame before's (the stream's first has none before it): sizes
+        are the host's, no wait."""
+        sizes = [record.size for record in batch]
+        if not sizes:
+            return []
+        before = [self._size or sizes[0], *sizes[:-1]]
+        self._size = sizes[-1]
+        return [size != old for size, old in zip(sizes, before)]
+
+    def _changes(self, batch: list[FrameRecord]) -> torch.Tensor:
         """Per frame: the change of its thumbnail's centre against the last earlier thumbnail whose centre had a
         picture (`_region_correlations`): the lesser of the whole centre's and the median of its quarters', 0 where its
-        centre is near uniform or no window of the one before has a picture (on the frames' device); and whether its
-        size changed."""
+        centre is near uniform or no window of the one before has a picture (on the frames' device)."""
         thumbnails = torch.stack([_thumbnail(record.image) for record in batch])
-        sizes = [record.size for record in batch]
         first = self._last is None
-        last = self._last or (thumbnails[0], sizes[0])
+        last = thumbnails[0] if first else self._last
         # the current frame's cells: every second row and column of its half-cell-offset cells, from 2 * SHIFT on
         centre = _features(thumbnails)[..., 2 * SHIFT::2, 2 * SHIFT::2][..., :SIDE, :SIDE]  # (B, 9, SIDE, SIDE)
         flat = _spread(centre[:, :3].flatten(2).var(-1, unbiased=False)) < FLAT
-        bases = [last[0]]  # what each frame is compared with, chosen on the device: no wait
+        bases = [last]  # what each frame is compared with, chosen on the device: no wait
         for thumbnail, is_flat in zip(thumbnails, flat):
             bases.append(torch.where(is_flat, bases[-1], thumbnail))
         correlations, no_picture = _region_correlations(centre, _features(torch.stack(bases[:-1])))
@@ -148,14 +163,13 @@ class SegmentStage:
         # no window of the frame before with a picture: a near-uniform frame, which only the stream's first can be (a
         # later one is no base)
         flat |= no_picture[:, 0]
-        self._last = (bases[-1], sizes[-1])
-        resized = [size != old for size, old in zip(sizes, [last[1], *sizes[:-1]])]
+        self._last = bases[-1]
         changes = torch.minimum(whole, median.nan_to_num(2.0)).masked_fill_(flat, 0.0)
         # the stream's first frame: no shot before it (compared with itself, float noise). zero_(), not `= 0.0`: a
         # number set into a CUDA tensor is copied there from the host, a wait (GPU session 7)
         if first:
             changes[0].zero_()
-        return changes, resized
+        return changes
 
     def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
         """`cut` where a new shot starts: the thumbnail changed more than `scene_cut`, or the frame's size did."""

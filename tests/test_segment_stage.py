@@ -5,14 +5,17 @@ import functools
 import itertools
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from common.errors import SettingError
 from pipeline.record import FrameRecord
-from pipeline.segment_stage import SCENE_CUT, SegmentStage
+from pipeline.segment_stage import FLAT, SCENE_CUT, SegmentStage, _spread
+from pipeline.track import Tracker
 from segment.checkpoint import load_checkpoint
+from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 from tests.conftest import _photo
 from tests.helpers_cuda import gpu_waits
@@ -136,16 +139,46 @@ def test_segmenting_every_frame_marks_the_cuts_for_the_tracker(model, monkeypatc
         shots([5, 8], 12)[start:start + 4])]
     for record, want in zip(out, plain):
         torch.testing.assert_close(record.instances.boxes, want.instances.boxes, rtol=0, atol=0)
-    assert [r.cut for r in stage(shots([], 3, size=(72, 56)))] == [scene_cut is not None, False, False]
+    assert [r.cut for r in stage(shots([], 3, size=(72, 56)))] == [True, False, False]
 
 
 def test_scene_cut_zero_cuts_at_every_change_and_nowhere_else(model):
     """scene_cut=0: the stream's first frame has no shot before it, and a frame the same as the one before has not
-    changed; both were cuts (1 - the correlation of a thumbnail with itself is about 1e-7 in float32)."""
+    changed; both were cuts (1 - the correlation of a thumbnail with itself is about 1e-7 in float32: retina's
+    +1.2e-7 on a 2-core x86 CPU, which CHANGE_NOISE absorbs)."""
     still = as_records([shots([], 1)[0].image] * 6)
     assert not any(record.cut for record in SegmentStage(model, 0.3, scene_cut=0.0)(still))
+    retina = as_records([photo("retina", (144, 256))] * 4)
+    assert not any(record.cut for record in SegmentStage(NoDetections(), 0.3, scene_cut=0.0)(retina))
     drifting = SegmentStage(model, 0.3, scene_cut=0.0)(shots([], 6))
     assert [record.cut for record in drifting] == [False] + [True] * 5
+
+
+class OneObject:
+    """A segmenter that finds one square, the middle quarter of every frame, with its RoIMasks."""
+
+    def predict(self, frames, full_masks=True):
+        found = []
+        for frame in frames:
+            h, w = frame.shape[-2:]
+            boxes = torch.tensor([[w / 4, h / 4, 3 * w / 4, 3 * h / 4]])
+            found.append(Instances(image_size=(h, w), boxes=boxes, scores=torch.tensor([0.9]), labels=torch.tensor([1]),
+                                   masks=RoIMasks.from_probs(torch.ones(1, 28, 28), boxes, (h, w))))
+        return found
+
+
+@pytest.mark.parametrize("scene_cut", [SCENE_CUT, None])
+def test_a_new_frame_size_is_a_cut_whatever_scene_cut_says(scene_cut):
+    """segment_every=4, frames 0-2 at 64x80, 3-7 at 72x56. Frame 3 starts a new shot at either setting (scene_cut null
+    turns off the cuts for the picture only): segmented, marked cut, its object on a track of its own. With null it
+    was moved on from frame 2, where no track has its size: the tracker showed nothing until frame 4."""
+    stage, tracker = SegmentStage(OneObject(), 0.5, every=4, scene_cut=scene_cut), Tracker()
+    frames = shots([], 3) + shots([], 8, size=(72, 56))[3:]
+    out = [record for start in (0, 4) for record in tracker(stage(frames[start:start + 4]))]
+    assert [(r.propagated, r.cut) for r in out] == [
+        (False, False), (True, False), (True, False), (False, True), (False, False), (True, False), (True, False),
+        (True, False)]
+    assert [r.track_ids.tolist() for r in out] == [[1]] * 3 + [[2]] * 5
 
 
 @pytest.mark.parametrize("every", [1, 3])
@@ -253,6 +286,89 @@ def test_light_noise_and_a_second_camera_are_no_cut(name):
     frames = [image, image, torch.full_like(image, 255), image, *(image * k for k in (0.5, 0.1, 0, 0.1, 0.5, 1)),
               *(noisy(image, 20) for _ in range(4)), *(noisy(image * 0.08, 6) for _ in range(4)), moved, moved]
     assert not any(record.cut for record in through_stage([f.clamp(0, 255).round().to(torch.uint8) for f in frames]))
+
+
+@pytest.mark.parametrize("sigma", [4, 16, 24])
+def test_dark_noisy_frames_in_a_shot_are_no_cut(sigma):
+    """Two frames of a camera's noise in the dark (level 10, noise of sigma 4 to 24 per pixel and channel) within a
+    shot: averaged over a thumbnail's cells the noise spreads 0.8 to 3.3 levels, less than FLAT, so they are near
+    uniform, start no shot and are no reference (the frame after them is compared with the last that had a picture).
+    With FLAT at 0.5, or as a variance (no root: 5.6 and 10.7 at sigma 16 and 24), they were pictures unrelated to
+    the shot: cuts on both sides."""
+    g = torch.Generator().manual_seed(0)
+    image = photo("coffee", (144, 256))
+    dark = (10 + sigma * torch.randn((3, 144, 256), generator=g)).clamp(0, 255).round().to(torch.uint8)
+    assert not any(record.cut for record in through_stage([image, image, dark, dark, image, image]))
+
+
+def test_a_thumbnails_spread_is_the_standard_deviation_of_its_cells():
+    """FLAT is in grey levels, a standard deviation of the cells (colour counted in): the root of the mean squared
+    distance of each cell's (grey, blue - grey, red - grey) from their mean. Four cells of grey 0, 0, 6, 6 and red -
+    grey 8, 8, 0, 0: 3 and 4 levels, 5 together."""
+    cells = np.array([[0.0, 0, 6, 6], [0, 0, 0, 0], [8, 8, 0, 0]])
+    want = np.sqrt(((cells - cells.mean(1, keepdims=True)) ** 2).sum(0).mean())
+    assert want == 5.0
+    assert float(_spread(torch.from_numpy(cells).var(-1, unbiased=False))) == pytest.approx(want)
+
+
+def documented_changes(images: list[torch.Tensor]) -> list[float]:
+    """The cut measure as segment_stage.py documents it, window by window in float64 (frames a multiple of 48 px, so
+    that a half-cell is a block of whole pixels): each region (the centre's 15x15 cells, its quarters) correlated, on
+    its edges, with the same cells of every window of the frame before at half-cell offsets (17x17), where both have a
+    picture (their cells spread FLAT or more); the change the lesser of the whole's and the quarters' median, over the
+    quarters that found a match; 0 for the first frame and a frame whose centre has no match at all; a near-uniform
+    frame is no reference."""
+    def features(image: torch.Tensor) -> np.ndarray:  # (9, 45, 45): cells at every half-cell, their x and y edges
+        rgb = image.double().numpy().reshape(3, 48, image.shape[1] // 48, 48, image.shape[2] // 48).mean((2, 4))
+        grey = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+        half = np.stack([grey, rgb[2] - grey, rgb[0] - grey])
+        cells = (half[:, :-1, :-1] + half[:, 1:, :-1] + half[:, :-1, 1:] + half[:, 1:, 1:]) / 4
+        return np.concatenate([cells[:, :-2, :-2], cells[:, :-2, 2:] - cells[:, :-2, :-2],
+                               cells[:, 2:, :-2] - cells[:, :-2, :-2]])
+
+    def picture(cells: np.ndarray) -> bool:
+        return np.sqrt(cells[:3].var(1).sum()) >= FLAT
+
+    halves = (slice(0, 8), slice(8, 15))
+    regions = [(slice(0, 15), slice(0, 15)), *itertools.product(halves, halves)]
+    changes, base = [], None
+    for image in images:
+        now = features(image)
+        before = now if base is None else base
+        bests = []
+        for rows, columns in regions:
+            centre = now[:, 8::2, 8::2][:, :15, :15][:, rows, columns].reshape(9, -1)
+            best = np.nan
+            for dy, dx in itertools.product(range(17), repeat=2):
+                window = before[:, dy::2, dx::2][:, :15, :15][:, rows, columns].reshape(9, -1)
+                if picture(centre) and picture(window):
+                    a, b = (edges - edges.mean(1, keepdims=True) for edges in (centre[3:], window[3:]))
+                    best = np.nanmax([best, (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())])
+            bests.append(best)
+        quarters = [1 - best for best in bests[1:] if not np.isnan(best)]
+        unmatched = base is None or np.isnan(bests[0])
+        changes.append(0.0 if unmatched else min(1 - bests[0], np.median(quarters) if quarters else 2.0))
+        base = now if picture(now[:, 8::2, 8::2][:, :15, :15].reshape(9, -1)) else base
+    return changes
+
+
+def test_the_change_is_the_documented_measure_where_quarters_have_no_picture():
+    """Plain sky over the top half (two quarters with no picture), a flickering screen bottom left, a still wall
+    bottom right: the stage's changes are those of the measure computed window by window. A quarter with no picture
+    says nothing; counted as unmatched it moved the quarters' median up (frames 2-4: 0.59-0.67 for 0.56-0.62)."""
+    g = torch.Generator().manual_seed(1)
+    wall = photo("brick", (48, 96))
+
+    def frame() -> torch.Tensor:
+        image = torch.tensor([90, 140, 200], dtype=torch.uint8)[:, None, None].repeat(1, 96, 192)
+        screen = (torch.rand(1, 1, 6, 12, generator=g) * 255).round().to(torch.uint8)
+        image[:, 48:, :96] = F.interpolate(screen, size=(48, 96), mode="nearest")[0]
+        image[:, 48:, 96:] = wall
+        return image
+
+    frames = [frame() for _ in range(6)]
+    got = SegmentStage(NoDetections(), 0.5)._changes(as_records(frames))
+    np.testing.assert_allclose(got.numpy(), documented_changes(frames), atol=1e-4)
 
 
 def test_objects_moving_in_a_shot_are_no_cut():
