@@ -33,7 +33,7 @@ from stylize.apply import crop_boxes, crop_factors, crops_at, net_side, stylize_
 CPU_CROP_BUCKET = 16
 GPU_BUCKET_STEP = 64  # a GPU's bucket: a quarter of the frame's short side, rounded down to this, at least this
 REGIONS = ("crop", "frame")
-FACTOR_MEMORY_FRAMES = 48  # a track unseen this many frames forgets its max_side factor
+FACTOR_MEMORY_FRAMES = 48  # a track unseen more than this many frames forgets its max_side factor
 MIN_MAX_SIDE = 32  # style.max_side's least value (the net's inputs are at least stylize.apply.MIN_SIDE px anyway)
 # style.crop_bucket's largest value: auto reaches 512 at 4K, and padding stops at the frame's side anyway
 # (stylize.apply.batch_plan), so a larger bucket only merges crops of very different sizes

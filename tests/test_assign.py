@@ -147,6 +147,42 @@ def test_palette_memory_expiry_and_least_recent_fallback(bank, memory, expected)
     assert frames[-1].styles == ["candy", expected]
 
 
+def palette_styles(bank, memory: int, frames: list[tuple[int, list[int]]]) -> list[list[str | None]]:
+    """Per frame (its index, its track ids: one 10 px square each), the styles per_instance gives from the palette
+    candy, mosaic, udnie at palette_memory `memory`."""
+    assigner = StyleAssigner.from_config(config(assign="per_instance", palette=["candy", "mosaic", "udnie"],
+                                                palette_memory=memory), bank, CLASSES)
+    records = [record([(12 * k, 0, 10, 1, 0.9) for k in range(len(ids))], ids, index=index) for index, ids in frames]
+    return [r.styles for r in assigner(records)]
+
+
+def test_a_track_seen_exactly_palette_memory_frames_ago_still_holds_its_style(bank):
+    """memory 2. Frame 0: tracks 1, 2 take candy, mosaic. Frame 3: track 2 (seen at 0, 3 > 2 frames ago) holds
+    nothing, track 1 candy: new track 3 takes the next in turn, udnie. Frame 5: tracks 1 and 3, seen at 3, 5 - 3 = 2
+    frames ago, still hold candy and udnie (the memory counts "within", <=), so new track 4 takes mosaic, not candy."""
+    assert palette_styles(bank, 2, [(0, [1, 2]), (3, [1, 3]), (5, [4])]) == [
+        ["candy", "mosaic"], ["candy", "udnie"], ["mosaic"]]
+
+
+def test_two_new_tracks_in_one_frame_take_different_styles_when_every_style_is_held(bank):
+    """memory 4. Frame 4: track 1 candy. Frame 7: tracks 2, 3 mosaic, udnie. Frame 8: every style is held (track 1,
+    seen 4 frames ago, within the memory), so new track 4 takes the one whose holders were seen longest ago: candy
+    (4, against 7 and 7). Then candy is held by track 4 too, seen now: its holders were last seen at 8, not 4, so new
+    track 5 takes mosaic (7; udnie's 7 too, mosaic first in turn), not candy a second time."""
+    assert palette_styles(bank, 4, [(4, [1]), (7, [2, 3]), (8, [4, 5])]) == [
+        ["candy"], ["mosaic", "udnie"], ["candy", "mosaic"]]
+
+
+def test_round_robin_goes_on_after_the_style_taken_not_after_the_one_in_turn(bank):
+    """memory 3. Frame 3: tracks 1, 2 candy, mosaic. Frame 6: track 3 takes udnie (free); next in turn candy, but
+    every style is held, so new track 4 takes mosaic (track 2, seen at 3, longest ago), and round robin goes on after
+    mosaic. Frame 9: track 2 is past the memory; candy, udnie, mosaic all held by tracks seen at 6, a tie kept in turn
+    from udnie: track 5 udnie, track 6 candy (udnie now held at 9). Going on after the style in turn (candy) instead
+    gave mosaic, udnie."""
+    assert palette_styles(bank, 3, [(3, [1, 2]), (6, [1, 3, 4]), (9, [5, 6])]) == [
+        ["candy", "mosaic"], ["candy", "udnie", "mosaic"], ["udnie", "candy"]]
+
+
 @pytest.mark.parametrize("memory", [-1, 2.5, "long", True])
 def test_bad_palette_memory_is_rejected(bank, memory):
     with pytest.raises(SettingError, match="palette_memory"):

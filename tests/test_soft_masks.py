@@ -129,11 +129,12 @@ def assert_same(got: list[list[tuple]], want: list[list[tuple]], atol: float = 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("feather_px, smooth", [(3, 0.4), (0, 0.4), (2, 0.0)])
-def test_each_region_matches_the_region_by_region_reference(kind, feather_px, smooth, device):
+@pytest.mark.parametrize("feather_px, smooth, threshold", [(3, 0.4, 0.5), (0, 0.4, 0.5), (2, 0.0, 0.5), (3, 0.4, 1.0)])
+def test_each_region_matches_the_region_by_region_reference(kind, feather_px, smooth, threshold, device):
     """Four frames per call, as the stage gives them: the batch's masks read at once, smoothing frame by frame
-    across calls, tracks forgotten after a frame without regions and when missing for a frame."""
-    settings = dict(feather_px=feather_px, smooth=smooth, threshold=0.5)
+    across calls, tracks forgotten after a frame without regions and when missing for a frame. mask_threshold 1.0,
+    its largest value, keeps the pixels of probability 1 (the discs' centres): the threshold is inclusive."""
+    settings = dict(feather_px=feather_px, smooth=smooth, threshold=threshold)
     records = frame_records(kind, device=device)
     got = soft_masks_of(records, 4, **settings)
     want = reference(as_frames(frame_records(kind)), **settings)

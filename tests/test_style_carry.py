@@ -156,13 +156,34 @@ def test_what_cannot_be_carried_is_stylized_afresh():
     assert plan_for(full, crops + later_crops[:4])[1].carried == {}
 
 
+@pytest.mark.parametrize("edge, box, crop, step", [
+    ("left", [4, 20, 24, 40], (0, 12, 32, 48), (4, 0)),
+    ("top", [40, 4, 60, 24], (32, 0, 68, 32), (0, 4)),
+    ("right", [72, 20, 92, 40], (64, 12, 96, 48), (-4, 0)),
+    ("bottom", [40, 40, 60, 60], (32, 32, 68, 64), (0, -4))])
+def test_a_crop_cut_at_any_frame_edge_is_stylized_afresh_where_the_motion_pulls_that_edge_into_view(
+        edge, box, crop, step):
+    """A's crop (frame 0) is cut at one edge of the 96x64 frame. Moved 4 px away from that edge (frame 1), the strip
+    of its mask next to the edge has no stylized pixels under it: stylized afresh. Moved 4 px towards the edge, what
+    leaves the frame is only cut off: carried."""
+    frame0 = (instances([box], [1]), [1], ["candy"], False)
+    for sign in (1, -1):
+        dx, dy = sign * step[0], sign * step[1]
+        moved = instances([[box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]], [1])
+        _, plan = plan_for([frame0, (moved, [1], ["candy"], True)], [crop, crop])
+        want = {} if sign == 1 else {1: (0, dx, dy)}
+        assert {k: (move.source.job, move.dx, move.dy) for k, move in plan.carried.items()} == want, edge
+
+
 def test_sources_outlive_the_batch_and_a_crop_moved_off_the_frame_is_cut():
     """The next batch's skipped frame carries the last segmented frame's crop; moved partly off the frame, the crop
     and its pixels are cut to it; moved wholly off, the object gets no region."""
     carry, plan = plan_for([(instances([[60, 10, 80, 30]], [1]), [7], ["candy"], False)], [(52, 0, 88, 40)])
     pixels = torch.arange(3 * 40 * 36, dtype=torch.float32).reshape(3, 40, 36)
     carry.place(plan, [((52, 0, 88, 40), pixels)], SIZE)
-    for dx, want in ((-10, ((42, 0, 78, 40), pixels)), (10, ((62, 0, 96, 40), pixels[:, :, :34])), (50, None)):
+    # off the left edge (-60: x from -8), the crop's first 8 columns are cut, and the view starts after them
+    for dx, want in ((-10, ((42, 0, 78, 40), pixels)), (10, ((62, 0, 96, 40), pixels[:, :, :34])),
+                     (-60, ((0, 0, 28, 40), pixels[:, :, 8:])), (50, None)):
         _, plan = plan_for([(instances([[60 + dx, 10, 80 + dx, 30]], [1]), [7], ["candy"], True)], [(0, 0, 1, 1)],
                            carry=carry)
         results = [None]

@@ -277,13 +277,15 @@ def test_auto_crop_bucket_is_coarse_on_gpus_only_and_scales_with_the_frame(bank)
 
 def test_a_tracked_object_keeps_its_max_side_factor_from_frame_to_frame(bank):
     """An object whose crop hovers at style.max_side keeps the factor it had (one stroke scale), frame to frame and
-    across batches; an untracked one (-1) and a track unseen for FACTOR_MEMORY_FRAMES start afresh."""
+    across batches; an untracked one (-1) and a track unseen for more than FACTOR_MEMORY_FRAMES start afresh.
+    Missing from a batch's last frame, or unseen for 48 frames, a track still has its factor when it is back;
+    unseen for 49, not."""
     stage = StylizeStage.from_config(style_cfg(max_side=40, margin=8), bank)
     # crops at factor 1 (margin 8, 4 px grid): 30 px box -> 44 px, over the cap; 26 -> 40 and 22 -> 36, near it;
     # 14 -> 28, 0.7 of it
     sides = [30, 26, 22, 26, 14, 26, 22]
 
-    def factors(start, track_ids):
+    def batch_factors(stage, start, sides, track_ids):
         batch = [frame(start + k, [(4, 4, side, 1, 0.9)]) for k, side in enumerate(sides)]
         for record, track in zip(batch, track_ids):
             record.track_ids = torch.tensor([track])
@@ -291,12 +293,25 @@ def test_a_tracked_object_keeps_its_max_side_factor_from_frame_to_frame(bank):
         boxes = torch.stack([record.instances.boxes[0] for record in batch])
         return stage._factors(batch, jobs, boxes, (H, W))
 
+    def factors(start, track_ids):
+        return batch_factors(stage, start, sides, track_ids)
+
     assert factors(0, [5] * 7) == [2, 2, 2, 2, 1, 1, 1]  # keeps 2 near the cap, back to 1 with room
     assert factors(7, [-1] * 7) == [2, 1, 1, 1, 1, 1, 1]  # untracked: each frame on its own
     assert factors(14, [5] * 7) == [2, 2, 2, 2, 1, 1, 1]
     assert stage._track_factors[5] == (1, 20)
     factors(14 + FACTOR_MEMORY_FRAMES + 7, [6] * 7)
     assert 5 not in stage._track_factors
+
+    # a 26 px box takes factor 1 afresh, 2 on a track that had 2 (the memory kept only the batch's last frame's)
+    missing = StylizeStage.from_config(style_cfg(max_side=40, margin=8), bank)
+    assert batch_factors(missing, 0, [30, 26, 26], [5, 5, 7]) == [2, 2, 1]
+    assert batch_factors(missing, 3, [26], [5]) == [2]
+    for unseen, factor in ((47, 2), (FACTOR_MEMORY_FRAMES, 2), (49, 1)):
+        gap = StylizeStage.from_config(style_cfg(max_side=40, margin=8), bank)
+        assert batch_factors(gap, 0, [30], [5]) == [2]
+        batch_factors(gap, 1, [14] * unseen, [6] * unseen)
+        assert batch_factors(gap, unseen + 1, [26], [5]) == [factor], unseen
 
 
 @pytest.mark.parametrize("downsample", [2, 3])

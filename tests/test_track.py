@@ -11,6 +11,7 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 from scipy import ndimage
+from torchvision.ops import box_iou
 from omegaconf import OmegaConf
 
 from common.errors import SettingError
@@ -170,6 +171,32 @@ def test_mask_size_sets_the_grid_masks_are_compared_on(mask_size, ids):
     assert got == [[i] for i in ids]
 
 
+def test_an_object_of_a_few_shrunk_cells_is_matched_on_its_box():
+    """At 1080p (30-px cells) a 90 px disc shrinks to 4 cells, a coarse mask (< COARSE_CELLS, 16), whose IoU with
+    itself moved 40 px (a cell and a third) is mostly the grid's rounding: its box IoU, 50 / 130 = 0.38, keeps its
+    id. Motion off, the track's mask stays 40 px behind, and from frame 2 on the track is not young (no box round):
+    with a cut-off of 4 cells those masks were compared, and the disc took a new id."""
+    tracker = Tracker(motion=False)
+    frames = [square_instances([(300 + 40 * i, 500, 90, 1, 0.9)], size=HD) for i in range(5)]
+    cells = frames[0].masks.shrunk(tracker._small_size(HD)).flatten(1).sum(1)
+    assert 4 <= int(cells) < 16
+    assert float(box_iou(frames[0].boxes, frames[1].boxes)) == pytest.approx(50 / 130)
+    assert [tracker.update(found, HD).tolist() for found in frames] == [[1]] * 5
+
+
+def test_a_coarse_track_mask_is_matched_on_its_box_when_its_detection_is_not_coarse():
+    """A 90 px disc at 1080p grows 40 px a frame and moves 20: on frame 2 its detection (170 px) shrinks to 16 cells
+    and its track's mask (frame 1's, 130 px) to 8, coarse: the pair is matched on its box (IoU 110·130 / (130² + 170²
+    - 110·130) = 0.45), which keeps its id, not on the coarse track mask's IoU."""
+    tracker = Tracker(motion=False)
+    frames = [square_instances([(300 + 20 * i, 500, 90 + 40 * i, 1, 0.9)], size=HD) for i in range(5)]
+    cells = [int(found.masks.shrunk(tracker._small_size(HD)).flatten(1).sum(1)) for found in frames[1:3]]
+    assert cells[0] < 16 <= cells[1]
+    inter = 110 * 130
+    assert float(box_iou(frames[1].boxes, frames[2].boxes)) == pytest.approx(inter / (130 ** 2 + 170 ** 2 - inter))
+    assert [tracker.update(found, HD).tolist() for found in frames] == [[1]] * 5
+
+
 def test_one_frame_miss_is_bridged_and_long_miss_ends_the_track():
     present = [(30, 30, 10, 2, 0.9)]
     frames = [present] * 4 + [[]] + [present] * 3
@@ -203,6 +230,20 @@ def test_birth_threshold():
     frames = [[(20, 20, 8, 1, 0.3)], [(20, 20, 8, 1, 0.9)], [(20, 20, 8, 1, 0.3)]]
     # A weak detection starts no track, but continues one that a confident detection started.
     assert run(Tracker(birth_score=0.5), frames) == [[-1], [1], [1]]
+
+
+def test_a_pair_at_exactly_min_iou_is_matched_and_a_score_of_exactly_birth_score_starts_a_track():
+    """The thresholds are inclusive, as documented (pairs with IoU >= min_iou; score >= birth_score): a box that
+    doubles its height keeps half its area in common (200 / 400 px: 0.5 exactly in float32) and, at min_iou 0.5,
+    its id; a detection of score 0.5 at birth_score 0.5 is confident."""
+    assert match(torch.tensor([[0.5]]), 0.5) == [(0, 0)]
+    tracker = Tracker(match_on="box", min_iou=0.5, motion=False)
+    boxes = [[10, 10, 30, 20], [10, 10, 30, 30]]
+    ids = [tracker.update(Instances(image_size=SIZE, boxes=torch.tensor([box], dtype=torch.float32),
+                                    scores=torch.tensor([0.9]), labels=torch.tensor([1]), masks=None), SIZE).tolist()
+           for box in boxes]
+    assert ids == [[1], [1]]
+    assert run(Tracker(birth_score=0.5), [[(30, 30, 8, 1, 0.5)]] * 2) == [[1], [1]]
 
 
 def test_confident_detection_keeps_its_track_over_a_weak_fragment_that_overlaps_more():
