@@ -236,6 +236,8 @@ def test_grouped_batches_are_homogeneous_and_ranks_agree():
     dataset = _Sizes(sizes)
     groups = aspect_ratio_groups(dataset)
     assert groups == [1 if h <= w else 0 for h, w in sizes]
+    # a square image joins the landscape ones (torchvision's reference: bins=[1], width / height >= 1)
+    assert aspect_ratio_groups(_Sizes([(480, 640), (640, 480), (512, 512)])) == [1, 0, 1]
 
     sampler = GroupedBatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(0)), groups, 4)
     batches = list(sampler)
@@ -312,3 +314,14 @@ def test_error_in_a_loader_worker_keeps_its_one_line_message(tiny_coco):
         next(iter(loader))
     assert str(error.value) == f"image file not found: {images_dir / 'b.png'}"
     assert "Traceback" in error.value.worker_traceback
+
+
+def test_data_config_hflip_prob_flips_training_images_masks_and_boxes(tiny_coco):
+    images_dir, ann_file = tiny_coco
+    image, target = CocoDetection(images_dir, ann_file)[0]
+    f_image, f_target = build_dataset(_data_config(tiny_coco, hflip_prob=1.0), "train")[0]
+    torch.testing.assert_close(f_image, image.flip(-1))
+    torch.testing.assert_close(f_target["masks"], target["masks"].flip(-1))
+    width = image.shape[-1]
+    x1, y1, x2, y2 = target["boxes"].unbind(1)
+    torch.testing.assert_close(f_target["boxes"], torch.stack([width - x2, y1, width - x1, y2], 1))

@@ -261,3 +261,19 @@ def test_export_counts_only_real_classes(tmp_path, capsys):
     source = save_checkpoint(model, tmp_path / "gaps.pt")
     assert main([str(source), str(tmp_path / "out.pt")]) == 0
     assert capsys.readouterr().out.strip().endswith(", 2 classes (cat, cup)")
+
+
+def test_fp16_file_keeps_integer_buffers_exact(tmp_path):
+    # num_batches_tracked is an int64 count: beyond fp16's 65504 a cast would not even stay finite
+    model = build_model(SegmenterConfig(**{**SMALL, "norm": "bn"}))
+    counters = [name for name, value in model.state_dict().items() if name.endswith("num_batches_tracked")]
+    assert counters
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked.fill_(90001)
+    half = save_checkpoint(model, tmp_path / "half.pt", weights_dtype=torch.float16)
+    stored = torch.load(half, weights_only=True)["model"]
+    loaded = load_checkpoint(half).state_dict()
+    for name in counters:
+        assert stored[name].dtype == torch.int64 and int(stored[name]) == 90001, name
+        assert loaded[name].dtype == torch.int64 and int(loaded[name]) == 90001, name

@@ -158,6 +158,12 @@ def test_transform_equals_torchvision():
     assert torch.equal(got.tensors, want.tensors)
     for a, b in zip(got_targets, want_targets):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    # several training sizes: evaluation, like torchvision's, resizes to the last one
+    multi = SegmenterConfig(min_size=[160, 192, 224], max_size=320)
+    theirs = GeneralizedRCNNTransform((160, 192, 224), 320, multi.image_mean, multi.image_std).eval()
+    want, _ = theirs(images)
+    got, _ = ImageTransform(multi).float_batch(images)
+    assert got.image_sizes == want.image_sizes and torch.equal(got.tensors, want.tensors)
 
 
 def test_detection_selection_equals_torchvision():

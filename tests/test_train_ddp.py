@@ -5,6 +5,7 @@ import json
 import socket
 import sys
 
+import pytest
 import torch
 
 from tests.train_fixtures import CLI_OVERRIDES, ROOT, run_module
@@ -30,24 +31,31 @@ def _rank_main(rank: int, port: int, overrides: list[str], dump_dir: str) -> Non
     import segment.engine as engine
     from segment.train import train
 
-    fitted = {}
-    original_fit = engine.Trainer.fit
+    fitted = {"losses": []}
+    original_fit, original_step = engine.Trainer.fit, engine.Trainer.train_step
 
     def fit_and_keep(self):
         fitted["model"] = self.model
         return original_fit(self)
 
+    def step_and_keep(self, images, targets):
+        values = original_step(self, images, targets)
+        fitted["losses"].append(values[-1].item())  # this rank's own total loss, before any averaging
+        return values
+
     engine.Trainer.fit = fit_and_keep
+    engine.Trainer.train_step = step_and_keep
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     train(cfg)
     torch.save(fitted["model"].state_dict(), f"{dump_dir}/rank{rank}.pt")
+    torch.save(fitted["losses"], f"{dump_dir}/losses{rank}.pt")
 
 
 def test_two_process_ddp_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
     out = tmp_path / "run"
-    overrides = ["schedule=tiny", "schedule.max_iters=3", f"output_dir={out}", f"data.root={tmp_path / 'data'}",
-                 "device=cpu", *CLI_OVERRIDES]
+    overrides = ["schedule=tiny", "schedule.max_iters=3", "schedule.warmup_iters=2", "schedule.warmup_factor=0.5",
+                 f"output_dir={out}", f"data.root={tmp_path / 'data'}", "device=cpu", *CLI_OVERRIDES]
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     torch.multiprocessing.spawn(_rank_main, args=(_free_port(), overrides, str(dumps)), nprocs=2, join=True)
@@ -60,6 +68,12 @@ def test_two_process_ddp_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["iter"] for e in entries] == [1, 2, 3]  # one writer: no duplicated lines
     assert all(e["images_per_s"] > 0 for e in entries)
+    # the linear scaling rule counts both processes' images (2 x 2 of the paper's 16), then the warm-up scales it
+    assert [e["lr"] for e in entries] == pytest.approx([0.02 * 4 / 16 * f for f in (0.5, 0.75, 1.0)])
+    # each logged loss is the mean over the processes, not their sum
+    losses = [torch.load(dumps / f"losses{rank}.pt") for rank in range(2)]
+    assert losses[0] != losses[1]
+    assert [e["loss"] for e in entries] == pytest.approx([(a + b) / 2 for a, b in zip(*losses)], rel=1e-5)
     state = torch.load(out / "last.pt", weights_only=True)["training_state"]
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl", "model_final.pt"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from bisect import bisect_right
 from functools import partial
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def test_schedule_warmup_steps_and_linear_scaling():
         sched.step()
     warm = [0.02 * (0.001 * (1 - i / 4) + i / 4) for i in range(4)]
     assert lrs == pytest.approx(warm + [0.02, 0.02, 0.002, 0.002, 0.0002, 0.0002])
+    # a milestone inside the warm-up decays it too (Detectron2's closed form: the two factors multiply)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    sched = WarmupMultiStepLR(opt, [2, 6], gamma=0.1, warmup_iters=4, warmup_factor=0.001)
+    for it in range(8):
+        warmup = 0.001 * (1 - it / 4) + it / 4 if it < 4 else 1.0
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.02 * 0.1 ** bisect_right([2, 6], it) * warmup), it
+        opt.step()
+        sched.step()
     with pytest.raises(ConfigError):
         WarmupMultiStepLR(opt, [8, 6])
 
@@ -429,6 +438,9 @@ def test_schedule_scaling_rounds_and_leaves_unreferenced_schedules_alone():
     assert effective_schedule(paper, 3) == {"max_iters": 853333, "steps": [640000, 853333], "warmup_iters": 5333,
                                             "factor": Fraction(16, 3)}
     assert effective_schedule(paper, 32)["steps"] == [60000, 80000]
+    # fractions of .5 and more round up (426666.67), not down as int() would
+    assert effective_schedule(paper, 6) == {"max_iters": 426667, "steps": [320000, 426667], "warmup_iters": 2667,
+                                            "factor": Fraction(8, 3)}
     assert describe_schedule(paper, 2) == (
         "schedule: 1280000 iterations, warm-up 8000, lr x0.1 at iterations 960000, 1280000 "
         "(schedule.reference_images_per_iter=16: its counts x8 for 2 images/iter, the same epochs)")
@@ -507,3 +519,69 @@ def test_resume_note_counts_one_process_in_the_singular(dataset, tmp_path, capsy
     capsys.readouterr()
     two.resume(tmp_path / LAST)
     assert "written by 1 process, now 2: " in capsys.readouterr().out
+
+
+class _Linear(torch.nn.Module):
+    """loss = 3 * sum(w): every element's gradient is 3 at any w, so each SGD step's size is the lr times 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, images, targets):
+        return {"loss_a": (self.w * 3.0).sum()}
+
+
+def _linear_trainer(tmp_path, amp="none", clip_grad_norm=0.0, warmup_iters=0):
+    from segment.engine import Trainer, TrainSettings
+
+    model = _Linear()
+    opt = build_optimizer(model, 1.0, momentum=0.0, weight_decay=0.0)
+    sched = WarmupMultiStepLR(opt, [2], gamma=0.5, warmup_iters=warmup_iters, warmup_factor=0.1)
+    return model, Trainer(model, opt, sched, None, TrainSettings(tmp_path, 4, amp=amp, clip_grad_norm=clip_grad_norm))
+
+
+def test_each_step_uses_the_lr_it_logs(tmp_path):
+    # fit logs the lr read before train_step: the optimizer must step with it before the scheduler moves on
+    model, trainer = _linear_trainer(tmp_path, warmup_iters=2)
+    logged, steps = [], []
+    for _ in range(4):
+        logged.append(trainer.optimizer.param_groups[0]["lr"])
+        before = model.w.detach().clone()
+        trainer.train_step([], [])
+        steps.append((before - model.w.detach()) / 3.0)
+    # warm-up 0.1 -> 1 over two iterations, then halved at the milestone 2
+    assert logged == pytest.approx([0.1, 0.55, 0.5, 0.5])
+    for lr, step in zip(logged, steps):
+        assert step.tolist() == pytest.approx([lr] * 4)
+
+
+def test_fp16_clipping_bounds_the_unscaled_gradient(tmp_path):
+    # clipping the scaled gradients (65536 x) would shrink the update by the scale instead of to the clip norm
+    model, trainer = _linear_trainer(tmp_path, amp="fp16", clip_grad_norm=1.0)
+    assert trainer.scaler.is_enabled()
+    before = model.w.detach().clone()
+    trainer.train_step([], [])
+    reference = torch.nn.Parameter(before.clone())
+    reference.grad = torch.full((4,), 3.0)
+    torch.nn.utils.clip_grad_norm_([reference], 1.0)
+    assert (before - model.w.detach()).tolist() == pytest.approx(reference.grad.tolist(), rel=1e-3)
+    assert float((before - model.w.detach()).norm()) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_diverging_run_stops_with_a_training_error_and_no_final_model(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, 2, lr=1e9)
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.fit()
+    assert not (tmp_path / "model_final.pt").exists()
+
+
+def test_a_logging_window_reports_its_mean_loss_and_all_its_images(dataset, tmp_path):
+    each = [h for h in make_trainer(dataset, tmp_path / "each", 3, seed=5, log_every=1).fit() if h["type"] == "train"]
+    window = [h for h in make_trainer(dataset, tmp_path / "window", 3, seed=5, log_every=3).fit()
+              if h["type"] == "train"]
+    assert len(each) == 3 and len(window) == 1
+    for key in ("loss", *(k for k in window[0] if k.startswith("loss_"))):
+        assert window[0][key] == pytest.approx(np.mean([h[key] for h in each]), rel=1e-5), key
+    # the first window starts with the run: its seconds are the run's time so far, over 3 iterations of 2 images
+    assert window[0]["images_per_s"] == pytest.approx(3 * 2 / window[0]["time"], rel=1e-2)

@@ -3,12 +3,15 @@ survive a failing evaluation, refused resumes that change nothing, overwrite=tru
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from common.outputs import AtomicOutput, leftover_temp_files
 from segment.engine import FINAL, LAST, METRICS, TrainingError
+from segment.loader import BatchStream
 from segment.train import train
 from tests.train_fixtures import data_root, make_trainer, one_thread, synthetic_split, train_config  # noqa: F401
 
@@ -251,3 +254,31 @@ def test_a_second_training_into_the_same_output_dir_stops_while_the_first_runs(d
     (tmp_path / ".lock").write_text("4242\n")  # what a killed run leaves: the kernel released its lock
     train(train_config(tmp_path, data_root, "resume=true", "schedule.max_iters=3"))
     assert _iterations(tmp_path) == [1, 2, 3]
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each sample is its index and one draw from torch's global RNG: what a random flip or scale reads."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return index, torch.rand(1).item()
+
+
+def _stream_batches(num_workers: int, count: int = 4) -> list[list[tuple[int, float]]]:
+    stream = BatchStream(_Draws(), partial(BatchSampler, batch_size=2, drop_last=True), list, seed=5,
+                         num_workers=num_workers)
+    return [next(stream) for _ in range(count)]
+
+
+def test_the_stream_shuffles_each_epoch_and_seeds_each_sample_apart():
+    batches = _stream_batches(0)
+    for epoch in range(2):  # two batches an epoch
+        sampler = DistributedSampler(_Draws(), num_replicas=1, rank=0, shuffle=True, seed=5)
+        sampler.set_epoch(epoch)
+        assert [i for batch in batches[2 * epoch:2 * epoch + 2] for i, _ in batch] == list(sampler), epoch
+    draws = [draw for batch in batches for _, draw in batch]
+    assert len(set(draws)) == len(draws)  # no two places, in a batch or across epochs, draw alike
+    # a worker's RNG is reseeded per sample as the main process's is: the same draws with or without workers
+    assert _stream_batches(2) == batches

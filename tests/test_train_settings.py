@@ -87,3 +87,38 @@ def test_a_sweep_with_an_output_dir_hydra_cannot_use_is_refused_in_one_line(tmp_
                        f"data.root={tmp_path / 'data'}"], tmp_path)
     assert done.returncode == 2 and re.fullmatch(message, done.stderr), done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_the_schedule_settings_reach_the_optimizer_scheduler_stream_and_loop(data_root, tmp_path):
+    import torch
+
+    from segment.distributed import DistInfo
+    from segment.train import build_trainer, checked_train_settings
+
+    cfg = train_config(tmp_path / "run", data_root, "schedule.gamma=0.5", "schedule.momentum=0.5",
+                       "schedule.norm_weight_decay=0", "schedule.bias_weight_decay=0.001", "schedule.steps=[1]",
+                       "clip_grad_norm=3", "seed=7")
+    trainer = build_trainer(cfg, DistInfo(), checked_train_settings(cfg))
+    assert trainer.settings.clip_grad_norm == 3.0
+    assert trainer.stream.seed == 7
+    assert trainer.scheduler.gamma == 0.5 and trainer.scheduler.milestones == [1]
+    groups = trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 0.001]
+    assert all(g["momentum"] == 0.5 and not g["nesterov"] for g in groups)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    norms = {n for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    norm_names, bias_names = ({names[id(p)] for p in g["params"]} for g in groups[1:])
+    assert norm_names and all(n.rpartition(".")[0] in norms for n in norm_names)
+    assert bias_names and all(n.endswith(".bias") and n.rpartition(".")[0] not in norms for n in bias_names)
+    assert all(n.endswith(".bias") or n.rpartition(".")[0] in norms for n in norm_names | bias_names)
+    # one step by hand: plain (not Nesterov) momentum's first step is lr * (grad + decay * weight)
+    lr = groups[0]["lr"]
+    expected = {}
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, 0.25)
+            expected[id(p)] = p.detach() - lr * (p.grad + group["weight_decay"] * p.detach())
+    trainer.optimizer.step()
+    for group in groups:
+        for p in group["params"]:
+            torch.testing.assert_close(p.detach(), expected[id(p)], rtol=0, atol=1e-6)
