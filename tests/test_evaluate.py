@@ -188,7 +188,11 @@ def test_cli_stopped_by_a_signal_says_so_in_one_line(dataset, tmp_path, capsys, 
 def test_a_sigterm_to_the_workers_too_is_one_line(dataset, tmp_path):
     """`timeout` and job schedulers send SIGTERM to the whole process group: a loader worker died of it, and the
     evaluation printed "DataLoader worker ... is killed by signal" tracebacks (exit 1 at times) around its line.
-    Here the worker that loads the second image gets it first, and the evaluation half a second later."""
+    Then a worker stopped at its signal, and an evaluation that came to the loader before it came to its own signal
+    (a loaded machine) failed to fetch the batch the worker had queued (FileNotFoundError: its tensors are shared by
+    file descriptor, from the worker), exit 1. Here that order is certain: the worker gets SIGTERM as it loads the
+    third image, having queued the second batch, which the evaluation takes once that worker has left or has gone
+    on; then the evaluation gets its own SIGTERM."""
     import subprocess
     import sys
     import textwrap
@@ -197,16 +201,37 @@ def test_a_sigterm_to_the_workers_too_is_one_line(dataset, tmp_path):
     from tests.train_fixtures import ROOT
 
     checkpoint = _random_checkpoint(tmp_path / "tiny.pt")
+    signalled, went_on = tmp_path / "signalled", tmp_path / "went_on"
     driver = textwrap.dedent(f"""
-        import os, signal, sys, threading
+        import os, pathlib, signal, sys, time
         import segment.evaluate as evaluate
+        signalled, went_on = pathlib.Path({str(signalled)!r}), pathlib.Path({str(went_on)!r})
         real = evaluate._Images.__getitem__
         def getitem(self, index):
-            if index == 1:  # in the worker: the evaluation's SIGTERM comes once the worker has had its own
-                threading.Timer(0.5, os.kill, (os.getppid(), signal.SIGTERM)).start()
+            if index == 2:  # in the worker, once it has queued the second batch
+                signalled.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGTERM)
+                went_on.touch()
             return real(self, index)
+        def gone(pid):
+            stat = pathlib.Path(f"/proc/{{pid}}/stat")
+            return not stat.is_file() or stat.read_text().split()[2] == "Z"
+        def batches(iterable, **kwargs):  # in place of tqdm: the second batch taken late, then the SIGTERM
+            batches = iter(iterable)
+            yield next(batches)  # the loader hands the worker its first indices here
+            deadline = time.monotonic() + 60
+            while not signalled.is_file() or not signalled.read_text():
+                assert time.monotonic() < deadline, "no worker loaded the third image"
+                time.sleep(0.01)
+            worker = int(signalled.read_text())
+            deadline = time.monotonic() + 1.5  # half the grace a signalled worker waits (workers.STOP_GRACE_S)
+            while not went_on.is_file() and not gone(worker) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = next(batches)
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield second
         evaluate._Images.__getitem__ = getitem
+        evaluate.tqdm = batches
         sys.exit(evaluate.main(["--checkpoint", {str(checkpoint)!r}, "--images", {str(dataset.image_dir)!r},
                                 "--annotations", {str(dataset.annotation_file)!r}, "--device", "cpu",
                                 "--batch-size", "1", "--num-workers", "1"]))
@@ -214,7 +239,7 @@ def test_a_sigterm_to_the_workers_too_is_one_line(dataset, tmp_path):
     child = interruptible_popen([sys.executable, "-c", driver], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     _, err = child.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("evaluate:")]  # its bar
+    lines = [line for line in err.splitlines() if line.strip()]
     assert child.returncode == 143 and lines == ["error: interrupted: nothing written"], err
 
 
