@@ -71,7 +71,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
     # the linear scaling rule counts both processes' images (2 x 2 of the paper's 16), then the warm-up scales it
     assert [e["lr"] for e in entries] == pytest.approx([0.02 * 4 / 16 * f for f in (0.5, 0.75, 1.0)])
     # each logged loss is the mean over the processes, not their sum
-    losses = [torch.load(dumps / f"losses{rank}.pt") for rank in range(2)]
+    losses = [torch.load(dumps / f"losses{rank}.pt", weights_only=True) for rank in range(2)]
     assert losses[0] != losses[1]
     assert [e["loss"] for e in entries] == pytest.approx([(a + b) / 2 for a, b in zip(*losses)], rel=1e-5)
     state = torch.load(out / "last.pt", weights_only=True)["training_state"]
