@@ -62,6 +62,9 @@ OUT_SUFFIXES = (".pt", ".pth")
 # The least image_size / style_size: two stride-2 convs leave the net a 4x4 map, VGG's three poolings relu4_3 a
 # 2x2 one (a Gram matrix over fewer pixels says little about a style).
 MIN_SIZE = 16
+ADAM_BETA1 = 0.9  # torch's default, which the optimizer is built with
+# Adam's first step is lr / (1 - beta1), a float32 scalar in its kernel: a larger lr was a RuntimeError traceback
+MAX_LR = torch.finfo(torch.float32).max * (1 - ADAM_BETA1)
 # What a resume state must share with the run that continues it: they set the data, the losses, the optimizer
 # or the network trained. steps, checkpoint_every, log_every, device, name and out may change.
 RESUME_KEYS = ("mode", "init", "init_style", "bank", "style_image", "content", "vgg", "batch_size", "image_size",
@@ -158,7 +161,8 @@ def _check_settings(cfg: DictConfig) -> None:
     whole(cfg.get("checkpoint_every", 0), "checkpoint_every", 0)
     for key in ("overwrite", "resume"):
         flag(cfg.get(key, False), key)
-    number(cfg.lr, "lr", 0, low_open=True)
+    if number(cfg.lr, "lr", 0, low_open=True) > MAX_LR:
+        raise SettingError(f"lr must be at most {MAX_LR:.3g} (Adam's float32 step), got {cfg.lr!r}")
     weights = {key: number(cfg[key], key, 0) for key in ("content_weight", "style_weight", "tv_weight")}
     # With neither the content nor the style term the run trained for hours and wrote a "trained" style that was its
     # starting row (tv alone only smooths it). mode=full may train on the content alone: an auto-encoder whose
@@ -272,7 +276,7 @@ def train(cfg: DictConfig, run: TrainingRun | None = None, folder: Path | None =
         network = MultiStyleNet(num_styles=len(style_paths))
     network.to(device).train()
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=float(cfg.lr))
+    optimizer = torch.optim.Adam(trainable, lr=float(cfg.lr), betas=(ADAM_BETA1, 0.999))
 
     history: list[dict[str, float]] = []
     start = run.saved

@@ -157,6 +157,17 @@ def test_bad_settings_and_outputs_are_refused_before_training(files, tmp_path, m
     assert existing.read_bytes() == b"the user's"
 
 
+def test_an_lr_past_adams_float32_step_is_refused(files, tmp_path):
+    """lr=1e39 was a RuntimeError traceback from inside Adam's first step: lr / (1 - 0.9) overflows float32."""
+    from common.errors import UserError
+    from stylize.train import train
+
+    with pytest.raises(UserError, match=re.escape("lr must be at most 3.4e+37 (Adam's float32 step), got 1e+39")):
+        train(config(files, lr=1e39, out=str(tmp_path / "coffee.pt")))
+    train(small(files, lr=3.4e37, out=str(tmp_path / "coffee.pt"), steps=1))  # the largest allowed lr steps
+    assert (tmp_path / "coffee.pt").is_file()
+
+
 def test_out_is_a_pytorch_file(files, tmp_path):
     """out=a.txt is refused (above); .pth, torchvision's suffix and export_segmenter's other one, is one too."""
     from stylize.train import _output
