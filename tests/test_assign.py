@@ -225,9 +225,17 @@ def test_forgetting_ended_tracks_changes_no_style_and_bounds_what_is_held(bank, 
     assert len(keeper._track_styles) == 1500
 
 
-def test_the_render_forgets_tracks_after_the_trackers_horizon():
+def test_the_render_forgets_tracks_after_the_trackers_horizon(tmp_path):
     """Missed on max_misses segmented frames, each up to segment_every apart, a track can still come back."""
+    from pipeline.render import build_stages, compose_config
+    from tests.render_cli import tiny_model_overrides
+
     assert Tracker(max_misses=5).horizon(1) == 6 and Tracker(max_misses=2).horizon(3) == 9
+    # the render's assigner keeps a track that long (palette_memory=0: the horizon alone decides)
+    cfg = compose_config(["input=in.mp4", "output=out.mp4", *tiny_model_overrides(tmp_path), "segment_every=4",
+                          "track.max_misses=2", "style.palette_memory=0"])
+    assigner = dict(build_stages(cfg, torch.device("cpu"), None, tmp_path / "out.mp4").run)["assign"]
+    assert assigner.horizon == Tracker(max_misses=2).horizon(4) == 12
 
 
 def test_blend_spec_and_background_count_as_used(bank):

@@ -454,3 +454,19 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_error(tmp_path):
         with AtomicOutput(tmp_path / "race.mp4") as temp:
             (tmp_path / "race.mp4").write_bytes(b"someone else's")
     assert (tmp_path / "race.mp4").read_bytes() == b"someone else's" and not temp_leftovers(tmp_path)
+
+
+def test_the_feather_may_reach_as_far_as_the_margin_in_frame_pixels(models):
+    """The crops' margin in the frame's pixels is style.margin x style.downsample: a feather of exactly that many
+    pixels builds, one more is refused (the stages are built without a render: the check is made there)."""
+    from pipeline.errors import PipelineConfigError
+    from pipeline.render import build_stages, compose_config
+
+    def stages(feather_px: int):
+        cfg = compose_config(["input=in.mp4", "output=out.mp4", *models, "style.margin=2", "style.downsample=2",
+                              f"composite.feather_px={feather_px}"])
+        return build_stages(cfg, torch.device("cpu"), None, Path("out.mp4"))
+
+    assert [name for name, _ in stages(4).run] == ["segment", "track", "assign", "stylize", "composite"]
+    with pytest.raises(PipelineConfigError, match=r"feather_px=5 reaches past the crops' margin \(4 px"):
+        stages(5)

@@ -293,8 +293,9 @@ def test_config():
             assert {key: getattr(owner, name) for key, name in where.items()} == settings, owner
     with pytest.raises(SettingError, match="unknown composite setting"):
         Compositor.from_config({"feather": 3})
-    with pytest.raises(SettingError, match="smooth_masks"):
-        Compositor.from_config({"smooth_masks": 1.5})
+    for smooth in (1.5, 1.0):  # 1.0 would keep the first frame's mask for ever
+        with pytest.raises(SettingError, match="smooth_masks"):
+            Compositor.from_config({"smooth_masks": smooth})
 
 
 @pytest.mark.parametrize("feather_px", [1, 3, 8])
@@ -325,3 +326,46 @@ def test_the_stability_union_takes_two_operators_a_track():
         return operators(lambda: compositor._measure(image, output, masks))
 
     assert counted(8) - counted(4) == 2 * 4
+
+
+def test_equal_scores_put_the_later_instance_on_top():
+    """The documented tie order (a stable sort): the later instance is blended last, so it covers the overlap."""
+    image = random_image()
+    a, b = disc(26, 24, 12), disc(38, 24, 12)
+    out = Compositor(feather_px=0).composite(make_record(image, [a, b], [1.0, 0.0], scores=[0.8, 0.8]))
+    overlap = (a * b).bool()
+    assert overlap.sum() > 20 and (out[:, overlap] == 0).all()
+    assert (out[:, (a - b).clamp(min=0).bool()] == 255).all()
+
+
+def test_a_track_whose_masks_do_not_overlap_in_consecutive_frames_has_no_figure():
+    # radius 8 discs 30 px apart: 0 pixels in both masks, so no pixel to average over (not a division by zero)
+    first, second = disc(16, 24, 8), disc(46, 24, 8)
+    assert first.sum() > 150 and (first * second).sum() == 0
+    compositor = Compositor(feather_px=2)
+    compositor([make_record(random_image(i), [m], [0.8], track_ids=[1], index=i)
+                for i, m in enumerate((first, second))])
+    assert compositor.stability() is None and compositor.input_change() is None
+
+
+def test_a_frame_without_the_track_breaks_the_pair():
+    """Frames 0 and 2 are not consecutive: a track absent from frame 1 adds nothing across it."""
+    mask = disc(30, 24, 10)
+    records = [make_record(random_image(0), [mask], [0.8], track_ids=[1], index=0),
+               make_record(random_image(1), [], [], index=1),
+               make_record(random_image(2), [mask], [0.8], track_ids=[1], index=2)]
+    compositor = Compositor(feather_px=2)
+    compositor(records)
+    assert compositor.stability() is None and compositor.input_change() is None
+
+
+def test_a_frame_of_another_size_is_not_compared_with_the_last_one(monkeypatch):
+    """Only pairs of frames of one size are measured: after a size change the figure is the later pair's alone."""
+    mask = disc(30, 24, 10)
+    small = make_record(random_image(0), [mask], [0.8], track_ids=[1], index=0)
+    monkeypatch.setitem(globals(), "W", W + 16)  # disc and make_record build the wider frames
+    wide = [make_record(random_image(i), [disc(30, 24, 10)], [0.8], track_ids=[1], index=i) for i in (1, 2)]
+    compositor = Compositor(feather_px=2)
+    compositor([small, *wide])
+    assert compositor.input_change() == pytest.approx(measured_flicker(wide, "image"), rel=1e-5)
+    assert compositor.stability() == pytest.approx(measured_flicker(wide), rel=1e-5)

@@ -3,6 +3,7 @@ survive; untouched pixels stay the input's; sweeps write one output per run in t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from fractions import Fraction
@@ -12,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -89,6 +91,52 @@ def test_original_background_keeps_pixels_outside_instances(tmp_path, models, vf
             inside_diffs.append(np.abs(after[covered].astype(int) - before[covered].astype(int)).mean())
     assert outside_checked >= 2, "instances covered (nearly) every frame: nothing was left to compare"
     assert inside_diffs and max(inside_diffs) > 8, "no instance was stylized: the check above proves nothing"
+    # the summary line's numbers against the dump and the frames
+    numbers = _summary_numbers(result.stdout)
+    assert numbers["frames"] == len(records)
+    assert numbers["instances"] == sum(len(record["instances"]) for record in records) > len(records)
+    seconds = numbers["seconds"]  # printed to 0.1 s, the fps to 0.01
+    assert len(records) / (seconds + 0.05) - 0.01 <= numbers["fps"] <= len(records) / max(seconds - 0.05, 1e-3) + 0.01
+    # the input's and the composite's frames to the bit: the dump's png layers (full size, below debug.max_side)
+    layers = {layer: [np.asarray(Image.open(dump / record["images"][layer])) for record in records]
+              for layer in ("original", "composite")}
+    for key, layer in (("input_change", "original"), ("stability", "composite")):
+        assert abs(numbers[key] - _flicker(layers[layer], records)) <= 0.0005 + 1e-9, (key, numbers)
+    assert abs(numbers["stability"] - numbers["input_change"]) > 0.01, "the two figures must differ to be told apart"
+
+
+def _summary_numbers(stdout: str) -> dict[str, float]:
+    line = next(line for line in stdout.splitlines() if line.startswith("rendered "))
+    found = re.match(r"rendered (?P<frames>\d+) frames in (?P<seconds>[\d.]+) s \((?P<fps>[\d.]+) fps\): "
+                     r"(?P<instances>\d+) instances;.* temporal stability (?P<stability>[\d.]+) "
+                     r"\(input (?P<input_change>[\d.]+)\) -> ", line)
+    assert found, line
+    return {key: float(value) for key, value in found.groupdict().items()}
+
+
+def _flicker(frames: list[np.ndarray], records: list[dict]) -> float:
+    """The composite's temporal figure (pipeline/composite.py) over `frames`, from the dump alone: the mean change
+    over channels and pixels inside a track's stylized crop's binarized mask in both of two consecutive frames."""
+    def tracked(record: dict) -> dict[int, np.ndarray]:
+        masks = {}
+        for region in record["regions"]:
+            instance = record["instances"][region["instance"]]
+            if instance["track_id"] >= 0:
+                x1, y1, x2, y2 = region["box"]
+                mask = np.zeros(tuple(instance["mask"]["size"]), bool)
+                mask[y1:y2, x1:x2] = mask_utils.decode(instance["mask"])[y1:y2, x1:x2]
+                masks[instance["track_id"]] = mask
+        return masks
+
+    total, count = 0, 0
+    for (before, now), (was, is_) in zip(zip(frames, frames[1:]), zip(records, records[1:])):
+        masks_before, masks_now = tracked(was), tracked(is_)
+        inside = np.zeros(now.shape[:2], bool)
+        for track in masks_now.keys() & masks_before.keys():
+            inside |= masks_now[track] & masks_before[track]
+        total += int(np.abs(now.astype(int) - before.astype(int))[inside].sum())
+        count += int(inside.sum())
+    return total / (3 * count)
 
 
 def test_sweep_writes_each_run_into_its_own_folder(tmp_path, models, vfr_clip):
@@ -161,11 +209,14 @@ def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vf
     """stage_threads=2: segment, track and assign on a thread of their own, stylize and composite on the caller's;
     3: composite on a third. Batches of two frames, so the threads overlap. Same frames, instances and styles as
     one thread."""
+    from pipeline.assign import StyleAssigner
     from pipeline.composite import Compositor
     from pipeline.segment_stage import SegmentStage
     from pipeline.stylize_stage import StylizeStage
+    from pipeline.track import Tracker
 
-    stages = {"segment": SegmentStage, "stylize": StylizeStage, "composite": Compositor}
+    stages = {"segment": SegmentStage, "track": Tracker, "assign": StyleAssigner, "stylize": StylizeStage,
+              "composite": Compositor}
     threads: dict[str, set[str]] = {name: set() for name in stages}
     for name, stage in stages.items():
         monkeypatch.setattr(stage, "__call__", _noting(stage.__call__, threads[name], _thread_name))
@@ -179,6 +230,7 @@ def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vf
         assert result.returncode == 0, result.stderr
         assert all(len(names) == 1 for names in threads.values()), threads
         assert len(set().union(*threads.values())) == count, threads
+        assert threads["segment"] == threads["track"] == threads["assign"], threads  # the split is before stylize
         assert threads["stylize"] == threads["composite"] or count == 3, threads
         records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
         outputs[count] = read_frames(output)[0], [[(i["box"], i["style"]) for i in r["instances"]] for r in records]
@@ -262,11 +314,16 @@ def nvenc_opens() -> bool:
 def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
     """segment_every=4 over a clip whose second shot starts at frame 6 (the first shot's frames, inverted): frames
     0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default), and 6 is marked as a new shot, where the
-    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut. At 96x64 the clip's blob glides for 12
+    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut; with scene_cut=0.05 the frames where the
+    blob glides fastest are cuts too, each segmented. At 96x64 the clip's blob glides for 12
     frames without wrapping round to the other side of the frame (at 64x48 it jumps at frame 11: a new picture)."""
     frames = pattern_frames(12, 96, 64)
     clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
-    for scene_cut, want in (("0.5", [0, 4, 6, 8]), ("null", [0, 4, 8])):
+    # a low scene_cut also cuts where the blob glides fastest: the cuts SegmentStage itself finds in the decoded clip
+    low_cuts = _scene_cuts(clip, 0.05)
+    assert len(low_cuts) > 1 and 6 in low_cuts
+    for scene_cut, want, cuts in (("0.5", [0, 4, 6, 8], [6]), ("null", [0, 4, 8], []),
+                                  ("0.05", sorted({0, 4, 8, *low_cuts}), low_cuts)):
         dump = tmp_path / f"dump_{scene_cut}"
         result = run_in_process([f"input={clip}", f"output={tmp_path / f'out_{scene_cut}.mp4'}", *models,
                                  "segment_every=4", f"scene_cut={scene_cut}", "debug.dump=true", f"debug.dir={dump}"],
@@ -274,7 +331,29 @@ def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
         assert result.returncode == 0, result.stderr
         records = [json.loads(line) for line in (dump / "frames.jsonl").read_text().splitlines()]
         assert [r["index"] for r in records if not r["propagated"]] == want
-        assert [r["index"] for r in records if r["cut"]] == ([6] if scene_cut == "0.5" else [])
+        assert [r["index"] for r in records if r["cut"]] == cuts
+
+
+def _scene_cuts(clip: Path, scene_cut: float) -> list[int]:
+    """The frames SegmentStage marks as new shots in `clip` as the render decodes it (its model never asked)."""
+    from pipeline.decode import VideoReader
+    from pipeline.render import compose_config
+    from pipeline.segment_stage import SegmentStage
+
+    stage = SegmentStage(_NoModel(), every=len(read_frames(clip)[0]) + 1, scene_cut=scene_cut)
+    cfg = compose_config(["input=in.mp4", "output=out.mp4"])
+    return [record.index for batch in VideoReader.from_config(clip, cfg.decode, 4, torch.device("cpu"))
+            for record in stage(batch) if record.cut]
+
+
+class _NoModel:
+    """A segmenter that finds nothing: SegmentStage asks it only for the frames it segments."""
+
+    def predict(self, images, full_masks=True):
+        from segment.structures import Instances
+
+        return [Instances(tuple(image.shape[-2:]), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                          torch.zeros(0, *image.shape[-2:])) for image in images]
 
 
 @pytest.mark.parametrize("propagate", [False, True])

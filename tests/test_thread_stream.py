@@ -2,6 +2,7 @@
 batch leaves a thread with its work done, and memory a thread drops is not reused under its queued kernels."""
 from __future__ import annotations
 
+import time
 from fractions import Fraction
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from pipeline.record import FrameRecord, StylizedRegion
 from pipeline.stage_timing import timed
 from pipeline.thread_stream import ThreadStream
+from segment.roi_masks import RoIMasks
 from segment.structures import Instances
 
 LONG_SLEEP = 2_000_000_000   # GPU cycles: about a second, far longer than any host step below
@@ -38,6 +40,17 @@ def test_a_record_lists_every_tensor_it_holds_and_a_cpu_run_is_the_step():
                 record.stylized[1].pixels, record.output]
     assert [id(t) for t in record.tensors()] == [id(t) for t in expected]
     assert list(_record(torch.zeros(3, 2, 2)).tensors())[0].shape == (3, 2, 2)
+
+    # a background style's frame and the render's RoIMasks (four tensors of their own) are held too
+    record.background = torch.zeros(3, 4, 5)
+    record.instances = Instances((4, 5), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, dtype=torch.int64),
+                                 RoIMasks.from_probs(torch.ones(2, 28, 28), torch.tensor([[0., 0., 2., 2.]] * 2),
+                                                     (4, 5)))
+    masks = record.instances.masks
+    expected = [record.image, record.instances.boxes, record.instances.scores, record.instances.labels,
+                masks.grids, masks.boxes, masks.clipped, masks.scale, record.track_ids, record.keep,
+                record.stylized[0].pixels, record.stylized[1].pixels, record.background, record.output]
+    assert [id(t) for t in record.tensors()] == [id(t) for t in expected]
 
     stream = ThreadStream(torch.device("cpu"))
     assert stream.stream is None
@@ -115,3 +128,18 @@ def test_memory_a_thread_drops_is_not_reused_under_its_queued_kernels(device):
             return step(batch)
     assert _double_while_the_producer_makes_the_next_frame(unmarked, producer, device) == 2, \
         "without record_stream the producer's next frame no longer reuses the memory: this test shows nothing"
+
+
+def test_a_blocks_time_is_shared_evenly_over_its_batch():
+    batch = [_record(torch.zeros(3, 2, 2, dtype=torch.uint8)) for _ in range(4)]
+    batch[0].timings["segment"] = 1.0  # a stage's time adds to what the record already holds
+    start = time.perf_counter()
+    with timed(batch, "segment"):
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - start
+    shares = [record.timings["segment"] for record in batch]
+    shares[0] -= 1.0
+    # the shares add up to the block's time, which lies within the time measured around it (a busy machine
+    # only lengthens both)
+    assert 0.2 <= sum(shares) <= elapsed + 1e-9
+    assert max(shares) - min(shares) < 1e-9
