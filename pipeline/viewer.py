@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in dump.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"debug viewer for {dump.dir} ({len(dump.frames)} frames) at {server.url}  (Ctrl-C stops)", flush=True)
-    if not args.no_browser and _has_browser():
-        webbrowser.open(server.url)
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops as cleanly as Ctrl-C
-    try:
+    try:   # from the line that says Ctrl-C stops, through a browser start that can take seconds
+        print(f"debug viewer for {dump.dir} ({len(dump.frames)} frames) at {server.url}  (Ctrl-C stops)", flush=True)
+        if not args.no_browser and _has_browser():
+            webbrowser.open(server.url)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", flush=True)

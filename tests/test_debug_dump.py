@@ -22,6 +22,7 @@ from pipeline.debug import DebugDumper, DebugDumpError
 from pipeline.debug_reader import load_dump
 from pipeline.record import StylizedRegion
 from common.errors import UserError
+from pipeline import viewer
 from pipeline.viewer import ViewerServer
 from tests.helpers_process import interruptible_popen
 from tests.debug_fixture import CLASS_NAMES, synthetic_records, write_dump
@@ -474,6 +475,25 @@ def test_viewer_cli_serves_until_interrupted(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "stopped" in out and "Traceback" not in err
+
+
+def test_ctrl_c_while_the_browser_starts_stops_the_viewer_cleanly(tmp_path, monkeypatch, capsys):
+    """Once the viewer says Ctrl-C stops it, it does: also while webbrowser.open is still starting a browser."""
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=64)
+
+    def interrupted(url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(viewer, "_has_browser", lambda: True)
+    monkeypatch.setattr(viewer.webbrowser, "open", interrupted)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert viewer.main([str(d), "--port", "0"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out = capsys.readouterr().out
+    assert "(Ctrl-C stops)" in out and out.splitlines()[-1] == "stopped"
 
 
 def test_records_with_missing_stage_fields_still_dump(tmp_path):
