@@ -86,9 +86,43 @@ def test_downscaled_masks_are_the_majority_vote_and_images_follow_every(tmp_path
     assert manifest["layers"] == ["original", "masks", "stylized", "composite"]
 
 
-def test_png_layers_hold_the_frame_its_composite_and_the_stylized_crops(tmp_path):
+def test_roi_masks_are_binarized_at_the_composites_threshold_before_the_majority_vote(tmp_path):
+    """A render's masks are RoIMasks: that path binarized them at 0.5 whatever composite.mask_threshold was."""
+    from segment.roi_masks import RoIMasks
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    cone = (1 - (yy ** 2 + xx ** 2).sqrt()).clamp(0, 1)      # every probability from 0 to 1: the threshold matters
+    records = synthetic_records(2)
+    for record in records:
+        inst = record.instances
+        inst.masks = RoIMasks.from_probs(cone.expand(len(inst), 28, 28), inst.boxes, record.size)
     d = tmp_path / "d"
-    records = write_dump(d, n=3, every=1, max_side=640, image_format="png")
+    write_dump(d, records=records, max_side=80, mask_threshold=0.9)     # 160x90 → 80x45: exact 2x2 blocks
+    for record, line in zip(records, read_lines(d)):
+        pasted = record.instances.masks.paste().numpy()
+        expected = (pasted >= 0.9).reshape(-1, 45, 2, 80, 2).mean(axis=(2, 4)) >= 0.5
+        assert expected.any()
+        for i, inst in enumerate(line["instances"]):
+            decoded = mask_utils.decode({"size": inst["mask"]["size"], "counts": inst["mask"]["counts"].encode()})
+            np.testing.assert_array_equal(decoded.astype(bool), expected[i])
+
+
+def test_the_masks_layer_draws_the_boxes_where_the_objects_are_in_the_smaller_image(tmp_path):
+    d = tmp_path / "d"
+    write_dump(d, n=1, max_side=80, image_format="png")          # 160x90 → 80x45: scale 0.5
+    line = read_lines(d)[0]
+    manifest = json.loads((d / "manifest.json").read_text())
+    layer = np.asarray(Image.open(d / line["images"]["masks"]))
+    for inst in line["instances"]:
+        x1, y1, x2, y2 = (int(v * line["scale"]) for v in inst["box"])    # torchvision draws at whole pixels
+        color = manifest["palette"][inst["track_id"]] if inst["track_id"] >= 0 else manifest["untracked_color"]
+        # the box's left edge, in the track's colour from corner to corner (its label, above, shares the colour)
+        np.testing.assert_array_equal(layer[y1:y2 + 1, x1], np.broadcast_to(color, (y2 + 1 - y1, 3)))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_png_layers_hold_the_frame_its_composite_and_the_stylized_crops(tmp_path, background):
+    d = tmp_path / "d"
+    records = write_dump(d, n=3, every=1, max_side=640, image_format="png", background=background)
     record, line = records[2], read_lines(d)[2]
     load = lambda layer: np.asarray(Image.open(d / line["images"][layer])).transpose(2, 0, 1)  # noqa: E731
     np.testing.assert_array_equal(load("original"), record.image.numpy())
@@ -100,10 +134,23 @@ def test_png_layers_hold_the_frame_its_composite_and_the_stylized_crops(tmp_path
         covered[y1:y2, x1:x2] = True
         expected = (region.pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         np.testing.assert_array_equal(stylized[:, y1:y2, x1:x2], expected)
-    assert covered.any() and (stylized[:, ~covered] == 0).all()      # no background style: black elsewhere
+    # elsewhere the background style's frame, or black without one
+    elsewhere = np.zeros((3, *record.size), np.uint8) if record.background is None else \
+        (record.background * 255).round().to(torch.uint8).numpy()
+    assert covered.any() and (stylized[:, ~covered] == elsewhere[:, ~covered]).all()
     masks_layer = load("masks")
     person = (record.instances.masks[0] >= 0.5).numpy()
     assert (masks_layer[:, person] != load("original")[:, person]).any()   # masks tinted over the original
+    # inside a mask, below its label: torchvision's blend, 0.45 * original + 0.55 * the manifest's track colour
+    palette = json.loads((d / "manifest.json").read_text())["palette"]
+    for i, inst in enumerate(line["instances"]):
+        if inst["track_id"] < 0:
+            continue                               # the car's square is all label at this size
+        x1, y1, x2, y2 = inst["box"]
+        y, x = int(y2) - 4, int((x1 + x2) / 2)
+        assert record.instances.masks[i, y, x] == 1
+        blend = 0.45 * record.image[:, y, x].numpy() + 0.55 * np.array(palette[inst["track_id"]])
+        np.testing.assert_allclose(masks_layer[:, y, x], blend, atol=1)
 
 
 def test_default_dir_is_beside_the_output_and_bad_settings_fail(tmp_path):
@@ -205,8 +252,13 @@ def test_a_render_refuses_an_existing_dump_without_overwrite_and_records_the_com
     assert "render:" not in second.stderr                      # refused before the first frame: no progress bar
     assert not (tmp_path / "b.mp4").exists() and not list(tmp_path.glob(".b.*"))
     assert {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()} == before
-    third = run_in_process([*args, f"output={tmp_path / 'b.mp4'}", "overwrite=true"], cwd=tmp_path)
+    # a background style: the manifest and every frame record name what painted the rest of the frame
+    third = run_in_process([*args, f"output={tmp_path / 'b.mp4'}", "overwrite=true", "style.background=style_02"],
+                           cwd=tmp_path)
     assert third.returncode == 0, third.stderr
+    assert json.loads((dump / "manifest.json").read_text())["background_style"] == "style_02"
+    lines = read_lines(dump)
+    assert len(lines) == 3 and all(line["background_style"] == "style_02" for line in lines)
 
 
 def test_masks_are_binarized_at_the_composites_threshold_and_area_is_what_min_area_counts(tmp_path):
@@ -278,6 +330,37 @@ def test_not_finite_numbers_are_written_as_null(tmp_path):
     assert len(dump.frames) == 2 and dump.warnings == []
 
 
+def test_scores_keep_four_places_and_the_manifest_the_video_info(tmp_path):
+    from fractions import Fraction
+    from pipeline.decode import VideoInfo
+    info = VideoInfo(path=tmp_path / "clip.mp4", width=160, height=90, time_base=Fraction(1, 30000),
+                     average_rate=Fraction(30000, 1001), frame_count=2, declared_frames=2, duration=0.067,
+                     codec="h264", pix_fmt="yuv420p", rotation=0, has_audio=False)
+    records = synthetic_records(2)
+    records[0].instances.scores[0] = 0.8765
+    d = tmp_path / "d"
+    write_dump(d, records=records, max_side=64, video_info=info)
+    assert read_lines(d)[0]["instances"][0]["score"] == 0.8765
+    video = json.loads((d / "manifest.json").read_text())["video"]
+    assert video["info"]["average_rate"] == "30000/1001" and video["info"]["path"] == str(tmp_path / "clip.mp4")
+    assert (video["info"]["width"], video["info"]["height"], video["info"]["codec"]) == (160, 90, "h264")
+    assert video["size"] == [90, 160]
+
+
+def test_the_manifest_is_put_in_place_last(tmp_path, monkeypatch):
+    """The folder shows a dump once its manifest is there: the frames and images must already be."""
+    placed, real_rename = [], os.rename
+
+    def rename(source, target):
+        if Path(source).parent.name.endswith(".partial"):
+            placed.append(Path(target).name)
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    write_dump(tmp_path / "d", n=2, max_side=32)
+    assert sorted(placed) == ["frames.jsonl", "images", "manifest.json"] and placed[-1] == "manifest.json"
+
+
 def test_malformed_and_not_json_records_are_skipped_with_one_warning(tmp_path):
     """A record whose images is a list raised AttributeError; NaN / Infinity (Python's JSON, not the browser's)
     and records without instances were served and stopped the page."""
@@ -287,15 +370,20 @@ def test_malformed_and_not_json_records_are_skipped_with_one_warning(tmp_path):
     bad = [{**good[0], "images": ["images/000000_original.jpg"]}, {"index": 1000},
            {**good[1], "instances": [{**good[1]["instances"][0], "box": "0,0,1,1"}]},
            {**good[1], "instances": [{**good[1]["instances"][0], "mask": {"size": [1, 1], "counts": "1"}}]},
-           {**good[2], "dump_size": None}, [1, 2], {**good[2], "timings": {"segment": "slow"}}]
+           {**good[2], "dump_size": None}, [1, 2], {**good[2], "timings": {"segment": "slow"}},
+           {**good[1], "regions": [None]}, {**good[2], "time": "0.08s"}]
     text = (d / "frames.jsonl").read_text()
     text += "".join(json.dumps(record) + "\n" for record in bad)
     text += json.dumps(good[0]).replace('"score": 0.9', '"score": NaN') + "\n"
     text += json.dumps(good[0]).replace('"time": 0.0', '"time": -Infinity') + "\n"
     (d / "frames.jsonl").write_text(text)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "palette": [], "every": 0}))   # the page divides by both
     dump = load_dump(d)
     assert [json.loads(f)["index"] for f in dump.frames] == [0, 1, 2]
-    assert dump.warnings == ["frames.jsonl: 9 unreadable or malformed lines skipped"]
+    assert dump.warnings == ["manifest.json: every, palette unreadable, the defaults used",
+                             "frames.jsonl: 11 unreadable or malformed lines skipped"]
+    assert dump.manifest["palette"] == manifest["palette"] and "every" not in dump.manifest
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable"])
@@ -332,6 +420,12 @@ def test_images_are_served_with_validators_and_revalidated(tmp_path):
         (d / "images" / "000000_composite.jpg").write_bytes(body + b"\0")     # a new render's image
         again = get({"If-None-Match": tag})
         assert again.status == 200 and again.headers["ETag"] != tag and again.read() == body + b"\0"
+        # new bytes under the old mtime (a copy that keeps times: cp -p, rsync -t): the size still tells
+        image, stat = d / "images" / "000000_composite.jpg", (d / "images" / "000000_composite.jpg").stat()
+        image.write_bytes(body + b"\0\0")
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        copied = get({"If-None-Match": again.headers["ETag"]})
+        assert copied.status == 200 and copied.read() == body + b"\0\0"
         assert get().headers["Cache-Control"] == "no-cache"
     finally:
         server.shutdown()
@@ -371,6 +465,30 @@ def test_a_dump_marked_incomplete_loads_with_a_warning(tmp_path):
     (d / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     dump = load_dump(d)
     assert len(dump.frames) == 2 and "incomplete" in dump.warnings[0]
+
+
+def test_a_complete_dump_whose_frames_lost_lines_says_so(tmp_path):
+    d = tmp_path / "d"
+    write_dump(d, n=4, max_side=32)
+    lines = (d / "frames.jsonl").read_text().splitlines(keepends=True)
+    (d / "frames.jsonl").write_text("".join(lines[:2]))
+    dump = load_dump(d)
+    assert len(dump.frames) == 2 and dump.warnings == ["manifest.json says 4 frames, frames.jsonl holds 2"]
+
+
+def test_image_entries_not_named_as_dumped_images_are_dropped(tmp_path):
+    """The server serves only images/NNNNNN_layer.ext: a record naming another file (that exists) would show a
+    broken picture."""
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=32)
+    lines = read_lines(d)
+    lines[0]["images"]["original"] = "manifest.json"
+    lines[1]["images"]["masks"] = "images/../frames.jsonl"
+    (d / "frames.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dump = load_dump(d)
+    assert [set(json.loads(f)["images"]) for f in dump.frames] == [{"masks", "stylized", "composite"},
+                                                                   {"original", "stylized", "composite"}]
+    assert dump.warnings == ["2 image files listed in frames.jsonl are missing from images/"]
 
 
 def test_a_dump_that_cannot_replace_the_earlier_one_leaves_it(tmp_path, monkeypatch):
@@ -446,6 +564,8 @@ def test_server_pages_frames_and_blocks_path_traversal(tmp_path):
     try:
         page = json.load(get("/api/frames?offset=5&limit=10"))
         assert page["total"] == 7 and [f["index"] for f in page["frames"]] == [5, 6]
+        page = json.load(get("/api/frames?offset=-1&limit=3"))       # not a slice from the end
+        assert page["offset"] == 0 and [f["index"] for f in page["frames"]] == [0, 1, 2]
         manifest = json.load(get("/api/manifest"))
         assert manifest["complete"] is True and manifest["warnings"] == []
         assert get("/images/000002_masks.jpg").headers["Content-Type"] == "image/jpeg"
@@ -460,21 +580,25 @@ def test_server_pages_frames_and_blocks_path_traversal(tmp_path):
         server.server_close()
 
 
-def test_viewer_cli_serves_until_interrupted(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_viewer_cli_serves_until_interrupted(tmp_path, signum):
     d = tmp_path / "d"
     write_dump(d, n=2, max_side=64)
+    (d / "manifest.json").unlink()                    # a partly written dump: its warnings on stderr
     proc = interruptible_popen([sys.executable, "-m", "pipeline.viewer", str(d), "--no-browser", "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         url = line.split(" at ")[1].split()[0]
         assert json.load(urllib.request.urlopen(url + "api/frames", timeout=10))["total"] == 2
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "stopped" in out and "Traceback" not in err
+    assert err.splitlines() == ["warning: manifest.json is missing: the dump is partly written; showing what "
+                                "frames.jsonl holds"]
 
 
 def test_ctrl_c_while_the_browser_starts_stops_the_viewer_cleanly(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -179,6 +180,85 @@ def test_slider_table_layers_highlight_timeline_and_timings(open_page, dump_dir,
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(DOCS_SCREENSHOT), full_page=True)
     assert (tmp_path / "viewer.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def long_dump(tmp_path_factory) -> Path:
+    """520 frames (more than the page's first request of 500) at half size, from a 29.97 fps video; the dog is
+    untracked on frame 3, a gap in its track. Frames 8 on are frame 7's record again, without images."""
+    directory = tmp_path_factory.mktemp("viewer_long") / "long_debug"
+    records = synthetic_records(8, 270, 480)
+    records[3].track_ids[1] = -1
+    write_dump(directory, records=records, every=1, max_side=240, video_info={"average_rate": "30000/1001"})
+    lines = (directory / "frames.jsonl").read_text().splitlines()
+    lines += [json.dumps({**json.loads(lines[7]), "index": i, "images": {}}) for i in range(8, 520)]
+    (directory / "frames.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "frame_count": 520}))
+    return directory
+
+
+def test_a_long_half_size_dump_with_the_videos_rate_and_a_gap_in_a_track(open_page, long_dump):
+    frames = frames_of(long_dump)
+    manifest = json.loads((long_dump / "manifest.json").read_text())
+    page, _ = open_page(long_dump)
+    page.wait_for_selector("#main:not([hidden])", timeout=15000)
+    assert page.locator("#banner").is_hidden()
+    assert page.locator("#slider").get_attribute("max") == "519"        # all of them, not the first 500
+    seek(page, 519)
+    assert page.locator("#frame-index").text_content() == "519"
+    assert "video (29.97)" in page.locator("#fps option").all_text_contents()
+    assert float(page.locator("#fps").input_value()) == pytest.approx(30000 / 1001, abs=1e-3)
+
+    # each track's colour is the manifest's, track 0 included
+    rgb = lambda c: f"rgb({c[0]},{c[1]},{c[2]})"  # noqa: E731
+    swatches = page.locator("#timeline g.track > rect:not(.row-bg):not(.segment)").evaluate_all(
+        "rs => rs.map(r => [r.parentNode.dataset.track, r.getAttribute('fill')])")
+    assert swatches == [["0", rgb(manifest["palette"][0])], ["1", rgb(manifest["palette"][1])]]
+    seek(page, 0)
+    assert page.locator("#instances tbody tr .swatch").evaluate_all("ss => ss.map(s => s.getAttribute('style'))") == [
+        "background:" + rgb(manifest["palette"][0]), "background:" + rgb(manifest["untracked_color"])]
+    # the dog's gap on frame 3 splits its mosaic run, though the style is the same on both sides
+    assert page.locator('#timeline g.track[data-track="1"] rect.segment title').all_text_contents() == [
+        "track 1: frames 2–2, style mosaic", "track 1: frames 4–4, style mosaic",
+        "track 1: frames 5–519, style (original)"]
+
+    # the timing chart's stage areas stack: each one's top is the sum of the stages up to it, the last the total
+    stages = list(dict.fromkeys(s for f in frames for s in f["timings"]))
+    totals = [1000 * sum(f["timings"].values()) for f in frames]
+    y = lambda ms: 8 + (1 - ms / max(totals)) * (180 - 8 - 22)  # noqa: E731  (the chart's height and margins)
+    paths = dict(page.locator("#timing path.stage").evaluate_all(
+        "ps => ps.map(p => [p.dataset.stage, p.getAttribute('d')])"))
+    for k, stage in enumerate(stages):
+        tops = [float(v) for v in re.findall(r"[ML][-\d.]+,([-\d.]+)", paths[stage])[0:2 * len(frames):2]]
+        expected = [y(1000 * sum(f["timings"][s] for s in stages[:k + 1])) for f in frames]
+        assert tops == pytest.approx(expected, abs=0.06), stage
+
+    # the highlight at half size: the box scaled onto the image, the mask the frame's own
+    seek(page, 4)
+    page.locator('#instances tbody tr[data-track="0"]').click()
+    h, w = frames[4]["dump_size"]
+    alpha = lambda: np.array(page.locator('.panel[data-layer="original"] canvas').evaluate(  # noqa: E731
+        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3))"),
+        np.uint8).reshape(h, w)
+    columns = np.flatnonzero(alpha().any(axis=0))
+    box = frames[4]["instances"][0]["box"]
+    scale = w / frames[4]["size"][1]
+    assert frames[4]["scale"] == 0.5 and abs(columns.max() - box[2] * scale) <= 1.5, (columns.max(), box)
+    assert abs(columns.min() - box[0] * scale) <= 1.5, (columns.min(), box)
+    seek(page, 3)
+    own = frames[3]["instances"][0]["mask"]
+    mask = mask_utils.decode({"size": own["size"], "counts": own["counts"].encode()}).astype(bool)
+    lit = alpha() > 0
+    assert mask.sum() > 100 and lit[mask].all()          # frame 3's mask, not frame 4's shifted by 7.5 px
+
+    # an untracked object is selected on its own frame only
+    seek(page, 0)
+    page.locator('#instances tbody tr[data-track="-1"]').click()
+    assert page.locator("#instances tbody tr.selected").count() == 1
+    seek(page, 2)
+    assert page.locator("#instances tbody tr.selected").count() == 0
+    assert page.locator("#selection").text_content() == ""
 
 
 def test_play_advances_and_timeline_click_seeks(open_page, dump_dir):
@@ -401,10 +481,15 @@ def test_corrupt_records_are_skipped_and_the_page_still_opens(open_page, tmp_pat
     lines[1] = lines[1].replace('"score":0.9,', '"score":NaN,')
     lines.insert(2, json.dumps({"index": 1000}))
     lines.insert(3, json.dumps({**good[2], "images": ["images/000002_original.jpg"]}))
+    lines.insert(4, json.dumps({**good[2], "regions": [None]}))      # fields the page reads, of the wrong shape
+    lines.insert(5, json.dumps({**good[2], "time": "0.08s"}))
     (d / "frames.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "palette": []}))
     page, errors = open_page(d)
     page.wait_for_selector("#main:not([hidden])", timeout=15000)
-    assert "3 unreadable or malformed lines skipped" in page.locator("#banner").text_content()
+    assert "5 unreadable or malformed lines skipped" in page.locator("#banner").text_content()
+    assert "palette unreadable, the defaults used" in page.locator("#banner").text_content()
     assert page.locator("#slider").get_attribute("max") == "2"
     for pos, index in enumerate((0, 2, 3)):
         seek(page, pos)
