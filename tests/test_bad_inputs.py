@@ -2,6 +2,7 @@
 no temp file, and the input byte-for-byte untouched. Plus the thread runner and atomic output on their own."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -81,13 +82,16 @@ def test_existing_output_is_kept_without_overwrite(tmp_path, models, clip):
     assert output.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("spelling", ["same", "relative", "symlink"])
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "hard link"])
 def test_output_equal_to_input_is_refused(tmp_path, models, clip, spelling):
     output = {"same": str(clip), "relative": "sub/../in.mp4"}.get(spelling)
     (tmp_path / "sub").mkdir()
     if spelling == "symlink":
         (tmp_path / "link.mp4").symlink_to(clip)
         output = str(tmp_path / "link.mp4")
+    if spelling == "hard link":  # the input by another path, as a bind mount gives one (replacing that replaces it)
+        os.link(clip, tmp_path / "sub" / "also.mp4")
+        output = str(tmp_path / "sub" / "also.mp4")
     result = run_in_process([f"input={clip}", f"output={output}", "overwrite=true", *models], cwd=tmp_path)
     assert_refused(result, clip, {clip: sha256(clip)}, "is the input file")
 

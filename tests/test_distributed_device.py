@@ -27,3 +27,26 @@ def test_a_cpu_training_leaves_the_current_gpu_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device on a CPU run"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_distributed("cpu").device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "xpu:0"])
+def test_a_device_type_nothing_runs_on_is_refused(name):
+    """torch names more device types than cpu and cuda: a run on `meta` computes nothing, one on `mps` fails at the
+    first tensor moved there, after the set-up."""
+    from common.device import resolve_device
+    from common.errors import SettingError
+
+    with pytest.raises(SettingError, match=rf"^device must be auto, cpu, cuda or cuda:N, got '{name}'$"):
+        resolve_device(name)
+
+
+def test_a_gpu_index_past_the_last_is_refused(monkeypatch):
+    # GPUs count from 0: on a machine with one, cuda:1 is the first that is not there
+    from common.device import resolve_device
+    from common.errors import SettingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(SettingError, match=r"^device=cuda:1: this machine has 1 CUDA device\(s\)$"):
+        resolve_device("cuda:1")

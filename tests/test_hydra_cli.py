@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import SettingError
-from common.hydra_cli import check_overrides
+from common.hydra_cli import check_overrides, exit_on_bad_overrides
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -36,6 +36,25 @@ def test_a_sweep_is_tried_at_each_swept_settings_first_value():
         check_overrides(CONF, "render", ["-m", "segment=r50fpn,r18_fpn"])
     with pytest.raises(SettingError, match="Ambiguous value"):  # without -m a comma is no sweep: Hydra refuses it
         check_overrides(CONF, "render", ["track.min_iou=0.3,0.5"])
+    # a glob is expanded against the group's options by Hydra's sweeper alone: it cannot be composed as it is
+    check_overrides(CONF, "render", ["-m", "segment=glob(*)", "track.min_iou=0.3,0.5"])
+
+
+@pytest.mark.parametrize("flag", ["-m", "--mu", "--multi", "--multirun"])
+def test_a_sweep_flag_argparse_takes_is_a_sweep(flag):
+    # Hydra's argparse takes any prefix of --multirun: taken for another of Hydra's arguments, nothing is checked
+    with pytest.raises(SettingError, match="Could not find 'segment/r50fpn'"):
+        check_overrides(CONF, "render", [flag, "segment=r50fpn,r18_fpn"])
+
+
+def test_a_refusal_is_said_once_under_torchrun(monkeypatch, capsys):
+    """Every rank checks the command line and exits 2; only rank 0 says why (N copies of one line otherwise)."""
+    for rank, said in (("1", ""), ("0", "error: In 'render': Could not find 'segment/r50fpn'")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            exit_on_bad_overrides(CONF, "render", ["segment=r50fpn"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(said) and (err == "") == (said == ""), err
 
 
 def test_hydras_own_arguments_are_left_to_hydra():

@@ -147,3 +147,49 @@ def test_a_targets_temp_files_are_found_by_name(tmp_path):
     assert leftover_temp_files(tmp_path / "out.mp4") == [own]
     assert leftover_temp_files(tmp_path / "take[1].mp4") == [bracketed]
     assert leftover_temp_files(tmp_path / "missing" / "out.mp4") == []
+
+
+def test_a_folder_at_the_output_is_refused_even_with_overwrite(tmp_path):
+    # os.replace of a file over a folder fails only once the whole render has run (IsADirectoryError)
+    folder = tmp_path / "clips.mp4"
+    folder.mkdir()
+    refusal = re.escape(f"output {folder} is a folder: give a file name such as {folder / 'out.mp4'}")
+    with pytest.raises(OutputError, match=refusal):
+        check_output(folder, overwrite=True, suffixes=(".mp4", ".mkv"))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_suffix_is_known_in_capitals(tmp_path):
+    # a camera's CLIP.MP4 is an .mp4: muxers and image writers take the suffix in any case
+    assert check_output(tmp_path / "CLIP.MP4", suffixes=(".mp4", ".mkv")) == tmp_path / "CLIP.MP4"
+    refusal = re.escape("output CLIP.AVI: unknown file type '.AVI', use one of .mp4, .mkv")
+    with pytest.raises(OutputError, match=refusal):
+        check_output(tmp_path / "CLIP.AVI", suffixes=(".mp4", ".mkv"))
+
+
+def test_an_output_has_the_permissions_of_any_new_file(tmp_path):
+    """mkstemp's 0600 stayed on the renamed output: results hidden from the rest of a team. 0666 less the umask, as
+    open(..., "w") gives."""
+    for umask, mode in ((0o002, 0o664), (0o027, 0o640)):
+        before = os.umask(umask)
+        try:
+            with AtomicOutput(tmp_path / f"out{umask:o}.mp4") as temp:
+                temp.write_bytes(b"frames")
+        finally:
+            os.umask(before)
+        assert os.stat(tmp_path / f"out{umask:o}.mp4").st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("disposition", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+def test_held_stop_signals_leave_the_operating_systems_own_alone(disposition):
+    """Under nohup SIGHUP is ignored: held and then run, that SIG_IGN was called as a handler (TypeError), and a
+    SIG_DFL one would have been raised as Python code instead of ending the process as the OS does."""
+    before = signal.signal(signal.SIGHUP, disposition)
+    try:
+        with outputs.HeldStopSignals():
+            if disposition is signal.SIG_IGN:  # SIG_DFL would end the test run
+                os.kill(os.getpid(), signal.SIGHUP)
+            assert signal.getsignal(signal.SIGHUP) is disposition
+        assert signal.getsignal(signal.SIGHUP) is disposition
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -249,3 +249,61 @@ def test_an_existing_dump_folder_keeps_its_identity_and_permissions(tmp_path, mo
         assert result.returncode == 0, result.stderr
         assert (folder.stat().st_ino, folder.stat().st_mode) == identity
         assert sorted(p.name for p in folder.iterdir()) == ["frames.jsonl", "images", "manifest.json"]
+
+
+# ---- common/sweep.py's clean-up of Hydra's records, on hand-made folders ----
+
+def running_job(monkeypatch, job: Path, sweep_dir: Path) -> None:
+    """What `discard_job_folder` reads of the job that runs now: Hydra's config as a sweep job sees it."""
+    from types import SimpleNamespace
+
+    from common import sweep
+
+    hydra = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(job)), output_subdir=".hydra")
+    monkeypatch.setattr(sweep, "HydraConfig", SimpleNamespace(get=lambda: hydra))
+    monkeypatch.setattr(sweep, "_sweep", sweep._Sweep(folder=sweep_dir))
+
+
+def test_a_job_folder_holding_more_than_hydras_records_keeps_them(tmp_path, monkeypatch):
+    """A job stopped after it wrote something keeps the record of the settings that made it; one that wrote nothing
+    leaves no folder."""
+    from common import sweep
+
+    for name, extra in (("0", "out.mp4"), ("1", None)):
+        job = tmp_path / "multirun" / name
+        (job / ".hydra").mkdir(parents=True)
+        for record in sorted(sweep.HYDRA_RECORDS):
+            (job / ".hydra" / record).write_text("x: 1\n")
+        if extra:
+            (job / extra).write_bytes(b"frames")
+        running_job(monkeypatch, job, tmp_path / "multirun")
+        sweep.discard_job_folder()
+    kept = tmp_path / "multirun" / "0"
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == [
+        ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "out.mp4"]
+    assert not (tmp_path / "multirun" / "1").exists()
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["the users", "made for the sweep"])
+def test_a_sweep_folder_that_was_there_before_keeps_its_record(existed, tmp_path, monkeypatch):
+    """Every job refused: the sweep's folder goes with Hydra's multirun.yaml only where the sweep made it; a folder
+    the user gave (hydra.sweep.dir=runs) may hold others' records: it stays, multirun.yaml too."""
+    from omegaconf import OmegaConf
+
+    from common import sweep
+
+    folder = tmp_path / "runs"
+    if existed:
+        folder.mkdir()
+    config = OmegaConf.create({"hydra": {"overrides": {"task": ["batch_size=0,1"]}, "sweep": {"dir": str(folder)}}})
+    monkeypatch.setattr(sweep, "on_stop_signals", lambda handler: None)  # this test process's handlers stay
+    monkeypatch.setattr(sweep, "_sweep", sweep._Sweep())
+    report = sweep.SweepReport()
+    report.on_multirun_start(config)
+    folder.mkdir(exist_ok=True)  # what Hydra's sweeper then does
+    (folder / sweep.SWEEP_RECORD).write_text("hydra: {}\n")
+    sweep._sweep.failed.extend(["job 0 (batch_size=0)", "job 1 (batch_size=1)"])
+    with pytest.raises(SystemExit) as exit_:
+        report.on_multirun_end(config)
+    assert exit_.value.code == 2
+    assert (folder / sweep.SWEEP_RECORD).exists() == existed and folder.exists() == existed

@@ -221,3 +221,16 @@ def test_a_lock_refused_for_a_read_only_descriptor_leaves_the_dump_unlocked(tmp_
     monkeypatch.setattr(leftovers.fcntl, "flock", refuse)
     write_dump(tmp_path / "d", n=1, max_side=32)
     assert dump_entries(tmp_path / "d") == ["frames.jsonl", "images", "manifest.json"]
+
+
+def test_the_note_gives_the_total_freed_by_every_leftover(tmp_path, capsys):
+    # three killed runs' temp files: the note named the first and "2 more", with the space the three held
+    target = tmp_path / "out.mp4"
+    dead = [tmp_path / f".out.{hex_}.partial.mp4" for hex_ in ("0000aaaa", "1111bbbb", "2222cccc")]
+    for path, size in zip(dead, (1500, 2700, 900)):
+        path.write_bytes(b"x" * size)
+    with AtomicOutput(target) as temp:
+        temp.write_bytes(b"frames")
+    # 1500 + 2700 + 900 = 5100 bytes
+    assert capsys.readouterr().err == f"note: removed {dead[0]} and 2 more (5.1 kB), left behind by a killed run\n"
+    assert not any(path.exists() for path in dead)

@@ -259,3 +259,35 @@ def test_ctrl_c_as_an_app_starts_is_one_line(app, line, tmp_path):
                              cwd=tmp_path, env=cli_env(), timeout=120)
     assert done.returncode == 130 and done.stderr == f"{line}\n", done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_after_many_outputs_names_three_and_counts_the_rest(tmp_path):
+    # a dataset's splits, say: every path on the one line would run it far past a terminal's width
+    from common.arguments import _Command
+
+    written = [tmp_path / f"{name}.pt" for name in "abcde"]
+    for path in written:
+        path.write_bytes(b"")
+    first = ", ".join(str(path) for path in written[:3])
+    assert _Command(written).interrupted() == f"interrupted: only {first} and 2 more written"
+    assert _Command(written[:3]).interrupted() == f"interrupted: only {first} written"
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path):
+    """Under nohup (SIGHUP ignored) a closed terminal must not stop the command half-way (129, a partial clip)."""
+    import av
+
+    def sighup_ignored():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    out = tmp_path / "clips" / "demo.mp4"
+    # STOP_A_DEMO_CLIP sends itself SIGHUP after each frame
+    done = subprocess.run([sys.executable, "-c", STOP_A_DEMO_CLIP, "SIGHUP", "--out", str(out), "--frames", "3",
+                           "--size", "32x32"], preexec_fn=sighup_ignored, cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "interrupted" not in done.stderr, done.stderr
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 3
+    assert sorted(files_under(tmp_path)) == ["clips", "clips/demo.mp4"]
