@@ -18,8 +18,10 @@ def _grey_value(path) -> list[int]:
 @pytest.mark.parametrize("array, name, expected", [
     (np.full((8, 12), 32768, np.uint16), "g16.png", 128),        # I;16: was 255 (saturated)
     (np.full((8, 12), 65535, np.uint16), "g16.tif", 255),
+    (np.full((8, 12), 60000, np.uint16), "g60000.png", 233),    # 60000/257 = 233.46; /256 would give 234
     (np.full((8, 12), 32768, np.int32), "i32.tif", 128),          # I in 0..65535: 16-bit range; was 255
     (np.full((8, 12), 0.5, np.float32), "half.tif", 128),         # F in 0..1; was 0 (black)
+    (np.full((8, 12), 1.0, np.float32), "one.tif", 255),          # 1.0 is the top of 0..1, not 1 of 0..255
     (np.full((8, 12), 200.0, np.float32), "f200.tif", 200),       # F over 1: 0..255
     (np.full((8, 12), 1e6, np.float32), "fbig.tif", 255),         # ... clipped
 ])
@@ -33,6 +35,12 @@ def test_32_bit_grey_beyond_16_bits_is_stretched_over_its_range(tmp_path):
     array[:, 6:] = 1 << 20
     Image.fromarray(array).save(tmp_path / "wide.tif")
     assert _grey_value(tmp_path / "wide.tif") == [0, 255]
+
+
+def test_image_suffixes_match_in_any_case(tmp_path):
+    """Cameras name their files IMG_0001.JPG."""
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "A.JPG", format="JPEG")
+    assert len(ContentImages(tmp_path, 16)) == 1
 
 
 def test_transparency_is_composited_over_white(tmp_path):
@@ -163,3 +171,50 @@ def test_bad_videos_are_one_line(tmp_path):
             container.mux(packet)
     with pytest.raises(StyleError, match="song.mp4 has no video stream"):
         ContentImages(audio, 32)
+
+
+def test_the_shorter_side_is_scaled_to_the_size():
+    from stylize.content import resize_shorter
+
+    assert resize_shorter(torch.zeros(3, 48, 96, dtype=torch.uint8), 32).shape == (3, 32, 64)
+    assert resize_shorter(torch.zeros(3, 96, 48, dtype=torch.uint8), 32).shape == (3, 64, 32)
+
+
+def _offsets(crop: torch.Tensor, images: list[torch.Tensor], size: int) -> set[tuple[int, int, int]]:
+    """(image, top, left) of every place in `images` whose size x size window equals `crop`."""
+    return {(i, top, left) for i, image in enumerate(images) for top in range(image.shape[1] - size + 1)
+            for left in range(image.shape[2] - size + 1)
+            if torch.equal(image[:, top:top + size, left:left + size], crop)}
+
+
+@pytest.mark.parametrize("height, width", [(32, 40), (40, 32)])
+def test_crops_are_windows_at_every_offset_of_either_axis(tmp_path, height, width):
+    """Each crop is a window of its image, the offsets drawn along each axis over that axis' own length: a wide image's
+    crops start anywhere across its width, a tall one's anywhere down its height."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)  # no window alike
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    content = ContentImages(tmp_path, 32)
+    [image] = content.images
+    assert image.shape == (3, height, width)
+    # 200 draws of 9 offsets: each offset drawn with near certainty (and the seed fixes the draws)
+    crops = content.batch(200, torch.Generator().manual_seed(0))
+    assert crops.shape == (200, 3, 32, 32)
+    found = set()
+    for crop in crops:
+        [place] = _offsets(crop, [image], 32)
+        found.add(place[1:])
+    assert found == {(top, left) for top in range(height - 31) for left in range(width - 31)}
+
+
+def test_a_batch_larger_than_the_images_repeats_them(tmp_path):
+    """batch(8) of 4 images: 8 crops, each image twice (every image once before any twice)."""
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    content = ContentImages(tmp_path, 32)
+    crops = content.batch(8, torch.Generator().manual_seed(0))
+    assert crops.shape == (8, 3, 32, 32)
+    used = [_offsets(crop, content.images, 32) for crop in crops]
+    assert all(len(places) == 1 for places in used)
+    picks = [next(iter(places))[0] for places in used]
+    assert sorted(picks[:4]) == [0, 1, 2, 3] and sorted(picks) == [0, 0, 1, 1, 2, 2, 3, 3]

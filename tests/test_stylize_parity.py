@@ -46,3 +46,6 @@ def test_mapping_refuses_what_does_not_fit(bank_path):
         map_state_dict(network, {k: v for k, v in tensors.items() if k != "res.3.1.w"})
     with pytest.raises(StyleError, match="does not fit"):
         map_state_dict(network, {**tensors, "expand.2.norm.beta": np.zeros((26, 4), np.float32)})
+    with pytest.raises(StyleError, match=r"^res.3.1.w: \(32, 32, 3, 3\) torch.float16 does not fit res.3.1.conv.weight "
+                                         r"\(32, 32, 3, 3\)$"):  # the shape fits
+        map_state_dict(network, {**tensors, "res.3.1.w": tensors["res.3.1.w"].astype(np.float16)})

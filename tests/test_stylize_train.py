@@ -90,15 +90,79 @@ def test_new_style_learns_only_its_norms(files):
     assert bank.styles[-1].preview.shape == (3, 96, 96)
 
 
-def test_full_mode_writes_a_bank(files):
+def test_full_mode_writes_a_bank(files, monkeypatch):
+    """Every style trains: each sample draws one of all N styles (12 draws of 2 here, fixed by the seed), and the
+    network gets the one-hot row of the style the loss compares it with."""
+    from stylize.losses import PerceptualLoss
     from stylize.train import train
 
+    loss_rows, network_rows = [], []
+    loss_forward, network_forward = PerceptualLoss.forward, MultiStyleNet.forward
+
+    def loss_recording(self, stylized, content, style_index):
+        loss_rows.append(style_index.tolist())
+        return loss_forward(self, stylized, content, style_index)
+
+    def network_recording(self, x, style_weights):
+        if self.training:  # not the previews' calls after the training
+            assert set(style_weights.flatten().tolist()) <= {0.0, 1.0} and style_weights.sum(1).eq(1).all()
+            network_rows.append(style_weights.argmax(1).tolist())
+        return network_forward(self, x, style_weights)
+
+    monkeypatch.setattr(PerceptualLoss, "forward", loss_recording)
+    monkeypatch.setattr(MultiStyleNet, "forward", network_recording)
     cfg = config(files, mode="full", init="scratch", steps=3, style_image=[str(p) for p in files["styles"]],
                  out=str(files["root"] / "full.pt"))
     result = train(cfg)
     bank = StyleBank.load(result.out)
     assert bank.names == ["coffee", "rocket"] and bank.network.num_styles == 2
     assert all(torch.isfinite(torch.tensor(h["total"])) for h in result.history)
+    assert len(loss_rows) == 3 and network_rows == loss_rows
+    assert {row for step in loss_rows for row in step} == {0, 1}
+    for style in range(2):  # a fresh norm's row is scale 1, shift 0
+        params = bank.network.style_params(style)
+        assert any(not torch.equal(v, torch.ones_like(v) if k.endswith(".scale") else torch.zeros_like(v))
+                   for k, v in params.items()), style
+
+
+def test_full_mode_init_bank_starts_from_the_banks_convolutions(files, tmp_path):
+    """init=bank: every convolution starts as the bank's (one step at lr=1e-9 moves them by about 1e-9), the norms
+    fresh for the new styles."""
+    from stylize.train import train
+
+    result = train(small(files, mode="full", init="bank", lr=1e-9, style_image=[str(p) for p in files["styles"]],
+                         out=str(tmp_path / "bank.pt")))
+    donor = torch.load(files["bank"], weights_only=True)["state_dict"]
+    trained = result.network.state_dict()
+    assert set(trained) == set(donor)
+    for key, value in trained.items():
+        if ".norm." in key:
+            fresh = torch.ones(2, value.shape[1]) if key.endswith(".scale") else torch.zeros(2, value.shape[1])
+            torch.testing.assert_close(value, fresh, rtol=0, atol=1e-6, msg=lambda text, key=key: f"{key}: {text}")
+        else:
+            torch.testing.assert_close(value, donor[key], rtol=0, atol=1e-6,
+                                       msg=lambda text, key=key: f"{key}: {text}")
+
+
+def test_the_seed_sets_the_crops(files, tmp_path):
+    """Non-square content images (32x64 at image_size=32), so a crop's place depends on the data RNG: the same seed
+    trains the same steps, another seed other ones. The fixture's square images fill every crop whatever the RNG."""
+    import numpy as np
+
+    from stylize.train import train
+
+    content = tmp_path / "content"
+    content.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)).save(content / f"{i}.png")
+
+    def history(seed: int, name: str) -> list[dict[str, float]]:
+        return train(small(files, content=str(content), seed=seed, out=str(tmp_path / name))).history
+
+    first = history(1, "a.pt")
+    assert history(1, "b.pt") == first
+    assert history(2, "c.pt") != first
 
 
 def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -257,6 +321,44 @@ def test_new_style_keeps_other_rows_frozen_after_the_network_moves(files, device
             assert p.grad.dtype == torch.bfloat16 and not p.grad[:index].any() and p.grad[index].any(), name
         else:
             assert p.grad is None, name
+
+
+def test_a_new_styles_row_starts_from_init_style_or_the_banks_mean(files):
+    """init_style=NAME starts the new row from that style's; by default from the mean of the bank's rows (compared
+    with the bank file's own tensors)."""
+    from stylize.train import _new_style_network
+
+    saved = torch.load(files["bank"], weights_only=True)["state_dict"]
+    for init_style, expected in (("s1", lambda rows: rows[1]), (None, lambda rows: rows.mean(0))):
+        network, index = _new_style_network(OmegaConf.create({"init_style": init_style}), StyleBank.load(files["bank"]))
+        assert index == 3
+        for key, value in network.state_dict().items():
+            if ".norm." in key:
+                torch.testing.assert_close(value[index], expected(saved[key]), rtol=0, atol=1e-6,
+                                           msg=lambda text, key=key: f"init_style={init_style} {key}: {text}")
+
+
+def test_a_final_step_that_makes_the_weights_infinite_writes_nothing(files, tmp_path, monkeypatch):
+    """Without resume states (checkpoint_every=0) the weights are checked once, after the last step: its update can
+    overflow them while every loss was finite."""
+    from stylize.errors import StyleError
+    from stylize.train import train
+
+    adam_step, calls = torch.optim.Adam.step, []
+
+    def overflowing(self, *args, **kwargs):
+        done = adam_step(self, *args, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:   # the last of 2 steps
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return done
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing)
+    with pytest.raises(StyleError, match=r"^training diverged: step 1 made the network's weights infinite or NaN; "
+                                         r"lower lr \(now 0.02\), or style_weight / content_weight; nothing written$"):
+        train(small(files, out=str(tmp_path / "coffee.pt"), steps=2, checkpoint_every=0))
+    assert len(calls) == 2 and not list(tmp_path.iterdir())
 
 
 def _tiny_video(path: Path) -> Path:
@@ -435,6 +537,51 @@ def test_resume_refuses_what_would_not_continue_the_same_training(files, tmp_pat
     monkeypatch.undo()
     train(small(files, out=str(out), overwrite=True))   # starts over, and its end removes the old state
     assert out.is_file() and not state.exists()
+
+
+# Each RESUME_KEYS setting at a value other than `small`'s (init: in mode=full init=bank); "copy": a copy of the
+# fixture's file or folder, the same contents under another path.
+_OTHER_VALUES = {"mode": {"mode": "full", "init": "scratch"}, "init": {"init": "scratch"},
+                 "init_style": {"init_style": "s1"}, "bank": {"bank": "copy"}, "style_image": {"style_image": "copy"},
+                 "content": {"content": "copy"}, "vgg": {"vgg": "copy"}, "batch_size": {"batch_size": 2},
+                 "image_size": {"image_size": 48}, "style_size": {"style_size": 48}, "lr": {"lr": 0.01},
+                 "content_weight": {"content_weight": 2.0}, "style_weight": {"style_weight": 1e3},
+                 "tv_weight": {"tv_weight": 1e-3}, "max_video_frames": {"max_video_frames": 100}, "seed": {"seed": 1}}
+
+
+def test_each_resume_setting_has_another_value_to_test():
+    from stylize.train import RESUME_KEYS
+
+    assert set(_OTHER_VALUES) == set(RESUME_KEYS)
+
+
+@pytest.mark.parametrize("key", _OTHER_VALUES)   # not RESUME_KEYS: a key dropped from it must fail here
+def test_resume_refuses_another_value_of_each_resume_setting(files, tmp_path, no_step, key):
+    """Each setting that makes the data, the losses, the optimizer or the network trained: a resume with another value
+    of it is refused, naming it (init is compared in mode=full init=bank, the mode that reads it)."""
+    import shutil
+
+    from common.errors import UserError
+    from stylize.bank import atomic_save
+    from stylize.train import RESUME_FORMAT, _resume_settings, _style_paths, train
+
+    out = tmp_path / "x.pt"
+    base = {"mode": "full", "init": "bank", "style_image": [str(files["styles"][0])]} if key == "init" else {}
+    before = small(files, out=str(out), **base)
+    atomic_save({"format": RESUME_FORMAT, "step": 1, "settings": _resume_settings(before, _style_paths(before))},
+                tmp_path / "x.pt.resume.pt")
+    other = dict(_OTHER_VALUES[key])
+    if other.get(key) == "copy":
+        source = files["styles"][0] if key == "style_image" else files[key]
+        copy = tmp_path / f"other_{key}" / Path(source).name
+        copy.parent.mkdir()
+        other[key] = str(shutil.copytree(source, copy) if Path(source).is_dir() else shutil.copy(source, copy))
+    if key == "mode":
+        other["style_image"] = [str(files["styles"][0])]
+    with pytest.raises(UserError, match="x.pt.resume.pt was trained with other settings: ") as refused:
+        train(small(files, out=str(out), resume=True, **{**base, **other}))
+    changed = str(refused.value).split("other settings: ", 1)[1]
+    assert re.match(f"(.*, )?{key}=.* \\(now .*\\)", changed), changed
 
 
 @pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGHUP", 129)])
@@ -694,6 +841,22 @@ def test_vgg_and_losses_equal_torchvision_and_fast_neural_style(files, torchvisi
                                    msg=lambda text, key=key: f"{key}: {text}")
     # PyTorch's default conv init gave relu3_3 5e-7 and relu4_3 2e-8 of it
     assert all(term > 1e-3 * sum(style_terms) for term in style_terms), [float(t) for t in style_terms]
+
+
+def test_a_vgg19_file_is_refused_in_one_line(tmp_path):
+    """VGG19's features hold more layers under other indices (features.17 is a ReLU there): it is not taken for
+    VGG16's."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from stylize.errors import StyleError
+    from stylize.vgg import VGG_HINT
+
+    path = tmp_path / "vgg19.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}, path)
+    with pytest.raises(StyleError) as refused:
+        VGG16Features.from_file(path)
+    assert str(refused.value) == (f"{path} is not a torchvision vgg16 state_dict (missing features.17.weight); "
+                                  f"{VGG_HINT}")
 
 
 def test_the_progress_bar_shows_the_weighted_losses(files, tmp_path, capsys):

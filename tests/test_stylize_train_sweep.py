@@ -4,6 +4,7 @@ segment.train's sweeps). Each signal is sent at a phase boundary by a patched fu
 signal) in a child (tests/test_stylize_train.py's DRIVER)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,20 @@ def test_a_job_stopped_before_writing_anything_leaves_no_folder(files, tmp_path)
                                 f"with resume=true hydra.sweep.dir={sweep} continues the sweep (its complete jobs "
                                 "kept)")
     assert _files(sweep) == ["multirun.yaml"]
+
+
+def test_a_resumed_sweep_refuses_a_job_trained_for_other_steps(files, tmp_path):
+    """A job's output trained with steps=1 is not the job of a sweep resumed with steps=2000: kept, the sweep's record
+    would name 2000 steps beside a one-step style."""
+    from stylize.bank import STYLE_FORMAT, atomic_save
+    from stylize.errors import StyleError
+    from stylize.train import SweepJob, _output_settings, _style_paths
+
+    trained = single_run.config(files, out="coffee.pt", steps=1)
+    atomic_save({"format": STYLE_FORMAT, "settings": _output_settings(trained, _style_paths(trained))},
+                tmp_path / "coffee.pt")
+    job, out = SweepJob(0, tmp_path, tmp_path), tmp_path / "coffee.pt"
+    assert job.finished_earlier(single_run.config(files, out="coffee.pt", steps=1, resume=True)) == out  # its own
+    with pytest.raises(StyleError, match=re.escape(f"{out} was trained with other settings: steps=1 (now 2000); pass "
+                                                   "overwrite=true to train it again") + "$"):
+        job.finished_earlier(single_run.config(files, out="coffee.pt", steps=2000, resume=True))
