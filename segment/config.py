@@ -195,6 +195,9 @@ class SegmenterConfig:
         if unknown:
             raise ConfigError(f"unknown segment config keys: {', '.join(unknown)}")
         data = {k: v for k, v in data.items() if not (k in NULLABLE_KEYS and v is None)}
+        if "num_classes" not in data and isinstance(data.get("class_names"), (list, tuple)) and data["class_names"]:
+            # the names alone say how many: num_classes' default (COCO's 91) refused the checkpoint's own 3 names
+            data["num_classes"] = len(data["class_names"])
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

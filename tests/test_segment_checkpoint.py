@@ -163,6 +163,23 @@ def test_architecture_settings_our_checkpoint_does_not_take_are_named(tmp_path, 
     assert capsys.readouterr().err == ""
 
 
+def test_class_names_alone_give_the_number_of_classes(tmp_path, small_model, capsys):
+    """segment.class_names given with num_classes null (as segment=r18_fpn leaves it) was refused against COCO's 91,
+    even with the checkpoint's own names; other names load the checkpoint's, with a note."""
+    path = save_checkpoint(small_model, tmp_path / "small.pt")
+    assert SegmenterConfig.from_dict({"class_names": SMALL["class_names"]}).num_classes == 3
+    assert SegmenterConfig.from_dict({"class_names": None}).num_classes == 91
+    model = load_checkpoint(path, class_names=SMALL["class_names"])
+    assert model.class_names == SMALL["class_names"] and capsys.readouterr().err == ""
+    model = load_checkpoint(path, class_names=["__background__", "dog", "cup", "pen"])
+    assert model.class_names == SMALL["class_names"]
+    assert capsys.readouterr().err == (
+        f"note: {path} runs with the architecture it was trained with: segment.class_names=[__background__, dog, cup, "
+        "pen] (the checkpoint's: [__background__, cat, cup]) ignored\n")
+    with pytest.raises(ConfigError, match="^segment.class_names has 2 names but num_classes is 3$"):
+        SegmenterConfig.from_dict({"class_names": ["__background__", "cat"], "num_classes": 3})
+
+
 def test_the_demo_group_says_nothing_of_its_own_checkpoint(capsys):
     from pipeline.render import compose_config
 
