@@ -135,8 +135,6 @@ class SegmenterConfig:
                                   f"({getattr(self, high)})")
         self._check_min_size()
         self._check_class_names()
-        if self.norm == "gn" and (self.fpn_channels % 32 or self.mask_head_channels % 32):
-            raise ConfigError("segment.norm=gn needs fpn_channels and mask_head_channels divisible by 32")
 
     def _numbers(self, name: str, count: int | None, positive: bool) -> list:
         values = getattr(self, name)

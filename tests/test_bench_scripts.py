@@ -193,7 +193,7 @@ def test_bad_arguments_are_one_line_before_any_work(script, argv, fragment, tmp_
 @pytest.mark.parametrize("script, argv, fragment", [
     ("bench_stylize", ["--device", "cpu", "--bank", "{file}"], "{file} is not a file of format"),
     ("profile_segment", ["--device", "cpu", "--checkpoint", "{file}"], "{file}"),
-    ("bench_train", ["--device", "cpu", "--norm", "gn", "--fpn-channels", "40"], "divisible by 32"),
+    ("bench_train", ["--device", "cpu", "--backbone", "resnet19"], "segment.backbone='resnet19' is not one of"),
 ])
 def test_user_errors_of_the_work_are_one_line(script, argv, fragment, tmp_path, capsys):
     import importlib

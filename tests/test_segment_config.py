@@ -57,3 +57,24 @@ def test_accepted_values_are_kept_as_given():
     assert config.min_sizes == (640, 672) and config.score_threshold == 0.0 and config.num_classes == 91
     assert config.bn_eps == 1e-5 and config.anchor_sizes == [16, 32, 64, 128, 256]
     assert SegmenterConfig.from_dict(config.to_dict()) == config
+
+
+def test_group_norm_leaves_the_fpn_and_head_widths_free():
+    """norm=gn refused FPN and mask-head widths that are not multiples of 32, though GroupNorm is only in the ResNet
+    body: 40 channels build, and predict and train like any width."""
+    import torch
+
+    from segment.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(backbone="resnet18", norm="gn", fpn_channels=40, mask_head_channels=40,
+                                        representation_size=32, num_classes=3, min_size=64, max_size=64))
+    assert not any(isinstance(m, torch.nn.GroupNorm) for name, m in model.named_modules() if "body" not in name)
+    images = [torch.rand(3, 64, 64)]
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    target["masks"][0, 8:40, 8:40] = 1
+    losses = model.train()(images, [target])
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    sum(losses.values()).backward()
+    assert len(model.eval().predict([(images[0] * 255).to(torch.uint8)])) == 1
