@@ -5,6 +5,7 @@ A library of the benchmark scripts (bench_*.py, crop_batches.py): running it onl
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -88,3 +91,10 @@ if __name__ == "__main__":  # not a command: say so (and what it is for) instead
 
     sys.exit(library_main(sys.argv[1:], "scripts/bench_report.py", __doc__,
                           "the benchmark scripts (scripts/bench_*.py, scripts/crop_batches.py)"))
+
+
+def worst(differences: Iterable[float]) -> float:
+    """The largest difference, NaN if any is NaN: Python's max keeps a NaN only when it comes first, so a NaN loss or
+    output after a finite one passed an agreement check as the finite figure."""
+    values = list(differences)
+    return math.nan if any(math.isnan(value) for value in values) else max(values)

@@ -38,7 +38,7 @@ from stylize.network import MultiStyleNet  # noqa: E402
 from stylize.bank import StyleBank  # noqa: E402
 from common.arguments import (  # noqa: E402
     existing_file, reports_user_errors, torch_device, whole_number, writing_in_place)
-from scripts.bench_report import add_report_options, device_name, markdown_table, publish  # noqa: E402
+from scripts.bench_report import add_report_options, device_name, markdown_table, publish, worst  # noqa: E402
 from scripts.profiling import print_profile  # noqa: E402
 
 CROP_SIZES = (64, 128, 256)
@@ -126,7 +126,7 @@ def agreement(network, device: torch.device, styles: torch.Tensor) -> tuple[floa
             replayed = stylize.apply.run_network(network, x, weights, graphs=True)
         ours.append(replayed)
     differences = [(output - expected).abs() for output in ours]
-    return max(float(d.max()) for d in differences), max(float(d.mean()) for d in differences)
+    return worst(float(d.max()) for d in differences), worst(float(d.mean()) for d in differences)
 
 
 def layer_rows(bank: StyleBank, device: torch.device, repeats: int) -> list[list[str]]:

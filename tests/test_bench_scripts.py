@@ -470,3 +470,18 @@ def test_sections_go_to_output_and_name_the_cpu_model(script, argv, device_line,
     assert main([*argv, "--output", str(report), *tiny_model_overrides(tmp_path / "models")]) == 0
     text = report.read_text()
     assert device_line.replace("{cpu}", device_name(torch.device("cpu"))) in text and cpu_model() in text, text
+
+
+def test_a_nan_loss_after_a_finite_one_fails_the_agreement():
+    """Python's max drops a NaN that is not first: a NaN mask loss beside agreeing others passed bench_train's check
+    as 0 and a speed ratio was published."""
+    from scripts.bench_report import worst
+    from scripts.bench_train import loss_difference
+
+    def step(losses):
+        return lambda batch: {key: torch.tensor(value) for key, value in losses.items()}
+
+    steps = (("torchvision", step({"loss_box": 1.0, "loss_mask": float("nan")})),
+             ("ours", step({"loss_box": 1.0, "loss_mask": 0.5})))
+    assert np.isnan(loss_difference(steps, {"torchvision": [None], "ours": [None]}))
+    assert np.isnan(worst([0.0, float("nan")])) and worst([1.0, 3.0, 2.0]) == 3.0
