@@ -309,3 +309,27 @@ def test_numeric_string_ids_are_numbers_for_training_and_evaluation(tmp_path):
     assert dataset.image_ids == [7] and target["image_id"] == 7 and target["labels"].tolist() == [1]
     model = _Fixed(["__background__", "one", "two"], {40: _detections([[10, 10, 30, 30]], [1], [0.9])})
     assert evaluate(model, dataset, progress=False)["segm_AP"] == pytest.approx(1.0)
+
+
+def test_16_bit_grey_between_8_bit_levels_rounds_to_the_nearest(tmp_path):
+    """Truncating v / 257 darkens every value off a multiple of 257 (a 16-bit scan's real content) by a level."""
+    values = np.array([0, 128, 129, 385, 386, 400, 1000, 65407, 65535], dtype=np.uint16)
+    pixels = np.resize(values, (H, W)).astype(np.uint16)
+    folder, ann_file = _write(tmp_path, [])
+    Image.fromarray(pixels).save(folder / "1.png")
+    assert Image.open(folder / "1.png").mode == "I;16"
+    image = CocoDetection(folder, ann_file).load_image(0).numpy()
+    want = np.rint(pixels / 257).astype(np.uint8)
+    assert want[0, :7].tolist() == [0, 0, 1, 1, 2, 2, 4]
+    np.testing.assert_array_equal(image, np.stack([want] * 3))
+
+
+def test_uncompressed_rle_whose_runs_do_not_fill_the_mask_is_refused(tmp_path):
+    """Runs adding up to more (or less) than height * width describe no mask of that size."""
+    for counts in ([2, 100], [2, H * W - 3]):
+        annotations = [_ann(1, 1, 1, {"size": [H, W], "counts": counts}, [0.0, 0.0, 2.0, 2.0], iscrowd=0)]
+        folder, ann_file = _write(tmp_path, annotations)
+        with pytest.raises(DatasetError) as error:
+            CocoDetection(folder, ann_file)
+        assert str(error.value).endswith("instances.json: annotation 1 has an RLE whose counts are not run lengths "
+                                         f"adding up to its size [{H}, {W}]")

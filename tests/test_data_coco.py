@@ -325,3 +325,19 @@ def test_data_config_hflip_prob_flips_training_images_masks_and_boxes(tiny_coco)
     width = image.shape[-1]
     x1, y1, x2, y2 = target["boxes"].unbind(1)
     torch.testing.assert_close(f_target["boxes"], torch.stack([width - x2, y1, width - x1, y2], 1))
+
+
+def test_grouped_batches_follow_the_distributed_samplers_epoch():
+    """Each epoch must reshuffle: without set_epoch reaching the DistributedSampler every epoch repeats epoch 0's
+    order. Oracle: the DistributedSampler's own order for that epoch, cut into batches (one group, no leftover)."""
+    distributed = DistributedSampler(range(16), num_replicas=1, rank=0, shuffle=True, seed=0)
+    grouped = GroupedBatchSampler(distributed, [0] * 16, 4)
+    orders = []
+    for epoch in (0, 1):
+        grouped.set_epoch(epoch)
+        oracle = DistributedSampler(range(16), num_replicas=1, rank=0, shuffle=True, seed=0)
+        oracle.set_epoch(epoch)
+        order = list(oracle)
+        assert list(grouped) == [order[i:i + 4] for i in range(0, 16, 4)]
+        orders.append(order)
+    assert orders[0] != orders[1]

@@ -294,3 +294,29 @@ def test_fp16_file_keeps_integer_buffers_exact(tmp_path):
     for name in counters:
         assert stored[name].dtype == torch.int64 and int(stored[name]) == 90001, name
         assert loaded[name].dtype == torch.int64 and int(loaded[name]) == 90001, name
+
+
+def test_a_folded_model_is_not_saved(tmp_path):
+    """Folded convs carry the BN in their weights and bias: saved, the file would load into a model that applies
+    the BN again (fold_frozen_norms is for inference only)."""
+    torch.manual_seed(0)
+    model = build_model(SegmenterConfig(**dict(SMALL, norm="frozen_bn"))).eval().fold_frozen_norms()
+    with pytest.raises(CheckpointError, match="folded") as error:
+        save_checkpoint(model, tmp_path / "folded.pt")
+    one_line(error)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_relative_path_missing_here_is_read_from_the_project(tmp_path, monkeypatch):
+    """The render's default checkpoint (models/demo_segmenter.pt) must be found from any working directory, while
+    a file of that name where the command runs wins."""
+    from segment.checkpoint import PROJECT_ROOT, project_relative
+
+    monkeypatch.chdir(tmp_path)
+    relative = "models/demo_segmenter.pt"
+    assert (PROJECT_ROOT / relative).is_file()
+    assert project_relative(relative) == PROJECT_ROOT / relative
+    assert project_relative("models/nowhere.pt") == type(PROJECT_ROOT)("models/nowhere.pt")
+    (tmp_path / "models").mkdir()
+    (tmp_path / relative).write_bytes(b"")
+    assert project_relative(relative) == type(PROJECT_ROOT)(relative)

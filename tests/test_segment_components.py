@@ -580,3 +580,90 @@ def test_anchor_cache_stays_bounded_over_many_frame_sizes():
     # emptied once it holds more than 16 sets (anchors.py): a long run over many frame sizes must not keep them all
     assert len(generator._cache) <= 17
     assert torch.equal(anchors, AnchorGenerator(SIZES, RATIOS)((side, side), grids, torch.float32, "cpu")[0])
+
+
+def test_every_backbone_body_has_torchvisions_names_and_shapes():
+    """A torchvision checkpoint loads by name and shape: a wrong block count (resnet101's 23 in layer3) or ResNeXt
+    group width would show only on a real file. Built on the meta device: no memory, no initialisation cost."""
+    from torchvision import models
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from segment.backbone import ARCHS, ResNetBody
+
+    with torch.device("meta"):
+        for arch in ARCHS:
+            ours = {k: v.shape for k, v in ResNetBody(arch, "frozen_bn").state_dict().items()}
+            theirs = getattr(models, arch)(norm_layer=FrozenBatchNorm2d).state_dict()
+            assert ours == {k: v.shape for k, v in theirs.items() if not k.startswith("fc.")}, arch
+
+
+@pytest.mark.parametrize("trainable_layers", range(6))
+def test_frozen_parameters_follow_torchvision_trainable_layers(trainable_layers):
+    """The stem's BN trains only with all 5 stages, as torchvision's resnet_fpn_backbone: norm=bn shows it (frozen
+    BN has no parameters at all)."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from segment.backbone import BackboneWithFPN
+
+    with torch.device("meta"):
+        ours = BackboneWithFPN(SegmenterConfig(backbone="resnet18", norm="bn", trainable_layers=trainable_layers))
+        theirs = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=torch.nn.BatchNorm2d,
+                                     trainable_layers=trainable_layers)
+    frozen = {n for n, p in ours.body.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, p in theirs.body.named_parameters() if not p.requires_grad}
+    assert ("bn1.weight" in frozen) == (trainable_layers < 5)
+
+
+def test_fpn_initialisation_matches_torchvision():
+    """kaiming_uniform with a=1, as torchvision's FeaturePyramidNetwork: a=0 would make every weight's spread 1.41
+    times theirs. Other seeds: a statistical comparison, each under 2 % apart here. Biases zero like theirs."""
+    channels = [64, 128, 256, 512]
+    torch.manual_seed(0)
+    ours = dict(FeaturePyramid(channels, 256).named_parameters())
+    torch.manual_seed(1)
+    theirs = dict(FeaturePyramidNetwork(channels, 256, extra_blocks=LastLevelMaxPool()).named_parameters())
+    assert {n: p.shape for n, p in ours.items()} == {n: p.shape for n, p in theirs.items()}
+    for name, param in ours.items():
+        if name.endswith("bias"):
+            assert not param.any() and not theirs[name].any(), name
+        else:
+            assert abs(param.std().item() / theirs[name].std().item() - 1) < 0.05, name
+
+
+@pytest.mark.parametrize("index", [0, 1, -1, -2])
+def test_instances_integer_index_takes_one_row_like_a_list(index):
+    labels = [3, 7]
+    inst = Instances((4, 4), boxes=torch.tensor([[0., 0, 1, 1], [1, 1, 3, 3]]), scores=torch.tensor([.9, .8]),
+                     labels=torch.tensor(labels), masks=torch.rand(2, 4, 4))
+    one = inst[index]
+    assert len(one) == 1 and one.labels.tolist() == [labels[index]]
+    assert torch.equal(one.masks, inst.masks[index][None]) and torch.equal(one.boxes, inst.boxes[index][None])
+
+
+def test_instances_cast_keeps_labels_integer_and_rows_aligned():
+    inst = Instances((4, 4), boxes=torch.tensor([[0., 0, 1, 1]]), scores=torch.tensor([.9]),
+                     labels=torch.tensor([300]), masks=torch.rand(1, 4, 4))
+    half = inst.to(torch.float16)
+    # labels index class names: a float16 label of a large class would round (2049 -> 2048) or stop being an index
+    assert half.labels.dtype == torch.int64 and half.labels.tolist() == [300]
+    assert half.boxes.dtype == half.scores.dtype == half.masks.dtype == torch.float16
+    with pytest.raises(ValueError, match="scores has 3 rows, boxes has 2"):
+        Instances((4, 4), boxes=torch.zeros(2, 4), scores=torch.zeros(3), labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_fold_keeps_a_convolutions_own_bias():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from segment.fold import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=True), FrozenBatchNorm2d(8))
+    with torch.no_grad():
+        block[0].bias.normal_(0, 2)
+    bn = block[1]
+    bn.weight.uniform_(0.5, 2), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.1, 3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = block(x)
+        assert fold_frozen_batchnorm(block) == 1
+        torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)

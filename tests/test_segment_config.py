@@ -78,3 +78,17 @@ def test_group_norm_leaves_the_fpn_and_head_widths_free():
     assert all(torch.isfinite(loss) for loss in losses.values())
     sum(losses.values()).backward()
     assert len(model.eval().predict([(images[0] * 255).to(torch.uint8)])) == 1
+
+
+@pytest.mark.parametrize("stage", ["rpn", "box"])
+def test_a_background_threshold_above_the_foreground_one_is_refused(stage):
+    # torchvision's Matcher would assert deep inside training; here the config names both settings
+    message = refused(**{f"{stage}_bg_iou_thresh": 0.7, f"{stage}_fg_iou_thresh": 0.5})
+    assert message == f"segment.{stage}_bg_iou_thresh (0.7) must not exceed segment.{stage}_fg_iou_thresh (0.5)"
+
+
+@pytest.mark.parametrize("num_classes", [2, 92])
+def test_class_counts_other_than_cocos_get_numbered_names(num_classes):
+    """COCO's names belong to exactly 91 classes: one more is another data set, not COCO with an extra class."""
+    names = SegmenterConfig(num_classes=num_classes).class_names
+    assert names == ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]

@@ -228,3 +228,37 @@ def test_a_stop_signal_during_generation_leaves_no_folder_it_made(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         syn.write_coco_split(tmp_path / "new" / "data", "train", 2, size=32, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shape_cut_by_the_frame_has_no_outline_along_the_frame():
+    """The outline marks the shape's own edge: where the frame cuts it, the shape goes on out of view. A disk of
+    radius 20 centred on the left edge (rows 12..52 in column 0): with a 1-px band (size 40 / 40), column 0 is
+    outlined only in its first and last row, whose upper / lower neighbour is outside the disk."""
+    bright = [np.full((128, 128, 3), 200, np.uint8)]  # a bright texture gets a dark (20) outline
+    background = np.full((64, 64, 3), 128, np.uint8)
+    disk = syn.SceneObject(label=syn.CLASS_NAMES.index("circle") + 1, center=(0.0, 32.0), size=40, angle=0, texture=0)
+    image, masks = syn.render_scene(background, [disk], bright)
+    assert np.flatnonzero(masks[0][:, 0]).tolist() == list(range(12, 53))
+    column = image[12:53, 0, 0]
+    assert column[0] == column[-1] == 20 and (column[1:-1] == 200).all()
+    assert image[32, 20, 0] == 20 and image[32, 19, 0] == 200  # the disk's own right edge is outlined
+
+
+def test_random_scenes_put_some_objects_partly_out_of_frame(assets):
+    """Up to a quarter of a shape may lie off-frame (centres at least size / 4 inside): a detector trained on the
+    split must see objects cut by the frame, as in video. Cut: fewer pixels in frame than the same shape drawn on
+    a canvas with room around it."""
+    import dataclasses
+
+    textures, backgrounds = assets
+    cut = 0
+    for seed in range(20):
+        _, objects, _ = syn.random_scene(np.random.default_rng(seed), 96, 96, textures[:4], backgrounds[:2])
+        for obj in objects:
+            x, y, quarter = obj.center[0], obj.center[1], obj.size / 4
+            assert quarter <= min(x, y) and max(x, y) <= 96 - quarter
+            pad = int(obj.size) + 1  # whole pixels: the same grid, shifted
+            roomy = dataclasses.replace(obj, center=(x + pad, y + pad))
+            whole = syn.shape_mask(roomy, 96 + 2 * pad, 96 + 2 * pad).sum()
+            cut += int(syn.shape_mask(obj, 96, 96).sum() < whole)
+    assert cut >= 5

@@ -172,3 +172,23 @@ def test_a_file_of_another_backbone_names_the_config_to_use(files, tmp_path):
     with pytest.raises(CheckpointError, match=r"holds a resnet18 backbone \(2 basic blocks in layer3\) but the "
                                               r"segment config is for resnet50: add segment=r18_fpn"):
         load_torchvision_checkpoint(tmp_path / "r18.pth")
+
+
+def test_a_resnext_file_loads_as_resnext(tmp_path):
+    """ResNeXt-50 has ResNet-50's block counts: only its grouped conv2 tells them apart. Random weights in
+    torchvision's own Mask R-CNN on a resnext50_32x4d body, every one read into our model by name."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    theirs = MaskRCNN(resnet_fpn_backbone(backbone_name="resnext50_32x4d", weights=None), num_classes=3)
+    state = theirs.state_dict()
+    torch.save(state, tmp_path / "resnext50.pth")
+    ours = load_torchvision_checkpoint(tmp_path / "resnext50.pth", backbone="resnext50_32x4d")
+    assert ours.config.backbone == "resnext50_32x4d" and ours.config.num_classes == 3
+    loaded = ours.state_dict()
+    for name, value in state.items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(loaded[name], value), name
+    with pytest.raises(CheckpointError, match=r"holds a resnext50_32x4d backbone .* segment config is for resnet50"):
+        load_torchvision_checkpoint(tmp_path / "resnext50.pth")
