@@ -485,3 +485,213 @@ def test_a_nan_loss_after_a_finite_one_fails_the_agreement():
              ("ours", step({"loss_box": 1.0, "loss_mask": 0.5})))
     assert np.isnan(loss_difference(steps, {"torchvision": [None], "ours": [None]}))
     assert np.isnan(worst([0.0, float("nan")])) and worst([1.0, 3.0, 2.0]) == 3.0
+
+
+def test_bench_segment_every_row_from_known_speeds_compares_the_skipped_frames_at_min_score(tmp_path):
+    # Speeds faked (every frame 10 fps, N = 2 20 fps: 2.00x); PSNR faked to see what is compared with what.
+    # style.min_score 0.25 sits inside the tiny segmenter's scores on this clip (0.22-0.29): both sides of each
+    # skipped frame's comparison must hold only what gets styled.
+    import scripts.bench_segment_every as bench
+    from tests.render_cli import tiny_model_overrides
+
+    video = clip(tmp_path / "clip.mp4", 64, 48, 8)
+    compared, scores = [], []
+    real_add = bench.Agreement.add
+
+    def add(self, index, reference, shown):
+        scores.extend([*reference.scores.tolist(), *shown.scores.tolist()])
+        return real_add(self, index, reference, shown)
+
+    def psnr(path, reference, skipped, device):
+        compared.append((path.name, reference.name, sorted(skipped)))
+        return 30.0, 40.0
+
+    speeds = {bench.Variant(1): 10.0, bench.Variant(2): 20.0, bench.Variant(2, True): 15.0}
+    report = tmp_path / "report.md"
+    timed = {v: bench.Timed(fps, 1.0, 1.0, 0.5) for v, fps in speeds.items()}
+    with mock.patch.object(bench, "speeds", lambda cfgs, *a: {v: timed[v] for v in cfgs}), \
+            mock.patch.object(bench, "psnr_by_frame_kind", psnr), mock.patch.object(bench.Agreement, "add", add):
+        assert bench.main(["--input", str(video), "--every", "2", "--propagate", "--repeats", "1", "--device", "cpu",
+                           "--output", str(report), *tiny_model_overrides(tmp_path / "models"),
+                           "style.min_score=0.25", "batch_size=4"]) == 0
+    assert compared == [("every2p.mp4", "every2.mp4", [1, 3, 5, 7])]
+    assert scores and min(scores) >= 0.25, scores
+    rows = {row[0]: row for row in (line.strip("| ").split(" | ") for line in report.read_text().splitlines()[-3:])}
+    assert rows["1"][1:3] == ["10.00", "1.00x"] and rows["2"][1:3] == ["20.00", "2.00x"], rows
+    assert rows["2 + style.propagate"][1:3] == ["15.00", "1.50x"] and rows["2 + style.propagate"][6] == "30.00 / 40.00"
+
+
+def test_bench_train_rates_from_known_step_times():
+    # fake clock: each torchvision step 2 s, each of ours 1 s, batches of 2 -> 1 and 2 img/s, ours 2.00x
+    import itertools
+    import types
+
+    import scripts.bench_train as bench
+
+    clock = itertools.accumulate(itertools.cycle([0, 2, 0, 1]))
+    texts = []
+    with mock.patch.object(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)))), \
+            mock.patch.object(bench, "publish", lambda text, *a, **k: texts.append(text)):
+        argv = [*TINY_TRAIN, "--no-append"]
+        argv[argv.index("--batch") + 1] = "2"
+        assert bench.main(argv) == 0
+    row = last_table_row(texts[0])
+    assert (row["batch"], row["torchvision img/s"], row["ours img/s"], row["ours / torchvision"]) == \
+        ("2", "1.00", "2.00", "2.00x"), row
+
+
+def test_one_loss_off_alone_is_the_loss_difference():
+    # the worst key decides: a lone skewed loss beside agreeing others must not average or min away
+    from scripts.bench_train import loss_difference
+
+    def step(losses):
+        return lambda batch: {key: torch.tensor(value) for key, value in losses.items()}
+
+    steps = (("torchvision", step({"loss_box": 1.0, "loss_mask": 0.5, "loss_rpn": 2.0})),
+             ("ours", step({"loss_box": 1.0, "loss_mask": 0.75, "loss_rpn": 2.0})))
+    assert loss_difference(steps, {"torchvision": [None], "ours": [None]}) == pytest.approx(0.5)
+
+
+def test_second_half_fps_starts_at_the_batch_that_reaches_half_with_uneven_times():
+    # even spacing hid the start: from the batch past half (t=5) gives 4/5 fps, the right one (t=3) 8/7
+    assert second_half_fps([(1.0, 4), (3.0, 8), (5.0, 12), (10.0, 16)]) == pytest.approx(8 / 7)
+
+
+def fake_render_for_bench(frames: int):
+    """A render of `frames` frames in batches of 4 that calls the style network twice per frame."""
+    from types import SimpleNamespace
+
+    import stylize.apply
+
+    def render(cfg, output, on_batch=None, build=None):
+        stages = build(cfg, "cpu", None, None) if build else None
+        for done in range(4, frames + 1, 4):
+            for _ in range(2 * 4):
+                stylize.apply.run_network(None, torch.zeros(1, 3, 8, 8))
+            for _, stage in stages.run if stages else ():
+                stage([None] * 4)
+            if on_batch:
+                on_batch(SimpleNamespace(frames=done))
+        return SimpleNamespace(frames=frames, fps=1.0, timings={}, instances=0, tracks=None, styles_used=set())
+    return render
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_bench_render_row_per_frame_figures_and_peak_rss_in_mib(frames, tmp_path):
+    # RSS 100 MiB before the render, 300 after its first batch, 150 after the others: the peak, in MiB
+    from types import SimpleNamespace
+
+    import scripts.bench_render as bench
+    import stylize.apply
+
+    rss = iter([100, 300, *[150] * 10])
+    process = SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=next(rss) * 2**20))
+    with mock.patch.object(bench, "make_clip") as make_clip, \
+            mock.patch.object(bench, "render", fake_render_for_bench(frames)), \
+            mock.patch.object(bench.psutil, "Process", return_value=process), \
+            mock.patch.object(stylize.apply, "run_network", lambda *a, **k: None):
+        row = bench.bench_one("360p", frames, "cpu", [], tmp_path, 0)
+    assert {call.kwargs["size"] for call in make_clip.call_args_list} == {bench.SIZES["360p"]}
+    assert row["peak_rss_mb"] == pytest.approx(300) and row["style_calls"] == pytest.approx(2)
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_bench_render_operators_are_per_frame(frames):
+    # each stage call counts 12 operators on a batch of 4 frames: 3 per frame, whatever the clip's length
+    from types import SimpleNamespace
+
+    import scripts.bench_render as bench
+
+    stages = SimpleNamespace(run=[(name, lambda batch: batch) for name in bench.MODEL_STAGES])
+    with mock.patch.object(bench, "render", fake_render_for_bench(frames)), \
+            mock.patch.object(bench, "build_stages", return_value=stages), \
+            mock.patch.object(bench, "operators", side_effect=lambda fn: fn() or 12), \
+            mock.patch("stylize.apply.run_network", lambda *a, **k: None):
+        counts = bench.operators_per_frame(SimpleNamespace(output="unused.mp4"))
+    assert counts == {name: pytest.approx(3) for name in bench.MODEL_STAGES}
+
+
+def test_bench_stylize_best_of_ours_is_the_faster_and_any_pixel_off_fails(tmp_path, capsys):
+    # graphs faster than the plain runner (0.5 s against 1 s, module 2 s): best ours is the graphs' 4.00x
+    import scripts.bench_stylize as bench
+    from tests.tiny_models import tiny_bank
+
+    bank, texts = tiny_bank(tmp_path / "bank.pt"), []
+    real_forward = bench.module_forward
+
+    def one_pixel_off(*args, **kwargs):  # the mean stays far inside its bound, the max does not
+        out = real_forward(*args, **kwargs).clone()
+        out[0, 0, 0, 0] += 0.5
+        return out
+
+    with mock.patch.object(bench, "bench", return_value=[("frame", "one", 1, (2.0, 1.0, 0.5, 1.6, 1.25))]), \
+            mock.patch.object(bench, "publish", lambda text, *a, **k: texts.append(text)):
+        assert bench.main(["--device", "cpu", "--bank", str(bank), "--no-append"]) == 0
+        assert texts[0].strip().splitlines()[-1] == "| frame | one | 0.50 | 1.00 | 2.00 | 4.00x | 0.62 | 0.80 |"
+        with mock.patch.object(bench, "module_forward", one_pixel_off):
+            assert bench.main(["--device", "cpu", "--bank", str(bank), "--no-append"]) == 1
+    assert "error: ours and the module forward disagree" in capsys.readouterr().err and len(texts) == 1
+
+
+def test_bench_stylize_five_ways_time_the_peer_then_ours_in_the_other_layout():
+    import stylize.apply
+    import stylize.inference
+    import scripts.bench_stylize as bench
+
+    calls = []
+
+    def fn(graphs, layout):
+        calls.append((graphs, layout, stylize.apply.run_network is bench.module_forward,
+                      stylize.inference.UPSAMPLE_BY_PHASES))
+
+    cpu = torch.device("cpu")
+    with mock.patch.object(bench, "timed", lambda f, device, repeats: f() or 1.0):
+        assert bench.five_ways(fn, cpu, 1) == (1.0, 1.0, None, 1.0, 1.0)
+    by_phases = stylize.inference.UPSAMPLE_BY_PHASES
+    assert calls == [(False, "auto", True, by_phases), (False, "auto", False, by_phases),
+                     (False, not bench.auto_channels_last(cpu), False, by_phases), (False, "auto", False, False)]
+
+
+def test_markdown_table_separates_every_column_and_no_append_writes_nothing(tmp_path, monkeypatch, capsys):
+    # a separator short of a cell is no table in GitHub's markdown: the rows show as text
+    from scripts.bench_report import markdown_table, publish
+
+    assert markdown_table(["a", "b", "c"], [["1", "2", "3"]]) == "| a | b | c |\n|---|---|---|\n| 1 | 2 | 3 |"
+    monkeypatch.chdir(tmp_path)
+    publish("## Section\n", tmp_path / "report.md", append=False)
+    assert list(tmp_path.iterdir()) == [] and "appended" not in capsys.readouterr().out
+
+
+def test_recorded_crops_keep_each_calls_limits():
+    # the limits (frame and max_side) stop a call's padding: replay pads past them without
+    from types import SimpleNamespace
+
+    import scripts.crop_batches as crop_batches
+    import stylize.apply
+
+    def render(cfg, output):
+        stylize.apply.batch_plan([(30, 40), (20, 20)], 64, 8, True, [(48, 48), (64, 64)])
+        stylize.apply.batch_plan([(10, 10)], 64, 8, True)
+        return SimpleNamespace(frames=3)
+
+    with mock.patch.object(crop_batches, "render", render):
+        calls, frames = crop_batches.recorded_crops(SimpleNamespace(output="unused.mp4"))
+    assert (calls, frames) == ([([(30, 40), (20, 20)], [(48, 48), (64, 64)]), ([(10, 10)], None)], 3)
+
+
+def test_demo_clip_at_another_rate_plays_at_it_with_a_tone_as_long(tmp_path, capsys):
+    # 30 frames at --fps 30: one second of video and of sound, not 30 frames played at 24 fps (1.25 s)
+    import av
+
+    from scripts.make_demo_clip import main
+
+    out = tmp_path / "clip.mp4"
+    assert main(["--out", str(out), "--frames", "30", "--size", "32x16", "--fps", "30", "--audio"]) == 0
+    with av.open(str(out)) as container:
+        video = container.streams.video[0]
+        assert (video.average_rate, video.frames) == (30, 30)
+        video_seconds = float(video.duration * video.time_base)
+        samples = sum(frame.samples for frame in container.decode(audio=0))
+        rate = container.streams.audio[0].rate
+    assert video_seconds == pytest.approx(1.0, abs=0.04) and samples / rate == pytest.approx(1.0, abs=0.05)
+    assert f"demo clip: {out} (30 frames, 32x16, 30 fps)" in capsys.readouterr().out

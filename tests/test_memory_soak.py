@@ -32,3 +32,49 @@ def test_rss_stays_flat_over_960_frames_of_long_tracks(tmp_path):
     stages = dict(re.findall(r"(\w+) ([\d.]+ → [\d.]+)", result.stdout.split("first → last quarter:")[-1]))
     assert set(stages) == {"decode", "segment", "track", "assign", "stylize", "composite", "encode"}, result.stdout
     assert all(float(value) > 0 for pair in stages.values() for value in pair.split(" → ")), stages
+
+
+def rising_soak(tmp_path):
+    """soak() over a faked render: 10 batches of 8 frames, RSS rising 10 MiB a batch from 100 MiB, segment 10 ms a
+    frame throughout."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import scripts.memory_soak as memory_soak
+
+    rss = iter(range(100, 1000, 10))
+    process = SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=next(rss) * 2**20))
+
+    def render(cfg, output, on_batch, build):
+        for batch in range(1, 11):
+            on_batch(SimpleNamespace(frames=8 * batch, timings={"segment": 0.010 * 8 * batch}))
+        return SimpleNamespace(tracks={"tracks": 1, "longest": 80, "cuts": 0})
+
+    with mock.patch.object(memory_soak, "render", render), mock.patch.object(memory_soak, "make_clip"), \
+            mock.patch.object(memory_soak, "tiny_bank"), mock.patch.object(memory_soak.psutil, "Process",
+                                                                           return_value=process):
+        return memory_soak.soak(frames=80, size=16, every=8, workdir=tmp_path)
+
+
+def test_soak_figures_from_a_known_rising_rss(tmp_path):
+    import pytest
+
+    result = rising_soak(tmp_path)
+    # the first tenth of the samples is warm-up: 16..80 frames, 110..190 MiB
+    assert result.frames.tolist() == list(range(16, 81, 8)) and result.rss_mb.tolist() == list(range(110, 191, 10))
+    assert result.quarter_growth_mb == pytest.approx(185 - 115)  # last two samples' mean minus the first two's
+    assert result.slope_mb_per_1000 == pytest.approx(10 / 8 * 1000)
+    assert result.stage_ms() == {"segment": pytest.approx((10.0, 10.0))}  # per frame, whatever the span's length
+
+
+def test_main_fails_on_growth_past_the_bound(tmp_path, capsys):
+    from unittest import mock
+
+    import scripts.memory_soak as memory_soak
+
+    result = rising_soak(tmp_path)
+    with mock.patch.object(memory_soak, "soak", return_value=result):
+        assert memory_soak.main(["--frames", "80", "--every", "8", "--max-growth-mb", "50"]) == 1
+        assert "error: RSS grew 70.0 MiB (> 50.0 MiB)" in capsys.readouterr().err
+        assert memory_soak.main(["--frames", "80", "--every", "8", "--max-growth-mb", "80"]) == 0
+    assert "first→last quarter +70.00 MiB" in capsys.readouterr().out
