@@ -85,16 +85,16 @@ def publish(text: str, path: Path = RESULTS, append: bool = True) -> None:
     print(f"appended to {path}")
 
 
+def worst(differences: Iterable[float]) -> float:
+    """The largest difference, NaN if any is NaN: Python's max keeps a NaN only when it comes first, so a NaN loss or
+    output after a finite one passed an agreement check as the finite figure."""
+    values = list(differences)
+    return math.nan if any(math.isnan(value) for value in values) else max(values)
+
+
 if __name__ == "__main__":  # not a command: say so (and what it is for) instead of exiting 0 without a word
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from common.arguments import library_main
 
     sys.exit(library_main(sys.argv[1:], "scripts/bench_report.py", __doc__,
                           "the benchmark scripts (scripts/bench_*.py, scripts/crop_batches.py)"))
-
-
-def worst(differences: Iterable[float]) -> float:
-    """The largest difference, NaN if any is NaN: Python's max keeps a NaN only when it comes first, so a NaN loss or
-    output after a finite one passed an agreement check as the finite figure."""
-    values = list(differences)
-    return math.nan if any(math.isnan(value) for value in values) else max(values)
