@@ -280,6 +280,21 @@ def test_export_counts_only_real_classes(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(", 2 classes (cat, cup)")
 
 
+def test_export_writes_fp16_weights_unless_told_fp32(tmp_path, small_model):
+    """An exported file holds fp16 weights by default (half the size), fp32 with --fp32; both load as written."""
+    from scripts.export_segmenter import main
+    from segment.checkpoint import read_file
+
+    source = save_checkpoint(small_model, tmp_path / "source.pt")
+    for flags, dtype in (([], torch.float16), (["--fp32"], torch.float32)):
+        out = tmp_path / f"{dtype}.pt"
+        assert main([str(source), str(out), *flags]) == 0
+        weights = read_file(out)["model"]
+        assert {w.dtype for w in weights.values() if w.is_floating_point()} == {dtype}
+        loaded = load_checkpoint(out).state_dict()
+        assert all(torch.equal(loaded[k], w.to(loaded[k].dtype)) for k, w in weights.items())
+
+
 def test_fp16_file_keeps_integer_buffers_exact(tmp_path):
     # num_batches_tracked is an int64 count: beyond fp16's 65504 a cast would not even stay finite
     model = build_model(SegmenterConfig(**{**SMALL, "norm": "bn"}))
