@@ -189,6 +189,24 @@ def test_script_checks_both_splits_before_writing(tmp_path, capsys):
 
 
 
+def test_script_passes_its_seed_classes_and_object_limit_to_the_generator(tmp_path):
+    """--seed, --classes and --max-objects reach the files: the written split equals write_coco_split's own with the
+    same values (read with pycocotools), and each setting shows in it."""
+    from scripts.make_synthetic_dataset import main
+
+    assert main(["--out", str(tmp_path / "cli"), "--train", "6", "--val", "0", "--size", "48", "--seed", "7",
+                 "--classes", "circle", "star", "--max-objects", "1"]) == 0
+    direct = syn.write_coco_split(tmp_path / "direct", "train", 6, 48, 7, classes=["circle", "star"], max_objects=1,
+                                  progress=False)
+    cli = tmp_path / "cli" / "annotations" / "instances_train.json"
+    assert json.loads(cli.read_text()) == json.loads(direct.read_text())
+    coco = COCO(str(cli))
+    assert json.loads(cli.read_text())["info"]["seed"] == 7
+    assert {coco.cats[a["category_id"]]["name"] for a in coco.dataset["annotations"]} <= {"circle", "star"}
+    assert all(len(coco.getAnnIds(imgIds=[i], iscrowd=None)) <= 1 for i in coco.getImgIds())
+    assert coco.dataset["annotations"]
+
+
 def _split_seed(root: Path) -> tuple[int, list[bytes]]:
     """The seed the annotation file records, and the split's images."""
     coco = json.loads((root / "annotations" / "instances_train.json").read_text())
