@@ -278,6 +278,31 @@ def test_readme_figure_refuses_videos_of_two_sizes_and_writes_its_suffixs_format
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.jpg", "figure.png", "small.mp4", "wide.mp4"]
 
 
+def test_readme_figure_puts_each_frames_input_left_and_render_right_in_the_order_given(tmp_path):
+    import av
+    from PIL import Image
+
+    from scripts.make_readme_figure import main
+    from tests.helpers_video import pattern_frames, write_clip
+
+    frames = pattern_frames(4, 32, 32)
+    videos = {name: write_clip(tmp_path / f"{name}.mp4", clip) for name, clip in
+              (("input", frames), ("render", [255 - frame for frame in frames]))}
+    decoded = {}
+    for name, path in videos.items():  # as any player decodes them
+        with av.open(str(path)) as container:
+            decoded[name] = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    out = tmp_path / "figure.png"
+    assert main(["--input", str(videos["input"]), "--render", str(videos["render"]), "--frames", "3", "1",
+                 "--gap", "2", "--out", str(out)]) == 0
+    figure = np.asarray(Image.open(out))
+    for row, index in enumerate((3, 1)):
+        top = row * (32 + 2)
+        assert np.array_equal(figure[top:top + 32, :32], decoded["input"][index])
+        assert np.array_equal(figure[top:top + 32, 34:], decoded["render"][index])
+    assert (figure[32:34] == 255).all() and (figure[:, 32:34] == 255).all()
+
+
 def test_demo_clip_is_replaced_when_told_and_holds_the_size_reported(tmp_path, capsys):
     import av
 
