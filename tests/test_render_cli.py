@@ -314,16 +314,18 @@ def nvenc_opens() -> bool:
 def test_segment_every_segments_the_first_frame_of_a_new_shot(tmp_path, models):
     """segment_every=4 over a clip whose second shot starts at frame 6 (the first shot's frames, inverted): frames
     0, 4, 8 and, for the cut, 6 are segmented (scene_cut, on by default), and 6 is marked as a new shot, where the
-    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut; with scene_cut=0.05 the frames where the
+    tracker ends its tracks; with scene_cut=null only 0, 4, 8, and no cut; with scene_cut=0.04 the frames where the
     blob glides fastest are cuts too, each segmented. At 96x64 the clip's blob glides for 12
     frames without wrapping round to the other side of the frame (at 64x48 it jumps at frame 11: a new picture)."""
     frames = pattern_frames(12, 96, 64)
     clip = write_clip(tmp_path / "cut.mp4", frames[:6] + [255 - frame for frame in frames[6:]])
-    # a low scene_cut also cuts where the blob glides fastest: the cuts SegmentStage itself finds in the decoded clip
-    low_cuts = _scene_cuts(clip, 0.05)
+    # a low scene_cut also cuts where the blob glides fastest: the cuts SegmentStage itself finds in the decoded clip.
+    # libx264 encodes clips this small a little differently each run: 0.04 found 6-11 in 12 encodes (and frames 10 and
+    # 11 passed 0.05 in all of 8), where 0.05 left as few as [6, 10, 11]
+    low_cuts = _scene_cuts(clip, 0.04)
     assert len(low_cuts) > 1 and 6 in low_cuts
     for scene_cut, want, cuts in (("0.5", [0, 4, 6, 8], [6]), ("null", [0, 4, 8], []),
-                                  ("0.05", sorted({0, 4, 8, *low_cuts}), low_cuts)):
+                                  ("0.04", sorted({0, 4, 8, *low_cuts}), low_cuts)):
         dump = tmp_path / f"dump_{scene_cut}"
         result = run_in_process([f"input={clip}", f"output={tmp_path / f'out_{scene_cut}.mp4'}", *models,
                                  "segment_every=4", f"scene_cut={scene_cut}", "debug.dump=true", f"debug.dir={dump}"],
