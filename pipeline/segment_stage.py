@@ -98,15 +98,13 @@ class SegmentStage:
         self._size: tuple[int, int] | None = None  # the last frame's size
 
     def __call__(self, batch: list[FrameRecord]) -> list[FrameRecord]:
-        resized = self._resized(batch)
+        # a frame of another size starts a shot whatever scene_cut says: the tracker starts over there, so skipping
+        # frames, one not segmented would show no object until the next segmented frame
+        for record, new_size in zip(batch, self._resized(batch)):
+            record.cut = new_size
         changes = self._changes(batch) if self.scene_cut is not None and batch else None
-        if self.scene_cut is None:
-            # no cuts for the picture, but a frame of another size still starts a shot: the tracker starts over there,
-            # so skipping frames, one not segmented would show no object until the next segmented frame
-            for record, new_size in zip(batch, resized):
-                record.cut = new_size
-        elif self.every > 1:  # which frames to segment depends on the cuts: read them now
-            self._mark_cuts(batch, changes.tolist(), resized)
+        if self.every > 1 and changes is not None:  # which frames to segment depends on the cuts: read them now
+            self._mark_cuts(batch, changes.tolist())
             changes = None
         for record in batch:
             record.propagated = record.index % self.every != 0 and not record.cut
@@ -126,7 +124,7 @@ class SegmentStage:
             else:
                 read = torch.cat([counts.float(), changes.to(counts.device)]).tolist()
                 counts = [int(count) for count in read[:len(results)]]
-                self._mark_cuts(batch, read[len(results):], resized)
+                self._mark_cuts(batch, read[len(results):])
             for record, instances, count in zip(segmented, results, counts):
                 record.instances = instances[:count]
         return batch
@@ -171,10 +169,10 @@ class SegmentStage:
             changes[0].zero_()
         return changes
 
-    def _mark_cuts(self, batch: list[FrameRecord], changes: list[float], resized: list[bool]) -> None:
-        """`cut` where a new shot starts: the thumbnail changed more than `scene_cut`, or the frame's size did."""
-        for record, change, new_size in zip(batch, changes, resized):
-            record.cut = change > self.scene_cut + CHANGE_NOISE or new_size
+    def _mark_cuts(self, batch: list[FrameRecord], changes: list[float]) -> None:
+        """`cut` also where the thumbnail changed more than `scene_cut` (a frame of another size is one already)."""
+        for record, change in zip(batch, changes):
+            record.cut = record.cut or change > self.scene_cut + CHANGE_NOISE
 
 
 def _thumbnail(image: torch.Tensor) -> torch.Tensor:
