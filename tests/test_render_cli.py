@@ -341,21 +341,13 @@ def _scene_cuts(clip: Path, scene_cut: float) -> list[int]:
     from pipeline.decode import VideoReader
     from pipeline.render import compose_config
     from pipeline.segment_stage import SegmentStage
+    from tests.test_segment_stage import NoDetections
 
-    stage = SegmentStage(_NoModel(), every=len(read_frames(clip)[0]) + 1, scene_cut=scene_cut)
+    stage = SegmentStage(NoDetections(), every=len(read_frames(clip)[0]) + 1, scene_cut=scene_cut)
     cfg = compose_config(["input=in.mp4", "output=out.mp4"])
     return [record.index for batch in VideoReader.from_config(clip, cfg.decode, 4, torch.device("cpu"))
             for record in stage(batch) if record.cut]
 
-
-class _NoModel:
-    """A segmenter that finds nothing: SegmentStage asks it only for the frames it segments."""
-
-    def predict(self, images, full_masks=True):
-        from segment.structures import Instances
-
-        return [Instances(tuple(image.shape[-2:]), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                          torch.zeros(0, *image.shape[-2:])) for image in images]
 
 
 @pytest.mark.parametrize("propagate", [False, True])
