@@ -497,18 +497,24 @@ def test_sections_go_to_output_and_name_the_cpu_model(script, argv, device_line,
     assert device_line.replace("{cpu}", device_name(torch.device("cpu"))) in text and cpu_model() in text, text
 
 
-def test_a_nan_loss_after_a_finite_one_fails_the_agreement():
-    """Python's max drops a NaN that is not first: a NaN mask loss beside agreeing others passed bench_train's check
-    as 0 and a speed ratio was published."""
-    from scripts.bench_report import worst
+def first_step_difference(theirs: dict[str, float], ours: dict[str, float]) -> float:
+    """bench_train.loss_difference of two steps that return these losses."""
     from scripts.bench_train import loss_difference
 
     def step(losses):
         return lambda batch: {key: torch.tensor(value) for key, value in losses.items()}
 
-    steps = (("torchvision", step({"loss_box": 1.0, "loss_mask": float("nan")})),
-             ("ours", step({"loss_box": 1.0, "loss_mask": 0.5})))
-    assert np.isnan(loss_difference(steps, {"torchvision": [None], "ours": [None]}))
+    steps = (("torchvision", step(theirs)), ("ours", step(ours)))
+    return loss_difference(steps, {"torchvision": [None], "ours": [None]})
+
+
+def test_a_nan_loss_after_a_finite_one_fails_the_agreement():
+    """Python's max drops a NaN that is not first: a NaN mask loss beside agreeing others passed bench_train's check
+    as 0 and a speed ratio was published."""
+    from scripts.bench_report import worst
+
+    assert np.isnan(first_step_difference({"loss_box": 1.0, "loss_mask": float("nan")},
+                                          {"loss_box": 1.0, "loss_mask": 0.5}))
     assert np.isnan(worst([0.0, float("nan")])) and worst([1.0, 3.0, 2.0]) == 3.0
 
 
@@ -567,14 +573,8 @@ def test_bench_train_rates_from_known_step_times():
 
 def test_one_loss_off_alone_is_the_loss_difference():
     # the worst key decides: a lone skewed loss beside agreeing others must not average or min away
-    from scripts.bench_train import loss_difference
-
-    def step(losses):
-        return lambda batch: {key: torch.tensor(value) for key, value in losses.items()}
-
-    steps = (("torchvision", step({"loss_box": 1.0, "loss_mask": 0.5, "loss_rpn": 2.0})),
-             ("ours", step({"loss_box": 1.0, "loss_mask": 0.75, "loss_rpn": 2.0})))
-    assert loss_difference(steps, {"torchvision": [None], "ours": [None]}) == pytest.approx(0.5)
+    assert first_step_difference({"loss_box": 1.0, "loss_mask": 0.5, "loss_rpn": 2.0},
+                                 {"loss_box": 1.0, "loss_mask": 0.75, "loss_rpn": 2.0}) == pytest.approx(0.5)
 
 
 def test_second_half_fps_starts_at_the_batch_that_reaches_half_with_uneven_times():
