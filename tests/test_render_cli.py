@@ -418,7 +418,9 @@ def test_a_trained_style_renders_by_name(tmp_path, models, vfr_clip):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("bogus=1", "Could not override 'bogus'. To append to your config use +bogus=1"),
+    ("bogus=1", "Could not override 'bogus': the config has no key or group 'bogus' (known: decode, segment, style, "
+                "track, composite, encode, debug, input, output, overwrite, device, batch_size, segment_every, "
+                "scene_cut, queue_size, stage_threads, torch_threads)"),
     ("segment=r50fpn", "In 'render': Could not find 'segment/r50fpn' (options: demo, r18_fpn, r50_fpn)"),
 ])
 def test_scripts_composing_the_render_config_get_a_bad_override_in_one_line(override, message):
