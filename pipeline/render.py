@@ -351,6 +351,9 @@ def dump_dir(cfg: DictConfig, target: Path) -> Path | None:
         return None
     check_settings(debug, DEBUG_KEYS, "debug")
     if not flag(debug.get("dump", False), "debug.dump"):
+        if debug.get("dir") is not None:  # was ignored: the render ended with no dump where one was asked for
+            raise PipelineConfigError(f"debug.dir={debug.dir} writes nothing without debug.dump=true: add it, or drop "
+                                      "debug.dir")
         return None
     if debug.get("dir") is None:
         return target.with_name(f"{target.stem}_debug")
@@ -431,7 +434,8 @@ def _main(cfg: DictConfig) -> None:
 
 def _job(cfg: DictConfig, late: list[int]) -> None:
     for key in ("input", "output"):
-        if key not in cfg or OmegaConf.is_missing(cfg, key):  # not given, or deleted (~input)
+        # not given, deleted (~input), null, or empty (`input=`: Path("") is the working folder, "a folder" misled)
+        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None or str(cfg[key]) == "":
             print(f"error: no {key} given: pass {key}=PATH (e.g. input=clip.mp4 output=out.mp4)", file=sys.stderr)
             sys.exit(2)
     summary = RenderSummary(output=Path(str(cfg.output)))

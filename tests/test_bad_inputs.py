@@ -221,6 +221,28 @@ def test_a_deleted_group_or_setting_is_one_line(tmp_path, models, clip, deleted,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
+@pytest.mark.parametrize("given, words", [("input=", ["no input given: pass input=PATH"]),
+                                          ("input=null", ["no input given: pass input=PATH"]),
+                                          ("output=", ["no output given: pass output=PATH"])])
+def test_an_empty_input_or_output_is_no_path_given(tmp_path, models, clip, given, words):
+    """`input=` and `output=` were "is a folder" errors naming the working folder: Path("") is "."."""
+    output = tmp_path / "out.mp4"
+    defaults = {"input": f"input={clip}", "output": f"output={output}"}
+    defaults[given.split("=")[0]] = given
+    result = run_in_process([*defaults.values(), *models], cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_a_debug_dir_without_debug_dump_is_refused(tmp_path, models, clip):
+    """debug.dir alone rendered the video and wrote no dump, silently."""
+    output = tmp_path / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models, f"debug.dir={tmp_path / 'dump'}"],
+                            cwd=tmp_path)
+    assert_refused(result, output, {clip: sha256(clip)}, "writes nothing without debug.dump=true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
 def test_a_frame_too_thin_to_segment_is_named_width_first(tmp_path, models):
     """The message gave the size height first ("a 4x2048 frame is 0x128 pixels"), unlike every other message."""
     source = write_clip(tmp_path / "thin.mp4", pattern_frames(3, 2048, 4))
