@@ -52,7 +52,6 @@ import io
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -75,7 +74,7 @@ from common.leftovers import new_held, note_removed_leftovers, remove_dead
 from common.outputs import AtomicOutput, make_folders, remove_made_folders, temp_target
 from common.settings import number, whole
 from pipeline.composite import depth_order
-from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS,
+from pipeline.debug_format import (AREA_THRESHOLD, FORMAT, FRAMES, HIDDEN_DIR, IMAGE_NAME, IMAGES, LAYERS,
                                    MANIFEST, MASK_THRESHOLD, PALETTE, UNTRACKED, DebugDumpError,
                                    track_color)
 from pipeline.record import FrameRecord
@@ -217,7 +216,7 @@ def _dump_entries(directory: Path) -> tuple[list[str], list[str]]:
             (ours if manifest_ours or _looks_like_frames(entry) else foreign).append(name)
         elif _temp_of(name) == MANIFEST and plain:
             ours.append(name)
-        elif _HIDDEN_DIR.match(name) and entry.is_dir() and not entry.is_symlink():
+        elif HIDDEN_DIR.match(name) and entry.is_dir() and not entry.is_symlink():
             continue  # a dump being written (this render's, another's) or a killed render's: no earlier dump
         elif name == IMAGES and entry.is_dir() and not entry.is_symlink():
             for image in sorted(entry.iterdir()):
@@ -263,9 +262,6 @@ def check_dump_dir(directory: Path, overwrite: bool) -> None:
         raise DebugDumpError(f"debug dir {directory} already holds a debug dump: pass overwrite=true to "
                              "replace it, or choose another debug.dir")
 
-
-# the dumper's own folders inside DIR: a dump being written (partial), an earlier one being replaced
-_HIDDEN_DIR = re.compile(r"^\.[0-9a-f]{8}\.(partial|replaced)$")
 
 
 def _new_hidden_dir(directory: Path, kind: str) -> tuple[Path, int]:
@@ -362,7 +358,7 @@ class DebugDumper:
         `check_dump_dir`: a refused dump removes nothing)."""
         try:
             make_folders(self.dir, self._made)
-            hidden = [entry for entry in self.dir.iterdir() if _HIDDEN_DIR.match(entry.name)]
+            hidden = [entry for entry in self.dir.iterdir() if HIDDEN_DIR.match(entry.name)]
             note_removed_leftovers(remove_dead(hidden, folders=True))
             self.temp_dir, self._temp_dir_hold = _new_hidden_dir(self.dir, "partial")
             (self.temp_dir / IMAGES).mkdir()

@@ -11,6 +11,8 @@ FRAMES = "frames.jsonl"
 IMAGES = "images"
 LAYERS = ("original", "masks", "stylized", "composite")
 IMAGE_NAME = re.compile(r"^\d{6}_(original|masks|stylized|composite)\.(jpg|png)$")
+# the dumper's own folders inside a dump's DIR: a dump being written (partial), an earlier one being replaced
+HIDDEN_DIR = re.compile(r"^\.[0-9a-f]{8}\.(partial|replaced)$")
 MASK_THRESHOLD = 0.5   # the composite's default (composite.mask_threshold); a dump records the one it ran with
 AREA_THRESHOLD = 0.5   # `area` counts pixels at p >= this: what style.min_area and the tracker count
 # Track colours (tab10); the viewer reads them from the manifest so both sides agree.

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.debug_format import (FORMAT, FRAMES, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, PALETTE, UNTRACKED,
-                                   DebugDumpError)
+from pipeline.debug_format import (FORMAT, FRAMES, HIDDEN_DIR, IMAGE_NAME, IMAGES, LAYERS, MANIFEST, PALETTE,
+                                   UNTRACKED, DebugDumpError)
 
 
 @dataclass
@@ -38,6 +38,9 @@ def load_dump(directory: str | Path) -> Dump:
         raise DebugDumpError(f"debug dump folder {root} is empty (did the render run with debug.dump=true?)")
     manifest_path, frames_path = root / MANIFEST, root / FRAMES
     if not manifest_path.exists() and not frames_path.exists():
+        if any(HIDDEN_DIR.match(entry.name) for entry in root.iterdir()):  # the dumper's own temp folders
+            raise DebugDumpError(f"{root} holds no finished debug dump: a render is still writing it, or was killed "
+                                 "before it finished; open it once a render has finished")
         raise DebugDumpError(f"{root} is not a debug dump: no {MANIFEST} or {FRAMES} in it")
 
     warnings: list[str] = []
@@ -73,7 +76,7 @@ def _read_manifest(path: Path, warnings: list[str]) -> tuple[dict, bool]:
         manifest = strict_json(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise DebugDumpError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         warnings.append(f"{MANIFEST} is unreadable ({e.__class__.__name__}): showing what {FRAMES} holds")
         return defaults, False
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

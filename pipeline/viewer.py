@@ -5,9 +5,10 @@ Serves, on 127.0.0.1 only, the page in pipeline/viewer_static/ and the dump behi
     GET /api/manifest       manifest + warnings GET /api/frames?offset=&limit=   frame records, paged
     GET /images/<file>      dumped images (plain names inside DIR/images only; no path traversal)
 
-Images are revalidated on every use (an ETag and Last-Modified from the file's mtime and size, 304 when they still
-match): a render into the same folder rewrites them under the same names, and a cached copy would then show the
-old render's picture beside the new render's records.
+A render with overwrite=true into the same folder rewrites the dump under the same names. So the dump is read
+again when its manifest or frames file changes, and images are revalidated on every use (an ETag and Last-Modified
+from the file's mtime and size, 304 when they still match): a cached copy, or the records read at start, would show
+one render's pictures beside another's records.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import signal
 import sys
 import threading
 import webbrowser
+from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from common.errors import one_line
-from pipeline.debug_format import IMAGE_NAME, IMAGES, DebugDumpError
+from pipeline.debug_format import FRAMES, IMAGE_NAME, IMAGES, MANIFEST, DebugDumpError
 from pipeline.debug_reader import Dump, load_dump
 
 STATIC = Path(__file__).with_name("viewer_static")
@@ -134,9 +136,28 @@ class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, dump: Dump, port: int = 0, verbose: bool = False):
-        self.dump = dump
+        self._dump, self._stamp, self._lock = dump, _stamp(dump.dir), threading.Lock()
         self.verbose = verbose
         super().__init__(("127.0.0.1", port), ViewerHandler)
+
+    @property
+    def dump(self) -> Dump:
+        """The dump as it is on disk: read again once its manifest or frames file changed (a render into the same
+        folder replaces them, and the page reloaded would show the new images with the old records); where the new
+        one cannot be read yet, the last one with a warning."""
+        with self._lock:
+            stamp = _stamp(self._dump.dir)
+            if stamp == self._stamp:
+                return self._dump
+            try:
+                dump = load_dump(self._dump.dir)
+            except (DebugDumpError, OSError) as e:
+                return replace(self._dump, warnings=[*self._dump.warnings, f"the dump changed on disk and cannot be "
+                                                     f"read now ({one_line(e)}): showing it as it was"])
+            self._dump, self._stamp = dump, stamp
+            print(f"note: {dump.dir} changed on disk: read again ({len(dump.frames)} frames)", file=sys.stderr,
+                  flush=True)
+            return dump
 
     @property
     def url(self) -> str:
@@ -147,6 +168,17 @@ class ViewerServer(ThreadingHTTPServer):
         thread = threading.Thread(target=self.serve_forever, name="debug-viewer", daemon=True)
         thread.start()
         return thread
+
+
+def _stamp(directory: Path) -> tuple:
+    """What changes when a render writes the dump again: its manifest's and frames file's identity, time and size."""
+    def identity(path: Path) -> tuple | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return identity(directory / MANIFEST), identity(directory / FRAMES)
 
 
 def _has_browser() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,17 +387,20 @@ def test_malformed_and_not_json_records_are_skipped_with_one_warning(tmp_path):
     assert dump.manifest["palette"] == manifest["palette"] and "every" not in dump.manifest
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable"])
-def test_a_missing_or_unreadable_manifest_is_one_warning(tmp_path, case):
+@pytest.mark.parametrize("case, said", [("missing", "missing"), ("cut off", "unreadable"),
+                                        ("nested too deep", "unreadable")])  # was a RecursionError traceback
+def test_a_missing_or_unreadable_manifest_is_one_warning(tmp_path, case, said):
     """Without a manifest that could be read, the reader also said "manifest.json has complete=false"."""
     d = tmp_path / "d"
     write_dump(d, n=2, max_side=32)
     if case == "missing":
         (d / "manifest.json").unlink()
-    else:
+    elif case == "cut off":
         (d / "manifest.json").write_text('{"format": "instyle-debug-v1", "comp')
+    else:
+        (d / "manifest.json").write_text('{"format": "instyle-debug-v1", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     dump = load_dump(d)
-    assert len(dump.warnings) == 1 and f"manifest.json is {case}" in dump.warnings[0], dump.warnings
+    assert len(dump.warnings) == 1 and f"manifest.json is {said}" in dump.warnings[0], dump.warnings
     assert len(dump.frames) == 2
 
 
@@ -427,6 +431,32 @@ def test_images_are_served_with_validators_and_revalidated(tmp_path):
         copied = get({"If-None-Match": again.headers["ETag"]})
         assert copied.status == 200 and copied.read() == body + b"\0\0"
         assert get().headers["Cache-Control"] == "no-cache"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_server_reads_the_dump_again_once_a_render_replaced_it(tmp_path, capfd):
+    """The records and manifest were read once, at start: after a render with overwrite=true into the same folder,
+    a reloaded page showed the new images with the old records (images are revalidated)."""
+    d = tmp_path / "d"
+    write_dump(d, n=2, max_side=32)
+    server = ViewerServer(load_dump(d), port=0)
+    server.start_in_thread()
+    get = lambda path: json.load(urllib.request.urlopen(server.url.rstrip("/") + path, timeout=10))  # noqa: E731
+    try:
+        assert get("/api/frames")["total"] == 2 and get("/api/manifest")["every"] == 1
+        write_dump(d, n=5, every=2, max_side=32, overwrite=True)
+        assert get("/api/frames")["total"] == 5 and get("/api/manifest")["every"] == 2
+        assert "changed on disk: read again (5 frames)" in capfd.readouterr().err
+        shutil.rmtree(d)                          # between a render's moves: nothing to read, the last dump shown
+        d.mkdir(); (d / ".0123abcd.partial").mkdir()
+        manifest = get("/api/manifest")
+        assert manifest["every"] == 2 and get("/api/frames")["total"] == 5
+        assert manifest["warnings"][-1].startswith("the dump changed on disk and cannot be read now (")
+        shutil.rmtree(d)
+        write_dump(d, n=3, max_side=32)
+        assert get("/api/frames")["total"] == 3 and get("/api/manifest")["warnings"] == []
     finally:
         server.shutdown()
         server.server_close()
@@ -535,11 +565,15 @@ def test_partly_written_dumps_load_what_is_intact_with_warnings(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("empty", "is empty"), ("foreign", "is not a debug dump"),
     ("other_manifest", "not an instyle debug manifest"), ("file", "is not a folder"),
+    # was "is not a debug dump": a render writing its first dump there, or killed before it finished
+    ("being_written", "holds no finished debug dump: a render is still writing it, or was killed before it finished"),
 ])
 def test_bad_folders_give_one_clear_error(tmp_path, case, message):
     d = tmp_path / case
     if case == "empty":
         d.mkdir()
+    elif case == "being_written":
+        d.mkdir(); (d / ".0123abcd.partial").mkdir()
     elif case == "foreign":
         d.mkdir(); (d / "video.mp4").write_bytes(b"\0")
     elif case == "other_manifest":
