@@ -50,6 +50,37 @@ def composition_error(error: Exception) -> str:
     return " ".join(lines[:2])
 
 
+def hydra_readable(args: list[str], path_keys: tuple[str, ...], list_keys: tuple[str, ...] = ()) -> list[str]:
+    """Command-line overrides with the file-name values (of `path_keys`) that Hydra's grammar cannot read unquoted
+    (non-ASCII letters, quotes, brackets, `=`, `~`...) quoted, so such paths need no quoting by hand; of `list_keys`
+    written as a list (`[a.jpg,b.jpg]`), each item. Values it reads are left as they are (already quoted ones;
+    `a.mp4,b.mp4` in multirun mode, a sweep): without -m such a sweep is a file name with a comma in it
+    (take1,final.mp4), which Hydra would refuse as an ambiguous value."""
+    parser = OverridesParser.create()
+    sweeping = multirun(args)
+    readable = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if equals and key.lstrip("+") in (*path_keys, *list_keys):
+            try:
+                as_is = sweeping or not parser.parse_override(arg).is_sweep_override()
+            except HydraException:
+                as_is = False
+            if not as_is:
+                listed = key.lstrip("+") in list_keys and value.startswith("[") and value.endswith("]")
+                arg = f"{key}=" + ("[" + ",".join(map(_quoted, value[1:-1].split(","))) + "]" if listed
+                                   else _quoted(value))
+        readable.append(arg)
+    return readable
+
+
+def _quoted(value: str) -> str:
+    """`value` as a single-quoted Hydra string: a backslash escapes a quote, `${` (an interpolation) and itself
+    where it stands before those or at the end; elsewhere it is a plain character."""
+    value = re.sub(r"(\\+)(?='|\$\{|$)", lambda run: run.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
 def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
     """SettingError (one line) where `args`' overrides do not compose with `config_name`, hydra.* ones included,
     or where Hydra's modes (-m, --run, --cfg, --info) are given together. In a sweep each swept setting is tried at

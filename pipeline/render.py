@@ -11,7 +11,6 @@ In multirun mode (`-m`) each run writes its output into its own sweep folder.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import time
@@ -32,8 +31,6 @@ if __name__ == "__main__":  # `python -m pipeline.render`; modules importing thi
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -41,7 +38,7 @@ from pipeline.decode import VideoReader
 from pipeline.encode import VIDEO_SUFFIXES, VideoWriter
 from common.device import resolve_device
 from common.errors import UserError, one_line
-from common.hydra_cli import compose_checked, exit_on_bad_overrides, multirun
+from common.hydra_cli import compose_checked, exit_on_bad_overrides, hydra_readable
 from common.outputs import AtomicOutput, HeldStopSignals, check_output
 from common.settings import check_settings, flag, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
@@ -381,37 +378,9 @@ def _tracks(value: object) -> str:
 PATH_KEYS = ("input", "output", "debug.dir", "style.bank", "segment.checkpoint")
 
 
-def hydra_readable(args: list[str]) -> list[str]:
-    """Command-line overrides with the file-name values that Hydra's grammar cannot read unquoted (non-ASCII letters,
-    quotes, brackets, `=`, `~`...) quoted, so such paths need no quoting by hand. Values it reads are left as they
-    are (already quoted ones; `a.mp4,b.mp4` in multirun mode, a sweep): without -m such a sweep is a file name with
-    a comma in it (take1,final.mp4), which Hydra would refuse as an ambiguous value."""
-    parser = OverridesParser.create()
-    sweeping = multirun(args)
-    readable = []
-    for arg in args:
-        key, equals, value = arg.partition("=")
-        if equals and key.lstrip("+") in PATH_KEYS:
-            try:
-                as_is = sweeping or not parser.parse_override(arg).is_sweep_override()
-            except HydraException:
-                as_is = False
-            if not as_is:
-                arg = f"{key}={_quoted(value)}"
-        readable.append(arg)
-    return readable
-
-
-def _quoted(value: str) -> str:
-    """`value` as a single-quoted Hydra string: a backslash escapes a quote, `${` (an interpolation) and itself
-    where it stands before those or at the end; elsewhere it is a plain character."""
-    value = re.sub(r"(\\+)(?='|\$\{|$)", lambda run: run.group(1) * 2, value)
-    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
-
-
 def main() -> None:
     """The `python -m pipeline.render` entry: Hydra parses sys.argv once paths it cannot read are quoted."""
-    sys.argv[1:] = hydra_readable(sys.argv[1:])
+    sys.argv[1:] = hydra_readable(sys.argv[1:], PATH_KEYS)
     exit_on_bad_overrides(CONF_DIR, "render", sys.argv[1:])
     _main()
 

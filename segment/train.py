@@ -47,7 +47,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from common.errors import UserError, one_line
-from common.hydra_cli import exit_on_bad_overrides, multirun
+from common.hydra_cli import exit_on_bad_overrides, hydra_readable, multirun
 from common.outputs import AtomicOutput, HeldStopSignals, leftover_temp_files
 from common.settings import check_settings, flag, number, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
@@ -71,6 +71,9 @@ CLASS_LAYERS = tuple(f"roi_heads.{layer}.{kind}" for kind in ("weight", "bias") 
 RUN_FILES = (LAST, FINAL, METRICS, CONFIG)  # what a run writes into output_dir (and overwrite=true removes)
 # conf/train.yaml's own settings and groups, and the schedule group's settings: anything else (a `+segment_evry=2`
 # typo) is refused, not trained without
+# settings whose values are file names, spelt as the user's files are (hydra_readable quotes them for Hydra)
+PATH_KEYS = ("data.root", "data.train.images", "data.train.annotations", "data.val.images", "data.val.annotations",
+             "output_dir", "segment.checkpoint")
 TRAIN_KEYS = ("output_dir", "resume", "overwrite", "batch_size", "num_workers", "amp", "clip_grad_norm",
               "checkpoint_every", "log_every", "eval_every", "eval_batch_size", "seed", "device", "cpu_threads",
               "dist_timeout_min")
@@ -577,6 +580,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = hydra_readable(sys.argv[1:], PATH_KEYS)
     exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "train", sys.argv[1:])
     _check_sweep_output_dir(sys.argv[1:])
     main()

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common.device import resolve_device
 from common.errors import OutputError, SettingError, UserError, one_line
-from common.hydra_cli import exit_on_bad_overrides
+from common.hydra_cli import exit_on_bad_overrides, hydra_readable
 from common.leftovers import note_removed_leftovers, remove_dead
 from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
@@ -56,6 +56,8 @@ from stylize.vgg import VGG16Features
 
 RESUME_FORMAT = "instyle-stylize-resume-v1"
 RESUME_SUFFIX = ".resume.pt"
+# settings whose values are file names, spelt as the user's files are (hydra_readable quotes them for Hydra)
+PATH_KEYS, PATH_LIST_KEYS = ("content", "vgg", "bank", "out"), ("style_image",)  # style_image: one, or a list
 # what `out` may end in: a torch.save file (the style checkpoint or bank), as export_segmenter's output; out=a.txt
 # wrote one under a name that passes it off as text
 OUT_SUFFIXES = (".pt", ".pth")
@@ -502,5 +504,6 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr)
 
 if __name__ == "__main__":
+    sys.argv[1:] = hydra_readable(sys.argv[1:], PATH_KEYS, PATH_LIST_KEYS)
     exit_on_bad_overrides(Path(__file__).parent.parent / "conf", "stylize_train", sys.argv[1:])
     main()

@@ -124,3 +124,22 @@ def test_a_group_set_to_null_is_one_line():
     with pytest.raises(SettingError, match=r"^Config group override must be a string or a list. Got NoneType "
                                            r"\(encode=null\)$"):
         check_overrides(CONF, "render", ["encode=null"])
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("segment.train", ["data=coco", "data.root={d}", "output_dir={d}/run"], "image directory not found: {d}/train2017"),
+    ("stylize.train", ["style_image={d}/a.jpg", "content={d}", "vgg={d}/vgg.pth", "out={d}/a.pt"],
+     "VGG16 weights not found at {d}/vgg.pth: pass vgg=/path/to/vgg16-397923af.pth (torchvision's ImageNet vgg16 "
+     "state_dict, loaded with weights_only=True)"),
+    ("stylize.train", ["mode=full", "style_image=[{d}/a.jpg,{d}/b.jpg]", "content={d}", "vgg={d}/vgg.pth",
+                       "out={d}/ab.pt"], "VGG16 weights not found at {d}/vgg.pth: pass vgg=/path/to/vgg16-397923af.pth "
+                                         "(torchvision's ImageNet vgg16 state_dict, loaded with weights_only=True)"),
+])
+def test_the_trainings_read_paths_hydra_cannot_read_unquoted(tmp_path, module, args, message):
+    """Non-ASCII file names were Hydra's `LexerNoViableAltException` in both trainings (the render quoted them)."""
+    folder = tmp_path / "données (é)"
+    folder.mkdir()
+    result = subprocess.run([sys.executable, "-m", module, *(arg.format(d=folder) for arg in args)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, f"error: {message.format(d=folder)}\n")
+    assert list(folder.iterdir()) == []

@@ -7,6 +7,7 @@ from fractions import Fraction
 import av
 import pytest
 
+from common.hydra_cli import hydra_readable
 from pipeline.decode import VideoReader, probe
 from pipeline.errors import AudioOnlyError, TruncatedVideoError
 from pipeline import render
@@ -99,14 +100,15 @@ def test_cover_art_alone_is_no_video(tmp_path):
 ])
 def test_paths_hydra_cannot_read_are_quoted_and_arrive_unchanged(name):
     path = f"/tmp/dir é/{name}"
-    args = render.hydra_readable([f"input={path}", f"output={path}.mkv", f"debug.dir={path}_dump", "batch_size=2"])
+    args = hydra_readable([f"input={path}", f"output={path}.mkv", f"debug.dir={path}_dump", "batch_size=2"],
+                          render.PATH_KEYS)
     cfg = render.compose_config(args)
     assert (cfg.input, cfg.output, cfg.debug.dir, cfg.batch_size) == (path, f"{path}.mkv", f"{path}_dump", 2)
 
 
 def test_readable_values_and_sweeps_are_left_alone():
     args = ["-m", "input=/tmp/plain.mp4", "output='/tmp/quoted é.mp4'", "input=a.mp4,b.mp4", "debug.dir=${output}_x"]
-    assert render.hydra_readable(args) == args
+    assert hydra_readable(args, render.PATH_KEYS) == args
 
 
 def test_render_reads_and_writes_non_ascii_paths(tmp_path):

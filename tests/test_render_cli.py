@@ -193,7 +193,8 @@ def test_paths_that_start_with_a_tilde_are_in_the_home_folder(tmp_path, models, 
 def test_a_comma_in_a_file_name_is_part_of_it_outside_a_sweep(tmp_path, models, vfr_clip):
     """input=take1,final.mp4 was Hydra's multi-line "Ambiguous value" error: read as a sweep of take1 and
     final.mp4, which only -m runs. With -m it still is one."""
-    from pipeline.render import hydra_readable
+    from common.hydra_cli import hydra_readable
+    from pipeline.render import PATH_KEYS
 
     shutil.copy(vfr_clip, tmp_path / "take1,final.mp4")
     result = run_in_process(["input=take1,final.mp4", "output=out,v2.mp4", *models], cwd=tmp_path)
@@ -201,8 +202,8 @@ def test_a_comma_in_a_file_name_is_part_of_it_outside_a_sweep(tmp_path, models, 
     assert len(read_frames(tmp_path / "out,v2.mp4")[0]) == len(PTS_MS)
     sweep = ["input=a.mp4,b.mp4", "output=out.mp4"]
     for flag in ("-m", "--multirun", "--multi", "hydra.mode=MULTIRUN"):
-        assert hydra_readable([flag, *sweep]) == [flag, *sweep]
-    assert hydra_readable(sweep) == ["input='a.mp4,b.mp4'", "output=out.mp4"]
+        assert hydra_readable([flag, *sweep], PATH_KEYS) == [flag, *sweep]
+    assert hydra_readable(sweep, PATH_KEYS) == ["input='a.mp4,b.mp4'", "output=out.mp4"]
 
 
 def test_two_or_three_stage_threads_render_what_one_renders(tmp_path, models, vfr_clip, monkeypatch):
