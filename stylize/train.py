@@ -46,8 +46,8 @@ from common.leftovers import note_removed_leftovers, remove_dead
 from common.outputs import HeldStopSignals, check_output, leftover_temp_files, same_file
 from common.settings import flag, number, whole
 from common.sweep import completed, discard_job_folder, failed, in_sweep, leave, pending_stop, stop_later
-from stylize.bank import (BANK_FORMAT, DEFAULT_BANK, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save, check_style_names,
-                          load_file, make_previews)
+from stylize.bank import (BANK_FORMAT, DEFAULT_BANK, OUT_SUFFIXES, STYLE_FORMAT, StyleBank, StyleInfo, atomic_save,
+                          check_style_names, load_file, make_previews)
 from stylize.content import IMAGE_SUFFIXES, ContentImages, read_image, resize_shorter
 from stylize.errors import StyleError
 from stylize.losses import PerceptualLoss
@@ -60,7 +60,6 @@ RESUME_SUFFIX = ".resume.pt"
 PATH_KEYS, PATH_LIST_KEYS = ("content", "vgg", "bank", "out"), ("style_image",)  # style_image: one, or a list
 # what `out` may end in: a torch.save file (the style checkpoint or bank), as export_segmenter's output; out=a.txt
 # wrote one under a name that passes it off as text
-OUT_SUFFIXES = (".pt", ".pth")
 # The least image_size / style_size: two stride-2 convs leave the net a 4x4 map, VGG's three poolings relu4_3 a
 # 2x2 one (a Gram matrix over fewer pixels says little about a style).
 MIN_SIZE = 16
