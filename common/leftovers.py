@@ -27,18 +27,22 @@ LOCAL_FILE_SYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", 
                       "reiserfs", "bcachefs", "nilfs2"}
 # flock's errors where a file system does not lock after all
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EBADF}
+MAKE_ATTEMPTS = 100  # new_held's tries: a random name taken, or removed by a clean-up, that often is no race
 
 
 def new_held(new_name: Callable[[], Path], make: Callable[[Path], int]) -> tuple[Path, int]:
     """A new temp file or folder, named by `new_name` and made by `make`, which returns a descriptor of it; on a local
     file system that descriptor holds an exclusive flock, which marks it as a live run's for as long as it stays open
     (close it only once the temp is gone or renamed into place). A name taken, or a temp that another run's
-    `remove_dead` caught in the instant between its making and its lock, is made afresh."""
-    while True:
+    `remove_dead` caught in the instant between its making and its lock, is made afresh, MAKE_ATTEMPTS times at
+    most: a folder where nothing can be made (/proc) answers FileNotFoundError every time."""
+    for attempt in range(1, MAKE_ATTEMPTS + 1):
         path = new_name()
         try:
             fd = make(path)
         except (FileExistsError, FileNotFoundError):  # the name taken; the folder made, then removed by a clean-up
+            if attempt == MAKE_ATTEMPTS:
+                raise
             continue
         try:
             if _locked_and_still_named(path, fd):

@@ -42,8 +42,11 @@ def check_output(output: str | Path, input: str | Path | None = None, overwrite:
 def _check_folder_can_be_made(folder: Path) -> None:
     """Without making it (AtomicOutput does, when it writes): a run refused later leaves no empty folders."""
     existing = folder
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():  # was passed over, and making the temp file looped for ever
+        raise OutputError(f"cannot create output folder {folder}: {existing} is a link to {os.readlink(existing)}, "
+                          "which does not exist")
     if not existing.is_dir():
         raise OutputError(f"cannot create output folder {folder}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):

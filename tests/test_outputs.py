@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from common.errors import OutputError
+from common.leftovers import MAKE_ATTEMPTS, new_held
 from common import outputs
 from common.outputs import AtomicOutput, check_output, leftover_temp_files
 from tests.helpers_process import as_unprivileged, stop_after, then_signal, unprivileged_folder
@@ -28,6 +29,32 @@ def test_a_file_in_the_way_of_the_folder_is_named(tmp_path):
     (tmp_path / "flat.mp4").write_text("")
     with pytest.raises(OutputError, match=f"cannot create output folder .*: {tmp_path / 'flat.mp4'} is a file"):
         check_output(tmp_path / "flat.mp4" / "sub" / "x.mp4")
+
+
+def test_a_folder_that_is_a_link_to_nowhere_is_named(tmp_path):
+    """It was passed over for the folder above it, and making the temp file in it then looped for ever, deaf to
+    Ctrl-C (the stop signals are held while the temp file is made)."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for output in (tmp_path / "dangling" / "x.mp4", tmp_path / "dangling" / "sub" / "x.mp4"):
+        with pytest.raises(OutputError, match=re.escape(f"cannot create output folder {output.parent}: "
+                                                        f"{tmp_path / 'dangling'} is a link to {tmp_path / 'gone'}, "
+                                                        "which does not exist")):
+            check_output(output)
+
+
+def test_a_folder_where_no_file_can_be_made_is_an_error_not_a_loop(tmp_path):
+    """/proc is a folder root may write to by its permissions, where every new name is ENOENT: the temp file's
+    making retried for ever."""
+    with pytest.raises(OutputError, match=re.escape("cannot write to output folder /proc (No such file or directory)")):
+        with AtomicOutput(check_output("/proc/out.mp4")):
+            pass
+    tries = []
+    def always_missing(path):
+        tries.append(path)
+        raise FileNotFoundError(path)
+    with pytest.raises(FileNotFoundError):
+        new_held(lambda: tmp_path / f"t{len(tries)}", always_missing)
+    assert len(tries) == MAKE_ATTEMPTS
 
 
 def test_a_read_only_folder_is_refused_up_front():
