@@ -56,6 +56,8 @@ X264_QP_MAX_8BIT = 69
 _X264_LOG_PREFIX = re.compile(r"^x264 \[\w+\]: ")  # a line libx264 prints itself: "x264 [error]: ..."
 _AUDIO_LEAD_S = 0.5  # mux audio this far ahead of the video so the muxer interleaves without buffering much
 _PCM_SHY_FORMATS = ("mp4", "ipod", "mov")  # they hold PCM (mp4 as "ipcm"), which browsers and many players skip
+# FFmpeg's mov muxer lists them among its codecs but writes them only in MP4 mode: its header failed with EINVAL
+_MP4_ONLY_AUDIO = ("opus", "flac", "truehd")
 _AAC_RATES = av.Codec("aac", "w").audio_rates
 _AAC_FALLBACK_RATE = 48000  # for sample rates AAC has no table for (e.g. 192 kHz)
 # swscale's default rgb24 -> yuv420p truncates its chroma: flat colours came out 0.17 of a code low in U and V
@@ -341,7 +343,8 @@ class _AudioTrack:
         context = source.codec_context
         name = context.codec.canonical_name  # "mp3", where the decoder's name is "mp3float"
         pcm_shy = name.startswith("pcm_") and output.format.name in _PCM_SHY_FORMATS
-        self.copy = context.name in output.supported_codecs and not pcm_shy
+        mp4_only = name in _MP4_ONLY_AUDIO and output.format.name == "mov"
+        self.copy = context.name in output.supported_codecs and not pcm_shy and not mp4_only
         if self.copy:
             self.stream = output.add_stream_from_template(source)
         else:
