@@ -11,6 +11,7 @@ In multirun mode (`-m`) each run writes its output into its own sweep folder.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from common.hydra_cli import compose_checked, exit_on_bad_overrides, hydra_reada
 from common.outputs import AtomicOutput, HeldStopSignals, check_output
 from common.settings import check_settings, flag, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
-from pipeline.errors import PipelineConfigError
+from pipeline.errors import InputError, PipelineConfigError
 from pipeline.record import FrameRecord
 from pipeline.streaming import run_streaming
 from pipeline.thread_stream import ThreadStream
@@ -57,6 +58,7 @@ DEBUG_KEYS = ("dump", "dir", "every", "max_side", "image_format", "jpeg_quality"
 # without a word), which was an omegaconf traceback mid-way through the set-up
 REQUIRED_KEYS = ("input", "overwrite", "device", "batch_size", "queue_size")
 REQUIRED_GROUPS = ("decode", "segment", "style", "track", "composite", "encode")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # scheme://, as PyAV (FFmpeg) would have read it
 # conf/render.yaml's own settings, besides its groups (each checked by its stage): any other (`+segment_evry=2`) is
 # refused, not rendered without
 RENDER_KEYS = ("input", "output", "overwrite", "device", "batch_size", "segment_every", "scene_cut", "queue_size",
@@ -110,6 +112,8 @@ def render(cfg: DictConfig, output: Path, on_batch: Callable[[RenderSummary], No
         raise PipelineConfigError(f"torch_threads must be auto or a positive integer, got {operator_threads!r}")
     for key in ("batch_size", "queue_size", "segment_every"):
         whole(cfg.get(key, 1), key, 1)
+    if URL.match(str(cfg.input)):  # made a path, it was "input not found: /cwd/https:/host/clip.mp4"
+        raise InputError(f"input {cfg.input} is a URL: the render reads local files; download it first")
     source = Path(str(cfg.input)).expanduser().absolute()
     target = check_output(output, input=source, overwrite=flag(cfg.overwrite, "overwrite"), suffixes=VIDEO_SUFFIXES,
                           kind="video container")

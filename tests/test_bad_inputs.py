@@ -234,6 +234,15 @@ def test_an_empty_input_or_output_is_no_path_given(tmp_path, models, clip, given
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
+def test_a_url_input_is_named_a_url(tmp_path, models):
+    """It was made a path: "input not found: <cwd>/https:/example.com/clip.mp4"."""
+    output = tmp_path / "out.mp4"
+    result = run_in_process(["input=https://example.com/clip.mp4", f"output={output}", *models], cwd=tmp_path)
+    assert_refused(result, output, {}, "input https://example.com/clip.mp4 is a URL: the render reads local files; "
+                                       "download it first")
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_debug_dir_without_debug_dump_is_refused(tmp_path, models, clip):
     """debug.dir alone rendered the video and wrote no dump, silently."""
     output = tmp_path / "out.mp4"
