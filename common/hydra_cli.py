@@ -17,7 +17,8 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from common.errors import SettingError
 
@@ -137,7 +138,25 @@ def _is_group(config_dir: Path, override: Override) -> bool:
 def _compose_all(config_dir: Path, config_name: str, trials: list[list[str]]) -> None:
     with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), version_base="1.3"):
         for overrides in trials:
-            _composed(config_name, overrides, SettingError, hydra_keys=True)
+            _check_interpolations(_composed(config_name, overrides, SettingError, hydra_keys=True))
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """SettingError where a setting's ${...} names no setting: a file name with `${` in it (Hydra reads it as an
+    interpolation) was an InterpolationKeyError traceback where the job first read it. Interpolations of resolvers
+    (${hydra:...}, ${sweep_only:...}) are left to the job, where Hydra has set them up."""
+    for key in cfg:
+        if key == "hydra" or OmegaConf.is_missing(cfg, key):  # ??? : the app says which value is missing
+            continue
+        try:
+            value = cfg[key]
+            if isinstance(value, (DictConfig, ListConfig)):
+                OmegaConf.to_container(value, resolve=True)
+        except InterpolationKeyError as error:
+            raise SettingError(f"{error.full_key}: {str(error).splitlines()[0]} (Hydra reads ${{...}} as another "
+                               "setting's value: for a literal ${ write \\${)") from None
+        except InterpolationResolutionError:
+            continue
 
 
 def compose_checked(config_dir: Path, config_name: str, overrides: list[str],

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import SettingError
-from common.hydra_cli import check_overrides, exit_on_bad_overrides
+from common.hydra_cli import check_overrides, compose_checked, exit_on_bad_overrides, hydra_readable
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -143,3 +143,20 @@ def test_the_trainings_read_paths_hydra_cannot_read_unquoted(tmp_path, module, a
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, f"error: {message.format(d=folder)}\n")
     assert list(folder.iterdir()) == []
+
+
+def test_an_interpolation_of_no_setting_is_one_line():
+    """A file name with `${` in it is Hydra's interpolation: one naming no setting was an InterpolationKeyError
+    traceback where the job first read the value."""
+    hint = r" \(Hydra reads \$\{...\} as another setting's value: for a literal \$\{ write \\\$\{\)$"
+    for args, key in ((["input=dollar${x}.mp4"], "input"), (["-m", "input=a.mp4", "output=o_${x}.mp4,b.mp4"], "output"),
+                      (["segment.checkpoint=${oops}"], "segment.checkpoint")):
+        with pytest.raises(SettingError, match=rf"^{key}: Interpolation key '\w+' not found" + hint):
+            check_overrides(CONF, "render", args)
+    # interpolations of settings, and of resolvers Hydra sets up only for the job, are the user's to make
+    check_overrides(CONF, "render", ["input=a.mp4", "output=b.mp4", "debug.dir=${output}_dump"])
+    check_overrides(CONF, "train", ["output_dir=${hydra:runtime.output_dir}/x"])
+    # escaped, the name arrives as it is
+    escaped = hydra_readable(["input=dollar\\${x}.mp4", "output=b.mp4"], ("input", "output"))
+    check_overrides(CONF, "render", escaped)
+    assert compose_checked(CONF, "render", escaped).input == "dollar${x}.mp4"
