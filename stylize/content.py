@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import math
-import threading
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +12,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from common.images import MAX_PIXELS, WIDE_GREY_MODES, grey_to_8bit, pil_limit_lifted
 from stylize.errors import StyleError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
-# Images over PIL's decompression-bomb limit are still read (a big scan or panorama is a fair style image, and it is
-# shrunk to style_size anyway), up to this many pixels: ~16k x 16k, under 1 GB decoded as RGB.
-MAX_PIXELS = 1 << 28
-_PIL_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is global: one reader lifts it at a time
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -40,7 +35,7 @@ def read_image(path: str | Path) -> Tensor:
     if not path.is_file():
         raise StyleError(f"image not found: {path}")
     try:
-        with _pil_limit_lifted() as limit, Image.open(path) as image:
+        with pil_limit_lifted() as limit, Image.open(path) as image:
             if limit is not None and image.width * image.height > MAX_PIXELS:
                 raise StyleError(f"image {path} is {image.width}x{image.height} pixels, more than the {MAX_PIXELS:,} "
                                  "this reads: shrink it first")
@@ -48,22 +43,6 @@ def read_image(path: str | Path) -> Tensor:
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise StyleError(f"cannot decode image {path}: {exc}") from None
     return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).contiguous()
-
-
-@contextmanager
-def _pil_limit_lifted() -> Iterator[int | None]:
-    """PIL's decompression-bomb limit (None: none) while its checks are off: PIL refuses at twice the limit and
-    warns above it, when it opens an image and again when some formats (TIFF) decode; read_image checks the size
-    against MAX_PIXELS itself and shrinks the image to the limit."""
-    with _PIL_LIMIT:
-        limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield limit
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
 
 
 def _fit_under(image: Image.Image, limit: int | None) -> Image.Image:
@@ -87,28 +66,13 @@ def _has_alpha(image: Image.Image) -> bool:
 
 def _rgb(image: Image.Image) -> np.ndarray:
     """H×W×3 uint8 of an upright image (see read_image for each mode)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode), "L")
+    if image.mode in WIDE_GREY_MODES:
+        image = Image.fromarray(grey_to_8bit(np.asarray(image), image.mode), "L")
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     return np.asarray(image.convert("RGB"))
-
-
-def _grey_to_8bit(grey: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "F":
-        values = np.nan_to_num(grey.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and values.max() <= 1:
-            values = values * 255
-    else:
-        values = grey.astype(np.float32)  # enough for 0..255; half of float64 on a big image
-        low, high = (values.min(), values.max()) if values.size else (0, 0)
-        if mode.startswith("I;16") or (low >= 0 and high <= 65535):
-            values = values / 257
-        else:
-            values = (values - low) * (255 / max(high - low, 1))
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def resize_shorter(image: Tensor, side: int) -> Tensor:

@@ -16,8 +16,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segment.data import CocoDetection, DatasetError
+from segment.data import coco as coco_module
 from segment.evaluate import STAT_NAMES, category_map, evaluate, to_coco_results
 from segment.structures import Instances
+from stylize.content import read_image
 from tests.test_data_coco import _rle, _uncompressed_rle
 
 H, W = 40, 60
@@ -202,6 +204,37 @@ def test_16_bit_grey_png_is_scaled_to_8_bits(tmp_path):
     np.testing.assert_array_equal(image.numpy(), np.stack([ramp] * 3).astype(np.uint8))
 
 
+def test_float_grey_tiff_is_read_as_stylize_reads_it(tmp_path):
+    """A float TIFF (mode F, values 0..1) loaded black: convert('RGB') clipped its values to 0 and 1 of 255."""
+    ramp = np.tile(np.linspace(0, 1, W, dtype=np.float32), (H, 1))
+    folder, ann_file = _write(tmp_path, [], [{"id": 1, "file_name": "1.tif", "height": H, "width": W}])
+    Image.fromarray(ramp).save(folder / "1.tif")
+    assert Image.open(folder / "1.tif").mode == "F"
+    image = CocoDetection(folder, ann_file).load_image(0)
+    np.testing.assert_array_equal(image.numpy(), np.stack([np.rint(ramp * 255).astype(np.uint8)] * 3))
+    np.testing.assert_array_equal(image.numpy(), read_image(folder / "1.tif").numpy())
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_read_or_refused_in_one_line(tmp_path, monkeypatch):
+    """It was PIL's DecompressionBombError traceback (e.g. a 14000x13000 mode '1' PNG): the dataset's own files are
+    read up to MAX_PIXELS, as stylize reads content images. PIL's limit lowered to 1000 px stands in for its 89
+    megapixels (it refuses at twice that), MAX_PIXELS lowered to 2000 px for its 268."""
+    pixels = np.zeros((H, W), bool)
+    pixels[:, W // 2:] = True
+    folder, ann_file = _write(tmp_path, [])
+    Image.fromarray(pixels).save(folder / "1.png")
+    assert Image.open(folder / "1.png").mode == "1"
+    dataset = CocoDetection(folder, ann_file)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    np.testing.assert_array_equal(dataset.load_image(0).numpy(), np.stack([pixels * np.uint8(255)] * 3))
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's limit is back as it was
+
+    monkeypatch.setattr(coco_module, "MAX_PIXELS", 2000)
+    with pytest.raises(DatasetError, match=rf"^image .*1\.png is {W}x{H} pixels, more than the 2,000 this reads: "
+                                           r"shrink it \(and its annotations\) first$"):
+        dataset.load_image(0)
+
+
 def _exif_jpeg(path, orientation: int, pixels: np.ndarray) -> None:
     image = Image.fromarray(pixels)
     exif = image.getexif()
@@ -235,6 +268,18 @@ def test_exif_orientation_is_not_applied_but_is_said(tmp_path):
         with pytest.raises(DatasetError, match=r"4.jpg is \(40, 60\) \(H, W\) but its annotation says \(60, 40\).*"
                                                r"EXIF orientation 6"):
             CocoDetection(folder, turned).load_image(0)
+
+
+def test_annotation_of_a_category_the_file_lacks_is_refused_on_load(tmp_path):
+    """It was dropped without a word: training read the object as background and COCOeval scored it under no
+    category, so AP fell silently."""
+    annotations = [_ann(1, 1, 1, SQUARE, [10.0, 10.0, 20.0, 20.0], iscrowd=0),
+                   _ann(2, 1, "5", SQUARE, [10.0, 10.0, 20.0, 20.0], iscrowd=0)]
+    folder, ann_file = _write(tmp_path, annotations)
+    with pytest.raises(DatasetError, match=r"instances.json: annotation 2 has category_id 5, which is not among the "
+                                           r"file's categories$") as error:
+        CocoDetection(folder, ann_file)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("uncompressed", [False, True])

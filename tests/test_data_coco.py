@@ -177,6 +177,19 @@ def test_missing_files_give_one_line_errors(tiny_coco, tmp_path):
         CocoDetection(images_dir, ann_file)[1]
 
 
+def test_missing_image_files_are_found_when_the_dataset_is_built(tiny_coco):
+    """A missing image was found only when it was read: evaluation after some batches, training after some
+    iterations (on COCO maybe hours in). Only the images the dataset reads count: drop_empty leaves b.png out."""
+    images_dir, ann_file = tiny_coco
+    (images_dir / "b.png").unlink()
+    assert CocoDetection(images_dir, ann_file, category_ids=[12, 3], drop_empty=True).image_ids == [1]
+    (images_dir / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"^image file not found: .*a\.png \(missing: 2 of the 2 images of "
+                                           r".*instances\.json\)$") as error:
+        CocoDetection(images_dir, ann_file)
+    assert "\n" not in str(error.value)
+
+
 def test_flip_and_resize_keep_boxes_on_masks(tiny_coco):
     images_dir, ann_file = tiny_coco
     plain = CocoDetection(images_dir, ann_file)
@@ -307,9 +320,9 @@ def test_error_in_a_loader_worker_keeps_its_one_line_message(tiny_coco):
     """DataLoader re-raises a worker's error around the worker's whole traceback; training and evaluation print
     the message, which was then 17 lines long."""
     images_dir, ann_file = tiny_coco
-    (images_dir / "b.png").unlink()
-    loader = torch.utils.data.DataLoader(CocoDetection(images_dir, ann_file), batch_size=2, num_workers=1,
-                                         collate_fn=collate)
+    dataset = CocoDetection(images_dir, ann_file)
+    (images_dir / "b.png").unlink()  # gone since the dataset was built
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate)
     with pytest.raises(DatasetError) as error:
         next(iter(loader))
     assert str(error.value) == f"image file not found: {images_dir / 'b.png'}"

@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from common.images import MAX_PIXELS, WIDE_GREY_MODES, grey_to_8bit, pil_limit_lifted
 from segment.data.errors import DatasetError
 
 Target = dict[str, object]
@@ -38,7 +39,6 @@ REQUIRED_KEYS = {
 ENTRY_NAMES = {"images": "image", "annotations": "annotation", "categories": "category"}
 ORIENTATION = 0x0112  # the EXIF tag
 TURNED = range(2, 9)  # EXIF orientations other than 1, "as stored"
-SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def load_coco(annotation_file: str | os.PathLike) -> COCO:
@@ -106,8 +106,10 @@ def check_values(path: Path, dataset: dict) -> None:
     read both as 7. Ids are unique: pycocotools' index keeps the last entry of an id, so duplicate annotation ids
     were one object to COCOeval and two to training, duplicate image or category ids merged images or classes.
     iscrowd becomes 0 or 1 (0 when missing, as pycocotools' COCO tools and training read it): "0" is a true
-    string, a crowd to training but not to COCOeval. Boxes are 4 numbers, areas a number, and an RLE has its
-    image's size: another size decoded to a mask of that size, unlike the image's."""
+    string, a crowd to training but not to COCOeval. An annotation's category is one of the file's: training read
+    another as background and COCOeval scored no category of it, so the object was silently dropped. Boxes are 4
+    numbers, areas a number, and an RLE has its image's size: another size decoded to a mask of that size, unlike
+    the image's."""
     for section, keys in ID_KEYS.items():
         name, seen = ENTRY_NAMES[section], set()
         for entry in dataset.get(section, []):
@@ -122,7 +124,11 @@ def check_values(path: Path, dataset: dict) -> None:
                 raise DatasetError(f"{path}: {name} id {entry['id']} is used twice")
             seen.add(entry["id"])
     images = {image["id"]: image for image in dataset.get("images", [])}
+    category_ids = {category["id"] for category in dataset.get("categories", [])}
     for ann in dataset.get("annotations", []):
+        if category_ids and ann["category_id"] not in category_ids:  # none at all: CocoDetection says so
+            raise DatasetError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is not "
+                               "among the file's categories")
         check_annotation(path, ann, images.get(ann["image_id"]))
 
 
@@ -184,6 +190,8 @@ class CocoDetection(torch.utils.data.Dataset):
     drop_empty: leave out images with no usable annotation (not a crowd, box and mask not empty: an image that
     would have no target), as training usually does.
 
+    Every image file the dataset reads is checked to exist when it is built. Images are read up to
+    common.images.MAX_PIXELS (over PIL's decompression-bomb limit too: the dataset's files are the user's own).
     Pixels are read as stored, whatever EXIF orientation a file has (as torchvision and pycocotools read them);
     the first image with a non-identity orientation gets a warning (once per dataset and process).
     """
@@ -228,6 +236,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise DatasetError(f"none of the {len(self.coco.imgs)} images of {annotation_file} has an annotation "
                                    f"(not a crowd) of the categories used, {self.category_ids}")
         self.image_ids = image_ids
+        # one stat per file, here: a missing image was found only when it was read, maybe hours into a training
+        missing = [path for path in map(self.image_path, range(len(image_ids))) if not path.is_file()]
+        if missing:
+            raise DatasetError(f"image file not found: {missing[0]} (missing: {len(missing)} of the {len(image_ids)} "
+                               f"images of {annotation_file})")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -241,13 +254,16 @@ class CocoDetection(torch.utils.data.Dataset):
         return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
 
     def load_image(self, index: int) -> Tensor:
-        """uint8 (3, H, W) RGB (grey, 16-bit grey, palette and RGBA files converted), checked against the annotated
-        size."""
+        """uint8 (3, H, W) RGB (grey, 16-bit, 32-bit and float grey, palette and RGBA files converted), checked
+        against the annotated size."""
         path = self.image_path(index)
-        if not path.is_file():
+        if not path.is_file():  # checked when the dataset was built, but it may have gone since
             raise DatasetError(f"image file not found: {path}")
         try:
-            with Image.open(path) as file:
+            with pil_limit_lifted(), Image.open(path) as file:
+                if file.width * file.height > MAX_PIXELS:
+                    raise DatasetError(f"image {path} is {file.width}x{file.height} pixels, more than the "
+                                       f"{MAX_PIXELS:,} this reads: shrink it (and its annotations) first")
                 orientation = file.getexif().get(ORIENTATION, 1)
                 pixels = _rgb(file)
         except (UnidentifiedImageError, OSError) as e:
@@ -319,10 +335,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def _rgb(file: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8. 16-bit greyscale is scaled to 8 bits: convert("RGB") clips each value at 255, which turns
-    all but the darkest pixels white. ("I" is how older Pillow opens 16-bit PNGs.)"""
-    if file.mode in SIXTEEN_BIT_GREY:
-        grey = np.rint(np.asarray(file) / 257).clip(0, 255).astype(np.uint8)  # 257 * v, v's 16-bit form, -> v
+    """(H, W, 3) uint8. 16-bit, 32-bit and float grey are brought to 8 bits as stylize's content images are
+    (`grey_to_8bit`): convert("RGB") clips each value at 255, which turns all but the darkest 16-bit pixels white
+    and float pixels in 0..1 black. ("I" is how older Pillow opens 16-bit PNGs.)"""
+    if file.mode in WIDE_GREY_MODES:
+        grey = grey_to_8bit(np.asarray(file), file.mode)
         return np.repeat(grey[..., None], 3, axis=2)
     return np.array(file.convert("RGB"))
 
