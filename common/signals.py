@@ -24,6 +24,10 @@ def raise_stopped(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+# what an argparse command says to a stop signal while its modules (torch) load, before its main takes the signals
+STARTING = b"error: interrupted as it started: nothing written\n"
+
+
 def leaving(message: bytes) -> Handler:
     """A stop signal's handler for a time when nothing needs cleaning up: `message`, then the signal's exit status
     (128 + its number). Not through sys.stderr: the signal may have come in the middle of a write to it."""

@@ -9,13 +9,19 @@ one, followed by `--note` (default: "exported from SOURCE"). An existing output 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.signals import STARTING, leaving, on_stop_signals  # noqa: E402 (light: what follows them is not)
+
+if __name__ == "__main__":  # a stop signal while torch loads: one line, not a traceback; main's own handlers follow
+    on_stop_signals(leaving(STARTING))
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+
 from common.arguments import existing_file, last_output, reports_user_errors  # noqa: E402
 from segment.checkpoint import load_checkpoint, read_file, save_checkpoint  # noqa: E402
 from segment.config import real_class_names  # noqa: E402

@@ -10,20 +10,25 @@ an existing --out is replaced only with --overwrite.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-
-import av
-import numpy as np
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common.signals import STARTING, leaving, on_stop_signals  # noqa: E402 (light: what follows them is not)
+
+if __name__ == "__main__":  # a stop signal while torch loads: one line, not a traceback; main's own handlers follow
+    on_stop_signals(leaving(STARTING))
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from common.arguments import last_output, reports_user_errors, whole_number  # noqa: E402
 from common.outputs import AtomicOutput, check_output  # noqa: E402

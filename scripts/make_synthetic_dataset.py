@@ -7,12 +7,18 @@ atomically, and only where this script wrote it; the same arguments always give 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.signals import STARTING, leaving, on_stop_signals  # noqa: E402 (light: what follows them is not)
+
+if __name__ == "__main__":  # a stop signal while torch loads: one line, not a traceback; main's own handlers follow
+    on_stop_signals(leaving(STARTING))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
 from common.arguments import last_output, reports_user_errors, whole_number  # noqa: E402
 from segment.data.errors import DatasetError  # noqa: E402
 from segment.data.synthetic import CLASS_NAMES, check_replaceable, write_coco_split  # noqa: E402

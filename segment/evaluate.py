@@ -5,6 +5,11 @@
 """
 from __future__ import annotations
 
+from common.signals import STARTING, leaving, on_stop_signals  # light: what follows them is not
+
+if __name__ == "__main__":  # a stop signal while torch loads: one line, not a traceback; main's own handlers follow
+    on_stop_signals(leaving(STARTING))
+
 import argparse
 import contextlib
 import copy

@@ -1,6 +1,11 @@
 """`python -m stylize.list [--bank PATH] [--sheet OUT.png] [--photo NAME]`: the bank's styles, and a contact sheet."""
 from __future__ import annotations
 
+from common.signals import STARTING, leaving, on_stop_signals  # light: what follows them is not
+
+if __name__ == "__main__":  # a stop signal while torch loads: one line, not a traceback; main's own handlers follow
+    on_stop_signals(leaving(STARTING))
+
 import argparse
 import sys
 from pathlib import Path

@@ -251,6 +251,10 @@ runpy.run_module(app, run_name="__main__", alter_sys=True)
     ("segment.train", "error: interrupted before training began: nothing trained"),
     ("stylize.train", "error: interrupted before training began: nothing written"),
     ("pipeline.render", "error: interrupted: no output written"),
+    # the argparse commands: a KeyboardInterrupt traceback of some 40 lines (SIGTERM: a silent exit)
+    *((command, "error: interrupted as it started: nothing written") for command in (
+        "segment.evaluate", "stylize.list", "stylize.import_onnx", "scripts.export_segmenter",
+        "scripts.make_synthetic_dataset", "scripts.make_demo_clip")),
 ])
 def test_ctrl_c_as_an_app_starts_is_one_line(app, line, tmp_path):
     """`python -m segment.train` imports the package `segment` before its own first line, where it puts its
