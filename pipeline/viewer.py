@@ -59,6 +59,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
         else:
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
 
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's name): GET's status and headers (curl -I), no body
+        self.do_GET()
+
     def _send_frames(self, query: dict) -> None:
         frames = self.server.dump.frames
         try:
@@ -118,7 +121,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
         for key, value in (validators or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         if self.server.verbose:

@@ -603,6 +603,15 @@ def test_server_pages_frames_and_blocks_path_traversal(tmp_path):
         manifest = json.load(get("/api/manifest"))
         assert manifest["complete"] is True and manifest["warnings"] == []
         assert get("/images/000002_masks.jpg").headers["Content-Type"] == "image/jpeg"
+        # HEAD (curl -I) was 501 Unsupported method: GET's status and headers, no body
+        for path in ("/", "/api/frames?limit=2", "/images/000002_masks.jpg"):
+            full, head = get(path), urllib.request.urlopen(urllib.request.Request(server.url.rstrip("/") + path,
+                                                                                  method="HEAD"), timeout=10)
+            assert head.status == 200 and head.read() == b""
+            assert head.headers["Content-Length"] == str(len(full.read())) != "0"
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(urllib.request.Request(server.url + "nothing", method="HEAD"), timeout=10)
+        assert missing.value.code == 404
         assert b"viewer.js" in get("/").read() and get("/static/viewer.js").status == 200
         for bad in ("/images/../manifest.json", "/images/..%2fmanifest.json", "/images/%2e%2e/%2e%2e/secret.txt",
                     "/images/000001_masks.jpg", "/static/../debug.py", "/images//etc/passwd"):
