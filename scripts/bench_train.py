@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [collate([dataset[i] for i in range(b * args.batch, (b + 1) * args.batch)]) for b in range(2)]
 
     lr = 0.02 * args.batch / 16
-    optimizer = build_optimizer(ours, lr)
+    optimizer = build_optimizer(ours, lr, grad_scaled=args.amp == "fp16")  # as segment.train builds it
     stream = BatchStream(dataset, partial(BatchSampler, batch_size=args.batch, drop_last=True), collate)
     trainer = Trainer(ours, optimizer, WarmupMultiStepLR(optimizer, []), stream,
                       TrainSettings(Path(tempfile.gettempdir()), 1, amp=args.amp), DistInfo(device=device))

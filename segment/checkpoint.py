@@ -98,6 +98,14 @@ def _file_backbone(state: dict) -> tuple[str, str] | None:
     return None
 
 
+def segment_group_hint(backbone: str) -> str:
+    """How to run weights of `backbone` (an ARCHS name): the segment group with the widths its block type comes with,
+    and the backbone itself where it is not that group's."""
+    group, group_backbone = BACKBONE_GROUPS[ARCHS[backbone][0].expansion > 1]
+    extra = "" if backbone == group_backbone else f" segment.backbone={backbone}"
+    return f"add segment={group}{extra} to the command (or the segment config it was trained with)"
+
+
 def _torchvision_config(state: dict, path: str | os.PathLike, overrides: dict[str, Any]) -> SegmenterConfig:
     """What a bare state_dict runs with: torchvision's inference defaults, the BatchNorm eps and class count it was
     made with, and the caller's settings (null ones left out), unless the file contradicts them."""
@@ -105,11 +113,8 @@ def _torchvision_config(state: dict, path: str | os.PathLike, overrides: dict[st
     found = _file_backbone(state)
     if found and found[0] != settings["backbone"]:
         name, evidence = found
-        group, group_backbone = BACKBONE_GROUPS[ARCHS[name][0].expansion > 1]
-        extra = "" if name == group_backbone else f" segment.backbone={name}"
         raise CheckpointError(f"{path} holds a {name} backbone ({evidence}) but the segment config is for "
-                              f"{settings['backbone']}: add segment={group}{extra} to the command (or the segment "
-                              "config it was trained with)")
+                              f"{settings['backbone']}: {segment_group_hint(name)}")
     steps = any(k.endswith("num_batches_tracked") for k in state)
     settings.setdefault("bn_eps", BUILT_BN_EPS if steps else COCO_V1_BN_EPS)
     scores = state.get(CLASS_SCORES)
@@ -125,8 +130,9 @@ def _torchvision_config(state: dict, path: str | os.PathLike, overrides: dict[st
     return SegmenterConfig.from_dict(settings)
 
 
-def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike, what: str = "") -> MaskRCNN:
-    own = model.state_dict()
+def weights_misfit(own: dict, state_dict: dict, shown: int = 3) -> str:
+    """Why `state_dict` does not load into a model whose own is `own`, in one line ("" where it does): the keys
+    missing, unexpected and of another shape (with both shapes), the first `shown` of each and their count."""
     # BatchNorm bookkeeping that FrozenBatchNorm has no use for is tolerated (FrozenBatchNorm drops it itself)
     ignorable = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
     missing = [k for k in own if k not in state_dict and not ignorable(k)]
@@ -135,13 +141,18 @@ def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike, wh
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items() if k in own and v.shape != own[k].shape
     ]
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
-        ]
+    return "; ".join(
+        f"{label} {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''} ({len(keys)})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys
+    )
+
+
+def _load_weights(model: MaskRCNN, state_dict: dict, path: str | os.PathLike, what: str = "") -> MaskRCNN:
+    own = model.state_dict()
+    misfit = weights_misfit(own, state_dict)
+    if misfit:
         what = what or f"the {model.config.backbone} model"
-        raise CheckpointError(f"{path} does not fit {what}: {'; '.join(parts)}")
+        raise CheckpointError(f"{path} does not fit {what}: {misfit}")
     # every tensor of the model comes from the file (as the model's dtype: fp16 files are cast back), but for
     # BatchNorm's step counter, which older files may lack
     tensors = {k: state_dict[k].to(v.dtype) if k in state_dict else torch.zeros(v.shape, dtype=v.dtype)

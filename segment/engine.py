@@ -83,12 +83,14 @@ def _due(iteration: int, every: int) -> bool:
 def _fixed_settings(run_config: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The run settings a checkpoint's state holds, by dotted key: the optimizer's and scheduler's (learning rate,
     momentum, decay, warm-up, steps; the images per iteration over all processes the learning rate was scaled for)
-    and the data position's (the seed behind the data order and augmentation). max_iters is not among them:
-    running a stopped training further is what resume is for."""
+    the data position's (the seed behind the data order and augmentation) and the grad scaler's (amp: only fp16 has
+    one, so a checkpoint of another amp holds none to load). max_iters is not among them: running a stopped training
+    further is what resume is for."""
     flat = {f"schedule.{key}": value for key, value in (run_config.get("schedule") or {}).items()}
     flat.pop("schedule.max_iters", None)
-    if "seed" in run_config:
-        flat["seed"] = run_config["seed"]
+    for key in ("seed", "amp"):
+        if key in run_config:
+            flat[key] = run_config[key]
     if "batch_size" in run_config:
         flat["images per iteration (batch_size x processes)"] = run_config["batch_size"] * world_size
     return flat
@@ -273,6 +275,7 @@ class Trainer:
                 paused = time.perf_counter()
                 # saving first: an evaluation that fails must not take the checkpoint due with it
                 if _due(self.iteration, s.checkpoint_every) or last:
+                    self._check_finite(None if window_sum is None else window_sum / window_iters)
                     self.save(s.output_dir / LAST)
                 if _due(self.iteration, s.eval_every) or (last and s.eval_every > 0):
                     self.evaluate()
@@ -288,8 +291,7 @@ class Trainer:
     def _log(self, mean_losses: Tensor, lr: float, iters: int, seconds: float, elapsed: float) -> dict[str, Any]:
         values = mean_over_processes(mean_losses, self.info).tolist()  # the one host sync per logging window
         if not all(math.isfinite(v) for v in values):
-            raise TrainingError(f"the loss became non-finite by iteration {self.iteration} ({values}); "
-                                "lower the learning rate, lengthen warm-up or set clip_grad_norm")
+            raise self._diverged(f"the loss became non-finite by iteration {self.iteration} ({values})")
         names = [*self.loss_names, "loss"]
         entry = {"type": "train", "iter": self.iteration, "epoch": self.stream.epoch, "lr": lr,
                  **dict(zip(names, values)), "time": round(elapsed, 3)}
@@ -302,6 +304,30 @@ class Trainer:
                        f"  lr {lr:.2e}{speed}", file=sys.stdout)
             self._append_metrics(entry)
         return entry
+
+    def _check_finite(self, mean_losses: Tensor | None) -> None:
+        """Collective, before each checkpoint: the losses since the last logging window (None: none since) and the
+        weights must be finite. `_log` alone checked the loss, so a checkpoint due between two logging windows wrote
+        NaN weights over the last good last.pt. Every process decides on the same values, as in `_log`: none is left
+        waiting in the next collective."""
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in self.parameters]).all()
+        # the weights' verdict as a value that the mean over processes keeps non-finite: NaN when any is not
+        weights = torch.where(weights_finite, 0.0, math.nan).reshape(1)
+        values = mean_over_processes(weights if mean_losses is None else torch.cat([mean_losses, weights]),
+                                     self.info).tolist()
+        if not all(math.isfinite(v) for v in values[:-1]):
+            raise self._diverged(f"the loss became non-finite by iteration {self.iteration} ({values[:-1]})")
+        if not math.isfinite(values[-1]):
+            raise self._diverged(f"the weights became non-finite by iteration {self.iteration}")
+
+    def _diverged(self, what: str) -> TrainingError:
+        """The error that stops a diverged run, naming the last good checkpoint it leaves, if any."""
+        last = self.settings.output_dir / LAST
+        # a resume keeps the checkpoint's schedule (base_lr included): a lower lr starts a run from its weights
+        kept = "" if self.saved_iteration is None else (
+            f"; {last} (iteration {self.saved_iteration}) is kept: resume=true with clip_grad_norm continues it, or "
+            f"segment.checkpoint={last} with a lower schedule.base_lr trains on from it into another output_dir")
+        return TrainingError(f"{what}; lower the learning rate, lengthen warm-up or set clip_grad_norm{kept}")
 
     def evaluate(self) -> dict[str, float] | None:
         """Collective: rank 0 evaluates the bare model (with its evaluator) while the other processes wait."""

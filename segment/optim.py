@@ -26,12 +26,13 @@ def scaled_lr(base_lr: float, images_per_iteration: int) -> float:
 
 def build_optimizer(
     model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-    norm_weight_decay: float | None = None, bias_weight_decay: float | None = None,
+    norm_weight_decay: float | None = None, bias_weight_decay: float | None = None, *, grad_scaled: bool = False,
 ) -> torch.optim.SGD:
     """SGD over the trainable parameters (frozen stages are left out).
 
     The paper decays every weight alike (the default, None); `norm_weight_decay` / `bias_weight_decay` give
-    normalisation parameters / biases their own decay (often 0), a common later refinement.
+    normalisation parameters / biases their own decay (often 0), a common later refinement. `grad_scaled`: stepped
+    by a GradScaler (amp=fp16), which skips the steps whose gradients overflowed.
     """
     groups: dict[str, list[nn.Parameter]] = {"default": [], "norm": [], "bias": []}
     seen: set[int] = set()
@@ -52,8 +53,11 @@ def build_optimizer(
     param_groups = [{"params": params, "weight_decay": decay[key]} for key, params in groups.items() if params]
     # fused: one kernel for the whole update instead of foreach's several per parameter group; the same update up to
     # float rounding (on a CPU: 1.5e-8 apart after six steps of the demo model) and on a CPU half the time (R50
-    # update 37 -> 17 ms on 2 cores)
-    fused = all(p.device.type in FUSED_DEVICES for group in param_groups for p in group["params"]) or None
+    # update 37 -> 17 ms on 2 cores). Not under a GradScaler: torch's fused SGD makes its momentum buffers with
+    # empty_like at its first step and keeps them, uninitialised, when the scaler skips that step (fp16's first steps
+    # often overflow), and the next step adds that garbage to the weights (non-finite ones within two steps)
+    fused = (not grad_scaled and all(p.device.type in FUSED_DEVICES for group in param_groups
+                                     for p in group["params"])) or None
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
 
 

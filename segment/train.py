@@ -3,7 +3,7 @@
 Several GPUs (or CPU processes): `torchrun --nproc_per_node=N -m segment.train ...`; batch_size is per process
 and the learning rate follows the images per iteration over all processes (see segment/optim.py).
 Writes output_dir/{last.pt, model_final.pt, metrics.jsonl, config.yaml}; `resume=true` continues from last.pt
-(with the same schedule and batch size), `overwrite=true` removes those files of an earlier run once the new run's
+(same schedule, batch size, seed, amp), `overwrite=true` removes those files of an earlier run once the new run's
 model and data are built. A run holds output_dir/.lock while it runs: a second training into the same folder stops
 at once. A sweep (`-m seed=0,1 ...`) trains job N into output_dir/N, every job even when some are refused (the sweep
 then exits 2 naming them: common/sweep.py). A schedule with reference_images_per_iter (paper_1x) scales its
@@ -51,8 +51,8 @@ from common.hydra_cli import exit_on_bad_overrides, hydra_readable, multirun
 from common.outputs import AtomicOutput, HeldStopSignals, leftover_temp_files
 from common.settings import check_settings, flag, number, whole
 from common.sweep import completed, failed, in_sweep, leave, pending_stop, stop_later
-from segment.checkpoint import _shown, load_checkpoint, project_relative
-from segment.config import SegmenterConfig, real_class_names
+from segment.checkpoint import _shown, load_checkpoint, project_relative, segment_group_hint, weights_misfit
+from segment.config import ARCHITECTURE_KEYS, SegmenterConfig, real_class_names
 from segment.data import build_dataset, check_data_settings, collate, data_flag
 from segment.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
 from segment.engine import FINAL, LAST, METRICS, Trainer, TrainSettings, TrainingError, seed_everything
@@ -247,15 +247,30 @@ def build_segmenter(config: SegmenterConfig, start: MaskRCNN | None, name: str |
         return model
     own, weights = model.state_dict(), start.state_dict()
     fresh = [k for k in CLASS_LAYERS if k in weights and k in own and weights[k].shape != own[k].shape]
+    weights.update({k: own[k] for k in fresh})
     try:
-        model.load_state_dict({**weights, **{k: own[k] for k in fresh}})
-    except RuntimeError as e:  # shape / key mismatch
+        model.load_state_dict(weights)
+    except RuntimeError:  # shape / key mismatch: torch's message is a line per key
         raise CheckpointError(f"segment.checkpoint={name} does not fit segment config: "
-                              f"{str(e).strip().splitlines()[-1][:160]}") from None
+                              f"{weights_misfit(own, weights, shown=1)}: {_fitting_config(start.config, config)}"
+                              ) from None
     if fresh:
         print(f"note: segment.checkpoint={name} has {len(real_class_names(start.config.class_names))} classes, the "
               f"data {len(real_class_names(config.class_names))}: its class score, box and mask layers start fresh")
     return model
+
+
+def _fitting_config(trained: SegmenterConfig, config: SegmenterConfig) -> str:
+    """What to add to the command to fine-tune weights made with `trained`'s architecture. Another backbone: its
+    segment group (as the render says for a bare torchvision file), whose widths come with it; else the architecture
+    settings that differ (the classes start fresh anyway, the BatchNorm eps changes no shape)."""
+    if trained.backbone != config.backbone:
+        return f"it holds a {trained.backbone} backbone, not {config.backbone}: {segment_group_hint(trained.backbone)}"
+    differ = [f"segment.{key}={_shown(getattr(trained, key)).replace(' ', '')}" for key in ARCHITECTURE_KEYS
+              if key not in ("num_classes", "class_names", "bn_eps") and getattr(trained, key) != getattr(config, key)]
+    if not differ:  # the same settings: weights of a model changed since, say
+        return "it was made for another model"
+    return f"add {' '.join(differ)} to the command (the settings it was made with)"
 
 
 def _evaluator(dataset, batch_size: int):
@@ -299,6 +314,7 @@ def build_trainer(cfg: DictConfig, info: DistInfo, settings: TrainSettings) -> T
     optimizer = build_optimizer(
         model, scaled_lr(float(schedule.base_lr), images_per_iteration), float(schedule.momentum),
         float(schedule.weight_decay), schedule.get("norm_weight_decay"), schedule.get("bias_weight_decay"),
+        grad_scaled=settings.amp == "fp16",
     )
     scheduler = WarmupMultiStepLR(optimizer, run["steps"], float(schedule.gamma), run["warmup_iters"],
                                   float(schedule.warmup_factor))

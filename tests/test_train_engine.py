@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,9 +120,12 @@ def test_resume_refuses_another_architecture(dataset, tmp_path):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_steps_stay_finite(dataset, tmp_path, amp):
+    """fp16's first step overflows at the GradScaler's 65536 and is skipped: torch's fused SGD kept the momentum
+    buffers it had made uninitialised for that step, and the next step made weights NaN (while the loss was finite)."""
     trainer = make_trainer(dataset, tmp_path, 2, amp=amp, clip_grad_norm=5.0)
     history = trainer.fit()
     assert all(math.isfinite(h["loss"]) for h in history)
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
     assert trainer.scaler.is_enabled() == (amp == "fp16")
 
 
@@ -231,6 +235,34 @@ def test_fine_tuning_on_other_classes_keeps_the_starting_bn_eps_and_starts_the_c
     torch.testing.assert_close({k: v for k, v in ours.items() if k not in CLASS_LAYERS},
                                {k: v for k, v in theirs.items() if k not in CLASS_LAYERS})
     assert "has 80 classes, the data 5: its class score, box and mask layers start fresh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("made_with, said", [
+    (dict(backbone="resnet50"), r"unexpected backbone\.body\.layer1\.0\.conv3\.weight \.\.\. \(\d+\); shape mismatch "
+     r"backbone\.body\.layer1\.0\.conv1\.weight \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\) \.\.\. \(\d+\): it holds a "
+     r"resnet50 backbone, not resnet18: add segment=r50_fpn to the command \(or the segment config it was trained "
+     r"with\)$"),
+    (dict(fpn_channels=16, anchor_ratios=[1.0]),
+     r"shape mismatch \S+ \(16, \d+, 1, 1\) vs model \(32, \d+, 1, 1\) \.\.\. \(\d+\): add segment\.fpn_channels=16 "
+     r"segment\.anchor_ratios=\[1\.0\] to the command \(the settings it was made with\)$"),
+])
+def test_starting_weights_of_another_architecture_say_which_config_fits(tmp_path, made_with, said):
+    """A torchvision R50 file fine-tuned under the default segment=r18_fpn: torch's first mismatch cut at 160
+    characters ("... the shape in current model is torch.S"), with a tab, and no word on what would fit."""
+    from segment.checkpoint import save_checkpoint
+    from segment.errors import CheckpointError
+    from segment.train import build_segmenter, load_start, segmenter_config
+
+    path = str(tmp_path / "start.pt")
+    made, _ = segmenter_config(TINY_MODEL | {"num_classes": 6} | made_with, None)
+    save_checkpoint(build_model(made), path)
+    start = load_start(path)
+    config, _ = segmenter_config(TINY_MODEL | {"checkpoint": path}, None, start.config)
+    with pytest.raises(CheckpointError) as error:
+        build_segmenter(config, start, path)
+    message = str(error.value)
+    assert message.startswith(f"segment.checkpoint={path} does not fit segment config: ") and "\n" not in message
+    assert "\t" not in message and re.search(said, message), message
 
 
 def test_training_takes_names_and_records_the_classes_of_its_data(tmp_path, capsys):
@@ -574,6 +606,30 @@ def test_a_diverging_run_stops_with_a_training_error_and_no_final_model(dataset,
     trainer = make_trainer(dataset, tmp_path, 2, lr=1e9)
     with pytest.raises(TrainingError, match="non-finite"):
         trainer.fit()
+    assert not (tmp_path / "model_final.pt").exists()
+
+
+@pytest.mark.parametrize("corrupted_by, what", [(3, "loss"), (4, "weights")])
+def test_a_run_diverging_between_logging_windows_keeps_its_good_checkpoint(dataset, tmp_path, corrupted_by, what):
+    """checkpoint_every=2, log_every=6: only a logged loss was checked, so the checkpoint at iteration 4 wrote the
+    NaN weights of a run diverged after 2 over the good last.pt. Weights gone NaN by iteration `corrupted_by` (3: the
+    next step's loss is NaN; 4: only the weights are, that step's loss was finite) stop it before that checkpoint."""
+    trainer = make_trainer(dataset, tmp_path, 6, log_every=6, checkpoint_every=2)
+    step = trainer.train_step
+
+    def diverging(*batch):
+        losses = step(*batch)
+        if trainer.iteration + 1 == corrupted_by:  # fit counts this step once it returns
+            with torch.no_grad():
+                trainer.parameters[-1].fill_(math.nan)
+        return losses
+
+    trainer.train_step = diverging
+    with pytest.raises(TrainingError, match=f"the {what} became non-finite by iteration 4") as error:
+        trainer.fit()
+    assert f"{tmp_path / LAST} (iteration 2) is kept" in str(error.value)
+    saved = torch.load(tmp_path / LAST, weights_only=True)
+    assert saved["iteration"] == 2 and all(v.isfinite().all() for v in saved["model"].values())
     assert not (tmp_path / "model_final.pt").exists()
 
 

@@ -63,13 +63,13 @@ def make_trainer(dataset, output_dir: Path, max_iters: int, *, lr: float = 0.01,
                  num_workers: int = 0, **settings) -> Trainer:
     seed_everything(seed)
     model = build_model(config or tiny_config())
-    optimizer = build_optimizer(model, lr)
+    optimizer = build_optimizer(model, lr, grad_scaled=settings.get("amp") == "fp16")  # as segment.train builds it
     scheduler = WarmupMultiStepLR(optimizer, list(steps), warmup_iters=warmup_iters, warmup_factor=0.1)
     stream = BatchStream(dataset, partial(BatchSampler, batch_size=batch_size, drop_last=True), collate, seed=seed,
                          num_workers=num_workers)
     settings = {"log_every": 1, "checkpoint_every": 0, **settings}
     # what segment.train records of the run (conf/train.yaml's keys), for resume's checks
-    run_config = {"seed": seed, "batch_size": batch_size, "schedule": {
+    run_config = {"seed": seed, "batch_size": batch_size, "amp": settings.get("amp", "none"), "schedule": {
         "base_lr": lr, "steps": list(steps), "warmup_iters": warmup_iters, "max_iters": max_iters}}
     return Trainer(model, optimizer, scheduler, stream, TrainSettings(output_dir, max_iters, **settings),
                    images_per_iteration=batch_size, run_config=run_config)
