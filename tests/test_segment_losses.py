@@ -1,6 +1,7 @@
 """Training-mode pieces against torchvision's own functions on identical inputs (and identical RNG draws)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,16 +197,19 @@ def test_frozen_bn_training_step_equals_torchvision(backbone):
     images = [torch.rand(3, 120, 160), torch.rand(3, 140, 110)]
     targets = _toy_targets(images)
     results = []
-    for model in (theirs, ours):
+    # torchvision again in channels_last: how far its own gradients move with the kernels' summation order on this CPU
+    for model in (theirs, ours, copy.deepcopy(theirs).to(memory_format=torch.channels_last)):
         torch.manual_seed(42)
         losses = model(images, targets)
         sum(losses.values()).backward()
         results.append((losses, dict(model.named_parameters())))
-    (want, their_params), (got, our_params) = results
+    (want, their_params), (got, our_params), (_, their_channels_last) = results
     assert set(got) == LOSS_NAMES
     # measured: losses within 2.4e-7 relative and every gradient within 1.6e-6 of its tensor's largest entry
     # (torchvision against itself in channels_last: 8e-8 and 1.6e-6); a fold without eps (5e-6 relative in the
-    # scale) already fails these bounds, a missing scale or a doubled shift fails them by far
+    # scale) already fails these bounds, a missing scale or a doubled shift fails them by far. On an AVX2-only CPU
+    # (AMD EPYC, 2026-11-28) the R50's gradients moved by up to 5e-3 of their largest entry between torchvision's two
+    # layouts, and ours were within 2e-3 of its: there a gradient may differ as much as twice torchvision's own move
     for name in LOSS_NAMES:
         torch.testing.assert_close(got[name], want[name], rtol=2e-6, atol=1e-9, msg=name)
     convs = [n for n in trainable if n.startswith("backbone.body.")]  # conv weights: the BN holds only buffers
@@ -213,7 +217,9 @@ def test_frozen_bn_training_step_equals_torchvision(backbone):
     for name in sorted(trainable):
         grad, want_grad = our_params[name].grad, their_params[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, want_grad, rtol=0, atol=2e-5 * want_grad.abs().max().item(), msg=name)
+        own_move = (their_channels_last[name].grad - want_grad).abs().max().item()
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=max(2e-5 * want_grad.abs().max().item(), 2 * own_move),
+                                   msg=name)
     for name, p in our_params.items():
         if name not in trainable:
             assert p.grad is None, name

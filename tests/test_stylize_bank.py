@@ -98,7 +98,7 @@ def test_import_keeps_styles_added_since_and_other_files(bank, tmp_path, capsys)
     net = bank.network
     bank.add_style("my_copy", net.style_params(5), "test")
     extended = bank.save(tmp_path / "extended.pt")
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.pt"  # a user's file of the bank's suffix (another suffix is refused before it is read)
     notes.write_text("mine")
     other = StyleBank(bank.network, [dataclasses.replace(s, source="elsewhere") for s in bank.styles]).save(
         tmp_path / "other.pt")
