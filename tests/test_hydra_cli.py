@@ -70,7 +70,8 @@ def test_a_refusal_is_said_once_under_torchrun(monkeypatch, capsys):
 
 def test_overrides_beside_hydras_own_arguments_are_checked_too():
     for args in (["--help"], ["--hydra-help"], ["--version"], ["--info"], ["--info", "defaults", "track.min_iou=0.3"],
-                 ["--cfg", "job", "track.min_iou=0.3"], ["hydra.run.dir=x", "hydra.job.chdir=true", "track.min_iou=0.3"],
+                 ["--cfg", "job", "track.min_iou=0.3"],
+                 ["hydra.run.dir=x", "hydra.job.chdir=true", "track.min_iou=0.3"],
                  ["-m", "hydra.sweep.dir=x", "track.min_iou=0.3,0.5"], ["--run", "track.min_iou=0.3"],
                  # another config than the one checked against, and what Hydra's parser refuses: Hydra answers
                  ["--config-name", "other", "bogus=1"], ["-cp", "elsewhere", "bogus=1"], ["--cfg", "everything"]):

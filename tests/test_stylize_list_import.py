@@ -96,7 +96,8 @@ def test_import_user_errors_exit_2(tmp_path, capsys):
     assert "is a directory" in one_error_line(capsys)
     # a bank was written under the .txt name, where stylize.train and export_segmenter refuse it
     assert import_main(["--out", str(tmp_path / "bank.txt"), "--cache", str(tmp_path)]) == 2
-    assert one_error_line(capsys) == "error: --out bank.txt: the style bank is a PyTorch file: end its name in .pt or .pth"
+    assert one_error_line(capsys) == ("error: --out bank.txt: the style bank is a PyTorch file: end its name in .pt "
+                                      "or .pth")
     assert not (tmp_path / "bank.txt").exists()
     a_file = tmp_path / "a_file"
     a_file.write_text("")
