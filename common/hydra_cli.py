@@ -105,21 +105,18 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
     if not multirun(args):
         _compose_all(config_dir, config_name, [texts])
         return
-    first = []
+    first, later = [], []  # each setting at its first value; (place in first, key, other options) of swept groups
     for override, text in zip(overrides, texts):
         if override.is_sweep_override():
             if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
                 continue  # expanded against the group's options only by Hydra's sweeper
-            text = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+            key, values = override.get_key_element(), list(override.sweep_string_iterator())
+            if _is_group(config_dir, override):
+                later.append((len(first), key, values[1:]))
+            text = f"{key}={values[0]}"
         first.append(text)
-    trials = [first]
-    for override in overrides:
-        if override.is_sweep_override() and override.value_type != ValueType.GLOB_CHOICE_SWEEP and \
-                _is_group(config_dir, override):
-            index = next(i for i, text in enumerate(first) if text.startswith(f"{override.get_key_element()}="))
-            trials += [first[:index] + [f"{override.get_key_element()}={option}"] + first[index + 1:]
-                       for option in list(override.sweep_string_iterator())[1:]]
-    _compose_all(config_dir, config_name, trials)
+    _compose_all(config_dir, config_name, [first, *(first[:place] + [f"{key}={option}"] + first[place + 1:]
+                                                    for place, key, options in later for option in options)])
 
 
 def _hydra_arguments(args: list[str]) -> argparse.Namespace | None:

@@ -290,8 +290,7 @@ class Trainer:
 
     def _log(self, mean_losses: Tensor, lr: float, iters: int, seconds: float, elapsed: float) -> dict[str, Any]:
         values = mean_over_processes(mean_losses, self.info).tolist()  # the one host sync per logging window
-        if not all(math.isfinite(v) for v in values):
-            raise self._diverged(f"the loss became non-finite by iteration {self.iteration} ({values})")
+        self._check_losses(values)
         names = [*self.loss_names, "loss"]
         entry = {"type": "train", "iter": self.iteration, "epoch": self.stream.epoch, "lr": lr,
                  **dict(zip(names, values)), "time": round(elapsed, 3)}
@@ -315,10 +314,13 @@ class Trainer:
         weights = torch.where(weights_finite, 0.0, math.nan).reshape(1)
         values = mean_over_processes(weights if mean_losses is None else torch.cat([mean_losses, weights]),
                                      self.info).tolist()
-        if not all(math.isfinite(v) for v in values[:-1]):
-            raise self._diverged(f"the loss became non-finite by iteration {self.iteration} ({values[:-1]})")
+        self._check_losses(values[:-1])
         if not math.isfinite(values[-1]):
             raise self._diverged(f"the weights became non-finite by iteration {self.iteration}")
+
+    def _check_losses(self, values: list[float]) -> None:
+        if not all(math.isfinite(v) for v in values):
+            raise self._diverged(f"the loss became non-finite by iteration {self.iteration} ({values})")
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that stops a diverged run, naming the last good checkpoint it leaves, if any."""
