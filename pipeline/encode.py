@@ -132,7 +132,7 @@ class VideoWriter:
         except av.FFmpegError as e:
             # e.g. "unsupported device" on an H100 or A100: data-centre chips without the NVENC unit
             if "nvenc" in self.codec:
-                hint = (" - it needs an NVIDIA GPU with an NVENC unit (H100 / A100 have none) and its driver: "
+                hint = (" - it needs an NVIDIA GPU with an NVENC unit (H100, H200 and A100 have none) and its driver: "
                         "try encode=x264")
             else:  # the codec is there (_check_codec): what it refused is among what it was given
                 settings = [f"encode.pix_fmt={self.pix_fmt}", *(f"{name}={value}"

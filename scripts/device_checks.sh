@@ -8,13 +8,14 @@
 #        back at most 8 files from OUT_DIR, and quick's eight logs and benchmarks.md lost one)
 #        STEP names pick some of the steps below, all by default; FRAMES=N and SIZES="1080p" shorten the renders.
 #        `quick` picks the steps a 15-minute device session has time for (about 7 minutes on an H200): the tests, the
-#        reference R50 weights, and the R50 1080p render with each speed setting not yet measured on a GPU.
+#        reference R50 weights, the R50 1080p render as it is, with every speed setting and at batch 8, and where
+#        its time goes (each stage's kernel time, the segmenter's front and back).
 # Each step has its own time limit so that one slow step cannot starve the rest.
 set -u
 OUT=${1:?usage: device_checks.sh OUT_DIR [STEP...]}
 shift
-QUICK="tests r50_reference bench_render_r50 bench_render_r50_max_side_graphs bench_render_r50_every2
-    bench_render_r50_every2_propagate bench_render_r50_every3_propagate bench_render_r50_every3_propagate_fast"
+QUICK="tests r50_reference bench_render_r50 bench_render_r50_every3_propagate_fast bench_render_r50_batch8
+    bench_render_r50_kernels profile_segment_render_batch"
 ONLY=" $(echo ${*/quick/$QUICK}) "  # unquoted: the list's line breaks become spaces
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -33,12 +34,13 @@ python3 -c "import torch, torchvision, av; print('torch', torch.__version__, 'tv
 'cuvid/nvenc:', sorted(c for c in av.codecs_available if c.startswith('h264_')))"
 ldconfig -p | grep -E "libnvcuvid|libnvidia-encode" || echo "no libnvcuvid / libnvidia-encode in ldconfig"
 
-step 150 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
+step 180 tests python3 -m pytest -q -rs --device cuda -p no:cacheprovider tests/test_segment_parity.py \
     tests/test_stylize_parity.py tests/test_colour.py tests/test_render_cli.py tests/test_stylize_apply.py \
     tests/test_decode_encode.py tests/test_encode_colour.py tests/test_composite.py tests/test_track.py \
     tests/test_assign.py tests/test_host_copy.py tests/test_segment_components.py tests/test_thread_stream.py \
     tests/test_roi_masks.py tests/test_stylize_stage.py tests/test_transfer.py tests/test_style_carry.py \
-    tests/test_segment_stage.py tests/test_train_resume.py::test_rngs_kept_on_the_device_under_test \
+    tests/test_segment_stage.py tests/test_soft_masks.py tests/test_cuda_graph.py \
+    tests/test_train_resume.py::test_rngs_kept_on_the_device_under_test \
     tests/test_stylize_train.py::test_new_style_keeps_other_rows_frozen_after_the_network_moves
 step 90 bench_stylize python3 scripts/bench_stylize.py --device cuda --profile --layers
 step 90 bench_segment python3 scripts/bench_segment.py --devices cuda --image-size 480 640 --batch-sizes 1 8 \
@@ -95,7 +97,7 @@ step 60 bench_render_r50_fast $RENDER 1080p $BENCH $R50 style.max_side=256 style
     segment.min_size=600 segment.max_size=1000
 # the segmenter on every 2nd / 3rd frame, the tracker moving its objects over the others (segment_every), and with
 # style.propagate the skipped frames' stylized crops carried over from the segmented frame instead of restyled:
-# unmeasured on a GPU; on the 2-core CPU 1.03-1.10x alone and 1.56-1.79x with style.propagate at 1080p
+# on an H200 1.09x alone and 1.20x with style.propagate (GPU session 7); on the 2-core CPU 1.03-1.10x and 1.56-1.79x
 step 60 bench_render_r50_every2 $RENDER 1080p $BENCH $R50 segment_every=2
 step 60 bench_render_r50_every2_propagate $RENDER 1080p $BENCH $R50 segment_every=2 style.propagate=true
 step 60 bench_render_r50_every3_propagate $RENDER 1080p $BENCH $R50 segment_every=3 style.propagate=true

@@ -288,7 +288,7 @@ def test_nvdec_and_nvenc_render_like_the_software_path(tmp_path, models, device)
     if device.type != "cuda" or not {"h264_cuvid", "h264_nvenc"} <= av.codecs_available:
         pytest.skip("needs `pytest --device cuda` on an NVIDIA GPU and PyAV with h264_cuvid / h264_nvenc")
     if not nvenc_opens():
-        pytest.skip("this GPU has no NVENC unit (as on H100 / A100)")
+        pytest.skip("this GPU has no NVENC unit (as on H100, H200 and A100)")
     clip = write_clip(tmp_path / "in.mp4", pattern_frames(len(PTS_MS), 192, 128), pts=PTS_MS,
                       time_base=Fraction(1, 1000), audio=True)
     outputs = {"software": [], "nvidia": ["decode.decoder=nvdec", "encode=nvenc"]}
