@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -54,7 +55,7 @@ def match(iou: Tensor, min_iou: float) -> list[tuple[int, int]]:
     if iou.numel() == 0:
         return []
     values = iou.double().cpu().numpy()
-    weights = values * (values >= min_iou)
+    weights = np.where(values >= min_iou, values, 0.0)  # NaN (two empty boxes: 0 / 0) is no match either
     rows, cols = linear_sum_assignment(weights, maximize=True)
     # Pairs below min_iou weigh 0: matching them is the same as leaving both unmatched, so drop them.
     return [(int(r), int(c)) for r, c in zip(rows, cols) if weights[r, c] > 0]

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from common.errors import SettingError
 from pipeline.record import FrameRecord
-from pipeline.track import Tracker, mask_iou, match, shrink_masks, translated
+from pipeline.track import MATCH_ON, Tracker, mask_iou, match, shrink_masks, translated
 from scripts.profiling import operators
 from segment.roi_masks import RoIMasks
 from segment.structures import Instances
@@ -244,6 +244,19 @@ def test_a_pair_at_exactly_min_iou_is_matched_and_a_score_of_exactly_birth_score
            for box in boxes]
     assert ids == [[1], [1]]
     assert run(Tracker(birth_score=0.5), [[(30, 30, 8, 1, 0.5)]] * 2) == [[1], [1]]
+
+
+@pytest.mark.parametrize("match_on", MATCH_ON)
+def test_an_empty_box_matches_nothing_and_stops_nothing(match_on):
+    """segment.box_min_size=0 keeps boxes clipped to nothing at the frame's edge: two of them had an IoU of 0 / 0,
+    NaN, which the Hungarian solver refused ("matrix contains invalid numeric entries"), ending the render."""
+    tracker = Tracker(match_on=match_on, motion=False)
+    boxes = torch.tensor([[10, 10, 30, 30], [96, 20, 96, 40]], dtype=torch.float32)  # the second at x = 96 = SIZE[1]
+    masks = torch.zeros(2, *SIZE)
+    masks[0, 10:30, 10:30] = 1
+    frame = Instances(image_size=SIZE, boxes=boxes, scores=torch.tensor([0.9, 0.9]), labels=torch.tensor([1, 1]),
+                      masks=masks)
+    assert [tracker.update(frame, SIZE).tolist() for _ in range(3)] == [[1, 2], [1, 3], [1, 4]]
 
 
 def test_confident_detection_keeps_its_track_over_a_weak_fragment_that_overlaps_more():
