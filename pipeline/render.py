@@ -228,7 +228,7 @@ def build_stages(cfg: DictConfig, device: torch.device, reader: VideoReader, tar
     tracker = Tracker.from_config(cfg.track)
     assigner = StyleAssigner.from_config(cfg.style, bank, class_names, tracker.horizon(cfg.get("segment_every", 1)))
     compositor = Compositor.from_config(cfg.composite)
-    stylizer = StylizeStage.from_config(cfg.style, bank)
+    stylizer = StylizeStage.from_config(cfg.style, bank, feather_px=compositor.feather_px)
     reach = stylizer.margin * stylizer.downsample  # the crop's margin in the frame's pixels
     if compositor.feather_px > reach:  # the stylized pixels end there: a seam, or with margin 0 no feather at all
         raise PipelineConfigError(f"composite.feather_px={compositor.feather_px} reaches past the crops' margin "

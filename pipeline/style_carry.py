@@ -7,9 +7,12 @@ box. The object's stylized crop from that frame, shifted by the same pixels, lie
 there. So the frame costs no style network for it; its texture shows the object as it was on the segmented frame
 (up to N-1 frames old), and it stays fixed to the object instead of being made afresh from new content.
 
-An object is stylized afresh instead where the carried crop would not cover its mask: its source crop was cut at
-the frame's edge on the side the motion pulls into view. So are objects without `RoIMasks` (nothing says how
-their masks moved), objects whose style changed, and objects not stylized on the segmented frame.
+An object is stylized afresh instead where the carried crop would not cover its mask: where the mask's paste box,
+grown by the composite's feather (`reach`), leaves the moved crop inside the crop a fresh stylization would have
+(an object that grew on screen: the tracker moves each side of its box on its own), and where its source crop was
+cut at the frame's edge on the side the motion pulls into view (the network saw no context there). So are objects
+without `RoIMasks` (nothing says how their masks moved), objects whose style changed, and objects not stylized on
+the segmented frame.
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ class StyleCarry:
     """Which of a batch's stylize jobs carry a segmented frame's pixels over (`plan`), and those pixels placed on
     their frames (`place`). Keeps, per track, the last segmented frame's `Source` from batch to batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, reach: int = 0) -> None:
+        self.reach = reach  # px past a mask's paste box that the composite blends (composite.feather_px)
         self._sources: dict[int, Source] = {}
 
     @staticmethod
@@ -91,7 +95,8 @@ class StyleCarry:
                 if source is None or source.style != style or source.size != record.size:
                     continue
                 dx, dy = (_shift(pastes[k], source.paste, axis) for axis in (0, 1))
-                if _covers(source.crop, dx, dy, record.size):
+                needed = _blended(pastes[k], crops[k], self.reach)
+                if _covers(source.crop, dx, dy, record.size) and _holds(source.crop, dx, dy, needed):
                     carried[k] = Carried(source, dx, dy)
         return CarryPlan(carried, sources)
 
@@ -123,6 +128,21 @@ def _covers(crop: Box, dx: int, dy: int, size: tuple[int, int]) -> bool:
     height, width = size
     x1, y1, x2, y2 = crop
     return not ((x1 == 0 and dx > 0) or (y1 == 0 and dy > 0) or (x2 == width and dx < 0) or (y2 == height and dy < 0))
+
+
+def _blended(paste: list[float], crop: Box, reach: int) -> Box:
+    """What a fresh stylization would blend of the object: its fresh `crop` where its mask's paste box (x2, y2
+    inclusive) grown by `reach` px lies."""
+    x1, y1, x2, y2 = (int(v) for v in paste)
+    return (max(x1 - reach, crop[0]), max(y1 - reach, crop[1]), min(x2 + 1 + reach, crop[2]),
+            min(y2 + 1 + reach, crop[3]))
+
+
+def _holds(crop: Box, dx: int, dy: int, needed: Box) -> bool:
+    """Whether the crop moved by (dx, dy) holds the `needed` box (nothing needed holds)."""
+    x1, y1, x2, y2 = needed
+    return x1 >= x2 or y1 >= y2 or (crop[0] + dx <= x1 and crop[1] + dy <= y1 and crop[2] + dx >= x2
+                                    and crop[3] + dy >= y2)
 
 
 def _moved(crop: Box, pixels: Tensor, dx: int, dy: int, size: tuple[int, int]) -> tuple[Box, Tensor] | None:

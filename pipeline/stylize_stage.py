@@ -48,7 +48,7 @@ class StylizeStage:
 
     def __init__(self, bank, margin: int = 16, background=None, precision: str = "auto", crop_bucket="auto",
                  cuda_graphs: bool = False, region: str = "crop", downsample: int = 1, max_side: int | None = None,
-                 propagate: bool = False):
+                 propagate: bool = False, feather_px: int = 0):
         if region not in REGIONS:
             raise PipelineConfigError(f"style.region must be crop or frame, got {region!r}")
         if crop_bucket != "auto" and (isinstance(crop_bucket, bool) or not isinstance(crop_bucket, int)
@@ -76,19 +76,21 @@ class StylizeStage:
             raise PipelineConfigError(f"style.max_side must be null or an integer >= {floor} (with margin "
                                       f"{self.margin}), got {max_side!r}")
         self.max_side = max_side
-        self.carry = StyleCarry() if flag(propagate, "style.propagate") else None
+        # a carried crop must hold its mask and the feather around it, as a fresh crop would
+        self.carry = StyleCarry(reach=feather_px) if flag(propagate, "style.propagate") else None
         self._track_factors: dict[int, tuple[int, int]] = {}  # track id -> (its last factor, the frame it had it on)
         self._weights: dict[str, torch.Tensor] = {}
         if self.background is not None:
             self.weights(self.background)  # a bad spec fails now, not at the first frame
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, bank) -> StylizeStage:
+    def from_config(cls, cfg: DictConfig, bank, feather_px: int = 0) -> StylizeStage:
+        """`feather_px`: the composite's (composite.feather_px), which `style.propagate`'s carried crops must hold."""
         return cls(bank, margin=cfg.get("margin", 16), background=cfg.get("background"),
                    precision=str(cfg.get("precision", "auto")), crop_bucket=cfg.get("crop_bucket", "auto"),
                    cuda_graphs=cfg.get("cuda_graphs", False), region=str(cfg.get("region", "crop")),
                    downsample=cfg.get("downsample", 1), max_side=cfg.get("max_side"),
-                   propagate=cfg.get("propagate", False))
+                   propagate=cfg.get("propagate", False), feather_px=feather_px)
 
     def weights(self, spec: str) -> torch.Tensor:
         """(S,) weights of a style spec, parsed once."""

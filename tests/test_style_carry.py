@@ -68,7 +68,7 @@ def render_stages(bank, records: list[FrameRecord], monkeypatch, batch_size: int
     """The records through track → assign → stylize → composite in batches; also how many crops (region=frame:
     whole frames) went through the network."""
     cfg = style_cfg(**style)
-    stages = [Tracker(), StyleAssigner.from_config(cfg, bank, CLASSES), StylizeStage.from_config(cfg, bank),
+    stages = [Tracker(), StyleAssigner.from_config(cfg, bank, CLASSES), StylizeStage.from_config(cfg, bank, 2),
               Compositor(feather_px=2)]
     inputs = []
     for name in ("stylize_regions", "stylize_frames"):
@@ -118,6 +118,35 @@ def test_skipped_frames_carry_the_crop_moved_as_the_mask_moved_and_skip_the_netw
         outside = torch.ones(SIZE, dtype=torch.bool, device=device)
         outside[region.box[1]:region.box[3], region.box[0]:region.box[2]] = False
         assert torch.equal(record.output[:, outside], record.image[:, outside])
+
+
+def widening_box(frames: int, growth: int) -> list[FrameRecord]:
+    """A textured box 20 px wide and high about the frame's centre on frame 0, `growth` px wider on each side every
+    frame after, segmented on even frames."""
+    records = []
+    for i in range(frames):
+        half = 10 + growth * i
+        image = torch.randint(0, 256, (3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        records.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=image, propagated=bool(i % 2),
+                                   instances=None if i % 2 else instances([[48 - half, 22, 48 + half, 42]], [1])))
+    return records
+
+
+@pytest.mark.parametrize("growth, carried", [(2, True), (6, False)])
+def test_an_object_that_grew_past_its_carried_crop_is_stylized_afresh(bank, monkeypatch, growth, carried):
+    """Frame 5 (skipped) moves each side of the box along its own velocity: the mask widens with it. Widened 2 px a
+    side, it and the feather stay inside frame 4's crop (margin 8), carried; widened 6, they leave it, and the part
+    outside was left as the input, behind a hard edge (only a crop cut at the frame's edge was checked)."""
+    records, _ = render_stages(bank, widening_box(6, growth), monkeypatch, batch_size=6, propagate=True)
+    record = records[5]
+    assert record.track_ids.tolist() == [1]
+    region, = record.stylized
+    assert region.carried == carried
+    mask = record.instances.masks.paste()[0] >= 0.5
+    x1, y1, x2, y2 = region.box
+    outside = mask.clone()
+    outside[y1:y2, x1:x2] = False
+    assert mask.sum() > 0 and not outside.any()
 
 
 def plan_for(frames: list[tuple[Instances, list[int], list[str], bool]], crops: list[tuple[int, int, int, int]],
