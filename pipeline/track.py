@@ -270,6 +270,8 @@ class Tracker:
             boxes = tracks.boxes[rows] + (tracks.velocity[rows] * steps if self.motion else 0)
             height, width = image_size
             inside = (boxes[:, 2] > 0) & (boxes[:, 0] < width) & (boxes[:, 3] > 0) & (boxes[:, 1] < height)
+            # each side moves on its own: a shrinking box can close up or turn inside out, an empty mask
+            inside &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             pairs = [pair for pair, keep in zip(pairs, inside.tolist()) if keep]  # gone from the frame: not drawn
             boxes = boxes[inside]
             for row, _ in pairs:

@@ -409,6 +409,27 @@ def test_skipped_frames_show_only_tracked_objects_still_in_the_frame():
     assert len(records[5].instances) == 0 and records[5].instances.image_size == SIZE
 
 
+def test_a_box_that_shrinks_to_nothing_on_skipped_frames_is_not_shown():
+    """segment_every=5: the object's left side moves 5 px a frame (hidden behind something), its right side stays
+    at 60. Moved on along each side's velocity, the box has no width on frame 8 and is inverted on frame 9
+    ([65, 20, 60, 40]): such boxes (an empty mask, and a debug dump's box drawing refused them: "Boxes need to be
+    in (xmin, ymin, xmax, ymax) format", which ended the render) are not shown, as an object gone from the frame."""
+    records = []
+    for i in range(10):
+        found = None
+        if i % 5 == 0:
+            boxes = torch.tensor([[20.0 + 5 * i, 20, 60, 40]])
+            found = Instances(image_size=SIZE, boxes=boxes, scores=torch.tensor([0.9]), labels=torch.tensor([1]),
+                              masks=RoIMasks.from_probs(torch.ones(1, 28, 28), boxes, SIZE))
+        records.append(FrameRecord(index=i, pts=i, time_base=Fraction(1, 24), image=torch.zeros(3, *SIZE,
+                                   dtype=torch.uint8), propagated=i % 5 != 0, instances=found))
+    tracker = Tracker(match_on="box")
+    records = [record for start in (0, 5) for record in tracker(records[start:start + 5])]
+    assert [r.track_ids.tolist() for r in records] == [[1]] * 8 + [[], []]
+    assert [r.instances.boxes[:, 0].tolist() for r in records[5:8]] == [[45], [50], [55]]
+    assert len(records[8].instances) == len(records[9].instances) == 0
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_a_new_shot_ends_every_track(every):
     """A moves 4 px a frame; frame 4 starts a new shot (`FrameRecord.cut`) in which another object of A's class
