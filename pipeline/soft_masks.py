@@ -204,7 +204,9 @@ class SoftMasks:
                 binary = soft[:, r:, r:].bool()
                 if part.sources:
                     has, row, rows, columns, origin = (next(device) for _ in part.sources)
-                    before = torch.minimum(self._gather(part.previous, origin, row, rows, columns), _near(soft))
+                    _, pixel_y, pixel_x = (a[part.start:part.start + len(part.regions)] for a in where[part.chunk])
+                    near = _near_replicated(soft, pixel_y, pixel_x, r)
+                    before = torch.minimum(self._gather(part.previous, origin, row, rows, columns), near)
                     soft = torch.where(has.bool()[:, None, None], torch.lerp(soft, before, self.smooth), soft)
                 if self.smooth > 0:
                     stored.append(F.pad(soft, (0, 1, 0, 1)))
@@ -370,6 +372,18 @@ def _near(hard: Tensor) -> Tensor:
         return F.max_pool2d(hard[:, None], 2 * SMOOTH_REACH_PX + 1, stride=1, padding=SMOOTH_REACH_PX)[:, 0]
     padded = F.pad(hard, (SMOOTH_REACH_PX,) * 4)
     return _max_along(_max_along(padded, -1, hard.shape[-1]), -2, hard.shape[-2])
+
+
+def _near_replicated(hard: Tensor, pixel_y: Tensor, pixel_x: Tensor, r: int) -> Tensor:
+    """`_near` of each crop, then replicate-padded as `hard` (k, Ly, Lx) is: each crop grown by reading its pixels
+    clamped into it (`pixel_y` (k, Ly), `pixel_x` (k, Lx): the frame rows and columns read; the crop starts at r).
+    Over the padded masks alone, a pixel of the padding would reach fewer of the crop's pixels than the crop's edge
+    pixel it copies; region by region the reach is the crop's, padded after."""
+    local_y = pixel_y - pixel_y[:, r:r + 1] + r  # where in `hard` each pixel's crop pixel lies
+    local_x = pixel_x - pixel_x[:, r:r + 1] + r
+    near = _near(hard)
+    near = near.gather(1, local_y[:, :, None].expand(-1, -1, near.shape[2]))
+    return near.gather(2, local_x[:, None, :].expand(-1, near.shape[1], -1))
 
 
 def _max_along(x: Tensor, dim: int, length: int) -> Tensor:
