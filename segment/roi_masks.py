@@ -83,7 +83,7 @@ class RoIMasks:
 
     def __getitem__(self, index: int | slice | Tensor) -> RoIMasks:
         if isinstance(index, int):
-            index = slice(index, index + 1 or None)
+            index = one_row(index, len(self), "RoIMasks")
         windows = self._windows[index] if self._windows is not None and isinstance(index, slice) else None
         return replace(self, **{name: getattr(self, name)[index] for name in TENSORS}, _windows=windows)
 
@@ -215,6 +215,14 @@ class RoIMasks:
         boxes = self.boxes[index]
         return _resample_weights(boxes[:, axis], boxes[:, axis + 2], self.scale[index, axis], pixel,
                                  self.grids.shape[-1], limit)
+
+
+def one_row(index: int, length: int, kind: str) -> slice:
+    """The slice of row `index` of `length`, counted from the end when negative, as a list's; past either end an
+    IndexError, as a list's (a slice there is empty, and an empty result looked like a frame without detections)."""
+    if not -length <= index < length:
+        raise IndexError(f"{kind} index {index} out of range for {length} rows")
+    return slice(index, index + 1 or None)
 
 
 def per_frame(items: list[RoIMasks | Tensor], run: Callable[[RoIMasks], Sequence],

@@ -8,7 +8,7 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
 from gpu.transfer import row_index
-from segment.roi_masks import RoIMasks
+from segment.roi_masks import RoIMasks, one_row
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Instances:
 
     def __getitem__(self, index: int | slice | Tensor) -> Instances:
         if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+            index = one_row(index, len(self), "Instances")
         return replace(self, **{name: _take(getattr(self, name), index) for name in self._aligned})
 
     @property

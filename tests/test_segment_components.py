@@ -20,6 +20,7 @@ from segment.box_coder import BoxCoder
 from segment.config import SegmenterConfig
 from segment.fpn import FeaturePyramid
 from segment.postprocess import paste_masks, select_detections
+from segment.roi_masks import RoIMasks
 from segment.roi_pool import MultiLevelRoIAlign, map_levels
 from segment.structures import Instances
 from segment.transform import ImageTransform, rescale_boxes
@@ -638,6 +639,20 @@ def test_instances_integer_index_takes_one_row_like_a_list(index):
     one = inst[index]
     assert len(one) == 1 and one.labels.tolist() == [labels[index]]
     assert torch.equal(one.masks, inst.masks[index][None]) and torch.equal(one.boxes, inst.boxes[index][None])
+    roi = Instances((4, 4), inst.boxes, inst.scores, inst.labels, RoIMasks.from_probs(torch.rand(2, 28, 28),
+                                                                                      inst.boxes, (4, 4)))
+    assert torch.equal(roi[index].masks.grids, roi.masks.grids[index][None])
+
+
+@pytest.mark.parametrize("index", [2, -3])
+def test_instances_integer_index_past_the_end_is_an_index_error_like_a_list(index):
+    """It was an empty Instances (a slice past the end), which reads as a frame without detections."""
+    inst = Instances((4, 4), boxes=torch.tensor([[0., 0, 1, 1], [1, 1, 3, 3]]), scores=torch.tensor([.9, .8]),
+                     labels=torch.tensor([3, 7]))
+    with pytest.raises(IndexError, match=f"Instances index {index} out of range for 2 rows"):
+        inst[index]
+    with pytest.raises(IndexError, match=f"RoIMasks index {index} out of range for 2 rows"):
+        RoIMasks.from_probs(torch.rand(2, 28, 28), inst.boxes, (4, 4))[index]
 
 
 def test_instances_cast_keeps_labels_integer_and_rows_aligned():
