@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import pycocotools.mask as pycocotools_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -378,3 +379,43 @@ def test_uncompressed_rle_whose_runs_do_not_fill_the_mask_is_refused(tmp_path):
             CocoDetection(folder, ann_file)
         assert str(error.value).endswith("instances.json: annotation 1 has an RLE whose counts are not run lengths "
                                          f"adding up to its size [{H}, {W}]")
+
+
+def test_compressed_rle_whose_runs_overrun_the_mask_is_refused(tmp_path):
+    """The compressed RLE of an all-ones 1000x1000 mask relabelled 128x128 passed the load: COCOeval's rleIou then
+    looped for ever, deaf to Ctrl-C and SIGTERM (training: a ValueError traceback from pycocotools' decode)."""
+    overrun = pycocotools_mask.encode(np.ones((1000, 1000, 1), dtype=np.uint8, order="F"))[0]["counts"].decode()
+    annotations = [_ann(1, 1, 1, {"size": [H, W], "counts": overrun}, [0.0, 0.0, 2.0, 2.0], iscrowd=1)]
+    folder, ann_file = _write(tmp_path, annotations)
+    with pytest.raises(DatasetError) as error:
+        CocoDetection(folder, ann_file)
+    assert str(error.value).endswith(f"annotation 1 has an RLE whose counts are not run lengths adding up to its "
+                                     f"size [{H}, {W}]")
+
+
+def test_compressed_runs_are_pycocotools_runs():
+    """The runs read from a compressed counts string against those of the masks pycocotools encoded."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        mask = (rng.random(tuple(rng.integers(1, 30, 2))) < rng.random()).astype(np.uint8)
+        flat = mask.flatten(order="F")
+        edges = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+        runs = ([0] if flat[0] else []) + runs  # the first run counts zeros
+        counts = pycocotools_mask.encode(np.asfortranarray(mask))["counts"].decode()
+        assert coco_module.compressed_runs(counts) == runs, trial
+    assert coco_module.compressed_runs(counts[:-1] + chr(48 + 0x20)) is None  # cut mid-run
+
+
+@pytest.mark.parametrize("polygon, said", [
+    ([1e30, 2, 50, 4, 5, 30, 7, 8], "point more than the image's size (60x40) beyond it"),
+    ([1, 2, float("nan"), 4, 5, 30, 7, 8], "that is not a flat list of finite x, y numbers"),
+    ([[1, 2], [30, 4], [5, 30]], "that is not a flat list of finite x, y numbers"),
+])
+def test_a_polygon_pycocotools_cannot_rasterise_is_refused_in_one_line(tmp_path, polygon, said):
+    """A point at 1e30 px took 23 GB before the kernel killed the process (NaN crashed pycocotools); three points as
+    nested pairs were dropped without a word (three elements, fewer than six)."""
+    folder, ann_file = _write(tmp_path, [_ann(1, 1, 1, [polygon], [0.0, 0.0, 2.0, 2.0], iscrowd=0)])
+    with pytest.raises(DatasetError) as error:
+        CocoDetection(folder, ann_file)[0]
+    assert str(error.value).endswith(f"annotation 1 has a malformed segmentation (a polygon {said})")

@@ -162,15 +162,48 @@ def check_annotation(path: Path, ann: dict, image: dict | None) -> None:
     if image is not None and size != [image["height"], image["width"]]:
         raise DatasetError(f"{name} has an RLE of size {size} on image {image['id']}, which is "
                            f"[{image['height']}, {image['width']}] (height, width)")
-    # uncompressed runs that overrun the size would be decoded past the end of the mask
-    runs = isinstance(counts, list) and all(_number(c) and c >= 0 for c in counts)
-    if isinstance(counts, list) and not (runs and sum(counts) == size[0] * size[1]):
+    # runs that overrun the size would be decoded past the end of the mask (compressed ones: COCOeval's rleIou
+    # looped for ever, deaf to Ctrl-C)
+    runs = compressed_runs(counts) if isinstance(counts, str) else counts
+    if not (runs is not None and all(_number(c) and c >= 0 for c in runs) and sum(runs) == size[0] * size[1]):
         raise DatasetError(f"{name} has an RLE whose counts are not run lengths adding up to its size {size}")
+
+
+def compressed_runs(counts: str) -> list[int] | None:
+    """The run lengths of a compressed RLE's counts string (COCO's: each run, from the third on as the difference
+    from the one two before, in 5-bit groups of characters 48 + value, 0x20 marking that more follow, the last
+    group's 0x10 its sign); None where the string is cut mid-run."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                return None
+            group = ord(counts[position]) - 48
+            value |= (group & 0x1F) << shift
+            more, position, shift = bool(group & 0x20), position + 1, shift + 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
+
+
+def _check_polygon(polygon: object, height: int, width: int) -> None:
+    """A polygon is a flat list of x, y numbers, none more than the image's own size beyond it: pycocotools
+    rasterises the whole polygon, and one point at 1e8 px took 23 GB (NaN crashed it)."""
+    if not (isinstance(polygon, list) and all(_number(v) for v in polygon)):
+        raise ValueError("a polygon that is not a flat list of finite x, y numbers")
+    xs, ys = polygon[0::2], polygon[1::2]
+    if any(not -width <= x <= 2 * width for x in xs) or any(not -height <= y <= 2 * height for y in ys):
+        raise ValueError(f"a polygon point more than the image's size ({width}x{height}) beyond it")
 
 
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
     """Polygon list, uncompressed RLE (counts list) or compressed RLE -> one compressed RLE (pycocotools)."""
     if isinstance(segmentation, list):
+        for polygon in segmentation:
+            _check_polygon(polygon, height, width)
         polygons = [p for p in segmentation if len(p) >= 6]  # fewer than 3 points encloses nothing
         if not polygons:
             return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
