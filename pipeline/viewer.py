@@ -144,6 +144,12 @@ class ViewerServer(ThreadingHTTPServer):
         self.verbose = verbose
         super().__init__(("127.0.0.1", port), ViewerHandler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A browser that drops a download it no longer wants (playing, or stepping fast) is no error: the default
+        printed a traceback for each; any other error still prints one."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     @property
     def dump(self) -> Dump:
         """The dump as it is on disk: read again once its manifest or frames file changed (a render into the same

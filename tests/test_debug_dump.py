@@ -436,6 +436,26 @@ def test_images_are_served_with_validators_and_revalidated(tmp_path):
         server.server_close()
 
 
+def test_a_download_the_browser_dropped_prints_no_traceback(tmp_path, capfd):
+    """Playing the page cancels image downloads: each printed socketserver's "Exception occurred during processing
+    of request" and a BrokenPipeError or ConnectionResetError traceback (19 in one short session). Other errors
+    still print theirs."""
+    d = tmp_path / "d"
+    write_dump(d, n=1, max_side=32)
+    server = ViewerServer(load_dump(d), port=0)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 1))
+        printed = capfd.readouterr().err
+        assert "BrokenPipeError" not in printed and "ConnectionResetError" not in printed
+        assert printed.count("Exception occurred during processing of request") == 1 and "ValueError: a bug" in printed
+    finally:
+        server.server_close()
+
+
 def test_the_server_reads_the_dump_again_once_a_render_replaced_it(tmp_path, capfd):
     """The records and manifest were read once, at start: after a render with overwrite=true into the same folder,
     a reloaded page showed the new images with the old records (images are revalidated)."""

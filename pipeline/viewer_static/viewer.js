@@ -281,7 +281,7 @@ function buildTimingChart() {
   svg.dataset.stages = String(state.stages.length);
   const n = state.frames.length;
   const totals = state.frames.map((f) => state.stages.reduce((a, s) => a + 1000 * (f.timings[s] || 0), 0));
-  const maxMs = Math.max(1e-3, ...totals);
+  const maxMs = totals.reduce((a, b) => Math.max(a, b), 1e-3); // spread: a stack overflow past ~124k frames
   const y = (ms) => top + (1 - ms / maxMs) * (height - top - bottom);
   // One stacked step-area path per stage: top edge left→right over the running sum, bottom edge back.
   let below = new Array(n).fill(0);
