@@ -34,6 +34,7 @@ import av
 import numpy as np
 import torch
 from av.video.reformatter import Interpolation
+from tqdm import tqdm
 
 from common.outputs import temp_target
 from common.settings import check_settings
@@ -96,6 +97,7 @@ class VideoWriter:
         self.width, self.height = _encodable_size(info.width, info.height, self.pix_fmt)
         self.primaries, self.transfer, self.matrix = output_colour(info)
         self.frames_written = 0
+        self._fitted_size: tuple[int, int] | None = None  # the last other frame size noted
         self._last_tick: int | None = None  # the last frame's pts on the output stream's clock
         self._ticks_moved = 0
         self._audio: _AudioCarrier | None = None
@@ -198,7 +200,11 @@ class VideoWriter:
         image = record.output if record.output is not None else record.image
         h, w = image.shape[-2:]
         if (h, w) != (self.info.height, self.info.width):
-            raise EncoderError(f"frame {record.index} is {w}x{h}, the video is {self.info.width}x{self.info.height}")
+            if (h, w) != self._fitted_size:  # once per change, not per frame
+                self._fitted_size = (h, w)
+                tqdm.write(f"note: frame {record.index} is {w}x{h}, the video {self.info.width}x{self.info.height}: "
+                           "fitted inside it from there, aspect kept, on black", file=sys.stderr)  # above the bar
+            image = _fitted(image, self.info.height, self.info.width)
         image = _edge_padded(image, self.height, self.width)
         frame = self._torch_frame(image) if self.converts_in_torch(image) else self._swscale_frame(image)
         frame.pts = self._increasing(record.pts)
@@ -437,6 +443,21 @@ def _encodable_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:
     even_w = fmt.chroma_width(2) < 2
     even_h = fmt.chroma_height(2) < 2
     return width + (width % 2 if even_w else 0), height + (height % 2 if even_h else 0)
+
+
+def _fitted(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, h, w) uint8 → (3, height, width): scaled to fit inside, its aspect kept, centred on black. A stream whose
+    frame size changes (an adaptive-bitrate recording) goes on in the video's size; the segment stage makes the
+    change a new shot."""
+    h, w = image.shape[-2:]
+    scale = min(height / h, width / w)
+    fit_h, fit_w = min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale)))
+    resized = torch.nn.functional.interpolate(image[None].float(), size=(fit_h, fit_w), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+    out = torch.zeros((3, height, width), dtype=torch.uint8, device=image.device)
+    top, left = (height - fit_h) // 2, (width - fit_w) // 2
+    out[:, top:top + fit_h, left:left + fit_w] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def _edge_padded(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -432,3 +432,44 @@ def test_scripts_composing_the_render_config_get_a_bad_override_in_one_line(over
     with pytest.raises(PipelineConfigError) as refused:
         compose_config(["input=x.mp4", "output=y.mp4", override])
     assert str(refused.value) == message
+
+
+def _size_changing_clip(path: Path) -> Path:
+    """8 frames at 64x64, 8 at 48x24, 8 at 64x64: three raw H.264 pieces (headers repeated) joined in MPEG-TS, as
+    an adaptive-bitrate recording changes size mid-stream."""
+    stream = b""
+    for index, (width, height) in enumerate([(64, 64), (48, 24), (64, 64)]):
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height, codec.pix_fmt, codec.time_base = width, height, "yuv420p", Fraction(1, 24)
+        codec.options = {"x264-params": "repeat-headers=1:annexb=1", "bf": "0"}
+        for i, rgb in enumerate(pattern_frames(8, width, height, seed=index)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            stream += b"".join(bytes(packet) for packet in codec.encode(frame))
+        stream += b"".join(bytes(packet) for packet in codec.encode(None))
+    raw = path.with_suffix(".h264")
+    raw.write_bytes(stream)
+    with av.open(str(raw), format="h264") as source, av.open(str(path), "w") as out:
+        video = out.add_stream("h264", rate=24)
+        video.width = video.height = 64
+        for n, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            packet.stream, packet.pts, packet.dts, packet.time_base = video, n * 3750, n * 3750, Fraction(1, 90000)
+            out.mux(packet)
+    return path
+
+
+def test_a_stream_that_changes_size_is_rendered_in_the_videos_size_as_new_shots(tmp_path, models):
+    """The docs promised a frame whose size changes starts a new shot; the encoder refused it instead ("frame 8 is
+    48x24, the video is 64x64", exit 2). Those frames are now fitted inside the video's size, aspect kept, on black
+    (48x24 -> 64x32, 16 black rows above and below), with one note, and each change is a cut."""
+    clip = _size_changing_clip(tmp_path / "sizes.ts")
+    assert [f.width for f in av.open(str(clip)).decode(video=0)] == [64] * 8 + [48] * 8 + [64] * 8
+    output = tmp_path / "out.mp4"
+    result = run_in_process([f"input={clip}", f"output={output}", *models], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("note: frame 8 is 48x24, the video 64x64: fitted inside it") == 1
+    assert "cuts=2" in result.stdout
+    frames, _ = read_frames(output)
+    assert len(frames) == 24 and all(f.shape == (64, 64, 3) for f in frames)
+    bands = [float(np.concatenate([f[:14], f[-14:]]).mean()) for f in frames]
+    assert max(bands[8:16]) < 20 < min(bands[:8] + bands[16:])
