@@ -73,28 +73,35 @@ def coco_eval(
     iou_types: Sequence[str] = IOU_TYPES,
 ) -> dict[str, float]:
     """COCOeval over `image_ids` -> {"bbox_AP": ..., ..., "segm_ARl": ...} (the 12 summary stats per type).
-    No detections at all scores 0 everywhere."""
+    No detections at all is scored by COCOeval too: 0 where there is ground truth, -1 where there is none (an area
+    range without objects)."""
     stats: dict[str, float] = {}
     for iou_type in iou_types:
         typed = [r for r in results if iou_type != "segm" or "segmentation" in r]
         if iou_type == "segm":
             # without the box, loadRes takes each detection's area from its mask, as COCO's segm protocol does
             typed = [{k: v for k, v in r.items() if k != "bbox"} for r in typed]
-        if not typed:
-            values = [0.0] * len(STAT_NAMES)
-        else:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt = coco_gt.loadRes(copy.deepcopy(typed))
-                evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-                evaluator.params.imgIds = list(image_ids)
-                if category_ids is not None:
-                    evaluator.params.catIds = list(category_ids)
-                evaluator.evaluate()
-                evaluator.accumulate()
-                evaluator.summarize()
-            values = [float(v) for v in evaluator.stats]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(copy.deepcopy(typed)) if typed else _no_detections(coco_gt)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator.params.imgIds = list(image_ids)
+            if category_ids is not None:
+                evaluator.params.catIds = list(category_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        values = [float(v) for v in evaluator.stats]
         stats.update({f"{iou_type}_{name}": value for name, value in zip(STAT_NAMES, values)})
     return stats
+
+
+def _no_detections(coco_gt: COCO) -> COCO:
+    """An empty result set for COCOeval (loadRes refuses an empty list)."""
+    empty = COCO()
+    empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                     "annotations": []}
+    empty.createIndex()
+    return empty
 
 
 def category_map(class_names: Sequence[str], dataset: CocoDetection) -> dict[int, int]:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from segment.data import CocoDetection, DatasetError
 from segment.data.synthetic import CLASS_NAMES, write_coco_split
@@ -85,6 +87,25 @@ def test_degraded_predictions_score_lower(dataset):
     assert stats["segm_AR100"] < 0.7
     none = coco_eval(dataset.coco, [], dataset.image_ids, dataset.category_ids)
     assert none["bbox_AP"] == 0.0 and none["segm_AP"] == 0.0
+
+
+def test_no_detections_score_as_cocoeval_scores_them(dataset):
+    """They scored 0.000 everywhere; COCOeval gives -1 where an area range has no objects (this set has no large
+    ones), so a file that scored -1 with detections scored 0 without."""
+    empty = COCO()
+    empty.dataset = {"images": dataset.coco.dataset["images"], "categories": dataset.coco.dataset["categories"],
+                     "annotations": []}
+    empty.createIndex()
+    for iou_type in ("bbox", "segm"):
+        evaluator = COCOeval(dataset.coco, empty, iou_type)
+        evaluator.params.imgIds, evaluator.params.catIds = list(dataset.image_ids), list(dataset.category_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        want = [float(v) for v in evaluator.stats]
+        got = coco_eval(dataset.coco, [], dataset.image_ids, dataset.category_ids, iou_types=(iou_type,))
+        assert [got[f"{iou_type}_{name}"] for name in STAT_NAMES] == want
+        assert -1.0 in want and 0.0 in want
 
 
 class _Oracle:
