@@ -419,3 +419,43 @@ def test_a_polygon_pycocotools_cannot_rasterise_is_refused_in_one_line(tmp_path,
     with pytest.raises(DatasetError) as error:
         CocoDetection(folder, ann_file)[0]
     assert str(error.value).endswith(f"annotation 1 has a malformed segmentation (a polygon {said})")
+
+
+@pytest.mark.parametrize("section, edit, message", [
+    ("images", {"file_name": 5}, "image 1 has file_name 5, not a file name"),
+    ("images", {"file_name": None}, "image 1 has file_name None, not a file name"),
+    ("images", {"height": None}, "image 1 has height None, not a whole number of pixels"),
+    ("images", {"width": 0}, "image 1 has width 0, not a whole number of pixels"),
+    ("categories", {"name": ["x"]}, r"category 1 has name \['x'\], not text"),
+])
+def test_image_and_category_values_of_the_wrong_type_are_refused_on_load(tmp_path, section, edit, message):
+    """Only the keys were checked: a number as file_name was a TypeError when the image was read, a null height
+    one when its empty target was made, a list as a category's name one when classes were mapped by name."""
+    folder, ann_file = _write(tmp_path, [_ann(1, 1, 1, SQUARE, [10.0, 10.0, 20.0, 20.0], iscrowd=0)])
+    coco = json.loads(ann_file.read_text())
+    coco[section][0].update(edit)
+    ann_file.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=rf"instances.json: {message}$") as error:
+        CocoDetection(folder, ann_file)
+    assert "\n" not in str(error.value)
+
+
+def test_image_sizes_written_as_digits_are_numbers_as_ids_are(tmp_path):
+    """"height": "40" was compared with an RLE's size [40, 60] as text: "an RLE of size [40, 60] on image 1, which is
+    [40, 60]"."""
+    rle = pycocotools_mask.encode(np.asfortranarray(np.ones((H, W), dtype=np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    folder, ann_file = _write(tmp_path, [_ann(1, 1, 1, rle, [0.0, 0.0, float(W), float(H)], iscrowd=0)])
+    coco = json.loads(ann_file.read_text())
+    coco["images"][0].update(height=str(H), width=str(W))
+    ann_file.write_text(json.dumps(coco))
+    dataset = CocoDetection(folder, ann_file)
+    assert dataset.get_height_and_width(0) == (H, W) and dataset[0][1]["masks"].shape == (1, H, W)
+
+
+def test_json_nested_too_deep_is_refused_in_one_line(tmp_path):
+    folder, ann_file = _write(tmp_path, [])
+    ann_file.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DatasetError, match=r"instances.json is not a COCO instances file \(its JSON is nested too "
+                                           r"deep to read\)$"):
+        CocoDetection(folder, ann_file)

@@ -52,6 +52,8 @@ def load_coco(annotation_file: str | os.PathLike) -> COCO:
             dataset = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise DatasetError(f"{path} is not a COCO instances file (its JSON is nested too deep to read)") from None
     except OSError as e:
         raise DatasetError(f"cannot read {path} ({e.strerror or e})") from None
     check_entries(path, dataset)
@@ -123,6 +125,7 @@ def check_values(path: Path, dataset: dict) -> None:
             if entry["id"] in seen:
                 raise DatasetError(f"{path}: {name} id {entry['id']} is used twice")
             seen.add(entry["id"])
+    check_images_and_categories(path, dataset)
     images = {image["id"]: image for image in dataset.get("images", [])}
     category_ids = {category["id"] for category in dataset.get("categories", [])}
     for ann in dataset.get("annotations", []):
@@ -130,6 +133,24 @@ def check_values(path: Path, dataset: dict) -> None:
             raise DatasetError(f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, which is not "
                                "among the file's categories")
         check_annotation(path, ann, images.get(ann["image_id"]))
+
+
+def check_images_and_categories(path: Path, dataset: dict) -> None:
+    """An image's file_name is a name, its height and width whole numbers of pixels (made ints, as ids: an RLE's
+    size compared with "128" was refused as another size); a category's name is text (a list was a TypeError when
+    classes were mapped by name)."""
+    for image in dataset.get("images", []):
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise DatasetError(f"{path}: image {image['id']} has file_name {image['file_name']!r}, not a file name")
+        for key in ("height", "width"):
+            number = whole_number(image[key])
+            if number is None or number < 1:
+                raise DatasetError(f"{path}: image {image['id']} has {key} {image[key]!r}, not a whole number of "
+                                   "pixels")
+            image[key] = number
+    for category in dataset.get("categories", []):
+        if not isinstance(category["name"], str):
+            raise DatasetError(f"{path}: category {category['id']} has name {category['name']!r}, not text")
 
 
 def _number(value: object) -> bool:
