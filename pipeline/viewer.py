@@ -16,7 +16,6 @@ import argparse
 import email.utils
 import json
 import os
-import signal
 import sys
 import threading
 import webbrowser
@@ -27,6 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from common.errors import one_line
+from common.signals import on_stop_signals
 from pipeline.debug_format import FRAMES, IMAGE_NAME, IMAGES, MANIFEST, DebugDumpError
 from pipeline.debug_reader import Dump, load_dump
 
@@ -201,10 +201,6 @@ def _has_browser() -> bool:
     return True
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.viewer", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="debug dump folder (written by pipeline.render debug.dump=true)")
@@ -230,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in dump.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops as cleanly as Ctrl-C
+    # `kill`, and a closed terminal (SIGHUP killed it without a word), stop it as cleanly as Ctrl-C: its normal end
+    on_stop_signals()
     try:   # from the line that says Ctrl-C stops, through a browser start that can take seconds
         print(f"debug viewer for {dump.dir} ({len(dump.frames)} frames) at {server.url}  (Ctrl-C stops)", flush=True)
         if not args.no_browser and _has_browser():

@@ -643,8 +643,9 @@ def test_server_pages_frames_and_blocks_path_traversal(tmp_path):
         server.server_close()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_viewer_cli_serves_until_interrupted(tmp_path, signum):
+    """Serving until stopped, its normal end: one line and exit 0 (a closed terminal's SIGHUP killed it silently)."""
     d = tmp_path / "d"
     write_dump(d, n=2, max_side=64)
     (d / "manifest.json").unlink()                    # a partly written dump: its warnings on stderr
@@ -674,11 +675,12 @@ def test_ctrl_c_while_the_browser_starts_stops_the_viewer_cleanly(tmp_path, monk
 
     monkeypatch.setattr(viewer, "_has_browser", lambda: True)
     monkeypatch.setattr(viewer.webbrowser, "open", interrupted)
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         assert viewer.main([str(d), "--port", "0"]) == 0
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     out = capsys.readouterr().out
     assert "(Ctrl-C stops)" in out and out.splitlines()[-1] == "stopped"
 
