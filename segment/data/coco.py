@@ -191,9 +191,9 @@ def check_annotation(path: Path, ann: dict, image: dict | None) -> None:
 
 
 def compressed_runs(counts: str) -> list[int] | None:
-    """The run lengths of a compressed RLE's counts string (COCO's: each run, from the third on as the difference
+    """The run lengths of a compressed RLE's counts string (COCO's: each run, from the fourth on as the difference
     from the one two before, in 5-bit groups of characters 48 + value, 0x20 marking that more follow, the last
-    group's 0x10 its sign); None where the string is cut mid-run."""
+    group's 0x10 its sign: pycocotools' rleFrString); None where the string is cut mid-run."""
     runs: list[int] = []
     position = 0
     while position < len(counts):
