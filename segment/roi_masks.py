@@ -101,7 +101,10 @@ class RoIMasks:
 
     @staticmethod
     def cat(items: list[RoIMasks]) -> RoIMasks:
-        """The masks of `items`, all of one image size, one after the other."""
+        """The masks of `items` (at least one: nothing says the image size of none), all of one image size, one after
+        the other."""
+        if not items:
+            raise ValueError("RoIMasks.cat: nothing to join (an empty list has no image size)")
         if len({m.image_size for m in items}) != 1:
             raise ValueError(f"RoIMasks.cat: different image sizes {sorted({m.image_size for m in items})}")
         joined = {name: torch.cat([getattr(m, name) for m in items]) for name in TENSORS}

@@ -655,6 +655,12 @@ def test_instances_integer_index_past_the_end_is_an_index_error_like_a_list(inde
         RoIMasks.from_probs(torch.rand(2, 28, 28), inst.boxes, (4, 4))[index]
 
 
+def test_roi_masks_cat_of_nothing_says_so():
+    """It said "different image sizes []"."""
+    with pytest.raises(ValueError, match=r"RoIMasks.cat: nothing to join \(an empty list has no image size\)"):
+        RoIMasks.cat([])
+
+
 def test_instances_cast_keeps_labels_integer_and_rows_aligned():
     inst = Instances((4, 4), boxes=torch.tensor([[0., 0, 1, 1]]), scores=torch.tensor([.9]),
                      labels=torch.tensor([300]), masks=torch.rand(1, 4, 4))
